@@ -1,0 +1,87 @@
+"""boto3 sessions and clients — the only module that builds them.
+
+Clients take ``--profile``/``--region``, the standard AWS environment, and ``AWS_ENDPOINT_URL``
+(read by boto3 itself), so every command runs unchanged against moto server or LocalStack. They
+use botocore's adaptive retry mode: large deploys and event polling survive throttling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from . import __version__
+from .errors import AwsError
+
+RETRIES = botocore.config.Config(
+    retries={"mode": "adaptive", "max_attempts": 10},
+    user_agent_extra=f"cnsq/{__version__}",
+)
+
+
+@dataclass
+class Aws:
+    """A boto3 session and the clients made from it (cached per service)."""
+
+    profile: str | None = None
+    region: str | None = None
+    _session: Any = field(default=None, init=False, repr=False)
+    _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def session(self) -> boto3.Session:
+        if self._session is None:
+            try:
+                self._session = boto3.Session(profile_name=self.profile, region_name=self.region)
+            except botocore.exceptions.ProfileNotFound:
+                raise AwsError(
+                    f"AWS profile '{self.profile}' is not in your AWS config "
+                    "(list them with `aws configure list-profiles`)"
+                ) from None
+        return self._session
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            try:
+                self._clients[service] = self.session.client(service, config=RETRIES)
+            except botocore.exceptions.NoRegionError:
+                raise AwsError(
+                    "no AWS region: pass --region or set AWS_REGION (or a region in your profile)"
+                ) from None
+        return self._clients[service]
+
+    @property
+    def region_name(self) -> str:
+        return self.session.region_name or "us-east-1"
+
+
+def explain(exc: BaseException) -> str | None:
+    """One line that says what went wrong with AWS and how to fix it, or None if not AWS's."""
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return (
+            "no AWS credentials found: run `aws configure` or `aws sso login`, set AWS_PROFILE, "
+            "or pass --profile"
+        )
+    if isinstance(exc, botocore.exceptions.NoRegionError):
+        return "no AWS region: pass --region or set AWS_REGION"
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return f"cannot reach AWS at {exc.kwargs.get('endpoint_url')}: check your network"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        message = error.get("Message", "")
+        operation = getattr(exc, "operation_name", "the request")
+        if code in ("ExpiredToken", "ExpiredTokenException", "RequestExpired"):
+            return "your AWS session has expired: refresh your credentials (e.g. `aws sso login`)"
+        if code in ("InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch"):
+            return f"AWS did not accept your credentials ({code}): check the access key and profile"
+        if code.startswith("AccessDenied") or code in ("UnauthorizedOperation", "AuthFailure"):
+            return f"access denied for {operation}: {message} (your IAM identity needs this permission)"
+        if code in ("Throttling", "ThrottlingException", "TooManyRequestsException"):
+            return f"AWS throttled {operation} even after retries: try again in a minute"
+        return f"{operation} failed: {code}: {message}"
+    return None

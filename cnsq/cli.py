@@ -1,0 +1,296 @@
+"""The ``cnsq`` command line: one small function per command that parses options and delegates."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from tabulate import tabulate
+
+from . import __version__
+from .aws import explain
+from .errors import CnsqError
+
+
+class ClickUI:
+    """The deploy UI on a terminal (see :class:`cnsq.deploy.UI`)."""
+
+    def __init__(self, to_stderr: bool = False):
+        # With --json, stdout carries only the JSON document; people read stderr.
+        self.to_stderr = to_stderr
+
+    def echo(self, text: str = "", err: bool = False) -> None:
+        click.echo(text, err=err or self.to_stderr)
+
+    def confirm(self, question: str) -> bool:
+        return click.confirm(question, default=False, err=True)
+
+    def prompt(self, question: str) -> str:
+        return click.prompt(question, default="", show_default=False, err=True)
+
+    def table(self, rows: list[list[Any]], headers: list[str]) -> None:
+        self.echo(tabulate(rows, headers=headers, tablefmt="simple") if rows else "  (none)")
+
+
+@dataclass
+class Settings:
+    """What every AWS/config command shares."""
+
+    config: Path
+    deployment: str | None
+    env_file: Path | None
+    stack: str | None
+    region: str | None
+    profile: str | None
+
+    def load(self):
+        from .config import load_config
+
+        loaded = load_config(self.config, self.deployment, self.env_file, self.stack)
+        for warning in loaded.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        return loaded
+
+    def aws(self):
+        from .aws import Aws
+
+        return Aws(self.profile, self.region)
+
+
+def config_options(func):
+    """--config, --deployment, --env-file, --stack, --region, --profile → a Settings argument."""
+
+    @click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+                  default=Path("config/config.yml"), show_default=True,
+                  help="kes-style config.yml.")
+    @click.option("--deployment", "-d", help="Section merged over 'default'.")
+    @click.option("--env-file", type=click.Path(path_type=Path),
+                  help="dotenv file [default: .env next to the config].")
+    @click.option("--stack", help="Override stackName.")
+    @click.option("--region", envvar="AWS_REGION", help="AWS region [default: AWS_REGION].")
+    @click.option("--profile", envvar="AWS_PROFILE", help="AWS profile [default: AWS_PROFILE].")
+    @functools.wraps(func)
+    def wrapper(config, deployment, env_file, stack, region, profile, **kwargs):
+        settings = Settings(config, deployment, env_file, stack, region, profile)
+        return func(settings, **kwargs)
+
+    return wrapper
+
+
+def _paths(config):
+    from .deploy import Paths
+
+    root = config.project_dir
+    templates = root / "templates"
+    if not templates.is_dir():  # a config outside a cnsq checkout: use the bundled template
+        templates = Path(__file__).resolve().parent.parent / "templates"
+    return Paths(templates=templates, build=Path(".cnsq"))
+
+
+def _stacks(aws, poll: float = 5.0):
+    from .stack import Stacks
+
+    return Stacks(aws.client("cloudformation"), aws.client("s3"), poll_seconds=poll)
+
+
+class CnsqGroup(click.Group):
+    """Turns CnsqError and AWS errors into one line on stderr and exit 1 (--debug: traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CnsqError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - AWS errors get one line, others a traceback
+            message = explain(exc)
+            if message is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=CnsqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cnsq")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """cnsq runs a machine-learning model over millions of map tiles on AWS.
+
+    \b
+    Typical AWS run:
+      cnsq deploy --config config/config.yml
+      cnsq setup --config config/config.yml
+      cnsq push tiles.txt QUEUE_URL
+      cnsq download results.csv --config config/config.yml
+      cnsq delete --config config/config.yml
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command("compile")
+@config_options
+def compile_cmd(settings: Settings) -> None:
+    """Render the CloudFormation template to .cnsq/<stackName>/cloudformation.yml.
+
+    \b
+    Example:
+      cnsq compile --config config/config.yml --deployment prod
+    """
+    from .deploy import compile_only
+
+    config = settings.load()
+    click.echo(str(compile_only(config, _paths(config))))
+
+
+@main.command()
+@config_options
+def validate(settings: Settings) -> None:
+    """Compile the template and lint it with cfn-lint; exit 1 on errors.
+
+    \b
+    Example:
+      cnsq validate --config config/config.example.yml --env-file config/.env.sample
+    """
+    from .deploy import compile_only
+    from .template import lint
+
+    config = settings.load()
+    path = compile_only(config, _paths(config))
+    findings = lint(path, [settings.region or "us-east-1"])
+    if findings:
+        click.echo(tabulate([[f.severity, f.rule, f"{path}:{f.line}", f.message] for f in findings],
+                            headers=["Severity", "Rule", "Where", "Message"]))
+    errors = sum(f.severity == "error" for f in findings)
+    click.echo(f"{path}: {errors} error(s), {len(findings) - errors} other finding(s)")
+    if errors:
+        sys.exit(1)
+
+
+@main.command("package")
+@config_options
+@click.option("--upload/--no-upload", default=False, help="Upload new zips to buckets.internal.")
+def package_cmd(settings: Settings, upload: bool) -> None:
+    """Build each Lambda's deterministic zip (named by its SHA-256); optionally upload it.
+
+    \b
+    Example:
+      cnsq package --config config/config.yml --upload
+    """
+    from . import package
+
+    config = settings.load()
+    paths = _paths(config)
+    if upload:
+        from .deploy import package_lambdas
+
+        code, uploaded, skipped = package_lambdas(
+            config, paths, _stacks(settings.aws()), package.SubprocessPip(), ClickUI())
+        for name, location in code.items():
+            state = "uploaded" if location.key in uploaded else "already in S3"
+            click.echo(f"{name}: s3://{location.bucket}/{location.key} ({state})")
+        return
+    for name, spec in config.values["lambdas"].items():
+        source = Path(spec["source"])
+        source = source if source.is_absolute() else config.project_dir / source
+        built = package.build(name, source, paths.build / config.stack_name / "lambdas",
+                              spec["runtime"], spec["architecture"], package.SubprocessPip())
+        click.echo(f"{name}: {built.path} sha256={built.sha256}")
+
+
+@main.command()
+@config_options
+@click.option("--no-execute", is_flag=True, help="Create and show the change set, then stop.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before replacing stateful resources.")
+@click.option("--fail-on-empty", is_flag=True, help="Exit 1 when there is nothing to deploy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the change set and outputs as JSON.")
+def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
+           as_json: bool) -> None:
+    """Package, compile, lint and deploy the stack through a change set.
+
+    Shows what will change before anything does, streams stack events, and prints the outputs
+    and the next step.
+
+    \b
+    Example:
+      cnsq deploy --config config/config.yml --deployment prod
+      cnsq deploy --config config/config.yml --no-execute   # only show the changes
+    """
+    from . import deploy as flow
+    from .package import SubprocessPip
+
+    ui = ClickUI(to_stderr=as_json)
+    config = settings.load()
+    aws = settings.aws()
+    stacks = _stacks(aws)
+    plan = flow.plan(config, _paths(config), stacks, SubprocessPip(), ui, aws.region_name)
+    result: dict[str, Any] = {"stack": plan.stack_name, "changeSetArn": plan.change_set.arn,
+                              "uploaded": plan.uploaded, "changes": [], "outputs": {}}
+    if plan.empty:
+        stacks.delete_change_set(plan.change_set.arn)
+        ui.echo(f"No changes: {plan.stack_name} is up to date, nothing to deploy.")
+        result["changeSetArn"] = None
+        _finish(result, as_json)
+        sys.exit(1 if fail_on_empty else 0)
+    result["changes"] = [c.__dict__ | {"properties": list(c.properties)}
+                         for c in plan.change_set.changes]
+    flow.show_changes(plan.change_set, ui)
+    if no_execute:
+        ui.echo(f"Change set {plan.change_set.arn} created and not executed (--no-execute).")
+        _finish(result, as_json)
+        return
+    flow.apply(plan, stacks, ui, yes, sys.stdin.isatty())
+    result["outputs"] = stacks.outputs(plan.change_set.stack_id or plan.stack_name)
+    flow.next_steps(plan.stack_name, result["outputs"], settings.config, ui)
+    _finish(result, as_json)
+
+
+def _finish(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+
+
+@main.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
+def outputs(settings: Settings, as_json: bool) -> None:
+    """Print the stack's outputs (queue URL, database, model endpoint …).
+
+    \b
+    Example:
+      cnsq outputs --config config/config.yml --json
+    """
+    config = settings.load()
+    values = _stacks(settings.aws()).outputs(config.stack_name)
+    if as_json:
+        click.echo(json.dumps(values, indent=2))
+    else:
+        click.echo(tabulate(sorted(values.items()), headers=["Output", "Value"]))
+
+
+@main.command()
+@config_options
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for the stack name.")
+def delete(settings: Settings, yes: bool) -> None:
+    """Delete the stack (download your results first).
+
+    \b
+    Example:
+      cnsq delete --config config/config.yml
+    """
+    from .deploy import destroy
+
+    config = settings.load()
+    destroy(config.stack_name, _stacks(settings.aws()), ClickUI(), yes, sys.stdin.isatty())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,558 @@
+"""config.yml + deployment + .env → a validated :class:`Config` (kes semantics, DESIGN §3).
+
+The file maps deployment names to settings. ``default`` is always read and the named deployment is
+deep-merged over it (mappings merge recursively, lists and scalars replace). String values are
+Jinja2 templates rendered twice with the process environment, ``.env`` (which wins) and the config
+itself, so values may refer to other values. Every error names the place: ``file:line:column`` for
+YAML syntax, the key path for a wrong type, an unknown key or an undefined variable.
+
+Values that come from the environment and sit where the template passes them to CloudFormation as
+``NoEcho`` parameters (``rds.username``, ``rds.password``, ``lambdas.<Name>.envs.*``) become
+:class:`Secret` objects: the template can only reference them, never print them.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import yaml
+
+from .errors import ConfigError
+
+REQUIRED = object()
+
+# Each leaf is (kind, default). Kinds: str, int, bool, strlist, strmap. A dict is a nested section.
+LAMBDA_SCHEMA: dict[str, Any] = {
+    "name": ("str", None),
+    "fullName": ("str", None),
+    "handler": ("str", "download_and_predict.handler.handler"),
+    "timeout": ("int", 300),
+    "memory": ("int", 1024),
+    "runtime": ("str", "python3.12"),
+    "architecture": ("str", "x86_64"),
+    "source": ("str", "lambda"),
+    "queueTrigger": ("bool", False),
+    "concurrent": ("int", None),
+    "envs": ("strmap", {}),
+}
+
+SCHEMA: dict[str, Any] = {
+    "stage": ("str", "dev"),
+    "stackName": ("str", REQUIRED),
+    "stackNoDash": ("str", None),
+    "projectTag": ("str", None),
+    "capabilities": ("strlist", ["CAPABILITY_NAMED_IAM"]),
+    "buckets": {"internal": ("str", REQUIRED)},
+    "lambdas": "lambdas",
+    "rds": {
+        "username": ("str", REQUIRED),
+        "password": ("str", REQUIRED),
+        "storage": ("int", 20),
+        "instanceType": ("str", "db.t3.medium"),
+        "engineVersion": ("str", "16.9"),
+        "allowedCidr": ("str", "0.0.0.0/0"),
+    },
+    "vpc": ("str", REQUIRED),
+    "subnets": ("strlist", REQUIRED),
+    "ecs": {
+        "availabilityZone": ("str", None),
+        "maxInstances": ("int", 1),
+        "desiredInstances": ("int", 1),
+        "keyPairName": ("str", None),
+        "instanceType": ("str", "p3.2xlarge"),
+        "image": ("str", "tensorflow/serving:latest-gpu"),
+        "memory": ("int", 16000),
+        "gpus": ("int", 1),
+        "amiParameter": (
+            "str",
+            "/aws/service/ecs/optimized-ami/amazon-linux-2/gpu/recommended/image_id",
+        ),
+        "modelName": ("str", None),
+        "batching": ("bool", True),
+    },
+    "sqs": {
+        "visibilityTimeout": ("int", 1800),
+        "maxReceiveCount": ("int", 5),
+        "batchSize": ("int", 10),
+        "maxBatchingWindow": ("int", 0),
+    },
+    "logs": {"retentionDays": ("int", 30)},
+    "predictionPath": ("str", REQUIRED),
+}
+
+# Where a value from the environment is passed as a NoEcho parameter instead of being inlined.
+SECRET_SLOTS = (
+    re.compile(r"^rds\.(username|password)$"),
+    re.compile(r"^lambdas\.[^.]+\.envs\.[^.]+$"),
+)
+SECRET_LOOKING = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE", re.IGNORECASE)
+
+SUPPORTED_RUNTIMES = ("python3.11", "python3.12", "python3.13")
+RETIRED_RUNTIME = re.compile(r"^(python2\.7|python3\.[0-9])$|^nodejs")
+LAMBDA_NAME = re.compile(r"^[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value that must never be written into the compiled template, S3 or the terminal.
+
+    ``param`` is the NoEcho CloudFormation parameter that carries it; ``path`` the config key.
+    Rendering it as text is refused, so a template can only use it through ``!Ref``.
+    """
+
+    path: str
+    param: str
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        raise jinja2.TemplateError(
+            f"{self.path} is a secret and cannot be written into the template; "
+            f"reference it with !Ref {self.param} (or the cfn_value filter)"
+        )
+
+    def __repr__(self) -> str:
+        return f"Secret({self.path!r}, param={self.param!r})"
+
+
+@dataclass
+class Config:
+    """A validated configuration: ``values`` for the template, ``secrets`` for parameters."""
+
+    path: Path
+    deployment: str
+    values: dict[str, Any]
+    secrets: dict[str, Secret]
+    warnings: list[str]
+
+    @property
+    def stack_name(self) -> str:
+        return self.values["stackName"]
+
+    @property
+    def bucket(self) -> str:
+        return self.values["buckets"]["internal"]
+
+    @property
+    def project_dir(self) -> Path:
+        """The folder that holds ``config/``: relative ``source`` paths start here."""
+        parent = self.path.resolve().parent
+        return parent.parent if parent.name == "config" else parent
+
+    def secret_parameters(self) -> dict[str, str]:
+        """NoEcho parameter name → value, for create_change_set."""
+        return {s.param: s.value for s in self.secrets.values()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A SafeLoader whose mappings remember the line of each key (for error messages)."""
+
+
+def _compose_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[key] = key_node.start_mark.line + 1
+            _compose_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            # kes wrote lambdas as a list of one-key mappings: keep the key path without an index.
+            _compose_lines(item, prefix, out)
+
+
+def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
+    """Parse ``path`` and return (data, {key path: line}).
+
+    Raises:
+        ConfigError: the file is missing or is not valid YAML (with file:line:column).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file (copy config/config.example.yml to config/config.yml)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.load(text, Loader=_LineLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    lines: dict[str, int] = {}
+    if node is not None:
+        _compose_lines(node, "", lines)
+    return data, lines
+
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def parse_dotenv(path: Path) -> dict[str, str]:
+    """Read a dotenv file: ``KEY=value`` lines, ``export`` allowed, quotes stripped, ``#`` comments.
+
+    Raises:
+        ConfigError: a line is not ``KEY=value`` (with file:line).
+    """
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if not match:
+            raise ConfigError(f"{path}:{number}: expected KEY=value, got {raw.strip()[:40]!r}")
+        key, value = match.group(1), match.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0]
+        values[key] = value
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+
+
+def normalize_lambdas(section: Any, where: str) -> Any:
+    """Accept kes's list of one-key mappings (``- DownloadAndPredict: {...}``) as a mapping."""
+    if not isinstance(section, list):
+        return section
+    merged: dict[str, Any] = {}
+    for item in section:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(
+                f"{where}: expected each list item to be one 'Name: settings' mapping, got {item!r}"
+            )
+        merged.update(item)
+    return merged
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Mappings merge recursively; lists and scalars in ``override`` replace those in ``base``."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(override)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _jinja() -> jinja2.Environment:
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def _walk_strings(value: Any, path: str, fn) -> Any:
+    if isinstance(value, dict):
+        return {k: _walk_strings(v, f"{path}.{k}" if path else str(k), fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk_strings(v, path, fn) for v in value]
+    if isinstance(value, str):
+        return fn(path, value)
+    return value
+
+
+def _render_pass(config: dict, env: dict[str, str], jenv: jinja2.Environment) -> dict:
+    context = {**env, **config}
+
+    def render(path: str, text: str) -> str:
+        if "{" not in text:
+            return text
+        try:
+            return jenv.from_string(text).render(context)
+        except jinja2.UndefinedError as exc:
+            raise ConfigError(
+                f"{path}: undefined variable in {text!r}: {exc.message} "
+                "(set it in config/.env or the environment, or define the key)"
+            ) from None
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"{path}: cannot render {text!r}: {exc}") from None
+
+    return _walk_strings(config, "", render)
+
+
+def _env_references(config: dict, env: dict[str, str], jenv) -> dict[str, set[str]]:
+    """Key path → the environment variables its (unrendered) template refers to."""
+    found: dict[str, set[str]] = {}
+
+    def visit(path: str, text: str) -> str:
+        if "{" in text:
+            try:
+                names = jinja2.meta.find_undeclared_variables(jenv.parse(text))
+            except jinja2.TemplateSyntaxError as exc:
+                raise ConfigError(f"{path}: template syntax error in {text!r}: {exc}") from None
+            hits = {n for n in names if n in env and n not in config}
+            if hits:
+                found[path] = hits
+        return text
+
+    _walk_strings(config, "", visit)
+    return found
+
+
+def _param_name(path: str) -> str:
+    """``lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN`` → ``SecretLambdasDownloadAndP…``."""
+    return "Secret" + "".join(p[:1].upper() + p[1:] for p in re.split(r"[^A-Za-z0-9]+", path) if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Validator:
+    def __init__(self, lines: dict[str, int], section: str, path: Path):
+        self.lines = lines
+        self.section = section
+        self.path = path
+
+    def where(self, key: str) -> str:
+        for prefix in (self.section, "default"):
+            line = self.lines.get(f"{prefix}.{key}")
+            if line:
+                return f"{self.path}:{line}: {key}"
+        return f"{self.path}: {key}"
+
+    def leaf(self, key: str, kind: str, value: Any) -> Any:
+        if kind == "str":
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"{self.where(key)}: expected a string, got {_kind(value)}")
+            return value if isinstance(value, str) else str(value)
+        if kind == "int":
+            if isinstance(value, bool) or not (
+                isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+            ):
+                raise ConfigError(f"{self.where(key)}: expected an integer, got {value!r}")
+            return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+                return value.lower() in ("true", "yes")
+            raise ConfigError(f"{self.where(key)}: expected true or false, got {value!r}")
+        if kind == "strlist":
+            if not isinstance(value, list):
+                raise ConfigError(f"{self.where(key)}: expected a list, got {_kind(value)}")
+            return [self.leaf(key, "str", v) for v in value]
+        if kind == "strmap":
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{self.where(key)}: expected a mapping, got {_kind(value)}")
+            return {str(k): v if isinstance(v, Secret) else self.leaf(f"{key}.{k}", "str", v)
+                    for k, v in value.items()}
+        raise AssertionError(kind)
+
+    def section_(self, prefix: str, schema: dict, value: Any) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.where(prefix)}: expected a mapping, got {_kind(value)}")
+        for key in value:
+            if key not in schema:
+                name = f"{prefix}.{key}" if prefix else str(key)
+                raise ConfigError(
+                    f"{self.where(name)}: unknown key{_did_you_mean(str(key), schema)}"
+                )
+        out: dict[str, Any] = {}
+        for key, spec in schema.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if spec == "lambdas":
+                out[key] = {
+                    lname: self.section_(f"{name}.{lname}", LAMBDA_SCHEMA, lvalue)
+                    for lname, lvalue in (value.get(key) or {}).items()
+                }
+            elif isinstance(spec, dict):
+                out[key] = self.section_(name, spec, value.get(key))
+            else:
+                kind, default = spec
+                if key not in value or value[key] is None:
+                    if default is REQUIRED:
+                        raise ConfigError(f"{self.where(name)}: required key is missing")
+                    out[key] = copy.deepcopy(default)
+                elif isinstance(value[key], Secret):
+                    out[key] = value[key]
+                else:
+                    out[key] = self.leaf(name, kind, value[key])
+        return out
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list"}.get(type(value), repr(value))
+
+
+def _check_values(values: dict, where) -> list[str]:
+    """Refuse what AWS no longer accepts; return warnings for what works but is unwise."""
+    warnings: list[str] = []
+    engine = values["rds"]["engineVersion"]
+    major = engine.split(".")[0]
+    if not major.isdigit():
+        raise ConfigError(f"{where('rds.engineVersion')}: expected a version like '16', got {engine!r}")
+    if int(major) < 13:
+        raise ConfigError(
+            f"{where('rds.engineVersion')}: PostgreSQL {engine} is no longer offered by RDS; use '16'"
+        )
+    itype = values["rds"]["instanceType"]
+    if itype.startswith("db.t2."):
+        raise ConfigError(
+            f"{where('rds.instanceType')}: {itype} does not run PostgreSQL {major} on RDS; "
+            f"use {itype.replace('db.t2.', 'db.t3.')} (or a db.t4g class)"
+        )
+    prediction_path = values["predictionPath"]
+    if not prediction_path.startswith("/") or prediction_path.endswith(":predict"):
+        raise ConfigError(
+            f"{where('predictionPath')}: expected a path like '/v1/models/NAME' "
+            f"(no host, no ':predict'), got {prediction_path!r}"
+        )
+    vis = values["sqs"]["visibilityTimeout"]
+    for name, spec in values["lambdas"].items():
+        if not LAMBDA_NAME.match(name):
+            raise ConfigError(f"{where('lambdas.' + name)}: a Lambda name may use only A-Z, a-z, 0-9")
+        runtime = spec["runtime"]
+        key = f"lambdas.{name}.runtime"
+        if RETIRED_RUNTIME.match(runtime):
+            raise ConfigError(
+                f"{where(key)}: runtime {runtime} is no longer accepted by AWS Lambda; "
+                "use python3.12"
+            )
+        if runtime not in SUPPORTED_RUNTIMES:
+            warnings.append(f"{key}: {runtime} is not one of {', '.join(SUPPORTED_RUNTIMES)}")
+        if spec["architecture"] not in ("x86_64", "arm64"):
+            raise ConfigError(
+                f"{where(f'lambdas.{name}.architecture')}: expected x86_64 or arm64, "
+                f"got {spec['architecture']!r}"
+            )
+        if spec["queueTrigger"]:
+            timeout = spec["timeout"]
+            if vis < timeout:
+                raise ConfigError(
+                    f"{where('sqs.visibilityTimeout')}: {vis}s is shorter than the timeout of "
+                    f"lambdas.{name} ({timeout}s); AWS refuses such an event source mapping"
+                )
+            if vis < 6 * timeout:
+                warnings.append(
+                    f"sqs.visibilityTimeout: {vis}s is below 6x lambdas.{name}.timeout "
+                    f"({6 * timeout}s), AWS's recommendation for SQS event sources"
+                )
+            if not 1 <= values["sqs"]["batchSize"] <= 10000:
+                raise ConfigError(f"{where('sqs.batchSize')}: expected 1 to 10000")
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def load_config(
+    path: str | Path,
+    deployment: str | None = None,
+    env_file: str | Path | None = None,
+    stack: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Load, merge, render and validate a kes-style config.yml.
+
+    Args:
+        path: config.yml.
+        deployment: the section merged over ``default`` (None: ``default`` alone).
+        env_file: a dotenv file; None reads ``.env`` next to the config if it exists.
+        stack: overrides ``stackName`` (before rendering, so derived values follow).
+        environ: the process environment (``os.environ`` when None).
+
+    Raises:
+        ConfigError: anything wrong, with the place it is wrong.
+    """
+    path = Path(path)
+    data, lines = load_yaml(path)
+    if not isinstance(data, dict) or "default" not in data:
+        raise ConfigError(f"{path}: expected a mapping with a 'default' section")
+    sections = data
+    if deployment and deployment != "default" and deployment not in sections:
+        names = ", ".join(sorted(k for k in sections if k != "default")) or "none"
+        raise ConfigError(
+            f"{path}: no deployment '{deployment}'{_did_you_mean(deployment, sections)} "
+            f"(deployments: {names})"
+        )
+    merged: dict[str, Any] = {}
+    for name in ["default"] + ([deployment] if deployment and deployment != "default" else []):
+        section = sections[name] or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping")
+        section = dict(section)
+        if "lambdas" in section:
+            section["lambdas"] = normalize_lambdas(section["lambdas"], f"{path}: {name}.lambdas")
+        merged = deep_merge(merged, section)
+    if stack:
+        merged["stackName"] = stack
+
+    env_path = Path(env_file) if env_file else path.parent / ".env"
+    dotenv: dict[str, str] = {}
+    if env_file and not env_path.exists():
+        raise ConfigError(f"{env_path}: no such env file")
+    if env_path.exists():
+        dotenv = parse_dotenv(env_path)
+    env = {**(os.environ if environ is None else environ), **dotenv}
+
+    jenv = _jinja()
+    references = _env_references(merged, env, jenv)
+    rendered = _render_pass(_render_pass(merged, env, jenv), env, jenv)
+
+    secrets: dict[str, Secret] = {}
+
+    def mark(key_path: str, text: str) -> Any:
+        in_slot = any(p.match(key_path) for p in SECRET_SLOTS)
+        names = references.get(key_path, set())
+        if in_slot and (names or key_path == "rds.password"):
+            secret = Secret(key_path, _param_name(key_path), text)
+            secrets[key_path] = secret
+            return secret
+        looking = sorted(n for n in names if SECRET_LOOKING.search(n))
+        if looking:
+            raise ConfigError(
+                f"{key_path}: uses {', '.join(looking)}, which looks like a secret, in a place "
+                "that would be written into the template; secrets belong in rds.password, "
+                "rds.username or lambdas.<Name>.envs, which are passed as NoEcho parameters"
+            )
+        return text
+
+    marked = _walk_strings(rendered, "", mark)
+    section_name = deployment or "default"
+    validator = _Validator(lines, section_name, path)
+    values = validator.section_("", SCHEMA, marked)
+
+    values["stackNoDash"] = values["stackNoDash"] or re.sub(r"[^A-Za-z0-9]", "", values["stackName"])
+    values["projectTag"] = values["projectTag"] or values["stackName"]
+    values["ecs"]["modelName"] = values["ecs"]["modelName"] or _model_name(values["predictionPath"])
+    for name, spec in values["lambdas"].items():
+        spec["name"] = spec["name"] or name
+        spec["fullName"] = spec["fullName"] or f"{values['stackName']}-{spec['name']}"
+    warnings = _check_values(values, validator.where)
+    return Config(path, section_name, values, secrets, warnings)
+
+
+def _model_name(prediction_path: str) -> str:
+    """``/v1/models/your_model`` → ``your_model`` (TF Serving's MODEL_NAME)."""
+    match = re.search(r"/models/([^/:]+)", prediction_path)
+    return match.group(1) if match else "model"

@@ -1,0 +1,257 @@
+"""``cnsq deploy``/``outputs``/``delete``: the kes workflow with change sets (DESIGN §5).
+
+:func:`plan` packages, compiles, lints, uploads and creates a change set; it changes nothing in
+the stack. :func:`apply` executes a plan and follows it to the end. The UI is passed in, so tests
+drive both with real files, a real moto server and a recording UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import package, template
+from .config import Config
+from .errors import DeployError, TemplateError
+from .stack import ChangeSet, Event, Stacks
+
+SETUP_HINT = "cnsq setup --config {config}"
+
+
+class UI(Protocol):
+    """What deploy needs from a terminal."""
+
+    def echo(self, text: str = "", err: bool = False) -> None: ...
+
+    def confirm(self, question: str) -> bool: ...
+
+    def prompt(self, question: str) -> str: ...
+
+    def table(self, rows: list[list[Any]], headers: list[str]) -> None: ...
+
+
+@dataclass
+class Paths:
+    """Where things are: the templates folder and the build output (``.cnsq/``)."""
+
+    templates: Path
+    build: Path
+
+
+@dataclass
+class Plan:
+    """What a deploy would do; nothing has changed in the stack yet."""
+
+    stack_name: str
+    template_path: Path
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    change_set: ChangeSet | None = None
+    lint: list[template.Finding] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.change_set is not None and self.change_set.empty
+
+
+def package_lambdas(
+    config: Config, paths: Paths, stacks: Stacks, pip: package.PipRunner, ui: UI
+) -> tuple[dict[str, template.CodeLocation], list[str], list[str]]:
+    """Build every Lambda zip and upload those whose key is not yet in S3."""
+    code: dict[str, template.CodeLocation] = {}
+    uploaded: list[str] = []
+    skipped: list[str] = []
+    for name, spec in config.values["lambdas"].items():
+        source = Path(spec["source"])
+        if not source.is_absolute():
+            source = config.project_dir / source
+        built = package.build(
+            name, source, paths.build / config.stack_name / "lambdas",
+            spec["runtime"], spec["architecture"], pip,
+        )
+        key = built.key(config.stack_name)
+        if stacks.object_exists(config.bucket, key):
+            skipped.append(key)
+        else:
+            ui.echo(f"Uploading {name} ({built.path.stat().st_size / 1e6:.1f} MB) to s3://{config.bucket}/{key}")
+            stacks.upload(config.bucket, key, built.path.read_bytes())
+            uploaded.append(key)
+        code[name] = template.CodeLocation(config.bucket, key)
+    return code, uploaded, skipped
+
+
+def compile_only(config: Config, paths: Paths) -> Path:
+    """Render the template without packaging (code keys as they would be, for inspection)."""
+    code = {}
+    for name in config.values["lambdas"]:
+        code[name] = template.CodeLocation(config.bucket, f"{config.stack_name}/lambdas/<sha256>.zip")
+    path, _ = template.compile_template(config, paths.templates, paths.build, code)
+    return path
+
+
+def check_lint(path: Path, region: str) -> list[template.Finding]:
+    findings = template.lint(path, [region])
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        lines = "\n".join(f"  {path}:{f.line}: {f.rule} {f.message}" for f in errors)
+        raise TemplateError(f"cfn-lint found {len(errors)} error(s); nothing was deployed:\n{lines}")
+    return findings
+
+
+def plan(
+    config: Config, paths: Paths, stacks: Stacks, pip: package.PipRunner, ui: UI, region: str
+) -> Plan:
+    """Package → compile → lint → upload the template → create and read a change set."""
+    current = stacks.describe(config.stack_name)
+    status = current["StackStatus"] if current else None
+    if status == "ROLLBACK_COMPLETE":
+        raise DeployError(
+            f"stack {config.stack_name} is in ROLLBACK_COMPLETE: its first creation failed and "
+            "CloudFormation cannot update it. Delete it (`cnsq delete --config …`), then deploy again."
+        )
+    if status and status.endswith("_IN_PROGRESS") and status != "REVIEW_IN_PROGRESS":
+        raise DeployError(
+            f"stack {config.stack_name} is busy ({status}); wait for it to finish and deploy again"
+        )
+    if status == "REVIEW_IN_PROGRESS":
+        # Only reviewed (an earlier --no-execute): it has no resources, just stale change sets.
+        ui.echo(f"Discarding the unexecuted change sets of {config.stack_name} (never created).")
+        stacks.delete(current["StackId"])
+        stacks.follow(current["StackId"], datetime.now(UTC), lambda event: None)
+    kind = "CREATE" if status in (None, "REVIEW_IN_PROGRESS") else "UPDATE"
+
+    code, uploaded, skipped = package_lambdas(config, paths, stacks, pip, ui)
+    path, _ = template.compile_template(config, paths.templates, paths.build, code)
+    result = Plan(config.stack_name, path, uploaded, skipped)
+    result.lint = check_lint(path, region)
+
+    body = path.read_bytes()
+    key = f"{config.stack_name}/templates/{hashlib.sha256(body).hexdigest()}.yml"
+    if not stacks.object_exists(config.bucket, key):
+        stacks.upload(config.bucket, key, body)
+    url = stacks.template_url(config.bucket, key, region)
+    arn = stacks.create_change_set(
+        config.stack_name, kind, url, config.secret_parameters(),
+        config.values["capabilities"], {"Project": config.values["projectTag"]},
+    )
+    result.change_set = stacks.wait_change_set(arn, kind)
+    cs = result.change_set
+    if cs.status == "FAILED" and not cs.empty:
+        raise DeployError(f"CloudFormation refused the change set: {cs.reason}")
+    return result
+
+
+def event_line(event: Event) -> str:
+    """One streamed stack event: time, status, type, logical id and the reason if any."""
+    reason = f"  {event.reason}" if event.reason else ""
+    return (f"{event.timestamp:%H:%M:%S}  {event.status:<28} {event.resource_type:<40} "
+            f"{event.logical_id}{reason}")
+
+
+def show_changes(change_set: ChangeSet, ui: UI) -> None:
+    rows = [
+        [c.action, c.logical_id, c.resource_type, c.replacement or "-",
+         ", ".join(c.properties) if c.action == "Modify" else ""]
+        for c in change_set.changes
+    ]
+    ui.echo(f"Changes ({change_set.kind}):")
+    ui.table(rows, ["Action", "LogicalResourceId", "ResourceType", "Replacement", "Properties"])
+
+
+def apply(
+    plan_: Plan, stacks: Stacks, ui: UI, assume_yes: bool, interactive: bool
+) -> tuple[str, list[Event]]:
+    """Execute the plan's change set and follow the stack to a terminal state.
+
+    Raises:
+        DeployError: the user refused a replacement, or the stack ended in a failed state.
+    """
+    cs = plan_.change_set
+    assert cs is not None and not cs.empty
+    risky = [c for c in cs.changes if c.replaces_state]
+    if risky and not assume_yes:
+        names = ", ".join(f"{c.logical_id} ({c.resource_type})" for c in risky)
+        if not interactive:
+            stacks.delete_change_set(cs.arn)
+            raise DeployError(
+                f"this deploy would replace {names}, losing its data; "
+                "run again with --yes to accept (nothing was changed)"
+            )
+        if not ui.confirm(f"This deploy REPLACES {names}; their data will be lost. Continue?"):
+            stacks.delete_change_set(cs.arn)
+            raise DeployError("deploy cancelled; nothing was changed")
+
+    # Events are compared with this instant; a little slack absorbs clock skew with AWS.
+    started = datetime.now(UTC) - timedelta(seconds=5)
+    stacks.execute_change_set(cs.arn)
+
+    # Follow the stack by id: a name can be reused by a stack created later.
+    status, events = stacks.follow(cs.stack_id or plan_.stack_name, started,
+                                   lambda event: ui.echo(event_line(event)))
+    if status not in ("CREATE_COMPLETE", "UPDATE_COMPLETE"):
+        failed = [e for e in events if e.status.endswith("_FAILED") and e.reason]
+        detail = "\n".join(f"  {e.logical_id} ({e.resource_type}): {e.reason}" for e in failed)
+        fix = ""
+        if status == "ROLLBACK_COMPLETE":
+            fix = "\nThe stack was never created: delete it with `cnsq delete` before deploying again."
+        raise DeployError(
+            f"stack {plan_.stack_name} ended in {status}"
+            + (f"; failed resources:\n{detail}" if detail else " (no failure reason was reported)")
+            + fix
+        )
+    return status, events
+
+
+def next_steps(stack_name: str, outputs: dict[str, str], config_path: Path, ui: UI) -> None:
+    """What the original printed after a deploy: where things are, and the setup hint."""
+    ui.echo(f"The stack {stack_name} is deployed or updated.")
+    if "dbConnectionString" in outputs:
+        ui.echo(f"- The database is available at: {outputs['dbConnectionString']}")
+    if "queueURL" in outputs:
+        ui.echo(f"- The queue is available at {outputs['queueURL']}")
+    if "modelEndpoint" in outputs:
+        ui.echo(f"- The model endpoint is {outputs['modelEndpoint']}")
+    if not outputs:
+        ui.echo("- CloudFormation reported no outputs yet; see them later with `cnsq outputs`.")
+    ui.echo()
+    ui.echo("Is this the first time setting up this stack? "
+            "Run the following command to set up the database:")
+    ui.echo()
+    ui.echo("  $ " + SETUP_HINT.format(config=config_path))
+
+
+def destroy(stack_name: str, stacks: Stacks, ui: UI, assume_yes: bool, interactive: bool) -> str:
+    """Delete the stack after naming what goes with it; returns the final status.
+
+    Raises:
+        DeployError: no such stack, the user did not confirm, or the delete failed.
+    """
+    current = stacks.describe(stack_name)
+    if current is None:
+        raise DeployError(f"stack '{stack_name}' does not exist; nothing to delete")
+    resources = stacks.resources(stack_name)
+    ui.echo(f"Deleting {stack_name} destroys {len(resources)} resources:")
+    ui.table([[lid, rtype, phys] for lid, rtype, phys in resources],
+             ["LogicalResourceId", "ResourceType", "PhysicalResourceId"])
+    ui.echo("The queues and their messages go with it. The results database keeps a final "
+            "snapshot, but download your results first: cnsq download results.csv --config …")
+    if not assume_yes:
+        if not interactive:
+            raise DeployError("refusing to delete without confirmation: pass --yes")
+        answer = ui.prompt(f"Type the stack name ({stack_name}) to delete it")
+        if answer.strip() != stack_name:
+            raise DeployError("the name did not match; nothing was deleted")
+    started = datetime.now(UTC) - timedelta(seconds=5)
+    stacks.delete(stack_name)
+
+    status, events = stacks.follow(current["StackId"], started,
+                                   lambda event: ui.echo(event_line(event)))
+    if status != "DELETE_COMPLETE":
+        failed = [e for e in events if e.status.endswith("_FAILED")]
+        detail = "\n".join(f"  {e.logical_id}: {e.reason}" for e in failed)
+        raise DeployError(f"stack {stack_name} ended in {status}" + (f":\n{detail}" if detail else ""))
+    ui.echo(f"Deleted {stack_name}.")
+    return status

@@ -1,0 +1,27 @@
+"""Exceptions that the CLI turns into one clear line and a non-zero exit."""
+
+
+class CnsqError(Exception):
+    """An error the user can act on; its message says what is wrong and where."""
+
+    exit_code = 1
+
+
+class ConfigError(CnsqError):
+    """config.yml, the deployment or .env is malformed or holds a bad value."""
+
+
+class TemplateError(CnsqError):
+    """The CloudFormation template failed to render, parse or lint."""
+
+
+class PackageError(CnsqError):
+    """The Lambda package could not be built."""
+
+
+class AwsError(CnsqError):
+    """An AWS call failed; the message says why and how to fix it."""
+
+
+class DeployError(CnsqError):
+    """A deploy or delete did not reach its goal (failed stack, refused change)."""

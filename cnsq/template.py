@@ -1,0 +1,236 @@
+"""Render templates/*.template.yml with Jinja2, load it as CloudFormation YAML, lint it (DESIGN §4).
+
+The rendered text is parsed with a loader that knows CloudFormation's short forms (``!Ref``,
+``!GetAtt``, ``!Sub`` …) so a syntax error is reported with its line and column. The compiled
+template is written back in long form (``Fn::GetAtt: [Res, Attr.Sub]``): every CloudFormation
+implementation reads it, including those that trip on the dotted ``!GetAtt Res.Attr.Sub``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from .config import Config, Secret
+from .errors import TemplateError
+
+TEMPLATE_NAME = "cloudformation.template.yml"
+
+# Short-form tags whose long form is {"Fn::<Name>": value}.
+_FN_TAGS = (
+    "And", "Base64", "Cidr", "Equals", "FindInMap", "GetAZs", "If", "ImportValue", "Join",
+    "Not", "Or", "Select", "Split", "Sub", "Transform", "Length", "ToJsonString",
+)
+
+
+class CfnLoader(yaml.SafeLoader):
+    """A SafeLoader that turns CloudFormation short forms into their long forms."""
+
+
+def _construct(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_scalar(node)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_mapping(node, deep=True)
+
+
+def _fn(name: str):
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
+        return {f"Fn::{name}": _construct(node, loader)}
+
+    return construct
+
+
+def _ref(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
+    return {"Ref": _construct(node, loader)}
+
+
+def _condition(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
+    return {"Condition": _construct(node, loader)}
+
+
+def _getatt(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
+    value = _construct(node, loader)
+    if isinstance(value, str):
+        resource, _, attribute = value.partition(".")
+        if not attribute:
+            mark = node.start_mark
+            raise yaml.MarkedYAMLError(
+                problem=f"!GetAtt {value!r} needs Resource.Attribute", problem_mark=mark
+            )
+        value = [resource, attribute]
+    return {"Fn::GetAtt": value}
+
+
+for _name in _FN_TAGS:
+    CfnLoader.add_constructor(f"!{_name}", _fn(_name))
+CfnLoader.add_constructor("!Ref", _ref)
+CfnLoader.add_constructor("!GetAtt", _getatt)
+CfnLoader.add_constructor("!Condition", _condition)
+
+
+def load_cfn_yaml(text: str, name: str = "template") -> dict:
+    """Parse CloudFormation YAML (short forms allowed) into plain data in long form.
+
+    Raises:
+        TemplateError: invalid YAML, with ``name:line:column`` and the offending line.
+    """
+    try:
+        data = yaml.load(text, Loader=CfnLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        if mark is None:
+            raise TemplateError(f"{name}: invalid YAML: {exc.problem}") from None
+        lines = text.splitlines()
+        source = lines[mark.line].strip() if mark.line < len(lines) else ""
+        raise TemplateError(
+            f"{name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: "
+            f"{exc.problem or exc.context}\n    {source}"
+        ) from None
+    if not isinstance(data, dict) or "Resources" not in data:
+        raise TemplateError(f"{name}: not a CloudFormation template (no Resources section)")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def cfn_value(value: Any) -> str:
+    """A YAML flow value: a secret becomes ``{"Ref": <NoEcho parameter>}``, anything else JSON."""
+    if isinstance(value, Secret):
+        return json.dumps({"Ref": value.param})
+    return json.dumps(value)
+
+
+def _md5(value: Any) -> str:
+    return hashlib.md5(str(value).encode(), usedforsecurity=False).hexdigest()
+
+
+def _tojson(value: Any) -> str:
+    if isinstance(value, Secret):
+        str(value)  # raises: a secret is never written out
+    return json.dumps(value)
+
+
+def _environment(template_dir: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters["cfn_value"] = cfn_value
+    env.filters["md5"] = _md5
+    env.filters["tojson"] = _tojson
+    env.tests["secret"] = lambda v: isinstance(v, Secret)
+    return env
+
+
+@dataclass(frozen=True)
+class CodeLocation:
+    """Where a Lambda's zip lives in S3."""
+
+    bucket: str
+    key: str
+
+
+def render(config: Config, template_dir: Path, code: dict[str, CodeLocation]) -> str:
+    """Render the Jinja2 template with the config; ``code`` maps Lambda name → its zip in S3.
+
+    Raises:
+        TemplateError: an undefined variable or a template error, with file:line.
+    """
+    context = dict(config.values)
+    context["lambdas"] = {}
+    for name, spec in config.values["lambdas"].items():
+        location = code.get(name)
+        context["lambdas"][name] = {
+            **spec,
+            "bucket": location.bucket if location else config.bucket,
+            "remote": location.key if location else "",
+        }
+    context["secrets"] = sorted(config.secrets.values(), key=lambda s: s.param)
+    path = template_dir / TEMPLATE_NAME
+    if not path.exists():
+        raise TemplateError(f"{path}: no such template")
+    try:
+        return _environment(template_dir).get_template(TEMPLATE_NAME).render(context)
+    except jinja2.UndefinedError as exc:
+        raise TemplateError(f"{path}:{_jinja_line(exc)}: undefined variable: {exc.message}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{exc.filename or path}:{exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"{path}:{_jinja_line(exc)}: {exc}") from None
+
+
+def _jinja_line(exc: BaseException) -> str:
+    """The template line an error was raised at, from the traceback Jinja rewrites."""
+    tb = exc.__traceback__
+    line = "?"
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(TEMPLATE_NAME):
+            line = str(tb.tb_lineno)
+        tb = tb.tb_next
+    return line
+
+
+def assert_no_secrets(text: str, config: Config, where: str) -> None:
+    """Refuse text that holds a secret value (defence in depth behind :class:`Secret`)."""
+    for secret in config.secrets.values():
+        if len(secret.value) >= 4 and secret.value in text:
+            raise TemplateError(
+                f"{where}: the value of {secret.path} would be written in clear; "
+                f"reference it with !Ref {secret.param} instead"
+            )
+
+
+def compile_template(
+    config: Config, template_dir: Path, out_dir: Path, code: dict[str, CodeLocation]
+) -> tuple[Path, dict]:
+    """Render, parse and write ``out_dir/<stackName>/cloudformation.yml``; return (path, data)."""
+    text = render(config, template_dir, code)
+    assert_no_secrets(text, config, str(template_dir / TEMPLATE_NAME))
+    data = load_cfn_yaml(text, f"{template_dir / TEMPLATE_NAME} (rendered)")
+    target = out_dir / config.stack_name / "cloudformation.yml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(dump(data), encoding="utf-8")
+    return target, data
+
+
+def dump(data: dict) -> str:
+    """The compiled template as YAML in long form, keys in template order."""
+    return yaml.safe_dump(data, sort_keys=False, width=1000, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linting
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One cfn-lint finding."""
+
+    severity: str  # error, warning or informational
+    rule: str
+    line: int
+    message: str
+
+
+def lint(path: Path, regions: list[str] | None = None) -> list[Finding]:
+    """Run cfn-lint on a compiled template; findings sorted by line."""
+    from cfnlint.api import ManualArgs, lint_file  # imported late: it takes a second to load
+
+    args = ManualArgs(regions=regions or ["us-east-1"])
+    findings = []
+    for match in lint_file(path, config=args):
+        rule_id = match.rule.id
+        severity = {"E": "error", "W": "warning"}.get(rule_id[:1], "informational")
+        findings.append(Finding(severity, rule_id, match.linenumber, match.message))
+    return sorted(findings, key=lambda f: (f.line, f.rule))

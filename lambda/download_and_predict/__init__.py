@@ -1,0 +1,1 @@
+"""The DownloadAndPredict Lambda (see base.py)."""

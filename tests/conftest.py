@@ -1,0 +1,154 @@
+"""Shared fixtures: a moto server, a throwaway PostgreSQL cluster, a project folder.
+
+Everything runs for real on 127.0.0.1: boto3 reaches moto through AWS_ENDPOINT_URL, exactly as a
+user's cnsq would reach AWS; PostgreSQL is a real server started with initdb/pg_ctl.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+SECRETS = {"RDS_USERNAME": "resultsadmin", "RDS_PASSWORD": "pw-Zq81-never-print",
+           "TILE_ACCESS_TOKEN": "tok-8JmX-never-print"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start within {timeout}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# moto server
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: requests.get(f"{url}/moto-api/", timeout=1).ok, what="moto server")
+    yield url
+    process.terminate()
+    process.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def aws(moto_url, monkeypatch):
+    """A clean moto account, with the process environment pointing boto3 at it."""
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return moto_url
+
+
+def client(service: str):
+    return boto3.client(service, region_name="us-east-1")
+
+
+def make_project(root: Path, bucket: str = "cnsq-artifacts", vpc: str = "vpc-0123456789abcdef0",
+                 subnets: tuple[str, str] = ("subnet-0123456789abcdef0", "subnet-0fedcba9876543210"),
+                 ) -> Path:
+    """A project folder: config/config.yml (from the example), config/.env, a small lambda/."""
+    (root / "config").mkdir(parents=True)
+    text = (REPO / "config" / "config.example.yml").read_text()
+    text = text.replace("your-bucket", bucket).replace("vpc-0123456789abcdef0", vpc)
+    text = text.replace("subnet-0123456789abcdef0", subnets[0])
+    text = text.replace("subnet-0fedcba9876543210", subnets[1])
+    (root / "config" / "config.yml").write_text(text)
+    (root / "config" / ".env").write_text("".join(f"{k}='{v}'\n" for k, v in SECRETS.items()))
+    # The real lambda/ code, without dependencies: pip is exercised in test_package.
+    shutil.copytree(REPO / "lambda", root / "lambda",
+                    ignore=shutil.ignore_patterns("__pycache__", "requirements.txt"))
+    return root / "config" / "config.yml"
+
+
+@pytest.fixture
+def project(aws, tmp_path, monkeypatch):
+    """A project whose VPC, subnets and bucket exist in moto; the working directory is its root."""
+    ec2 = client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnets = tuple(
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24",
+                          AvailabilityZone=f"us-east-1{az}")["Subnet"]["SubnetId"]
+        for i, az in ((1, "a"), (2, "b"))
+    )
+    client("s3").create_bucket(Bucket="cnsq-artifacts")
+    config = make_project(tmp_path / "proj", vpc=vpc, subnets=subnets)
+    monkeypatch.chdir(tmp_path / "proj")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    raise RuntimeError(f"{name} not found: install the PostgreSQL server binaries")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """CNSQ_TEST_DATABASE_URL, or a throwaway cluster on a free port for this session."""
+    if os.environ.get("CNSQ_TEST_DATABASE_URL"):
+        yield os.environ["CNSQ_TEST_DATABASE_URL"]
+        return
+    base = tmp_path_factory.mktemp("pg")
+    data = base / "data"
+    port = free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as an unprivileged user
+        shutil.chown(base, "postgres")
+        os.chmod(base, 0o755)
+        for parent in base.parents:
+            if parent == Path("/"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(as_user + [_pg_bin("initdb"), "-D", str(data), "-U", "cnsq", "-A", "trust",
+                              "--no-sync"], check=True, capture_output=True)
+    subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
+                              "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
+                              "start"], check=True, capture_output=True)
+    url = f"postgresql://cnsq@127.0.0.1:{port}/postgres"
+    yield url
+    subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                   check=False, capture_output=True)

@@ -1,0 +1,282 @@
+"""config.yml + deployment + .env: merging, rendering, and an error that names the place."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from cnsq.config import Secret, deep_merge, load_config, parse_dotenv
+from cnsq.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {"RDS_USERNAME": "admin", "RDS_PASSWORD": "pw-secret-1", "TILE_ACCESS_TOKEN": "tok-secret-1"}
+
+BASE = """\
+default:
+  stage: dev
+  stackName: 'proj-{{ stage }}'
+  buckets:
+    internal: bucket
+  lambdas:
+    DownloadAndPredict:
+      timeout: 60
+      queueTrigger: true
+      envs:
+        TILE_ENDPOINT: 'https://tiles/{z}/{x}/{y}.jpg'
+  rds:
+    username: '{{ RDS_USERNAME }}'
+    password: '{{ RDS_PASSWORD }}'
+  vpc: vpc-1
+  subnets: [subnet-a, subnet-b]
+  sqs:
+    visibilityTimeout: 360
+  predictionPath: /v1/models/m
+"""
+
+
+def write(tmp_path: Path, text: str, env: str | None = None) -> Path:
+    path = tmp_path / "config" / "config.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    if env is not None:
+        (path.parent / ".env").write_text(env)
+    return path
+
+
+def load(path: Path, deployment: str | None = None, **kwargs):
+    return load_config(path, deployment, environ=kwargs.pop("environ", ENV), **kwargs)
+
+
+def test_example_config_loads_with_kes_defaults():
+    config = load_config(REPO / "config/config.example.yml",
+                         env_file=REPO / "config/.env.sample", environ={})
+    lam = config.values["lambdas"]["DownloadAndPredict"]
+    assert config.stack_name == "cnsq-dev"
+    assert lam["fullName"] == "cnsq-dev-DownloadAndPredict"
+    assert config.values["stackNoDash"] == "cnsqdev"
+    assert config.values["rds"]["engineVersion"].startswith("16")
+    assert set(config.secrets) == {"rds.username", "rds.password",
+                                   "lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"}
+    assert config.warnings == []
+
+
+def test_lambda_defaults_follow_kes(tmp_path):
+    config = load(write(tmp_path, BASE))
+    lam = config.values["lambdas"]["DownloadAndPredict"]
+    assert (lam["memory"], lam["timeout"], lam["name"]) == (1024, 60, "DownloadAndPredict")
+    assert lam["runtime"] == "python3.12"
+    assert config.values["projectTag"] == "proj-dev"
+
+
+def test_deployment_deep_merges_mappings_and_replaces_lists(tmp_path):
+    path = write(tmp_path, BASE + textwrap.dedent("""\
+        prod:
+          stage: prod
+          subnets: [subnet-z]
+          lambdas:
+            DownloadAndPredict:
+              memory: 2048
+        """))
+    config = load(path, "prod")
+    lam = config.values["lambdas"]["DownloadAndPredict"]
+    assert config.stack_name == "proj-prod"  # rendered after merging
+    assert lam["memory"] == 2048 and lam["timeout"] == 60  # merged, not replaced
+    assert config.values["subnets"] == ["subnet-z"]  # lists replace
+
+
+def test_kes_list_of_lambdas_is_accepted(tmp_path):
+    text = BASE.replace("    DownloadAndPredict:\n", "  - DownloadAndPredict:\n")
+    text = text.replace("\n      timeout: 60", "\n      timeout: 60")
+    config = load(write(tmp_path, text))
+    assert list(config.values["lambdas"]) == ["DownloadAndPredict"]
+
+
+def test_original_chip_n_scale_example_names_each_value_aws_no_longer_accepts(tmp_path):
+    # The original's example, as users have it: db.t2.medium is refused with its replacement.
+    original = textwrap.dedent("""\
+        default:
+          stage: dev
+          stackName: your-stack
+          stackNoDash: YourStack
+          capabilities:
+             - CAPABILITY_NAMED_IAM
+          buckets:
+            internal: your-bucket
+          lambdas:
+          - DownloadAndPredict:
+              handler: download_and_predict.handler.handler
+              timeout: 60
+              memory: 512
+              runtime: python3.7
+              source: lambda
+              queueTrigger: true
+              concurrent: 5
+              envs:
+                TILE_ACCESS_TOKEN: '{{TILE_ACCESS_TOKEN}}'
+                TILE_ENDPOINT: 'https://example.com/{}/{}/{}.jpg?access_token={}'
+          rds:
+            username: '{{RDS_USERNAME}}'
+            password: '{{RDS_PASSWORD}}'
+            storage: 20
+            instanceType: 'db.t2.medium'
+          vpc: your-vpc
+          subnets:
+            - subnet 1
+            - subnet 2
+          ecs:
+            availabilityZone: us-east-1
+            maxInstances: 1
+            desiredInstances: 1
+            keyPairName: your-key-pair
+            instanceType: t2.nano
+            image: tensorflow/serving:latest
+            memory: 1000
+          sqs:
+            visibilityTimeout: 60
+            maxReceiveCount: 5
+          predictionPath: '/v1/models/your_model'
+        """)
+    path = write(tmp_path, original)
+    with pytest.raises(ConfigError, match=r"config.yml:25: rds.instanceType: db.t2.medium .*db.t3.medium"):
+        load(path)
+    path.write_text(original.replace("db.t2.medium", "db.t3.medium"))
+    with pytest.raises(ConfigError, match=r"lambdas.DownloadAndPredict.runtime: runtime python3.7 .*python3.12"):
+        load(path)
+    path.write_text(original.replace("db.t2.medium", "db.t3.medium").replace("python3.7", "python3.12"))
+    config = load(path)
+    assert config.values["stackNoDash"] == "YourStack"
+    assert config.values["ecs"]["availabilityZone"] == "us-east-1"
+    assert config.values["lambdas"]["DownloadAndPredict"]["memory"] == 512
+    assert any("6x" in w for w in config.warnings)  # visibility 60s < 6 x 60s
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = write(tmp_path, BASE + "  broken: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"config.yml:\d+:\d+: invalid YAML"):
+        load(path)
+
+
+def test_wrong_type_names_key_path_and_expected_type(tmp_path):
+    path = write(tmp_path, BASE.replace("timeout: 60", "timeout: 60\n      memory: lots"))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert "lambdas.DownloadAndPredict.memory: expected an integer, got 'lots'" in str(info.value)
+    assert "config.yml:9:" in str(info.value)
+
+
+def test_integer_from_environment_is_accepted(tmp_path):
+    path = write(tmp_path, BASE.replace("timeout: 60", "timeout: 60\n      memory: '{{ MEM }}'"))
+    config = load(path, environ={**ENV, "MEM": "2048"})
+    assert config.values["lambdas"]["DownloadAndPredict"]["memory"] == 2048
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, BASE.replace("visibilityTimeout: 360", "visibilityTimeout: 360\n    maxRecieveCount: 3"))
+    with pytest.raises(ConfigError, match=r"sqs.maxRecieveCount: unknown key \(did you mean 'maxReceiveCount'\?\)"):
+        load(path)
+
+
+def test_undefined_variable_names_key_path_and_variable(tmp_path):
+    path = write(tmp_path, BASE.replace("vpc: vpc-1", "vpc: '{{ VPC_ID }}'"))
+    with pytest.raises(ConfigError, match=r"^vpc: undefined variable .*'VPC_ID' is undefined"):
+        load(path)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, BASE.replace("  predictionPath: /v1/models/m\n", ""))
+    with pytest.raises(ConfigError, match="predictionPath: required key is missing"):
+        load(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("    engineVersion: '9.6'", r"rds.engineVersion: PostgreSQL 9.6 is no longer offered by RDS; use '16'"),
+    ("    instanceType: db.t2.micro", r"rds.instanceType: db.t2.micro .* use db.t3.micro"),
+])
+def test_retired_rds_values_are_refused(tmp_path, line, message):
+    path = write(tmp_path, BASE.replace("    password: '{{ RDS_PASSWORD }}'",
+                                        "    password: '{{ RDS_PASSWORD }}'\n" + line))
+    with pytest.raises(ConfigError, match=message):
+        load(path)
+
+
+def test_visibility_timeout_shorter_than_lambda_timeout_is_refused(tmp_path):
+    path = write(tmp_path, BASE.replace("visibilityTimeout: 360", "visibilityTimeout: 30"))
+    with pytest.raises(ConfigError, match=r"sqs.visibilityTimeout: 30s is shorter than the timeout"):
+        load(path)
+
+
+def test_prediction_path_with_predict_suffix_is_refused(tmp_path):
+    path = write(tmp_path, BASE.replace("/v1/models/m", "/v1/models/m:predict"))
+    with pytest.raises(ConfigError, match=r"predictionPath: expected a path like"):
+        load(path)
+
+
+def test_unknown_deployment_lists_the_existing_ones(tmp_path):
+    path = write(tmp_path, BASE + "prod:\n  stage: prod\n")
+    with pytest.raises(ConfigError, match=r"no deployment 'prd' \(did you mean 'prod'\?\) \(deployments: prod\)"):
+        load(path, "prd")
+
+
+def test_dotenv_overrides_environment_and_is_read_next_to_config(tmp_path):
+    path = write(tmp_path, BASE, env="RDS_USERNAME=fromdotenv\nexport RDS_PASSWORD=\"quoted pw\"\n")
+    config = load(path, environ={"RDS_USERNAME": "fromenv", "RDS_PASSWORD": "x"})
+    assert config.secrets["rds.username"].value == "fromdotenv"
+    assert config.secrets["rds.password"].value == "quoted pw"
+
+
+def test_dotenv_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, BASE, env="# comment\nGOOD=1\nthis is not a pair\n")
+    with pytest.raises(ConfigError, match=r"\.env:3: expected KEY=value"):
+        load(path)
+
+
+def test_explicit_env_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="no such env file"):
+        load(write(tmp_path, BASE), env_file=tmp_path / "missing.env")
+
+
+def test_stack_option_overrides_stack_name_before_rendering(tmp_path):
+    config = load(write(tmp_path, BASE), stack="other")
+    assert config.stack_name == "other"
+    assert config.values["lambdas"]["DownloadAndPredict"]["fullName"] == "other-DownloadAndPredict"
+    assert config.values["stackNoDash"] == "other"
+
+
+def test_values_may_refer_to_other_values(tmp_path):
+    path = write(tmp_path, BASE.replace("  stage: dev\n", "  stage: dev\n  projectTag: '{{ stackName }}-tag'\n"))
+    assert load(path).values["projectTag"] == "proj-dev-tag"
+
+
+def test_secrets_cannot_be_rendered_as_text(tmp_path):
+    config = load(write(tmp_path, BASE))
+    secret = config.secrets["rds.password"]
+    assert isinstance(secret, Secret) and secret.value == "pw-secret-1"
+    assert "pw-secret-1" not in repr(secret)
+    with pytest.raises(jinja2.TemplateError, match="is a secret"):
+        str(secret)
+
+
+def test_secret_looking_variable_outside_a_parameter_slot_is_refused(tmp_path):
+    path = write(tmp_path, BASE.replace("vpc: vpc-1", "vpc: '{{ TILE_ACCESS_TOKEN }}'"))
+    with pytest.raises(ConfigError, match=r"^vpc: uses TILE_ACCESS_TOKEN, which looks like a secret"):
+        load(path)
+
+
+def test_missing_config_file_suggests_the_example(tmp_path):
+    with pytest.raises(ConfigError, match="copy config/config.example.yml"):
+        load(tmp_path / "nope.yml")
+
+
+def test_deep_merge_does_not_modify_its_inputs():
+    base = {"a": {"b": 1, "c": [1]}}
+    out = deep_merge(base, {"a": {"c": [2]}})
+    assert out == {"a": {"b": 1, "c": [2]}} and base == {"a": {"b": 1, "c": [1]}}
+
+
+def test_parse_dotenv_handles_comments_and_quotes(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text("A=1 # trailing\nB='two words'\n\n# c\nC=\"x#y\"\n")
+    assert parse_dotenv(path) == {"A": "1", "B": "two words", "C": "x#y"}

@@ -1,0 +1,167 @@
+"""cnsq deploy / outputs / delete against a real moto server, through the CLI a user runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import SECRETS, client
+
+from cnsq.cli import main
+
+
+def cnsq(*args: str):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def bucket_keys() -> list[str]:
+    s3 = client("s3")
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="cnsq-artifacts").get("Contents", []))
+
+
+def stack_status(name: str = "cnsq-dev") -> str:
+    return client("cloudformation").describe_stacks(StackName=name)["Stacks"][0]["StackStatus"]
+
+
+def test_create_update_noop_delete(project):
+    created = cnsq("deploy", "--json")
+    assert created.exit_code == 0, created.output
+    report = json.loads(created.stdout)
+    assert stack_status() == "CREATE_COMPLETE"
+    assert {c["logical_id"] for c in report["changes"]} >= {
+        "cnsqdevTileQueue", "cnsqdevDeadLetterQueue", "DownloadAndPredictLambdaFunction",
+        "cnsqdevResultsDB", "cnsqdevLaunchTemplate", "cnsqdevECSService"}
+    assert all(c["action"] == "Add" for c in report["changes"])
+    assert len(report["uploaded"]) == 1 and report["uploaded"][0].startswith("cnsq-dev/lambdas/")
+
+    queues = client("sqs").list_queues()["QueueUrls"]
+    assert any(q.endswith("/cnsqdevTileQueue") for q in queues)
+    function = client("lambda").get_function(FunctionName="cnsq-dev-DownloadAndPredict")
+    assert function["Configuration"]["Runtime"] == "python3.12"
+    mappings = client("lambda").list_event_source_mappings(FunctionName="cnsq-dev-DownloadAndPredict")
+    assert mappings["EventSourceMappings"][0]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+    # One changed property → an UPDATE change set that modifies the queue only.
+    config = Path("config/config.yml")
+    config.write_text(config.read_text().replace("visibilityTimeout: 720", "visibilityTimeout: 900"))
+    keys_before = bucket_keys()
+    updated = cnsq("deploy")
+    assert updated.exit_code == 0, updated.output
+    assert "Changes (UPDATE)" in updated.stdout
+    rows = [line.split() for line in updated.stdout.splitlines() if line.startswith("Modify")]
+    assert rows == [["Modify", "cnsqdevTileQueue", "AWS::SQS::Queue", "-"]]
+    assert stack_status() == "UPDATE_COMPLETE"
+    attrs = client("sqs").get_queue_attributes(QueueUrl=[q for q in queues if "Tile" in q][0],
+                                               AttributeNames=["VisibilityTimeout"])["Attributes"]
+    assert attrs["VisibilityTimeout"] == "900"
+    assert "The stack cnsq-dev is deployed or updated." in updated.stdout
+    assert "cnsq setup --config config/config.yml" in updated.stdout
+    # Same code → same zip key: only the new template was uploaded.
+    assert [k for k in bucket_keys() if k not in keys_before][0].startswith("cnsq-dev/templates/")
+
+    # Nothing changed → "nothing to deploy", exit 0, nothing uploaded, change set deleted.
+    keys_before = bucket_keys()
+    noop = cnsq("deploy", "--json")
+    assert noop.exit_code == 0, noop.output
+    assert "nothing to deploy" in noop.stderr
+    assert json.loads(noop.stdout)["uploaded"] == []
+    assert bucket_keys() == keys_before
+    summaries = client("cloudformation").list_change_sets(StackName="cnsq-dev")["Summaries"]
+    assert json.loads(noop.stdout)["changeSetArn"] is None
+    assert [s for s in summaries if s["Status"] == "FAILED"] == []  # the empty one was deleted
+    assert cnsq("deploy", "--fail-on-empty").exit_code == 1
+
+    deleted = cnsq("delete", "--yes")
+    assert deleted.exit_code == 0, deleted.output
+    assert "download your results first" in deleted.stdout
+    assert "cnsqdevResultsDB" in deleted.stdout
+    assert "Deleted cnsq-dev." in deleted.stdout
+    stacks = client("cloudformation").list_stacks(StackStatusFilter=["CREATE_COMPLETE", "UPDATE_COMPLETE"])
+    assert stacks["StackSummaries"] == []
+
+
+def test_no_secret_reaches_disk_s3_outputs_or_the_terminal(project):
+    first = cnsq("deploy")
+    update = cnsq("deploy", "--deployment", "prod")
+    outputs = cnsq("outputs", "--json")
+    texts = [first.output, update.output, outputs.output]
+    for path in Path(".cnsq").rglob("*"):
+        if path.is_file() and path.suffix != ".zip":
+            texts.append(path.read_text(errors="replace"))
+    s3 = client("s3")
+    for key in bucket_keys():
+        if key.endswith(".yml"):
+            texts.append(s3.get_object(Bucket="cnsq-artifacts", Key=key)["Body"].read().decode())
+    for stack in ("cnsq-dev", "cnsq-prod"):
+        description = client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0]
+        texts.append(json.dumps(description.get("Outputs", [])))
+    assert first.exit_code == 0 and update.exit_code == 0, first.output + update.output
+    for text in texts:
+        for value in SECRETS.values():
+            assert value not in text
+
+
+def test_no_execute_shows_changes_and_changes_nothing(project):
+    result = cnsq("deploy", "--no-execute")
+    assert result.exit_code == 0, result.output
+    assert "not executed (--no-execute)" in result.stdout
+    assert stack_status() == "REVIEW_IN_PROGRESS"
+    assert client("sqs").list_queues().get("QueueUrls", []) == []
+    # The next deploy creates the stack from there.
+    assert cnsq("deploy").exit_code == 0
+    assert stack_status() == "CREATE_COMPLETE"
+
+
+def test_failed_creation_exits_1_and_says_why(project):
+    config = Path("config/config.yml")
+    subnet = config.read_text().split("subnets:\n    - ")[1].split()[0]
+    config.write_text(config.read_text().replace(subnet, "subnet-00000000000000000"))
+    result = cnsq("deploy")
+    assert result.exit_code == 1
+    assert "subnet-00000000000000000" in result.stderr
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_missing_bucket_is_a_clear_error(project):
+    client("s3").delete_bucket(Bucket="cnsq-artifacts")
+    result = cnsq("deploy")
+    assert result.exit_code == 1
+    assert "S3 bucket 'cnsq-artifacts' does not exist (buckets.internal)" in result.stderr
+
+
+def test_delete_of_a_missing_stack_and_without_confirmation(project):
+    missing = cnsq("delete", "--yes")
+    assert missing.exit_code == 1 and "does not exist" in missing.stderr
+    assert cnsq("deploy").exit_code == 0
+    refused = cnsq("delete")  # no terminal to ask on, no --yes
+    assert refused.exit_code == 1 and "--yes" in refused.stderr
+    assert stack_status() == "CREATE_COMPLETE"
+
+
+def test_outputs_of_a_missing_stack(project):
+    result = cnsq("outputs")
+    assert result.exit_code == 1
+    assert "stack 'cnsq-dev' does not exist" in result.stderr
+
+
+def test_console_script_without_credentials_prints_one_line(project, tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
+           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-m", "cnsq.cli", "outputs"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("Error: no AWS credentials found")
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_profile_is_a_clear_error(project):
+    result = cnsq("outputs", "--profile", "nope-not-a-profile")
+    assert result.exit_code == 1
+    assert "AWS profile 'nope-not-a-profile'" in result.stderr

@@ -1,0 +1,170 @@
+"""Rendering, CloudFormation YAML loading and cfn-lint of the template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cnsq.config import load_config
+from cnsq.errors import TemplateError
+from cnsq.template import CodeLocation, compile_template, lint, load_cfn_yaml, render
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO / "templates"
+ENV = {"RDS_USERNAME": "resultsadmin", "RDS_PASSWORD": "pw-Zq81-never-print",
+       "TILE_ACCESS_TOKEN": "tok-8JmX-never-print"}
+CODE = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
+# Resources whose CloudFormation type has no Tags property (or tags through another property).
+UNTAGGABLE = {"AWS::IAM::InstanceProfile", "AWS::Lambda::EventSourceMapping",
+              "AWS::ElasticLoadBalancingV2::Listener", "AWS::SecretsManager::SecretTargetAttachment",
+              "AWS::EC2::LaunchTemplate"}
+
+
+@pytest.fixture
+def config(tmp_path):
+    env_file = tmp_path / "test.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in ENV.items()))
+    return load_config(REPO / "config/config.example.yml", environ={}, env_file=env_file)
+
+
+@pytest.fixture
+def compiled(config, tmp_path):
+    return compile_template(config, TEMPLATES, tmp_path, CODE)
+
+
+def test_compiled_example_has_no_cfn_lint_findings(compiled):
+    path, _ = compiled
+    assert lint(path) == []
+
+
+def test_compiled_template_is_long_form_yaml(compiled):
+    path, data = compiled
+    text = path.read_text()
+    assert "!GetAtt" not in text and "!Ref" not in text and "!Sub" not in text
+    assert data["Resources"]["cnsqdevTileQueue"]["Properties"]["RedrivePolicy"][
+        "deadLetterTargetArn"] == {"Fn::GetAtt": ["cnsqdevDeadLetterQueue", "Arn"]}
+    assert path == path.parent.parent / "cnsq-dev" / "cloudformation.yml"
+
+
+def test_secrets_are_noecho_parameters_and_never_in_the_file(compiled):
+    path, data = compiled
+    text = path.read_text()
+    for value in ENV.values():
+        if value != "resultsadmin":
+            assert value not in text
+    params = data["Parameters"]
+    for name in ("SecretRdsPassword", "SecretRdsUsername",
+                 "SecretLambdasDownloadAndPredictEnvsTILEACCESSTOKEN"):
+        assert params[name]["NoEcho"] is True
+    env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["TILE_ACCESS_TOKEN"] == {"Ref": "SecretLambdasDownloadAndPredictEnvsTILEACCESSTOKEN"}
+    assert env["DATABASE_SECRET_ARN"] == {"Ref": "DatabaseSecret"}
+    assert "DATABASE_URL" not in env
+    outputs = json.dumps(data["Outputs"])
+    assert not any(name in outputs for name in params if name.startswith("Secret"))
+
+
+def test_lambda_role_is_least_privilege(compiled):
+    _, data = compiled
+    role = data["Resources"]["LambdaProcessingRole"]["Properties"]
+    for policy in role["Policies"]:
+        for statement in policy["PolicyDocument"]["Statement"]:
+            actions = statement["Action"]
+            assert not any("*" in a for a in actions)
+            assert statement["Resource"] != "*"
+            assert "*" not in json.dumps(statement["Resource"])
+
+
+def test_queue_event_source_reports_batch_item_failures(compiled):
+    _, data = compiled
+    mapping = data["Resources"]["cnsqdevDownloadAndPredictLambdaEventSourceMapping"]["Properties"]
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["BatchSize"] == 10
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": 5}
+    function = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]
+    assert function["ReservedConcurrentExecutions"] == 5
+    assert function["Runtime"] == "python3.12"
+    assert function["Code"] == {"S3Bucket": "your-bucket", "S3Key": "cnsq-dev/lambdas/abc.zip"}
+
+
+def test_every_taggable_resource_carries_the_project_tag(compiled):
+    _, data = compiled
+    for logical_id, resource in data["Resources"].items():
+        if resource["Type"] in UNTAGGABLE:
+            continue
+        tags = resource["Properties"].get("Tags")
+        assert tags, f"{logical_id} has no tags"
+        if isinstance(tags, list):
+            assert {"Key": "Project", "Value": "cnsq-dev"} in [
+                {"Key": t["Key"], "Value": t["Value"]} for t in tags], logical_id
+
+
+def test_gpu_launch_template_and_prediction_endpoint(compiled):
+    _, data = compiled
+    resources = data["Resources"]
+    assert "AWS::AutoScaling::LaunchConfiguration" not in json.dumps(resources)
+    assert data["Parameters"]["AmiId"]["Default"].endswith("/gpu/recommended/image_id")
+    task = resources["cnsqdevTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    assert task["ResourceRequirements"] == [{"Type": "GPU", "Value": "1"}]
+    assert "--enable_batching=true" in task["Command"]
+    assert resources["cnsqdevTargetGroup"]["Properties"]["HealthCheckPath"] == "/v1/models/your_model"
+    env = resources["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["PREDICTION_ENDPOINT"] == {
+        "Fn::Sub": "http://${cnsqdevLoadBalancer.DNSName}/v1/models/your_model:predict"}
+
+
+def test_outputs_keep_the_original_keys(compiled):
+    _, data = compiled
+    assert {"dbConnectionString", "queueURL", "modelEndpoint", "deadLetterQueueURL",
+            "databaseSecretArn", "DownloadAndPredictLambdaName"} <= set(data["Outputs"])
+
+
+def _broken_templates(tmp_path: Path, old: str, new: str) -> Path:
+    folder = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, folder)
+    path = folder / "cloudformation.template.yml"
+    path.write_text(path.read_text().replace(old, new, 1))
+    return folder
+
+
+def test_undefined_template_variable_names_file_and_line(config, tmp_path):
+    folder = _broken_templates(tmp_path, "VisibilityTimeout: {{ sqs.visibilityTimeout }}",
+                               "VisibilityTimeout: {{ sqs.visibilityTimout }}")
+    with pytest.raises(TemplateError, match=r"cloudformation.template.yml:\d+: undefined variable: .*visibilityTimout"):
+        render(config, folder, CODE)
+
+
+def test_yaml_error_in_rendered_template_names_line_and_column(config, tmp_path):
+    folder = _broken_templates(tmp_path, "      MessageRetentionPeriod: 1209600",
+                               "      MessageRetentionPeriod: [1209600")
+    with pytest.raises(TemplateError, match=r"\(rendered\):\d+:\d+: invalid YAML"):
+        compile_template(config, folder, tmp_path / "out", CODE)
+
+
+def test_template_that_prints_a_secret_is_refused(config, tmp_path):
+    folder = _broken_templates(tmp_path, "Description: 'stack: {{ stackName }}",
+                               "Description: 'stack: {{ rds.password }}")
+    with pytest.raises(TemplateError, match=r"rds.password is a secret"):
+        render(config, folder, CODE)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cfn_yaml_loader_turns_short_forms_into_long_forms():
+    data = load_cfn_yaml(
+        "Resources:\n  A:\n    Type: X\n    Properties:\n"
+        "      B: !GetAtt Db.Endpoint.Address\n      C: !Ref Q\n"
+        "      D: !Sub 'x${Q}'\n      E: !Join ['', [a, !Ref Q]]\n"
+    )
+    props = data["Resources"]["A"]["Properties"]
+    assert props == {"B": {"Fn::GetAtt": ["Db", "Endpoint.Address"]}, "C": {"Ref": "Q"},
+                     "D": {"Fn::Sub": "x${Q}"}, "E": {"Fn::Join": ["", ["a", {"Ref": "Q"}]]}}
+
+
+def test_lint_reports_errors_with_lines(config, tmp_path):
+    folder = _broken_templates(tmp_path, "Type: AWS::SQS::Queue", "Type: AWS::SQS::Queu")
+    path, _ = compile_template(config, folder, tmp_path / "out", CODE)
+    errors = [f for f in lint(path) if f.severity == "error"]
+    assert errors and all(f.line > 0 for f in errors)
