@@ -292,5 +292,91 @@ def delete(settings: Settings, yes: bool) -> None:
     destroy(config.stack_name, _stacks(settings.aws()), ClickUI(), yes, sys.stdin.isatty())
 
 
+def _database_url(explicit: str | None, settings: Settings) -> str:
+    """An explicit URL, else the deployed stack's database (outputs + its secret)."""
+    if explicit:
+        return explicit
+    if not settings.config.exists():
+        raise CnsqError("no database given: pass a database URL (or set DATABASE_URL), or "
+                        f"--config for a deployed stack ({settings.config} does not exist)")
+    from .credentials import url_from_stack
+
+    config = settings.load()
+    aws = settings.aws()
+    return url_from_stack(aws, _stacks(aws), config.stack_name)
+
+
+def _row_progress(label: str):
+    """A progress callback that rewrites one stderr line, only on a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(rows: int) -> None:
+        click.echo(f"\r{label}: {rows:,} rows", nl=False, err=True)
+
+    return show
+
+
+@main.command()
+@click.argument("db_string", required=False)
+@config_options
+def setup(settings: Settings, db_string: str | None) -> None:
+    """Create the results table (versioned migrations; running it twice is harmless).
+
+    DB_STRING is a database URL (postgresql://user:pass@host:5432/ResultsDB or
+    sqlite:///results.db). Without it, the deployed stack's database and credentials are read
+    from its outputs and Secrets Manager secret.
+
+    \b
+    Examples:
+      cnsq setup --config config/config.yml
+      cnsq setup postgresql://postgres:secret@localhost:5432/results
+    """
+    from .results import mask, open_store
+
+    url = _database_url(db_string, settings)
+    store = open_store(url)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    if applied:
+        names = ", ".join(f"{m.version} ({m.name})" for m in applied)
+        click.echo(f"Applied migration(s) {names} to {mask(url)}.")
+    else:
+        click.echo(f"{mask(url)} is up to date; nothing to migrate.")
+
+
+@main.command()
+@click.argument("out", metavar="OUT.csv")
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="postgresql://… or sqlite:///… [default: DATABASE_URL, else the stack's].")
+@config_options
+def download(settings: Settings, out: str, database_url: str | None) -> None:
+    """Stream the results to a CSV file (tile,output with the output as JSON); '-' for stdout.
+
+    Memory stays flat at any row count, and an interrupted download never leaves a partial file
+    under the final name.
+
+    \b
+    Examples:
+      cnsq download results.csv --config config/config.yml
+      DATABASE_URL=postgresql://user:pass@host:5432/ResultsDB cnsq download results.csv
+      cnsq download - --database-url sqlite:///results.db | head
+    """
+    from .download import download as run_download
+    from .results import open_store
+
+    store = open_store(_database_url(database_url, settings))
+    progress = _row_progress(f"Downloading to {out}") if out != "-" else None
+    try:
+        rows = run_download(store, out, sys.stdout.buffer, progress)
+    finally:
+        store.close()
+    if progress:
+        click.echo("", err=True)
+    click.echo(f"Wrote {rows:,} rows to {out if out != '-' else 'stdout'}.", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,1 +1,1 @@
-"""The DownloadAndPredict Lambda (see base.py)."""
+"""The DownloadAndPredict Lambda: download tiles, predict, upsert results (see base.py)."""

@@ -1,0 +1,36 @@
+"""``cnsq download``: stream the results table to a CSV file (or stdout) without a partial file
+ever standing under the final name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .results import Store
+
+
+def download(store: Store, target: str, stdout: BinaryIO,
+             progress: Callable[[int], None] | None = None) -> int:
+    """Write ``tile,output`` rows to ``target`` (``-`` for stdout); returns the row count.
+
+    The rows go to a temporary name beside the target, renamed at the end: an interrupted
+    download leaves no file that looks complete.
+    """
+    if target == "-":
+        rows = store.export_csv(stdout, progress)
+        stdout.flush()
+        return rows
+    path = Path(target)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("wb") as handle:
+            rows = store.export_csv(handle, progress)
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return rows

@@ -1,0 +1,253 @@
+"""The results store (DESIGN §7): ``results(tile text primary key, output jsonb)``.
+
+Two backends behind one interface: PostgreSQL (psycopg2) and SQLite (``sqlite:///path.db``, the
+same schema with the output as JSON text) for the one-machine pipeline. Migrations are versioned
+and recorded in ``cnsq_migrations``; running them twice is harmless. Export streams — PostgreSQL
+``COPY … TO STDOUT``, SQLite a cursor — so memory stays flat at any row count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+from .errors import CnsqError
+
+
+class DatabaseError(CnsqError):
+    """The results database is unreachable, malformed or refused a statement."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    postgres: str
+    sqlite: str
+
+
+MIGRATIONS = (
+    Migration(
+        1, "create results",
+        "CREATE TABLE IF NOT EXISTS results (tile text PRIMARY KEY, output jsonb)",
+        "CREATE TABLE IF NOT EXISTS results (tile TEXT PRIMARY KEY, output TEXT)",
+    ),
+)
+EXPECTED_COLUMNS = {"tile": "text", "output": "jsonb"}
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _where(url: str) -> str:
+    parsed = urlparse(url)
+    return f"{parsed.hostname or 'localhost'}:{parsed.port or 5432}"
+
+
+def open_store(url: str) -> Store:
+    """A store for a ``postgres[ql]://`` or ``sqlite:///`` URL.
+
+    Raises:
+        DatabaseError: not such a URL, or the database cannot be reached (host:port and the
+            reason, with the password masked).
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise DatabaseError(
+            f"not a database URL: {mask(str(url))!r} (expected postgresql://user:pass@host:5432/db "
+            "or sqlite:///path.db)"
+        )
+    scheme = url.split("://", 1)[0]
+    if scheme == "sqlite":
+        return SqliteStore(url)
+    if scheme in ("postgres", "postgresql"):
+        return PostgresStore(url)
+    raise DatabaseError(f"unsupported database scheme '{scheme}' in {mask(url)} "
+                        "(use postgresql:// or sqlite:///)")
+
+
+class Store:
+    """What every backend offers."""
+
+    url: str
+
+    def migrate(self) -> list[Migration]: ...
+
+    def check_schema(self) -> list[str]: ...
+
+    def count(self) -> int: ...
+
+    def upsert(self, rows: list[tuple[str, Any]]) -> None: ...
+
+    def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
+        """Write ``tile,output`` CSV (output as JSON) to a binary stream; returns the row count."""
+
+    def close(self) -> None: ...
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str):
+        import psycopg2
+
+        self.url = url
+        try:
+            self.conn = psycopg2.connect(url, connect_timeout=10)
+        except psycopg2.OperationalError as exc:
+            reason = mask(str(exc)).strip().splitlines()[-1] if str(exc).strip() else "refused"
+            raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {reason}") from None
+
+    def migrate(self) -> list[Migration]:
+        applied = []
+        with self.conn, self.conn.cursor() as cur:
+            # Two `cnsq setup` at once: the second waits, then finds nothing to do.
+            cur.execute("SELECT pg_advisory_xact_lock(736573)")
+            cur.execute("CREATE TABLE IF NOT EXISTS cnsq_migrations (version integer PRIMARY KEY, "
+                        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            cur.execute("SELECT version FROM cnsq_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for migration in MIGRATIONS:
+                if migration.version in done:
+                    continue
+                cur.execute(migration.postgres)
+                cur.execute("INSERT INTO cnsq_migrations (version, name) VALUES (%s, %s)",
+                            (migration.version, migration.name))
+                applied.append(migration)
+        return applied
+
+    def check_schema(self) -> list[str]:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT column_name, data_type FROM information_schema.columns "
+                        "WHERE table_name = 'results' AND table_schema = current_schema()")
+            found = dict(cur.fetchall())
+        self.conn.rollback()
+        return _schema_problems(found)
+
+    def count(self) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM results")
+            value = cur.fetchone()[0]
+        self.conn.rollback()
+        return value
+
+    def upsert(self, rows: list[tuple[str, Any]]) -> None:
+        import json
+
+        from psycopg2.extras import execute_values
+
+        with self.conn, self.conn.cursor() as cur:
+            execute_values(cur, "INSERT INTO results (tile, output) VALUES %s ON CONFLICT (tile) "
+                                "DO UPDATE SET output = EXCLUDED.output",
+                           [(t, json.dumps(o)) for t, o in rows], template="(%s, %s::jsonb)")
+
+    def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
+        sink = _CopySink(out, progress)
+        with self.conn.cursor() as cur:
+            cur.copy_expert("COPY (SELECT tile, output FROM results) TO STDOUT WITH (FORMAT csv, "
+                            "HEADER true)", sink)
+        self.conn.rollback()
+        return max(sink.messages - 1, 0)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SqliteStore(Store):
+    def __init__(self, url: str):
+        self.url = url
+        # sqlite:///relative.db or sqlite:////absolute.db
+        self.path = Path(unquote(url.removeprefix("sqlite:///")))
+        if not self.path.parent.exists():
+            raise DatabaseError(f"cannot open SQLite database {self.path}: "
+                                f"folder {self.path.parent} does not exist")
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"cannot open SQLite database {self.path}: {exc}") from None
+
+    def migrate(self) -> list[Migration]:
+        applied = []
+        with self.conn:
+            self.conn.execute("CREATE TABLE IF NOT EXISTS cnsq_migrations (version INTEGER PRIMARY "
+                              "KEY, name TEXT NOT NULL, applied_at TEXT DEFAULT CURRENT_TIMESTAMP)")
+            done = {row[0] for row in self.conn.execute("SELECT version FROM cnsq_migrations")}
+            for migration in MIGRATIONS:
+                if migration.version in done:
+                    continue
+                self.conn.execute(migration.sqlite)
+                self.conn.execute("INSERT INTO cnsq_migrations (version, name) VALUES (?, ?)",
+                                  (migration.version, migration.name))
+                applied.append(migration)
+        return applied
+
+    def check_schema(self) -> list[str]:
+        found = {row[1]: "jsonb" if row[1] == "output" else row[2].lower()
+                 for row in self.conn.execute("PRAGMA table_info(results)")}
+        return _schema_problems(found)
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM results").fetchone()[0]
+
+    def upsert(self, rows: list[tuple[str, Any]]) -> None:
+        import json
+
+        with self.conn:
+            self.conn.executemany("INSERT INTO results (tile, output) VALUES (?, ?) ON CONFLICT "
+                                  "(tile) DO UPDATE SET output = excluded.output",
+                                  [(t, json.dumps(o)) for t, o in rows])
+
+    def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
+        text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["tile", "output"])
+        rows = 0
+        cursor = self.conn.execute("SELECT tile, output FROM results")
+        while batch := cursor.fetchmany(10_000):
+            writer.writerows(batch)
+            rows += len(batch)
+            if progress:
+                progress(rows)
+        text.flush()
+        text.detach()  # leave `out` open for the caller
+        return rows
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _schema_problems(found: dict[str, str]) -> list[str]:
+    if not found:
+        return ["table 'results' does not exist (run `cnsq setup`)"]
+    problems = []
+    for column, kind in EXPECTED_COLUMNS.items():
+        if column not in found:
+            problems.append(f"results has no column '{column}'")
+        elif found[column] != kind:
+            problems.append(f"results.{column} is {found[column]}, expected {kind}")
+    return problems
+
+
+class _CopySink:
+    """A sink for COPY TO STDOUT. PostgreSQL sends one CopyData message per row (the header is
+    the first), and psycopg2 calls write() once per message: counting calls counts rows without
+    scanning the bytes."""
+
+    EVERY = 50_000  # rows between progress updates
+
+    def __init__(self, out: IO[bytes], progress: Callable[[int], None] | None):
+        self.write_out = out.write
+        self.progress = progress
+        self.messages = 0
+
+    def write(self, data: bytes) -> int:
+        self.messages += 1
+        if self.progress and self.messages % self.EVERY == 0:
+            self.progress(self.messages - 1)
+        return self.write_out(data)

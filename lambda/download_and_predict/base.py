@@ -1,0 +1,484 @@
+"""DownloadAndPredict: SQS records → tiles → images → one prediction call → one batched upsert.
+
+Each step is a method, so a project overrides only what differs (another imagery source, another
+payload, another result sink) — see ``lambda/examples/``. Self-contained: it imports nothing from
+cnsq, so the zip holds this folder and its requirements only.
+
+Failure is per record. A record whose body is not a tile, whose tile cannot be downloaded, or
+whose prediction or write failed is named in ``batchItemFailures``; SQS retries only those and,
+after ``maxReceiveCount``, parks them in the dead letter queue. Every other record is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+from urllib.parse import unquote
+
+import requests
+
+LOG = logging.getLogger("download_and_predict")
+
+MAX_ZOOM = 30
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class Tile(NamedTuple):
+    """An XYZ (slippy map) tile."""
+
+    x: int
+    y: int
+    z: int
+
+    @property
+    def id(self) -> str:
+        """The tile as stored in ``results.tile``: ``x-y-z``."""
+        return f"{self.x}-{self.y}-{self.z}"
+
+
+class Record(NamedTuple):
+    """One SQS record's tile."""
+
+    message_id: str
+    tile: Tile
+
+
+class BadRecord(ValueError):
+    """A record whose body is not ``{"x": int, "y": int, "z": int}`` for a valid tile."""
+
+
+class StepFailed(RuntimeError):
+    """A step failed for some records; ``reason`` is the label counted in the log line."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_tile(body: str) -> Tile:
+    """Read x, y and z by name from a JSON object body.
+
+    Raises:
+        BadRecord: not JSON, not an object, a missing or non-integer key, or out of range.
+    """
+    try:
+        data = json.loads(body)
+    except (TypeError, ValueError) as exc:
+        raise BadRecord(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRecord(f"body is not a JSON object: {body[:60]!r}")
+    values = {}
+    for key in ("x", "y", "z"):
+        if key not in data:
+            raise BadRecord(f"body has no '{key}': {body[:60]!r}")
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRecord(f"'{key}' is not an integer: {value!r}")
+        values[key] = value
+    z = values["z"]
+    if not 0 <= z <= MAX_ZOOM:
+        raise BadRecord(f"z={z} is outside 0..{MAX_ZOOM}")
+    limit = 2**z - 1
+    for key in ("x", "y"):
+        if not 0 <= values[key] <= limit:
+            raise BadRecord(f"{key}={values[key]} is outside 0..{limit} at z={z}")
+    return Tile(values["x"], values["y"], z)
+
+
+def imagery_url(template: str, tile: Tile, token: str | None) -> str:
+    """Fill an imagery URL template.
+
+    Two forms: the original's positional ``https://…/{}/{}/{}.jpg?access_token={}`` (z, x, y,
+    token) and a named one, ``https://…/{z}/{x}/{y}.jpg?access_token={token}``.
+    """
+    if "{}" in template:
+        return template.format(tile.z, tile.x, tile.y, token or "")
+    return template.format(z=tile.z, x=tile.x, y=tile.y, token=token or "")
+
+
+@dataclass
+class Settings:
+    """Everything the handler reads from its environment."""
+
+    tile_endpoint: str
+    prediction_endpoint: str
+    database_url: str | None = None
+    database_secret_arn: str | None = None
+    tile_token: str | None = None
+    missing_tiles: str = "skip"  # skip: logged and counted, not retried; fail: retried
+    max_instances: int = 64
+    tile_timeout: float = 10.0
+    predict_timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 0.2
+    download_workers: int = 16
+
+    REQUIRED = ("TILE_ENDPOINT", "PREDICTION_ENDPOINT")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Settings:
+        """Raises ValueError naming every missing or malformed variable."""
+        missing = [name for name in cls.REQUIRED if not env.get(name)]
+        if not env.get("DATABASE_URL") and not env.get("DATABASE_SECRET_ARN"):
+            missing.append("DATABASE_URL or DATABASE_SECRET_ARN")
+        if missing:
+            raise ValueError(f"missing environment variable(s): {', '.join(missing)}")
+        mode = env.get("MISSING_TILES", "skip")
+        if mode not in ("skip", "fail"):
+            raise ValueError(f"MISSING_TILES must be 'skip' or 'fail', got {mode!r}")
+        try:
+            return cls(
+                tile_endpoint=env["TILE_ENDPOINT"],
+                prediction_endpoint=env["PREDICTION_ENDPOINT"],
+                database_url=env.get("DATABASE_URL") or None,
+                database_secret_arn=env.get("DATABASE_SECRET_ARN") or None,
+                tile_token=env.get("TILE_ACCESS_TOKEN") or None,
+                missing_tiles=mode,
+                max_instances=int(env.get("MAX_INSTANCES", 64)),
+                tile_timeout=float(env.get("TILE_TIMEOUT", 10)),
+                predict_timeout=float(env.get("PREDICT_TIMEOUT", 60)),
+                retries=int(env.get("RETRIES", 3)),
+                backoff=float(env.get("RETRY_BACKOFF", 0.2)),
+                download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"malformed numeric environment variable: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The results database
+
+
+def secret_to_url(secret: dict[str, Any]) -> str:
+    """A Secrets Manager RDS secret (username, password, host, port, dbname) → a libpq URL."""
+    from urllib.parse import quote
+
+    return "postgresql://{}:{}@{}:{}/{}".format(
+        quote(str(secret["username"]), safe=""), quote(str(secret["password"]), safe=""),
+        secret["host"], secret.get("port", 5432), secret.get("dbname", "ResultsDB"),
+    )
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+class ResultsWriter:
+    """One connection, opened at cold start and reused; one batched upsert per invocation."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.conn: Any = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite:")
+
+    def connect(self) -> None:
+        if self.is_sqlite:
+            # sqlite:///relative/path.db or sqlite:////absolute/path.db
+            path = unquote(self.url.removeprefix("sqlite:///"))
+            self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS results (tile TEXT PRIMARY KEY, output TEXT)"
+            )
+            self.conn.commit()
+            return
+        import psycopg2
+
+        self.conn = psycopg2.connect(self.url, connect_timeout=10)
+
+    def upsert(self, rows: list[tuple[str, str]]) -> None:
+        """Write (tile, output JSON) rows; reconnect once if the connection dropped."""
+        if not rows:
+            return
+        try:
+            self._upsert(rows)
+        except Exception as exc:  # noqa: BLE001 - reconnect on any dropped-connection error
+            if not self._dropped(exc):
+                raise
+            LOG.warning("database connection lost (%s); reconnecting once", type(exc).__name__)
+            self.close()
+            self.connect()
+            self._upsert(rows)
+
+    def _dropped(self, exc: Exception) -> bool:
+        if self.conn is None:
+            return True
+        if self.is_sqlite:
+            return False
+        import psycopg2
+
+        return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+    def _upsert(self, rows: list[tuple[str, str]]) -> None:
+        if self.conn is None:
+            self.connect()
+        if self.is_sqlite:
+            with self.conn:
+                self.conn.executemany(
+                    "INSERT INTO results (tile, output) VALUES (?, ?) "
+                    "ON CONFLICT (tile) DO UPDATE SET output = excluded.output", rows)
+            return
+        from psycopg2.extras import execute_values
+
+        try:
+            with self.conn.cursor() as cursor:
+                execute_values(
+                    cursor,
+                    "INSERT INTO results (tile, output) VALUES %s "
+                    "ON CONFLICT (tile) DO UPDATE SET output = EXCLUDED.output",
+                    rows, template="(%s, %s::jsonb)", page_size=1000,
+                )
+            self.conn.commit()
+        except Exception:
+            try:
+                self.conn.rollback()
+            except Exception:  # noqa: BLE001 - the connection is gone; upsert() reconnects
+                pass
+            raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+        self.conn = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+
+
+@dataclass
+class Outcome:
+    """What happened to one invocation's records."""
+
+    records: int = 0
+    written: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # message id → reason
+    seconds: dict[str, float] = field(default_factory=lambda: {
+        "download": 0.0, "predict": 0.0, "write": 0.0})
+
+    def fail(self, message_ids: Iterable[str], reason: str) -> None:
+        for message_id in message_ids:
+            self.failed.setdefault(message_id, reason)
+
+    def log_line(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "succeeded": self.records - len(self.failed),
+            "written": self.written,
+            "skipped_missing": self.skipped,
+            "failed": dict(Counter(self.failed.values())),
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+
+
+class DownloadAndPredict:
+    """The handler's steps; override any of them in a subclass."""
+
+    def __init__(self, settings: Settings, writer: ResultsWriter | None = None,
+                 session: requests.Session | None = None):
+        self.settings = settings
+        self.session = session or self._session(settings.download_workers)
+        self.writer = writer
+
+    @staticmethod
+    def _session(pool: int) -> requests.Session:
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(pool, 4))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    # -- 1. records → tiles ------------------------------------------------------------------
+
+    def get_tiles(self, event: dict, outcome: Outcome) -> list[Record]:
+        records = []
+        for raw in event.get("Records", []):
+            message_id = raw.get("messageId", "")
+            try:
+                records.append(Record(message_id, parse_tile(raw.get("body", ""))))
+            except BadRecord as exc:
+                LOG.warning("record %s: %s", message_id, exc)
+                outcome.fail([message_id], "bad_record")
+        return records
+
+    # -- 2. tiles → images --------------------------------------------------------------------
+
+    def url_for(self, tile: Tile) -> str:
+        return imagery_url(self.settings.tile_endpoint, tile, self.settings.tile_token)
+
+    def get_image(self, tile: Tile) -> bytes | None:
+        """The tile's image bytes, or None when the endpoint has no imagery for it (404).
+
+        Raises:
+            StepFailed: after bounded retries on connection errors, timeouts, 429 and 5xx.
+        """
+        url = self.url_for(tile)
+        response = self._with_retries(
+            lambda: self.session.get(url, timeout=(3.05, self.settings.tile_timeout)),
+            f"tile {tile.id}", "tile")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status_code}")
+        return response.content
+
+    def get_images(self, records: list[Record], outcome: Outcome) -> list[tuple[Record, bytes]]:
+        """Download concurrently; returns the records that have an image."""
+        if not records:
+            return []
+        started = time.perf_counter()
+        workers = min(self.settings.download_workers, len(records))
+        images = []
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [(record, pool.submit(self.get_image, record.tile)) for record in records]
+            for record, future in futures:
+                try:
+                    image = future.result()
+                except StepFailed as exc:
+                    LOG.warning("record %s: %s", record.message_id, exc)
+                    outcome.fail([record.message_id], exc.reason)
+                    continue
+                if image is None:
+                    if self.settings.missing_tiles == "fail":
+                        LOG.warning("record %s: tile %s not found (404)", record.message_id,
+                                    record.tile.id)
+                        outcome.fail([record.message_id], "tile_missing")
+                    else:
+                        outcome.skipped += 1
+                    continue
+                images.append((record, image))
+        outcome.seconds["download"] += time.perf_counter() - started
+        return images
+
+    # -- 3. images → predictions -------------------------------------------------------------
+
+    def build_payload(self, images: list[bytes]) -> dict[str, Any]:
+        """TF Serving's REST predict body with base64-encoded images."""
+        return {"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode("ascii")}}
+                              for image in images]}
+
+    def post_prediction(self, payload: dict[str, Any]) -> list[Any]:
+        """POST the payload; returns the ``predictions`` list.
+
+        Raises:
+            StepFailed: after bounded retries on connection errors, timeouts and 5xx, or on a
+                response that is not TF Serving's ``{"predictions": [...]}``.
+        """
+        endpoint = self.settings.prediction_endpoint
+        response = self._with_retries(
+            lambda: self.session.post(endpoint, json=payload,
+                                      timeout=(3.05, self.settings.predict_timeout)),
+            "prediction", "model")
+        if response.status_code != 200:
+            raise StepFailed("model_error",
+                             f"model answered HTTP {response.status_code}: {response.text[:200]}")
+        try:
+            predictions = response.json()["predictions"]
+        except (ValueError, KeyError, TypeError):
+            raise StepFailed("model_error",
+                             f"model response has no 'predictions': {response.text[:200]}") from None
+        if not isinstance(predictions, list):
+            raise StepFailed("model_error", "model response 'predictions' is not a list")
+        return predictions
+
+    def predict(self, images: list[tuple[Record, bytes]],
+                outcome: Outcome) -> list[tuple[Record, Any]]:
+        """One request per chunk of at most MAX_INSTANCES instances."""
+        started = time.perf_counter()
+        results = []
+        size = max(1, self.settings.max_instances)
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
+            ids = [record.message_id for record, _ in chunk]
+            try:
+                predictions = self.post_prediction(self.build_payload([img for _, img in chunk]))
+            except StepFailed as exc:
+                LOG.error("prediction failed for %d record(s): %s", len(chunk), exc)
+                outcome.fail(ids, exc.reason)
+                continue
+            if len(predictions) != len(chunk):
+                LOG.error("model returned %d predictions for %d instances; failing those records",
+                          len(predictions), len(chunk))
+                outcome.fail(ids, "prediction_count")
+                continue
+            results.extend(zip((record for record, _ in chunk), predictions, strict=True))
+        outcome.seconds["predict"] += time.perf_counter() - started
+        return results
+
+    # -- 4. predictions → rows ---------------------------------------------------------------
+
+    def result_output(self, tile: Tile, prediction: Any) -> Any:
+        """What is stored in ``results.output`` for a tile (the prediction as the model gave it)."""
+        return prediction
+
+    def save_results(self, predictions: list[tuple[Record, Any]], outcome: Outcome) -> None:
+        """One batched upsert for the whole invocation."""
+        if not predictions:
+            return
+        started = time.perf_counter()
+        rows: dict[str, str] = {}  # one row per tile: a tile twice in a batch is written once
+        for record, prediction in predictions:
+            rows[record.tile.id] = json.dumps(self.result_output(record.tile, prediction))
+        try:
+            if self.writer is None:
+                raise StepFailed("database", "no database connection")
+            self.writer.upsert(list(rows.items()))
+            outcome.written += len(rows)
+        except Exception as exc:  # noqa: BLE001 - any write failure fails these records
+            LOG.error("writing %d result(s) failed: %s", len(rows), _safe(exc))
+            outcome.fail([record.message_id for record, _ in predictions], "database")
+        outcome.seconds["write"] += time.perf_counter() - started
+
+    # -- the whole invocation ----------------------------------------------------------------
+
+    def run(self, event: dict) -> dict[str, Any]:
+        outcome = Outcome(records=len(event.get("Records", [])))
+        records = self.get_tiles(event, outcome)
+        images = self.get_images(records, outcome)
+        predictions = self.predict(images, outcome)
+        self.save_results(predictions, outcome)
+        LOG.info(json.dumps(outcome.log_line()))
+        self.last_outcome = outcome
+        return {"batchItemFailures": [{"itemIdentifier": message_id}
+                                      for message_id in outcome.failed]}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _with_retries(self, call, what: str, kind: str) -> requests.Response:
+        attempts = max(1, self.settings.retries)
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                response = call()
+            except requests.Timeout:
+                if last:
+                    raise StepFailed(f"{kind}_timeout", f"{what}: timed out") from None
+            except requests.ConnectionError as exc:
+                if last:
+                    raise StepFailed(f"{kind}_connection", f"{what}: {exc}") from None
+            else:
+                if response.status_code not in RETRY_STATUS or last:
+                    return response
+            time.sleep(self.settings.backoff * (2**attempt))
+        raise AssertionError("unreachable")
+
+
+def _safe(exc: BaseException) -> str:
+    """An exception's text without any password a connection string might carry."""
+    return mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,192 @@
+"""Real servers on 127.0.0.1 for tests: an XYZ tile server, a TF Serving-style model server, and
+a TCP proxy that can refuse or drop database connections."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def tile_image(x: int, y: int, z: int) -> bytes:
+    """Deterministic 'image' bytes for a tile."""
+    return f"image-{z}-{x}-{y}".encode() * 3
+
+
+def score(image: bytes) -> list[float]:
+    """What the test model predicts for an image: two class scores derived from its bytes."""
+    p = int(hashlib.sha256(image).hexdigest()[:4], 16) / 65535
+    return [round(1 - p, 6), round(p, 6)]
+
+
+class _Server:
+    def __init__(self, handler_class):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class TileServer(_Server):
+    """GET /{z}/{x}/{y}.jpg → tile_image(); per-tile faults: missing (404), fail N times with
+    500, or slow (sleeps). ``delay`` applies to every request."""
+
+    def __init__(self, delay: float = 0.0):
+        self.missing: set[str] = set()
+        self.failures: Counter[str] = Counter()
+        self.slow: dict[str, float] = {}
+        self.delay = delay
+        self.requests: Counter[str] = Counter()
+        self.tokens: list[str] = []
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def do_GET(self) -> None:
+            server: TileServer = self.server.owner
+            match = re.match(r"^/(\d+)/(\d+)/(\d+)\.\w+(?:\?access_token=(.*))?$", self.path)
+            if not match:
+                return self.send(400, b"bad path")
+            z, x, y = (int(v) for v in match.groups()[:3])
+            key = f"{x}-{y}-{z}"
+            server.requests[key] += 1
+            if match.group(4) is not None:
+                server.tokens.append(match.group(4))
+            if server.delay:
+                time.sleep(server.delay)
+            if key in server.slow:
+                time.sleep(server.slow[key])
+            if key in server.missing:
+                return self.send(404, b"no tile")
+            if server.failures[key] > 0:
+                server.failures[key] -= 1
+                return self.send(500, b"busy")
+            self.send(200, tile_image(x, y, z), "image/jpeg")
+
+
+class ModelServer(_Server):
+    """POST /v1/models/m:predict with TF Serving's base64 instances → {"predictions": [...]}.
+
+    ``mode``: ok, error (500), wrong_count (one prediction too few), fail_times (500 that many
+    times, then ok). Every request's instance count is recorded.
+    """
+
+    def __init__(self, mode: str = "ok", delay: float = 0.0, fail_times: int = 0):
+        self.mode = mode
+        self.delay = delay
+        self.fail_times = fail_times
+        self.batches: list[int] = []
+        super().__init__(self._Handler)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url}/v1/models/m:predict"
+
+    class _Handler(_Quiet):
+        def do_POST(self) -> None:
+            server: ModelServer = self.server.owner
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            instances = body["instances"]
+            server.batches.append(len(instances))
+            if server.delay:
+                time.sleep(server.delay)
+            if server.mode == "error" or server.fail_times > 0:
+                server.fail_times -= 1
+                return self.send(500, b'{"error": "model failure"}')
+            predictions = [score(base64.b64decode(i["image_bytes"]["b64"])) for i in instances]
+            if server.mode == "wrong_count":
+                predictions = predictions[:-1]
+            self.send(200, json.dumps({"predictions": predictions}).encode())
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; can refuse new connections and drop open ones."""
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.listener: socket.socket | None = None
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        if self.listener:
+            self.listener.close()
+            self.listener = None
+        self.drop_all()
+
+    def drop_all(self) -> None:
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self.sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -1,0 +1,355 @@
+"""The DownloadAndPredict handler against real PostgreSQL and real HTTP servers on 127.0.0.1,
+called with real SQS-shaped events. Each bad input fails exactly its own records; every other
+tile's row is in the database with the model's output for that tile's image."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psycopg2
+import pytest
+from servers import ModelServer, TcpProxy, TileServer, score, tile_image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "lambda"))
+
+from cnsq.results import open_store  # noqa: E402
+from download_and_predict import handler as handler_module  # noqa: E402
+from download_and_predict.base import (  # noqa: E402
+    BadRecord,
+    Settings,
+    Tile,
+    imagery_url,
+    parse_tile,
+)
+
+
+def sqs_event(bodies: list[str]) -> dict:
+    return {"Records": [{
+        "messageId": f"m{i}", "receiptHandle": f"rh{i}", "body": body,
+        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1700000000000"},
+        "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:TileQueue", "awsRegion": "us-east-1",
+    } for i, body in enumerate(bodies)]}
+
+
+def body(x: int, y: int, z: int) -> str:
+    return json.dumps({"x": x, "y": y, "z": z})
+
+
+def failures(result: dict) -> set[str]:
+    return {item["itemIdentifier"] for item in result["batchItemFailures"]}
+
+
+@pytest.fixture(scope="session")
+def pg_admin(postgres_url):
+    conn = psycopg2.connect(postgres_url)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def db_url(postgres_url, pg_admin):
+    """A fresh database with the results table, for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with pg_admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    store = open_store(url)
+    store.migrate()
+    store.close()
+    return url
+
+
+def rows(url: str) -> dict[str, list[float]]:
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT tile, output FROM results")
+        found = dict(cur.fetchall())
+    conn.close()
+    return found
+
+
+def expected(*tiles: tuple[int, int, int]) -> dict[str, list[float]]:
+    return {f"{x}-{y}-{z}": score(tile_image(x, y, z)) for x, y, z in tiles}
+
+
+@pytest.fixture
+def tiles():
+    server = TileServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def model():
+    server = ModelServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_app(tiles, model, db_url):
+    def make(**overrides):
+        env = {"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg", "PREDICTION_ENDPOINT": model.endpoint,
+               "DATABASE_URL": db_url, "RETRY_BACKOFF": "0.01"}
+        env.update({k: str(v) for k, v in overrides.items()})
+        return handler_module.build(env)
+
+    return make
+
+
+GOOD = [(1, 2, 3), (5, 6, 4), (0, 0, 0)]
+
+
+def test_good_batch_is_written_with_one_predict_call(make_app, model, db_url):
+    result = make_app().run(sqs_event([body(*t) for t in GOOD]))
+    assert result == {"batchItemFailures": []}
+    assert rows(db_url) == expected(*GOOD)
+    assert model.batches == [3]
+
+
+def test_keys_in_another_order_predict_the_right_tile(make_app, db_url, tiles):
+    result = make_app().run(sqs_event(['{"z": 3, "y": 2, "x": 1}', body(5, 6, 4)]))
+    assert failures(result) == set()
+    assert rows(db_url) == expected((1, 2, 3), (5, 6, 4))
+    assert tiles.requests["1-2-3"] == 1 and tiles.requests["2-1-3"] == 0
+
+
+@pytest.mark.parametrize("bad", [
+    '{"x": 1, "y": 2}',                       # a missing key
+    '{"x": "1", "y": 2, "z": 3}',             # a string
+    '{"x": 1.5, "y": 2, "z": 3}',             # a float
+    '{"x": true, "y": 0, "z": 1}',            # a boolean is not an integer
+    '{"x": 8, "y": 0, "z": 3}',               # x outside 0..2^z-1
+    '{"x": 0, "y": -1, "z": 3}',              # y negative
+    '{"x": 0, "y": 0, "z": 31}',              # z outside 0..30
+    "1-2-3",                                  # not JSON (the tiles.txt line format)
+    "[1, 2, 3]",                              # JSON, not an object
+    "",                                       # empty body
+])
+def test_a_bad_record_fails_alone(make_app, db_url, bad):
+    result = make_app().run(sqs_event([body(1, 2, 3), bad, body(5, 6, 4)]))
+    assert failures(result) == {"m1"}
+    assert rows(db_url) == expected((1, 2, 3), (5, 6, 4))
+
+
+def test_missing_tile_is_skipped_by_default_and_not_retried(make_app, db_url, tiles):
+    tiles.missing.add("5-6-4")
+    app = make_app()
+    result = app.run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == set()
+    assert rows(db_url) == expected((1, 2, 3))
+    assert tiles.requests["5-6-4"] == 1
+    assert app.last_outcome.log_line()["skipped_missing"] == 1
+
+
+def test_missing_tile_fails_with_missing_tiles_fail(make_app, db_url, tiles):
+    tiles.missing.add("5-6-4")
+    result = make_app(MISSING_TILES="fail").run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == {"m1"}
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_tile_answering_500_twice_then_200_succeeds(make_app, db_url, tiles):
+    tiles.failures["5-6-4"] = 2
+    result = make_app().run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == set()
+    assert rows(db_url) == expected((1, 2, 3), (5, 6, 4))
+    assert tiles.requests["5-6-4"] == 3
+
+
+def test_tile_failing_more_than_the_retries_fails_alone(make_app, db_url, tiles):
+    tiles.failures["5-6-4"] = 5
+    result = make_app(RETRIES=3).run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == {"m1"}
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_tile_that_times_out_fails_alone(make_app, db_url, tiles):
+    tiles.slow["5-6-4"] = 1.0
+    app = make_app(TILE_TIMEOUT=0.2, RETRIES=2)
+    result = app.run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == {"m1"}
+    assert rows(db_url) == expected((1, 2, 3))
+    assert app.last_outcome.log_line()["failed"] == {"tile_timeout": 1}
+
+
+def test_model_answering_500_fails_every_record_it_was_asked_about(make_app, db_url, model):
+    model.mode = "error"
+    result = make_app().run(sqs_event([body(1, 2, 3), "bad", body(5, 6, 4)]))
+    assert failures(result) == {"m0", "m1", "m2"}
+    assert rows(db_url) == {}
+    assert len(model.batches) == 3  # retried with backoff
+
+
+def test_model_recovering_within_the_retries(make_app, db_url, model):
+    model.fail_times = 1
+    result = make_app().run(sqs_event([body(1, 2, 3)]))
+    assert failures(result) == set()
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_wrong_number_of_predictions_fails_those_records(make_app, db_url, model):
+    model.mode = "wrong_count"
+    app = make_app()
+    result = app.run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == {"m0", "m1"}
+    assert rows(db_url) == {}
+    assert app.last_outcome.log_line()["failed"] == {"prediction_count": 2}
+
+
+def test_chunks_of_max_instances_fail_independently(make_app, db_url, model):
+    model.mode = "wrong_count"
+    tiles_ = [(i, 0, 4) for i in range(5)]
+    result = make_app(MAX_INSTANCES=2).run(sqs_event([body(*t) for t in tiles_]))
+    assert model.batches == [2, 2, 1]
+    assert len(failures(result)) == 5  # every chunk came back one short
+
+
+def test_duplicate_tile_in_one_batch_is_written_once(make_app, db_url):
+    result = make_app().run(sqs_event([body(1, 2, 3), body(1, 2, 3)]))
+    assert failures(result) == set()
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_upsert_replaces_an_earlier_output(make_app, db_url):
+    store = open_store(db_url)
+    store.upsert([("1-2-3", [9, 9])])
+    store.close()
+    make_app().run(sqs_event([body(1, 2, 3)]))
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+@pytest.fixture
+def proxy(db_url):
+    parsed = urlparse(db_url)
+    tcp = TcpProxy(parsed.hostname, parsed.port)
+    yield tcp, db_url.replace(f":{parsed.port}/", f":{tcp.port}/")
+    tcp.stop()
+
+
+def test_database_down_at_cold_start_fails_the_batch_then_recovers(make_app, db_url, proxy):
+    tcp, via_proxy = proxy  # not started: connections are refused
+    app = make_app(DATABASE_URL=via_proxy)
+    first = app.run(sqs_event([body(1, 2, 3), "bad"]))
+    assert failures(first) == {"m0", "m1"}
+    assert rows(db_url) == {}
+    tcp.start()  # the database is back: the next invocation connects and writes
+    second = app.run(sqs_event([body(5, 6, 4)]))
+    assert failures(second) == set()
+    assert rows(db_url) == expected((5, 6, 4))
+
+
+def test_connection_dropped_between_warm_invocations_reconnects_once(make_app, db_url, proxy):
+    tcp, via_proxy = proxy
+    tcp.start()
+    app = make_app(DATABASE_URL=via_proxy)
+    assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
+    first_connection = app.writer.conn
+    tcp.drop_all()
+    assert failures(app.run(sqs_event([body(5, 6, 4)]))) == set()
+    assert app.writer.conn is not first_connection
+    assert rows(db_url) == expected((1, 2, 3), (5, 6, 4))
+
+
+def test_password_is_never_logged(make_app, db_url, proxy, caplog):
+    tcp, via_proxy = proxy
+    secret_url = via_proxy.replace("cnsq@", "cnsq:pw-Zq81-never-print@")
+    app = make_app(DATABASE_URL=secret_url)
+    app.run(sqs_event([body(1, 2, 3)]))
+    assert "pw-Zq81-never-print" not in caplog.text
+    assert "database" in caplog.text
+
+
+def test_log_line_counts_records_and_times_steps(make_app, caplog):
+    caplog.set_level("INFO", logger="download_and_predict")
+    make_app().run(sqs_event([body(1, 2, 3), "bad"]))
+    line = json.loads([r.message for r in caplog.records if r.message.startswith("{")][-1])
+    assert line["records"] == 2 and line["succeeded"] == 1 and line["failed"] == {"bad_record": 1}
+    assert set(line["seconds"]) == {"download", "predict", "write"}
+
+
+def test_handler_reads_the_environment_at_cold_start(monkeypatch, tiles, model, db_url):
+    for key, value in {"TILE_ENDPOINT": tiles.url + "/{}/{}/{}.jpg?access_token={}",
+                       "TILE_ACCESS_TOKEN": "tok", "PREDICTION_ENDPOINT": model.endpoint,
+                       "DATABASE_URL": db_url}.items():
+        monkeypatch.setenv(key, value)
+    handler = handler_module.make_handler()  # a cold start
+    result = handler(sqs_event([body(1, 2, 3)]), None)
+    assert failures(result) == set()
+    assert tiles.tokens == ["tok"]  # the original's positional form: z, x, y, token
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_missing_environment_is_a_clear_error_at_cold_start():
+    with pytest.raises(ValueError, match=r"missing environment variable\(s\): PREDICTION_ENDPOINT, "
+                                         r"DATABASE_URL or DATABASE_SECRET_ARN"):
+        Settings.from_env({"TILE_ENDPOINT": "http://x/{z}/{x}/{y}"})
+
+
+def test_credentials_from_secrets_manager(aws, tiles, model, db_url):
+    import boto3
+
+    parsed = urlparse(db_url)
+    secret = {"username": "cnsq", "password": "", "host": parsed.hostname, "port": parsed.port,
+              "dbname": parsed.path.lstrip("/"), "engine": "postgres"}
+    arn = boto3.client("secretsmanager", region_name="us-east-1").create_secret(
+        Name="results-db", SecretString=json.dumps(secret))["ARN"]
+    app = handler_module.build({"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg",
+                                "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_SECRET_ARN": arn})
+    assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
+    assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_imagery_url_forms():
+    tile = Tile(1, 2, 3)
+    assert imagery_url("https://t/{}/{}/{}.jpg?access_token={}", tile, "k") == "https://t/3/1/2.jpg?access_token=k"
+    assert imagery_url("https://t/{z}/{x}/{y}.png?key={token}", tile, "k") == "https://t/3/1/2.png?key=k"
+    assert imagery_url("https://t/{z}/{x}/{y}.png", tile, None) == "https://t/3/1/2.png"
+
+
+def test_parse_tile_reads_by_name():
+    assert parse_tile('{"y": 2, "z": 3, "x": 1, "extra": "ok"}') == Tile(1, 2, 3)
+    with pytest.raises(BadRecord, match="'x' is not an integer"):
+        parse_tile('{"x": null, "y": 2, "z": 3}')
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "lambda" / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_labelled_results(monkeypatch, tiles, model, db_url):
+    example = _load_example("labelled_results")
+    for key, value in {"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg", "CLASS_NAMES": "bg,building",
+                       "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_URL": db_url}.items():
+        monkeypatch.setenv(key, value)
+    assert failures(example.handler(sqs_event([body(1, 2, 3)]))) == set()
+    scores = score(tile_image(1, 2, 3))
+    assert rows(db_url) == {"1-2-3": {"scores": scores, "label": ["bg", "building"][scores[1] > scores[0]]}}
+
+
+def test_example_s3_images(aws, monkeypatch, model, db_url):
+    import boto3
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="imagery")
+    s3.put_object(Bucket="imagery", Key="tiles/3/1/2.jpg", Body=tile_image(1, 2, 3))
+    example = _load_example("s3_images")
+    for key, value in {"TILE_ENDPOINT": "s3://imagery/tiles/{z}/{x}/{y}.jpg",
+                       "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_URL": db_url,
+                       "MISSING_TILES": "fail"}.items():
+        monkeypatch.setenv(key, value)
+    result = example.handler(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert failures(result) == {"m1"}  # no object for 5-6-4
+    assert rows(db_url) == expected((1, 2, 3))

@@ -1,0 +1,167 @@
+"""The results store, `cnsq setup` and `cnsq download` against real PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+from click.testing import CliRunner
+from conftest import free_port
+
+from cnsq.cli import main
+from cnsq.results import DatabaseError, open_store
+
+
+def cnsq(*args: str, env: dict | None = None):
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def pg_url(postgres_url):
+    """A fresh, empty database."""
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+    name = f"r_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_url(request, pg_url, tmp_path):
+    return pg_url if request.param == "postgres" else f"sqlite:///{tmp_path}/results.db"
+
+
+def test_setup_twice_is_harmless(any_url):
+    first = cnsq("setup", any_url)
+    assert first.exit_code == 0, first.output
+    assert "Applied migration(s) 1 (create results)" in first.stdout
+    second = cnsq("setup", any_url)
+    assert second.exit_code == 0
+    assert "up to date; nothing to migrate" in second.stdout
+    store = open_store(any_url)
+    assert store.check_schema() == []
+    assert store.count() == 0
+    store.close()
+
+
+def test_schema_check_names_what_is_missing(any_url):
+    store = open_store(any_url)
+    assert store.check_schema() == ["table 'results' does not exist (run `cnsq setup`)"]
+    store.close()
+
+
+def test_setup_with_a_string_that_is_not_a_url():
+    result = cnsq("setup", "my-database-host")
+    assert result.exit_code == 1
+    assert "not a database URL: 'my-database-host'" in result.stderr
+
+
+def test_setup_connection_failure_names_host_port_and_masks_the_password():
+    port = free_port()
+    result = cnsq("setup", f"postgresql://admin:pw-Zq81-never-print@127.0.0.1:{port}/ResultsDB")
+    assert result.exit_code == 1
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}" in result.stderr
+    assert "pw-Zq81-never-print" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_setup_reads_the_deployed_stacks_database(project, pg_url):
+    # moto shows outputs for stacks made by create_stack; the secret holds the real database.
+    host_port, dbname = pg_url.split("@", 1)[1].split("/")
+    host, port = host_port.split(":")
+    secret = {"username": "cnsq", "password": "", "host": host, "port": int(port), "dbname": dbname}
+    arn = boto3.client("secretsmanager", region_name="us-east-1").create_secret(
+        Name="db", SecretString=json.dumps(secret))["ARN"]
+    template = {"Resources": {"Q": {"Type": "AWS::SQS::Queue"}},
+                "Outputs": {"databaseSecretArn": {"Value": arn}}}
+    boto3.client("cloudformation", region_name="us-east-1").create_stack(
+        StackName="cnsq-dev", TemplateBody=json.dumps(template))
+    result = cnsq("setup", "--config", "config/config.yml")
+    assert result.exit_code == 0, result.output
+    assert "Applied migration(s) 1" in result.stdout
+    assert open_store(pg_url).check_schema() == []
+
+
+def test_setup_without_database_or_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cnsq("setup")
+    assert result.exit_code == 1
+    assert "no database given" in result.stderr
+
+
+def _fill(url: str, n: int) -> dict[str, list[float]]:
+    store = open_store(url)
+    store.migrate()
+    data = {f"{i}-{i % 7}-12": [i / n, 1 - i / n] for i in range(n)}
+    store.upsert(list(data.items()))
+    store.close()
+    return data
+
+
+def test_download_writes_tile_and_json_output(any_url, tmp_path):
+    data = _fill(any_url, 250)
+    out = tmp_path / "results.csv"
+    result = cnsq("download", str(out), "--database-url", any_url)
+    assert result.exit_code == 0, result.output
+    assert "Wrote 250 rows" in result.stderr
+    with out.open(newline="") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == ["tile", "output"]
+        got = {tile: json.loads(output) for tile, output in reader}
+    assert got == data
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_download_to_stdout_reads_database_url_from_the_environment(any_url):
+    _fill(any_url, 3)
+    result = cnsq("download", "-", env={"DATABASE_URL": any_url})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "tile,output" and len(lines) == 4
+
+
+def test_failed_download_leaves_no_file(any_url, tmp_path):
+    out = tmp_path / "results.csv"  # no results table: the export fails
+    result = CliRunner().invoke(main, ["download", str(out), "--database-url", any_url])
+    assert result.exit_code != 0
+    assert list(tmp_path.iterdir()) == [] or all(p.suffix == ".db" for p in tmp_path.iterdir())
+
+
+def test_existing_file_is_only_replaced_by_a_complete_download(any_url, tmp_path):
+    out = tmp_path / "results.csv"
+    out.write_text("previous complete download\n")
+    CliRunner().invoke(main, ["download", str(out), "--database-url", any_url])  # fails: no table
+    assert out.read_text() == "previous complete download\n"
+
+
+def test_sqlite_folder_must_exist(tmp_path):
+    with pytest.raises(DatabaseError, match="does not exist"):
+        open_store(f"sqlite:///{tmp_path}/missing/results.db")
+
+
+def test_unsupported_scheme():
+    with pytest.raises(DatabaseError, match="unsupported database scheme 'mysql'"):
+        open_store("mysql://u:p@h/db")
+
+
+def test_sqlite_and_postgres_exports_are_the_same(pg_url, tmp_path):
+    lite = f"sqlite:///{tmp_path}/r.db"
+    for url in (pg_url, lite):
+        _fill(url, 40)
+    outputs = []
+    for url in (pg_url, lite):
+        out = tmp_path / f"{uuid.uuid4().hex}.csv"
+        assert cnsq("download", str(out), "--database-url", url).exit_code == 0
+        with out.open(newline="") as handle:
+            reader = csv.reader(handle)
+            assert next(reader) == ["tile", "output"]
+            outputs.append(sorted((t, json.loads(o)) for t, o in reader))
+    assert outputs[0] == outputs[1]
+    assert Path(tmp_path / "r.db").exists()
