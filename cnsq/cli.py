@@ -13,7 +13,6 @@ import click
 from tabulate import tabulate
 
 from . import __version__
-from .aws import explain
 from .errors import CnsqError
 
 
@@ -110,6 +109,8 @@ class CnsqGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - AWS errors get one line, others a traceback
+            from .aws import explain  # imported here: boto3 costs every command 0.2 s to load
+
             message = explain(exc)
             if message is None or (ctx.obj and ctx.obj.get("debug")):
                 raise

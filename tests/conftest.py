@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from servers import PostgresCluster, free_port  # noqa: F401 - free_port is used by tests
 
 REPO = Path(__file__).resolve().parent.parent
 SECRETS = {"RDS_USERNAME": "resultsadmin", "RDS_PASSWORD": "pw-Zq81-never-print",
            "TILE_ACCESS_TOKEN": "tok-8JmX-never-print"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, timeout: float = 30.0, what: str = "service") -> None:
@@ -116,39 +110,12 @@ def project(aws, tmp_path, monkeypatch):
 # PostgreSQL
 
 
-def _pg_bin(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
-        return str(candidate)
-    raise RuntimeError(f"{name} not found: install the PostgreSQL server binaries")
-
-
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory):
     """CNSQ_TEST_DATABASE_URL, or a throwaway cluster on a free port for this session."""
     if os.environ.get("CNSQ_TEST_DATABASE_URL"):
         yield os.environ["CNSQ_TEST_DATABASE_URL"]
         return
-    base = tmp_path_factory.mktemp("pg")
-    data = base / "data"
-    port = free_port()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root: run the cluster as an unprivileged user
-        shutil.chown(base, "postgres")
-        os.chmod(base, 0o755)
-        for parent in base.parents:
-            if parent == Path("/"):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o005)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(as_user + [_pg_bin("initdb"), "-D", str(data), "-U", "cnsq", "-A", "trust",
-                              "--no-sync"], check=True, capture_output=True)
-    subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
-                              "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
-                              "start"], check=True, capture_output=True)
-    url = f"postgresql://cnsq@127.0.0.1:{port}/postgres"
-    yield url
-    subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                   check=False, capture_output=True)
+    cluster = PostgresCluster(tmp_path_factory.mktemp("pg")).start()
+    yield cluster.url
+    cluster.stop()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 def tile_image(x: int, y: int, z: int) -> bytes:
@@ -44,6 +48,9 @@ class _Server:
 
 class _Quiet(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without TCP_NODELAY, Nagle holds the body until the
+    # client's delayed ACK (~40 ms) on a kept-alive connection. Real servers set it too.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:
         pass
@@ -190,3 +197,53 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    raise RuntimeError(f"{name} not found: install the PostgreSQL server binaries")
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on a free port (initdb refuses root: run as 'postgres')."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.data = base / "data"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(base, "postgres")
+            os.chmod(base, 0o755)
+            for parent in base.parents:  # the postgres user must reach its folder
+                if parent == Path("/"):
+                    break
+                os.chmod(parent, os.stat(parent).st_mode | 0o005)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://cnsq@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> PostgresCluster:
+        subprocess.run(self.as_user + [_pg_bin("initdb"), "-D", str(self.data), "-U", "cnsq",
+                                       "-A", "trust", "--no-sync"], check=True, capture_output=True)
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(self.as_user + [_pg_bin("pg_ctl"), "-D", str(self.data), "-l",
+                                       str(self.base / "log"), "-w", "-o", options, "start"],
+                       check=True, capture_output=True)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(self.as_user + [_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                                       "stop"], check=False, capture_output=True)

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""cnsq benchmarks. Each prints its figure, a baseline measured in the same run, and the ratio.
+
+    python scripts/bench.py                 # every benchmark
+    python scripts/bench.py handler         # a named subset
+    python scripts/bench.py download --rows 100000
+
+Everything runs on 127.0.0.1: a throwaway PostgreSQL cluster (or CNSQ_BENCH_DATABASE_URL),
+HTTP tile and model servers with fixed latencies, and cnsq's own code as a user runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "lambda"), str(REPO)]
+
+import psycopg2  # noqa: E402
+import requests  # noqa: E402
+from servers import ModelServer, PostgresCluster, TileServer, tile_image  # noqa: E402
+
+
+@dataclass
+class Result:
+    """One benchmark's figure against its same-run baseline."""
+
+    name: str
+    figure: float
+    unit: str
+    baseline_name: str
+    baseline: float
+    target: str
+    better: str = "lower"  # lower: figure/baseline should be small; higher: large
+
+    @property
+    def ratio(self) -> float:
+        return self.figure / self.baseline if self.baseline else float("nan")
+
+    def line(self) -> str:
+        return (f"{self.name:<34} {self.figure:>12.4g} {self.unit:<8} "
+                f"{self.baseline_name:<40} {self.baseline:>12.4g}  ratio {self.ratio:6.2f}  "
+                f"(target {self.target})")
+
+
+class Database:
+    """A PostgreSQL server for the run: CNSQ_BENCH_DATABASE_URL or a throwaway cluster."""
+
+    def __init__(self):
+        self.cluster = None
+        self.url = os.environ.get("CNSQ_BENCH_DATABASE_URL")
+        if not self.url:
+            self.cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="cnsq-bench-pg-"))).start()
+            self.url = self.cluster.url
+
+    def fresh(self) -> str:
+        """A new empty database with the results table."""
+        from cnsq.results import open_store
+
+        admin = psycopg2.connect(self.url)
+        admin.autocommit = True
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+        admin.close()
+        url = self.url.rsplit("/", 1)[0] + f"/{name}"
+        store = open_store(url)
+        store.migrate()
+        store.close()
+        return url
+
+    def close(self) -> None:
+        if self.cluster:
+            self.cluster.stop()
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# handler: one invocation of 10 records, tiles after 50 ms, predictions after 20 ms
+
+
+def bench_handler(db: Database, args) -> list[Result]:
+    from download_and_predict.handler import build
+
+    url = db.fresh()
+    tiles, model = TileServer(delay=0.050), ModelServer(delay=0.020)
+    template = tiles.url + "/{z}/{x}/{y}.jpg"
+    counter = iter(range(10**9))
+
+    def event() -> dict:
+        records = []
+        for i in range(10):
+            n = next(counter)
+            records.append({"messageId": f"m{i}", "body": json.dumps(
+                {"x": n % 4096, "y": n // 4096, "z": 12})})
+        return {"Records": records}
+
+    app = build({"TILE_ENDPOINT": template, "PREDICTION_ENDPOINT": model.endpoint,
+                 "DATABASE_URL": url})
+    for _ in range(2):
+        assert app.run(event()) == {"batchItemFailures": []}  # warm: session and connection
+    cnsq = median_seconds(lambda: app.run(event()), args.repeat)
+
+    # The floor: one tile download + one prediction call for the batch, on a warm session.
+    session = requests.Session()
+    images = [tile_image(i, 0, 12) for i in range(10)]
+    payload = app.build_payload(images)
+    tile_latency = median_seconds(lambda: session.get(template.format(z=12, x=1, y=0)), args.repeat)
+    model_latency = median_seconds(lambda: session.post(model.endpoint, json=payload), args.repeat)
+    floor = tile_latency + model_latency
+
+    # The original's way: tiles one after another, a new connection, one INSERT per tile.
+    def sequential() -> None:
+        body = event()
+        tiles_ = [json.loads(r["body"]) for r in body["Records"]]
+        contents = [requests.get(template.format(**t)).content for t in tiles_]
+        predictions = requests.post(model.endpoint, json=app.build_payload(contents)).json()
+        conn = psycopg2.connect(url)
+        with conn.cursor() as cur:
+            for t, p in zip(tiles_, predictions["predictions"], strict=True):
+                cur.execute("INSERT INTO results (tile, output) VALUES (%s, %s) ON CONFLICT (tile) "
+                            "DO UPDATE SET output = EXCLUDED.output",
+                            (f"{t['x']}-{t['y']}-{t['z']}", json.dumps(p)))
+        conn.commit()
+        conn.close()
+
+    baseline = median_seconds(sequential, args.repeat)
+    tiles.close()
+    model.close()
+    return [
+        Result("handler: 10 records (median s)", cnsq, "s", "floor: 1 tile + 1 model latency",
+               floor, "<= 1.5"),
+        Result("handler: 10 records (median s)", cnsq, "s",
+               "sequential baseline (original's way)", baseline, "<= 0.25 (>= 4x faster)"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# download: N rows, `cnsq download` vs psql \copy, time and peak RSS
+
+
+def _run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command[:3]} failed: {process.stderr.read().decode()[:500]}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def bench_download(db: Database, args) -> list[Result]:
+    url = db.fresh()
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO results (tile, output) SELECT (i %% 262144) || '-' || (i / 262144) "
+                    "|| '-18', jsonb_build_array(random(), random()) FROM generate_series(0, %s) i",
+                    (args.rows - 1,))
+    conn.close()
+    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-dl-"))
+    cnsq_times, psql_times, rss = [], [], []
+    for _ in range(args.download_repeat):
+        seconds, peak = _run_measured([sys.executable, "-m", "cnsq.cli", "download",
+                                       str(work / "cnsq.csv"), "--database-url", url])
+        cnsq_times.append(seconds)
+        rss.append(peak)
+        seconds, _ = _run_measured(["psql", url, "-q", "-c", "\\copy (select tile, output from "
+                                    f"results) to '{work / 'psql.csv'}' csv header"])
+        psql_times.append(seconds)
+    same = (work / "cnsq.csv").read_bytes() == (work / "psql.csv").read_bytes()
+    if not same:
+        raise RuntimeError("cnsq download and psql \\copy wrote different files")
+    return [
+        Result(f"download: {args.rows:,} rows (median s)", statistics.median(cnsq_times), "s",
+               "psql \\copy to CSV", statistics.median(psql_times), "<= 1.3"),
+        Result(f"download: {args.rows:,} rows peak RSS", max(rss), "MB", "limit", 100.0,
+               "< 1 (< 100 MB)"),
+    ]
+
+
+BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], metavar="NAME",
+                        help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--repeat", type=int, default=15, help="runs per timed figure")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the download bench")
+    parser.add_argument("--download-repeat", type=int, default=3)
+    args = parser.parse_args()
+    names = args.names or list(BENCHMARKS)
+    print(f"# cnsq benchmarks on {platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
+    db = Database()
+    try:
+        for name in names:
+            for result in BENCHMARKS[name](db, args):
+                print(result.line(), flush=True)
+    finally:
+        db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
