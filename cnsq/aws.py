@@ -44,15 +44,19 @@ class Aws:
                 ) from None
         return self._session
 
-    def client(self, service: str) -> Any:
-        if service not in self._clients:
+    def client(self, service: str, **config: Any) -> Any:
+        """A client with adaptive retries; ``config`` adds botocore Config options
+        (e.g. ``max_pool_connections`` for many calls in flight)."""
+        key = service + repr(sorted(config.items()))
+        if key not in self._clients:
             try:
-                self._clients[service] = self.session.client(service, config=RETRIES)
+                merged = RETRIES.merge(botocore.config.Config(**config)) if config else RETRIES
+                self._clients[key] = self.session.client(service, config=merged)
             except botocore.exceptions.NoRegionError:
                 raise AwsError(
                     "no AWS region: pass --region or set AWS_REGION (or a region in your profile)"
                 ) from None
-        return self._clients[service]
+        return self._clients[key]
 
     @property
     def region_name(self) -> str:

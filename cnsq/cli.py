@@ -379,5 +379,54 @@ def download(settings: Settings, out: str, database_url: str | None) -> None:
     click.echo(f"Wrote {rows:,} rows to {out if out != '-' else 'stdout'}.", err=True)
 
 
+def _queue_region(queue_url: str) -> str | None:
+    """us-east-1 from https://sqs.us-east-1.amazonaws.com/123456789012/Queue."""
+    import re
+
+    match = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com/", queue_url)
+    return match.group(1) if match else None
+
+
+@main.command()
+@click.argument("tiles", metavar="TILES")
+@click.argument("queue_url")
+@click.option("--concurrency", "-n", type=click.IntRange(1, 512), default=None,
+              help="send_message_batch calls in flight [default: PROMISE_THRESHOLD, else 16].")
+@click.option("--strict", is_flag=True, help="Send nothing if any line is invalid.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted push of TILES to QUEUE_URL.")
+@click.option("--restart", is_flag=True, help="Forget an interrupted push and send everything.")
+@click.option("--failed-file", type=click.Path(path_type=Path),
+              help="Where tiles that failed after retries go [default: TILES.failed].")
+@click.option("--region", envvar="AWS_REGION", help="AWS region [default: from QUEUE_URL].")
+@click.option("--profile", envvar="AWS_PROFILE", help="AWS profile.")
+def push(tiles: str, queue_url: str, concurrency: int | None, strict: bool, resume: bool,
+         restart: bool, failed_file: Path | None, region: str | None, profile: str | None) -> None:
+    """Send tiles (x-y-z lines; '-' for stdin) to the SQS queue as {"x","y","z"} messages.
+
+    Bad lines are reported with their line numbers and skipped. Interrupted (Ctrl-C), the push
+    saves its place under .cnsq/push/ and continues with --resume: no tile is sent twice.
+    Tiles that fail after retries are written to a file to push again.
+
+    \b
+    Example:
+      cnsq push tiles.txt https://sqs.us-east-1.amazonaws.com/123456789012/cnsqdevTileQueue
+      PROMISE_THRESHOLD=64 cnsq push tiles.txt "$(cnsq outputs --json | jq -r .queueURL)"
+    """
+    from .aws import Aws
+    from .push import default_concurrency, run_push
+
+    concurrency = concurrency or default_concurrency()
+    aws = Aws(profile, region or _queue_region(queue_url))
+    # Standard retries, not adaptive: adaptive mode's client-side rate limiter cuts the send
+    # rate under throttling far below what SQS takes; push backs off per batch itself.
+    sqs = aws.client("sqs", max_pool_connections=concurrency + 4,
+                     retries={"mode": "standard", "max_attempts": 4})
+    ok = run_push(tiles, queue_url, sqs, concurrency=concurrency, strict=strict, resume=resume,
+                  restart=restart, failed_file=failed_file, state_dir=Path(".cnsq"),
+                  tty=sys.stderr.isatty())
+    if not ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -30,7 +30,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "lambda"), str(REPO)]
 
 import psycopg2  # noqa: E402
 import requests  # noqa: E402
-from servers import ModelServer, PostgresCluster, TileServer, tile_image  # noqa: E402
+from servers import ModelServer, PostgresCluster, SqsServer, TileServer, tile_image  # noqa: E402
 
 
 @dataclass
@@ -199,7 +199,55 @@ def bench_download(db: Database, args) -> list[Result]:
     ]
 
 
-BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download}
+# ---------------------------------------------------------------------------------------------
+# push: 20,000 tiles to an SQS-protocol endpoint answering each call after 20 ms
+
+
+def bench_push(db: Database, args) -> list[Result]:
+    import boto3
+    import botocore.config
+
+    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-push-"))
+    tiles = [f"{i % 4096}-{i // 4096}-12" for i in range(args.tiles)]
+    (work / "tiles.txt").write_text("\n".join(tiles) + "\n")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_REGION": "us-east-1"}
+
+    server = SqsServer(queues=("cnsq", "loop"), delay=0.020)
+    env["AWS_ENDPOINT_URL"] = server.url
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cnsq.cli", "push", "tiles.txt", server.queue_url("cnsq"),
+                    "--concurrency", str(args.concurrency)], cwd=work, env=env, check=True,
+                   capture_output=True)
+    cnsq_rate = len(tiles) / (time.perf_counter() - start)
+    received = [json.loads(b) for b in server.bodies("cnsq")]
+    unique = {(m["x"], m["y"], m["z"]) for m in received}
+    if len(received) != len(tiles) or len(unique) != len(tiles):
+        raise RuntimeError(f"push delivered {len(received)} messages, {len(unique)} unique")
+
+    # The baseline: the same batches, one send_message_batch call at a time.
+    sqs = boto3.client("sqs", endpoint_url=server.url, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x",
+                       config=botocore.config.Config(retries={"mode": "standard"}))
+    start = time.perf_counter()
+    for i in range(0, len(tiles), 10):
+        entries = []
+        for j, tile in enumerate(tiles[i:i + 10]):
+            x, y, z = tile.split("-")
+            entries.append({"Id": str(j), "MessageBody": json.dumps({"x": int(x), "y": int(y),
+                                                                     "z": int(z)})})
+        sqs.send_message_batch(QueueUrl=server.queue_url("loop"), Entries=entries)
+    loop_rate = len(tiles) / (time.perf_counter() - start)
+    server.close()
+    print(f"  push count check: {len(received):,} messages, {len(unique):,} unique "
+          f"(expected {len(tiles):,})")
+    return [Result(f"push: {len(tiles):,} tiles, {args.concurrency} in flight (tiles/s)",
+                   cnsq_rate, "tiles/s", "one call at a time (tiles/s)", loop_rate,
+                   ">= 4 (>= 10 reachable)", better="higher")]
+
+
+BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
+                                   "push": bench_push}
 
 
 def main() -> int:
@@ -209,6 +257,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=15, help="runs per timed figure")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the download bench")
     parser.add_argument("--download-repeat", type=int, default=3)
+    parser.add_argument("--tiles", type=int, default=20_000, help="tiles for the push bench")
+    parser.add_argument("--concurrency", type=int, default=32, help="push calls in flight")
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
     print(f"# cnsq benchmarks on {platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "

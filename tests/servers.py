@@ -247,3 +247,76 @@ class PostgresCluster:
     def stop(self) -> None:
         subprocess.run(self.as_user + [_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate",
                                        "stop"], check=False, capture_output=True)
+
+
+class SqsServer(_Server):
+    """SQS's JSON protocol (what botocore speaks) for GetQueueAttributes and SendMessageBatch,
+    with faults: throttle every Nth call, answer 500 every Mth, mark every Kth new entry Failed
+    once, and a fixed latency per call. Queue URL: <url>/123456789012/<name>."""
+
+    def __init__(self, queues=("tiles",), delay: float = 0.0, throttle_every: int = 0,
+                 error_every: int = 0, fail_every: int = 0):
+        self.queues = {name: [] for name in queues}
+        self.delay = delay
+        self.throttle_every = throttle_every
+        self.error_every = error_every
+        self.fail_every = fail_every
+        self.calls = 0
+        self.entries_seen = 0
+        self.failed_once: set[str] = set()
+        self.lock = threading.Lock()
+        super().__init__(self._Handler)
+
+    def queue_url(self, name: str = "tiles") -> str:
+        return f"{self.url}/123456789012/{name}"
+
+    def bodies(self, name: str = "tiles") -> list[str]:
+        return list(self.queues[name])
+
+    class _Handler(_Quiet):
+        def error(self, status: int, code: str, message: str) -> None:
+            body = json.dumps({"__type": f"com.amazonaws.sqs#{code}", "message": message}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/x-amz-json-1.0")
+            self.send_header("x-amzn-query-error", f"{code};Sender")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            server: SqsServer = self.server.owner
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            action = self.headers.get("X-Amz-Target", "").split(".")[-1]
+            if server.delay:
+                time.sleep(server.delay)
+            name = request.get("QueueUrl", "").rsplit("/", 1)[-1]
+            with server.lock:
+                server.calls += 1
+                call = server.calls
+            if name not in server.queues:
+                return self.error(400, "QueueDoesNotExist", "The specified queue does not exist.")
+            if action == "GetQueueAttributes":
+                attrs = {"QueueArn": f"arn:aws:sqs:us-east-1:123456789012:{name}",
+                         "ApproximateNumberOfMessages": str(len(server.queues[name]))}
+                return self.send(200, json.dumps({"Attributes": attrs}).encode())
+            if action != "SendMessageBatch":
+                return self.error(400, "InvalidAction", action)
+            if server.throttle_every and call % server.throttle_every == 0:
+                return self.error(400, "RequestThrottled", "Rate exceeded")
+            if server.error_every and call % server.error_every == 0:
+                return self.error(500, "InternalError", "We encountered an internal error.")
+            successful, failed = [], []
+            with server.lock:
+                for entry in request["Entries"]:
+                    body = entry["MessageBody"]
+                    server.entries_seen += 1
+                    if (server.fail_every and server.entries_seen % server.fail_every == 0
+                            and body not in server.failed_once):
+                        server.failed_once.add(body)
+                        failed.append({"Id": entry["Id"], "SenderFault": False,
+                                       "Code": "InternalError", "Message": "try again"})
+                        continue
+                    server.queues[name].append(body)
+                    successful.append({"Id": entry["Id"], "MessageId": str(server.entries_seen),
+                                       "MD5OfMessageBody": hashlib.md5(body.encode()).hexdigest()})
+            self.send(200, json.dumps({"Successful": successful, "Failed": failed}).encode())

@@ -1,0 +1,420 @@
+"""``cnsq push``: send a tile list to the SQS queue, fast, exactly once from our side, resumable.
+
+Batches of 10 go out with ``send_message_batch``, ``concurrency`` calls in flight. A response's
+``Failed`` entries are re-sent alone (those the sender caused are not: they would fail again);
+throttling and network errors back off and retry. Tiles that still fail are written to a file to
+push again. Progress is checkpointed: the *watermark* is the last line up to which every line is
+settled (sent, invalid or finally failed), plus the settled lines beyond it, so ``--resume``
+skips exactly what was acknowledged. Ctrl-C and SIGTERM drain the calls in flight before the
+checkpoint is written, so an interrupted push resumes without sending a tile twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import botocore.exceptions
+
+from .errors import CnsqError
+from .tiles import Line, read_lines
+
+BATCH = 10
+FATAL_CODES = {"QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "AccessDenied",
+               "AccessDeniedException", "InvalidAddress", "InvalidSecurity"}
+
+
+class PushError(CnsqError):
+    """The push cannot start or must stop (no such queue, bad lines with --strict, …)."""
+
+
+@dataclass
+class Report:
+    """What a push did."""
+
+    sent: int = 0
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # line, tile, reason
+    resumed_from: int = 0
+    skipped: int = 0
+    interrupted: bool = False
+    failed_file: Path | None = None
+    checkpoint: Path | None = None
+
+
+@dataclass
+class Checkpoint:
+    """Which lines of a tile file are settled, saved atomically as JSON."""
+
+    path: Path
+    source: str
+    queue_url: str
+    watermark: int = 0
+    settled: set[int] = field(default_factory=set)
+    sent: int = 0
+    complete: bool = False
+
+    @classmethod
+    def location(cls, tiles: Path, queue_url: str, root: Path) -> Path:
+        key = hashlib.sha256(f"{tiles.resolve()}|{queue_url}".encode()).hexdigest()[:12]
+        return root / "push" / f"{tiles.name}-{key}.json"
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        data = json.loads(path.read_text())
+        return cls(path, data["source"], data["queue_url"], data["watermark"],
+                   set(data["settled"]), data.get("sent", 0), data.get("complete", False))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps({
+            "source": self.source, "queue_url": self.queue_url, "watermark": self.watermark,
+            "settled": sorted(self.settled), "sent": self.sent, "complete": self.complete}))
+        partial.replace(self.path)
+
+
+def message_body(line: Line) -> str:
+    tile = line.tile
+    return json.dumps({"x": tile.x, "y": tile.y, "z": tile.z}, separators=(",", ":"))
+
+
+class BatchSender:
+    """Sends one batch until every entry is sent or has failed for good."""
+
+    def __init__(self, sqs: Any, queue_url: str, attempts: int = 8, base_delay: float = 0.2,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.sqs = sqs
+        self.queue_url = queue_url
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.sleep = sleep
+
+    def send(self, lines: list[Line]) -> tuple[list[int], list[tuple[int, str]]]:
+        """Returns (sent line numbers, [(line number, reason)] failed for good)."""
+        pending = {str(line.number): line for line in lines}
+        sent: list[int] = []
+        failed: list[tuple[int, str]] = []
+        reasons: dict[str, str] = {}
+        for attempt in range(self.attempts):
+            if not pending:
+                break
+            if attempt:
+                self.sleep(self.base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
+            entries = [{"Id": key, "MessageBody": message_body(line)} for key, line in pending.items()]
+            try:
+                response = self.sqs.send_message_batch(QueueUrl=self.queue_url, Entries=entries)
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in FATAL_CODES:
+                    raise
+                reasons = dict.fromkeys(pending, f"{code or 'error'} (after retries)")
+                continue
+            except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
+                reasons = dict.fromkeys(pending, f"network: {type(exc).__name__} (after retries)")
+                continue
+            for ok in response.get("Successful", []):
+                if ok["Id"] in pending:
+                    sent.append(pending.pop(ok["Id"]).number)
+            for bad in response.get("Failed", []):
+                if bad.get("SenderFault") and bad["Id"] in pending:
+                    line = pending.pop(bad["Id"])
+                    failed.append((line.number, f"{bad.get('Code')}: {bad.get('Message', '')}"))
+                else:
+                    reasons[bad["Id"]] = f"{bad.get('Code', 'Failed')} (after retries)"
+        for key, line in pending.items():
+            failed.append((line.number, reasons.get(key, "not acknowledged")))
+        return sent, failed
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM: stop reading, finish the calls in flight, save the checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _batches(lines: Iterator[Line], report: Report, skip: set[int]) -> Iterator[list[Line]]:
+    batch: list[Line] = []
+    for line in lines:
+        if line.number in skip:
+            report.skipped += 1
+            continue
+        if line.tile is None:
+            report.invalid.append((line.number, line.error or "invalid"))
+            continue
+        batch.append(line)
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def push(
+    open_tiles: Callable[[], IO[str]],
+    source: str,
+    queue_url: str,
+    sqs: Any,
+    *,
+    concurrency: int = 16,
+    strict: bool = False,
+    checkpoint: Checkpoint | None = None,
+    failed_path: Path | None = None,
+    progress: Callable[[Report, int], None] | None = None,
+    sender: BatchSender | None = None,
+) -> Report:
+    """Push the tiles of ``open_tiles()`` to ``queue_url``.
+
+    ``checkpoint`` (None for stdin) is resumed from when it has progress. ``progress(report,
+    lines_read)`` is called at most a few times a second.
+
+    Raises:
+        PushError: the queue does not exist or refuses us; with ``strict``, any bad line.
+    """
+    try:
+        sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in FATAL_CODES or "NonExistentQueue" in code:
+            raise PushError(f"queue {queue_url} does not exist or is not yours ({code}); "
+                            "nothing was sent") from None
+        raise
+    report = Report(checkpoint=checkpoint.path if checkpoint else None)
+    if strict:
+        with open_tiles() as stream:
+            bad = [(ln.number, ln.error or "") for ln in read_lines(stream) if ln.tile is None]
+        if bad:
+            report.invalid = bad
+            raise PushError(f"{len(bad)} invalid line(s) in {source} (first: line {bad[0][0]}: "
+                            f"{bad[0][1]}); --strict sent nothing")
+    start_after, skip = 0, set()
+    if checkpoint:
+        start_after, skip = checkpoint.watermark, set(checkpoint.settled)
+        report.resumed_from = start_after
+        report.sent = checkpoint.sent
+    sender = sender or BatchSender(sqs, queue_url)
+    failed_out = None
+    in_flight: dict[Future, list[Line]] = {}
+    pending_lines: set[int] = set()
+    settled_beyond: set[int] = set(skip)
+    lines_read = start_after
+    last_save = last_progress = time.monotonic()
+
+    def settle(numbers: list[int]) -> None:
+        pending_lines.difference_update(numbers)
+        settled_beyond.update(numbers)
+
+    def watermark() -> int:
+        return (min(pending_lines) - 1) if pending_lines else lines_read
+
+    def save(complete: bool = False) -> None:
+        if checkpoint is None:
+            return
+        mark = watermark()
+        checkpoint.watermark = mark
+        checkpoint.settled = {n for n in settled_beyond if n > mark}
+        settled_beyond.intersection_update(checkpoint.settled)
+        checkpoint.sent = report.sent
+        checkpoint.complete = complete
+        checkpoint.save()
+
+    def collect(done: set[Future]) -> None:
+        nonlocal failed_out
+        for future in done:
+            batch = in_flight.pop(future)
+            sent, failed = future.result()
+            report.sent += len(sent)
+            settle(sent)
+            if failed:
+                if failed_out is None and failed_path is not None:
+                    failed_out = failed_path.open("a", encoding="utf-8")
+                by_number = {line.number: line for line in batch}
+                for number, reason in failed:
+                    tile = by_number[number].tile
+                    report.failed.append((number, f"{tile.x}-{tile.y}-{tile.z}", reason))
+                    if failed_out:
+                        failed_out.write(f"{tile.x}-{tile.y}-{tile.z}\n")
+                settle([n for n, _ in failed])
+
+    stream = open_tiles()
+    try:
+        with _Stop() as stop, ThreadPoolExecutor(max_workers=concurrency) as pool:
+            counted = _counting(read_lines(stream, start_after))
+            for batch in _batches(counted, report, skip):
+                if stop.requested:
+                    report.interrupted = True
+                    break
+                lines_read = counted.last
+                pending_lines.update(line.number for line in batch)
+                in_flight[pool.submit(sender.send, batch)] = batch
+                if len(in_flight) >= concurrency:
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    collect(done)
+                now = time.monotonic()
+                if now - last_save > 0.5:
+                    save()
+                    last_save = now
+                if progress and now - last_progress > 0.25:
+                    progress(report, counted.last)
+                    last_progress = now
+            report.interrupted = report.interrupted or stop.requested
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                collect(done)
+            if not report.interrupted:
+                lines_read = counted.last
+            save(complete=not report.interrupted)
+    except botocore.exceptions.ClientError as exc:
+        save()
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise PushError(f"the queue refused the push ({code}): "
+                        f"{exc.response.get('Error', {}).get('Message', '')}; "
+                        f"{report.sent} tiles were sent before it") from None
+    finally:
+        stream.close()
+        if failed_out:
+            failed_out.close()
+    if progress:
+        progress(report, lines_read)
+    if report.failed:
+        report.failed_file = failed_path
+    return report
+
+
+class _counting:
+    """Wraps the line iterator to remember the last line number read."""
+
+    def __init__(self, lines: Iterator[Line]):
+        self.lines = lines
+        self.last = 0
+
+    def __iter__(self) -> _counting:
+        return self
+
+    def __next__(self) -> Line:
+        line = next(self.lines)
+        self.last = line.number
+        return line
+
+
+def count_lines(path: Path) -> int:
+    """Lines in a file, read in blocks (for the ETA)."""
+    total = 0
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            total += block.count(b"\n")
+    return total
+
+
+def default_concurrency() -> int:
+    """PROMISE_THRESHOLD as in the original, else 16."""
+    value = os.environ.get("PROMISE_THRESHOLD", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 16
+
+
+def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: bool,
+             resume: bool, restart: bool, failed_file: Path | None, state_dir: Path,
+             tty: bool) -> bool:
+    """The `cnsq push` command: checkpoint policy, progress line, summary. True if all went."""
+    import sys
+
+    import click
+
+    if tiles == "-":
+        if resume:
+            raise PushError("--resume needs a file: a push from stdin cannot be resumed")
+        lines = sys.stdin.read().splitlines(keepends=True)  # stdin can be read only once
+        import io
+
+        def opener() -> IO[str]:
+            return io.StringIO("".join(lines))
+
+        checkpoint, total, failed_path = None, len(lines), failed_file or Path("push.failed")
+    else:
+        path = Path(tiles)
+        if not path.is_file():
+            raise PushError(f"{tiles}: no such file")
+
+        def opener() -> IO[str]:
+            return path.open(encoding="utf-8")
+
+        total = count_lines(path)
+        failed_path = failed_file or path.with_name(path.name + ".failed")
+        location = Checkpoint.location(path, queue_url, state_dir)
+        checkpoint = Checkpoint(location, str(path), queue_url)
+        if location.exists() and not restart:
+            previous = Checkpoint.load(location)
+            if resume:
+                checkpoint = previous
+                state = "complete" if previous.complete else f"{previous.sent:,} tiles sent"
+                click.echo(f"Resuming after line {previous.watermark:,} ({state}).", err=True)
+            elif not previous.complete:
+                raise PushError(
+                    f"an interrupted push of {tiles} to this queue exists ({previous.sent:,} tiles "
+                    f"sent, up to line {previous.watermark:,}); pass --resume to continue it or "
+                    "--restart to send everything again")
+        elif resume:
+            click.echo("No earlier push of this file to this queue: starting from the top.", err=True)
+    if failed_path.exists() and not (resume and checkpoint and checkpoint.sent):
+        failed_path.unlink()  # a fresh push starts a fresh list of failures
+
+    started = time.monotonic()
+    sent_before = checkpoint.sent if checkpoint else 0
+
+    def progress(report: Report, lines_read: int) -> None:
+        if not tty:
+            return
+        elapsed = max(time.monotonic() - started, 1e-6)
+        rate = (report.sent - sent_before) / elapsed
+        left = max(total - lines_read, 0)
+        eta = f", ETA {int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else ""
+        click.echo(f"\rsent {report.sent:,} tiles ({rate:,.0f}/s), line {lines_read:,}/{total:,}, "
+                   f"invalid {len(report.invalid):,}, failed {len(report.failed):,}{eta}   ",
+                   nl=False, err=True)
+
+    report = push(opener, tiles, queue_url, sqs, concurrency=concurrency, strict=strict,
+                  checkpoint=checkpoint, failed_path=failed_path, progress=progress)
+    if tty:
+        click.echo("", err=True)
+    for number, error in report.invalid[:20]:
+        click.echo(f"{tiles}:{number}: {error}", err=True)
+    if len(report.invalid) > 20:
+        click.echo(f"… and {len(report.invalid) - 20:,} more invalid lines", err=True)
+    elapsed = time.monotonic() - started
+    rate = (report.sent - sent_before) / elapsed if elapsed else 0.0
+    summary = (f"Sent {report.sent - sent_before:,} tiles in {elapsed:.1f}s ({rate:,.0f} tiles/s)"
+               f"{f' ({report.sent:,} in all)' if sent_before else ''}; "
+               f"{len(report.invalid):,} invalid; {len(report.failed):,} failed after retries")
+    if report.failed:
+        summary += f" (written to {failed_path}: push them again with `cnsq push {failed_path} …`)"
+    if report.interrupted:
+        summary += f". Interrupted: continue with `cnsq push {tiles} {queue_url} --resume`"
+    click.echo(summary + ".", err=True)
+    return not (report.invalid or report.failed or report.interrupted)

@@ -1,0 +1,199 @@
+"""cnsq push: every tile exactly once, against moto and against an SQS endpoint that misbehaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import botocore.config
+import pytest
+from click.testing import CliRunner
+from servers import SqsServer
+
+from cnsq.cli import main
+from cnsq.push import BatchSender, Checkpoint, push
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tile_file(path: Path, n: int, bad_every: int = 0) -> list[str]:
+    """n tiles (x-y-z), with a bad line after every ``bad_every`` good ones; returns the tiles."""
+    tiles, lines = [], []
+    for i in range(n):
+        tile = f"{i % 1000}-{i // 1000}-12"
+        tiles.append(tile)
+        lines.append(tile)
+        if bad_every and i % bad_every == bad_every - 1:
+            lines.append(["1-2", "a-b-c", "5000-1-12", "1-1-99"][i % 4])
+    path.write_text("\n".join(lines) + "\n")
+    return tiles
+
+
+def as_tiles(bodies: list[str]) -> list[str]:
+    out = []
+    for body in bodies:
+        data = json.loads(body)
+        out.append(f"{data['x']}-{data['y']}-{data['z']}")
+    return out
+
+
+def drain_moto(queue_url: str) -> list[str]:
+    """Receive (and delete) every message. moto's receive costs O(queue depth) per call."""
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    bodies = []
+    while True:
+        got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+        if not got:
+            return bodies
+        bodies += [m["Body"] for m in got]
+        sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)])
+
+
+@pytest.mark.slow  # ~2 minutes each: moto's SQS slows with queue depth
+@pytest.mark.parametrize("concurrency", ["1", "64"])
+def test_moto_every_tile_arrives_exactly_once(aws, tmp_path, monkeypatch, concurrency):
+    monkeypatch.chdir(tmp_path)
+    queue_url = boto3.client("sqs", region_name="us-east-1").create_queue(QueueName="tiles")["QueueUrl"]
+    tiles = tile_file(tmp_path / "tiles.txt", 2000, bad_every=250)
+    result = CliRunner().invoke(main, ["push", "tiles.txt", queue_url, "--concurrency", concurrency])
+    assert result.exit_code == 1  # the bad lines were reported and skipped
+    assert "Sent 2,000 tiles" in result.stderr
+    assert "8 invalid" in result.stderr
+    assert "tiles.txt:251: expected x-y-z" in result.stderr
+    bodies = drain_moto(queue_url)
+    assert Counter(as_tiles(bodies)) == Counter(tiles)
+    assert bodies[0] == json.dumps(json.loads(bodies[0]), separators=(",", ":"))
+    assert list(json.loads(bodies[0])) == ["x", "y", "z"]
+
+
+def test_moto_queue_that_does_not_exist(aws, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tile_file(tmp_path / "tiles.txt", 20)
+    result = CliRunner().invoke(main, ["push", "tiles.txt",
+                                       f"{aws}/123456789012/no-such-queue"])
+    assert result.exit_code == 1
+    assert "does not exist" in result.stderr and "nothing was sent" in result.stderr
+    assert "Sent" not in result.output
+
+
+@pytest.fixture
+def sqs_env(monkeypatch, tmp_path):
+    def make(**faults) -> SqsServer:
+        server = SqsServer(**faults)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+        for key, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+                           "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(tmp_path)
+        servers.append(server)
+        return server
+
+    servers: list[SqsServer] = []
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_throttling_errors_and_failed_entries_still_deliver_exactly_once(sqs_env, tmp_path):
+    server = sqs_env(throttle_every=7, error_every=11, fail_every=13)
+    tiles = tile_file(tmp_path / "tiles.txt", 2000)
+    result = CliRunner().invoke(main, ["push", "tiles.txt", server.queue_url(), "-n", "16"])
+    assert result.exit_code == 0, result.output
+    assert "0 failed after retries" in result.stderr
+    assert Counter(as_tiles(server.bodies())) == Counter(tiles)
+    assert server.failed_once  # entries really were refused once and re-sent alone
+
+
+def test_strict_sends_nothing_when_a_line_is_bad(sqs_env, tmp_path):
+    server = sqs_env()
+    tile_file(tmp_path / "tiles.txt", 100, bad_every=50)
+    result = CliRunner().invoke(main, ["push", "tiles.txt", server.queue_url(), "--strict"])
+    assert result.exit_code == 1
+    assert "--strict sent nothing" in result.stderr and "line 51" in result.stderr
+    assert server.bodies() == []
+
+
+def test_stdin(sqs_env):
+    server = sqs_env()
+    result = CliRunner().invoke(main, ["push", "-", server.queue_url()], input="1-2-3\n4-5-6\n")
+    assert result.exit_code == 0, result.output
+    assert sorted(as_tiles(server.bodies())) == ["1-2-3", "4-5-6"]
+
+
+def test_tiles_failing_for_good_are_written_to_a_file(sqs_env, tmp_path):
+    server = sqs_env(error_every=1)  # every call answers 500
+    tile_file(tmp_path / "tiles.txt", 25)
+    sqs = boto3.client("sqs", region_name="us-east-1",
+                       config=botocore.config.Config(retries={"max_attempts": 1}))
+    failed = tmp_path / "tiles.txt.failed"
+    report = push(lambda: (tmp_path / "tiles.txt").open(), "tiles.txt", server.queue_url(), sqs,
+                  concurrency=2, failed_path=failed,
+                  sender=BatchSender(sqs, server.queue_url(), attempts=2, base_delay=0))
+    assert report.sent == 0 and len(report.failed) == 25
+    assert sorted(failed.read_text().split()) == sorted(tile for _, tile, _ in report.failed)
+    assert "InternalError" in report.failed[0][2]
+
+
+def _run_push(server: SqsServer, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1"}
+    return subprocess.Popen([sys.executable, "-m", "cnsq.cli", "push", "tiles.txt",
+                             server.queue_url(), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt(process: subprocess.Popen, server: SqsServer, sig: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(server.bodies()) < 300 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(sig)
+    process.wait(30)
+
+
+def test_interrupted_push_resumes_without_sending_a_tile_twice(sqs_env, tmp_path):
+    server = sqs_env(delay=0.02)
+    tiles = tile_file(tmp_path / "tiles.txt", 2000, bad_every=400)
+    first = _run_push(server, "-n", "4")
+    _interrupt(first, server, signal.SIGINT)
+    assert first.returncode == 1
+    assert "--resume" in first.stderr.read()
+    assert 300 <= len(server.bodies()) < 2000
+
+    refused = _run_push(server)  # neither --resume nor --restart: refuse to start over
+    refused.wait(30)
+    assert refused.returncode == 1 and "pass --resume" in refused.stderr.read()
+
+    second = _run_push(server, "--resume", "-n", "8")
+    second.wait(60)
+    assert "Resuming after line" in second.stderr.read()
+    assert Counter(as_tiles(server.bodies())) == Counter(tiles)
+
+    again = _run_push(server, "--resume")  # complete: sends nothing more
+    again.wait(30)
+    assert Counter(as_tiles(server.bodies())) == Counter(tiles)
+
+
+def test_killed_push_resumes_and_loses_no_tile(sqs_env, tmp_path):
+    server = sqs_env(delay=0.02)
+    tiles = tile_file(tmp_path / "tiles.txt", 2000)
+    first = _run_push(server, "-n", "4")
+    _interrupt(first, server, signal.SIGKILL)  # no chance to drain: at-least-once
+    second = _run_push(server, "--resume", "-n", "4")
+    second.wait(60)
+    received = Counter(as_tiles(server.bodies()))
+    assert set(received) == set(tiles)
+    repeats = sum(received.values()) - len(tiles)
+    assert repeats <= 4 * 10 + 0.5 / 0.02 * 4 * 10  # at most the calls of the last checkpoint gap
+
+
+def test_checkpoint_lives_under_cnsq(tmp_path):
+    path = Checkpoint.location(tmp_path / "tiles.txt", "https://q", tmp_path / ".cnsq")
+    assert path.parent == tmp_path / ".cnsq" / "push" and path.name.startswith("tiles.txt-")
