@@ -428,5 +428,64 @@ def push(tiles: str, queue_url: str, concurrency: int | None, strict: bool, resu
         sys.exit(1)
 
 
+@main.command("convert-geojson")
+@click.argument("source", metavar="IN.csv", type=click.Path(path_type=Path))
+@click.argument("target", metavar="OUT.geojson")
+@click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, required=True,
+              help="Index of the class score to threshold on.")
+@click.option("--thresh", type=float, required=True, help="Keep tiles whose score is >= this.")
+@click.option("--tms", is_flag=True, help="The CSV's tile ids are TMS (y flipped), not XYZ.")
+@click.option("--seq", is_flag=True, help="Write one Feature per line (newline-delimited).")
+def convert_geojson(source: Path, target: str, thresh_ind: int, thresh: float, tms: bool,
+                    seq: bool) -> None:
+    """Convert a results CSV (tile,output) to GeoJSON polygons of the tiles that pass a threshold.
+
+    Streams at any size. Properties: the tile and its class scores p0, p1, … unrounded.
+    Bad rows are reported with their line numbers and skipped ('-' writes to stdout).
+
+    \b
+    Example (keep tiles whose class-1 score is at least 0.95):
+      cnsq convert-geojson results.csv buildings.geojson --thresh_ind 1 --thresh 0.95
+    """
+    from .geojson import convert_file
+
+    report = convert_file(source, target, sys.stdout, thresh_ind=thresh_ind, thresh=thresh,
+                          tms=tms, seq=seq)
+    for line, reason in report.bad[:20]:
+        click.echo(f"{source}:{line}: {reason}", err=True)
+    if report.bad_count > 20:
+        click.echo(f"… and {report.bad_count - 20:,} more bad rows", err=True)
+    click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}"
+               f"{'' if target == '-' else f'; wrote {target}'}.", err=True)
+    if report.bad_count:
+        sys.exit(1)
+
+
+@main.command("tiles")
+@click.argument("aoi", metavar="AOI.geojson", type=click.Path(path_type=Path))
+@click.option("--zoom", "-z", type=click.IntRange(0, 30), required=True, help="Tile zoom level.")
+@click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
+def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
+    """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file.
+
+    Accepts a FeatureCollection, a Feature or a bare geometry; writes x-y-z lines without
+    duplicates, ready for `cnsq push`.
+
+    \b
+    Example:
+      cnsq tiles area.geojson --zoom 17 -o tiles.txt
+    """
+    from .tiles import cover, load_geojson, write_tiles
+
+    found = cover(load_geojson(aoi), zoom)
+    if output == "-":
+        count = write_tiles(found, sys.stdout)
+    else:
+        with open(output, "w", encoding="utf-8") as handle:
+            count = write_tiles(found, handle)
+    click.echo(f"{count:,} tiles at zoom {zoom}" + ("" if output == "-" else f" written to {output}")
+               + ".", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

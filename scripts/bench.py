@@ -246,8 +246,44 @@ def bench_push(db: Database, args) -> list[Result]:
                    ">= 4 (>= 10 reachable)", better="higher")]
 
 
+# ---------------------------------------------------------------------------------------------
+# convert-geojson: N rows; seconds and peak RSS (flat: compared with a tenth of the rows)
+
+
+def bench_convert(db: Database, args) -> list[Result]:
+    import random
+
+    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-geojson-"))
+    rng = random.Random(7)
+
+    def make(path: Path, rows: int) -> None:
+        with path.open("w") as out:
+            out.write("tile,output\n")
+            for i in range(rows):
+                p = rng.random()
+                out.write(f'{i % 262144}-{i // 262144}-18,"[{1 - p}, {p}]"\n')
+
+    big, small = work / "big.csv", work / "small.csv"
+    make(big, args.rows)
+    make(small, args.rows // 10)
+    command = [sys.executable, "-m", "cnsq.cli", "convert-geojson", "IN", str(work / "out.geojson"),
+               "--thresh_ind", "1", "--thresh", "0.5"]
+    seconds, peak = _run_measured([str(big) if c == "IN" else c for c in command])
+    features = (work / "out.geojson").stat().st_size
+    _, small_peak = _run_measured([str(small) if c == "IN" else c for c in command])
+    floor, _ = _run_measured([sys.executable, "-c", "import csv, sys\nfor row in csv.reader("
+                              f"open({str(big)!r})): pass"])
+    print(f"  convert-geojson wrote {features / 1e6:.0f} MB of GeoJSON")
+    return [
+        Result(f"convert-geojson: {args.rows:,} rows (s)", seconds, "s",
+               "reading the CSV in Python, nothing else", floor, "(informational)"),
+        Result(f"convert-geojson: {args.rows:,} rows peak RSS", peak, "MB",
+               f"peak RSS at {args.rows // 10:,} rows", small_peak, "~1 (flat), < 100 MB"),
+    ]
+
+
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
-                                   "push": bench_push}
+                                   "push": bench_push, "convert-geojson": bench_convert}
 
 
 def main() -> int:

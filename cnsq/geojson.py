@@ -1,0 +1,130 @@
+"""``cnsq convert-geojson``: results CSV → thresholded GeoJSON, streamed in constant memory.
+
+Polygons are the tiles' bounds in the XYZ scheme the queue and imagery use (``--tms`` for ids
+made in TMS). Scores are kept unrounded (the original rounded to two decimals before
+thresholding, so 0.949 passed 0.95). Rings are counterclockwise, as RFC 7946 asks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import mercantile
+
+from .tiles import parse_tile_id
+
+csv.field_size_limit(16 * 1024 * 1024)  # one output may be a long JSON document
+
+
+@dataclass
+class Report:
+    read: int = 0
+    kept: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    bad_count: int = 0
+
+    def add_bad(self, line: int, reason: str) -> None:
+        self.bad_count += 1
+        if len(self.bad) < 50:
+            self.bad.append((line, reason))
+
+
+def tile_ring(tile: mercantile.Tile) -> list[list[float]]:
+    """The tile's bounds as a closed counterclockwise ring of [lon, lat]."""
+    b = mercantile.bounds(tile)
+    return [[b.west, b.south], [b.east, b.south], [b.east, b.north], [b.west, b.north],
+            [b.west, b.south]]
+
+
+def _feature(tile_id: str, tile: mercantile.Tile, scores: list) -> str:
+    properties = {"tile": tile_id}
+    properties.update((f"p{i}", value) for i, value in enumerate(scores))
+    return json.dumps({"type": "Feature",
+                       "geometry": {"type": "Polygon", "coordinates": [tile_ring(tile)]},
+                       "properties": properties}, separators=(",", ":"))
+
+
+def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: bool = False,
+            seq: bool = False) -> Report:
+    """Stream ``tile,output`` rows to GeoJSON features whose score at ``thresh_ind`` >= ``thresh``.
+
+    ``seq`` writes one Feature per line (newline-delimited GeoJSON) instead of a FeatureCollection.
+    """
+    report = Report()
+    reader = csv.reader(source)
+    if not seq:
+        out.write('{"type":"FeatureCollection","features":[\n')
+    first = True
+    for row in reader:
+        line = reader.line_num
+        if line == 1 and row[:2] == ["tile", "output"]:
+            continue
+        report.read += 1
+        if len(row) != 2:
+            report.add_bad(line, f"expected 2 columns (tile,output), got {len(row)}")
+            continue
+        tile_id, output = row
+        try:
+            tile = parse_tile_id(tile_id)
+        except ValueError as exc:
+            report.add_bad(line, f"tile: {exc}")
+            continue
+        try:
+            scores = json.loads(output)
+        except ValueError:
+            report.add_bad(line, f"output is not JSON: {output[:40]!r}")
+            continue
+        if not isinstance(scores, list):
+            report.add_bad(line, "output is not a list of class scores")
+            continue
+        if not -len(scores) <= thresh_ind < len(scores):
+            report.add_bad(line, f"--thresh_ind {thresh_ind} is out of range for {len(scores)} "
+                                 "scores")
+            continue
+        value = scores[thresh_ind]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            report.add_bad(line, f"score {thresh_ind} is not a number: {value!r}")
+            continue
+        if value < thresh:
+            continue
+        if tms:
+            tile = mercantile.Tile(tile.x, 2**tile.z - 1 - tile.y, tile.z)
+        text = _feature(f"{tile.x}-{tile.y}-{tile.z}" if tms else tile_id.strip(), tile, scores)
+        if seq:
+            out.write(text + "\n")
+        else:
+            out.write(("" if first else ",\n") + text)
+        first = False
+        report.kept += 1
+    if not seq:
+        out.write("\n]}\n")
+    return report
+
+
+def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Report:
+    """Convert a file; the output goes to a temporary name and is renamed when complete."""
+    try:
+        handle = source.open(encoding="utf-8", newline="")
+    except FileNotFoundError:
+        from .errors import CnsqError
+
+        raise CnsqError(f"{source}: no such file") from None
+    with handle:
+        if target == "-":
+            return convert(handle, stdout, **options)
+        path = Path(target)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with partial.open("w", encoding="utf-8") as out:
+                report = convert(handle, out, **options)
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return report
