@@ -487,5 +487,41 @@ def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
                + ".", err=True)
 
 
+@main.command()
+@config_options
+@click.option("--database-url", envvar="DATABASE_URL", help="Check this database instead.")
+@click.option("--model-endpoint", help="…/v1/models/NAME to check instead of the stack's.")
+@click.option("--tile-endpoint", help="Imagery URL template instead of the config's.")
+@click.option("--tile", "tile_id", default="0-0-0", show_default=True,
+              help="Sample tile (x-y-z) for the imagery and prediction checks.")
+def verify(settings: Settings, database_url: str | None, model_endpoint: str | None,
+           tile_endpoint: str | None, tile_id: str) -> None:
+    """Check each part of the deployed stack; exit 1 if any check fails.
+
+    Checks: the stack is complete; the tile queue and dead letter queue exist (and their
+    depth); the results table has the right columns; the model's status path answers 200; the
+    imagery endpoint serves the sample tile as an image; the model predicts on it.
+
+    \b
+    Example:
+      cnsq verify --config config/config.yml --tile 9646-12319-15
+    """
+    from .verify import build_target, run_checks
+
+    config = settings.load()
+    aws = settings.aws()
+    target = build_target(config, aws, _stacks(aws), database_url=database_url,
+                          model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
+                          tile_id=tile_id)
+    checks = run_checks(target, aws.client("sqs"))
+    click.echo(tabulate([["✓" if c.ok else "✗", c.name, c.detail] for c in checks],
+                        headers=["", "Check", "Detail"]))
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        click.echo(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}.", err=True)
+        sys.exit(1)
+    click.echo(f"All {len(checks)} checks passed.")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

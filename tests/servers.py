@@ -118,6 +118,14 @@ class ModelServer(_Server):
         return f"{self.url}/v1/models/m:predict"
 
     class _Handler(_Quiet):
+        def do_GET(self) -> None:
+            server: ModelServer = self.server.owner
+            if server.mode == "error":
+                return self.send(500, b'{"error": "model failure"}')
+            status = {"model_version_status": [{"version": "1", "state": "AVAILABLE",
+                                                 "status": {"error_code": "OK"}}]}
+            self.send(200, json.dumps(status).encode())
+
         def do_POST(self) -> None:
             server: ModelServer = self.server.owner
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

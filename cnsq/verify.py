@@ -1,0 +1,175 @@
+"""``cnsq verify``: check that each part of a deployed stack works, and say which does not.
+
+Every check runs for real and can fail: the stack's status, the queues, the results table, the
+model's status path, a sample tile from the imagery endpoint, and a prediction for that tile.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"II*\x00", b"MM\x00*", b"GIF8")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Target:
+    """What to verify; values come from the stack's outputs, the config or the options."""
+
+    stack_name: str
+    stack_status: str | None
+    queue_url: str | None
+    dead_letter_url: str | None
+    database_url: Callable[[], str] | None
+    model_endpoint: str | None  # …/v1/models/NAME (no :predict)
+    tile_url: str | None  # the sample tile's URL, token filled in
+    tile_id: str
+
+
+def _check(name: str, fn: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, fn())
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's ✗
+        return Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def run_checks(target: Target, sqs: Any, session: requests.Session | None = None,
+               timeout: float = 20.0) -> list[Check]:
+    session = session or requests.Session()
+    checks: list[Check] = []
+
+    def stack() -> str:
+        if target.stack_status is None:
+            raise RuntimeError(f"stack {target.stack_name} does not exist")
+        if target.stack_status not in ("CREATE_COMPLETE", "UPDATE_COMPLETE"):
+            raise RuntimeError(f"stack {target.stack_name} is {target.stack_status}")
+        return f"{target.stack_name} is {target.stack_status}"
+
+    def queue(url: str | None, what: str) -> Callable[[], str]:
+        def run() -> str:
+            if not url:
+                raise RuntimeError(f"no {what} URL (stack output missing)")
+            attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+            visible = int(attrs.get("ApproximateNumberOfMessages", 0))
+            flight = int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
+            note = ""
+            if what == "dead letter queue" and visible:
+                note = " (tiles that failed maxReceiveCount times)"
+            return f"{url.rsplit('/', 1)[-1]}: {visible:,} waiting, {flight:,} in flight{note}"
+        return run
+
+    def results() -> str:
+        from .results import open_store
+
+        if target.database_url is None:
+            raise RuntimeError("no database (stack output missing; pass --database-url)")
+        store = open_store(target.database_url())
+        try:
+            problems = store.check_schema()
+            if problems:
+                raise RuntimeError("; ".join(problems))
+            return f"results(tile, output) exists with {store.count():,} rows"
+        finally:
+            store.close()
+
+    def model() -> str:
+        if not target.model_endpoint:
+            raise RuntimeError("no model endpoint (stack output missing)")
+        response = session.get(target.model_endpoint, timeout=timeout)
+        if response.status_code != 200:
+            raise RuntimeError(f"GET {target.model_endpoint} answered HTTP {response.status_code}")
+        states = [v.get("state") for v in response.json().get("model_version_status", [])]
+        return f"{target.model_endpoint} answered 200 ({', '.join(states) or 'no version status'})"
+
+    image: dict[str, bytes] = {}
+
+    def imagery() -> str:
+        if not target.tile_url:
+            raise RuntimeError("no TILE_ENDPOINT in the config (pass --tile-endpoint)")
+        response = session.get(target.tile_url, timeout=timeout)
+        if response.status_code != 200:
+            raise RuntimeError(f"tile {target.tile_id} answered HTTP {response.status_code}")
+        kind = response.headers.get("Content-Type", "")
+        if not (kind.startswith("image/") or response.content.startswith(IMAGE_MAGIC)):
+            raise RuntimeError(f"tile {target.tile_id} is not an image ({kind or 'no type'})")
+        image["bytes"] = response.content
+        return f"tile {target.tile_id}: {len(response.content):,} bytes of {kind or 'image'}"
+
+    def prediction() -> str:
+        if "bytes" not in image:
+            raise RuntimeError("no sample image to predict on (see the imagery check)")
+        if not target.model_endpoint:
+            raise RuntimeError("no model endpoint")
+        payload = {"instances": [{"image_bytes": {"b64": base64.b64encode(image["bytes"]).decode()}}]}
+        url = target.model_endpoint + ":predict"
+        response = session.post(url, json=payload, timeout=timeout)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {url} answered HTTP {response.status_code}: "
+                               f"{response.text[:120]}")
+        predictions = response.json().get("predictions")
+        if not isinstance(predictions, list) or len(predictions) != 1:
+            raise RuntimeError(f"expected one prediction, got {predictions!r:.120}")
+        return f"tile {target.tile_id} → {str(predictions[0])[:80]}"
+
+    checks.append(_check("stack", stack))
+    checks.append(_check("tile queue", queue(target.queue_url, "tile queue")))
+    checks.append(_check("dead letter queue", queue(target.dead_letter_url, "dead letter queue")))
+    checks.append(_check("results table", results))
+    checks.append(_check("model status", model))
+    checks.append(_check("imagery", imagery))
+    checks.append(_check("prediction", prediction))
+    return checks
+
+
+def tile_url_from_config(config, tile_id: str, override: str | None = None) -> str | None:
+    """The sample tile's URL from the Lambda's TILE_ENDPOINT (and token) in the config."""
+    from .config import Secret
+    from .tiles import parse_tile_id
+
+    tile = parse_tile_id(tile_id)
+    template, token = override, None
+    for spec in config.values["lambdas"].values():
+        envs = spec["envs"]
+        if template is None and isinstance(envs.get("TILE_ENDPOINT"), str):
+            template = envs["TILE_ENDPOINT"]
+        value = envs.get("TILE_ACCESS_TOKEN")
+        token = value.value if isinstance(value, Secret) else value
+    if not template:
+        return None
+    if "{}" in template:
+        return template.format(tile.z, tile.x, tile.y, token or "")
+    return template.format(z=tile.z, x=tile.x, y=tile.y, token=token or "")
+
+
+def build_target(config, aws, stacks, *, database_url: str | None, model_endpoint: str | None,
+                 tile_endpoint: str | None, tile_id: str) -> Target:
+    from .credentials import url_from_stack
+
+    description = stacks.describe(config.stack_name)
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in (description or {}).get("Outputs", [])}
+
+    def database() -> str:
+        return database_url or url_from_stack(aws, stacks, config.stack_name)
+
+    return Target(
+        stack_name=config.stack_name,
+        stack_status=description["StackStatus"] if description else None,
+        queue_url=outputs.get("queueURL"),
+        dead_letter_url=outputs.get("deadLetterQueueURL"),
+        database_url=database if (database_url or "databaseSecretArn" in outputs) else None,
+        model_endpoint=model_endpoint or outputs.get("modelEndpoint"),
+        tile_url=tile_url_from_config(config, tile_id, tile_endpoint),
+        tile_id=tile_id,
+    )
