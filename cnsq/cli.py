@@ -523,5 +523,33 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
     click.echo(f"All {len(checks)} checks passed.")
 
 
+@main.command("tag-logs")
+@config_options
+def tag_logs(settings: Settings) -> None:
+    """Tag the stack's CloudWatch log groups with Project (and Stack) for cost tracking.
+
+    Includes the groups Lambda creates itself (/aws/lambda/<fullName>). Running it again
+    changes nothing.
+
+    \b
+    Example:
+      cnsq tag-logs --config config/config.yml
+    """
+    from .logs import log_group_names, tag_log_groups
+
+    config = settings.load()
+    aws = settings.aws()
+    tags = {"Project": config.values["projectTag"], "Stack": config.stack_name}
+    results = tag_log_groups(aws.client("logs"), log_group_names(config, _stacks(aws)), tags)
+    click.echo(tabulate([[r.name, r.status, ", ".join(f"{k}={v}" for k, v in r.added.items())]
+                         for r in results], headers=["Log group", "Status", "Added"]))
+    missing = [r.name for r in results if r.status == "missing"]
+    tagged = sum(r.status == "tagged" for r in results)
+    click.echo(f"Tagged {tagged}, already tagged {len(results) - tagged - len(missing)}, "
+               f"missing {len(missing)}.")
+    if missing:
+        click.echo("A missing Lambda log group appears after the function's first run.", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
