@@ -551,5 +551,42 @@ def tag_logs(settings: Settings) -> None:
         click.echo("A missing Lambda log group appears after the function's first run.", err=True)
 
 
+@main.command("gpu-util")
+@click.argument("ssh_key", required=False, type=click.Path(exists=True, dir_okay=False))
+@config_options
+@click.option("--user", default="ec2-user", show_default=True, help="SSH user.")
+@click.option("--ssm", is_flag=True, help="Use SSM Run Command instead of SSH (port 22 closed).")
+def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool) -> None:
+    """Show the GPU utilisation of every instance in the stack's ECS cluster.
+
+    Runs nvidia-smi on each instance in parallel, over SSH with SSH_KEY or through SSM with
+    --ssm. By default the instances' security group refuses SSH: add a rule, or use --ssm.
+
+    \b
+    Examples:
+      cnsq gpu-util ~/.ssh/my-key.pem --config config/config.yml
+      cnsq gpu-util --ssm --config config/config.yml
+    """
+    from .gpu import SshRunner, SsmRunner, cluster_name, discover, gpu_rows
+
+    if not ssm and not ssh_key:
+        raise CnsqError("pass SSH_KEY (a .pem file) or --ssm")
+    config = settings.load()
+    aws = settings.aws()
+    instances = discover(aws.client("ecs"), aws.client("ec2"),
+                         cluster_name(_stacks(aws), config.stack_name))
+    if not instances:
+        click.echo("The cluster has no container instances (is ecs.desiredInstances 0?).")
+        return
+    runner = SsmRunner(aws.client("ssm")) if ssm else SshRunner(ssh_key, user)
+    rows = gpu_rows(instances, runner)
+    click.echo(tabulate([[r.ip, r.instance_type, r.gpu, r.utilization, r.memory, r.error]
+                         for r in rows], headers=["IP Address", "Instance Type", "GPU",
+                                                  "GPU Utilization", "Memory", "Error"],
+                        tablefmt="grid"))
+    if any(r.error for r in rows):
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
