@@ -588,5 +588,53 @@ def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool) -> N
         sys.exit(1)
 
 
+@main.command()
+@click.argument("source")
+@click.option("--name", help="Model name (TF Serving's MODEL_NAME) [default: the folder's name].")
+@click.option("--use-gpu", is_flag=True, help="Build on tensorflow/serving:latest-gpu.")
+@click.option("--tag", default="latest", show_default=True, help="Image tag.")
+@click.option("--context-only", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the Docker build context here and stop (no Docker needed).")
+@click.option("--push", "push_", is_flag=True, help="Push to ECR (creating the repository).")
+@click.option("--region", envvar="AWS_REGION", help="AWS region for ECR and s3:// sources.")
+@click.option("--profile", envvar="AWS_PROFILE", help="AWS profile.")
+def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: Path | None,
+          push_: bool, region: str | None, profile: str | None) -> None:
+    """Build a TF Serving image from a SavedModel and print the config lines that use it.
+
+    SOURCE is a SavedModel folder (or a folder of numbered versions), s3://bucket/prefix, or
+    gs://bucket/prefix (with google-cloud-storage installed).
+
+    \b
+    Examples:
+      cnsq model ./export/buildings --use-gpu --push
+      cnsq model s3://my-models/buildings --context-only build/
+    """
+    from . import model as image
+
+    aws = None
+    if source.startswith("s3://") or push_:
+        from .aws import Aws
+
+        aws = Aws(profile, region)
+    name = name or Path(source.rstrip("/")).name or "model"
+    workdir = image.temporary_dir()
+    local = image.fetch(source, workdir / "source", aws.client("s3") if aws else None)
+    context = image.write_context(local, context_only or workdir / "context", name, use_gpu)
+    click.echo(f"Build context for {name} (versions {', '.join(context.versions)}) in {context.path}")
+    if context_only:
+        image_name = f"{name}:{tag}"
+        click.echo(f"Build it with: docker build -t {image_name} {context.path}")
+    else:
+        image_name = f"{name}:{tag}"
+        image.build_image(context.path, image_name)
+        if push_:
+            repository = image.ensure_repository(aws.client("ecr"), name)
+            image_name = image.push_image(aws.client("ecr"), f"{name}:{tag}", repository, tag)
+        click.echo(f"Built {image_name}")
+    click.echo("\nPut these lines in config/config.yml:\n  ecs:\n"
+               f"    image: {image_name}\n  predictionPath: /v1/models/{name}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
