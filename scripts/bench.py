@@ -159,15 +159,31 @@ def bench_handler(db: Database, args) -> list[Result]:
 # download: N rows, `cnsq download` vs psql \copy, time and peak RSS
 
 
-def _run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command[:3]} failed: {process.stderr.read().decode()[:500]}")
-    return elapsed, usage.ru_maxrss / 1024
+# Runs one command and reports its wall time and peak RSS. It runs in a small process of its own
+# because Linux keeps the pre-exec high-water mark in ru_maxrss: a child spawned straight from
+# this (by then large) benchmark process would be charged this process's memory.
+_MEASURE = """
+import json, os, sys, time
+argv = json.loads(sys.argv[1])
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - start, "rss_kb": usage.ru_maxrss,
+                  "code": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def _run_measured(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one command."""
+    done = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(command)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    if result["code"] != 0:
+        raise RuntimeError(f"{command[:3]} failed: {done.stderr[:500]}")
+    return result["seconds"], result["rss_kb"] / 1024
 
 
 def bench_download(db: Database, args) -> list[Result]:
