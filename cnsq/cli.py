@@ -636,5 +636,198 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
                f"    image: {image_name}\n  predictionPath: /v1/models/{name}")
 
 
+def _wait_forever(what: str) -> None:
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo(f"\nStopped {what}.", err=True)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False,
+                                                                     path_type=Path))
+@click.option("--port", default=8501, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--name", default="model", show_default=True, help="The model's name in the URL.")
+@click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
+@click.option("--batch-timeout-ms", default=5.0, show_default=True,
+              help="How long a request waits for others to share its inference call.")
+def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
+          batch_timeout_ms: float) -> None:
+    """Serve an ONNX model with TF Serving's REST API (what the Lambda and verify talk to).
+
+    Concurrent requests are merged into one inference call (dynamic batching).
+
+    \b
+    Example:
+      cnsq serve model.onnx --port 8501 --name buildings
+      curl localhost:8501/v1/models/buildings
+    """
+    from .local import serve as server
+
+    running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host)
+    click.echo(f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
+               f"/v1/models/{name}:predict (Ctrl-C stops)", err=True)
+    _wait_forever("the model server")
+    running.close()
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--port", default=8000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def tileserver(source: Path, port: int, host: str) -> None:
+    """Serve XYZ tiles (/{z}/{x}/{y}.png) from a z/x/y folder tree or an MBTiles file.
+
+    \b
+    Example:
+      cnsq tileserver ./tiles --port 8000
+      cnsq run tiles.txt --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png' --model m.onnx
+    """
+    from .local import tileserver as tiles
+
+    running = tiles.start(source, port, host)
+    click.echo(f"Serving {source} at http://{host}:{running.httpd.server_address[1]}"
+               "/{z}/{x}/{y}.png (Ctrl-C stops)", err=True)
+    _wait_forever("the tile server")
+    running.close()
+
+
+@main.command()
+@click.option("--queue-url", required=True, help="The SQS tile queue.")
+@click.option("--database-url", envvar="DATABASE_URL", default="sqlite:///results.db",
+              show_default=True, help="Where results go.")
+@click.option("--prediction-endpoint", envvar="PREDICTION_ENDPOINT", required=True,
+              help="…/v1/models/NAME:predict")
+@click.option("--tile-endpoint", envvar="TILE_ENDPOINT", required=True,
+              help="Imagery URL template, e.g. https://…/{z}/{x}/{y}.jpg?access_token={token}")
+@click.option("--concurrency", "-n", default=4, show_default=True, help="Pollers at once.")
+@click.option("--batch-size", default=10, show_default=True, type=click.IntRange(1, 10))
+@click.option("--wait-seconds", default=20, show_default=True, type=click.IntRange(0, 20),
+              help="Long-poll wait.")
+@click.option("--until-empty", is_flag=True, help="Stop when nothing is waiting or in flight.")
+@click.option("--region", envvar="AWS_REGION")
+@click.option("--profile", envvar="AWS_PROFILE")
+def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpoint: str,
+         concurrency: int, batch_size: int, wait_seconds: int, until_empty: bool,
+         region: str | None, profile: str | None) -> None:
+    """Poll an SQS queue and run the Lambda's handler here (a laptop or an EC2 box).
+
+    Succeeded records are deleted; failures come back after the visibility timeout and, after
+    maxReceiveCount, go to the dead letter queue — as with the Lambda.
+
+    \b
+    Example:
+      cnsq work --queue-url "$QUEUE" --prediction-endpoint http://127.0.0.1:8501/v1/models/model:predict \\
+        --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png' --until-empty
+    """
+    import os
+
+    from download_and_predict.handler import build
+
+    from .aws import Aws
+    from .local.worker import work as run_work
+    from .results import open_store
+
+    store = open_store(database_url)
+    store.migrate()
+    store.close()
+    env = {**os.environ, "TILE_ENDPOINT": tile_endpoint,
+           "PREDICTION_ENDPOINT": prediction_endpoint, "DATABASE_URL": database_url}
+    app = build(env)
+    sqs = Aws(profile, region or _queue_region(queue_url)).client(
+        "sqs", max_pool_connections=concurrency + 4)
+    report = run_work(sqs, queue_url, app, concurrency=concurrency, batch_size=batch_size,
+                      wait_seconds=wait_seconds, until_empty=until_empty)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.reasons.items()))
+    click.echo(f"Received {report.received:,} records: {report.succeeded:,} succeeded, "
+               f"{report.failed:,} failed{f' ({reasons})' if reasons else ''}.", err=True)
+
+
+@main.command("run")
+@click.argument("tiles", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tile-endpoint", required=True,
+              help="Imagery URL template: http://…/{z}/{x}/{y}.png (or the original's {}/{}/{}).")
+@click.option("--model", "model_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An ONNX model.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results.csv"),
+              show_default=True, help="The results CSV.")
+@click.option("--database-url", default="sqlite:///results.db", show_default=True)
+@click.option("--concurrency", "-n", default=8, show_default=True, help="Batches at once.")
+@click.option("--batch-size", default=10, show_default=True, help="Tiles per handler call.")
+@click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
+def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str,
+            concurrency: int, batch_size: int, max_batch: int) -> None:
+    """Run the whole job on this machine: tiles → handler → model server → results → CSV.
+
+    The same handler as on AWS, with an in-process queue instead of SQS, a model server started
+    for the run and SQLite results. Failures are listed at the end with their reasons.
+
+    \b
+    Example:
+      cnsq run tiles.txt --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.png' \\
+        --model buildings.onnx --out results.csv
+    """
+    from .local.pipeline import run
+
+    def progress(report) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\r{report.tiles:,} tiles, {report.rate:,.1f} tiles/s, "
+                       f"{len(report.failed):,} failed", nl=False, err=True)
+
+    report = run(tiles, tile_endpoint, model_path, out, database_url, concurrency, batch_size,
+                 max_batch, progress)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    _report_run(report, tiles, out)
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("cnsq-demo"), show_default=True, help="Where the demo writes.")
+@click.option("--concurrency", "-n", default=8, show_default=True, help="Batches at once.")
+def demo(directory: Path, concurrency: int) -> None:
+    """Run the whole pipeline on this machine with synthetic imagery whose answer is known.
+
+    Draws lakes into land texture on 80 XYZ tiles, serves them, runs the Lambda's handler
+    against a water classifier served with TF Serving's API, stores results in SQLite, and
+    writes results.csv, water.geojson and preview.png, then scores the prediction.
+
+    \b
+    Example:
+      cnsq demo --dir ./cnsq-demo
+    """
+    from .local.demo import run_demo
+
+    result = run_demo(directory, concurrency=concurrency)
+    click.echo(f"Wrote {directory}/results.csv, {directory}/water.geojson and "
+               f"{directory}/preview.png.")
+    click.echo(f"Demo: {result.tiles} tiles processed in {result.seconds:.1f}s "
+               f"({result.rate:.1f} tiles/s); {len(result.predicted)} predicted water tiles, "
+               f"{len(result.truth)} in the ground truth: precision {result.precision:.2f}, "
+               f"recall {result.recall:.2f}.")
+    if result.failed:
+        click.echo(f"{result.failed} tiles failed.", err=True)
+        sys.exit(1)
+
+
+def _report_run(report, tiles: Path, out: Path | None) -> None:
+    for number, error in report.invalid[:20]:
+        click.echo(f"{tiles}:{number}: {error}", err=True)
+    for number, tile, reason in report.failed[:50]:
+        click.echo(f"{tiles}:{number}: tile {tile} failed: {reason}", err=True)
+    if len(report.failed) > 50:
+        click.echo(f"… and {len(report.failed) - 50:,} more failed tiles", err=True)
+    click.echo(f"Processed {report.tiles:,} tiles in {report.seconds:.1f}s ({report.rate:,.1f} "
+               f"tiles/s): {report.written:,} written, {report.skipped:,} without imagery, "
+               f"{len(report.failed):,} failed, {len(report.invalid):,} invalid lines"
+               f"{f'; results in {out}' if out else ''}.", err=True)
+    if report.failed or report.invalid:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -30,7 +30,14 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "lambda"), str(REPO)]
 
 import psycopg2  # noqa: E402
 import requests  # noqa: E402
-from servers import ModelServer, PostgresCluster, SqsServer, TileServer, tile_image  # noqa: E402
+from servers import (  # noqa: E402
+    ModelServer,
+    PostgresCluster,
+    SqsServer,
+    TileServer,
+    free_port,
+    tile_image,
+)
 
 
 @dataclass
@@ -298,8 +305,116 @@ def bench_convert(db: Database, args) -> list[Result]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# serve and pipeline: a small CNN whose inference costs a few ms per tile on this CPU
+
+
+def _tile_jpegs(count: int) -> list[bytes]:
+    """256² JPEG tiles of textured noise (about 25 KB each, like satellite imagery tiles)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        pixels = np.clip(rng.normal(120, 25, (256, 256, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+        images.append(buffer.getvalue())
+    return images
+
+
+def _post_all(endpoint: str, payloads: list[dict], clients: int) -> float:
+    """Send every payload with ``clients`` concurrent sessions; returns seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sessions = [requests.Session() for _ in range(clients)]
+
+    def send(i: int) -> int:
+        response = sessions[i % clients].post(endpoint, json=payloads[i], timeout=120)
+        response.raise_for_status()
+        return len(response.json()["predictions"])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = sum(pool.map(send, range(len(payloads))))
+    if done != sum(len(p["instances"]) for p in payloads):
+        raise RuntimeError("missing predictions")
+    return time.perf_counter() - start
+
+
+def bench_serve(db: Database, args) -> list[Result]:
+    import base64
+
+    from cnsq.local import serve
+    from cnsq.local.models import benchmark_cnn
+
+    model = benchmark_cnn(Path(tempfile.mkdtemp(prefix="cnsq-bench-serve-")) / "cnn.onnx")
+    images = _tile_jpegs(64)
+    payloads = [{"instances": [{"image_bytes": {"b64": base64.b64encode(images[i % 64]).decode()}}]}
+                for i in range(args.serve_requests)]
+    rates = {}
+    for label, max_batch in (("batched", 32), ("single", 1)):
+        server = serve.spawn(model, name="m", max_batch=max_batch, batch_timeout_ms=5)
+        _post_all(server.endpoint, payloads[:32], 16)  # warm up
+        rates[label] = len(payloads) / _post_all(server.endpoint, payloads, 16)
+        server.close()
+    return [Result("serve: 16 clients, 1 tile each (pred/s)", rates["batched"], "pred/s",
+                   "the same with --max-batch 1", rates["single"], ">= 2", better="higher")]
+
+
+def bench_pipeline(db: Database, args) -> list[Result]:
+    import base64
+
+    from cnsq.local import serve
+    from cnsq.local.models import benchmark_cnn
+    from cnsq.local.pipeline import run
+
+    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-pipeline-"))
+    model = benchmark_cnn(work / "cnn.onnx")
+    images = _tile_jpegs(args.pipeline_tiles)
+    names = []
+    for i, data in enumerate(images):
+        x, y = 1000 + i % 32, 2000 + i // 32
+        path = work / "tiles" / "12" / str(x) / f"{y}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        names.append(f"{x}-{y}-12")
+    (work / "tiles.txt").write_text("\n".join(names) + "\n")
+
+    # The model server alone, fed the same tiles already downloaded, 10 per request.
+    server = serve.spawn(model, name="m", max_batch=32)
+    encoded = [{"image_bytes": {"b64": base64.b64encode(d).decode()}} for d in images]
+    payloads = [{"instances": encoded[i:i + 10]} for i in range(0, len(encoded), 10)]
+    _post_all(server.endpoint, payloads[:8], 8)
+    server_rate = len(images) / _post_all(server.endpoint, payloads, args.pipeline_concurrency)
+    server.close()
+
+    # The imagery endpoint is another process, as a real one would be.
+    port = free_port()
+    tiles = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "tileserver", str(work / "tiles"),
+                              "--port", str(port)], stderr=subprocess.DEVNULL)
+    template = f"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.jpg"
+    for _ in range(100):
+        try:
+            requests.get(template.format(z=12, x=1000, y=2000), timeout=1)
+            break
+        except requests.RequestException:
+            time.sleep(0.1)
+    report = run(work / "tiles.txt", template, model, work / "results.csv",
+                 f"sqlite:///{work / 'results.db'}", concurrency=args.pipeline_concurrency)
+    tiles.terminate()
+    if report.failed or report.written != len(images):
+        raise RuntimeError(f"pipeline wrote {report.written} of {len(images)}: {report.failed[:3]}")
+    return [Result(f"pipeline: cnsq run, {len(images)} tiles (tiles/s)", report.rate, "tiles/s",
+                   "model server fed downloaded tiles", server_rate, ">= 0.9", better="higher")]
+
+
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
-                                   "push": bench_push, "convert-geojson": bench_convert}
+                                   "push": bench_push, "convert-geojson": bench_convert,
+                                   "serve": bench_serve, "pipeline": bench_pipeline}
 
 
 def main() -> int:
@@ -311,6 +426,9 @@ def main() -> int:
     parser.add_argument("--download-repeat", type=int, default=3)
     parser.add_argument("--tiles", type=int, default=20_000, help="tiles for the push bench")
     parser.add_argument("--concurrency", type=int, default=32, help="push calls in flight")
+    parser.add_argument("--serve-requests", type=int, default=800)
+    parser.add_argument("--pipeline-tiles", type=int, default=640)
+    parser.add_argument("--pipeline-concurrency", type=int, default=8)
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
     print(f"# cnsq benchmarks on {platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "

@@ -67,7 +67,8 @@ class TileServer(_Server):
     """GET /{z}/{x}/{y}.jpg → tile_image(); per-tile faults: missing (404), fail N times with
     500, or slow (sleeps). ``delay`` applies to every request."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, content: dict[str, bytes] | None = None):
+        self.content = content or {}  # real images by x-y-z, instead of tile_image()
         self.missing: set[str] = set()
         self.failures: Counter[str] = Counter()
         self.slow: dict[str, float] = {}
@@ -96,7 +97,7 @@ class TileServer(_Server):
             if server.failures[key] > 0:
                 server.failures[key] -= 1
                 return self.send(500, b"busy")
-            self.send(200, tile_image(x, y, z), "image/jpeg")
+            self.send(200, server.content.get(key) or tile_image(x, y, z), "image/jpeg")
 
 
 class ModelServer(_Server):

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -179,6 +180,8 @@ class ResultsWriter:
     def __init__(self, url: str):
         self.url = url
         self.conn: Any = None
+        # One connection per warm Lambda; on one machine, many invocations share it.
+        self.lock = threading.Lock()
 
     @property
     def is_sqlite(self) -> bool:
@@ -202,15 +205,17 @@ class ResultsWriter:
         """Write (tile, output JSON) rows; reconnect once if the connection dropped."""
         if not rows:
             return
-        try:
-            self._upsert(rows)
-        except Exception as exc:  # noqa: BLE001 - reconnect on any dropped-connection error
-            if not self._dropped(exc):
-                raise
-            LOG.warning("database connection lost (%s); reconnecting once", type(exc).__name__)
-            self.close()
-            self.connect()
-            self._upsert(rows)
+        with self.lock:
+            try:
+                self._upsert(rows)
+            except Exception as exc:  # noqa: BLE001 - reconnect on any dropped-connection error
+                if not self._dropped(exc):
+                    raise
+                LOG.warning("database connection lost (%s); reconnecting once",
+                            type(exc).__name__)
+                self.close()
+                self.connect()
+                self._upsert(rows)
 
     def _dropped(self, exc: Exception) -> bool:
         if self.conn is None:
@@ -447,7 +452,8 @@ class DownloadAndPredict:
 
     # -- the whole invocation ----------------------------------------------------------------
 
-    def run(self, event: dict) -> dict[str, Any]:
+    def process(self, event: dict) -> Outcome:
+        """Run the steps over one event; the outcome says what happened to each record."""
         outcome = Outcome(records=len(event.get("Records", [])))
         records = self.get_tiles(event, outcome)
         images = self.get_images(records, outcome)
@@ -455,6 +461,11 @@ class DownloadAndPredict:
         self.save_results(predictions, outcome)
         LOG.info(json.dumps(outcome.log_line()))
         self.last_outcome = outcome
+        return outcome
+
+    def run(self, event: dict) -> dict[str, Any]:
+        """The Lambda contract: name exactly the records that failed."""
+        outcome = self.process(event)
         return {"batchItemFailures": [{"itemIdentifier": message_id}
                                       for message_id in outcome.failed]}
 

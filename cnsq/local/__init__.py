@@ -1,0 +1,1 @@
+"""The one-machine stack: model server, tile server, queue worker, pipeline and demo."""

@@ -1,0 +1,124 @@
+"""``cnsq demo``: the whole pipeline on one machine with imagery whose answer is known.
+
+Synthetic XYZ tiles over a small area: land texture with lakes (ellipses) drawn in, so every
+tile's water share is known exactly. The model is a rule written in ONNX (share of blue pixels,
+see :func:`cnsq.local.models.water_classifier`), not a trained network. The run goes tiles →
+tile server → the Lambda's handler → model server → SQLite → CSV → GeoJSON → PNG preview, and
+scores the predicted water tiles against the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mercantile
+import numpy as np
+
+TILE = 256
+WATER_SHARE = 0.25  # a tile is "water" when at least this share of it is lake
+
+
+@dataclass
+class DemoResult:
+    tiles: int
+    seconds: float
+    predicted: set[str]
+    truth: set[str]
+    failed: int
+    directory: Path
+
+    @property
+    def precision(self) -> float:
+        return len(self.predicted & self.truth) / len(self.predicted) if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return len(self.predicted & self.truth) / len(self.truth) if self.truth else 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.tiles / self.seconds if self.seconds else 0.0
+
+
+def make_imagery(root: Path, origin: mercantile.Tile, columns: int, rows: int,
+                 seed: int = 7) -> dict[str, float]:
+    """Write ``root/z/x/y.png`` for the grid and return each tile's water share."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = columns * TILE, rows * TILE
+    lakes = [(rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height,
+              rng.uniform(0.4, 1.6) * TILE, rng.uniform(0.4, 1.2) * TILE, rng.uniform(0, np.pi))
+             for _ in range(max(3, columns * rows // 10))]
+    shares: dict[str, float] = {}
+    ys, xs = np.mgrid[0:TILE, 0:TILE].astype(np.float32)
+    for row in range(rows):
+        for col in range(columns):
+            gx, gy = xs + col * TILE, ys + row * TILE
+            water = np.zeros((TILE, TILE), dtype=bool)
+            for cx, cy, a, b, angle in lakes:
+                dx, dy = gx - cx, gy - cy
+                u = dx * np.cos(angle) + dy * np.sin(angle)
+                v = -dx * np.sin(angle) + dy * np.cos(angle)
+                water |= (u / a) ** 2 + (v / b) ** 2 <= 1.0
+            noise = rng.normal(0, 12, (TILE, TILE, 3))
+            land = np.array([96, 118, 62]) + rng.normal(0, 10, 3)  # fields and woods
+            pixels = np.where(water[:, :, None], np.array([38, 82, 156]), land) + noise
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+            tile = mercantile.Tile(origin.x + col, origin.y + row, origin.z)
+            path = root / str(tile.z) / str(tile.x) / f"{tile.y}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            shares[f"{tile.x}-{tile.y}-{tile.z}"] = float(water.mean())
+    return shares
+
+
+def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predicted: set[str],
+            target: Path, scale: int = 128) -> None:
+    """A mosaic of the tiles with the predicted water tiles outlined."""
+    from PIL import Image, ImageDraw
+
+    mosaic = Image.new("RGB", (columns * scale, rows * scale))
+    draw = ImageDraw.Draw(mosaic)
+    for row in range(rows):
+        for col in range(columns):
+            tile = mercantile.Tile(origin.x + col, origin.y + row, origin.z)
+            path = root / str(tile.z) / str(tile.x) / f"{tile.y}.png"
+            mosaic.paste(Image.open(path).resize((scale, scale)), (col * scale, row * scale))
+    for row in range(rows):
+        for col in range(columns):
+            if f"{origin.x + col}-{origin.y + row}-{origin.z}" in predicted:
+                box = (col * scale + 2, row * scale + 2, (col + 1) * scale - 3, (row + 1) * scale - 3)
+                draw.rectangle(box, outline=(255, 40, 40), width=3)
+    mosaic.save(target)
+
+
+def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.70,
+             lat: float = 40.42, zoom: int = 15, concurrency: int = 8) -> DemoResult:
+    from ..geojson import convert_file
+    from . import tileserver
+    from .models import water_classifier
+    from .pipeline import run
+
+    directory.mkdir(parents=True, exist_ok=True)
+    origin = mercantile.tile(lon, lat, zoom)
+    shares = make_imagery(directory / "tiles", origin, columns, rows)
+    truth = {tile for tile, share in shares.items() if share >= WATER_SHARE}
+    (directory / "tiles.txt").write_text("".join(f"{t}\n" for t in shares))
+    model = water_classifier(directory / "water.onnx", water_share=WATER_SHARE)
+    database = directory / "results.db"
+    database.unlink(missing_ok=True)  # each demo starts from an empty results table
+    server = tileserver.start(directory / "tiles", port=0)
+    try:
+        report = run(directory / "tiles.txt", server.template, model, directory / "results.csv",
+                     f"sqlite:///{database}", concurrency=concurrency)
+    finally:
+        server.close()
+    convert_file(directory / "results.csv", str(directory / "water.geojson"), stdout=None,
+                 thresh_ind=1, thresh=0.5)
+    features = json.loads((directory / "water.geojson").read_text())["features"]
+    predicted = {feature["properties"]["tile"] for feature in features}
+    preview(directory / "tiles", origin, columns, rows, predicted, directory / "preview.png")
+    return DemoResult(report.tiles, report.seconds, predicted, truth, len(report.failed), directory)

@@ -1,0 +1,121 @@
+"""``cnsq run``: the whole job on one machine with the Lambda's own handler.
+
+Tiles become SQS-shaped events of ``batch_size`` records (an in-process queue instead of SQS),
+``concurrency`` of them run at once through ``DownloadAndPredict.process``, predictions come from
+a model server started for the run, results go to SQLite (or PostgreSQL), then to CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..tiles import Line
+
+
+@dataclass
+class RunReport:
+    tiles: int = 0
+    written: int = 0
+    skipped: int = 0
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # line, tile, reason
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.tiles / self.seconds if self.seconds else 0.0
+
+
+def events(lines: Iterable[Line], batch_size: int, report: RunReport) -> Iterator[dict]:
+    """SQS-shaped events; each record's messageId is its line number."""
+    records: list[dict] = []
+    for line in lines:
+        if line.tile is None:
+            report.invalid.append((line.number, line.error or "invalid"))
+            continue
+        tile = line.tile
+        records.append({"messageId": str(line.number), "receiptHandle": str(line.number),
+                        "body": json.dumps({"x": tile.x, "y": tile.y, "z": tile.z}),
+                        "attributes": {"ApproximateReceiveCount": "1"}, "eventSource": "cnsq:local"})
+        if len(records) == batch_size:
+            yield {"Records": records}
+            records = []
+    if records:
+        yield {"Records": records}
+
+
+def run_pipeline(lines: Iterable[Line], app, concurrency: int = 8, batch_size: int = 10,
+                 progress: Callable[[RunReport], None] | None = None) -> RunReport:
+    """Run every tile through ``app.process``; failures are kept with their reasons."""
+    report = RunReport()
+    started = time.perf_counter()
+    in_flight: dict = {}
+    last = 0.0
+
+    def collect(done) -> None:
+        for future in done:
+            event = in_flight.pop(future)
+            outcome = future.result()
+            report.tiles += outcome.records
+            report.written += outcome.written
+            report.skipped += outcome.skipped
+            for record in event["Records"]:
+                reason = outcome.failed.get(record["messageId"])
+                if reason:
+                    tile = json.loads(record["body"])
+                    report.failed.append((int(record["messageId"]),
+                                          f"{tile['x']}-{tile['y']}-{tile['z']}", reason))
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for event in events(lines, batch_size, report):
+            in_flight[pool.submit(app.process, event)] = event
+            if len(in_flight) >= 2 * concurrency:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                collect(done)
+            now = time.perf_counter()
+            if progress and now - last > 0.25:
+                report.seconds = now - started
+                progress(report)
+                last = now
+        while in_flight:
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            collect(done)
+    report.seconds = time.perf_counter() - started
+    report.failed.sort()
+    if progress:
+        progress(report)
+    return report
+
+
+def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, database_url: str,
+        concurrency: int = 8, batch_size: int = 10, max_batch: int = 32,
+        progress: Callable[[RunReport], None] | None = None) -> RunReport:
+    """Start a model server, run the tiles through the handler, write the results CSV."""
+    from download_and_predict.handler import build
+
+    from ..download import download
+    from ..results import open_store
+    from ..tiles import read_lines
+    from . import serve
+
+    server = serve.spawn(model, name="model", max_batch=max_batch)
+    try:
+        store = open_store(database_url)
+        store.migrate()
+        app = build({"TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
+                     "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch)})
+        with tiles.open(encoding="utf-8") as stream:
+            report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
+        app.writer.close()
+        if out_csv is not None:
+            download(store, str(out_csv), stdout=None)  # type: ignore[arg-type] - a file target
+        store.close()
+    finally:
+        server.close()
+    return report
+

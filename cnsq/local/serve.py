@@ -1,0 +1,312 @@
+"""``cnsq serve``: TF Serving's REST API in front of an ONNX model, on the CPU.
+
+``GET /v1/models/NAME`` answers the version status; ``POST /v1/models/NAME:predict`` takes
+``{"instances": [{"image_bytes": {"b64": …}}, …]}`` (or plain numeric instances) and answers
+``{"predictions": […]}``. Images are decoded (JPEG/PNG) and resized to the model's input.
+Concurrent requests are merged into one inference call of up to ``max_batch`` instances, waiting
+at most ``batch_timeout_ms`` for company: that is what keeps a CPU (or GPU) busy when many
+Lambdas or workers each send a few tiles.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import queue
+import re
+import subprocess
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+
+class BadInstance(ValueError):
+    """An instance that cannot be turned into the model's input (HTTP 400)."""
+
+
+class OnnxModel:
+    """An ONNX Runtime session and how to feed it images."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        spec = self.session.get_inputs()[0]
+        self.input_name = spec.name
+        self.dtype = np.uint8 if spec.type == "tensor(uint8)" else np.float32
+        shape = list(spec.shape)
+        if len(shape) != 4:
+            raise ValueError(f"{path}: expected an image input [N, H, W, C] or [N, C, H, W], "
+                             f"got {shape}")
+        self.channels_last = isinstance(shape[3], int) and shape[3] in (1, 3, 4)
+        h, w = (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
+        self.channels = shape[3] if self.channels_last else shape[1]
+        self.height = h if isinstance(h, int) else 256
+        self.width = w if isinstance(w, int) else 256
+        if not isinstance(self.channels, int):
+            self.channels = 3
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        if self.channels_last:
+            return (self.height, self.width, self.channels)
+        return (self.channels, self.height, self.width)
+
+    def decode(self, instance: object, number: int) -> np.ndarray:
+        """One instance → one input array of :attr:`item_shape`."""
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(instance, dict):
+            holder = instance.get("image_bytes", instance)  # {"image_bytes": {"b64"}} or {"b64"}
+            b64 = holder.get("b64") if isinstance(holder, dict) else None
+            if not isinstance(b64, str):
+                raise BadInstance(f"instance {number}: expected {{\"image_bytes\": {{\"b64\": …}}}}")
+            try:
+                raw = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadInstance(f"instance {number}: image_bytes.b64 is not base64") from None
+            try:
+                image = Image.open(io.BytesIO(raw))
+                image = image.convert("RGB" if self.channels == 3 else "L")
+            except (UnidentifiedImageError, OSError):
+                raise BadInstance(f"instance {number}: not a JPEG or PNG image") from None
+            if image.size != (self.width, self.height):
+                image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=self.dtype)
+            if array.ndim == 2:
+                array = array[:, :, None]
+            return array if self.channels_last else array.transpose(2, 0, 1)
+        try:
+            array = np.asarray(instance, dtype=self.dtype)
+        except (TypeError, ValueError):
+            raise BadInstance(f"instance {number}: not numbers") from None
+        if array.shape != self.item_shape:
+            raise BadInstance(f"instance {number}: shape {list(array.shape)} does not match the "
+                              f"model's {list(self.item_shape)}")
+        return array
+
+    def predict(self, batch: np.ndarray) -> list:
+        return self.session.run(None, {self.input_name: batch})[0].tolist()
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Merges concurrent requests into inference calls of up to ``max_batch`` instances."""
+
+    def __init__(self, model: OnnxModel, max_batch: int = 32, timeout_ms: float = 5.0):
+        self.model = model
+        self.max_batch = max(1, max_batch)
+        self.timeout = timeout_ms / 1000
+        self.requests: queue.Queue = queue.Queue()
+        self.calls = 0
+        self.instances = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def submit(self, arrays: list[np.ndarray]) -> Future:
+        future: Future = Future()
+        self.requests.put((arrays, future))
+        return future
+
+    def _loop(self) -> None:
+        held = None  # a request that did not fit the last batch: it opens the next one
+        while True:
+            first = held if held is not None else self.requests.get()
+            held = None
+            if first is _STOP:
+                return
+            group = [first]
+            size = len(first[0])
+            deadline = time.monotonic() + self.timeout
+            while size < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    item = self.requests.get(timeout=left) if left > 0 else self.requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP or size + len(item[0]) > self.max_batch:
+                    held = item
+                    break
+                group.append(item)
+                size += len(item[0])
+            self._run(group)
+
+    def _run(self, group: list) -> None:
+        try:
+            batch = np.stack([a for arrays, _ in group for a in arrays])
+            predictions = self.model.predict(batch)
+            self.calls += 1
+            self.instances += len(batch)
+        except Exception as exc:  # noqa: BLE001 - every request of the group gets the error
+            for _, future in group:
+                future.set_exception(exc)
+            return
+        start = 0
+        for arrays, future in group:
+            future.set_result(predictions[start:start + len(arrays)])
+            start += len(arrays)
+
+    def close(self) -> None:
+        self.requests.put(_STOP)
+
+
+@dataclass
+class Server:
+    """A running model server (see :func:`start`)."""
+
+    httpd: ThreadingHTTPServer
+    batcher: Batcher
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url}/v1/models/{self.name}:predict"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.batcher.close()
+
+
+def _handler(model: OnnxModel, batcher: Batcher, name: str):
+    status_path = f"/v1/models/{name}"
+    predict_path = re.compile(rf"^/v1/models/{re.escape(name)}(/versions/\d+)?:predict$")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # answer in one go on kept-alive connections
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") in (status_path, f"{status_path}/versions/1"):
+                return self.reply(200, {"model_version_status": [{
+                    "version": "1", "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""}}]})
+            self.reply(404, {"error": f"no model at {self.path} (this server has '{name}')"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            if not predict_path.match(self.path):
+                return self.reply(404, {"error": f"POST {status_path}:predict, not {self.path}"})
+            try:
+                request = json.loads(body)
+                instances = request["instances"]
+                if not isinstance(instances, list) or not instances:
+                    raise BadInstance("'instances' must be a non-empty list")
+                arrays = [model.decode(instance, i) for i, instance in enumerate(instances)]
+            except (ValueError, KeyError, TypeError) as exc:
+                message = str(exc) if isinstance(exc, BadInstance) else \
+                    f"expected JSON {{\"instances\": […]}}: {exc}"
+                return self.reply(400, {"error": message})
+            try:
+                predictions = batcher.submit(arrays).result(timeout=300)
+            except Exception as exc:  # noqa: BLE001 - the model failed
+                return self.reply(500, {"error": f"model failure: {exc}"})
+            self.reply(200, {"predictions": predictions})
+
+    return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) resets connections when dozens of clients connect at once.
+    request_queue_size = 256
+    daemon_threads = True
+
+
+def start(model_path: Path, port: int = 8501, name: str = "model", max_batch: int = 32,
+          batch_timeout_ms: float = 5.0, host: str = "127.0.0.1") -> Server:
+    """Load the model and serve it in a background thread."""
+    model = OnnxModel(Path(model_path))
+    batcher = Batcher(model, max_batch, batch_timeout_ms)
+    httpd = _Server((host, port), _handler(model, batcher, name))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return Server(httpd, batcher, name)
+
+
+@dataclass
+class Process:
+    """``cnsq serve`` running as a process of its own (see :func:`spawn`)."""
+
+    popen: subprocess.Popen
+    port: int
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url}/v1/models/{self.name}:predict"
+
+    def close(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
+          batch_timeout_ms: float = 5.0, timeout: float = 60.0) -> Process:
+    """Start ``cnsq serve`` in its own process and wait until it answers.
+
+    Its own process, not a thread: decoding images and JSON holds Python's GIL, and on the same
+    interpreter it would take turns with the handler's downloads instead of using another core —
+    as on AWS, where the model servers are other machines.
+    """
+    import socket
+    import sys
+
+    import requests
+
+    from ..errors import CnsqError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "cnsq.cli", "serve", str(model_path), "--port", str(port),
+         "--name", name, "--max-batch", str(max_batch), "--batch-timeout-ms",
+         str(batch_timeout_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    handle = Process(popen, port, name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise CnsqError(f"the model server stopped: {popen.stderr.read().strip()[-500:]}")
+        try:
+            if requests.get(f"{handle.url}/v1/models/{name}", timeout=1).status_code == 200:
+                return handle
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    handle.close()
+    raise CnsqError(f"the model server did not start within {timeout:.0f}s")

@@ -1,0 +1,127 @@
+"""``cnsq tileserver``: XYZ tiles over HTTP from a folder tree or an MBTiles file.
+
+``GET /{z}/{x}/{y}.{png|jpg|jpeg|webp}`` answers the tile or 404. A folder holds ``z/x/y.ext``
+(any of those extensions); an MBTiles file stores rows in the TMS scheme, flipped here.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from ..errors import CnsqError
+
+EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+PATH = re.compile(r"^/(\d+)/(\d+)/(\d+)\.(png|jpg|jpeg|webp)(?:\?.*)?$")
+
+
+def content_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+class FolderTiles:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def get(self, z: int, x: int, y: int, ext: str) -> bytes | None:
+        for candidate in (ext, *EXTENSIONS):
+            path = self.root / str(z) / str(x) / f"{y}.{candidate}"
+            if path.is_file():
+                return path.read_bytes()
+        return None
+
+
+class MBTiles:
+    def __init__(self, path: Path):
+        self.path = path
+        self.local = threading.local()
+        try:
+            self._conn().execute("SELECT 1 FROM tiles LIMIT 1")
+        except sqlite3.Error as exc:
+            raise CnsqError(f"{path}: not an MBTiles file ({exc})") from None
+
+    def _conn(self) -> sqlite3.Connection:
+        if not hasattr(self.local, "conn"):
+            self.local.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        return self.local.conn
+
+    def get(self, z: int, x: int, y: int, ext: str) -> bytes | None:
+        row = self._conn().execute(
+            "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+            (z, x, 2**z - 1 - y)).fetchone()
+        return row[0] if row else None
+
+
+def open_source(source: Path) -> FolderTiles | MBTiles:
+    if source.is_dir():
+        return FolderTiles(source)
+    if source.is_file():
+        return MBTiles(source)
+    raise CnsqError(f"{source}: no such folder or MBTiles file")
+
+
+@dataclass
+class TileServer:
+    httpd: ThreadingHTTPServer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
+    def template(self) -> str:
+        return self.url + "/{z}/{x}/{y}.png"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) resets connections when dozens of clients connect at once.
+    request_queue_size = 256
+    daemon_threads = True
+
+
+def start(source: Path, port: int = 8000, host: str = "127.0.0.1") -> TileServer:
+    tiles = open_source(Path(source))
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            match = PATH.match(self.path)
+            data = None
+            if match:
+                z, x, y = (int(v) for v in match.groups()[:3])
+                data = tiles.get(z, x, y, match.group(4))
+            if data is None:
+                body = b"no such tile"
+                self.send_response(404)
+                self.send_header("Content-Type", "text/plain")
+            else:
+                body = data
+                self.send_response(200)
+                self.send_header("Content-Type", content_type(data))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = _Server((host, port), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return TileServer(httpd)

@@ -1,0 +1,92 @@
+"""``cnsq work``: poll an SQS queue and run the Lambda's handler in-process, as the event source
+mapping would: batches of real SQS records in, the records that succeeded deleted, failures left
+to come back and, after ``maxReceiveCount``, move to the dead letter queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorkReport:
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, received: int, failures: dict[str, str]) -> None:
+        with self.lock:
+            self.received += received
+            self.failed += len(failures)
+            self.succeeded += received - len(failures)
+            for reason in failures.values():
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def to_record(message: dict, queue_arn: str, region: str) -> dict:
+    """An SQS message as the Lambda event source mapping delivers it."""
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": message.get("Attributes", {}),
+        "messageAttributes": message.get("MessageAttributes", {}),
+        "md5OfBody": message.get("MD5OfBody", ""),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": region,
+    }
+
+
+def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size: int = 10,
+         wait_seconds: int = 20, until_empty: bool = False,
+         stop: threading.Event | None = None,
+         progress: Callable[[WorkReport], None] | None = None) -> WorkReport:
+    """Poll until stopped (or, with ``until_empty``, until nothing is waiting or in flight)."""
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    queue_arn = attributes["Attributes"]["QueueArn"]
+    region = queue_arn.split(":")[3] if queue_arn.count(":") >= 5 else ""
+    report = WorkReport()
+    stop = stop or threading.Event()
+
+    def drained() -> bool:
+        counts = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed"])["Attributes"]
+        return all(int(v) == 0 for v in counts.values())
+
+    def poll() -> None:
+        while not stop.is_set():
+            messages = sqs.receive_message(
+                QueueUrl=queue_url, MaxNumberOfMessages=batch_size, WaitTimeSeconds=wait_seconds,
+                AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
+            if not messages:
+                if until_empty and drained():
+                    stop.set()
+                continue
+            outcome = app.process({"Records": [to_record(m, queue_arn, region) for m in messages]})
+            done = [m for m in messages if m["MessageId"] not in outcome.failed]
+            for start in range(0, len(done), 10):
+                sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                    for i, m in enumerate(done[start:start + 10])])
+            report.add(len(messages), outcome.failed)
+            if progress:
+                progress(report)
+
+    threads = [threading.Thread(target=poll, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        stop.set()  # finish the batches in hand; their records are deleted or left to return
+        for thread in threads:
+            thread.join()
+    return report

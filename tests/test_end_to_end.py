@@ -1,0 +1,91 @@
+"""The whole job on AWS APIs: moto queue + DLQ → cnsq push → cnsq work → cnsq serve (ONNX) →
+tile server → real PostgreSQL → cnsq download → cnsq convert-geojson."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+
+import boto3
+import numpy as np
+import psycopg2
+from click.testing import CliRunner
+from PIL import Image
+from servers import TileServer
+
+from cnsq.cli import main
+from cnsq.local import serve
+from cnsq.local.models import water_classifier
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(sum(color)).normal(0, 8, (256, 256, 3))
+    Image.fromarray(np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_push_work_serve_download_convert(aws, tmp_path, monkeypatch, postgres_url):
+    monkeypatch.chdir(tmp_path)
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue = sqs.create_queue(QueueName="tiles", Attributes={
+        "VisibilityTimeout": "1",
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})})["QueueUrl"]
+
+    images = {f"{x}-{y}-12": png((38, 82, 156) if (x + y) % 3 == 0 else (96, 118, 62))
+              for x in range(100, 106) for y in range(200, 204)}
+    tiles = TileServer(content=images)
+    broken = "101-201-12"
+    tiles.failures[broken] = 10**6  # always 500
+    model = water_classifier(tmp_path / "water.onnx")
+    server = serve.start(model, port=0, name="water")
+
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+    name = f"e2e_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    database = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        (tmp_path / "tiles.txt").write_text("".join(f"{t}\n" for t in images))
+        runner = CliRunner()
+        pushed = runner.invoke(main, ["push", "tiles.txt", queue], catch_exceptions=False)
+        assert pushed.exit_code == 0, pushed.output
+        worked = runner.invoke(main, [
+            "work", "--queue-url", queue, "--database-url", database,
+            "--prediction-endpoint", server.endpoint,
+            "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.png",
+            "--until-empty", "--wait-seconds", "1", "--concurrency", "2",
+            "--batch-size", "5"], env={"RETRIES": "1"}, catch_exceptions=False)
+        assert worked.exit_code == 0, worked.output
+        assert "failed" in worked.stderr
+        downloaded = runner.invoke(main, ["download", "results.csv", "--database-url", database])
+        assert downloaded.exit_code == 0, downloaded.output
+        converted = runner.invoke(main, ["convert-geojson", "results.csv", "water.geojson",
+                                         "--thresh_ind", "1", "--thresh", "0.5"])
+        assert converted.exit_code == 0, converted.output
+    finally:
+        server.close()
+        tiles.close()
+
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = {tile: json.loads(output) for tile, output in list(csv.reader(handle))[1:]}
+    assert set(rows) == set(images) - {broken}
+    local = serve.OnnxModel(model)
+    for tile, output in rows.items():  # each row holds the model's output for that tile's image
+        import base64
+
+        array = local.decode({"b64": base64.b64encode(images[tile]).decode()}, 0)
+        assert np.allclose(output, local.predict(array[None])[0], atol=1e-6)
+    water = {f["properties"]["tile"] for f in json.loads((tmp_path / "water.geojson").read_text())["features"]}
+    assert water == {t for t in rows if (int(t.split("-")[0]) + int(t.split("-")[1])) % 3 == 0}
+
+    parked = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10).get("Messages", [])
+    assert [json.loads(m["Body"]) for m in parked] == [{"x": 101, "y": 201, "z": 12}]
+    left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert left["ApproximateNumberOfMessages"] == "0" and left["ApproximateNumberOfMessagesNotVisible"] == "0"

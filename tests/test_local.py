@@ -1,0 +1,177 @@
+"""The one-machine stack: serve (TF Serving's REST API on ONNX Runtime), tileserver, run, demo."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from click.testing import CliRunner
+from PIL import Image
+
+from cnsq.cli import main
+from cnsq.local import serve, tileserver
+from cnsq.local.models import water_classifier
+
+
+def png(color: tuple[int, int, int], size: int = 256) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> dict:
+    return {"image_bytes": {"b64": base64.b64encode(data).decode()}}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return water_classifier(tmp_path_factory.mktemp("model") / "water.onnx")
+
+
+@pytest.fixture
+def server(model_path):
+    running = serve.start(model_path, port=0, name="water", max_batch=32, batch_timeout_ms=50)
+    yield running
+    running.close()
+
+
+WATER, LAND = (38, 82, 156), (96, 118, 62)
+
+
+def test_serve_speaks_tf_serving_rest(server):
+    status = requests.get(f"{server.url}/v1/models/water", timeout=10)
+    assert status.status_code == 200
+    assert status.json()["model_version_status"][0]["state"] == "AVAILABLE"
+    response = requests.post(server.endpoint, json={"instances": [b64(png(WATER)), b64(png(LAND))]},
+                             timeout=10)
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2 and all(len(p) == 2 for p in predictions)
+    assert predictions[0][1] > 0.99 and predictions[1][1] < 0.01  # water, then land
+    assert abs(sum(predictions[0]) - 1) < 1e-6
+
+
+def test_serve_takes_plain_numeric_instances_and_jpeg(server):
+    array = np.full((64, 64, 3), WATER, dtype=np.uint8).tolist()
+    response = requests.post(server.endpoint, json={"instances": [array]}, timeout=10)
+    assert response.status_code == 200 and response.json()["predictions"][0][1] > 0.99
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), LAND).save(buffer, "JPEG")  # resized to the model's 64x64
+    response = requests.post(server.endpoint, json={"instances": [b64(buffer.getvalue())]}, timeout=10)
+    assert response.status_code == 200 and response.json()["predictions"][0][1] < 0.01
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"instances": [{"image_bytes": {"b64": "not base64!!"}}]}, "instance 0: image_bytes.b64 is not base64"),
+    ({"instances": [b64(png(WATER)), b64(b"plain text, not an image")]}, "instance 1: not a JPEG or PNG"),
+    ({"instances": [[[1, 2, 3]]]}, "instance 0: shape [1, 3] does not match the model's [64, 64, 3]"),
+    ({"instances": []}, "'instances' must be a non-empty list"),
+    ({"inputs": []}, "expected JSON"),
+])
+def test_serve_bad_input_is_400_with_a_message(server, body, message):
+    response = requests.post(server.endpoint, json=body, timeout=10)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_serve_unknown_model_is_404(server):
+    assert requests.get(f"{server.url}/v1/models/other", timeout=10).status_code == 404
+    assert requests.post(f"{server.url}/v1/models/other:predict", json={}, timeout=10).status_code == 404
+
+
+def test_serve_merges_concurrent_requests(server):
+    images = [png((i, 90, 160)) for i in range(16)]
+
+    def one(image: bytes) -> list:
+        return requests.post(server.endpoint, json={"instances": [b64(image)]}, timeout=30).json()["predictions"]
+
+    before = server.batcher.calls
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, images))
+    calls = server.batcher.calls - before
+    assert all(len(r) == 1 for r in results)
+    assert calls < 16  # merged: 16 requests, fewer inference calls
+    assert server.batcher.instances >= 16
+
+
+def test_serve_with_max_batch_1_runs_each_request_alone(model_path):
+    running = serve.start(model_path, port=0, name="m", max_batch=1, batch_timeout_ms=50)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: requests.post(running.endpoint, json={"instances": [b64(png(LAND))]},
+                                                  timeout=30), range(8)))
+        assert running.batcher.calls == 8
+    finally:
+        running.close()
+
+
+def test_tileserver_folder_and_mbtiles(tmp_path):
+    folder = tmp_path / "tiles" / "3" / "1"
+    folder.mkdir(parents=True)
+    (folder / "2.png").write_bytes(png(WATER))
+    mbtiles = tmp_path / "t.mbtiles"
+    conn = sqlite3.connect(mbtiles)
+    conn.execute("CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob)")
+    conn.execute("INSERT INTO tiles VALUES (3, 1, 5, ?)", (png(LAND),))  # TMS row 5 = XYZ y 2
+    conn.commit()
+    conn.close()
+    for source, color in ((tmp_path / "tiles", WATER), (mbtiles, LAND)):
+        running = tileserver.start(source, port=0)
+        try:
+            ok = requests.get(f"{running.url}/3/1/2.png", timeout=10)
+            assert ok.status_code == 200 and ok.headers["Content-Type"] == "image/png"
+            assert Image.open(io.BytesIO(ok.content)).getpixel((0, 0)) == color
+            assert requests.get(f"{running.url}/3/1/3.png", timeout=10).status_code == 404
+            assert requests.get(f"{running.url}/nonsense", timeout=10).status_code == 404
+        finally:
+            running.close()
+
+
+def test_run_lists_failures_and_writes_the_good_tiles(tmp_path, model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "tiles" / "10"
+    good = {}
+    for x in range(12):
+        (root / str(x)).mkdir(parents=True)
+        data = png(WATER if x % 2 else LAND)
+        (root / str(x) / "7.png").write_bytes(data)
+        good[f"{x}-7-10"] = data
+    (tmp_path / "tiles.txt").write_text("".join(f"{t}\n" for t in good) + "99-7-10\nnot-a-tile\n")
+    running = tileserver.start(tmp_path / "tiles", port=0)
+    try:
+        result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", running.template,
+                                           "--model", str(model_path), "--batch-size", "5"])
+    finally:
+        running.close()
+    assert result.exit_code == 1  # one invalid line
+    assert "tiles.txt:14: expected x-y-z" in result.stderr
+    assert "Processed 13 tiles" in result.stderr and "12 written, 1 without imagery" in result.stderr
+    rows = dict(line.split(",", 1) for line in Path("results.csv").read_text().splitlines()[1:])
+    assert set(rows) == set(good)
+    for tile, output in rows.items():
+        scores = json.loads(json.loads(output) if output.startswith('"') else output)
+        assert (scores[1] > 0.5) == (int(tile.split("-")[0]) % 2 == 1)
+
+
+def test_demo_finds_the_lakes(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    for name in ("results.csv", "water.geojson", "preview.png", "water.onnx", "tiles.txt"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    collection = json.loads((tmp_path / "demo" / "water.geojson").read_text())
+    assert collection["type"] == "FeatureCollection" and collection["features"]
+    for feature in collection["features"]:
+        assert feature["geometry"]["type"] == "Polygon"
+        assert len(feature["geometry"]["coordinates"][0]) == 5
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("Demo:")][0]
+    precision = float(line.split("precision ")[1].split(",")[0])
+    recall = float(line.split("recall ")[1].rstrip("."))
+    assert precision >= 0.9 and recall >= 0.9
+    assert "80 tiles processed" in line
