@@ -636,6 +636,51 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
                f"    image: {image_name}\n  predictionPath: /v1/models/{name}")
 
 
+@main.command()
+@config_options
+@click.option("--max", "limit", type=click.IntRange(1), help="Move at most this many messages.")
+@click.option("--dry-run", is_flag=True, help="Count and show a sample; move nothing.")
+@click.option("--queue-url", help="Tile queue [default: the stack's].")
+@click.option("--dlq-url", help="Dead letter queue [default: the stack's].")
+@click.option("--visibility-timeout", default=60, show_default=True,
+              help="Seconds a received DLQ message stays hidden while it is moved.")
+def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str | None,
+            dlq_url: str | None, visibility_timeout: int) -> None:
+    """Move the dead letter queue's tiles back to the tile queue; nothing is lost if it stops.
+
+    \b
+    Examples:
+      cnsq redrive --config config/config.yml --dry-run
+      cnsq redrive --config config/config.yml --max 1000
+    """
+    from .redrive import Journal, queue_urls, sample
+    from .redrive import redrive as move
+
+    aws = settings.aws()
+    if not (queue_url and dlq_url):
+        config = settings.load()
+        found = queue_urls(_stacks(aws), config.stack_name, config.values["stackNoDash"])
+        queue_url, dlq_url = queue_url or found[0], dlq_url or found[1]
+    sqs = aws.client("sqs")
+    if dry_run:
+        depth, bodies = sample(sqs, dlq_url)
+        click.echo(f"{depth:,} messages in {dlq_url}; a sample:")
+        for body in bodies:
+            click.echo(f"  {body}")
+        return
+    report = move(sqs, dlq_url, queue_url, Journal.open(Path(".cnsq"), dlq_url), limit=limit,
+                  visibility_timeout=visibility_timeout)
+    note = f" ({report.already_sent} sent by an interrupted run, now deleted)" \
+        if report.already_sent else ""
+    click.echo(f"Moved {report.moved:,} messages from {dlq_url} to {queue_url}{note}.")
+    if report.failed:
+        click.echo(f"{len(report.failed)} could not be sent and stay in the DLQ.", err=True)
+    if report.interrupted:
+        click.echo("Interrupted; run it again to move the rest.", err=True)
+    if report.failed or report.interrupted:
+        sys.exit(1)
+
+
 def _wait_forever(what: str) -> None:
     import time
 

@@ -1,0 +1,122 @@
+"""``cnsq redrive``: move the dead letter queue's messages back to the tile queue, none lost.
+
+Each batch is received from the DLQ, sent to the tile queue, and only then deleted from the DLQ,
+so stopping at any point loses nothing. Between send and delete the ids of the sent messages are
+in a journal (``.cnsq/redrive/``): a re-run after an interruption deletes those instead of
+sending them twice. Ctrl-C finishes the batch in hand first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CnsqError
+
+
+@dataclass
+class Journal:
+    """DLQ message ids sent to the tile queue but not yet deleted from the DLQ."""
+
+    path: Path
+    sent: set[str] = field(default_factory=set)
+
+    @classmethod
+    def open(cls, root: Path, dlq_url: str) -> Journal:
+        key = hashlib.sha256(dlq_url.encode()).hexdigest()[:12]
+        path = root / "redrive" / f"{key}.json"
+        sent = set(json.loads(path.read_text())["sent"]) if path.exists() else set()
+        return cls(path, sent)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps({"sent": sorted(self.sent)}))
+        partial.replace(self.path)
+
+
+@dataclass
+class RedriveReport:
+    moved: int = 0
+    already_sent: int = 0
+    failed: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _delete(sqs: Any, queue_url: str, messages: list[dict]) -> None:
+    if messages:
+        sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+
+
+def redrive(sqs: Any, dlq_url: str, queue_url: str, journal: Journal, *, limit: int | None = None,
+            visibility_timeout: int = 60, wait_seconds: int = 1) -> RedriveReport:
+    """Move up to ``limit`` messages (all by default) from ``dlq_url`` to ``queue_url``."""
+    report = RedriveReport()
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and (limit is None or report.moved < limit):
+            want = 10 if limit is None else min(10, limit - report.moved)
+            messages = sqs.receive_message(
+                QueueUrl=dlq_url, MaxNumberOfMessages=want, WaitTimeSeconds=wait_seconds,
+                VisibilityTimeout=visibility_timeout, MessageAttributeNames=["All"],
+            ).get("Messages", [])
+            if not messages:
+                break
+            done = [m for m in messages if m["MessageId"] in journal.sent]
+            fresh = [m for m in messages if m["MessageId"] not in journal.sent]
+            report.already_sent += len(done)
+            if fresh:
+                response = sqs.send_message_batch(QueueUrl=queue_url, Entries=[
+                    {"Id": str(i), "MessageBody": m["Body"],
+                     **({"MessageAttributes": m["MessageAttributes"]}
+                        if m.get("MessageAttributes") else {})}
+                    for i, m in enumerate(fresh)])
+                ok = {int(item["Id"]) for item in response.get("Successful", [])}
+                sent = [m for i, m in enumerate(fresh) if i in ok]
+                report.failed += [m["MessageId"] for i, m in enumerate(fresh) if i not in ok]
+                journal.sent.update(m["MessageId"] for m in sent)
+                journal.save()  # before the delete: a re-run must not send these again
+                done += sent
+                report.moved += len(sent)
+            _delete(sqs, dlq_url, done)
+            journal.sent.difference_update(m["MessageId"] for m in done)
+            journal.save()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    report.interrupted = stop.is_set()
+    return report
+
+
+def sample(sqs: Any, dlq_url: str, count: int = 10) -> tuple[int, list[str]]:
+    """(approximate depth, up to ``count`` bodies) without keeping anything invisible."""
+    depth = int(sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=[
+        "ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"])
+    messages = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=min(count, 10),
+                                   VisibilityTimeout=0).get("Messages", [])
+    return depth, [m["Body"] for m in messages]
+
+
+def queue_urls(stacks: Any, stack_name: str, stack_no_dash: str) -> tuple[str, str]:
+    """(tile queue URL, dead letter queue URL) from the outputs, else the stack's resources."""
+    outputs = {}
+    description = stacks.describe(stack_name)
+    if description is None:
+        raise CnsqError(f"stack '{stack_name}' does not exist")
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in description.get("Outputs", [])}
+    if outputs.get("queueURL") and outputs.get("deadLetterQueueURL"):
+        return outputs["queueURL"], outputs["deadLetterQueueURL"]
+    physical = {lid: pid for lid, _, pid in stacks.resources(stack_name)}
+    try:
+        return physical[f"{stack_no_dash}TileQueue"], physical[f"{stack_no_dash}DeadLetterQueue"]
+    except KeyError:
+        raise CnsqError(f"stack {stack_name} has no tile queue and dead letter queue") from None

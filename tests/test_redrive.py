@@ -1,0 +1,101 @@
+"""cnsq redrive against moto: every DLQ message arrives back exactly once, also across a stop."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+
+from cnsq.cli import main
+from cnsq.redrive import Journal
+
+
+@pytest.fixture
+def queues(aws, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    queue = sqs.create_queue(QueueName="tiles")["QueueUrl"]
+    bodies = [json.dumps({"x": i, "y": 7, "z": 12}) for i in range(500)]
+    for start in range(0, 500, 10):
+        sqs.send_message_batch(QueueUrl=dlq, Entries=[
+            {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start:start + 10])])
+    return sqs, dlq, queue, bodies
+
+
+def drain(sqs, url: str) -> list[str]:
+    found = []
+    while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+        found += [m["Body"] for m in messages]
+        sqs.delete_message_batch(QueueUrl=url, Entries=[
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+    return found
+
+
+def redrive(dlq: str, queue: str, *args: str):
+    return CliRunner().invoke(main, ["redrive", "--dlq-url", dlq, "--queue-url", queue, *args],
+                              catch_exceptions=False)
+
+
+def depth(sqs, url: str) -> int:
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def test_all_500_arrive_exactly_once(queues):
+    sqs, dlq, queue, bodies = queues
+    result = redrive(dlq, queue)
+    assert result.exit_code == 0, result.output
+    assert "Moved 500 messages" in result.stdout
+    assert Counter(drain(sqs, queue)) == Counter(bodies)
+    assert depth(sqs, dlq) == 0
+
+
+def test_stopped_part_way_and_run_again(queues):
+    sqs, dlq, queue, bodies = queues
+    first = redrive(dlq, queue, "--max", "123")
+    assert "Moved 123 messages" in first.stdout
+    assert depth(sqs, queue) == 123
+    second = redrive(dlq, queue)
+    assert "Moved 377 messages" in second.stdout
+    assert Counter(drain(sqs, queue)) == Counter(bodies)
+
+
+def test_crash_between_send_and_delete_is_not_sent_twice(queues):
+    sqs, dlq, queue, bodies = queues
+    # What an interrupted run leaves: a batch sent to the tile queue, journaled, not yet deleted.
+    messages = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, VisibilityTimeout=0)["Messages"]
+    sqs.send_message_batch(QueueUrl=queue, Entries=[
+        {"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(messages)])
+    journal = Journal.open(Path(".cnsq"), dlq)
+    journal.sent.update(m["MessageId"] for m in messages)
+    journal.save()
+    result = redrive(dlq, queue)
+    assert result.exit_code == 0
+    assert "(10 sent by an interrupted run, now deleted)" in result.stdout
+    assert Counter(drain(sqs, queue)) == Counter(bodies)
+    assert Journal.open(Path(".cnsq"), dlq).sent == set()
+
+
+def test_dry_run_moves_nothing(queues):
+    sqs, dlq, queue, _ = queues
+    result = redrive(dlq, queue, "--dry-run")
+    assert result.exit_code == 0
+    assert "500 messages in" in result.stdout and '{"x":' in result.stdout
+    assert depth(sqs, queue) == 0 and depth(sqs, dlq) == 500
+
+
+def test_queues_from_the_deployed_stack(project):
+    assert CliRunner().invoke(main, ["deploy"]).exit_code == 0
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    urls = sqs.list_queues()["QueueUrls"]
+    dlq = next(u for u in urls if "DeadLetter" in u)
+    tiles = next(u for u in urls if "TileQueue" in u)
+    sqs.send_message(QueueUrl=dlq, MessageBody='{"x": 1, "y": 2, "z": 3}')
+    result = CliRunner().invoke(main, ["redrive"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert drain(sqs, tiles) == ['{"x": 1, "y": 2, "z": 3}']
