@@ -429,18 +429,45 @@ def main() -> int:
     parser.add_argument("--serve-requests", type=int, default=800)
     parser.add_argument("--pipeline-tiles", type=int, default=640)
     parser.add_argument("--pipeline-concurrency", type=int, default=8)
+    parser.add_argument("--markdown", type=Path, metavar="FILE",
+                        help="Also write the results as a Markdown table (for the README).")
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
-    print(f"# cnsq benchmarks on {platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {_memory_gib()} GiB, "
+               f"Python {platform.python_version()}")
+    print(f"# cnsq benchmarks on {platform.node()}: {machine}")
     db = Database()
+    results = []
     try:
         for name in names:
             for result in BENCHMARKS[name](db, args):
                 print(result.line(), flush=True)
+                results.append(result)
     finally:
         db.close()
+    if args.markdown:
+        args.markdown.write_text(markdown(results, machine))
+        print(f"wrote {args.markdown}")
     return 0
+
+
+def _memory_gib() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            return round(int(handle.readline().split()[1]) / 1024 / 1024)
+    except OSError:
+        return 0
+
+
+def markdown(results: list[Result], machine: str) -> str:
+    """The README's Performance table."""
+    lines = [f"Measured on {machine}, {time.strftime('%Y-%m-%d')}, by `python scripts/bench.py`.",
+             "", "| benchmark | cnsq | same-run baseline | ratio | target |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.figure:.4g} {r.unit} | {r.baseline_name}: "
+                     f"{r.baseline:.4g} {r.unit} | {r.ratio:.2f} | {r.target} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -168,3 +168,13 @@ def test_lint_reports_errors_with_lines(config, tmp_path):
     path, _ = compile_template(config, folder, tmp_path / "out", CODE)
     errors = [f for f in lint(path) if f.severity == "error"]
     assert errors and all(f.line > 0 for f in errors)
+
+
+def test_gpu_metrics_are_published_by_the_cloudwatch_agent(compiled):
+    _, data = compiled
+    user_data = data["Resources"]["cnsqdevLaunchTemplate"]["Properties"]["LaunchTemplateData"][
+        "UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert '"namespace": "cnsq/cnsq-dev"' in user_data and '"nvidia_gpu"' in user_data
+    assert "${!aws:InstanceId}" in user_data  # the agent's placeholder, not a Sub variable
+    policies = data["Resources"]["ECSRole"]["Properties"]["ManagedPolicyArns"]
+    assert any("CloudWatchAgentServerPolicy" in p["Fn::Sub"] for p in policies)
