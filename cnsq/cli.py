@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -679,6 +680,58 @@ def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str
         click.echo("Interrupted; run it again to move the rest.", err=True)
     if report.failed or report.interrupted:
         sys.exit(1)
+
+
+def _duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise click.BadParameter(f"expected a duration like 15m, 2h or 1d, got {text!r}")
+    return timedelta(seconds=int(text[:-1]) * units[text[-1]])
+
+
+@main.command()
+@config_options
+@click.option("--since", default="15m", show_default=True, help="Metrics window (30m, 2h, 1d).")
+@click.option("--watch", is_flag=True, help="Refresh every 30 seconds (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="Metrics and diagnosis as JSON.")
+@click.option("--database-url", envvar="DATABASE_URL", help="Count results rows here.")
+def status(settings: Settings, since: str, watch: bool, as_json: bool,
+           database_url: str | None) -> None:
+    """Show the run's numbers and which of the four scenarios they point to, with what to change.
+
+    Queues, Lambda invocations/errors/throttles/duration/concurrency, the model endpoint's
+    requests/latency/5xx, GPU utilisation per instance, the results rows, the time for the queue
+    to drain, and the diagnosis (thresholds in `cnsq.status.THRESHOLDS`, see the README).
+
+    \b
+    Example:
+      cnsq status --config config/config.yml --since 30m --watch
+    """
+    import time
+
+    from .status import as_dict, collect, diagnose, render
+
+    window = _duration(since)
+    config = settings.load()
+    aws = settings.aws()
+    stacks = _stacks(aws)
+    if stacks.describe(config.stack_name) is None:
+        raise CnsqError(f"stack '{config.stack_name}' does not exist")
+    lam = next(iter(config.values["lambdas"].values()), {"timeout": 300, "concurrent": None})
+    while True:
+        metrics = collect(aws, stacks, config, window, database_url)
+        diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],
+                             config.values["ecs"]["desiredInstances"])
+        if as_json:
+            click.echo(json.dumps(as_dict(metrics, diagnosis), indent=2, default=str))
+        else:
+            if watch:
+                click.clear()
+            click.echo(f"{config.stack_name}, last {since}:")
+            click.echo(render(metrics, diagnosis))
+        if not watch:
+            return
+        time.sleep(30)
 
 
 def _wait_forever(what: str) -> None:

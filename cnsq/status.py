@@ -1,0 +1,263 @@
+"""``cnsq status``: the numbers of a running job and which of the README's four scenarios they show.
+
+Metrics over a window: the queues (live), Lambda invocations, errors, throttles, duration p50/p95
+and concurrency, the load balancer's requests, latency and 5xx, GPU utilisation per instance
+(published by the CloudWatch agent the stack installs), and the results row count when the
+database is reachable. Missing metrics are shown as missing, never as zero.
+
+The diagnosis uses these thresholds (``THRESHOLDS``):
+
+1. much higher than GPU capacity — error rate > 5 % and p95 duration ≥ 80 % of the timeout
+   (Lambdas time out waiting for the model): lower the concurrency or add GPUs;
+2. slightly higher — error rate ≤ 5 %, p95 duration ≥ 50 % of the timeout, GPUs ≥ 80 % busy:
+   lower the concurrency a little or add a GPU;
+3. lower than GPU capacity — p95 duration < 50 % of the timeout, GPUs < 80 % busy: raise the
+   concurrency (by up to 2x, in proportion to the idle GPU share);
+4. optimal — GPUs ≥ 80 % busy, error rate ≤ 1 %, p95 duration < 50 % of the timeout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+THRESHOLDS = {
+    "errors_high": 0.05,  # error rate above which Lambdas are failing for real
+    "errors_low": 0.01,  # error rate of a healthy run
+    "slow": 0.8,  # p95 duration / timeout: Lambdas are timing out
+    "busy_duration": 0.5,  # p95 duration / timeout: Lambdas wait on the model
+    "gpu_busy": 80.0,  # % utilisation of a well-fed GPU
+}
+
+
+@dataclass
+class Metrics:
+    window_seconds: float
+    visible: int | None = None
+    in_flight: int | None = None
+    dead_letter: int | None = None
+    rows: int | None = None
+    invocations: float | None = None
+    errors: float | None = None
+    throttles: float | None = None
+    duration_p50_ms: float | None = None
+    duration_p95_ms: float | None = None
+    duration_max_ms: float | None = None
+    concurrency: float | None = None
+    requests: float | None = None
+    latency_ms: float | None = None
+    http_5xx: float | None = None
+    deleted: float | None = None
+    gpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gpu_mean(self) -> float | None:
+        return sum(self.gpu.values()) / len(self.gpu) if self.gpu else None
+
+
+@dataclass
+class Diagnosis:
+    scenario: int  # 1-4 as in the README, 0 when it cannot be told
+    title: str
+    evidence: list[str]
+    recommendation: str
+    eta_seconds: float | None
+    missing: list[str]
+
+
+def diagnose(m: Metrics, timeout_s: int, concurrent: int | None,
+             desired_instances: int) -> Diagnosis:
+    """Which scenario the numbers show, and what to change (``lambdas.*.concurrent``,
+    ``ecs.desiredInstances``)."""
+    missing = [name for name, value in (
+        ("Lambda invocations", m.invocations), ("Lambda errors", m.errors),
+        ("Lambda duration", m.duration_p95_ms if m.duration_p95_ms is not None else m.duration_max_ms),
+        ("GPU utilisation", m.gpu_mean)) if value is None]
+    if m.duration_p95_ms is None and m.duration_max_ms is not None:
+        missing.append("duration p95 (using the maximum)")
+    rate = m.deleted / m.window_seconds if m.deleted else None
+    eta = m.visible / rate if rate and m.visible is not None else None
+    current = concurrent or 0
+    if not m.invocations:
+        waiting = m.visible or 0
+        advice = (f"{waiting:,} tiles wait in the queue but nothing consumes them: check the event "
+                  "source mapping and the Lambda's errors") if waiting else "nothing to do"
+        return Diagnosis(0, "idle: no Lambda invocations in the window", [], advice, eta, missing)
+    error_rate = (m.errors or 0) / m.invocations
+    p95 = m.duration_p95_ms if m.duration_p95_ms is not None else m.duration_max_ms
+    load = p95 / (timeout_s * 1000) if p95 is not None else None
+    gpu = m.gpu_mean
+    evidence = [f"error rate {error_rate:.1%}"]
+    if load is not None:
+        evidence.append(f"p95 duration {p95 / 1000:.1f}s = {load:.0%} of the {timeout_s}s timeout")
+    if gpu is not None:
+        evidence.append(f"GPU utilisation {gpu:.0f}% (mean of {len(m.gpu)} instances)")
+    t = THRESHOLDS
+
+    if error_rate > t["errors_high"] and load is not None and load >= t["slow"]:
+        lower = max(1, math.floor(current * 0.5)) if current else None
+        first = (f"lower lambdas.DownloadAndPredict.concurrent to {lower}" if lower
+                 else "set lambdas.DownloadAndPredict.concurrent (it is unlimited)")
+        return Diagnosis(1, "Lambda concurrency is much higher than GPU prediction capacity",
+                         evidence, f"{first}, or raise ecs.desiredInstances to "
+                         f"{desired_instances * 2}", eta, missing)
+    if gpu is None or load is None:
+        return Diagnosis(0, "cannot tell: " + ", ".join(missing), evidence,
+                         "GPU utilisation comes from the CloudWatch agent on the instances "
+                         "(see `cnsq gpu-util` for a direct view)", eta, missing)
+    if load >= t["busy_duration"] and gpu >= t["gpu_busy"]:
+        lower = max(1, math.floor(current * 0.8)) if current else None
+        return Diagnosis(2, "Lambda concurrency is slightly higher than GPU prediction capacity",
+                         evidence, (f"lower lambdas.DownloadAndPredict.concurrent to {lower}"
+                                    if lower else "lower lambdas.DownloadAndPredict.concurrent") +
+                         f", or raise ecs.desiredInstances to {desired_instances + 1}", eta, missing)
+    if gpu >= t["gpu_busy"] and error_rate <= t["errors_low"]:
+        return Diagnosis(4, "optimal: busy GPUs, few errors, short Lambda runs", evidence,
+                         "keep these settings", eta, missing)
+    factor = min(2.0, t["gpu_busy"] / max(gpu, 1.0))
+    higher = math.ceil(current * factor) if current else None
+    fewer = max(1, math.ceil(desired_instances * gpu / t["gpu_busy"]))
+    return Diagnosis(3, "Lambda concurrency is lower than GPU prediction capacity", evidence,
+                     (f"raise lambdas.DownloadAndPredict.concurrent to {higher}" if higher else
+                      "raise lambdas.DownloadAndPredict.concurrent") +
+                     f", or lower ecs.desiredInstances to {fewer}", eta, missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection
+
+
+def _sum_or_none(values: list[float], how: str) -> float | None:
+    if not values:
+        return None
+    return {"Sum": sum(values), "Maximum": max(values), "Average": sum(values) / len(values)}[how]
+
+
+def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
+            database_url: str | None = None) -> Metrics:
+    """Read the metrics of the deployed stack over the last ``since``."""
+    now = datetime.now(UTC)
+    start = now - since
+    metrics = Metrics(window_seconds=since.total_seconds())
+    resources = {lid: pid for lid, _, pid in stacks.resources(config.stack_name)}
+    n = config.values["stackNoDash"]
+    sqs = aws.client("sqs")
+    for attr, logical in (("visible", f"{n}TileQueue"), ("dead_letter", f"{n}DeadLetterQueue")):
+        url = resources.get(logical)
+        if url:
+            counts = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+            setattr(metrics, attr, int(counts["ApproximateNumberOfMessages"]))
+            if attr == "visible":
+                metrics.in_flight = int(counts["ApproximateNumberOfMessagesNotVisible"])
+    lam = next((s for s in config.values["lambdas"].values() if s["queueTrigger"]),
+               next(iter(config.values["lambdas"].values()), None))
+    queries: list[tuple[str, str, str, list[dict], str]] = []
+    if lam:
+        dims = [{"Name": "FunctionName", "Value": lam["fullName"]}]
+        queries += [("invocations", "AWS/Lambda", "Invocations", dims, "Sum"),
+                    ("errors", "AWS/Lambda", "Errors", dims, "Sum"),
+                    ("throttles", "AWS/Lambda", "Throttles", dims, "Sum"),
+                    ("duration_max_ms", "AWS/Lambda", "Duration", dims, "Maximum"),
+                    ("concurrency", "AWS/Lambda", "ConcurrentExecutions", dims, "Maximum")]
+    queue_url = resources.get(f"{n}TileQueue")
+    if queue_url:
+        queries.append(("deleted", "AWS/SQS", "NumberOfMessagesDeleted",
+                        [{"Name": "QueueName", "Value": queue_url.rsplit("/", 1)[-1]}], "Sum"))
+    balancer = resources.get(f"{n}LoadBalancer", "")
+    if "loadbalancer/" in balancer:
+        dims = [{"Name": "LoadBalancer", "Value": balancer.split("loadbalancer/", 1)[1]}]
+        queries += [("requests", "AWS/ApplicationELB", "RequestCount", dims, "Sum"),
+                    ("latency_ms", "AWS/ApplicationELB", "TargetResponseTime", dims, "Average"),
+                    ("http_5xx", "AWS/ApplicationELB", "HTTPCode_Target_5XX_Count", dims, "Sum")]
+    cloudwatch = aws.client("cloudwatch")
+    period = max(60, int(since.total_seconds()) // 60 * 60)
+    if queries:
+        answer = cloudwatch.get_metric_data(StartTime=start, EndTime=now, MetricDataQueries=[
+            {"Id": f"q{i}", "MetricStat": {"Metric": {"Namespace": ns, "MetricName": name,
+                                                      "Dimensions": dims},
+                                           "Period": period, "Stat": stat}}
+            for i, (_, ns, name, dims, stat) in enumerate(queries)])
+        for result in answer["MetricDataResults"]:
+            attr, _, _, _, stat = queries[int(result["Id"][1:])]
+            value = _sum_or_none(result.get("Values", []), stat)
+            if value is not None and attr == "latency_ms":
+                value *= 1000  # TargetResponseTime is in seconds
+            setattr(metrics, attr, value)
+    if lam:
+        stats = cloudwatch.get_metric_statistics(
+            Namespace="AWS/Lambda", MetricName="Duration", StartTime=start, EndTime=now,
+            Period=period, Dimensions=[{"Name": "FunctionName", "Value": lam["fullName"]}],
+            ExtendedStatistics=["p50", "p95"])
+        points = [p.get("ExtendedStatistics", {}) for p in stats.get("Datapoints", [])]
+        p50 = [p["p50"] for p in points if "p50" in p]
+        p95 = [p["p95"] for p in points if "p95" in p]
+        metrics.duration_p50_ms = max(p50) if p50 else None
+        metrics.duration_p95_ms = max(p95) if p95 else None
+    namespace = f"cnsq/{config.stack_name}"
+    listed = cloudwatch.list_metrics(Namespace=namespace, MetricName="nvidia_smi_utilization_gpu")
+    gpu_queries = [m for m in listed.get("Metrics", [])
+                   if [d["Name"] for d in m.get("Dimensions", [])] == ["InstanceId"]]
+    if gpu_queries:
+        answer = cloudwatch.get_metric_data(StartTime=start, EndTime=now, MetricDataQueries=[
+            {"Id": f"g{i}", "MetricStat": {"Metric": m, "Period": period, "Stat": "Average"}}
+            for i, m in enumerate(gpu_queries)])
+        for result in answer["MetricDataResults"]:
+            metric = gpu_queries[int(result["Id"][1:])]
+            value = _sum_or_none(result.get("Values", []), "Average")
+            if value is not None:
+                metrics.gpu[metric["Dimensions"][0]["Value"]] = value
+    if database_url:
+        from .results import open_store
+
+        try:
+            store = open_store(database_url)
+            metrics.rows = store.count()
+            store.close()
+        except Exception:  # noqa: BLE001 - unreachable: shown as missing
+            metrics.rows = None
+    return metrics
+
+
+def as_dict(metrics: Metrics, diagnosis: Diagnosis) -> dict:
+    return {"metrics": asdict(metrics), "diagnosis": asdict(diagnosis), "thresholds": THRESHOLDS}
+
+
+def render(metrics: Metrics, diagnosis: Diagnosis) -> str:
+    """The status screen."""
+    from tabulate import tabulate
+
+    def show(value: float | None, fmt: str = "{:,.0f}") -> str:
+        return "missing" if value is None else fmt.format(value)
+
+    rows = [
+        ["tile queue", f"{show(metrics.visible)} waiting, {show(metrics.in_flight)} in flight"],
+        ["dead letter queue", show(metrics.dead_letter)],
+        ["results rows", show(metrics.rows)],
+        ["Lambda invocations / errors / throttles",
+         f"{show(metrics.invocations)} / {show(metrics.errors)} / {show(metrics.throttles)}"],
+        ["Lambda duration p50 / p95 / max (s)",
+         " / ".join(show(v / 1000 if v is not None else None, "{:.2f}") for v in (
+             metrics.duration_p50_ms, metrics.duration_p95_ms, metrics.duration_max_ms))],
+        ["Lambda concurrent executions (max)", show(metrics.concurrency)],
+        ["model requests / latency (ms) / 5xx",
+         f"{show(metrics.requests)} / {show(metrics.latency_ms, '{:.0f}')} / "
+         f"{show(metrics.http_5xx)}"],
+    ]
+    if metrics.gpu:
+        rows += [[f"GPU {instance}", f"{value:.0f} %"] for instance, value in sorted(metrics.gpu.items())]
+    else:
+        rows.append(["GPU utilisation", "missing"])
+    eta = diagnosis.eta_seconds
+    rows.append(["queue drains in", "unknown" if eta is None else
+                 f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"])
+    lines = [tabulate(rows, tablefmt="plain"), "",
+             f"Diagnosis: {diagnosis.title}" + (f" (scenario {diagnosis.scenario})"
+                                                 if diagnosis.scenario else "")]
+    lines += [f"  - {item}" for item in diagnosis.evidence]
+    lines.append(f"Recommendation: {diagnosis.recommendation}")
+    if diagnosis.missing:
+        lines.append(f"Missing: {', '.join(diagnosis.missing)}")
+    return "\n".join(lines)
