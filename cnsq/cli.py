@@ -694,7 +694,8 @@ def _duration(text: str) -> timedelta:
 @click.option("--since", default="15m", show_default=True, help="Metrics window (30m, 2h, 1d).")
 @click.option("--watch", is_flag=True, help="Refresh every 30 seconds (Ctrl-C stops).")
 @click.option("--json", "as_json", is_flag=True, help="Metrics and diagnosis as JSON.")
-@click.option("--database-url", envvar="DATABASE_URL", help="Count results rows here.")
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="Count results rows here [default: the stack's database, if reachable].")
 def status(settings: Settings, since: str, watch: bool, as_json: bool,
            database_url: str | None) -> None:
     """Show the run's numbers and which of the four scenarios they point to, with what to change.
@@ -718,6 +719,13 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
     if stacks.describe(config.stack_name) is None:
         raise CnsqError(f"stack '{config.stack_name}' does not exist")
     lam = next(iter(config.values["lambdas"].values()), {"timeout": 300, "concurrent": None})
+    if database_url is None:
+        from .credentials import url_from_stack
+
+        try:
+            database_url = url_from_stack(aws, stacks, config.stack_name)
+        except Exception:  # noqa: BLE001 - no reachable database: the row count shows as missing
+            database_url = None
     while True:
         metrics = collect(aws, stacks, config, window, database_url)
         diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],

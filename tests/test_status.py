@@ -109,3 +109,18 @@ def test_diagnosis_uses_p95_when_cloudwatch_has_it():
                       duration_max_ms=119_000, gpu={"i-1": 95})
     assert diagnose(metrics, 120, 10, 2).scenario == 2
     assert "duration p95 (using the maximum)" not in diagnose(metrics, 120, 10, 2).missing
+
+
+def test_results_rows_are_counted_when_the_database_is_reachable(deployed, tmp_path):
+    from cnsq.results import open_store
+
+    url = f"sqlite:///{tmp_path}/results.db"
+    store = open_store(url)
+    store.migrate()
+    store.upsert([(f"{i}-0-9", [0.1, 0.9]) for i in range(7)])
+    store.close()
+    result = CliRunner().invoke(main, ["status", "--json", "--database-url", url],
+                                catch_exceptions=False)
+    assert json.loads(result.stdout)["metrics"]["rows"] == 7
+    # Without a reachable database (moto reports no stack outputs) the count is missing.
+    assert status_json()["metrics"]["rows"] is None
