@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from servers import (  # noqa: E402
     SqsServer,
     TileServer,
     free_port,
+    fresh_database,
     tile_image,
 )
 
@@ -76,13 +76,7 @@ class Database:
         """A new empty database with the results table."""
         from cnsq.results import open_store
 
-        admin = psycopg2.connect(self.url)
-        admin.autocommit = True
-        name = f"bench_{uuid.uuid4().hex[:10]}"
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name}")
-        admin.close()
-        url = self.url.rsplit("/", 1)[0] + f"/{name}"
+        url = fresh_database(self.url, "bench")
         store = open_store(url)
         store.migrate()
         store.close()

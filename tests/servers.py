@@ -208,6 +208,21 @@ class TcpProxy:
                     pass
 
 
+def fresh_database(server_url: str, prefix: str = "t") -> str:
+    """A new, empty database on the PostgreSQL server of ``server_url``; returns its URL."""
+    import uuid
+
+    import psycopg2
+
+    admin = psycopg2.connect(server_url)
+    admin.autocommit = True
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ from cnsq.config import Secret, deep_merge, load_config, parse_dotenv
 from cnsq.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
 ENV = {"RDS_USERNAME": "admin", "RDS_PASSWORD": "pw-secret-1", "TILE_ACCESS_TOKEN": "tok-secret-1"}
 
 BASE = """\
@@ -96,51 +97,9 @@ def test_kes_list_of_lambdas_is_accepted(tmp_path):
 
 def test_original_chip_n_scale_example_names_each_value_aws_no_longer_accepts(tmp_path):
     # The original's example, as users have it: db.t2.medium is refused with its replacement.
-    original = textwrap.dedent("""\
-        default:
-          stage: dev
-          stackName: your-stack
-          stackNoDash: YourStack
-          capabilities:
-             - CAPABILITY_NAMED_IAM
-          buckets:
-            internal: your-bucket
-          lambdas:
-          - DownloadAndPredict:
-              handler: download_and_predict.handler.handler
-              timeout: 60
-              memory: 512
-              runtime: python3.7
-              source: lambda
-              queueTrigger: true
-              concurrent: 5
-              envs:
-                TILE_ACCESS_TOKEN: '{{TILE_ACCESS_TOKEN}}'
-                TILE_ENDPOINT: 'https://example.com/{}/{}/{}.jpg?access_token={}'
-          rds:
-            username: '{{RDS_USERNAME}}'
-            password: '{{RDS_PASSWORD}}'
-            storage: 20
-            instanceType: 'db.t2.medium'
-          vpc: your-vpc
-          subnets:
-            - subnet 1
-            - subnet 2
-          ecs:
-            availabilityZone: us-east-1
-            maxInstances: 1
-            desiredInstances: 1
-            keyPairName: your-key-pair
-            instanceType: t2.nano
-            image: tensorflow/serving:latest
-            memory: 1000
-          sqs:
-            visibilityTimeout: 60
-            maxReceiveCount: 5
-          predictionPath: '/v1/models/your_model'
-        """)
+    original = (DATA / "chip-n-scale-config.yml").read_text()
     path = write(tmp_path, original)
-    with pytest.raises(ConfigError, match=r"config.yml:25: rds.instanceType: db.t2.medium .*db.t3.medium"):
+    with pytest.raises(ConfigError, match=r"config.yml:26: rds.instanceType: db.t2.medium .*db.t3.medium"):
         load(path)
     path.write_text(original.replace("db.t2.medium", "db.t3.medium"))
     with pytest.raises(ConfigError, match=r"lambdas.DownloadAndPredict.runtime: runtime python3.7 .*python3.12"):

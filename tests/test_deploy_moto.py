@@ -167,58 +167,21 @@ def test_unknown_profile_is_a_clear_error(project):
     assert "AWS profile 'nope-not-a-profile'" in result.stderr
 
 
-ORIGINAL_FORMAT = """\
-default:
-  stage: dev
-  stackName: your-stack
-  stackNoDash: YourStack
-  capabilities:
-     - CAPABILITY_NAMED_IAM
-  buckets:
-    internal: cnsq-artifacts
-  lambdas:
-  - DownloadAndPredict:
-      handler: download_and_predict.handler.handler
-      timeout: 60
-      memory: 512
-      runtime: python3.12
-      source: lambda
-      queueTrigger: true
-      concurrent: 5
-      envs:
-        TILE_ACCESS_TOKEN: '{{TILE_ACCESS_TOKEN}}'
-        TILE_ENDPOINT: 'https://example.com/{}/{}/{}.jpg?access_token={}'
-  rds:
-    username: '{{RDS_USERNAME}}'
-    password: '{{RDS_PASSWORD}}'
-    storage: 20
-    instanceType: 'db.t3.medium'
-  vpc: VPC
-  subnets:
-    - SUBNET_A
-    - SUBNET_B
-  ecs:
-    availabilityZone: us-east-1
-    maxInstances: 1
-    desiredInstances: 1
-    keyPairName: your-key-pair
-    instanceType: p3.2xlarge
-    image: tensorflow/serving:latest
-    memory: 1000
-  sqs:
-    visibilityTimeout: 360
-    maxReceiveCount: 5
-  predictionPath: '/v1/models/your_model'
-"""
 
 
 def test_a_config_in_the_original_format_deploys(project):
     current = Path("config/config.yml").read_text()
     vpc = current.split("vpc: ")[1].split()[0]
     subnet_a, subnet_b = current.split("subnets:\n    - ")[1].split("\n    - ")[:2]
-    Path("config/config.yml").write_text(
-        ORIGINAL_FORMAT.replace("VPC", vpc).replace("SUBNET_A", subnet_a.strip())
-        .replace("SUBNET_B", subnet_b.split()[0]))
+    # The original's example, with the values its comments ask users to fill in, and the two
+    # that AWS no longer accepts (python3.7, db.t2.medium) replaced as cnsq's errors say.
+    original = (Path(__file__).resolve().parent / "data" / "chip-n-scale-config.yml").read_text()
+    for old, new in (("your-bucket", "cnsq-artifacts"), ("your-vpc", vpc),
+                     ("subnet 1", subnet_a.strip()), ("subnet 2", subnet_b.split()[0]),
+                     ("python3.7", "python3.12"), ("db.t2.medium", "db.t3.medium"),
+                     ("visibilityTimeout: 60", "visibilityTimeout: 360")):
+        original = original.replace(old, new)
+    Path("config/config.yml").write_text(original)
     result = cnsq("deploy", "--config", "config/config.yml")
     assert result.exit_code == 0, result.output
     assert stack_status("your-stack") == "CREATE_COMPLETE"

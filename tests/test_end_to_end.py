@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import uuid
 
 import boto3
 import numpy as np
-import psycopg2
 from click.testing import CliRunner
 from PIL import Image
-from servers import TileServer
+from servers import TileServer, fresh_database
 
 from cnsq.cli import main
 from cnsq.local import serve
@@ -44,13 +42,7 @@ def test_push_work_serve_download_convert(aws, tmp_path, monkeypatch, postgres_u
     model = water_classifier(tmp_path / "water.onnx")
     server = serve.start(model, port=0, name="water")
 
-    admin = psycopg2.connect(postgres_url)
-    admin.autocommit = True
-    name = f"e2e_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    database = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    database = fresh_database(postgres_url, "e2e")
     try:
         (tmp_path / "tiles.txt").write_text("".join(f"{t}\n" for t in images))
         runner = CliRunner()

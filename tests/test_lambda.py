@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import psycopg2
 import pytest
-from servers import ModelServer, TcpProxy, TileServer, score, tile_image
+from servers import ModelServer, TcpProxy, TileServer, fresh_database, score, tile_image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "lambda"))
@@ -45,21 +44,10 @@ def failures(result: dict) -> set[str]:
     return {item["itemIdentifier"] for item in result["batchItemFailures"]}
 
 
-@pytest.fixture(scope="session")
-def pg_admin(postgres_url):
-    conn = psycopg2.connect(postgres_url)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
 @pytest.fixture
-def db_url(postgres_url, pg_admin):
+def db_url(postgres_url):
     """A fresh database with the results table, for one test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with pg_admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    url = fresh_database(postgres_url)
     store = open_store(url)
     store.migrate()
     store.close()

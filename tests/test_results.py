@@ -8,10 +8,10 @@ import uuid
 from pathlib import Path
 
 import boto3
-import psycopg2
 import pytest
 from click.testing import CliRunner
 from conftest import free_port
+from servers import fresh_database
 
 from cnsq.cli import main
 from cnsq.results import DatabaseError, open_store
@@ -24,13 +24,7 @@ def cnsq(*args: str, env: dict | None = None):
 @pytest.fixture
 def pg_url(postgres_url):
     """A fresh, empty database."""
-    admin = psycopg2.connect(postgres_url)
-    admin.autocommit = True
-    name = f"r_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    return fresh_database(postgres_url, "r")
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

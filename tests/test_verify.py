@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import boto3
 import psycopg2
 import pytest
 from click.testing import CliRunner
-from servers import ModelServer, TileServer
+from servers import ModelServer, TileServer, fresh_database
 
 from cnsq.cli import main
 from cnsq.results import open_store
@@ -26,13 +25,7 @@ def servers():
 
 @pytest.fixture
 def database(postgres_url):
-    admin = psycopg2.connect(postgres_url)
-    admin.autocommit = True
-    name = f"v_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    return fresh_database(postgres_url, "v")
 
 
 @pytest.fixture
