@@ -99,3 +99,29 @@ def test_queues_from_the_deployed_stack(project):
     result = CliRunner().invoke(main, ["redrive"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert drain(sqs, tiles) == ['{"x": 1, "y": 2, "z": 3}']
+
+
+def test_interrupted_with_ctrl_c_and_run_again(queues, aws):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sqs, dlq, queue, bodies = queues
+    env = {**os.environ, "AWS_ENDPOINT_URL": aws}
+    command = [sys.executable, "-m", "cnsq.cli", "redrive", "--dlq-url", dlq, "--queue-url", queue]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while depth(sqs, queue) < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 1 and "Interrupted" in err
+    moved = int(out.split("Moved ")[1].split()[0].replace(",", ""))
+    assert 50 <= moved < 500
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert Counter(drain(sqs, queue)) == Counter(bodies)
+    assert depth(sqs, dlq) == 0
