@@ -450,8 +450,14 @@ def convert_geojson(source: Path, target: str, thresh_ind: int, thresh: float, t
     """
     from .geojson import convert_file
 
+    def progress(report) -> None:
+        click.echo(f"\rread {report.read:,} rows, kept {report.kept:,}", nl=False, err=True)
+
+    on_tty = sys.stderr.isatty()
     report = convert_file(source, target, sys.stdout, thresh_ind=thresh_ind, thresh=thresh,
-                          tms=tms, seq=seq)
+                          tms=tms, seq=seq, progress=progress if on_tty else None)
+    if on_tty and report.read >= 50_000:
+        click.echo("", err=True)
     for line, reason in report.bad[:20]:
         click.echo(f"{source}:{line}: {reason}", err=True)
     if report.bad_count > 20:

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -50,11 +51,15 @@ def _feature(tile_id: str, tile: mercantile.Tile, scores: list) -> str:
                        "properties": properties}, separators=(",", ":"))
 
 
+PROGRESS_EVERY = 50_000  # rows between progress updates
+
+
 def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: bool = False,
-            seq: bool = False) -> Report:
+            seq: bool = False, progress: Callable[[Report], None] | None = None) -> Report:
     """Stream ``tile,output`` rows to GeoJSON features whose score at ``thresh_ind`` >= ``thresh``.
 
     ``seq`` writes one Feature per line (newline-delimited GeoJSON) instead of a FeatureCollection.
+    ``progress(report)`` is called every ``PROGRESS_EVERY`` rows.
     """
     report = Report()
     reader = csv.reader(source)
@@ -66,6 +71,8 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
         if line == 1 and row[:2] == ["tile", "output"]:
             continue
         report.read += 1
+        if progress and report.read % PROGRESS_EVERY == 0:
+            progress(report)
         if len(row) != 2:
             report.add_bad(line, f"expected 2 columns (tile,output), got {len(row)}")
             continue

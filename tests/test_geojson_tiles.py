@@ -174,3 +174,16 @@ def test_json_syntax_error_names_line_and_column(tmp_path):
 def test_cover_rejects_a_bad_zoom():
     with pytest.raises(TileError, match="zoom must be within"):
         cover(polygon(0, 0, 1, 1), 31)
+
+
+def test_progress_is_reported_on_long_input(tmp_path):
+    import io
+
+    from cnsq import geojson
+
+    rows = [(f"{i % 512}-{i // 512}-12", "[0.5, 0.5]") for i in range(120_000)]
+    src = write_csv(tmp_path / "r.csv", rows)
+    seen = []
+    with src.open(newline="") as handle:
+        report = geojson.convert(handle, io.StringIO(), 1, 0.9, progress=lambda r: seen.append(r.read))
+    assert seen == [50_000, 100_000] and report.read == 120_000
