@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
 
 from .errors import CnsqError
 
 
 def url_from_secret(secret: dict) -> str:
     """An RDS Secrets Manager secret (username, password, host, port, dbname) → a libpq URL."""
+    from download_and_predict.base import secret_to_url  # the Lambda reads it the same way
+
     missing = [k for k in ("username", "password", "host") if k not in secret]
     if missing:
         raise CnsqError(f"the database secret has no {', '.join(missing)} "
                         "(is the database attached to it yet?)")
-    return "postgresql://{}:{}@{}:{}/{}".format(
-        quote(str(secret["username"]), safe=""), quote(str(secret["password"]), safe=""),
-        secret["host"], secret.get("port", 5432), secret.get("dbname", "ResultsDB"))
+    return secret_to_url(secret)
 
 
 def url_from_stack(aws, stacks, stack_name: str) -> str:

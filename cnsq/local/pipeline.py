@@ -108,7 +108,9 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         store = open_store(database_url)
         store.migrate()
         app = build({"TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
-                     "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch)})
+                     "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch),
+                     # the download pool is shared by the batches in flight: room for all of them
+                     "DOWNLOAD_WORKERS": str(concurrency * batch_size)})
         with tiles.open(encoding="utf-8") as stream:
             report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
         app.writer.close()

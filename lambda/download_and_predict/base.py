@@ -303,6 +303,10 @@ class DownloadAndPredict:
         self.settings = settings
         self.session = session or self._session(settings.download_workers)
         self.writer = writer
+        # One pool for the app's life: warm invocations reuse its threads instead of starting
+        # new ones each time (and concurrent invocations on one machine share it).
+        self.downloads = ThreadPoolExecutor(max_workers=max(1, settings.download_workers),
+                                            thread_name_prefix="download")
 
     @staticmethod
     def _session(pool: int) -> requests.Session:
@@ -356,26 +360,25 @@ class DownloadAndPredict:
         if not records:
             return []
         started = time.perf_counter()
-        workers = min(self.settings.download_workers, len(records))
         images = []
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [(record, pool.submit(self.get_image, record.tile)) for record in records]
-            for record, future in futures:
-                try:
-                    image = future.result()
-                except StepFailed as exc:
-                    LOG.warning("record %s: %s", record.message_id, exc)
-                    outcome.fail([record.message_id], exc.reason)
-                    continue
-                if image is None:
-                    if self.settings.missing_tiles == "fail":
-                        LOG.warning("record %s: tile %s not found (404)", record.message_id,
-                                    record.tile.id)
-                        outcome.fail([record.message_id], "tile_missing")
-                    else:
-                        outcome.skipped += 1
-                    continue
-                images.append((record, image))
+        futures = [(record, self.downloads.submit(self.get_image, record.tile))
+                   for record in records]
+        for record, future in futures:
+            try:
+                image = future.result()
+            except StepFailed as exc:
+                LOG.warning("record %s: %s", record.message_id, exc)
+                outcome.fail([record.message_id], exc.reason)
+                continue
+            if image is None:
+                if self.settings.missing_tiles == "fail":
+                    LOG.warning("record %s: tile %s not found (404)", record.message_id,
+                                record.tile.id)
+                    outcome.fail([record.message_id], "tile_missing")
+                else:
+                    outcome.skipped += 1
+                continue
+            images.append((record, image))
         outcome.seconds["download"] += time.perf_counter() - started
         return images
 
