@@ -30,20 +30,40 @@ def score(image: bytes) -> list[float]:
 
 
 class _Server:
-    def __init__(self, handler_class):
+    def __init__(self, handler_class, tls=None):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
+        self.scheme = "http"
+        if tls is not None:  # an ssl.SSLContext: the handshake happens at accept
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def self_signed_tls(directory: Path):
+    """A certificate for 127.0.0.1 made by the openssl command, and a server context using it.
+
+    Returns (server ssl.SSLContext, path of the certificate a client must trust).
+    """
+    import ssl
+
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
 
 
 class _Quiet(BaseHTTPRequestHandler):
@@ -67,7 +87,7 @@ class TileServer(_Server):
     """GET /{z}/{x}/{y}.jpg → tile_image(); per-tile faults: missing (404), fail N times with
     500, or slow (sleeps). ``delay`` applies to every request."""
 
-    def __init__(self, delay: float = 0.0, content: dict[str, bytes] | None = None):
+    def __init__(self, delay: float = 0.0, content: dict[str, bytes] | None = None, tls=None):
         self.content = content or {}  # real images by x-y-z, instead of tile_image()
         self.missing: set[str] = set()
         self.failures: Counter[str] = Counter()
@@ -75,7 +95,7 @@ class TileServer(_Server):
         self.delay = delay
         self.requests: Counter[str] = Counter()
         self.tokens: list[str] = []
-        super().__init__(self._Handler)
+        super().__init__(self._Handler, tls)
 
     class _Handler(_Quiet):
         def do_GET(self) -> None:
@@ -141,6 +161,56 @@ class ModelServer(_Server):
             if server.mode == "wrong_count":
                 predictions = predictions[:-1]
             self.send(200, json.dumps({"predictions": predictions}).encode())
+
+
+class Redirector(_Server):
+    """Answers every GET with ``status`` and ``Location: <target><path>``."""
+
+    def __init__(self, target: str, status: int = 302):
+        self.target = target
+        self.status = status
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def do_GET(self) -> None:
+            server: Redirector = self.server.owner
+            self.send_response(server.status)
+            self.send_header("Location", server.target + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+
+class ForwardProxy(_Server):
+    """An HTTP forward proxy: takes absolute-form requests (``GET http://host/path``), records
+    each target URL, and relays the request and the answer."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def relay(self) -> None:
+            import http.client
+            from urllib.parse import urlsplit
+
+            server: ForwardProxy = self.server.owner
+            server.seen.append(self.path)
+            target = urlsplit(self.path)
+            if target.scheme != "http":
+                return self.send(400, b"only absolute http:// URLs")
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            upstream = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=30)
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("proxy-connection", "connection", "host")}
+            upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""),
+                             body=body or None, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+            upstream.close()
+            self.send(answer.status, data, answer.getheader("Content-Type") or "application/octet-stream")
+
+        do_GET = relay
+        do_POST = relay
 
 
 class TcpProxy:

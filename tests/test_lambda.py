@@ -11,7 +11,18 @@ from urllib.parse import urlparse
 
 import psycopg2
 import pytest
-from servers import ModelServer, TcpProxy, TileServer, fresh_database, score, tile_image
+from servers import (
+    ForwardProxy,
+    ModelServer,
+    Redirector,
+    TcpProxy,
+    TileServer,
+    free_port,
+    fresh_database,
+    score,
+    self_signed_tls,
+    tile_image,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "lambda"))
@@ -293,6 +304,76 @@ def test_credentials_from_secrets_manager(aws, tiles, model, db_url):
                                 "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_SECRET_ARN": arn})
     assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
     assert rows(db_url) == expected((1, 2, 3))
+
+
+# -- HTTP: redirects, proxies and CA bundles, read from the environment the handler is built with
+
+
+def test_a_redirected_tile_is_followed(make_app, db_url, tiles):
+    moved = Redirector(tiles.url)
+    try:
+        app = make_app(TILE_ENDPOINT=moved.url + "/{z}/{x}/{y}.jpg")
+        assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
+    finally:
+        moved.close()
+    assert rows(db_url) == expected(*GOOD)
+
+
+def test_a_proxy_in_the_environment_carries_tiles_and_predictions(make_app, db_url, tiles, model):
+    proxy = ForwardProxy()
+    try:
+        app = make_app(HTTP_PROXY=proxy.url)
+        assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
+    finally:
+        proxy.close()
+    assert rows(db_url) == expected(*GOOD)
+    assert sorted(proxy.seen) == sorted([f"{tiles.url}/{z}/{x}/{y}.jpg" for x, y, z in GOOD]
+                                        + [model.endpoint])
+
+
+def test_no_proxy_sends_the_listed_hosts_directly(make_app, db_url):
+    proxy = ForwardProxy()
+    try:
+        app = make_app(http_proxy=proxy.url, no_proxy="localhost,127.0.0.1")
+        assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
+    finally:
+        proxy.close()
+    assert proxy.seen == []
+    assert rows(db_url) == expected(*GOOD)
+
+
+def test_a_proxy_that_is_down_fails_the_records_with_a_reason(make_app, db_url):
+    app = make_app(HTTPS_PROXY=f"http://127.0.0.1:{free_port()}",
+                   HTTP_PROXY=f"http://127.0.0.1:{free_port()}", RETRIES=1)
+    result = app.run(sqs_event([body(*t) for t in GOOD]))
+    assert failures(result) == {"m0", "m1", "m2"}
+    assert app.last_outcome.failed == {"m0": "tile_connection", "m1": "tile_connection",
+                                       "m2": "tile_connection"}
+    assert rows(db_url) == {}
+
+
+def test_a_tls_endpoint_is_trusted_through_the_ca_bundle_variable(make_app, db_url, tmp_path,
+                                                                     caplog):
+    context, cert = self_signed_tls(tmp_path)
+    secure = TileServer(tls=context)
+    try:
+        endpoint = secure.url + "/{z}/{x}/{y}.jpg"
+        app = make_app(TILE_ENDPOINT=endpoint, REQUESTS_CA_BUNDLE=str(cert))
+        assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
+        # Without the bundle the certificate is refused: the tile fails, named, with the reason.
+        untrusted = make_app(TILE_ENDPOINT=endpoint, RETRIES=1)
+        assert failures(untrusted.run(sqs_event([body(9, 9, 5)]))) == {"m0"}
+    finally:
+        secure.close()
+    assert untrusted.last_outcome.failed == {"m0": "tile_connection"}
+    assert "certificate" in caplog.text.lower() and "9-9-5" in caplog.text
+    assert rows(db_url) == expected(*GOOD)
+
+
+def test_a_tile_endpoint_refusing_connections_fails_each_tile(make_app, db_url):
+    app = make_app(TILE_ENDPOINT=f"http://127.0.0.1:{free_port()}/{{z}}/{{x}}/{{y}}.jpg", RETRIES=2)
+    assert failures(app.run(sqs_event([body(1, 2, 3), "bad"]))) == {"m0", "m1"}
+    assert app.last_outcome.failed == {"m0": "tile_connection", "m1": "bad_record"}
 
 
 def test_imagery_url_forms():

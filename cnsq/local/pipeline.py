@@ -8,6 +8,7 @@ a model server started for the run, results go to SQLite (or PostgreSQL), then t
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -107,7 +108,8 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
     try:
         store = open_store(database_url)
         store.migrate()
-        app = build({"TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
+        # The environment first, as on Lambda: proxies, CA bundle, RETRIES, TILE_TIMEOUT, …
+        app = build({**os.environ, "TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
                      "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch),
                      # the download pool is shared by the batches in flight: room for all of them
                      "DOWNLOAD_WORKERS": str(concurrency * batch_size)})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -26,13 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-import requests
+from .transport import (
+    Response,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    ca_bundle_from_env,
+    proxies_from_env,
+)
 
 LOG = logging.getLogger("download_and_predict")
 
 MAX_ZOOM = 30
-ENV_SETTINGS = {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUESTS_CA_BUNDLE",
-                "CURL_CA_BUNDLE", "NETRC"}
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -125,6 +129,8 @@ class Settings:
     retries: int = 3
     backoff: float = 0.2
     download_workers: int = 16
+    proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see transport.py
+    ca_bundle: str | None = None  # REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or certifi's; None: system
 
     REQUIRED = ("TILE_ENDPOINT", "PREDICTION_ENDPOINT")
 
@@ -153,6 +159,8 @@ class Settings:
                 retries=int(env.get("RETRIES", 3)),
                 backoff=float(env.get("RETRY_BACKOFF", 0.2)),
                 download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
+                proxies=proxies_from_env(env),
+                ca_bundle=ca_bundle_from_env(env),
             )
         except ValueError as exc:
             raise ValueError(f"malformed numeric environment variable: {exc}") from None
@@ -299,27 +307,16 @@ class DownloadAndPredict:
     """The handler's steps; override any of them in a subclass."""
 
     def __init__(self, settings: Settings, writer: ResultsWriter | None = None,
-                 session: requests.Session | None = None):
+                 http: Transport | None = None):
         self.settings = settings
-        self.session = session or self._session(settings.download_workers)
+        # One connection pool per host, as many connections as downloads run at once.
+        self.http = http or Transport(settings.download_workers + 2, settings.proxies,
+                                      settings.ca_bundle)
         self.writer = writer
         # One pool for the app's life: warm invocations reuse its threads instead of starting
         # new ones each time (and concurrent invocations on one machine share it).
         self.downloads = ThreadPoolExecutor(max_workers=max(1, settings.download_workers),
                                             thread_name_prefix="download")
-
-    @staticmethod
-    def _session(pool: int) -> requests.Session:
-        session = requests.Session()
-        # With trust_env, requests scans the whole environment for proxy settings on every
-        # request — the largest CPU cost per tile when measured. Read it once, here: only when
-        # no proxy or CA-bundle variable is set is there nothing per request to honour.
-        if not any(name.upper() in ENV_SETTINGS for name in os.environ):
-            session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(pool, 4))
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
 
     # -- 1. records → tiles ------------------------------------------------------------------
 
@@ -347,13 +344,13 @@ class DownloadAndPredict:
         """
         url = self.url_for(tile)
         response = self._with_retries(
-            lambda: self.session.get(url, timeout=(3.05, self.settings.tile_timeout)),
+            lambda: self.http.get(url, read_timeout=self.settings.tile_timeout),
             f"tile {tile.id}", "tile")
-        if response.status_code == 404:
+        if response.status == 404:
             return None
-        if response.status_code != 200:
-            raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status_code}")
-        return response.content
+        if response.status != 200:
+            raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status}")
+        return response.data
 
     def get_images(self, records: list[Record], outcome: Outcome) -> list[tuple[Record, bytes]]:
         """Download concurrently; returns the records that have an image."""
@@ -398,12 +395,12 @@ class DownloadAndPredict:
         """
         endpoint = self.settings.prediction_endpoint
         response = self._with_retries(
-            lambda: self.session.post(endpoint, json=payload,
-                                      timeout=(3.05, self.settings.predict_timeout)),
+            lambda: self.http.post_json(endpoint, payload,
+                                        read_timeout=self.settings.predict_timeout),
             "prediction", "model")
-        if response.status_code != 200:
+        if response.status != 200:
             raise StepFailed("model_error",
-                             f"model answered HTTP {response.status_code}: {response.text[:200]}")
+                             f"model answered HTTP {response.status}: {response.text[:200]}")
         try:
             predictions = response.json()["predictions"]
         except (ValueError, KeyError, TypeError):
@@ -482,20 +479,20 @@ class DownloadAndPredict:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _with_retries(self, call, what: str, kind: str) -> requests.Response:
+    def _with_retries(self, call, what: str, kind: str) -> Response:
         attempts = max(1, self.settings.retries)
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
                 response = call()
-            except requests.Timeout:
+            except TransportTimeout:
                 if last:
                     raise StepFailed(f"{kind}_timeout", f"{what}: timed out") from None
-            except requests.ConnectionError as exc:
+            except TransportError as exc:
                 if last:
                     raise StepFailed(f"{kind}_connection", f"{what}: {exc}") from None
             else:
-                if response.status_code not in RETRY_STATUS or last:
+                if response.status not in RETRY_STATUS or last:
                     return response
             time.sleep(self.settings.backoff * (2**attempt))
         raise AssertionError("unreachable")

@@ -1,7 +1,7 @@
 """The Lambda entry point: ``download_and_predict.handler.handler``.
 
 Configuration comes from the environment (TILE_ENDPOINT, TILE_ACCESS_TOKEN, PREDICTION_ENDPOINT,
-and DATABASE_SECRET_ARN on AWS or DATABASE_URL locally). The app — its HTTP session and database
+and DATABASE_SECRET_ARN on AWS or DATABASE_URL locally). The app — its HTTP connection pools and database
 connection — is built at cold start and reused by every warm invocation.
 """
 
@@ -30,7 +30,7 @@ def database_url(settings: Settings) -> str:
 
 def build(env: dict[str, str], app_class: type[DownloadAndPredict] = DownloadAndPredict,
           ) -> DownloadAndPredict:
-    """Cold start: read the environment, open the HTTP session and the database connection.
+    """Cold start: read the environment, open the HTTP pools and the database connection.
 
     A database that cannot be reached now is retried at the next write, so the records of this
     invocation fail (and come back) instead of the whole function failing to start.
