@@ -767,8 +767,12 @@ def _wait_forever(what: str) -> None:
 @click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
 @click.option("--batch-timeout-ms", default=5.0, show_default=True,
               help="How long a request waits for others to share its inference call.")
+@click.option("--batch-threads", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Batches run at once (TF Serving's num_batch_threads), each on an equal share "
+                   "of the cores. 1: the lowest latency per batch; 2 or more: steadier throughput "
+                   "when other work shares the CPU (cnsq run uses 2).")
 def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
-          batch_timeout_ms: float) -> None:
+          batch_timeout_ms: float, batch_threads: int) -> None:
     """Serve an ONNX model with TF Serving's REST API (what the Lambda and verify talk to).
 
     Concurrent requests are merged into one inference call (dynamic batching).
@@ -780,7 +784,7 @@ def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
     """
     from .local import serve as server
 
-    running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host)
+    running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host, batch_threads)
     click.echo(f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
                f"/v1/models/{name}:predict (Ctrl-C stops)", err=True)
     _wait_forever("the model server")

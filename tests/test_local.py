@@ -112,6 +112,37 @@ def test_serve_with_max_batch_1_runs_each_request_alone(model_path):
         running.close()
 
 
+def test_serve_with_batch_threads_runs_batches_at_once_and_keeps_answers_apart(model_path):
+    # Distinct colours, answered one at a time first: the reference each concurrent answer must match.
+    colours = [(20 + 3 * i, 60 + i, 200 - 2 * i) if i % 2 else (90 + i, 120, 50 + i) for i in range(48)]
+    single = serve.start(model_path, port=0, name="m", max_batch=1)
+    try:
+        expected = [requests.post(single.endpoint, json={"instances": [b64(png(c))]}, timeout=30)
+                    .json()["predictions"][0] for c in colours]
+    finally:
+        single.close()
+    running = serve.start(model_path, port=0, name="m", max_batch=4, batch_timeout_ms=20,
+                          batch_threads=3)
+    try:
+        def one(i: int) -> list:
+            body = {"instances": [b64(png(colours[i])), b64(png(colours[(i + 1) % 48]))]}
+            return requests.post(running.endpoint, json=body, timeout=30).json()["predictions"]
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(48)))
+        assert running.batcher.peak <= 3  # never more batches at once than threads
+        assert running.batcher.instances == 96
+    finally:
+        running.close()
+    for i, answer in enumerate(answers):
+        assert answer == [expected[i], expected[(i + 1) % 48]]
+
+
+def test_serve_refuses_batch_threads_below_one(model_path):
+    result = CliRunner().invoke(main, ["serve", str(model_path), "--batch-threads", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--batch-threads'" in result.output
+
+
 def test_tileserver_folder_and_mbtiles(tmp_path):
     folder = tmp_path / "tiles" / "3" / "1"
     folder.mkdir(parents=True)

@@ -5,7 +5,8 @@
 ``{"predictions": […]}``. Images are decoded (JPEG/PNG) and resized to the model's input.
 Concurrent requests are merged into one inference call of up to ``max_batch`` instances, waiting
 at most ``batch_timeout_ms`` for company: that is what keeps a CPU (or GPU) busy when many
-Lambdas or workers each send a few tiles.
+Lambdas or workers each send a few tiles. ``batch_threads`` batches run at once (TF Serving's
+``num_batch_threads``), each on ``cores // batch_threads`` ONNX Runtime threads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import queue
 import re
 import subprocess
@@ -103,17 +105,27 @@ _STOP = object()
 
 
 class Batcher:
-    """Merges concurrent requests into inference calls of up to ``max_batch`` instances."""
+    """Merges concurrent requests into inference calls of up to ``max_batch`` instances.
 
-    def __init__(self, model: OnnxModel, max_batch: int = 32, timeout_ms: float = 5.0):
+    ``threads`` loops each form and run their own batch, so that many run at once (ONNX Runtime
+    sessions may be run from several threads).
+    """
+
+    def __init__(self, model: OnnxModel, max_batch: int = 32, timeout_ms: float = 5.0,
+                 threads: int = 1):
         self.model = model
         self.max_batch = max(1, max_batch)
         self.timeout = timeout_ms / 1000
         self.requests: queue.Queue = queue.Queue()
         self.calls = 0
         self.instances = 0
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
+        self.running = 0
+        self.peak = 0  # most batches that ran at once
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, daemon=True)
+                        for _ in range(max(1, threads))]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, arrays: list[np.ndarray]) -> Future:
         future: Future = Future()
@@ -144,22 +156,30 @@ class Batcher:
             self._run(group)
 
     def _run(self, group: list) -> None:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
         try:
             batch = np.stack([a for arrays, _ in group for a in arrays])
             predictions = self.model.predict(batch)
-            self.calls += 1
-            self.instances += len(batch)
         except Exception as exc:  # noqa: BLE001 - every request of the group gets the error
             for _, future in group:
                 future.set_exception(exc)
             return
+        finally:
+            with self.lock:
+                self.running -= 1
+        with self.lock:
+            self.calls += 1
+            self.instances += len(batch)
         start = 0
         for arrays, future in group:
             future.set_result(predictions[start:start + len(arrays)])
             start += len(arrays)
 
     def close(self) -> None:
-        self.requests.put(_STOP)
+        for _ in self.threads:
+            self.requests.put(_STOP)
 
 
 @dataclass
@@ -240,11 +260,24 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def start(model_path: Path, port: int = 8501, name: str = "model", max_batch: int = 32,
-          batch_timeout_ms: float = 5.0, host: str = "127.0.0.1") -> Server:
-    """Load the model and serve it in a background thread."""
-    model = OnnxModel(Path(model_path))
-    batcher = Batcher(model, max_batch, batch_timeout_ms)
+          batch_timeout_ms: float = 5.0, host: str = "127.0.0.1", batch_threads: int = 1) -> Server:
+    """Load the model and serve it in a background thread.
+
+    With one batch thread ONNX Runtime picks its own thread count (all cores); with more, each
+    batch gets an equal share of the cores.
+    """
+    threads = 0 if batch_threads <= 1 else max(1, cores() // batch_threads)
+    model = OnnxModel(Path(model_path), threads)
+    batcher = Batcher(model, max_batch, batch_timeout_ms, batch_threads)
     httpd = _Server((host, port), _handler(model, batcher, name))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
@@ -276,7 +309,7 @@ class Process:
 
 
 def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
-          batch_timeout_ms: float = 5.0, timeout: float = 60.0) -> Process:
+          batch_timeout_ms: float = 5.0, timeout: float = 60.0, batch_threads: int = 1) -> Process:
     """Start ``cnsq serve`` in its own process and wait until it answers.
 
     Its own process, not a thread: decoding images and JSON holds Python's GIL, and on the same
@@ -296,7 +329,8 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
     popen = subprocess.Popen(
         [sys.executable, "-m", "cnsq.cli", "serve", str(model_path), "--port", str(port),
          "--name", name, "--max-batch", str(max_batch), "--batch-timeout-ms",
-         str(batch_timeout_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         str(batch_timeout_ms), "--batch-threads", str(batch_threads)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     handle = Process(popen, port, name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
