@@ -165,6 +165,30 @@ def test_tileserver_folder_and_mbtiles(tmp_path):
             running.close()
 
 
+def test_tileserver_keeps_connections_alive_and_closes_when_asked(tmp_path):
+    import http.client
+
+    folder = tmp_path / "3" / "1"
+    folder.mkdir(parents=True)
+    (folder / "2.jpg").write_bytes(b"\xff\xd8 a jpeg")
+    running = tileserver.start(tmp_path, port=0)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.httpd.server_address[1], timeout=10)
+        for path, status, body in (("/3/1/2.jpg", 200, b"\xff\xd8 a jpeg"), ("/3/1/9.jpg", 404, b"no such tile"),
+                                   ("/3/1/2.png", 200, b"\xff\xd8 a jpeg")):  # another extension is looked for
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            assert (answer.status, answer.read()) == (status, body)
+            assert answer.getheader("Connection") is None  # kept alive: one connection for all three
+        conn.request("GET", "/3/1/2.jpg", headers={"Connection": "close"})
+        answer = conn.getresponse()
+        assert answer.getheader("Connection") == "close" and answer.getheader("Content-Type") == "image/jpeg"
+        assert answer.read() == b"\xff\xd8 a jpeg" and answer.will_close
+        conn.close()
+    finally:
+        running.close()
+
+
 def test_run_lists_failures_and_writes_the_good_tiles(tmp_path, model_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "tiles" / "10"
