@@ -872,7 +872,8 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results.csv"),
               show_default=True, help="The results CSV.")
 @click.option("--database-url", default="sqlite:///results.db", show_default=True)
-@click.option("--concurrency", "-n", default=8, show_default=True, help="Batches at once.")
+@click.option("--concurrency", "-n", default=16, show_default=True,
+              help="Handler calls at once: enough to keep both of the model server's batches full.")
 @click.option("--batch-size", default=10, show_default=True, help="Tiles per handler call.")
 @click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
 def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str,

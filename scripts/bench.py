@@ -446,7 +446,8 @@ def main() -> int:
     parser.add_argument("--pipeline-tiles", type=int, default=2000)
     parser.add_argument("--pipeline-rounds", type=int, default=3,
                         help="alternating server-alone and pipeline runs; medians compared")
-    parser.add_argument("--pipeline-concurrency", type=int, default=8)
+    parser.add_argument("--pipeline-concurrency", type=int, default=16,
+                        help="requests (server alone) or handler calls (cnsq run) in flight")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
                         help="Also write the results as a Markdown table (for the README).")
     args = parser.parse_args()

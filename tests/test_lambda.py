@@ -376,6 +376,26 @@ def test_a_tile_endpoint_refusing_connections_fails_each_tile(make_app, db_url):
     assert app.last_outcome.failed == {"m0": "tile_connection", "m1": "bad_record"}
 
 
+def test_download_pool_started_small_grows_while_tiles_wait(make_app, db_url):
+    slow = TileServer(delay=0.15)  # a remote endpoint's latency: downloads wait for threads
+    try:
+        app = make_app(TILE_ENDPOINT=slow.url + "/{z}/{x}/{y}.jpg", DOWNLOAD_WORKERS=8,
+                       DOWNLOAD_WORKERS_MIN=1)
+        assert app.downloads.threads == 1
+        tiles = [(x, 1, 4) for x in range(8)]
+        assert failures(app.run(sqs_event([body(*t) for t in tiles]))) == set()
+    finally:
+        slow.close()
+    assert 1 < app.downloads.threads <= 8
+    assert rows(db_url) == expected(*tiles)
+
+
+def test_malformed_download_workers_min_is_a_clear_error():
+    with pytest.raises(ValueError, match="malformed numeric environment variable"):
+        Settings.from_env({"TILE_ENDPOINT": "http://x/{z}/{x}/{y}", "PREDICTION_ENDPOINT": "http://m",
+                           "DATABASE_URL": "sqlite:///r.db", "DOWNLOAD_WORKERS_MIN": "four"})
+
+
 def test_imagery_url_forms():
     tile = Tile(1, 2, 3)
     assert imagery_url("https://t/{}/{}/{}.jpg?access_token={}", tile, "k") == "https://t/3/1/2.jpg?access_token=k"

@@ -57,7 +57,7 @@ def events(lines: Iterable[Line], batch_size: int, report: RunReport) -> Iterato
         yield {"Records": records}
 
 
-def run_pipeline(lines: Iterable[Line], app, concurrency: int = 8, batch_size: int = 10,
+def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: int = 10,
                  progress: Callable[[RunReport], None] | None = None) -> RunReport:
     """Run every tile through ``app.process``; failures are kept with their reasons."""
     report = RunReport()
@@ -101,7 +101,7 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 8, batch_size: i
 
 
 def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, database_url: str,
-        concurrency: int = 8, batch_size: int = 10, max_batch: int = 32,
+        concurrency: int = 16, batch_size: int = 10, max_batch: int = 32,
         progress: Callable[[RunReport], None] | None = None) -> RunReport:
     """Start a model server, run the tiles through the handler, write the results CSV."""
     from download_and_predict.handler import build
@@ -118,8 +118,11 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         # The environment first, as on Lambda: proxies, CA bundle, RETRIES, TILE_TIMEOUT, …
         app = build({**os.environ, "TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
                      "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch),
-                     # the download pool is shared by the batches in flight: room for all of them
-                     "DOWNLOAD_WORKERS": str(concurrency * batch_size)})
+                     # The download pool is shared by the batches in flight: room for all of them,
+                     # but it starts with 4 threads and grows only while downloads wait (a local
+                     # tile server needs few; each extra thread costs context switches).
+                     "DOWNLOAD_WORKERS": str(concurrency * batch_size),
+                     "DOWNLOAD_WORKERS_MIN": "4"})
         with tiles.open(encoding="utf-8") as stream:
             report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
         app.writer.close()

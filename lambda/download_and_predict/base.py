@@ -20,11 +20,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
+from .pool import ElasticPool
 from .transport import (
     Response,
     Transport,
@@ -129,6 +130,7 @@ class Settings:
     retries: int = 3
     backoff: float = 0.2
     download_workers: int = 16
+    download_workers_min: int | None = None  # threads started at once; None: download_workers
     proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see transport.py
     ca_bundle: str | None = None  # REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or certifi's; None: system
 
@@ -159,6 +161,8 @@ class Settings:
                 retries=int(env.get("RETRIES", 3)),
                 backoff=float(env.get("RETRY_BACKOFF", 0.2)),
                 download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
+                download_workers_min=int(env["DOWNLOAD_WORKERS_MIN"])
+                if env.get("DOWNLOAD_WORKERS_MIN") else None,
                 proxies=proxies_from_env(env),
                 ca_bundle=ca_bundle_from_env(env),
             )
@@ -314,9 +318,12 @@ class DownloadAndPredict:
                                       settings.ca_bundle)
         self.writer = writer
         # One pool for the app's life: warm invocations reuse its threads instead of starting
-        # new ones each time (and concurrent invocations on one machine share it).
-        self.downloads = ThreadPoolExecutor(max_workers=max(1, settings.download_workers),
-                                            thread_name_prefix="download")
+        # new ones each time (and concurrent invocations on one machine share it). It grows
+        # from DOWNLOAD_WORKERS_MIN towards DOWNLOAD_WORKERS only while downloads wait for a
+        # thread (see pool.py); by default all are started, as one invocation's tiles should
+        # download at once.
+        self.downloads = ElasticPool(settings.download_workers,
+                                     start=settings.download_workers_min or settings.download_workers)
 
     # -- 1. records → tiles ------------------------------------------------------------------
 
@@ -360,6 +367,8 @@ class DownloadAndPredict:
         images = []
         futures = [(record, self.downloads.submit(self.get_image, record.tile))
                    for record in records]
+        # Woken once when all are done, not once per tile: each wake-up is a context switch.
+        wait([future for _, future in futures])
         for record, future in futures:
             try:
                 image = future.result()
