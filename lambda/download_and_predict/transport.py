@@ -105,10 +105,6 @@ class Transport:
         self.routes: dict[tuple[str, str], urllib3.PoolManager] = {}  # (scheme, host) → manager
         self.lock = threading.Lock()
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], pool_size: int = 16) -> Transport:
-        return cls(pool_size, proxies_from_env(env), ca_bundle_from_env(env))
-
     def manager_for(self, url: str) -> urllib3.PoolManager:
         """The direct pools or a proxy's, decided once per scheme and host."""
         parts = urlsplit(url)
