@@ -784,7 +784,8 @@ def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
     """
     from .local import serve as server
 
-    running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host, batch_threads)
+    running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host, batch_threads,
+                           switch_interval=server.SWITCH_INTERVAL)
     click.echo(f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
                f"/v1/models/{name}:predict (Ctrl-C stops)", err=True)
     _wait_forever("the model server")
