@@ -182,10 +182,12 @@ class Redirector(_Server):
 
 class ForwardProxy(_Server):
     """An HTTP forward proxy: takes absolute-form requests (``GET http://host/path``), records
-    each target URL, and relays the request and the answer."""
+    each target URL, and relays the request and the answer. ``hosts`` maps names only the proxy
+    knows (``tiles.test``) to the addresses it connects to, as a proxy's own DNS would."""
 
-    def __init__(self):
+    def __init__(self, hosts: dict[str, str] | None = None):
         self.seen: list[str] = []
+        self.hosts = hosts or {}
         super().__init__(self._Handler)
 
     class _Handler(_Quiet):
@@ -199,7 +201,8 @@ class ForwardProxy(_Server):
             if target.scheme != "http":
                 return self.send(400, b"only absolute http:// URLs")
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            upstream = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=30)
+            address = server.hosts.get(target.hostname, target.hostname)
+            upstream = http.client.HTTPConnection(address, target.port or 80, timeout=30)
             headers = {k: v for k, v in self.headers.items()
                        if k.lower() not in ("proxy-connection", "connection", "host")}
             upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""),

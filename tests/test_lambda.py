@@ -36,6 +36,7 @@ from download_and_predict.base import (  # noqa: E402
     imagery_url,
     parse_tile,
 )
+from download_and_predict.transport import Transport, proxies_from_env  # noqa: E402
 
 
 def sqs_event(bodies: list[str]) -> dict:
@@ -319,32 +320,54 @@ def test_a_redirected_tile_is_followed(make_app, db_url, tiles):
     assert rows(db_url) == expected(*GOOD)
 
 
+def port_of(url: str) -> int:
+    return urlparse(url).port
+
+
 def test_a_proxy_in_the_environment_carries_tiles_and_predictions(make_app, db_url, tiles, model):
-    proxy = ForwardProxy()
+    # Names only the proxy can resolve: the handler reaches them through it or not at all.
+    proxy = ForwardProxy(hosts={"tiles.test": "127.0.0.1", "model.test": "127.0.0.1"})
+    tile_url = f"http://tiles.test:{port_of(tiles.url)}"
+    predict_url = f"http://model.test:{port_of(model.url)}/v1/models/m:predict"
     try:
-        app = make_app(HTTP_PROXY=proxy.url)
+        app = make_app(HTTP_PROXY=proxy.url, TILE_ENDPOINT=tile_url + "/{z}/{x}/{y}.jpg",
+                       PREDICTION_ENDPOINT=predict_url)
         assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
     finally:
         proxy.close()
     assert rows(db_url) == expected(*GOOD)
-    assert sorted(proxy.seen) == sorted([f"{tiles.url}/{z}/{x}/{y}.jpg" for x, y, z in GOOD]
-                                        + [model.endpoint])
+    assert sorted(proxy.seen) == sorted([f"{tile_url}/{z}/{x}/{y}.jpg" for x, y, z in GOOD]
+                                        + [predict_url])
 
 
-def test_no_proxy_sends_the_listed_hosts_directly(make_app, db_url):
-    proxy = ForwardProxy()
-    try:
-        app = make_app(http_proxy=proxy.url, no_proxy="localhost,127.0.0.1")
-        assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
-    finally:
-        proxy.close()
-    assert proxy.seen == []
+def test_loopback_is_never_sent_to_a_proxy(make_app, db_url):
+    # A proxy cannot reach this machine's 127.0.0.1 (cnsq run's model server, a local tile
+    # server): loopback goes direct even with a proxy set and no NO_PROXY, here a dead one.
+    app = make_app(HTTP_PROXY=f"http://127.0.0.1:{free_port()}", RETRIES=1)
+    assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
     assert rows(db_url) == expected(*GOOD)
 
 
-def test_a_proxy_that_is_down_fails_the_records_with_a_reason(make_app, db_url):
-    app = make_app(HTTPS_PROXY=f"http://127.0.0.1:{free_port()}",
-                   HTTP_PROXY=f"http://127.0.0.1:{free_port()}", RETRIES=1)
+def test_proxy_routing_follows_no_proxy_and_the_scheme():
+    http = Transport(4, proxies_from_env({"HTTP_PROXY": "proxy.test:3128",
+                                          "no_proxy": "tiles.example.com,.internal"}))
+    assert http.manager_for("http://tiles.example.com/1/2/3.png") is http.direct
+    assert http.manager_for("http://gpu.internal:8501/v1/models/m:predict") is http.direct
+    for loopback in ("http://127.0.0.1:8501/x", "http://localhost:8000/x", "http://[::1]:8000/x"):
+        assert http.manager_for(loopback) is http.direct
+    proxied = http.manager_for("http://imagery.example.com/1/2/3.png")
+    assert proxied is not http.direct and proxied.proxy.host == "proxy.test"  # scheme added
+    assert http.manager_for("https://imagery.example.com/1/2/3.png") is http.direct  # no HTTPS_PROXY
+
+
+def test_proxies_from_env_lower_case_wins():
+    assert proxies_from_env({"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:2",
+                             "PATH": "/bin"}) == {"https": "http://lower:2"}
+
+
+def test_a_proxy_that_is_down_fails_the_records_with_a_reason(make_app, db_url, tiles):
+    app = make_app(HTTP_PROXY=f"http://127.0.0.1:{free_port()}", RETRIES=1,
+                   TILE_ENDPOINT=f"http://tiles.test:{port_of(tiles.url)}/{{z}}/{{x}}/{{y}}.jpg")
     result = app.run(sqs_event([body(*t) for t in GOOD]))
     assert failures(result) == {"m0", "m1", "m2"}
     assert app.last_outcome.failed == {"m0": "tile_connection", "m1": "tile_connection",

@@ -5,12 +5,14 @@ everything else it does — merging session settings and hooks and, whenever a p
 variable is set, scanning the whole environment again on every request. On Lambda that CPU is
 billed; on one machine (``cnsq run``) it is taken from the model server. What requests did for the
 handler is kept here, decided once at cold start from the environment the app is built with:
-redirects are followed, ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` route each host, and
-``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` (else certifi's bundle) verify TLS.
+redirects are followed, ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` route each host (loopback
+always goes direct), and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` (else certifi's bundle)
+verify TLS.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import threading
@@ -77,6 +79,18 @@ def ca_bundle_from_env(env: Mapping[str, str]) -> str | None:
     return certifi.where()
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address: never sent to a proxy, which cannot reach this
+    machine's loopback (``cnsq run``'s model server, a local tile server), as Go's HTTP client
+    does too."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Transport:
     """GET and POST with pooled keep-alive connections; thread-safe.
 
@@ -117,7 +131,7 @@ class Transport:
 
     def _route(self, scheme: str, host: str) -> urllib3.PoolManager:
         proxy = self.proxies.get(scheme) or self.proxies.get("all")
-        if not proxy or proxy_bypass_environment(host, self.proxies):
+        if not proxy or is_loopback(host) or proxy_bypass_environment(host, self.proxies):
             return self.direct
         with self.lock:
             if proxy not in self.via_proxy:
