@@ -183,8 +183,23 @@ class Batcher:
             self.requests.put(_STOP)
 
 
+class _Addresses:
+    """The URLs of a model server on 127.0.0.1 that has a ``port`` and a model ``name``."""
+
+    port: int
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url}/v1/models/{self.name}:predict"
+
+
 @dataclass
-class Server:
+class Server(_Addresses):
     """A running model server (see :func:`start`)."""
 
     httpd: ThreadingHTTPServer
@@ -192,12 +207,8 @@ class Server:
     name: str
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.url}/v1/models/{self.name}:predict"
+    def port(self) -> int:  # type: ignore[override] - read from the bound socket
+        return self.httpd.server_address[1]
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -298,20 +309,12 @@ def start(model_path: Path, port: int = 8501, name: str = "model", max_batch: in
 
 
 @dataclass
-class Process:
+class Process(_Addresses):
     """``cnsq serve`` running as a process of its own (see :func:`spawn`)."""
 
     popen: subprocess.Popen
     port: int
     name: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.url}/v1/models/{self.name}:predict"
 
     def close(self) -> None:
         self.popen.terminate()
