@@ -50,17 +50,19 @@ class _Server:
         self.httpd.server_close()
 
 
-def self_signed_tls(directory: Path):
-    """A certificate for 127.0.0.1 made by the openssl command, and a server context using it.
+def self_signed_tls(directory: Path, names: tuple[str, ...] = ()):
+    """A certificate for 127.0.0.1 (and DNS ``names``) made by the openssl command, and a server
+    context using it.
 
     Returns (server ssl.SSLContext, path of the certificate a client must trust).
     """
     import ssl
 
     cert, key = directory / "cert.pem", directory / "key.pem"
+    alt = ",".join(["IP:127.0.0.1", *(f"DNS:{name}" for name in names)])
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+                    "-addext", f"subjectAltName={alt}"], check=True, capture_output=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context, cert
@@ -181,12 +183,15 @@ class Redirector(_Server):
 
 
 class ForwardProxy(_Server):
-    """An HTTP forward proxy: takes absolute-form requests (``GET http://host/path``), records
-    each target URL, and relays the request and the answer. ``hosts`` maps names only the proxy
-    knows (``tiles.test``) to the addresses it connects to, as a proxy's own DNS would."""
+    """An HTTP forward proxy: takes absolute-form requests (``GET http://host/path``) and relays
+    them, and ``CONNECT host:port`` tunnels for HTTPS. It records each target (``seen``: the URL,
+    or ``CONNECT host:port``) and each request's Proxy-Authorization header. ``hosts`` maps
+    names only the proxy knows (``tiles.test``) to the addresses it connects to, as a proxy's own
+    DNS would."""
 
     def __init__(self, hosts: dict[str, str] | None = None):
         self.seen: list[str] = []
+        self.authorizations: list[str | None] = []
         self.hosts = hosts or {}
         super().__init__(self._Handler)
 
@@ -197,6 +202,7 @@ class ForwardProxy(_Server):
 
             server: ForwardProxy = self.server.owner
             server.seen.append(self.path)
+            server.authorizations.append(self.headers.get("Proxy-Authorization"))
             target = urlsplit(self.path)
             if target.scheme != "http":
                 return self.send(400, b"only absolute http:// URLs")
@@ -204,7 +210,8 @@ class ForwardProxy(_Server):
             address = server.hosts.get(target.hostname, target.hostname)
             upstream = http.client.HTTPConnection(address, target.port or 80, timeout=30)
             headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("proxy-connection", "connection", "host")}
+                       if k.lower() not in ("proxy-connection", "connection", "host",
+                                            "proxy-authorization")}
             upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""),
                              body=body or None, headers=headers)
             answer = upstream.getresponse()
@@ -214,6 +221,41 @@ class ForwardProxy(_Server):
 
         do_GET = relay
         do_POST = relay
+
+        def do_CONNECT(self) -> None:
+            server: ForwardProxy = self.server.owner
+            server.seen.append(f"CONNECT {self.path}")
+            server.authorizations.append(self.headers.get("Proxy-Authorization"))
+            host, _, port = self.path.rpartition(":")
+            try:
+                upstream = socket.create_connection((server.hosts.get(host, host), int(port)), 5)
+            except OSError:
+                return self.send(502, b"cannot reach " + self.path.encode())
+            self.send_response(200, "Connection established")
+            self.end_headers()
+            self.wfile.flush()
+            pumps = [threading.Thread(target=_pump, args=(self.connection, upstream), daemon=True),
+                     threading.Thread(target=_pump, args=(upstream, self.connection), daemon=True)]
+            for pump in pumps:
+                pump.start()
+            for pump in pumps:
+                pump.join()
+            upstream.close()
+            self.close_connection = True
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    """Copy bytes one way until either side closes."""
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for side in (sink, source):
+        try:
+            side.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class TcpProxy:
@@ -264,21 +306,7 @@ class TcpProxy:
             with self.lock:
                 self.sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
 
 
 def fresh_database(server_url: str, prefix: str = "t") -> str:

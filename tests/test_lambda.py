@@ -351,13 +351,13 @@ def test_loopback_is_never_sent_to_a_proxy(make_app, db_url):
 def test_proxy_routing_follows_no_proxy_and_the_scheme():
     http = Transport(4, proxies_from_env({"HTTP_PROXY": "proxy.test:3128",
                                           "no_proxy": "tiles.example.com,.internal"}))
-    assert http.manager_for("http://tiles.example.com/1/2/3.png") is http.direct
-    assert http.manager_for("http://gpu.internal:8501/v1/models/m:predict") is http.direct
+    assert http.proxy_for("http://tiles.example.com/1/2/3.png") is None
+    assert http.proxy_for("http://gpu.internal:8501/v1/models/m:predict") is None
     for loopback in ("http://127.0.0.1:8501/x", "http://localhost:8000/x", "http://[::1]:8000/x"):
-        assert http.manager_for(loopback) is http.direct
-    proxied = http.manager_for("http://imagery.example.com/1/2/3.png")
-    assert proxied is not http.direct and proxied.proxy.host == "proxy.test"  # scheme added
-    assert http.manager_for("https://imagery.example.com/1/2/3.png") is http.direct  # no HTTPS_PROXY
+        assert http.proxy_for(loopback) is None
+    proxied = http.proxy_for("http://imagery.example.com/1/2/3.png")
+    assert (proxied.host, proxied.port) == ("proxy.test", 3128)  # scheme added
+    assert http.proxy_for("https://imagery.example.com/1/2/3.png") is None  # no HTTPS_PROXY
 
 
 def test_proxies_from_env_lower_case_wins():
