@@ -418,6 +418,9 @@ def bench_pipeline(db: Database, args) -> list[Result]:
             runs.append(report.rate)
     finally:
         tiles.terminate()
+    print("  pipeline rounds (tiles/s): cnsq run " + ", ".join(f"{r:.0f}" for r in runs)
+          + "; server alone " + ", ".join(f"{r:.0f}" for r in alone)
+          + "; serve default " + ", ".join(f"{r:.0f}" for r in default))
     rate = statistics.median(runs)
     label = f"pipeline: cnsq run, {len(images)} tiles (tiles/s, median of {len(runs)})"
     return [
