@@ -4,7 +4,9 @@ compressed bodies, tunnel HTTPS through a proxy, and say what failed and where."
 
 from __future__ import annotations
 
+import base64
 import gzip
+import json
 import socket
 import sys
 import threading
@@ -18,9 +20,11 @@ from servers import ForwardProxy, Redirector, TileServer, _Quiet, _Server, self_
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lambda"))
 
 from download_and_predict.transport import (  # noqa: E402
+    Base64Text,
     Transport,
     TransportError,
     TransportTimeout,
+    encode_json,
     proxies_from_env,
 )
 
@@ -236,3 +240,25 @@ def test_an_untrusted_certificate_is_refused_with_the_reason(tmp_path):
             Transport(4).get(secure.url + "/3/1/2.jpg")
     finally:
         secure.close()
+
+
+def test_the_image_payload_is_encoded_exactly_as_json_dumps_would():
+    from download_and_predict.base import DownloadAndPredict, Settings
+
+    app = DownloadAndPredict(Settings("http://t/{z}/{x}/{y}", "http://m", "sqlite:///r.db"))
+    images = [tile_image(x, 2, 3) * 50 for x in range(7)] + [b"", bytes(range(256))]
+    payload = app.build_payload(images)
+    assert encode_json(payload) == json.dumps(payload).encode()
+    assert json.loads(encode_json(payload)) == {"instances": [
+        {"image_bytes": {"b64": base64.b64encode(image).decode()}} for image in images]}
+
+
+@pytest.mark.parametrize("payload", [
+    {"instances": [[1.5, 2], [3, 4]]},
+    {"instances": [{"image_bytes": {"b64": 'plain "text" \\ \n not marked'}}]},
+    {"instances": [{"image_bytes": {"b64": Base64Text.of(b"x")}, "key": "k1"}]},
+    {"instances": [], "signature_name": "serving_default"},
+    {"inputs": {"image_bytes": {"b64": Base64Text.of(b"x")}}},
+])
+def test_any_other_payload_is_plain_json(payload):
+    assert encode_json(payload) == json.dumps(payload).encode()

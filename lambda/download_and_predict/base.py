@@ -11,7 +11,6 @@ after ``maxReceiveCount``, parks them in the dead letter queue. Every other reco
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ from urllib.parse import unquote
 
 from .pool import ElasticPool
 from .transport import (
+    Base64Text,
     Response,
     Transport,
     TransportError,
@@ -391,9 +391,9 @@ class DownloadAndPredict:
     # -- 3. images → predictions -------------------------------------------------------------
 
     def build_payload(self, images: list[bytes]) -> dict[str, Any]:
-        """TF Serving's REST predict body with base64-encoded images."""
-        return {"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode("ascii")}}
-                              for image in images]}
+        """TF Serving's REST predict body with base64-encoded images (a ``Base64Text`` is a str
+        that the transport writes into the JSON body without scanning it for escapes)."""
+        return {"instances": [{"image_bytes": {"b64": Base64Text.of(image)}} for image in images]}
 
     def post_prediction(self, payload: dict[str, Any]) -> list[Any]:
         """POST the payload; returns the ``predictions`` list.

@@ -62,6 +62,57 @@ class Response(NamedTuple):
         return json.loads(self.data)
 
 
+class Base64Text(str):
+    """Base64 text that needs no escaping in JSON: :func:`encode_json` copies it as it is.
+
+    Make one with :meth:`of`, which encodes the bytes itself, so the text is base64 by
+    construction (its alphabet, ``A-Z a-z 0-9 + / =``, has nothing JSON escapes).
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, data: bytes) -> Base64Text:
+        return cls(base64.b64encode(data).decode("ascii"))
+
+
+def encode_json(payload: Any) -> bytes:
+    """``json.dumps(payload).encode()``, byte for byte, made faster for TF Serving's image
+    payload, ``{"instances": [{"image_bytes": {"b64": Base64Text}}, …]}``.
+
+    Why: the JSON encoder checks every character of every string for escapes — 50 µs per 25 KB
+    tile, as much as downloading it. Base64 text has nothing to escape, so for that shape the
+    body is joined from the texts directly; any other payload goes to ``json.dumps``.
+    """
+    texts = _image_texts(payload)
+    if texts is None:
+        return json.dumps(payload).encode()
+    return (b'{"instances": [{"image_bytes": {"b64": "'
+            + b'"}}, {"image_bytes": {"b64": "'.join(text.encode("ascii") for text in texts)
+            + b'"}}]}')
+
+
+def _image_texts(payload: Any) -> list[Base64Text] | None:
+    """The b64 texts when ``payload`` has exactly the image shape, else None."""
+    if type(payload) is not dict or len(payload) != 1:
+        return None
+    instances = payload.get("instances")
+    if type(instances) is not list or not instances:
+        return None
+    texts = []
+    for instance in instances:
+        if type(instance) is not dict or len(instance) != 1:
+            return None
+        holder = instance.get("image_bytes")
+        if type(holder) is not dict or len(holder) != 1:
+            return None
+        text = holder.get("b64")
+        if type(text) is not Base64Text:
+            return None
+        texts.append(text)
+    return texts
+
+
 def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
     """``{"http": url, "https": url, "all": url, "no": "host,…"}`` from ``*_PROXY`` variables.
 
@@ -230,7 +281,8 @@ class Transport:
 
     def post_json(self, url: str, payload: Any, connect_timeout: float = 3.05,
                   read_timeout: float = 60.0) -> Response:
-        return self.request("POST", url, json.dumps(payload).encode(),
+        """POST ``payload`` as JSON (see :func:`encode_json`)."""
+        return self.request("POST", url, encode_json(payload),
                             {"Content-Type": "application/json"}, connect_timeout, read_timeout)
 
     def close(self) -> None:
