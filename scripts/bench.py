@@ -447,8 +447,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="push calls in flight")
     parser.add_argument("--serve-requests", type=int, default=800)
     parser.add_argument("--pipeline-tiles", type=int, default=2000)
-    parser.add_argument("--pipeline-rounds", type=int, default=3,
-                        help="alternating server-alone and pipeline runs; medians compared")
+    parser.add_argument("--pipeline-rounds", type=int, default=5,
+                        help="alternating server-alone and pipeline runs; medians compared "
+                             "(on a 2-core VM one round can be 10%% off the next)")
     parser.add_argument("--pipeline-concurrency", type=int, default=16,
                         help="requests (server alone) or handler calls (cnsq run) in flight")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
