@@ -771,8 +771,11 @@ def _wait_forever(what: str) -> None:
               help="Batches run at once (TF Serving's num_batch_threads), each on an equal share "
                    "of the cores. 1: the lowest latency per batch; 2 or more: steadier throughput "
                    "when other work shares the CPU (cnsq run uses 2).")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Run each batch thread twice at --max-batch on a blank image before the port "
+                   "opens, so the first requests do not wait for ONNX Runtime's first runs.")
 def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
-          batch_timeout_ms: float, batch_threads: int) -> None:
+          batch_timeout_ms: float, batch_threads: int, warmup: bool) -> None:
     """Serve an ONNX model with TF Serving's REST API (what the Lambda and verify talk to).
 
     Concurrent requests are merged into one inference call (dynamic batching).
@@ -785,7 +788,7 @@ def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
     from .local import serve as server
 
     running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host, batch_threads,
-                           switch_interval=server.SWITCH_INTERVAL)
+                           switch_interval=server.SWITCH_INTERVAL, warmup=warmup)
     click.echo(f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
                f"/v1/models/{name}:predict (Ctrl-C stops)", err=True)
     _wait_forever("the model server")

@@ -112,6 +112,47 @@ def test_serve_with_max_batch_1_runs_each_request_alone(model_path):
         running.close()
 
 
+def fixed_batch_model(path: Path) -> Path:
+    """An ONNX model whose input takes exactly one 8x8 RGB image: it cannot run a batch of more."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2, 3], keepdims=0)], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_warm_up_runs_full_batches_before_the_port_opens(tmp_path):
+    from cnsq.errors import CnsqError
+
+    one = fixed_batch_model(tmp_path / "one.onnx")
+    # A full batch of 4 cannot run on this model: the warm-up finds out before any request does.
+    with pytest.raises(CnsqError, match=r"warming up the model failed on a batch of 4 blank inputs "
+                                        r"of shape \[8, 8, 3\]: .*\(--no-warmup skips the warm-up\)"):
+        serve.start(one, port=0, name="m", max_batch=4)
+    running = serve.start(one, port=0, name="m", max_batch=4, warmup=False)
+    try:
+        answer = requests.post(running.endpoint, json={"instances": [b64(png(WATER, 8))]}, timeout=10)
+    finally:
+        running.close()
+    assert answer.status_code == 200 and answer.json()["predictions"] == [pytest.approx(92, abs=0.01)]
+
+
+def test_warm_up_leaves_the_counters_at_zero(model_path):
+    running = serve.start(model_path, port=0, name="m", max_batch=8, batch_threads=2)
+    try:
+        assert (running.batcher.calls, running.batcher.instances, running.batcher.peak) == (0, 0, 0)
+        requests.post(running.endpoint, json={"instances": [b64(png(LAND))]}, timeout=10)
+        assert (running.batcher.calls, running.batcher.instances) == (1, 1)
+    finally:
+        running.close()
+
+
 def test_serve_with_batch_threads_runs_batches_at_once_and_keeps_answers_apart(model_path):
     # Distinct colours, answered one at a time first: the reference each concurrent answer must match.
     colours = [(20 + 3 * i, 60 + i, 200 - 2 * i) if i % 2 else (90 + i, 120, 50 + i) for i in range(48)]

@@ -126,6 +126,7 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         with tiles.open(encoding="utf-8") as stream:
             report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
         app.writer.close()
+        app.http.close()
         if out_csv is not None:
             download(store, str(out_csv), stdout=None)  # type: ignore[arg-type] - a file target
         store.close()

@@ -178,6 +178,21 @@ class Batcher:
             future.set_result(predictions[start:start + len(arrays)])
             start += len(arrays)
 
+    def warm_up(self, sample: np.ndarray, rounds: int = 2) -> None:
+        """Run ``rounds`` full batches of ``sample`` (one instance) on every batch thread at once,
+        then reset the counters.
+
+        Why: a fresh ONNX Runtime session's first runs allocate its buffers (and, for each batch
+        thread, its own); the requests that arrive first would wait for that. TF Serving warms
+        a model up from recorded requests for the same reason.
+        """
+        for _ in range(max(0, rounds)):
+            batches = [self.submit([sample] * self.max_batch) for _ in self.threads]
+            for future in batches:
+                future.result()
+        with self.lock:
+            self.calls = self.instances = self.peak = 0
+
     def close(self) -> None:
         for _ in self.threads:
             self.requests.put(_STOP)
@@ -290,22 +305,57 @@ SWITCH_INTERVAL = 0.001
 
 def start(model_path: Path, port: int = 8501, name: str = "model", max_batch: int = 32,
           batch_timeout_ms: float = 5.0, host: str = "127.0.0.1", batch_threads: int = 1,
-          switch_interval: float | None = None) -> Server:
+          switch_interval: float | None = None, warmup: bool = True) -> Server:
     """Load the model and serve it in a background thread.
 
     With one batch thread ONNX Runtime picks its own thread count (all cores); with more, each
     batch gets an equal share of the cores. ``switch_interval`` (seconds), when given, is set for
-    the whole process (see :data:`SWITCH_INTERVAL`).
+    the whole process (see :data:`SWITCH_INTERVAL`). With ``warmup``, every batch thread runs
+    full batches of a blank image through the decoder and the model before the port opens (see
+    :meth:`Batcher.warm_up`).
     """
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
     threads = 0 if batch_threads <= 1 else max(1, cores() // batch_threads)
     model = OnnxModel(Path(model_path), threads)
     batcher = Batcher(model, max_batch, batch_timeout_ms, batch_threads)
+    if warmup:
+        _warm_up(model, batcher)
     httpd = _Server((host, port), _handler(model, batcher, name))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     return Server(httpd, batcher, name)
+
+
+def _warm_up(model: OnnxModel, batcher: Batcher) -> None:
+    """Warm the decoder and every batch thread; a model that fails here would fail every batch.
+
+    Raises:
+        CnsqError: the model cannot run a full batch of its own input shape.
+    """
+    from ..errors import CnsqError
+
+    try:
+        sample = model.decode(_blank_image(model), 0)
+    except BadInstance:  # the model does not take images (e.g. 2 channels): the model alone
+        sample = np.zeros(model.item_shape, model.dtype)
+    try:
+        batcher.warm_up(sample)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+        batcher.close()
+        raise CnsqError(f"warming up the model failed on a batch of {batcher.max_batch} blank "
+                        f"inputs of shape {list(model.item_shape)}: {' '.join(str(exc).split())[:300]} "
+                        "(--no-warmup skips the warm-up)") from None
+
+
+def _blank_image(model: OnnxModel) -> dict:
+    """A grey PNG of the model's input size as a TF Serving instance: warms the decoder too."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    mode = "RGB" if model.channels == 3 else "L"
+    Image.new(mode, (model.width, model.height), 128 if mode == "L" else (128,) * 3).save(buffer, "PNG")
+    return {"image_bytes": {"b64": base64.b64encode(buffer.getvalue()).decode("ascii")}}
 
 
 @dataclass
@@ -325,7 +375,8 @@ class Process(_Addresses):
 
 
 def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
-          batch_timeout_ms: float = 5.0, timeout: float = 60.0, batch_threads: int = 1) -> Process:
+          batch_timeout_ms: float = 5.0, timeout: float = 60.0, batch_threads: int = 1,
+          warmup: bool = True) -> Process:
     """Start ``cnsq serve`` in its own process and wait until it answers.
 
     Its own process, not a thread: decoding images and JSON holds Python's GIL, and on the same
@@ -344,7 +395,8 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
     popen = subprocess.Popen(
         [sys.executable, "-m", "cnsq.cli", "serve", str(model_path), "--port", str(port),
          "--name", name, "--max-batch", str(max_batch), "--batch-timeout-ms",
-         str(batch_timeout_ms), "--batch-threads", str(batch_threads)],
+         str(batch_timeout_ms), "--batch-threads", str(batch_threads),
+         "--warmup" if warmup else "--no-warmup"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     handle = Process(popen, port, name)
     deadline = time.monotonic() + timeout
