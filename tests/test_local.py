@@ -271,3 +271,38 @@ def test_demo_finds_the_lakes(tmp_path):
     recall = float(line.split("recall ")[1].rstrip("."))
     assert precision >= 0.9 and recall >= 0.9
     assert "80 tiles processed" in line
+
+
+class SlowModel:
+    """A model whose every inference takes ``seconds``; records when each batch started."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started: list[tuple[float, int]] = []
+
+    def predict(self, batch: np.ndarray) -> list:
+        import time
+
+        self.started.append((time.monotonic(), len(batch)))
+        time.sleep(self.seconds)
+        return [[float(v)] for v in batch[:, 0]]
+
+
+def test_a_batch_waits_for_company_from_its_first_request_not_from_when_a_thread_is_free():
+    # As TF Serving's batch_timeout_micros: requests that queued while the last batch ran have
+    # waited already; the next batch runs as soon as the batch thread is free, not 300 ms later.
+    import time
+
+    model = SlowModel(0.4)
+    batcher = serve.Batcher(model, max_batch=8, timeout_ms=300)
+    try:
+        first = batcher.submit([np.array([1.0])])
+        time.sleep(0.45)  # the first batch (alone, after its 300 ms) is running now
+        queued = [batcher.submit([np.array([float(v)])]) for v in (2, 3)]
+        assert first.result(5) == [[1.0]]
+        assert [future.result(5) for future in queued] == [[[2.0]], [[3.0]]]
+    finally:
+        batcher.close()
+    (start1, size1), (start2, size2) = model.started
+    assert (size1, size2) == (1, 2)
+    assert start2 - (start1 + 0.4) < 0.15  # it would be 0.3 s had the wait restarted
