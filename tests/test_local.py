@@ -306,3 +306,17 @@ def test_a_batch_waits_for_company_from_its_first_request_not_from_when_a_thread
     (start1, size1), (start2, size2) = model.started
     assert (size1, size2) == (1, 2)
     assert start2 - (start1 + 0.4) < 0.15  # it would be 0.3 s had the wait restarted
+
+
+def test_the_model_server_starts_from_a_folder_holding_a_clone_named_cnsq(tmp_path, model_path,
+                                                                          monkeypatch):
+    # `git clone … cnsq && cnsq demo` from the parent folder: the spawned server must import the
+    # installed package, not the clone's top folder (a namespace package without cnsq.cli).
+    (tmp_path / "cnsq" / "cnsq").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    running = serve.spawn(model_path, name="water", timeout=30)
+    try:
+        answer = requests.post(running.endpoint, json={"instances": [b64(png(WATER))]}, timeout=10)
+    finally:
+        running.close()
+    assert answer.status_code == 200 and answer.json()["predictions"][0][1] > 0.99

@@ -396,8 +396,10 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # -P: the current folder stays off sys.path, or a clone named "cnsq" beside the user's work
+    # would shadow the installed package (python -m puts the current folder first).
     popen = subprocess.Popen(
-        [sys.executable, "-m", "cnsq.cli", "serve", str(model_path), "--port", str(port),
+        [sys.executable, "-P", "-m", "cnsq.cli", "serve", str(model_path), "--port", str(port),
          "--name", name, "--max-batch", str(max_batch), "--batch-timeout-ms",
          str(batch_timeout_ms), "--batch-threads", str(batch_threads),
          "--warmup" if warmup else "--no-warmup"],
