@@ -112,15 +112,16 @@ def test_serve_with_max_batch_1_runs_each_request_alone(model_path):
         running.close()
 
 
-def fixed_batch_model(path: Path) -> Path:
-    """An ONNX model whose input takes exactly one 8x8 RGB image: it cannot run a batch of more."""
+def mean_model(path: Path, batch: int | str = 1, channels: int = 3) -> Path:
+    """An ONNX model answering the mean of an 8x8 input of ``channels``; ``batch`` 1 takes exactly
+    one instance and cannot run a batch of more, "N" takes any number."""
     import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2, 3], keepdims=0)], "one",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2, 3], keepdims=0)], "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8, 8, channels])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -130,7 +131,7 @@ def fixed_batch_model(path: Path) -> Path:
 def test_warm_up_runs_full_batches_before_the_port_opens(tmp_path):
     from cnsq.errors import CnsqError
 
-    one = fixed_batch_model(tmp_path / "one.onnx")
+    one = mean_model(tmp_path / "one.onnx")
     # A full batch of 4 cannot run on this model: the warm-up finds out before any request does.
     with pytest.raises(CnsqError, match=r"warming up the model failed on a batch of 4 blank inputs "
                                         r"of shape \[8, 8, 3\]: .*\(--no-warmup skips the warm-up\)"):
@@ -141,6 +142,18 @@ def test_warm_up_runs_full_batches_before_the_port_opens(tmp_path):
     finally:
         running.close()
     assert answer.status_code == 200 and answer.json()["predictions"] == [pytest.approx(92, abs=0.01)]
+
+
+def test_a_model_that_does_not_take_images_is_warmed_up_with_zeros(tmp_path):
+    # Two channels: no image decodes to its input, but numeric instances serve as ever.
+    running = serve.start(mean_model(tmp_path / "two.onnx", "N", channels=2), port=0, name="m",
+                          max_batch=4)
+    try:
+        instance = [[[1.0, 3.0]] * 8] * 8
+        answer = requests.post(running.endpoint, json={"instances": [instance]}, timeout=10)
+    finally:
+        running.close()
+    assert answer.status_code == 200 and answer.json()["predictions"] == [2.0]
 
 
 def test_warm_up_leaves_the_counters_at_zero(model_path):

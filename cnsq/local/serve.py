@@ -341,7 +341,10 @@ def _warm_up(model: OnnxModel, batcher: Batcher) -> None:
 
     try:
         sample = model.decode(_blank_image(model), 0)
-    except BadInstance:  # the model does not take images (e.g. 2 channels): the model alone
+    except BadInstance:
+        sample = None
+    if sample is None or sample.shape != model.item_shape:
+        # No image decodes to this model's input (2 channels, say): warm the model alone.
         sample = np.zeros(model.item_shape, model.dtype)
     try:
         batcher.warm_up(sample)
