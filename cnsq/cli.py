@@ -61,6 +61,19 @@ class Settings:
 
         return Aws(self.profile, self.region)
 
+    def command(self, name: str) -> str:
+        """``cnsq NAME`` with the options that chose this stack, to paste as the next step.
+
+        The region and profile are left to the environment they came from."""
+        import shlex
+
+        parts = ["cnsq", name, "--config", str(self.config)]
+        for flag, value in (("--deployment", self.deployment), ("--env-file", self.env_file),
+                            ("--stack", self.stack)):
+            if value:
+                parts += [flag, str(value)]
+        return shlex.join(parts)
+
 
 def config_options(func):
     """--config, --deployment, --env-file, --stack, --region, --profile → a Settings argument."""
@@ -251,7 +264,9 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
         return
     flow.apply(plan, stacks, ui, yes, sys.stdin.isatty())
     result["outputs"] = stacks.outputs(plan.change_set.stack_id or plan.stack_name)
-    flow.next_steps(plan.stack_name, result["outputs"], settings.config, ui)
+    result["migrated"] = flow.migrate(aws, result["outputs"], ui, settings.command("setup"))
+    flow.next_steps(plan.stack_name, result["outputs"], settings.command("setup"), ui,
+                    migrated=result["migrated"])
     _finish(result, as_json)
 
 
@@ -319,6 +334,17 @@ def _row_progress(label: str):
     return show
 
 
+def _admin(db_string: str | None, settings: Settings):
+    """The stack's admin function when no URL is given and the stack has one, else None."""
+    if db_string or not settings.config.exists():
+        return None
+    from .admin import AdminFunction
+
+    config = settings.load()
+    aws = settings.aws()
+    return AdminFunction.of_stack(aws, _stacks(aws).outputs(config.stack_name))
+
+
 @main.command()
 @click.argument("db_string", required=False)
 @config_options
@@ -326,8 +352,8 @@ def setup(settings: Settings, db_string: str | None) -> None:
     """Create the results table (versioned migrations; running it twice is harmless).
 
     DB_STRING is a database URL (postgresql://user:pass@host:5432/ResultsDB or
-    sqlite:///results.db). Without it, the deployed stack's database and credentials are read
-    from its outputs and Secrets Manager secret.
+    sqlite:///results.db). Without it, the deployed stack's private database is migrated by the
+    stack's admin function, inside the VPC (deploy does this once the stack is complete).
 
     \b
     Examples:
@@ -336,6 +362,13 @@ def setup(settings: Settings, db_string: str | None) -> None:
     """
     from .results import mask, open_store
 
+    admin = _admin(db_string, settings)
+    if admin is not None:
+        answer = admin.call("migrate")
+        names = ", ".join(answer["applied"])
+        click.echo(f"Applied migration(s) {names} through {admin.name}." if names
+                   else f"The results table is up to date; nothing to migrate ({admin.name}).")
+        return
     url = _database_url(db_string, settings)
     store = open_store(url)
     try:
@@ -358,7 +391,8 @@ def download(settings: Settings, out: str, database_url: str | None) -> None:
     """Stream the results to a CSV file (tile,output with the output as JSON); '-' for stdout.
 
     Memory stays flat at any row count, and an interrupted download never leaves a partial file
-    under the final name.
+    under the final name. A deployed stack's private database is exported to
+    s3://<buckets.internal>/<stackName>/exports/ by its admin function, then copied here.
 
     \b
     Examples:
@@ -369,6 +403,18 @@ def download(settings: Settings, out: str, database_url: str | None) -> None:
     from .download import download as run_download
     from .results import open_store
 
+    admin = _admin(database_url, settings) if out != "-" else None
+    if admin is not None:
+        show = None
+        if sys.stderr.isatty():
+            def show(done: int) -> None:
+                click.echo(f"\rCopying the export to {out}: {done / 1e6:,.1f} MB", nl=False, err=True)
+        export = admin.download_export(out, show)
+        if show:
+            click.echo("", err=True)
+        click.echo(f"Wrote {export['rows']:,} rows to {out} (exported to "
+                   f"s3://{export['bucket']}/{export['key']}).", err=True)
+        return
     store = open_store(_database_url(database_url, settings))
     progress = _row_progress(f"Downloading to {out}") if out != "-" else None
     try:

@@ -7,7 +7,7 @@ itself, so values may refer to other values. Every error names the place: ``file
 YAML syntax, the key path for a wrong type, an unknown key or an undefined variable.
 
 Values that come from the environment and sit where the template passes them to CloudFormation as
-``NoEcho`` parameters (``rds.username``, ``rds.password``, ``lambdas.<Name>.envs.*``) become
+``NoEcho`` parameters (``lambdas.<Name>.envs.*``, such as the tile token) become
 :class:`Secret` objects: the template can only reference them, never print them.
 """
 
@@ -28,6 +28,26 @@ import yaml
 from .errors import ConfigError
 
 REQUIRED = object()
+
+# AWS facts the stack depends on, chosen so that they do not rot (README: "AWS facts").
+# The newest PostgreSQL major on RDS (18 since 2025); RDS resolves a major to its default minor.
+DEFAULT_ENGINE_MAJOR = "18"
+# The ECS GPU-optimised Amazon Linux 2023 AMI; AWS keeps the parameter pointing at the current
+# build. (The Amazon Linux 2 GPU AMI reached end of life on 2026-06-30.)
+DEFAULT_AMI_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
+# NVIDIA GPU families that ECS schedules GPUs on (p3…p6, g4dn…g6e, gr6). g4ad has AMD GPUs
+# and g5g is arm64: the ECS GPU AMI runs on neither.
+GPU_FAMILY = re.compile(r"^(p[3-9][a-z]*|g[4-9][a-z]*|gr6)\.")
+NOT_ECS_GPU = ("g4ad.", "g5g.")
+# GPUs of the multi-GPU sizes, to run one model task per GPU. Any other size of a GPU family has
+# one; `ecs.tasksPerInstance` overrides (and preflight reads GpuInfo from the account).
+MULTI_GPU = {
+    "p3.8xlarge": 4, "p3.16xlarge": 8, "p3dn.24xlarge": 8, "p4d.24xlarge": 8,
+    "p4de.24xlarge": 8, "p5.48xlarge": 8, "p5e.48xlarge": 8, "p5en.48xlarge": 8,
+    "g4dn.12xlarge": 4, "g4dn.metal": 8, "g5.12xlarge": 4, "g5.24xlarge": 4, "g5.48xlarge": 8,
+    "g6.12xlarge": 4, "g6.24xlarge": 4, "g6.48xlarge": 8, "g6e.12xlarge": 4,
+    "g6e.24xlarge": 4, "g6e.48xlarge": 8,
+}
 
 # Each leaf is (kind, default). Kinds: str, int, bool, strlist, strmap. A dict is a nested section.
 LAMBDA_SCHEMA: dict[str, Any] = {
@@ -53,15 +73,20 @@ SCHEMA: dict[str, Any] = {
     "buckets": {"internal": ("str", REQUIRED)},
     "lambdas": "lambdas",
     "rds": {
-        "username": ("str", REQUIRED),
-        "password": ("str", REQUIRED),
+        "username": ("str", "postgres"),
         "storage": ("int", 20),
         "instanceType": ("str", "db.t3.medium"),
-        "engineVersion": ("str", "16.9"),
-        "allowedCidr": ("str", "0.0.0.0/0"),
+        # A major version alone: RDS picks its current default minor, so the value does not
+        # rot when AWS retires a minor (16.9 stopped being creatable in October 2026).
+        "engineVersion": ("str", DEFAULT_ENGINE_MAJOR),
+        "publiclyAccessible": ("bool", False),
+        "allowedCidr": ("str", ""),
+        "backupRetentionDays": ("int", 7),
+        "deletionProtection": ("bool", False),
     },
-    "vpc": ("str", REQUIRED),
-    "subnets": ("strlist", REQUIRED),
+    # No vpc: the stack creates its own network (two zones, private subnets behind a NAT).
+    "vpc": ("str", None),
+    "subnets": ("strlist", []),
     "ecs": {
         "availabilityZone": ("str", None),
         "maxInstances": ("int", 1),
@@ -71,12 +96,11 @@ SCHEMA: dict[str, Any] = {
         "image": ("str", "tensorflow/serving:latest-gpu"),
         "memory": ("int", 16000),
         "gpus": ("int", 1),
-        "amiParameter": (
-            "str",
-            "/aws/service/ecs/optimized-ami/amazon-linux-2/gpu/recommended/image_id",
-        ),
+        "amiParameter": ("str", DEFAULT_AMI_PARAMETER),
         "modelName": ("str", None),
         "batching": ("bool", True),
+        "allowedCidr": ("str", ""),
+        "tasksPerInstance": ("int", None),
     },
     "sqs": {
         "visibilityTimeout": ("int", 1800),
@@ -89,10 +113,8 @@ SCHEMA: dict[str, Any] = {
 }
 
 # Where a value from the environment is passed as a NoEcho parameter instead of being inlined.
-SECRET_SLOTS = (
-    re.compile(r"^rds\.(username|password)$"),
-    re.compile(r"^lambdas\.[^.]+\.envs\.[^.]+$"),
-)
+# (rds.username is not a secret; the password is RDS's own, never the config's.)
+SECRET_SLOTS = (re.compile(r"^lambdas\.[^.]+\.envs\.[^.]+$"),)
 SECRET_LOOKING = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE", re.IGNORECASE)
 
 SUPPORTED_RUNTIMES = ("python3.11", "python3.12", "python3.13")
@@ -406,14 +428,29 @@ def _kind(value: Any) -> str:
 def _check_values(values: dict, where) -> list[str]:
     """Refuse what AWS no longer accepts; return warnings for what works but is unwise."""
     warnings: list[str] = []
-    engine = values["rds"]["engineVersion"]
+    rds, ecs, sqs = values["rds"], values["ecs"], values["sqs"]
+    engine = rds["engineVersion"]
     major = engine.split(".")[0]
-    if not major.isdigit():
-        raise ConfigError(f"{where('rds.engineVersion')}: expected a version like '16', got {engine!r}")
-    if int(major) < 13:
+    if not re.fullmatch(r"\d+(\.\d+)?", engine):
+        raise ConfigError(f"{where('rds.engineVersion')}: expected a major version like "
+                          f"'{DEFAULT_ENGINE_MAJOR}', got {engine!r}")
+    if int(major) < 14:
         raise ConfigError(
-            f"{where('rds.engineVersion')}: PostgreSQL {engine} is no longer offered by RDS; use '16'"
+            f"{where('rds.engineVersion')}: PostgreSQL {engine} is no longer offered by RDS; "
+            f"use '{DEFAULT_ENGINE_MAJOR}'"
         )
+    if "." in engine:
+        warnings.append(
+            f"rds.engineVersion: {engine} pins a minor version, which RDS stops creating when it "
+            f"retires it; write the major alone ('{major}') and RDS keeps the minor current"
+        )
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,62}", rds["username"]) or rds["username"] in (
+            "rdsadmin", "rdsrepladmin"):
+        raise ConfigError(
+            f"{where('rds.username')}: RDS needs 1 to 63 letters, digits or underscores starting "
+            f"with a letter, and not a name RDS reserves; got {rds['username']!r}"
+        )
+    _check_network(values, where, warnings)
     itype = values["rds"]["instanceType"]
     if itype.startswith("db.t2."):
         raise ConfigError(
@@ -456,9 +493,60 @@ def _check_values(values: dict, where) -> list[str]:
                     f"sqs.visibilityTimeout: {vis}s is below 6x lambdas.{name}.timeout "
                     f"({6 * timeout}s), AWS's recommendation for SQS event sources"
                 )
-            if not 1 <= values["sqs"]["batchSize"] <= 10000:
+            if not 1 <= sqs["batchSize"] <= 10000:
                 raise ConfigError(f"{where('sqs.batchSize')}: expected 1 to 10000")
+            if sqs["batchSize"] > 10 and sqs["maxBatchingWindow"] < 1:
+                raise ConfigError(
+                    f"{where('sqs.batchSize')}: {sqs['batchSize']} records per call needs "
+                    "sqs.maxBatchingWindow of at least 1 (seconds); Lambda refuses a batch size "
+                    "above 10 without a batching window"
+                )
+    _check_gpus(ecs, where)
     return warnings
+
+
+def _check_network(values: dict, where, warnings: list[str]) -> None:
+    """An existing VPC needs two subnets; anything opened to the internet is said aloud."""
+    if values["vpc"] and len(values["subnets"]) < 2:
+        raise ConfigError(
+            f"{where('subnets')}: vpc {values['vpc']} needs at least two private subnets in two "
+            "availability zones (or leave vpc and subnets out and the stack creates the network)"
+        )
+    if values["subnets"] and not values["vpc"]:
+        raise ConfigError(f"{where('vpc')}: subnets are given but no vpc; name the VPC that holds "
+                          "them, or leave both out and the stack creates the network")
+    for key in ("rds.allowedCidr", "ecs.allowedCidr"):
+        section, name = key.split(".")
+        cidr = values[section][name]
+        if cidr and not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", cidr):
+            raise ConfigError(f"{where(key)}: expected an IPv4 CIDR like 203.0.113.0/24, got {cidr!r}")
+        if cidr.endswith("/0"):
+            warnings.append(f"{key}: {cidr} opens the {'database' if section == 'rds' else 'model endpoint'}"
+                            " to every address on the internet")
+    if values["rds"]["publiclyAccessible"]:
+        warnings.append("rds.publiclyAccessible: true gives the database a public address; only "
+                        "rds.allowedCidr and the Lambda may connect, but prefer a private database "
+                        "(cnsq setup and download reach it through the stack's admin function)")
+
+
+def _check_gpus(ecs: dict, where) -> None:
+    """A GPU task on a GPU-less instance never starts: CloudFormation would wait for hours."""
+    itype = ecs["instanceType"]
+    has_gpu = bool(GPU_FAMILY.match(itype)) and not itype.startswith(NOT_ECS_GPU)
+    if ecs["gpus"] >= 1 and not has_gpu:
+        raise ConfigError(
+            f"{where('ecs.instanceType')}: {itype} has no NVIDIA GPU that ECS can schedule, but "
+            f"ecs.gpus is {ecs['gpus']}; use a GPU type (g4dn, g5, g6, p3, p4d, p5 …) or set "
+            "ecs.gpus: 0 to serve on the CPU"
+        )
+    per_instance = MULTI_GPU.get(itype, 1) if has_gpu else 1
+    if ecs["gpus"] > per_instance:
+        raise ConfigError(f"{where('ecs.gpus')}: {itype} has {per_instance} GPU(s); a task cannot "
+                          f"ask for {ecs['gpus']}")
+    if ecs["tasksPerInstance"] is None:
+        ecs["tasksPerInstance"] = per_instance // ecs["gpus"] if ecs["gpus"] else 1
+    if ecs["tasksPerInstance"] < 1:
+        raise ConfigError(f"{where('ecs.tasksPerInstance')}: expected 1 or more")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +603,10 @@ def load_config(
         dotenv = parse_dotenv(env_path)
     env = {**(os.environ if environ is None else environ), **dotenv}
 
+    # The master password is RDS's own (ManageMasterUserPassword): an old config's value is
+    # dropped unrendered, so it reaches neither the template nor a parameter, and an old .env
+    # without it still loads.
+    old_password = isinstance(merged.get("rds"), dict) and merged["rds"].pop("password", None)
     jenv = _jinja()
     references = _env_references(merged, env, jenv)
     rendered = _render_pass(_render_pass(merged, env, jenv), env, jenv)
@@ -524,7 +616,7 @@ def load_config(
     def mark(key_path: str, text: str) -> Any:
         in_slot = any(p.match(key_path) for p in SECRET_SLOTS)
         names = references.get(key_path, set())
-        if in_slot and (names or key_path == "rds.password"):
+        if in_slot and names:
             secret = Secret(key_path, _param_name(key_path), text)
             secrets[key_path] = secret
             return secret
@@ -532,8 +624,8 @@ def load_config(
         if looking:
             raise ConfigError(
                 f"{key_path}: uses {', '.join(looking)}, which looks like a secret, in a place "
-                "that would be written into the template; secrets belong in rds.password, "
-                "rds.username or lambdas.<Name>.envs, which are passed as NoEcho parameters"
+                "that would be written into the template; secrets belong in lambdas.<Name>.envs, "
+                "which are passed as NoEcho parameters"
             )
         return text
 
@@ -549,6 +641,9 @@ def load_config(
         spec["name"] = spec["name"] or name
         spec["fullName"] = spec["fullName"] or f"{values['stackName']}-{spec['name']}"
     warnings = _check_values(values, validator.where)
+    if old_password:
+        warnings.append("rds.password is no longer used: RDS creates the master password and "
+                        "keeps it in Secrets Manager (remove it from the config and .env)")
     return Config(path, section_name, values, secrets, warnings)
 
 

@@ -1,4 +1,6 @@
-"""Where the results database is: an explicit URL, DATABASE_URL, or the deployed stack's secret."""
+"""Where the results database is: an explicit URL, DATABASE_URL, or the deployed stack's secret.
+
+A private database is reached through the admin function instead (cnsq/admin.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +21,24 @@ def url_from_secret(secret: dict) -> str:
 
 
 def url_from_stack(aws, stacks, stack_name: str) -> str:
-    """Read the stack's ``databaseSecretArn`` output and the secret behind it."""
+    """The stack's database URL: RDS's own secret for ``dbInstanceIdentifier`` (host and port
+    from the instance), or the ``databaseSecretArn`` of a stack deployed before cnsq 0.3."""
+    from download_and_predict.base import managed_secret_arn
+
     outputs = stacks.outputs(stack_name)
-    arn = outputs.get("databaseSecretArn")
-    if not arn:
-        raise CnsqError(f"stack {stack_name} has no databaseSecretArn output; pass the database "
-                        "URL explicitly")
+    instance, arn = outputs.get("dbInstanceIdentifier"), outputs.get("databaseSecretArn")
+    if not instance and not arn:
+        raise CnsqError(f"stack {stack_name} has no dbInstanceIdentifier output; pass the "
+                        "database URL explicitly")
+    where: dict = {}
+    if instance:
+        try:
+            arn = managed_secret_arn(aws.client("rds"), instance)
+        except LookupError as exc:
+            raise CnsqError(str(exc)) from None
+        found = aws.client("rds").describe_db_instances(DBInstanceIdentifier=instance)
+        endpoint = found["DBInstances"][0].get("Endpoint") or {}
+        where = {"host": endpoint.get("Address"), "port": endpoint.get("Port", 5432),
+                 "dbname": "ResultsDB"}
     value = aws.client("secretsmanager").get_secret_value(SecretId=arn)
-    return url_from_secret(json.loads(value["SecretString"]))
+    return url_from_secret({**json.loads(value["SecretString"]), **where})

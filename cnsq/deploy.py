@@ -18,8 +18,6 @@ from .config import Config
 from .errors import DeployError, TemplateError
 from .stack import ChangeSet, Event, Stacks
 
-SETUP_HINT = "cnsq setup --config {config}"
-
 
 class UI(Protocol):
     """What deploy needs from a terminal."""
@@ -205,8 +203,36 @@ def apply(
     return status, events
 
 
-def next_steps(stack_name: str, outputs: dict[str, str], config_path: Path, ui: UI) -> None:
-    """What the original printed after a deploy: where things are, and the setup hint."""
+def migrate(aws: Any, outputs: dict[str, str], ui: UI, setup_command: str) -> bool:
+    """Apply the results table's migrations through the stack's admin function.
+
+    Returns whether they were applied. Where the function cannot run (an emulator without a
+    Lambda runtime, a missing permission), says so and how to apply them; the deploy stands.
+    """
+    from .admin import AdminFunction, AdminUnavailable
+    from .errors import CnsqError
+
+    admin = AdminFunction.of_stack(aws, outputs)
+    if admin is None:
+        return False
+    try:
+        answer = admin.call("migrate")
+    except AdminUnavailable as exc:
+        ui.echo(f"warning: the results table's migrations were not applied: {exc}\n"
+                f"  Apply them once the function can run: {setup_command}", err=True)
+        return False
+    except CnsqError as exc:
+        ui.echo(f"warning: the results table's migrations failed: {exc}\n"
+                f"  Fix the cause, then run: {setup_command}", err=True)
+        return False
+    applied = ", ".join(answer.get("applied", [])) or "none needed"
+    ui.echo(f"Results table ready (migrations applied: {applied}).")
+    return True
+
+
+def next_steps(stack_name: str, outputs: dict[str, str], setup_command: str, ui: UI,
+               migrated: bool = False) -> None:
+    """What the original printed after a deploy: where things are, and the next step."""
     ui.echo(f"The stack {stack_name} is deployed or updated.")
     if "dbConnectionString" in outputs:
         ui.echo(f"- The database is available at: {outputs['dbConnectionString']}")
@@ -216,11 +242,13 @@ def next_steps(stack_name: str, outputs: dict[str, str], config_path: Path, ui: 
         ui.echo(f"- The model endpoint is {outputs['modelEndpoint']}")
     if not outputs:
         ui.echo("- CloudFormation reported no outputs yet; see them later with `cnsq outputs`.")
+    if migrated:
+        return
     ui.echo()
     ui.echo("Is this the first time setting up this stack? "
             "Run the following command to set up the database:")
     ui.echo()
-    ui.echo("  $ " + SETUP_HINT.format(config=config_path))
+    ui.echo("  $ " + setup_command)
 
 
 def destroy(stack_name: str, stacks: Stacks, ui: UI, assume_yes: bool, interactive: bool) -> str:

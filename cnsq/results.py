@@ -13,10 +13,18 @@ import io
 import re
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
+
+from download_and_predict.schema import (
+    EXPORT_SQL,
+    MIGRATIONS,
+    Migration,
+    migrate_postgres,
+    postgres_columns,
+    schema_problems,
+)
 
 from .errors import CnsqError
 
@@ -25,22 +33,6 @@ class DatabaseError(CnsqError):
     """The results database is unreachable, malformed or refused a statement."""
 
 
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    postgres: str
-    sqlite: str
-
-
-MIGRATIONS = (
-    Migration(
-        1, "create results",
-        "CREATE TABLE IF NOT EXISTS results (tile text PRIMARY KEY, output jsonb)",
-        "CREATE TABLE IF NOT EXISTS results (tile TEXT PRIMARY KEY, output TEXT)",
-    ),
-)
-EXPECTED_COLUMNS = {"tile": "text", "output": "jsonb"}
 
 
 def mask(url: str) -> str:
@@ -105,30 +97,10 @@ class PostgresStore(Store):
             raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {reason}") from None
 
     def migrate(self) -> list[Migration]:
-        applied = []
-        with self.conn, self.conn.cursor() as cur:
-            # Two `cnsq setup` at once: the second waits, then finds nothing to do.
-            cur.execute("SELECT pg_advisory_xact_lock(736573)")
-            cur.execute("CREATE TABLE IF NOT EXISTS cnsq_migrations (version integer PRIMARY KEY, "
-                        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-            cur.execute("SELECT version FROM cnsq_migrations")
-            done = {row[0] for row in cur.fetchall()}
-            for migration in MIGRATIONS:
-                if migration.version in done:
-                    continue
-                cur.execute(migration.postgres)
-                cur.execute("INSERT INTO cnsq_migrations (version, name) VALUES (%s, %s)",
-                            (migration.version, migration.name))
-                applied.append(migration)
-        return applied
+        return migrate_postgres(self.conn)
 
     def check_schema(self) -> list[str]:
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT column_name, data_type FROM information_schema.columns "
-                        "WHERE table_name = 'results' AND table_schema = current_schema()")
-            found = dict(cur.fetchall())
-        self.conn.rollback()
-        return _schema_problems(found)
+        return schema_problems(postgres_columns(self.conn))
 
     def count(self) -> int:
         with self.conn.cursor() as cur:
@@ -150,8 +122,7 @@ class PostgresStore(Store):
     def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
         sink = _CopySink(out, progress)
         with self.conn.cursor() as cur:
-            cur.copy_expert("COPY (SELECT tile, output FROM results) TO STDOUT WITH (FORMAT csv, "
-                            "HEADER true)", sink)
+            cur.copy_expert(EXPORT_SQL, sink)
         self.conn.rollback()
         return max(sink.messages - 1, 0)
 
@@ -190,7 +161,7 @@ class SqliteStore(Store):
     def check_schema(self) -> list[str]:
         found = {row[1]: "jsonb" if row[1] == "output" else row[2].lower()
                  for row in self.conn.execute("PRAGMA table_info(results)")}
-        return _schema_problems(found)
+        return schema_problems(found)
 
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM results").fetchone()[0]
@@ -220,18 +191,6 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self.conn.close()
-
-
-def _schema_problems(found: dict[str, str]) -> list[str]:
-    if not found:
-        return ["table 'results' does not exist (run `cnsq setup`)"]
-    problems = []
-    for column, kind in EXPECTED_COLUMNS.items():
-        if column not in found:
-            problems.append(f"results has no column '{column}'")
-        elif found[column] != kind:
-            problems.append(f"results.{column} is {found[column]}, expected {kind}")
-    return problems
 
 
 class _CopySink:

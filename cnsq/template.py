@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,15 @@ def render(config: Config, template_dir: Path, code: dict[str, CodeLocation]) ->
             "bucket": location.bucket if location else config.bucket,
             "remote": location.key if location else "",
         }
-    context["secrets"] = sorted(config.secrets.values(), key=lambda s: s.param)
+    secrets = sorted(config.secrets.values(), key=lambda s: s.param)
+    # Each secret env of a Lambda becomes a Secrets Manager secret the Lambda reads at cold
+    # start (its NAME_SECRET_ARN variable), never a plaintext Lambda variable.
+    context["secret_resources"] = {s.path: secret_resource(s.path) for s in secrets}
+    context["secrets"] = [{"param": s.param, "path": s.path, "resource": secret_resource(s.path)}
+                          for s in secrets]
+    worker = worker_lambda(config)
+    context["admin"] = context["lambdas"][worker] if worker else {
+        "bucket": config.bucket, "remote": "", "runtime": "python3.12", "architecture": "x86_64"}
     path = template_dir / TEMPLATE_NAME
     if not path.exists():
         raise TemplateError(f"{path}: no such template")
@@ -168,6 +177,21 @@ def render(config: Config, template_dir: Path, code: dict[str, CodeLocation]) ->
         raise TemplateError(f"{exc.filename or path}:{exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:
         raise TemplateError(f"{path}:{_jinja_line(exc)}: {exc}") from None
+
+
+def secret_resource(path: str) -> str:
+    """``lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN`` → ``DownloadAndPredictTILEACCESSTOKENSecret``."""
+    parts = path.split(".")
+    return re.sub(r"[^A-Za-z0-9]", "", parts[1] + parts[-1]) + "Secret"
+
+
+def worker_lambda(config: Config) -> str | None:
+    """The Lambda that works the queue (the first with ``queueTrigger``, else the first one).
+
+    The admin function runs from the same zip."""
+    names = list(config.values["lambdas"])
+    triggered = [n for n in names if config.values["lambdas"][n]["queueTrigger"]]
+    return (triggered or names or [None])[0]
 
 
 def _jinja_line(exc: BaseException) -> str:

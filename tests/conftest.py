@@ -19,8 +19,10 @@ import requests
 from servers import PostgresCluster, free_port  # noqa: F401 - free_port is used by tests
 
 REPO = Path(__file__).resolve().parent.parent
-SECRETS = {"RDS_USERNAME": "resultsadmin", "RDS_PASSWORD": "pw-Zq81-never-print",
-           "TILE_ACCESS_TOKEN": "tok-8JmX-never-print"}
+# Values that must never reach a file, S3, an output or the terminal. (RDS_PASSWORD is what an old
+# config still names: it is dropped unread.) The username is not a secret.
+SECRETS = {"RDS_PASSWORD": "pw-Zq81-never-print", "TILE_ACCESS_TOKEN": "tok-8JmX-never-print"}
+ENV = {"RDS_USERNAME": "resultsadmin", **SECRETS}
 
 
 def wait_for(check, timeout: float = 30.0, what: str = "service") -> None:
@@ -73,17 +75,18 @@ def client(service: str):
     return boto3.client(service, region_name="us-east-1")
 
 
-def make_project(root: Path, bucket: str = "cnsq-artifacts", vpc: str = "vpc-0123456789abcdef0",
+def make_project(root: Path, bucket: str = "cnsq-artifacts", vpc: str | None = "vpc-0123456789abcdef0",
                  subnets: tuple[str, str] = ("subnet-0123456789abcdef0", "subnet-0fedcba9876543210"),
                  ) -> Path:
     """A project folder: config/config.yml (from the example), config/.env, a small lambda/."""
     (root / "config").mkdir(parents=True)
-    text = (REPO / "config" / "config.example.yml").read_text()
-    text = text.replace("your-bucket", bucket).replace("vpc-0123456789abcdef0", vpc)
-    text = text.replace("subnet-0123456789abcdef0", subnets[0])
-    text = text.replace("subnet-0fedcba9876543210", subnets[1])
+    text = (REPO / "config" / "config.example.yml").read_text().replace("your-bucket", bucket)
+    if vpc:  # an existing network, as the example's commented-out lines describe it
+        text = text.replace("  # vpc: vpc-0123456789abcdef0", f"  vpc: {vpc}")
+        text = text.replace("  # subnets:\n  #   - subnet-0123456789abcdef0\n  #   - subnet-0fedcba9876543210",
+                            f"  subnets:\n    - {subnets[0]}\n    - {subnets[1]}")
     (root / "config" / "config.yml").write_text(text)
-    (root / "config" / ".env").write_text("".join(f"{k}='{v}'\n" for k, v in SECRETS.items()))
+    (root / "config" / ".env").write_text("".join(f"{k}='{v}'\n" for k, v in ENV.items()))
     # The real lambda/ code, without dependencies: pip is exercised in test_package.
     shutil.copytree(REPO / "lambda", root / "lambda",
                     ignore=shutil.ignore_patterns("__pycache__", "requirements.txt"))

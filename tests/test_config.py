@@ -27,6 +27,7 @@ default:
       queueTrigger: true
       envs:
         TILE_ENDPOINT: 'https://tiles/{z}/{x}/{y}.jpg'
+        TILE_ACCESS_TOKEN: '{{ TILE_ACCESS_TOKEN }}'
   rds:
     username: '{{ RDS_USERNAME }}'
     password: '{{ RDS_PASSWORD }}'
@@ -58,9 +59,11 @@ def test_example_config_loads_with_kes_defaults():
     assert config.stack_name == "cnsq-dev"
     assert lam["fullName"] == "cnsq-dev-DownloadAndPredict"
     assert config.values["stackNoDash"] == "cnsqdev"
-    assert config.values["rds"]["engineVersion"].startswith("16")
-    assert set(config.secrets) == {"rds.username", "rds.password",
-                                   "lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"}
+    assert config.values["rds"]["engineVersion"] == "18"  # a major alone: RDS picks the minor
+    assert config.values["ecs"]["amiParameter"] == (
+        "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id")
+    assert config.values["vpc"] is None  # the stack creates the network
+    assert set(config.secrets) == {"lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"}
     assert config.warnings == []
 
 
@@ -76,7 +79,7 @@ def test_deployment_deep_merges_mappings_and_replaces_lists(tmp_path):
     path = write(tmp_path, BASE + textwrap.dedent("""\
         prod:
           stage: prod
-          subnets: [subnet-z]
+          subnets: [subnet-y, subnet-z]
           lambdas:
             DownloadAndPredict:
               memory: 2048
@@ -85,7 +88,7 @@ def test_deployment_deep_merges_mappings_and_replaces_lists(tmp_path):
     lam = config.values["lambdas"]["DownloadAndPredict"]
     assert config.stack_name == "proj-prod"  # rendered after merging
     assert lam["memory"] == 2048 and lam["timeout"] == 60  # merged, not replaced
-    assert config.values["subnets"] == ["subnet-z"]  # lists replace
+    assert config.values["subnets"] == ["subnet-y", "subnet-z"]  # lists replace
 
 
 def test_kes_list_of_lambdas_is_accepted(tmp_path):
@@ -105,7 +108,13 @@ def test_original_chip_n_scale_example_names_each_value_aws_no_longer_accepts(tm
     with pytest.raises(ConfigError, match=r"lambdas.DownloadAndPredict.runtime: runtime python3.7 .*python3.12"):
         load(path)
     path.write_text(original.replace("db.t2.medium", "db.t3.medium").replace("python3.7", "python3.12"))
+    with pytest.raises(ConfigError, match=r"ecs.instanceType: t2.nano has no NVIDIA GPU .*ecs.gpus: 0"):
+        load(path)
+    path.write_text(original.replace("db.t2.medium", "db.t3.medium").replace("python3.7", "python3.12")
+                    .replace("t2.nano", "g4dn.xlarge"))
     config = load(path)
+    assert any(w.startswith("rds.password is no longer used") for w in config.warnings)
+    assert "password" not in config.values["rds"] and not config.secrets.get("rds.password")
     assert config.values["stackNoDash"] == "YourStack"
     assert config.values["ecs"]["availabilityZone"] == "us-east-1"
     assert config.values["lambdas"]["DownloadAndPredict"]["memory"] == 512
@@ -151,7 +160,7 @@ def test_missing_required_key(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("    engineVersion: '9.6'", r"rds.engineVersion: PostgreSQL 9.6 is no longer offered by RDS; use '16'"),
+    ("    engineVersion: '9.6'", r"rds.engineVersion: PostgreSQL 9.6 is no longer offered by RDS; use '18'"),
     ("    instanceType: db.t2.micro", r"rds.instanceType: db.t2.micro .* use db.t3.micro"),
 ])
 def test_retired_rds_values_are_refused(tmp_path, line, message):
@@ -180,10 +189,10 @@ def test_unknown_deployment_lists_the_existing_ones(tmp_path):
 
 
 def test_dotenv_overrides_environment_and_is_read_next_to_config(tmp_path):
-    path = write(tmp_path, BASE, env="RDS_USERNAME=fromdotenv\nexport RDS_PASSWORD=\"quoted pw\"\n")
-    config = load(path, environ={"RDS_USERNAME": "fromenv", "RDS_PASSWORD": "x"})
-    assert config.secrets["rds.username"].value == "fromdotenv"
-    assert config.secrets["rds.password"].value == "quoted pw"
+    path = write(tmp_path, BASE, env="RDS_USERNAME=fromdotenv\nexport TILE_ACCESS_TOKEN=\"quoted tok\"\n")
+    config = load(path, environ={"RDS_USERNAME": "fromenv", "TILE_ACCESS_TOKEN": "x"})
+    assert config.values["rds"]["username"] == "fromdotenv"  # not a secret: written in clear
+    assert config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"].value == "quoted tok"
 
 
 def test_dotenv_syntax_error_names_file_and_line(tmp_path):
@@ -211,9 +220,9 @@ def test_values_may_refer_to_other_values(tmp_path):
 
 def test_secrets_cannot_be_rendered_as_text(tmp_path):
     config = load(write(tmp_path, BASE))
-    secret = config.secrets["rds.password"]
-    assert isinstance(secret, Secret) and secret.value == "pw-secret-1"
-    assert "pw-secret-1" not in repr(secret)
+    secret = config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"]
+    assert isinstance(secret, Secret) and secret.value == "tok-secret-1"
+    assert "tok-secret-1" not in repr(secret)
     with pytest.raises(jinja2.TemplateError, match="is a secret"):
         str(secret)
 
@@ -239,3 +248,76 @@ def test_parse_dotenv_handles_comments_and_quotes(tmp_path):
     path = tmp_path / ".env"
     path.write_text("A=1 # trailing\nB='two words'\n\n# c\nC=\"x#y\"\n")
     assert parse_dotenv(path) == {"A": "1", "B": "two words", "C": "x#y"}
+
+
+# -- combinations AWS refuses, caught before a deploy (each names its keys)
+
+
+def test_batch_size_above_10_needs_a_batching_window(tmp_path):
+    path = write(tmp_path, BASE.replace("visibilityTimeout: 360", "visibilityTimeout: 360\n    batchSize: 50"))
+    with pytest.raises(ConfigError, match=r"sqs.batchSize: 50 records per call needs sqs.maxBatchingWindow"):
+        load(path)
+    path.write_text(path.read_text().replace("batchSize: 50", "batchSize: 50\n    maxBatchingWindow: 1"))
+    assert load(path).values["sqs"]["batchSize"] == 50
+
+
+@pytest.mark.parametrize("itype", ["t3.medium", "c5.xlarge", "g4ad.xlarge", "g5g.xlarge"])
+def test_a_gpu_task_on_an_instance_without_an_ecs_gpu_is_refused(tmp_path, itype):
+    path = write(tmp_path, BASE + f"  ecs:\n    instanceType: {itype}\n    gpus: 1\n")
+    with pytest.raises(ConfigError, match=rf"config.yml:\d+: ecs.instanceType: {itype} has no NVIDIA GPU"):
+        load(path)
+    path.write_text(path.read_text().replace("gpus: 1", "gpus: 0"))
+    assert load(path).values["ecs"]["tasksPerInstance"] == 1  # a CPU model server is allowed
+
+
+@pytest.mark.parametrize("itype, gpus, tasks", [
+    ("g4dn.xlarge", 1, 1), ("g5.12xlarge", 1, 4), ("p3.16xlarge", 2, 4), ("p4d.24xlarge", 1, 8)])
+def test_a_multi_gpu_instance_runs_one_task_per_gpu(tmp_path, itype, gpus, tasks):
+    path = write(tmp_path, BASE + f"  ecs:\n    instanceType: {itype}\n    gpus: {gpus}\n")
+    assert load(path).values["ecs"]["tasksPerInstance"] == tasks
+
+
+def test_a_task_cannot_ask_for_more_gpus_than_its_instance_has(tmp_path):
+    path = write(tmp_path, BASE + "  ecs:\n    instanceType: g4dn.xlarge\n    gpus: 2\n")
+    with pytest.raises(ConfigError, match=r"ecs.gpus: g4dn.xlarge has 1 GPU"):
+        load(path)
+
+
+def test_a_pinned_minor_engine_version_is_warned_about(tmp_path):
+    path = write(tmp_path, BASE.replace("    password:", "    engineVersion: '17.6'\n    password:"))
+    assert any("pins a minor version" in w and "'17'" in w for w in load(path).warnings)
+    path.write_text(BASE.replace("    password:", "    engineVersion: 'latest'\n    password:"))
+    with pytest.raises(ConfigError, match=r"rds.engineVersion: expected a major version like '18'"):
+        load(path)
+
+
+@pytest.mark.parametrize("username", ["1abc", "has-dash", "rdsadmin", "x" * 64])
+def test_a_username_rds_refuses_is_refused(tmp_path, username):
+    with pytest.raises(ConfigError, match=r"rds.username: RDS needs 1 to 63 letters"):
+        load(write(tmp_path, BASE), environ={**ENV, "RDS_USERNAME": username})
+
+
+def test_ordinary_usernames_are_accepted_and_not_secret(tmp_path):
+    for username in ("postgres", "user", "results", "cnsq"):
+        config = load(write(tmp_path, BASE), environ={**ENV, "RDS_USERNAME": username})
+        assert config.values["rds"]["username"] == username and "rds.username" not in config.secrets
+
+
+def test_a_vpc_needs_two_subnets_and_subnets_need_a_vpc(tmp_path):
+    path = write(tmp_path, BASE.replace("[subnet-a, subnet-b]", "[subnet-a]"))
+    with pytest.raises(ConfigError, match=r"subnets: vpc vpc-1 needs at least two private subnets"):
+        load(path)
+    path.write_text(BASE.replace("  vpc: vpc-1\n", ""))
+    with pytest.raises(ConfigError, match=r"vpc: subnets are given but no vpc"):
+        load(path)
+
+
+def test_opening_the_database_is_an_explicit_warned_opt_in(tmp_path):
+    path = write(tmp_path, BASE.replace("    password:", "    publiclyAccessible: true\n"
+                                        "    allowedCidr: 0.0.0.0/0\n    password:"))
+    warnings = load(path).warnings
+    assert any(w.startswith("rds.publiclyAccessible: true") for w in warnings)
+    assert any(w.startswith("rds.allowedCidr: 0.0.0.0/0 opens the database") for w in warnings)
+    path.write_text(BASE.replace("    password:", "    allowedCidr: everyone\n    password:"))
+    with pytest.raises(ConfigError, match=r"rds.allowedCidr: expected an IPv4 CIDR"):
+        load(path)

@@ -174,12 +174,14 @@ def test_a_config_in_the_original_format_deploys(project):
     vpc = current.split("vpc: ")[1].split()[0]
     subnet_a, subnet_b = current.split("subnets:\n    - ")[1].split("\n    - ")[:2]
     # The original's example, with the values its comments ask users to fill in, and the two
-    # that AWS no longer accepts (python3.7, db.t2.medium) replaced as cnsq's errors say.
+    # that AWS no longer accepts (python3.7, db.t2.medium) and the GPU-less t2.nano replaced as
+    # cnsq's errors say.
     original = (Path(__file__).resolve().parent / "data" / "chip-n-scale-config.yml").read_text()
     for old, new in (("your-bucket", "cnsq-artifacts"), ("your-vpc", vpc),
                      ("subnet 1", subnet_a.strip()), ("subnet 2", subnet_b.split()[0]),
                      ("python3.7", "python3.12"), ("db.t2.medium", "db.t3.medium"),
-                     ("visibilityTimeout: 60", "visibilityTimeout: 360")):
+                     ("visibilityTimeout: 60", "visibilityTimeout: 360"),
+                     ("instanceType: t2.nano", "instanceType: g4dn.xlarge")):
         original = original.replace(old, new)
     Path("config/config.yml").write_text(original)
     result = cnsq("deploy", "--config", "config/config.yml")

@@ -199,7 +199,7 @@ def test_stubbed_outputs_after_execution_are_printed_with_the_setup_hint(cfn):
     }), {"StackName": STACK_ID})
     outputs = Stacks(client, None).outputs(STACK_ID)
     ui = RecordingUI()
-    next_steps("cnsq-dev", outputs, Path("config/config.yml"), ui)
+    next_steps("cnsq-dev", outputs, "cnsq setup --config config/config.yml", ui)
     assert ui.lines[0] == "The stack cnsq-dev is deployed or updated."
     assert "- The database is available at: postgres://db.example:5432/ResultsDB" in ui.lines
     assert any("cnsqdevTileQueue" in line for line in ui.lines)

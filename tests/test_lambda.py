@@ -289,7 +289,7 @@ def test_handler_reads_the_environment_at_cold_start(monkeypatch, tiles, model, 
 
 def test_missing_environment_is_a_clear_error_at_cold_start():
     with pytest.raises(ValueError, match=r"missing environment variable\(s\): PREDICTION_ENDPOINT, "
-                                         r"DATABASE_URL or DATABASE_SECRET_ARN"):
+                                         r"DATABASE_URL or DATABASE_INSTANCE"):
         Settings.from_env({"TILE_ENDPOINT": "http://x/{z}/{x}/{y}"})
 
 
@@ -302,9 +302,52 @@ def test_credentials_from_secrets_manager(aws, tiles, model, db_url):
     arn = boto3.client("secretsmanager", region_name="us-east-1").create_secret(
         Name="results-db", SecretString=json.dumps(secret))["ARN"]
     app = handler_module.build({"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg",
-                                "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_SECRET_ARN": arn})
+                                "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_SECRET_ARN": arn,
+                                "DATABASE_SSLMODE": "disable"})
     assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
     assert rows(db_url) == expected((1, 2, 3))
+
+
+def test_credentials_from_the_rds_managed_secret_and_the_token_from_its_secret(
+        aws, tiles, model, db_url):
+    """As the stack runs it: the instance's RDS-managed secret (found through DescribeDBInstances)
+    gives the user and password, the environment the host and port; the tile token comes from
+    its own secret, never from a plaintext variable."""
+    import boto3
+
+    parsed = urlparse(db_url)
+    rds = boto3.client("rds", region_name="us-east-1")
+    rds.create_db_instance(DBInstanceIdentifier="results", Engine="postgres", EngineVersion="18",
+                           DBInstanceClass="db.t3.medium", MasterUsername=parsed.username,
+                           ManageMasterUserPassword=True, AllocatedStorage=20)
+    # RDS's secret is {"username": <master user>, "password": …}; moto's names "admin".
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    managed = handler_module.managed_secret_arn(rds, "results")
+    secrets.put_secret_value(SecretId=managed, SecretString=json.dumps(
+        {"username": parsed.username, "password": "generated-by-rds"}))
+    token = secrets.create_secret(
+        Name="tile-token", SecretString="tok-from-secret")["ARN"]
+    env = {"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg?access_token={token}",
+           "TILE_ACCESS_TOKEN_SECRET_ARN": token, "PREDICTION_ENDPOINT": model.endpoint,
+           "DATABASE_INSTANCE": "results", "DATABASE_HOST": parsed.hostname,
+           "DATABASE_PORT": str(parsed.port), "DATABASE_NAME": parsed.path.lstrip("/"),
+           "DATABASE_SSLMODE": "disable"}  # the throwaway cluster has no TLS; the stack: require
+    settings = Settings.from_env(handler_module.resolve_secret_envs(env))
+    assert settings.tile_token == "tok-from-secret"
+    url = handler_module.database_url(settings)
+    assert url.startswith(f"postgresql://{parsed.username}:") and url.endswith("?sslmode=disable"), handler_module.mask(url)
+    app = handler_module.build(env)
+    assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
+    assert rows(db_url) == expected((1, 2, 3))
+    assert tiles.tokens == ["tok-from-secret"]
+
+
+def test_the_stack_connects_with_tls_required():
+    settings = Settings.from_env({"TILE_ENDPOINT": "http://x/{z}/{x}/{y}", "PREDICTION_ENDPOINT": "p",
+                                  "DATABASE_INSTANCE": "db", "DATABASE_HOST": "h"})
+    assert settings.database_sslmode == "require"
+    assert handler_module.secret_to_url({"username": "u", "password": "p@ss", "host": "h"},
+                                        "require") == "postgresql://u:p%40ss@h:5432/ResultsDB?sslmode=require"
 
 
 # -- HTTP: redirects, proxies and CA bundles, read from the environment the handler is built with

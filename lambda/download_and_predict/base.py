@@ -122,6 +122,12 @@ class Settings:
     prediction_endpoint: str
     database_url: str | None = None
     database_secret_arn: str | None = None
+    # On AWS: the instance whose RDS-managed secret holds the credentials, and where it is.
+    database_instance: str | None = None
+    database_host: str | None = None
+    database_port: int = 5432
+    database_name: str = "ResultsDB"
+    database_sslmode: str = "require"
     tile_token: str | None = None
     missing_tiles: str = "skip"  # skip: logged and counted, not retried; fail: retried
     max_instances: int = 64
@@ -140,8 +146,8 @@ class Settings:
     def from_env(cls, env: dict[str, str]) -> Settings:
         """Raises ValueError naming every missing or malformed variable."""
         missing = [name for name in cls.REQUIRED if not env.get(name)]
-        if not env.get("DATABASE_URL") and not env.get("DATABASE_SECRET_ARN"):
-            missing.append("DATABASE_URL or DATABASE_SECRET_ARN")
+        if not any(env.get(k) for k in ("DATABASE_URL", "DATABASE_INSTANCE", "DATABASE_SECRET_ARN")):
+            missing.append("DATABASE_URL or DATABASE_INSTANCE")
         if missing:
             raise ValueError(f"missing environment variable(s): {', '.join(missing)}")
         mode = env.get("MISSING_TILES", "skip")
@@ -151,8 +157,7 @@ class Settings:
             return cls(
                 tile_endpoint=env["TILE_ENDPOINT"],
                 prediction_endpoint=env["PREDICTION_ENDPOINT"],
-                database_url=env.get("DATABASE_URL") or None,
-                database_secret_arn=env.get("DATABASE_SECRET_ARN") or None,
+                **database_fields(env),
                 tile_token=env.get("TILE_ACCESS_TOKEN") or None,
                 missing_tiles=mode,
                 max_instances=int(env.get("MAX_INSTANCES", 64)),
@@ -170,18 +175,54 @@ class Settings:
             raise ValueError(f"malformed numeric environment variable: {exc}") from None
 
 
+def database_fields(env: dict[str, str]) -> dict[str, Any]:
+    """The :class:`Settings` fields that say where the results database is and how to log in.
+
+    Raises:
+        ValueError: DATABASE_PORT is not a number.
+    """
+    return {
+        "database_url": env.get("DATABASE_URL") or None,
+        "database_secret_arn": env.get("DATABASE_SECRET_ARN") or None,
+        "database_instance": env.get("DATABASE_INSTANCE") or None,
+        "database_host": env.get("DATABASE_HOST") or None,
+        "database_port": int(env.get("DATABASE_PORT") or 5432),
+        "database_name": env.get("DATABASE_NAME") or "ResultsDB",
+        "database_sslmode": env.get("DATABASE_SSLMODE") or "require",
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The results database
 
 
-def secret_to_url(secret: dict[str, Any]) -> str:
-    """A Secrets Manager RDS secret (username, password, host, port, dbname) → a libpq URL."""
+def secret_to_url(secret: dict[str, Any], sslmode: str | None = None) -> str:
+    """A Secrets Manager RDS secret (username, password, host, port, dbname) → a libpq URL.
+
+    ``sslmode`` (libpq's: ``require``, ``verify-full`` …) is added as a query parameter; the
+    stack's Lambdas use ``require`` so nothing crosses the VPC unencrypted.
+    """
     from urllib.parse import quote
 
-    return "postgresql://{}:{}@{}:{}/{}".format(
+    url = "postgresql://{}:{}@{}:{}/{}".format(
         quote(str(secret["username"]), safe=""), quote(str(secret["password"]), safe=""),
         secret["host"], secret.get("port", 5432), secret.get("dbname", "ResultsDB"),
     )
+    return f"{url}?sslmode={sslmode}" if sslmode else url
+
+
+def managed_secret_arn(rds: Any, instance: str) -> str:
+    """The ARN of the secret RDS keeps the master credentials in (ManageMasterUserPassword).
+
+    Raises:
+        LookupError: the instance has no RDS-managed secret.
+    """
+    found = rds.describe_db_instances(DBInstanceIdentifier=instance)["DBInstances"][0]
+    arn = (found.get("MasterUserSecret") or {}).get("SecretArn")
+    if not arn:
+        raise LookupError(f"database {instance} has no RDS-managed master secret "
+                          "(ManageMasterUserPassword is off)")
+    return arn
 
 
 def mask(url: str) -> str:

@@ -1,7 +1,8 @@
 """The Lambda entry point: ``download_and_predict.handler.handler``.
 
-Configuration comes from the environment (TILE_ENDPOINT, TILE_ACCESS_TOKEN, PREDICTION_ENDPOINT,
-and DATABASE_SECRET_ARN on AWS or DATABASE_URL locally). The app — its HTTP connection pools and database
+Configuration comes from the environment (TILE_ENDPOINT, TILE_ACCESS_TOKEN or
+TILE_ACCESS_TOKEN_SECRET_ARN, PREDICTION_ENDPOINT, and DATABASE_INSTANCE/HOST/PORT on AWS or
+DATABASE_URL locally). The app — its HTTP connection pools and database
 connection — is built at cold start and reused by every warm invocation.
 """
 
@@ -12,20 +13,58 @@ import logging
 import os
 from typing import Any
 
-from .base import DownloadAndPredict, ResultsWriter, Settings, mask, secret_to_url
+from .base import (
+    DownloadAndPredict,
+    ResultsWriter,
+    Settings,
+    managed_secret_arn,
+    mask,
+    secret_to_url,
+)
 
 LOG = logging.getLogger("download_and_predict")
 LOG.setLevel(logging.INFO)
 
 
 def database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the URL built from the Secrets Manager secret (read once, never logged)."""
+    """DATABASE_URL, or the URL built from RDS's own secret (read once, never logged).
+
+    On AWS the stack gives the instance, host and port; the credentials are in the secret RDS
+    manages for the instance, found through ``rds:DescribeDBInstances``. A rotated password is
+    picked up at the next cold start.
+    """
     if settings.database_url:
         return settings.database_url
     import boto3  # provided by the Lambda runtime
 
-    secret = boto3.client("secretsmanager").get_secret_value(SecretId=settings.database_secret_arn)
-    return secret_to_url(json.loads(secret["SecretString"]))
+    arn = settings.database_secret_arn or managed_secret_arn(
+        boto3.client("rds"), settings.database_instance)
+    secret = json.loads(
+        boto3.client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"])
+    if settings.database_host:  # RDS's secret holds the username and password only
+        secret.update(host=settings.database_host, port=settings.database_port,
+                      dbname=settings.database_name)
+    return secret_to_url(secret, settings.database_sslmode)
+
+
+def resolve_secret_envs(env: dict[str, str], secrets: Any = None) -> dict[str, str]:
+    """``NAME_SECRET_ARN`` → ``NAME`` with the secret's value, for every such variable.
+
+    The stack keeps secret Lambda settings (the tile token) in Secrets Manager rather than in
+    the function's configuration; they are read here, once per cold start.
+    """
+    wanted = {k[: -len("_SECRET_ARN")]: v for k, v in env.items()
+              if k.endswith("_SECRET_ARN") and k != "DATABASE_SECRET_ARN" and v}
+    if not wanted:
+        return env
+    if secrets is None:
+        import boto3
+
+        secrets = boto3.client("secretsmanager")
+    resolved = dict(env)
+    for name, arn in wanted.items():
+        resolved[name] = secrets.get_secret_value(SecretId=arn)["SecretString"]
+    return resolved
 
 
 def build(env: dict[str, str], app_class: type[DownloadAndPredict] = DownloadAndPredict,
@@ -35,7 +74,7 @@ def build(env: dict[str, str], app_class: type[DownloadAndPredict] = DownloadAnd
     A database that cannot be reached now is retried at the next write, so the records of this
     invocation fail (and come back) instead of the whole function failing to start.
     """
-    settings = Settings.from_env(env)
+    settings = Settings.from_env(resolve_secret_envs(env))
     writer = ResultsWriter(database_url(settings))
     try:
         writer.connect()
