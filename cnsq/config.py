@@ -543,6 +543,9 @@ def _check_gpus(ecs: dict, where) -> None:
     if ecs["gpus"] > per_instance:
         raise ConfigError(f"{where('ecs.gpus')}: {itype} has {per_instance} GPU(s); a task cannot "
                           f"ask for {ecs['gpus']}")
+    if not ecs["gpus"] and ecs["amiParameter"] == DEFAULT_AMI_PARAMETER:
+        # A CPU model server runs on the standard ECS AMI, not the GPU one.
+        ecs["amiParameter"] = DEFAULT_AMI_PARAMETER.replace("/gpu/", "/")
     if ecs["tasksPerInstance"] is None:
         ecs["tasksPerInstance"] = per_instance // ecs["gpus"] if ecs["gpus"] else 1
     if ecs["tasksPerInstance"] < 1:

@@ -193,3 +193,32 @@ def test_a_config_in_the_original_format_deploys(project):
     again = cnsq("deploy", "--config", "config/config.yml")
     assert "nothing to deploy" in again.output and again.exit_code == 0
     assert cnsq("delete", "--yes", "--config", "config/config.yml").exit_code == 0
+
+
+def test_a_stack_that_creates_its_own_private_network(aws, tmp_path, monkeypatch):
+    """The example as shipped names no VPC: the stack creates one (DNS on, two zones, private
+    subnets behind a NAT) and everything lands in it."""
+    from conftest import make_project
+
+    client("s3").create_bucket(Bucket="cnsq-artifacts")
+    make_project(tmp_path / "proj", vpc=None)
+    monkeypatch.chdir(tmp_path / "proj")
+    result = cnsq("deploy")
+    assert result.exit_code == 0, result.output
+    assert stack_status() == "CREATE_COMPLETE"
+    # (moto keeps no outputs for a stack created through a change set: read the resource.)
+    vpc_id = client("cloudformation").describe_stack_resource(
+        StackName="cnsq-dev", LogicalResourceId="VPC")["StackResourceDetail"]["PhysicalResourceId"]
+    ec2 = client("ec2")
+    # (moto's CloudFormation ignores EnableDnsSupport/Hostnames: test_template_private checks them.)
+    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["Subnets"]
+    assert len({s["AvailabilityZone"] for s in subnets}) == 2 and len(subnets) == 4
+    function = client("lambda").get_function(FunctionName="cnsq-dev-DownloadAndPredict")
+    assert function["Configuration"]["VpcConfig"]["SubnetIds"]
+    assert "TILE_ACCESS_TOKEN" not in function["Configuration"]["Environment"]["Variables"]
+    db = client("rds").describe_db_instances()["DBInstances"][0]
+    assert db["PubliclyAccessible"] is False
+    balancer = client("elbv2").describe_load_balancers()["LoadBalancers"][0]
+    assert balancer["Scheme"] == "internal"
+    # (No delete here: moto's CloudFormation cannot delete route tables, so it refuses to delete
+    # the VPC; the delete path is tested with an existing VPC above.)
