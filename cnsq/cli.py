@@ -771,13 +771,7 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
     if stacks.describe(config.stack_name) is None:
         raise CnsqError(f"stack '{config.stack_name}' does not exist")
     lam = next(iter(config.values["lambdas"].values()), {"timeout": 300, "concurrent": None})
-    if database_url is None:
-        from .credentials import url_from_stack
-
-        try:
-            database_url = url_from_stack(aws, stacks, config.stack_name)
-        except Exception:  # noqa: BLE001 - no reachable database: the row count shows as missing
-            database_url = None
+    # Without --database-url, the stack's admin function counts the rows (see status.collect).
     while True:
         metrics = collect(aws, stacks, config, window, database_url)
         diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],

@@ -209,7 +209,16 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
             value = _sum_or_none(result.get("Values", []), "Average")
             if value is not None:
                 metrics.gpu[metric["Dimensions"][0]["Value"]] = value
-    if database_url:
+    if database_url is None:
+        # A private database: the stack's admin function counts inside the VPC.
+        from .admin import AdminFunction
+
+        admin = AdminFunction.of_stack(aws, stacks.outputs(config.stack_name))
+        try:
+            metrics.rows = admin.call("count")["rows"] if admin else None
+        except Exception:  # noqa: BLE001 - the function cannot run: shown as missing
+            metrics.rows = None
+    elif database_url:
         from .results import open_store
 
         try:

@@ -35,6 +35,7 @@ class Target:
     model_endpoint: str | None  # …/v1/models/NAME (no :predict)
     tile_url: str | None  # the sample tile's URL, token filled in
     tile_id: str
+    admin: Any = None  # the stack's AdminFunction: counts rows of a private database in the VPC
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:
@@ -73,6 +74,11 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
     def results() -> str:
         from .results import open_store
 
+        if target.admin is not None and target.database_url is None:
+            answer = target.admin.call("count")
+            if answer["problems"]:
+                raise RuntimeError("; ".join(answer["problems"]))
+            return f"results(tile, output) exists with {answer['rows']:,} rows (via {target.admin.name})"
         if target.database_url is None:
             raise RuntimeError("no database (stack output missing; pass --database-url)")
         store = open_store(target.database_url())
@@ -155,6 +161,7 @@ def tile_url_from_config(config, tile_id: str, override: str | None = None) -> s
 
 def build_target(config, aws, stacks, *, database_url: str | None, model_endpoint: str | None,
                  tile_endpoint: str | None, tile_id: str) -> Target:
+    from .admin import AdminFunction
     from .credentials import url_from_stack
 
     description = stacks.describe(config.stack_name)
@@ -169,6 +176,7 @@ def build_target(config, aws, stacks, *, database_url: str | None, model_endpoin
         queue_url=outputs.get("queueURL"),
         dead_letter_url=outputs.get("deadLetterQueueURL"),
         database_url=database if (database_url or "databaseSecretArn" in outputs) else None,
+        admin=None if database_url else AdminFunction.of_stack(aws, outputs),
         model_endpoint=model_endpoint or outputs.get("modelEndpoint"),
         tile_url=tile_url_from_config(config, tile_id, tile_endpoint),
         tile_id=tile_id,
