@@ -348,6 +348,10 @@ def test_the_stack_connects_with_tls_required():
     assert settings.database_sslmode == "require"
     assert handler_module.secret_to_url({"username": "u", "password": "p@ss", "host": "h"},
                                         "require") == "postgresql://u:p%40ss@h:5432/ResultsDB?sslmode=require"
+    # With a CA bundle (RDS's, shipped in the zip) the server's name is verified too.
+    bundle = Settings.from_env({"TILE_ENDPOINT": "http://x/{z}/{x}/{y}", "PREDICTION_ENDPOINT": "p",
+                                "DATABASE_INSTANCE": "db", "DATABASE_SSLROOTCERT": "/var/task/rds.pem"})
+    assert (bundle.database_sslmode, bundle.database_sslrootcert) == ("verify-full", "/var/task/rds.pem")
 
 
 # -- HTTP: redirects, proxies and CA bundles, read from the environment the handler is built with

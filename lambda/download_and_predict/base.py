@@ -128,6 +128,7 @@ class Settings:
     database_port: int = 5432
     database_name: str = "ResultsDB"
     database_sslmode: str = "require"
+    database_sslrootcert: str | None = None  # a CA bundle: the connection becomes verify-full
     tile_token: str | None = None
     missing_tiles: str = "skip"  # skip: logged and counted, not retried; fail: retried
     max_instances: int = 64
@@ -188,7 +189,9 @@ def database_fields(env: dict[str, str]) -> dict[str, Any]:
         "database_host": env.get("DATABASE_HOST") or None,
         "database_port": int(env.get("DATABASE_PORT") or 5432),
         "database_name": env.get("DATABASE_NAME") or "ResultsDB",
-        "database_sslmode": env.get("DATABASE_SSLMODE") or "require",
+        "database_sslmode": env.get("DATABASE_SSLMODE") or (
+            "verify-full" if env.get("DATABASE_SSLROOTCERT") else "require"),
+        "database_sslrootcert": env.get("DATABASE_SSLROOTCERT") or None,
     }
 
 
@@ -196,19 +199,22 @@ def database_fields(env: dict[str, str]) -> dict[str, Any]:
 # The results database
 
 
-def secret_to_url(secret: dict[str, Any], sslmode: str | None = None) -> str:
+def secret_to_url(secret: dict[str, Any], sslmode: str | None = None,
+                  sslrootcert: str | None = None) -> str:
     """A Secrets Manager RDS secret (username, password, host, port, dbname) → a libpq URL.
 
-    ``sslmode`` (libpq's: ``require``, ``verify-full`` …) is added as a query parameter; the
-    stack's Lambdas use ``require`` so nothing crosses the VPC unencrypted.
+    ``sslmode`` (libpq's: ``require``, ``verify-full`` …) and ``sslrootcert`` (a CA bundle, such
+    as RDS's global bundle shipped in the zip) are added as query parameters; the stack's
+    Lambdas use at least ``require``, so nothing crosses the VPC unencrypted.
     """
-    from urllib.parse import quote
+    from urllib.parse import quote, urlencode
 
     url = "postgresql://{}:{}@{}:{}/{}".format(
         quote(str(secret["username"]), safe=""), quote(str(secret["password"]), safe=""),
         secret["host"], secret.get("port", 5432), secret.get("dbname", "ResultsDB"),
     )
-    return f"{url}?sslmode={sslmode}" if sslmode else url
+    query = {k: v for k, v in (("sslmode", sslmode), ("sslrootcert", sslrootcert)) if v}
+    return f"{url}?{urlencode(query)}" if query else url
 
 
 def managed_secret_arn(rds: Any, instance: str) -> str:

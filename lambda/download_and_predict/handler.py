@@ -44,7 +44,7 @@ def database_url(settings: Settings) -> str:
     if settings.database_host:  # RDS's secret holds the username and password only
         secret.update(host=settings.database_host, port=settings.database_port,
                       dbname=settings.database_name)
-    return secret_to_url(secret, settings.database_sslmode)
+    return secret_to_url(secret, settings.database_sslmode, settings.database_sslrootcert)
 
 
 def resolve_secret_envs(env: dict[str, str], secrets: Any = None) -> dict[str, str]:
