@@ -168,25 +168,45 @@ def compile_cmd(settings: Settings) -> None:
 
 @main.command()
 @config_options
-def validate(settings: Settings) -> None:
-    """Compile the template and lint it with cfn-lint; exit 1 on errors.
+@click.option("--offline", is_flag=True, help="Skip the account checks (preflight).")
+@click.option("--json", "as_json", is_flag=True, help="Print lint findings and checks as JSON.")
+def validate(settings: Settings, offline: bool, as_json: bool) -> None:
+    """Compile and lint the template, then check the account (preflight); exit 1 on problems.
+
+    The preflight reads the account through the AWS API: the bucket and its region, the VPC's
+    DNS settings, subnets in two zones behind a NAT, the GPU type's GPUs, offerings and vCPU
+    quota, the key pair, the AMI parameter, the engine version on the instance class, and the
+    Lambda concurrency left. Every problem is reported at once, with its config key.
 
     \b
-    Example:
-      cnsq validate --config config/config.example.yml --env-file config/.env.sample
+    Examples:
+      cnsq validate --config config/config.yml
+      cnsq validate --config config/config.example.yml --env-file config/.env.sample --offline
     """
-    from .deploy import compile_only
+    from .deploy import compile_only, preflight_report
     from .template import lint
 
     config = settings.load()
     path = compile_only(config, _paths(config))
     findings = lint(path, [settings.region or "us-east-1"])
-    if findings:
+    errors = sum(f.severity == "error" for f in findings)
+    out = {"template": str(path), "lint": [f.__dict__ for f in findings], "preflight": None}
+    if findings and not as_json:
         click.echo(tabulate([[f.severity, f.rule, f"{path}:{f.line}", f.message] for f in findings],
                             headers=["Severity", "Rule", "Where", "Message"]))
-    errors = sum(f.severity == "error" for f in findings)
-    click.echo(f"{path}: {errors} error(s), {len(findings) - errors} other finding(s)")
-    if errors:
+    if not as_json:
+        click.echo(f"{path}: {errors} error(s), {len(findings) - errors} other finding(s)")
+    report = None
+    if offline:
+        message = "Account not checked (--offline)."
+    else:
+        report, message = preflight_report(config, settings.aws(), ClickUI(to_stderr=as_json))
+    if as_json:
+        out["preflight"] = report.as_dict() if report else {"skipped": message}
+        click.echo(json.dumps(out, indent=2))
+    elif report is None:
+        click.echo(message)
+    if errors or (report and report.problems):
         sys.exit(1)
 
 
@@ -227,8 +247,9 @@ def package_cmd(settings: Settings, upload: bool) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before replacing stateful resources.")
 @click.option("--fail-on-empty", is_flag=True, help="Exit 1 when there is nothing to deploy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the change set and outputs as JSON.")
+@click.option("--skip-preflight", is_flag=True, help="Do not check the account first.")
 def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
-           as_json: bool) -> None:
+           as_json: bool, skip_preflight: bool) -> None:
     """Package, compile, lint and deploy the stack through a change set.
 
     Shows what will change before anything does, streams stack events, and prints the outputs
@@ -246,6 +267,15 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
     config = settings.load()
     aws = settings.aws()
     stacks = _stacks(aws)
+    if skip_preflight:
+        ui.echo("Preflight skipped (--skip-preflight): the account was not checked.")
+    else:
+        report, message = flow.preflight_report(config, aws, ui)
+        if report is None:
+            raise CnsqError(f"{message} Pass --skip-preflight to deploy anyway.")
+        if report.problems:
+            raise CnsqError(f"preflight found {len(report.problems)} problem(s); nothing was "
+                            "deployed (fix them, or pass --skip-preflight)")
     plan = flow.plan(config, _paths(config), stacks, SubprocessPip(), ui, aws.region_name)
     result: dict[str, Any] = {"stack": plan.stack_name, "changeSetArn": plan.change_set.arn,
                               "uploaded": plan.uploaded, "changes": [], "outputs": {}}

@@ -203,6 +203,29 @@ def apply(
     return status, events
 
 
+def preflight_report(config: Config, aws: Any, ui: UI) -> tuple[Any, str]:
+    """Run the account checks and print every problem and warning, one line each.
+
+    Returns (report, summary), or (None, why) when there are no credentials to ask with.
+    """
+    from . import preflight
+
+    if aws.session.get_credentials() is None:
+        message = "Account not checked: no AWS credentials (see `aws configure`)."
+        ui.echo(message)
+        return None, message
+    report = preflight.run(config, aws.client, aws.region_name)
+    for finding in report.findings:
+        if finding.status != preflight.OK:
+            ui.echo("  " + finding.line(), err=True)
+    ok = sum(f.status == preflight.OK for f in report.findings)
+    warnings = sum(f.status == preflight.WARNING for f in report.findings)
+    message = (f"Preflight: {len(report.problems)} problem(s), {warnings} warning(s), {ok} "
+               f"check(s) passed in {report.seconds:.1f}s.")
+    ui.echo(message)
+    return report, message
+
+
 def migrate(aws: Any, outputs: dict[str, str], ui: UI, setup_command: str) -> bool:
     """Apply the results table's migrations through the stack's admin function.
 

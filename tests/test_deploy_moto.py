@@ -120,8 +120,13 @@ def test_failed_creation_exits_1_and_says_why(project):
     config = Path("config/config.yml")
     subnet = config.read_text().split("subnets:\n    - ")[1].split()[0]
     config.write_text(config.read_text().replace(subnet, "subnet-00000000000000000"))
-    result = cnsq("deploy")
+    checked = cnsq("deploy")  # the preflight stops it before anything is created
+    assert checked.exit_code == 1
+    assert "subnets: subnet-00000000000000000 not found in" in checked.stderr
+    assert "nothing was deployed" in checked.stderr
+    result = cnsq("deploy", "--skip-preflight")  # CloudFormation's own failure, explained
     assert result.exit_code == 1
+    assert "Preflight skipped (--skip-preflight)" in result.stdout
     assert "subnet-00000000000000000" in result.stderr
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.output
@@ -129,7 +134,10 @@ def test_failed_creation_exits_1_and_says_why(project):
 
 def test_missing_bucket_is_a_clear_error(project):
     client("s3").delete_bucket(Bucket="cnsq-artifacts")
-    result = cnsq("deploy")
+    checked = cnsq("deploy")
+    assert checked.exit_code == 1
+    assert "buckets.internal: bucket cnsq-artifacts does not exist; create it in us-east-1" in checked.stderr
+    result = cnsq("deploy", "--skip-preflight")
     assert result.exit_code == 1
     assert "S3 bucket 'cnsq-artifacts' does not exist (buckets.internal)" in result.stderr
 
@@ -201,6 +209,7 @@ def test_a_stack_that_creates_its_own_private_network(aws, tmp_path, monkeypatch
     from conftest import make_project
 
     client("s3").create_bucket(Bucket="cnsq-artifacts")
+    client("ec2").create_key_pair(KeyName="your-key-pair")
     make_project(tmp_path / "proj", vpc=None)
     monkeypatch.chdir(tmp_path / "proj")
     result = cnsq("deploy")

@@ -1,0 +1,359 @@
+"""Preflight: ask the live account, before anything is created, whether the stack can work.
+
+A CloudFormation create that fails on a missing prerequisite costs 10–40 minutes (RDS and the GPU
+group are slow to create and slower to roll back) and leaves a resource event, not the config
+key to change. Each check here reads the account through the AWS API — never a table that goes
+stale — and reports every problem at once, with the config key, what was found and the fix.
+
+A check the caller may not make (AccessDenied) or that the endpoint cannot answer (an emulator)
+is a warning (``not checked: …``), never a failure. Independent checks run in parallel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import Config
+
+OK, PROBLEM, WARNING = "ok", "problem", "warning"
+# The account needs this much unreserved Lambda concurrency left (AWS refuses less).
+MIN_UNRESERVED = 100
+# Service Quotas codes of the EC2 on-demand vCPU quotas, by instance family letter.
+VCPU_QUOTAS = {"g": ("L-DB2E81BA", "Running On-Demand G and VT instances"),
+               "p": ("L-417A185B", "Running On-Demand P instances")}
+DENIED = ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError")
+
+
+@dataclass
+class Finding:
+    """One check's outcome: ``key`` is the config key it is about."""
+
+    check: str
+    status: str
+    key: str
+    message: str
+
+    def line(self) -> str:
+        prefix = {PROBLEM: "", WARNING: "warning: ", OK: "ok: "}[self.status]
+        return f"{prefix}{self.key}: {self.message}"
+
+
+@dataclass
+class Report:
+    findings: list[Finding]
+    seconds: float
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.status == PROBLEM]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seconds": round(self.seconds, 2), "checks": [asdict(f) for f in self.findings]}
+
+
+class NotChecked(Exception):
+    """The endpoint could not answer this check; the reason is reported as a warning."""
+
+
+def _code(exc: BaseException) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "") if hasattr(
+        exc, "response") else ""
+
+
+def _guard(check: str, key: str, permission: str, fn: Callable[[], list[Finding]]
+           ) -> list[Finding]:
+    """Run one check; turn AccessDenied and unanswerable endpoints into warnings."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn()
+    except NotChecked as exc:
+        return [Finding(check, WARNING, key, f"not checked: {exc}")]
+    except ClientError as exc:
+        code = _code(exc)
+        if code in DENIED:
+            return [Finding(check, WARNING, key, f"not checked: this caller may not {permission}")]
+        status = code or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        reason = (exc.response.get("Error", {}).get("Message") or "").strip()
+        reason = reason.splitlines()[0][:120] if reason and not reason.startswith("<") else ""
+        return [Finding(check, WARNING, key, f"not checked: {permission} answered {status}"
+                                             + (f" ({reason})" if reason else ""))]
+    except BotoCoreError as exc:
+        return [Finding(check, WARNING, key, f"not checked: {permission} failed ({exc})")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks. Each takes the config and a client factory and returns its findings.
+
+
+def check_bucket(config: Config, client, region: str) -> list[Finding]:
+    bucket = config.bucket
+    try:
+        answer = client("s3").get_bucket_location(Bucket=bucket)
+    except Exception as exc:
+        if _code(exc) in ("NoSuchBucket", "404"):
+            return [Finding("bucket", PROBLEM, "buckets.internal",
+                            f"bucket {bucket} does not exist; create it in {region} "
+                            f"(aws s3 mb s3://{bucket} --region {region})")]
+        raise
+    # us-east-1 answers None; the legacy EU constraint means eu-west-1.
+    where = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(
+        answer.get("LocationConstraint"), answer.get("LocationConstraint"))
+    if where != region:
+        return [Finding("bucket", PROBLEM, "buckets.internal",
+                        f"bucket {bucket} is in {where}, not {region}: Lambda takes code only from "
+                        f"a bucket in its own region; use a bucket in {region}")]
+    return [Finding("bucket", OK, "buckets.internal", f"{bucket} is in {region}")]
+
+
+def check_network(config: Config, client, region: str) -> list[Finding]:
+    """DNS on the VPC, subnets in two zones, each routing 0.0.0.0/0 to a NAT gateway."""
+    vpc, subnets = config.values["vpc"], config.values["subnets"]
+    ec2 = client("ec2")
+    findings: list[Finding] = []
+    for attribute, label in (("enableDnsSupport", "DNS support"),
+                             ("enableDnsHostnames", "DNS hostnames")):
+        try:
+            answer = ec2.describe_vpc_attribute(VpcId=vpc, Attribute=attribute)
+        except Exception as exc:
+            if _code(exc) == "InvalidVpcID.NotFound":
+                return [Finding("network", PROBLEM, "vpc", f"{vpc} does not exist in {region}")]
+            raise
+        value = answer[attribute[0].upper() + attribute[1:]]["Value"]
+        if not value:
+            flag = "--enable-dns-support" if "Support" in attribute else "--enable-dns-hostnames"
+            findings.append(Finding(
+                "network", PROBLEM, "vpc",
+                f"{vpc} has {label} off: RDS in a VPC needs it (InvalidVPCNetworkStateFault); "
+                f"turn it on (aws ec2 modify-vpc-attribute --vpc-id {vpc} {flag})"))
+    try:
+        found = ec2.describe_subnets(SubnetIds=subnets)["Subnets"]
+    except Exception as exc:
+        if _code(exc) == "InvalidSubnetID.NotFound":
+            known = {s["SubnetId"] for s in ec2.describe_subnets(
+                Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]}
+            missing = [s for s in subnets if s not in known]
+            return findings + [Finding("network", PROBLEM, "subnets",
+                                       f"{', '.join(missing)} not found in {vpc}")]
+        raise
+    outside = [s["SubnetId"] for s in found if s["VpcId"] != vpc]
+    if outside:
+        findings.append(Finding("network", PROBLEM, "subnets",
+                                f"{', '.join(outside)} is not in {vpc}"))
+    zones = {s["AvailabilityZone"] for s in found}
+    if len(zones) < 2:
+        findings.append(Finding(
+            "network", PROBLEM, "subnets",
+            f"all subnets are in {', '.join(sorted(zones))}: a DB subnet group and a load balancer "
+            "need subnets in at least two availability zones"))
+    tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"]
+    main = next((t for t in tables if any(a.get("Main") for a in t.get("Associations", []))), None)
+    fix = ("use private subnets with a NAT gateway, or leave vpc and subnets out and let the "
+           "stack create the network")
+    for subnet in subnets:
+        table = next((t for t in tables if any(a.get("SubnetId") == subnet
+                                               for a in t.get("Associations", []))), main)
+        default = next((r for r in (table or {}).get("Routes", [])
+                        if r.get("DestinationCidrBlock") == "0.0.0.0/0"
+                        and r.get("State", "active") == "active"), None)
+        if default is None:
+            findings.append(Finding("network", PROBLEM, "subnets",
+                                    f"{subnet} has no default route: a Lambda there cannot reach "
+                                    f"the tile endpoint; {fix}"))
+        elif str(default.get("GatewayId", "")).startswith("igw-"):
+            findings.append(Finding(
+                "network", PROBLEM, "subnets",
+                f"{subnet} routes 0.0.0.0/0 to an internet gateway: a Lambda there cannot reach "
+                f"the tile endpoint; {fix}"))
+        elif not default.get("NatGatewayId"):
+            target = next((v for k, v in default.items() if k.endswith("Id") and v), "?")
+            findings.append(Finding("network", WARNING, "subnets",
+                                    f"{subnet} routes 0.0.0.0/0 to {target}, not a NAT gateway: "
+                                    "make sure it reaches the internet"))
+    if not any(f.status == PROBLEM for f in findings):
+        findings.append(Finding("network", OK, "subnets",
+                                f"{len(subnets)} private subnets in {len(zones)} zones behind a NAT"))
+    return findings
+
+
+def check_instance_type(config: Config, client, region: str) -> list[Finding]:
+    """The GPU type exists, has the GPUs asked for, is offered where the hosts will run, and the
+    account's vCPU quota covers ecs.maxInstances of it."""
+    ecs = config.values["ecs"]
+    itype, ec2 = ecs["instanceType"], client("ec2")
+    try:
+        info = ec2.describe_instance_types(InstanceTypes=[itype])["InstanceTypes"][0]
+    except Exception as exc:
+        if _code(exc) in ("InvalidInstanceType", "InvalidParameterValue"):
+            return [Finding("instance type", PROBLEM, "ecs.instanceType",
+                            f"{itype} is not an instance type in {region}")]
+        raise
+    findings: list[Finding] = []
+    gpus = sum(g.get("Count", 0) for g in info.get("GpuInfo", {}).get("Gpus", []))
+    if ecs["gpus"] and not gpus:
+        findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
+                                f"{itype} has no GPU, but ecs.gpus is {ecs['gpus']}: the model task "
+                                "would never start; use a GPU type or set ecs.gpus: 0"))
+    elif ecs["gpus"] > gpus:
+        findings.append(Finding("instance type", PROBLEM, "ecs.gpus",
+                                f"{itype} has {gpus} GPU(s); a task cannot ask for {ecs['gpus']}"))
+    offered = {o["Location"] for o in ec2.describe_instance_type_offerings(
+        LocationType="availability-zone",
+        Filters=[{"Name": "instance-type", "Values": [itype]}])["InstanceTypeOfferings"]}
+    if not offered:
+        findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
+                                f"{itype} is not offered in {region}"))
+    elif config.values["vpc"]:
+        zones = {s["AvailabilityZone"] for s in ec2.describe_subnets(
+            SubnetIds=config.values["subnets"])["Subnets"]}
+        if zones and not zones & offered:
+            findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
+                                    f"{itype} is not offered in the subnets' zones "
+                                    f"({', '.join(sorted(zones))})"))
+    if not findings:
+        findings.append(Finding("instance type", OK, "ecs.instanceType",
+                                f"{itype}: {gpus} GPU(s), offered in {len(offered)} zones"))
+    family = itype[:1]
+    if family in VCPU_QUOTAS:
+        code, name = VCPU_QUOTAS[family]
+        needed = info["VCpuInfo"]["DefaultVCpus"] * ecs["maxInstances"]
+        findings += _guard("quota", "ecs.maxInstances", "servicequotas:GetServiceQuota",
+                           lambda: _check_quota(client, code, name, needed, itype, ecs))
+    return findings
+
+
+def _check_quota(client, code: str, name: str, needed: int, itype: str, ecs: dict
+                 ) -> list[Finding]:
+    value = client("service-quotas").get_service_quota(ServiceCode="ec2", QuotaCode=code)[
+        "Quota"]["Value"]
+    if value < needed:
+        return [Finding("quota", PROBLEM, "ecs.maxInstances",
+                        f"{ecs['maxInstances']} x {itype} need {needed} vCPUs; the account's quota "
+                        f"'{name}' is {value:.0f}: request an increase in Service Quotas "
+                        f"({code}) or lower ecs.maxInstances")]
+    return [Finding("quota", OK, "ecs.maxInstances", f"{needed} of {value:.0f} vCPUs ({name})")]
+
+
+def check_key_pair(config: Config, client, region: str) -> list[Finding]:
+    name = config.values["ecs"]["keyPairName"]
+    if not name:
+        return []
+    try:
+        client("ec2").describe_key_pairs(KeyNames=[name])
+    except Exception as exc:
+        if _code(exc) == "InvalidKeyPair.NotFound":
+            return [Finding("key pair", PROBLEM, "ecs.keyPairName",
+                            f"key pair {name} does not exist in {region}; create or import it, "
+                            "or remove ecs.keyPairName (the hosts are reachable through SSM)")]
+        raise
+    return [Finding("key pair", OK, "ecs.keyPairName", f"{name} exists")]
+
+
+def check_ami(config: Config, client, region: str) -> list[Finding]:
+    name = config.values["ecs"]["amiParameter"]
+    try:
+        value = client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
+    except Exception as exc:
+        if _code(exc) == "ParameterNotFound":
+            return [Finding("ami", PROBLEM, "ecs.amiParameter",
+                            f"SSM parameter {name} does not exist in {region}")]
+        raise
+    return [Finding("ami", OK, "ecs.amiParameter", f"{name} → {value}")]
+
+
+def check_database(config: Config, client, region: str) -> list[Finding]:
+    rds = config.values["rds"]
+    major = rds["engineVersion"].split(".")[0]
+    options = client("rds").describe_orderable_db_instance_options(
+        Engine="postgres", DBInstanceClass=rds["instanceType"])["OrderableDBInstanceOptions"]
+    if not options:
+        everything = client("rds").describe_orderable_db_instance_options(
+            Engine="postgres", MaxRecords=20)["OrderableDBInstanceOptions"]
+        if not everything:
+            raise NotChecked("RDS returned no orderable PostgreSQL options at all")
+        return [Finding("database", PROBLEM, "rds.instanceType",
+                        f"{rds['instanceType']} cannot run PostgreSQL in {region}")]
+    versions = sorted({o["EngineVersion"] for o in options}, key=_version_key)
+    if not any(v.split(".")[0] == major for v in versions):
+        majors = sorted({v.split(".")[0] for v in versions}, key=int)
+        return [Finding("database", PROBLEM, "rds.engineVersion",
+                        f"PostgreSQL {major} cannot be created on {rds['instanceType']} in {region}; "
+                        f"majors offered: {', '.join(majors)}")]
+    if "." in rds["engineVersion"] and rds["engineVersion"] not in versions:
+        return [Finding("database", PROBLEM, "rds.engineVersion",
+                        f"PostgreSQL {rds['engineVersion']} can no longer be created; write the "
+                        f"major alone ('{major}') and RDS picks its current minor")]
+    return [Finding("database", OK, "rds.engineVersion",
+                    f"PostgreSQL {major} on {rds['instanceType']} is orderable")]
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+def check_concurrency(config: Config, client, region: str) -> list[Finding]:
+    """Reserved concurrency must leave 100 unreserved in the account (new accounts have 10)."""
+    wanted = {name: spec["concurrent"] for name, spec in config.values["lambdas"].items()
+              if spec["concurrent"]}
+    if not wanted:
+        return []
+    lam = client("lambda")
+    limit = lam.get_account_settings()["AccountLimit"]
+    unreserved = limit["UnreservedConcurrentExecutions"]
+    already = 0
+    for name in wanted:
+        try:  # a deployed function's reservation is already out of the unreserved pool
+            already += lam.get_function_concurrency(
+                FunctionName=config.values["lambdas"][name]["fullName"]).get(
+                "ReservedConcurrentExecutions", 0)
+        except Exception as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+    left = unreserved + already - sum(wanted.values())
+    key = f"lambdas.{next(iter(wanted))}.concurrent"
+    if left < MIN_UNRESERVED:
+        return [Finding("concurrency", PROBLEM, key,
+                        f"reserving {sum(wanted.values())} would leave {left} unreserved of the "
+                        f"account's {limit['ConcurrentExecutions']}; AWS keeps at least "
+                        f"{MIN_UNRESERVED}: lower it, or request a higher concurrency quota")]
+    return [Finding("concurrency", OK, key, f"{left} unreserved left after this deploy")]
+
+
+SERVICES = ("s3", "ec2", "ssm", "rds", "lambda", "service-quotas")
+CHECKS: list[tuple[str, str, str, Callable]] = [
+    ("bucket", "buckets.internal", "s3:GetBucketLocation", check_bucket),
+    ("network", "vpc", "ec2:DescribeVpcAttribute, DescribeSubnets, DescribeRouteTables",
+     check_network),
+    ("instance type", "ecs.instanceType",
+     "ec2:DescribeInstanceTypes, DescribeInstanceTypeOfferings", check_instance_type),
+    ("key pair", "ecs.keyPairName", "ec2:DescribeKeyPairs", check_key_pair),
+    ("ami", "ecs.amiParameter", "ssm:GetParameter", check_ami),
+    ("database", "rds.engineVersion", "rds:DescribeOrderableDBInstanceOptions", check_database),
+    ("concurrency", "lambdas.<Name>.concurrent", "lambda:GetAccountSettings", check_concurrency),
+]
+
+
+def _key(key: str, config: Config) -> str:
+    """``lambdas.<Name>.concurrent`` → the first Lambda that reserves concurrency."""
+    if "<Name>" not in key:
+        return key
+    names = [n for n, spec in config.values["lambdas"].items() if spec["concurrent"]]
+    return key.replace("<Name>", names[0] if names else next(iter(config.values["lambdas"]), "Name"))
+
+
+def run(config: Config, client: Callable[[str], Any], region: str) -> Report:
+    """Every check, in parallel; network checks only for an existing VPC."""
+    started = time.monotonic()
+    for service in SERVICES:  # made here: creating clients from several threads is not safe
+        client(service)
+    chosen = [c for c in CHECKS if c[0] != "network" or config.values["vpc"]]
+    with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
+        futures = [pool.submit(_guard, name, _key(key, config), permission,
+                               lambda fn=fn: fn(config, client, region))
+                   for name, key, permission, fn in chosen]
+        findings = [f for future in futures for f in future.result()]
+    return Report(findings, time.monotonic() - started)
