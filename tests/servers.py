@@ -126,7 +126,8 @@ class ModelServer(_Server):
     """POST /v1/models/m:predict with TF Serving's base64 instances → {"predictions": [...]}.
 
     ``mode``: ok, error (500), wrong_count (one prediction too few), fail_times (500 that many
-    times, then ok). Every request's instance count is recorded.
+    times, then ok), nan_first / inf_first / nul_first (the first prediction holds NaN,
+    Infinity or a NUL character). Every request's instance count is recorded.
     """
 
     def __init__(self, mode: str = "ok", delay: float = 0.0, fail_times: int = 0):
@@ -162,6 +163,9 @@ class ModelServer(_Server):
             predictions = [score(base64.b64decode(i["image_bytes"]["b64"])) for i in instances]
             if server.mode == "wrong_count":
                 predictions = predictions[:-1]
+            if server.mode in ("nan_first", "inf_first", "nul_first") and predictions:
+                predictions[0] = {"nan_first": [float("nan"), 1.0], "inf_first": [float("inf"), 0.0],
+                                  "nul_first": {"label": "wa\u0000ter"}}[server.mode]
             self.send(200, json.dumps({"predictions": predictions}).encode())
 
 

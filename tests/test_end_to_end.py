@@ -81,3 +81,23 @@ def test_push_work_serve_download_convert(aws, tmp_path, monkeypatch, postgres_u
     assert [json.loads(m["Body"]) for m in parked] == [{"x": 101, "y": 201, "z": 12}]
     left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
     assert left["ApproximateNumberOfMessages"] == "0" and left["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+def test_a_poller_that_fails_stops_loudly_and_its_messages_return(aws):
+    """`cnsq work` lost both pollers to a crash and exited 0; now each error is in the report
+    (the command exits 1 on it) and the messages the poller held are not deleted."""
+    from cnsq.local.worker import work
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    queue = sqs.create_queue(QueueName="tiles", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+    sqs.send_message(QueueUrl=queue, MessageBody='{"x": 1, "y": 1, "z": 1}')
+
+    class Crashing:
+        def process(self, event):
+            raise RuntimeError("the database is unreachable")
+
+    report = work(sqs, queue, Crashing(), concurrency=2, wait_seconds=1, until_empty=True)
+    assert len(report.errors) == 2 and report.errors[0].startswith("RuntimeError: ")
+    assert report.succeeded == 0
+    left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert int(left["ApproximateNumberOfMessages"]) + int(left["ApproximateNumberOfMessagesNotVisible"]) == 1

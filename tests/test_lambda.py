@@ -114,6 +114,24 @@ def test_good_batch_is_written_with_one_predict_call(make_app, model, db_url):
     assert model.batches == [3]
 
 
+def test_a_poison_body_fails_alone(make_app, db_url):
+    """2 KB of nested brackets raised RecursionError out of the handler, failing all ten."""
+    poison = "[" * 1000 + "]" * 1000
+    good = [(i, i, 5) for i in range(9)]
+    result = make_app().run(sqs_event([poison] + [body(*t) for t in good]))
+    assert failures(result) == {"m0"}
+    assert rows(db_url) == expected(*good)
+
+
+@pytest.mark.parametrize("mode", ["nan_first", "inf_first", "nul_first"])
+def test_a_prediction_that_is_not_json_fails_its_own_record(make_app, model, db_url, mode):
+    """One NaN made jsonb refuse the batched upsert: every record failed with `database`."""
+    model.mode = mode
+    outcome = make_app().process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {"m0": "model_output"}
+    assert rows(db_url) == expected(*GOOD[1:])
+
+
 def test_keys_in_another_order_predict_the_right_tile(make_app, db_url, tiles):
     result = make_app().run(sqs_event(['{"z": 3, "y": 2, "x": 1}', body(5, 6, 4)]))
     assert failures(result) == set()

@@ -17,6 +17,8 @@ class WorkReport:
     succeeded: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    # One line per poller thread that stopped on an error (its messages return to the queue).
+    errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, received: int, failures: dict[str, str]) -> None:
@@ -61,6 +63,17 @@ def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size
         return all(int(v) == 0 for v in counts.values())
 
     def poll() -> None:
+        """One poller; an error stops it loudly (recorded in the report), never silently."""
+        try:
+            poll_until_stopped()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, which exits non-zero
+            from download_and_predict.base import mask
+
+            text = mask(str(exc)).splitlines()[0] if str(exc) else ""
+            with report.lock:
+                report.errors.append(f"{type(exc).__name__}: {text}")
+
+    def poll_until_stopped() -> None:
         while not stop.is_set():
             messages = sqs.receive_message(
                 QueueUrl=queue_url, MaxNumberOfMessages=batch_size, WaitTimeSeconds=wait_seconds,

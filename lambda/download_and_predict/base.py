@@ -83,6 +83,8 @@ def parse_tile(body: str) -> Tile:
         data = json.loads(body)
     except (TypeError, ValueError) as exc:
         raise BadRecord(f"body is not JSON: {exc}") from None
+    except RecursionError:  # a few KB of nested brackets exhaust the parser's stack
+        raise BadRecord("body is nested too deeply to be a tile") from None
     if not isinstance(data, dict):
         raise BadRecord(f"body is not a JSON object: {body[:60]!r}")
     values = {}
@@ -383,6 +385,9 @@ class DownloadAndPredict:
             except BadRecord as exc:
                 LOG.warning("record %s: %s", message_id, exc)
                 outcome.fail([message_id], "bad_record")
+            except Exception as exc:  # noqa: BLE001 - whatever a body does, it fails alone
+                LOG.warning("record %s: unreadable body (%s)", message_id, type(exc).__name__)
+                outcome.fail([message_id], "bad_record")
         return records
 
     # -- 2. tiles → images --------------------------------------------------------------------
@@ -502,8 +507,28 @@ class DownloadAndPredict:
             return
         started = time.perf_counter()
         rows: dict[str, str] = {}  # one row per tile: a tile twice in a batch is written once
+        kept = []
         for record, prediction in predictions:
-            rows[record.tile.id] = json.dumps(self.result_output(record.tile, prediction))
+            # NaN, Infinity and NUL are not JSON that PostgreSQL's jsonb (or a GeoJSON reader)
+            # accepts: such a prediction fails its own record, not the batched write of all.
+            try:
+                text = json.dumps(self.result_output(record.tile, prediction), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                LOG.warning("record %s: tile %s: the model's output is not valid JSON (%s)",
+                            record.message_id, record.tile.id, exc)
+                outcome.fail([record.message_id], "model_output")
+                continue
+            if "\\u0000" in text:
+                LOG.warning("record %s: tile %s: the model's output holds a NUL character",
+                            record.message_id, record.tile.id)
+                outcome.fail([record.message_id], "model_output")
+                continue
+            rows[record.tile.id] = text
+            kept.append((record, prediction))
+        predictions = kept
+        if not predictions:
+            outcome.seconds["write"] += time.perf_counter() - started
+            return
         try:
             if self.writer is None:
                 raise StepFailed("database", "no database connection")
