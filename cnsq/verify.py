@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"II*\x00", b"MM\x00*", b"GIF8")
+from download_and_predict.base import is_image  # one definition, the Lambda's
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
         if response.status_code != 200:
             raise RuntimeError(f"tile {target.tile_id} answered HTTP {response.status_code}")
         kind = response.headers.get("Content-Type", "")
-        if not (kind.startswith("image/") or response.content.startswith(IMAGE_MAGIC)):
+        if not is_image(response.content):
             raise RuntimeError(f"tile {target.tile_id} is not an image ({kind or 'no type'})")
         image["bytes"] = response.content
         return f"tile {target.tile_id}: {len(response.content):,} bytes of {kind or 'image'}"

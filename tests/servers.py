@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def tile_image(x: int, y: int, z: int) -> bytes:
-    """Deterministic 'image' bytes for a tile."""
-    return f"image-{z}-{x}-{y}".encode() * 3
+    """Deterministic 'image' bytes for a tile (a JPEG's first bytes, as the handler checks)."""
+    return b"\xff\xd8\xff" + f"image-{z}-{x}-{y}".encode() * 3
 
 
 def score(image: bytes) -> list[float]:

@@ -132,6 +132,15 @@ def test_a_prediction_that_is_not_json_fails_its_own_record(make_app, model, db_
     assert rows(db_url) == expected(*GOOD[1:])
 
 
+def test_a_tile_that_is_not_an_image_fails_alone(make_app, model, db_url, tiles):
+    """An HTML quota page served with 200 went to the model and failed its whole chunk."""
+    tiles.content["1-2-3"] = b"<html><body>Quota exceeded</body></html>"
+    outcome = make_app().process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {"m0": "not_an_image"}
+    assert rows(db_url) == expected(*GOOD[1:])
+    assert model.batches == [2]
+
+
 def test_keys_in_another_order_predict_the_right_tile(make_app, db_url, tiles):
     result = make_app().run(sqs_event(['{"z": 3, "y": 2, "x": 1}', body(5, 6, 4)]))
     assert failures(result) == set()

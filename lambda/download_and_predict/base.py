@@ -39,6 +39,17 @@ LOG = logging.getLogger("download_and_predict")
 
 MAX_ZOOM = 30
 RETRY_STATUS = {429, 500, 502, 503, 504}
+# The first bytes of the image formats imagery endpoints serve: PNG, JPEG, WebP (RIFF), TIFF
+# (both byte orders), GIF, JPEG 2000, BMP. An HTML "quota exceeded" page served with 200 is none
+# of them.
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"II*\x00", b"MM\x00*", b"GIF8",
+               b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ", b"BM")
+
+
+def is_image(data: bytes) -> bool:
+    """Whether ``data`` starts like an image the model server can decode (AVIF and HEIF: an
+    ISO media file whose ``ftyp`` box comes first)."""
+    return data.startswith(IMAGE_MAGIC) or data[4:8] == b"ftyp"
 
 
 class Tile(NamedTuple):
@@ -435,6 +446,12 @@ class DownloadAndPredict:
                     outcome.fail([record.message_id], "tile_missing")
                 else:
                     outcome.skipped += 1
+                continue
+            if not is_image(image):
+                # Sent to the model it would fail the whole chunk's prediction request.
+                LOG.warning("record %s: tile %s is not an image (%d bytes starting %r)",
+                            record.message_id, record.tile.id, len(image), image[:16])
+                outcome.fail([record.message_id], "not_an_image")
                 continue
             images.append((record, image))
         outcome.seconds["download"] += time.perf_counter() - started
