@@ -505,12 +505,21 @@ def push(tiles: str, queue_url: str, concurrency: int | None, strict: bool, resu
         sys.exit(1)
 
 
+def _finite(value: float | None) -> float | None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @main.command("convert-geojson")
 @click.argument("source", metavar="IN.csv", type=click.Path(path_type=Path))
 @click.argument("target", metavar="OUT.geojson")
 @click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, required=True,
               help="Index of the class score to threshold on.")
-@click.option("--thresh", type=float, required=True, help="Keep tiles whose score is >= this.")
+@click.option("--thresh", type=float, required=True, callback=lambda ctx, param, value: _finite(value),
+              help="Keep tiles whose score is >= this.")
 @click.option("--tms", is_flag=True, help="The CSV's tile ids are TMS (y flipped), not XYZ.")
 @click.option("--seq", is_flag=True, help="Write one Feature per line (newline-delimited).")
 def convert_geojson(source: Path, target: str, thresh_ind: int, thresh: float, tms: bool,

@@ -46,9 +46,10 @@ def tile_ring(tile: mercantile.Tile) -> list[list[float]]:
 def _feature(tile_id: str, tile: mercantile.Tile, scores: list) -> str:
     properties = {"tile": tile_id}
     properties.update((f"p{i}", value) for i, value in enumerate(scores))
+    # allow_nan=False: NaN and Infinity are not JSON, and a GeoJSON holding them is unreadable.
     return json.dumps({"type": "Feature",
                        "geometry": {"type": "Polygon", "coordinates": [tile_ring(tile)]},
-                       "properties": properties}, separators=(",", ":"))
+                       "properties": properties}, separators=(",", ":"), allow_nan=False)
 
 
 PROGRESS_EVERY = 50_000  # rows between progress updates
@@ -102,7 +103,11 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
             continue
         if tms:
             tile = mercantile.Tile(tile.x, 2**tile.z - 1 - tile.y, tile.z)
-        text = _feature(f"{tile.x}-{tile.y}-{tile.z}" if tms else tile_id.strip(), tile, scores)
+        try:
+            text = _feature(f"{tile.x}-{tile.y}-{tile.z}" if tms else tile_id.strip(), tile, scores)
+        except ValueError:
+            report.add_bad(line, "a score is not a finite number (NaN or Infinity)")
+            continue
         if seq:
             out.write(text + "\n")
         else:
@@ -114,6 +119,25 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
     return report
 
 
+def _check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
+    """Refuse, before writing anything, a --thresh_ind the first result row cannot have."""
+    from .errors import CnsqError
+
+    for row in csv.reader(handle):
+        if row[:2] == ["tile", "output"] or len(row) != 2:
+            continue
+        try:
+            scores = json.loads(row[1])
+        except ValueError:
+            break
+        if isinstance(scores, list) and not -len(scores) <= thresh_ind < len(scores):
+            handle.seek(0)
+            raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has "
+                            f"{len(scores)} class scores per tile (0 to {len(scores) - 1})")
+        break
+    handle.seek(0)
+
+
 def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Report:
     """Convert a file; the output goes to a temporary name and is renamed when complete."""
     try:
@@ -123,6 +147,7 @@ def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Repor
 
         raise CnsqError(f"{source}: no such file") from None
     with handle:
+        _check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
             return convert(handle, stdout, **options)
         path = Path(target)

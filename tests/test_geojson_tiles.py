@@ -187,3 +187,36 @@ def test_progress_is_reported_on_long_input(tmp_path):
     with src.open(newline="") as handle:
         report = geojson.convert(handle, io.StringIO(), 1, 0.9, progress=lambda r: seen.append(r.read))
     assert seen == [50_000, 100_000] and report.read == 120_000
+
+
+def test_options_are_checked_before_anything_is_written(tmp_path):
+    from click.testing import CliRunner
+
+    from cnsq.cli import main
+
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\n1-2-3,"[0.1, 0.9]"\n4-5-6,"[0.8, 0.2]"\n')
+    nan = CliRunner().invoke(main, ["convert-geojson", str(source), str(tmp_path / "a.geojson"),
+                                    "--thresh_ind", "1", "--thresh", "nan"])
+    assert nan.exit_code == 2 and "nan is not a finite number" in nan.output
+    out_of_range = CliRunner().invoke(main, ["convert-geojson", str(source), str(tmp_path / "b.geojson"),
+                                             "--thresh_ind", "2", "--thresh", "0.5"])
+    assert out_of_range.exit_code == 1
+    assert "--thresh_ind 2 is out of range: " in out_of_range.stderr and "2 class scores" in out_of_range.stderr
+    assert out_of_range.stderr.count("\n") == 1
+    assert not (tmp_path / "a.geojson").exists() and not (tmp_path / "b.geojson").exists()
+
+
+def test_a_non_finite_score_never_reaches_the_geojson(tmp_path):
+    import json
+
+    from cnsq.geojson import convert_file
+
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\n1-2-3,"[NaN, 0.9]"\n4-5-6,"[0.1, 0.95]"\n')
+    report = convert_file(source, str(tmp_path / "out.geojson"), None, thresh_ind=1, thresh=0.5)
+    text = (tmp_path / "out.geojson").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    features = json.loads(text)["features"]
+    assert [f["properties"]["tile"] for f in features] == ["4-5-6"]
+    assert report.bad == [(2, "a score is not a finite number (NaN or Infinity)")]
