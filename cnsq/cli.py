@@ -52,6 +52,10 @@ class Settings:
         from .config import load_config
 
         loaded = load_config(self.config, self.deployment, self.env_file, self.stack)
+        from download_and_predict.base import register_secret
+
+        for secret in loaded.secrets.values():  # hidden from every message from here on
+            register_secret(secret.value)
         for warning in loaded.warnings:
             click.echo(f"warning: {warning}", err=True)
         return loaded
@@ -111,6 +115,12 @@ def _stacks(aws, poll: float = 5.0):
     return Stacks(aws.client("cloudformation"), aws.client("s3"), poll_seconds=poll)
 
 
+def _mask(text: str) -> str:
+    from download_and_predict.base import mask  # the one redaction function
+
+    return mask(text)
+
+
 class CnsqGroup(click.Group):
     """Turns CnsqError and AWS errors into one line on stderr and exit 1 (--debug: traceback)."""
 
@@ -120,7 +130,7 @@ class CnsqGroup(click.Group):
         except CnsqError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_mask(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - AWS errors get one line, others a traceback
             from .aws import explain  # imported here: boto3 costs every command 0.2 s to load
@@ -128,7 +138,7 @@ class CnsqGroup(click.Group):
             message = explain(exc)
             if message is None or (ctx.obj and ctx.obj.get("debug")):
                 raise
-            click.echo(f"Error: {message}", err=True)
+            click.echo(f"Error: {_mask(message)}", err=True)
             sys.exit(1)
 
 

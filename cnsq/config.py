@@ -236,7 +236,10 @@ def parse_dotenv(path: Path) -> dict[str, str]:
             continue
         match = _ENV_LINE.match(line)
         if not match:
-            raise ConfigError(f"{path}:{number}: expected KEY=value, got {raw.strip()[:40]!r}")
+            # Never the line itself: it may hold a secret. Its first word names the key.
+            start = re.match(r"[^\s=:]*", line).group(0)[:40]
+            raise ConfigError(f"{path}:{number}: expected KEY=value"
+                              + (f" (the line starts with {start!r})" if start else ""))
         key, value = match.group(1), match.group(2).strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
+from download_and_predict.base import mask
 from download_and_predict.schema import (
     EXPORT_SQL,
     MIGRATIONS,
@@ -33,11 +33,6 @@ class DatabaseError(CnsqError):
     """The results database is unreachable, malformed or refused a statement."""
 
 
-
-
-def mask(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def _where(url: str) -> str:

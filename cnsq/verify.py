@@ -39,10 +39,13 @@ class Target:
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:
+    from download_and_predict.base import mask
+
     try:
-        return Check(name, True, fn())
+        return Check(name, True, mask(fn()))
     except Exception as exc:  # noqa: BLE001 - any failure is this check's ✗
-        return Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        text = mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        return Check(name, False, text)
 
 
 def run_checks(target: Target, sqs: Any, session: requests.Session | None = None,
@@ -141,6 +144,8 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
 
 def tile_url_from_config(config, tile_id: str, override: str | None = None) -> str | None:
     """The sample tile's URL from the Lambda's TILE_ENDPOINT (and token) in the config."""
+    from download_and_predict.base import register_secret
+
     from .config import Secret
     from .tiles import parse_tile_id
 
@@ -152,6 +157,7 @@ def tile_url_from_config(config, tile_id: str, override: str | None = None) -> s
             template = envs["TILE_ENDPOINT"]
         value = envs.get("TILE_ACCESS_TOKEN")
         token = value.value if isinstance(value, Secret) else value
+        register_secret(token)
     if not template:
         return None
     if "{}" in template:

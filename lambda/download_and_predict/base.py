@@ -244,9 +244,30 @@ def managed_secret_arn(rds: Any, instance: str) -> str:
     return arn
 
 
-def mask(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+# Query parameters that carry credentials in imagery and signed URLs.
+_SECRET_PARAMS = re.compile(
+    r"(?i)([?&;](?:access_token|token|api_?key|key|apikey|sig|signature|secret|password|"
+    r"x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s'\"]*")
+# The password of a URL's userinfo, up to the last @ before the host (a password may hold @).
+_USERINFO = re.compile(r"(//[^:/@\s]+:)[^/\s]*@")
+_KNOWN: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret value (the tile token, a password) so that :func:`mask` hides it
+    wherever it appears, even outside a URL."""
+    if value and len(value) >= 4:
+        _KNOWN.add(value)
+
+
+def mask(text: str) -> str:
+    """``text`` fit to print or log: URL passwords, token-like query parameters and every
+    registered secret replaced by ***. The one redaction function of cnsq and the Lambda."""
+    text = _USERINFO.sub(r"\1***@", text)
+    text = _SECRET_PARAMS.sub(r"\1***", text)
+    for value in sorted(_KNOWN, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 class ResultsWriter:
@@ -394,7 +415,7 @@ class DownloadAndPredict:
             try:
                 records.append(Record(message_id, parse_tile(raw.get("body", ""))))
             except BadRecord as exc:
-                LOG.warning("record %s: %s", message_id, exc)
+                LOG.warning("record %s: %s", message_id, mask(str(exc)))
                 outcome.fail([message_id], "bad_record")
             except Exception as exc:  # noqa: BLE001 - whatever a body does, it fails alone
                 LOG.warning("record %s: unreadable body (%s)", message_id, type(exc).__name__)
@@ -436,8 +457,13 @@ class DownloadAndPredict:
             try:
                 image = future.result()
             except StepFailed as exc:
-                LOG.warning("record %s: %s", record.message_id, exc)
+                LOG.warning("record %s: %s", record.message_id, mask(str(exc)))
                 outcome.fail([record.message_id], exc.reason)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bad URL or a subclass's bug: this tile only
+                LOG.warning("record %s: tile %s: %s: %s", record.message_id, record.tile.id,
+                            type(exc).__name__, mask(str(exc)))
+                outcome.fail([record.message_id], "tile_error")
                 continue
             if image is None:
                 if self.settings.missing_tiles == "fail":
@@ -500,7 +526,7 @@ class DownloadAndPredict:
             try:
                 predictions = self.post_prediction(self.build_payload([img for _, img in chunk]))
             except StepFailed as exc:
-                LOG.error("prediction failed for %d record(s): %s", len(chunk), exc)
+                LOG.error("prediction failed for %d record(s): %s", len(chunk), mask(str(exc)))
                 outcome.fail(ids, exc.reason)
                 continue
             if len(predictions) != len(chunk):

@@ -19,6 +19,7 @@ from .base import (
     Settings,
     managed_secret_arn,
     mask,
+    register_secret,
     secret_to_url,
 )
 
@@ -41,6 +42,7 @@ def database_url(settings: Settings) -> str:
         boto3.client("rds"), settings.database_instance)
     secret = json.loads(
         boto3.client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"])
+    register_secret(str(secret.get("password", "")))
     if settings.database_host:  # RDS's secret holds the username and password only
         secret.update(host=settings.database_host, port=settings.database_port,
                       dbname=settings.database_name)
@@ -75,6 +77,7 @@ def build(env: dict[str, str], app_class: type[DownloadAndPredict] = DownloadAnd
     invocation fail (and come back) instead of the whole function failing to start.
     """
     settings = Settings.from_env(resolve_secret_envs(env))
+    register_secret(settings.tile_token)  # never in a log line, whatever carries it
     writer = ResultsWriter(database_url(settings))
     try:
         writer.connect()
