@@ -470,8 +470,10 @@ def _queue_region(queue_url: str) -> str | None:
     """us-east-1 from https://sqs.us-east-1.amazonaws.com/123456789012/Queue."""
     import re
 
-    match = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com/", queue_url)
-    return match.group(1) if match else None
+    # https://sqs.REGION.amazonaws.com/… and the legacy https://REGION.queue.amazonaws.com/…
+    match = re.match(r"https://(?:sqs\.([a-z0-9-]+)|([a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?/",
+                     queue_url)
+    return (match.group(1) or match.group(2)) if match else None
 
 
 @main.command()

@@ -141,7 +141,8 @@ def _check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
 def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Report:
     """Convert a file; the output goes to a temporary name and is renamed when complete."""
     try:
-        handle = source.open(encoding="utf-8", newline="")
+        # A byte order mark is not part of the header; a non-UTF-8 byte spoils only its row.
+        handle = source.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
     except FileNotFoundError:
         from .errors import CnsqError
 

@@ -350,7 +350,7 @@ def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: 
     if tiles == "-":
         if resume:
             raise PushError("--resume needs a file: a push from stdin cannot be resumed")
-        lines = sys.stdin.read().splitlines(keepends=True)  # stdin can be read only once
+        lines = sys.stdin.read().removeprefix("\ufeff").splitlines(keepends=True)  # read once
         import io
 
         def opener() -> IO[str]:
@@ -363,7 +363,9 @@ def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: 
             raise PushError(f"{tiles}: no such file")
 
         def opener() -> IO[str]:
-            return path.open(encoding="utf-8")
+            # utf-8-sig: a byte order mark is not part of line 1; surrogateescape: a byte that
+            # is not UTF-8 makes its own line invalid (reported with its number), not the push.
+            return path.open(encoding="utf-8-sig", errors="surrogateescape")
 
         total = count_lines(path)
         failed_path = failed_file or path.with_name(path.name + ".failed")

@@ -220,3 +220,12 @@ def test_a_non_finite_score_never_reaches_the_geojson(tmp_path):
     features = json.loads(text)["features"]
     assert [f["properties"]["tile"] for f in features] == ["4-5-6"]
     assert report.bad == [(2, "a score is not a finite number (NaN or Infinity)")]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    from cnsq.geojson import convert_file
+
+    source = tmp_path / "results.csv"
+    source.write_bytes(b'\xef\xbb\xbftile,output\n1-2-3,"[0.1, 0.9]"\n')
+    report = convert_file(source, str(tmp_path / "out.geojson"), None, thresh_ind=1, thresh=0.5)
+    assert (report.read, report.kept, report.bad) == (1, 1, [])

@@ -539,3 +539,18 @@ def test_example_s3_images(aws, monkeypatch, model, db_url):
     result = example.handler(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
     assert failures(result) == {"m1"}  # no object for 5-6-4
     assert rows(db_url) == expected((1, 2, 3))
+
+
+@pytest.mark.parametrize("template, message", [
+    ("https://t/{z}/{x}/{y}/{q}.png", r"unknown placeholder \{q\}"),
+    ("https://t/{}/{}/{}.png?access_token={token}", r"cannot be filled in"),
+])
+def test_a_tile_endpoint_that_cannot_be_filled_is_refused_at_cold_start(template, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env({"TILE_ENDPOINT": template, "PREDICTION_ENDPOINT": "http://m",
+                           "DATABASE_URL": "sqlite:///x.db"})
+
+
+def test_subdomains_spread_tiles_over_a_b_and_c():
+    urls = {imagery_url("https://{s}.tiles/{z}/{x}/{y}.png", Tile(x, 0, 2), None) for x in range(3)}
+    assert urls == {"https://a.tiles/2/0/0.png", "https://b.tiles/2/1/0.png", "https://c.tiles/2/2/0.png"}

@@ -197,3 +197,22 @@ def test_killed_push_resumes_and_loses_no_tile(sqs_env, tmp_path):
 def test_checkpoint_lives_under_cnsq(tmp_path):
     path = Checkpoint.location(tmp_path / "tiles.txt", "https://q", tmp_path / ".cnsq")
     assert path.parent == tmp_path / ".cnsq" / "push" and path.name.startswith("tiles.txt-")
+
+
+def test_a_byte_order_mark_and_a_non_utf8_byte(sqs_env, tmp_path):
+    """A BOM made line 1 invalid; a byte that is not UTF-8 crashed the push mid-way with no line
+    number. Now the BOM is not part of line 1 and the bad byte spoils only its own line."""
+    server = sqs_env()
+    (tmp_path / "tiles.txt").write_bytes(b"\xef\xbb\xbf1-2-3\n4-5-6\n7-\xff-8\n9-9-9\n")
+    result = CliRunner().invoke(main, ["push", "tiles.txt", server.queue_url()])
+    assert result.exit_code == 1
+    assert "tiles.txt:3: expected x-y-z" in result.stderr and "Traceback" not in result.output
+    assert sorted(as_tiles(server.bodies())) == ["1-2-3", "4-5-6", "9-9-9"]
+
+
+def test_the_region_of_a_legacy_queue_url():
+    from cnsq.cli import _queue_region
+
+    assert _queue_region("https://sqs.eu-west-1.amazonaws.com/123456789012/q") == "eu-west-1"
+    assert _queue_region("https://us-west-2.queue.amazonaws.com/123456789012/q") == "us-west-2"
+    assert _queue_region("http://127.0.0.1:5000/123456789012/q") is None

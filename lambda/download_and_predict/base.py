@@ -120,11 +120,27 @@ def imagery_url(template: str, tile: Tile, token: str | None) -> str:
     """Fill an imagery URL template.
 
     Two forms: the original's positional ``https://…/{}/{}/{}.jpg?access_token={}`` (z, x, y,
-    token) and a named one, ``https://…/{z}/{x}/{y}.jpg?access_token={token}``.
+    token) and a named one, ``https://{s}.tiles…/{z}/{x}/{y}.jpg?access_token={token}``, where
+    ``{s}`` spreads tiles over the subdomains a, b and c as XYZ clients do.
     """
     if "{}" in template:
         return template.format(tile.z, tile.x, tile.y, token or "")
-    return template.format(z=tile.z, x=tile.x, y=tile.y, token=token or "")
+    return template.format(z=tile.z, x=tile.x, y=tile.y, token=token or "",
+                           s="abc"[(tile.x + tile.y) % 3])
+
+
+def check_tile_endpoint(template: str) -> None:
+    """Refuse, at cold start, a template no tile can be filled into.
+
+    Raises:
+        ValueError: an unknown placeholder, or the positional and named forms mixed.
+    """
+    try:
+        imagery_url(template, Tile(0, 0, 0), "token")
+    except (KeyError, IndexError, ValueError) as exc:
+        reason = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"TILE_ENDPOINT cannot be filled in ({reason}): use {{z}}, {{x}}, {{y}}, "
+                         "{s} and {token}, or the original's four {} (z, x, y, token)") from None
 
 
 @dataclass
@@ -164,6 +180,7 @@ class Settings:
             missing.append("DATABASE_URL or DATABASE_INSTANCE")
         if missing:
             raise ValueError(f"missing environment variable(s): {', '.join(missing)}")
+        check_tile_endpoint(env["TILE_ENDPOINT"])
         mode = env.get("MISSING_TILES", "skip")
         if mode not in ("skip", "fail"):
             raise ValueError(f"MISSING_TILES must be 'skip' or 'fail', got {mode!r}")
