@@ -445,6 +445,9 @@ def download(settings: Settings, out: str, database_url: str | None) -> None:
 
     admin = _admin(database_url, settings) if out != "-" else None
     if admin is not None:
+        from .download import writable_target
+
+        writable_target(out)
         show = None
         if sys.stderr.isatty():
             def show(done: int) -> None:
@@ -455,7 +458,11 @@ def download(settings: Settings, out: str, database_url: str | None) -> None:
         click.echo(f"Wrote {export['rows']:,} rows to {out} (exported to "
                    f"s3://{export['bucket']}/{export['key']}).", err=True)
         return
-    store = open_store(_database_url(database_url, settings))
+    from .download import writable_target
+
+    if out != "-":
+        writable_target(out)  # before an export that may take minutes
+    store = open_store(_database_url(database_url, settings), create=False)
     progress = _row_progress(f"Downloading to {out}") if out != "-" else None
     try:
         rows = run_download(store, out, sys.stdout.buffer, progress)

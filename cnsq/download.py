@@ -8,7 +8,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import CnsqError
 from .results import Store
+
+
+def writable_target(target: str) -> Path:
+    """``target`` as a path that a file can be written to, checked before any work is done.
+
+    Raises:
+        CnsqError: its folder does not exist, or it is a folder.
+    """
+    path = Path(target)
+    if path.is_dir():
+        raise CnsqError(f"{target} is a folder; name a file in it (for example {path / 'results.csv'})")
+    if not path.parent.is_dir():
+        raise CnsqError(f"cannot write {target}: folder {path.parent} does not exist")
+    return path
 
 
 def download(store: Store, target: str, stdout: BinaryIO,
@@ -22,7 +37,7 @@ def download(store: Store, target: str, stdout: BinaryIO,
         rows = store.export_csv(stdout, progress)
         stdout.flush()
         return rows
-    path = Path(target)
+    path = writable_target(target)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         with partial.open("wb") as handle:

@@ -151,7 +151,9 @@ def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Repor
         _check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
             return convert(handle, stdout, **options)
-        path = Path(target)
+        from .download import writable_target
+
+        path = writable_target(target)
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
             with partial.open("w", encoding="utf-8") as out:

@@ -40,8 +40,11 @@ def _where(url: str) -> str:
     return f"{parsed.hostname or 'localhost'}:{parsed.port or 5432}"
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, create: bool = True) -> Store:
     """A store for a ``postgres[ql]://`` or ``sqlite:///`` URL.
+
+    ``create=False`` (to read) refuses a SQLite file that does not exist instead of leaving an
+    empty one behind.
 
     Raises:
         DatabaseError: not such a URL, or the database cannot be reached (host:port and the
@@ -54,8 +57,13 @@ def open_store(url: str) -> Store:
         )
     scheme = url.split("://", 1)[0]
     if scheme == "sqlite":
-        return SqliteStore(url)
+        return SqliteStore(url, create)
     if scheme in ("postgres", "postgresql"):
+        try:
+            _ = urlparse(url).port
+        except ValueError:
+            port = urlparse(url).netloc.rsplit(":", 1)[-1]
+            raise DatabaseError(f"the port in {mask(url)} is not a number: {port!r}") from None
         return PostgresStore(url)
     raise DatabaseError(f"unsupported database scheme '{scheme}' in {mask(url)} "
                         "(use postgresql:// or sqlite:///)")
@@ -126,13 +134,15 @@ class PostgresStore(Store):
 
 
 class SqliteStore(Store):
-    def __init__(self, url: str):
+    def __init__(self, url: str, create: bool = True):
         self.url = url
         # sqlite:///relative.db or sqlite:////absolute.db
         self.path = Path(unquote(url.removeprefix("sqlite:///")))
         if not self.path.parent.exists():
             raise DatabaseError(f"cannot open SQLite database {self.path}: "
                                 f"folder {self.path.parent} does not exist")
+        if not create and not self.path.is_file():
+            raise DatabaseError(f"no SQLite database at {self.path}")
         try:
             self.conn = sqlite3.connect(self.path, timeout=30)
         except sqlite3.Error as exc:
@@ -170,6 +180,9 @@ class SqliteStore(Store):
                                   [(t, json.dumps(o)) for t, o in rows])
 
     def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
+        problems = self.check_schema()
+        if problems:
+            raise DatabaseError(f"{self.path}: {'; '.join(problems)}")
         text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["tile", "output"])

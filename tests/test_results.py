@@ -159,3 +159,29 @@ def test_sqlite_and_postgres_exports_are_the_same(pg_url, tmp_path):
             outputs.append(sorted((t, json.loads(o)) for t, o in reader))
     assert outputs[0] == outputs[1]
     assert Path(tmp_path / "r.db").exists()
+
+
+def test_download_checks_its_target_and_source_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing_db = f"sqlite:///{tmp_path}/none.db"
+    no_folder = cnsq("download", str(tmp_path / "nope" / "out.csv"), "--database-url", missing_db)
+    assert no_folder.exit_code == 1 and "folder" in no_folder.stderr and "does not exist" in no_folder.stderr
+    onto_folder = cnsq("download", str(tmp_path), "--database-url", missing_db)
+    assert onto_folder.exit_code == 1 and "is a folder" in onto_folder.stderr
+    no_db = cnsq("download", "out.csv", "--database-url", missing_db)
+    assert no_db.exit_code == 1 and "no SQLite database at" in no_db.stderr
+    assert not (tmp_path / "none.db").exists()  # no empty database left behind
+    import sqlite3
+
+    sqlite3.connect(tmp_path / "other.db").close()
+    no_table = cnsq("download", "out.csv", "--database-url", f"sqlite:///{tmp_path}/other.db")
+    assert no_table.exit_code == 1 and "table 'results' does not exist" in no_table.stderr
+    assert not (tmp_path / "out.csv").exists()
+    for result in (no_folder, onto_folder, no_db, no_table):
+        assert "Traceback" not in result.output
+
+
+def test_a_database_url_with_a_port_that_is_not_a_number():
+    result = cnsq("setup", "postgresql://u:pw-Zq81-never-print@127.0.0.1:abc/db")
+    assert result.exit_code == 1
+    assert "is not a number: 'abc'" in result.stderr and "pw-Zq81" not in result.output
