@@ -104,7 +104,7 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
         if tms:
             tile = mercantile.Tile(tile.x, 2**tile.z - 1 - tile.y, tile.z)
         try:
-            text = _feature(f"{tile.x}-{tile.y}-{tile.z}" if tms else tile_id.strip(), tile, scores)
+            text = _feature(f"{tile.x}-{tile.y}-{tile.z}", tile, scores)  # {x,y,z} read too
         except ValueError:
             report.add_bad(line, "a score is not a finite number (NaN or Infinity)")
             continue

@@ -29,12 +29,15 @@ class Line(NamedTuple):
 
 
 def parse_tile_id(text: str) -> mercantile.Tile:
-    """``"x-y-z"`` → Tile.
+    """``"x-y-z"`` (or ``"{x,y,z}"``, as the original Lambda stored tiles) → Tile.
 
     Raises:
         ValueError: not three integers, or out of range for the zoom.
     """
-    parts = text.strip().split("-")
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        stripped = stripped[1:-1].replace(",", "-")
+    parts = stripped.split("-")
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise ValueError(f"expected x-y-z with non-negative integers, got {text.strip()[:40]!r}")
     x, y, z = (int(p) for p in parts)

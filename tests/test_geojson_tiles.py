@@ -229,3 +229,16 @@ def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
     source.write_bytes(b'\xef\xbb\xbftile,output\n1-2-3,"[0.1, 0.9]"\n')
     report = convert_file(source, str(tmp_path / "out.geojson"), None, thresh_ind=1, thresh=0.5)
     assert (report.read, report.kept, report.bad) == (1, 1, [])
+
+
+def test_tile_ids_the_original_lambda_wrote_are_read(tmp_path):
+    import json
+
+    from cnsq.geojson import convert_file
+
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\n"{16047,12355,15}","[0.1, 0.9]"\n')
+    report = convert_file(source, str(tmp_path / "out.geojson"), None, thresh_ind=1, thresh=0.5)
+    assert (report.kept, report.bad) == (1, [])
+    feature = json.loads((tmp_path / "out.geojson").read_text())["features"][0]
+    assert feature["properties"]["tile"] == "16047-12355-15"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import uuid
 from pathlib import Path
@@ -185,3 +186,43 @@ def test_a_database_url_with_a_port_that_is_not_a_number():
     result = cnsq("setup", "postgresql://u:pw-Zq81-never-print@127.0.0.1:abc/db")
     assert result.exit_code == 1
     assert "is not a number: 'abc'" in result.stderr and "pw-Zq81" not in result.output
+
+
+def _original_table(url: str, ddl: str, rows: list[tuple[str, str]]) -> None:
+    import psycopg2
+
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(ddl)
+        cur.executemany("INSERT INTO results (tile, output) VALUES (%s, %s)", rows)
+
+
+@pytest.mark.parametrize("ddl", [
+    "CREATE TABLE results (tile varchar(255) PRIMARY KEY, output jsonb)",     # the original's knex
+    "CREATE TABLE results (id serial PRIMARY KEY, tile text, output jsonb)",  # a hand-made variant
+])
+def test_setup_adopts_a_table_the_original_created_keeping_every_row(pg_url, ddl):
+    """The original Lambda stored pg8000's rendering of a mercantile Tile, {x,y,z}."""
+    rows = [("{16047,12355,15}", "[0.1, 0.9]"), ("{1,2,3}", "[0.5, 0.5]"), ("1-2-3", "[0.2, 0.8]")]
+    if "id serial" in ddl:
+        rows.append(("1-2-3", "[0.3, 0.7]"))  # a duplicate: the newer row wins
+    _original_table(pg_url, ddl, rows)
+    store = open_store(pg_url)
+    before = store.check_schema()
+    store.close()
+    if "id serial" in ddl:
+        assert before == ["results.tile has no unique index: every write would fail (run `cnsq "
+                          "setup`, which adds it and keeps every row)"]
+    else:
+        assert before == []  # varchar is as good as text
+    result = cnsq("setup", pg_url)
+    assert result.exit_code == 0, result.output
+    store = open_store(pg_url)
+    assert store.check_schema() == []
+    store.upsert([("5-6-7", [1.0, 0.0])])  # the handler's ON CONFLICT (tile) works
+    buffer = io.BytesIO()
+    store.export_csv(buffer)
+    store.close()
+    exported = dict(list(csv.reader(io.StringIO(buffer.getvalue().decode())))[1:])
+    assert exported == {"16047-12355-15": "[0.1, 0.9]",
+                        "1-2-3": "[0.3, 0.7]" if "id serial" in ddl else "[0.2, 0.8]",
+                        "5-6-7": "[1.0, 0.0]"}
