@@ -43,7 +43,8 @@ def test_migrate_count_and_export_through_the_handler(aws, pg_url):
     assert admin.run({"action": "count"}, env)["problems"] == [
         "table 'results' does not exist (run `cnsq setup`)"]
     first = admin.run({"action": "migrate"}, env)
-    assert first == {"applied": ["1 (create results)"], "problems": []}
+    assert first == {"applied": ["1 (create results)", "2 (adopt a table the original created)"],
+                     "problems": []}
     assert admin.run({"action": "migrate"}, env)["applied"] == []  # twice is harmless
     with psycopg2.connect(pg_url) as conn, conn.cursor() as cur:
         cur.execute("INSERT INTO results VALUES ('1-2-3', '[0.1, 0.9]'), ('4-5-6', '{\"a\": \"x,y\"}')")
