@@ -63,6 +63,12 @@ class Checkpoint:
     settled: set[int] = field(default_factory=set)
     sent: int = 0
     complete: bool = False
+    fingerprint: str | None = None  # sha256 of the tile file: a resume refuses a changed file
+    _journal: IO[str] | None = field(default=None, repr=False)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_suffix(".journal")
 
     @classmethod
     def location(cls, tiles: Path, queue_url: str, root: Path) -> Path:
@@ -71,17 +77,57 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
+        """The saved checkpoint plus every batch its journal recorded after it."""
         data = json.loads(path.read_text())
-        return cls(path, data["source"], data["queue_url"], data["watermark"],
-                   set(data["settled"]), data.get("sent", 0), data.get("complete", False))
+        checkpoint = cls(path, data["source"], data["queue_url"], data["watermark"],
+                         set(data["settled"]), data.get("sent", 0), data.get("complete", False),
+                         data.get("fingerprint"))
+        if checkpoint.journal_path.exists():
+            # Only whole lines: one cut short by a kill ends without "\n" and is dropped (its
+            # batch is sent again).
+            for entry in checkpoint.journal_path.read_text().split("\n")[:-1]:
+                kind, _, numbers = entry.partition(" ")
+                if kind not in ("s", "f"):
+                    continue
+                try:
+                    settled = [int(n) for n in numbers.split()]
+                except ValueError:
+                    continue
+                new = [n for n in settled if n > checkpoint.watermark and n not in checkpoint.settled]
+                checkpoint.settled.update(new)
+                if kind == "s":
+                    checkpoint.sent += len(new)
+        return checkpoint
+
+    def record(self, sent: list[int], failed: list[int]) -> None:
+        """Append one acknowledged batch to the journal, at once. A push killed with SIGKILL
+        then repeats only the batches it had in flight, not everything since the last save."""
+        if self._journal is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = self.journal_path.open("a", encoding="utf-8")
+        for kind, numbers in (("s", sent), ("f", failed)):
+            if numbers:
+                self._journal.write(f"{kind} {' '.join(map(str, numbers))}\n")
+        self._journal.flush()  # into the kernel: it survives the process, SIGKILL included
 
     def save(self) -> None:
+        """Write the whole state atomically, then empty the journal it now includes."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         partial.write_text(json.dumps({
             "source": self.source, "queue_url": self.queue_url, "watermark": self.watermark,
-            "settled": sorted(self.settled), "sent": self.sent, "complete": self.complete}))
+            "settled": sorted(self.settled), "sent": self.sent, "complete": self.complete,
+            "fingerprint": self.fingerprint}))
         partial.replace(self.path)
+        if self._journal is not None:
+            self._journal.truncate(0)
+        elif self.journal_path.exists():
+            self.journal_path.unlink()
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
 
 def message_body(line: Line) -> str:
@@ -262,6 +308,8 @@ def push(
                     if failed_out:
                         failed_out.write(f"{tile.x}-{tile.y}-{tile.z}\n")
                 settle([n for n, _ in failed])
+            if checkpoint is not None:
+                checkpoint.record(sent, [n for n, _ in failed])
 
     stream = open_tiles()
     try:
@@ -301,6 +349,8 @@ def push(
         stream.close()
         if failed_out:
             failed_out.close()
+        if checkpoint is not None:
+            checkpoint.close()
     if progress:
         progress(report, lines_read)
     if report.failed:
@@ -324,13 +374,16 @@ class _counting:
         return line
 
 
-def count_lines(path: Path) -> int:
-    """Lines in a file, read in blocks (for the ETA)."""
+def count_lines(path: Path) -> tuple[int, str]:
+    """Lines in a file (for the ETA) and the SHA-256 of its bytes (to tell a changed file),
+    read once in blocks."""
     total = 0
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(1 << 20):
             total += block.count(b"\n")
-    return total
+            digest.update(block)
+    return total, digest.hexdigest()
 
 
 def default_concurrency() -> int:
@@ -367,14 +420,21 @@ def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: 
             # is not UTF-8 makes its own line invalid (reported with its number), not the push.
             return path.open(encoding="utf-8-sig", errors="surrogateescape")
 
-        total = count_lines(path)
+        total, fingerprint = count_lines(path)
         failed_path = failed_file or path.with_name(path.name + ".failed")
         location = Checkpoint.location(path, queue_url, state_dir)
-        checkpoint = Checkpoint(location, str(path), queue_url)
+        checkpoint = Checkpoint(location, str(path), queue_url, fingerprint=fingerprint)
         if location.exists() and not restart:
             previous = Checkpoint.load(location)
+            if resume and previous.fingerprint not in (None, fingerprint):
+                raise PushError(
+                    f"{tiles} changed since the interrupted push ({previous.sent:,} tiles sent, "
+                    f"up to line {previous.watermark:,}): its line numbers no longer name the "
+                    "same tiles, so resuming could skip or repeat some; pass --restart to send "
+                    "the whole file again, or restore the file as it was")
             if resume:
                 checkpoint = previous
+                checkpoint.fingerprint = fingerprint
                 state = "complete" if previous.complete else f"{previous.sent:,} tiles sent"
                 click.echo(f"Resuming after line {previous.watermark:,} ({state}).", err=True)
             elif not previous.complete:
