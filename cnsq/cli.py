@@ -784,11 +784,19 @@ def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str
     note = f" ({report.already_sent} sent by an interrupted run, now deleted)" \
         if report.already_sent else ""
     click.echo(f"Moved {report.moved:,} messages from {dlq_url} to {queue_url}{note}.")
+    if report.uncertain:
+        click.echo(f"A killed run was sending {report.uncertain} message(s) when it stopped; SQS "
+                   f"cannot tell whether they arrived, so {report.resent} were sent again (the "
+                   "tile queue may hold those twice; each tile is written once).", err=True)
     if report.failed:
         click.echo(f"{len(report.failed)} could not be sent and stay in the DLQ.", err=True)
     if report.interrupted:
         click.echo("Interrupted; run it again to move the rest.", err=True)
-    if report.failed or report.interrupted:
+    if report.invisible:
+        click.echo(f"{report.invisible:,} message(s) of the DLQ are still invisible (held by an "
+                   f"earlier run or another consumer); run again after their visibility timeout "
+                   f"({visibility_timeout}s for a run of this command).", err=True)
+    if report.failed or report.interrupted or report.invisible:
         sys.exit(1)
 
 

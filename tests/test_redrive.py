@@ -125,3 +125,61 @@ def test_interrupted_with_ctrl_c_and_run_again(queues, aws):
     assert second.returncode == 0, second.stderr
     assert Counter(drain(sqs, queue)) == Counter(bodies)
     assert depth(sqs, dlq) == 0
+
+
+def test_a_batch_killed_during_its_send_is_sent_again_at_most_once(queues):
+    """The intent is journaled before send_message_batch: a re-run knows that batch's fate is
+    unknown, sends it again, and says so (SQS has no idempotent send: one batch may repeat)."""
+    sqs, dlq, queue, bodies = queues
+    messages = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, VisibilityTimeout=0)["Messages"]
+    sqs.send_message_batch(QueueUrl=queue, Entries=[  # it did arrive before the kill
+        {"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(messages)])
+    journal = Journal.open(Path(".cnsq"), dlq)
+    journal.intent = {m["MessageId"] for m in messages}
+    journal.save()
+    result = redrive(dlq, queue)
+    assert result.exit_code == 0, result.output
+    assert "A killed run was sending 10 message(s)" in result.stderr and "10 were sent again" in result.stderr
+    received = Counter(drain(sqs, queue))
+    assert set(received) == set(bodies) and sum(received.values()) == 510  # one batch, twice
+    assert Journal.open(Path(".cnsq"), dlq).intent == set()
+
+
+def test_a_rerun_does_not_say_done_while_messages_are_still_invisible(queues):
+    sqs, dlq, queue, bodies = queues
+    held = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, VisibilityTimeout=300)["Messages"]
+    result = redrive(dlq, queue)
+    assert result.exit_code == 1
+    assert "Moved 490 messages" in result.stdout
+    assert "10 message(s) of the DLQ are still invisible" in result.stderr
+    assert len(held) == 10
+
+
+def test_repeats_after_hard_kills_are_at_most_one_batch_each(queues, aws):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sqs, dlq, queue, bodies = queues
+    env = {**os.environ, "AWS_ENDPOINT_URL": aws}
+    command = [sys.executable, "-m", "cnsq.cli", "redrive", "--dlq-url", dlq, "--queue-url", queue,
+               "--visibility-timeout", "1"]
+    kills = 4
+    for kill in range(kills):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while depth(sqs, queue) < 60 * (kill + 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    time.sleep(1.5)  # the killed runs' messages become visible again
+    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    received = Counter(drain(sqs, queue))
+    assert set(received) == set(bodies) and depth(sqs, dlq) == 0  # nothing lost
+    repeats = sum(received.values()) - len(bodies)
+    print(f"redrive: {kills} SIGKILLs on {len(bodies)} messages: {repeats} repeated")
+    assert repeats <= kills * 10
