@@ -94,6 +94,7 @@ class TileServer(_Server):
         self.missing: set[str] = set()
         self.failures: Counter[str] = Counter()
         self.slow: dict[str, float] = {}
+        self.trickle: dict[str, float] = {}  # x-y-z → seconds between the body's bytes
         self.delay = delay
         self.requests: Counter[str] = Counter()
         self.tokens: list[str] = []
@@ -119,7 +120,21 @@ class TileServer(_Server):
             if server.failures[key] > 0:
                 server.failures[key] -= 1
                 return self.send(500, b"busy")
-            self.send(200, server.content.get(key) or tile_image(x, y, z), "image/jpeg")
+            body = server.content.get(key) or tile_image(x, y, z)
+            if key in server.trickle:  # one byte at a time: each read is quick, the whole is not
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(server.trickle[key])
+                except OSError:
+                    pass
+                return None
+            self.send(200, body, "image/jpeg")
 
 
 class ModelServer(_Server):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -554,3 +555,54 @@ def test_a_tile_endpoint_that_cannot_be_filled_is_refused_at_cold_start(template
 def test_subdomains_spread_tiles_over_a_b_and_c():
     urls = {imagery_url("https://{s}.tiles/{z}/{x}/{y}.png", Tile(x, 0, 2), None) for x in range(3)}
     assert urls == {"https://a.tiles/2/0/0.png", "https://b.tiles/2/1/0.png", "https://c.tiles/2/2/0.png"}
+
+
+
+# -- deadlines: nothing blocks the invocation past its time
+
+
+class FakeContext:
+    """What Lambda passes the handler: the time left in the invocation."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.end - time.monotonic()) * 1000)
+
+
+def test_a_tile_trickled_a_byte_at_a_time_fails_at_its_deadline(make_app, tiles, db_url):
+    """Each read took 0.2 s, under TILE_TIMEOUT=2: the per-read timeout never fired."""
+    tiles.trickle["1-2-3"] = 0.2
+    app = make_app(TILE_TIMEOUT=2, TILE_DEADLINE=1.5, RETRIES=1)
+    started = time.monotonic()
+    outcome = app.process(sqs_event([body(*t) for t in GOOD]))
+    assert time.monotonic() - started < 4
+    assert outcome.failed == {"m0": "tile_deadline"}
+    assert rows(db_url) == expected(*GOOD[1:])
+
+
+def test_records_left_when_the_lambda_runs_out_of_time_are_batch_item_failures(make_app, tiles):
+    tiles.trickle["1-2-3"] = 0.2
+    app = make_app(TILE_TIMEOUT=2, DEADLINE_RESERVE=1, RETRIES=1)
+    started = time.monotonic()
+    result = app.run(sqs_event([body(*t) for t in GOOD]), FakeContext(2.5))
+    assert time.monotonic() - started < 2.5  # answered before Lambda would kill it
+    assert failures(result) == {"m0"}
+
+
+def test_a_locked_results_table_fails_the_write_in_time(make_app, db_url):
+    import psycopg2
+
+    holder = psycopg2.connect(db_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE results IN ACCESS EXCLUSIVE MODE")
+        app = make_app(DATABASE_TIMEOUT=1)
+        started = time.monotonic()
+        outcome = app.process(sqs_event([body(*t) for t in GOOD]))
+        assert time.monotonic() - started < 5
+        assert set(outcome.failed.values()) == {"database"} and len(outcome.failed) == 3
+    finally:
+        holder.rollback()
+        holder.close()

@@ -162,7 +162,15 @@ class Settings:
     missing_tiles: str = "skip"  # skip: logged and counted, not retried; fail: retried
     max_instances: int = 64
     tile_timeout: float = 10.0
+    # Total time for an invocation's downloads, retries included: a server that trickles a byte
+    # at a time defeats the per-read timeout. None: tile_timeout x retries + backoff.
+    tile_deadline: float | None = None
     predict_timeout: float = 60.0
+    # Time kept back from the Lambda's remaining time for the prediction and the write.
+    reserve: float = 5.0
+    # PostgreSQL: statement_timeout and lock_timeout (s); a black-holed connection fails after
+    # tcp_user_timeout instead of blocking the invocation.
+    database_timeout: float = 30.0
     retries: int = 3
     backoff: float = 0.2
     download_workers: int = 16
@@ -193,6 +201,9 @@ class Settings:
                 missing_tiles=mode,
                 max_instances=int(env.get("MAX_INSTANCES", 64)),
                 tile_timeout=float(env.get("TILE_TIMEOUT", 10)),
+                tile_deadline=float(env["TILE_DEADLINE"]) if env.get("TILE_DEADLINE") else None,
+                reserve=float(env.get("DEADLINE_RESERVE", 5)),
+                database_timeout=float(env.get("DATABASE_TIMEOUT", 30)),
                 predict_timeout=float(env.get("PREDICT_TIMEOUT", 60)),
                 retries=int(env.get("RETRIES", 3)),
                 backoff=float(env.get("RETRY_BACKOFF", 0.2)),
@@ -288,10 +299,16 @@ def mask(text: str) -> str:
 
 
 class ResultsWriter:
-    """One connection, opened at cold start and reused; one batched upsert per invocation."""
+    """One connection, opened at cold start and reused; one batched upsert per invocation.
 
-    def __init__(self, url: str):
+    On PostgreSQL every statement and lock wait is bounded (``timeout`` seconds), and so is a
+    connection whose packets go unanswered (TCP keepalives, ``tcp_user_timeout``): a locked
+    table or a black-holed database fails the write instead of hanging the Lambda.
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0):
         self.url = url
+        self.timeout = timeout
         self.conn: Any = None
         # One connection per warm Lambda; on one machine, many invocations share it.
         self.lock = threading.Lock()
@@ -312,7 +329,12 @@ class ResultsWriter:
             return
         import psycopg2
 
-        self.conn = psycopg2.connect(self.url, connect_timeout=10)
+        ms = int(self.timeout * 1000)
+        self.conn = psycopg2.connect(
+            self.url, connect_timeout=10,
+            options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
+            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+            tcp_user_timeout=ms)
 
     def upsert(self, rows: list[tuple[str, str]]) -> None:
         """Write (tile, output JSON) rows; reconnect once if the connection dropped."""
@@ -460,8 +482,21 @@ class DownloadAndPredict:
             raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status}")
         return response.data
 
-    def get_images(self, records: list[Record], outcome: Outcome) -> list[tuple[Record, bytes]]:
-        """Download concurrently; returns the records that have an image."""
+    def download_deadline(self, deadline: float | None) -> float:
+        """When the invocation's downloads must be done (time.monotonic()): TILE_DEADLINE, or
+        every attempt's timeout and backoff, and never past the Lambda's own deadline."""
+        settings = self.settings
+        budget = settings.tile_deadline
+        if budget is None:
+            attempts = max(1, settings.retries)
+            budget = settings.tile_timeout * attempts + settings.backoff * (2 ** attempts) + 3.05
+        end = time.monotonic() + budget
+        return min(end, deadline) if deadline is not None else end
+
+    def get_images(self, records: list[Record], outcome: Outcome,
+                   deadline: float | None = None) -> list[tuple[Record, bytes]]:
+        """Download concurrently; returns the records that have an image. Tiles not downloaded
+        by the deadline fail (``tile_deadline``): their threads finish on their own timeouts."""
         if not records:
             return []
         started = time.perf_counter()
@@ -469,8 +504,14 @@ class DownloadAndPredict:
         futures = [(record, self.downloads.submit(self.get_image, record.tile))
                    for record in records]
         # Woken once when all are done, not once per tile: each wake-up is a context switch.
-        wait([future for _, future in futures])
+        limit = self.download_deadline(deadline)
+        wait([future for _, future in futures], timeout=max(0.0, limit - time.monotonic()))
         for record, future in futures:
+            if not future.done():
+                LOG.warning("record %s: tile %s not downloaded by its deadline", record.message_id,
+                            record.tile.id)
+                outcome.fail([record.message_id], "tile_deadline")
+                continue
             try:
                 image = future.result()
             except StepFailed as exc:
@@ -531,15 +572,20 @@ class DownloadAndPredict:
             raise StepFailed("model_error", "model response 'predictions' is not a list")
         return predictions
 
-    def predict(self, images: list[tuple[Record, bytes]],
-                outcome: Outcome) -> list[tuple[Record, Any]]:
-        """One request per chunk of at most MAX_INSTANCES instances."""
+    def predict(self, images: list[tuple[Record, bytes]], outcome: Outcome,
+                deadline: float | None = None) -> list[tuple[Record, Any]]:
+        """One request per chunk of at most MAX_INSTANCES instances; chunks that would start past
+        the deadline fail (``deadline``) so the Lambda answers before it is killed."""
         started = time.perf_counter()
         results = []
         size = max(1, self.settings.max_instances)
         for start in range(0, len(images), size):
             chunk = images[start:start + size]
             ids = [record.message_id for record, _ in chunk]
+            if deadline is not None and time.monotonic() >= deadline:
+                LOG.error("no time left to predict %d record(s)", len(chunk))
+                outcome.fail(ids, "deadline")
+                continue
             try:
                 predictions = self.post_prediction(self.build_payload([img for _, img in chunk]))
             except StepFailed as exc:
@@ -601,20 +647,35 @@ class DownloadAndPredict:
 
     # -- the whole invocation ----------------------------------------------------------------
 
-    def process(self, event: dict) -> Outcome:
-        """Run the steps over one event; the outcome says what happened to each record."""
+    def deadline(self, context: Any) -> float | None:
+        """The Lambda's deadline less the reserve for the prediction and the write (monotonic
+        seconds), from ``context.get_remaining_time_in_millis()``; None without a context."""
+        remaining = getattr(context, "get_remaining_time_in_millis", None)
+        if remaining is None:
+            return None
+        return time.monotonic() + remaining() / 1000 - self.settings.reserve
+
+    def process(self, event: dict, context: Any = None) -> Outcome:
+        """Run the steps over one event; the outcome says what happened to each record.
+
+        Every record is decided before the Lambda's time runs out: what is not done by then
+        is a batch item failure, retried by SQS, rather than a killed invocation that fails all.
+        """
         outcome = Outcome(records=len(event.get("Records", [])))
+        deadline = self.deadline(context)  # downloads end here; then half the reserve to
+        # start predictions, the other half for the write
         records = self.get_tiles(event, outcome)
-        images = self.get_images(records, outcome)
-        predictions = self.predict(images, outcome)
+        images = self.get_images(records, outcome, deadline)
+        predictions = self.predict(images, outcome, None if deadline is None
+                                   else deadline + self.settings.reserve / 2)
         self.save_results(predictions, outcome)
         LOG.info(json.dumps(outcome.log_line()))
         self.last_outcome = outcome
         return outcome
 
-    def run(self, event: dict) -> dict[str, Any]:
+    def run(self, event: dict, context: Any = None) -> dict[str, Any]:
         """The Lambda contract: name exactly the records that failed."""
-        outcome = self.process(event)
+        outcome = self.process(event, context)
         return {"batchItemFailures": [{"itemIdentifier": message_id}
                                       for message_id in outcome.failed]}
 

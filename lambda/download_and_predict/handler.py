@@ -78,7 +78,7 @@ def build(env: dict[str, str], app_class: type[DownloadAndPredict] = DownloadAnd
     """
     settings = Settings.from_env(resolve_secret_envs(env))
     register_secret(settings.tile_token)  # never in a log line, whatever carries it
-    writer = ResultsWriter(database_url(settings))
+    writer = ResultsWriter(database_url(settings), settings.database_timeout)
     try:
         writer.connect()
     except Exception as exc:  # noqa: BLE001 - reported, retried on the next write
@@ -96,7 +96,7 @@ def make_handler(app_class: type[DownloadAndPredict] = DownloadAndPredict):
         """SQS event → ``{"batchItemFailures": [...]}`` naming only the records that failed."""
         if "app" not in state:
             state["app"] = build(dict(os.environ), app_class)
-        return state["app"].run(event)
+        return state["app"].run(event, context)
 
     return handler
 
