@@ -990,8 +990,11 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
               help="Handler calls at once: enough to keep both of the model server's batches full.")
 @click.option("--batch-size", default=10, show_default=True, help="Tiles per handler call.")
 @click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
+@click.option("--max-missing", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Exit 1 when more than this share of tiles had no imagery (a wrong URL path "
+                   "looks like that).")
 def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str,
-            concurrency: int, batch_size: int, max_batch: int) -> None:
+            concurrency: int, batch_size: int, max_batch: int, max_missing: float) -> None:
     """Run the whole job on this machine: tiles → handler → model server → results → CSV.
 
     The same handler as on AWS, with an in-process queue instead of SQS, a model server started
@@ -1013,7 +1016,7 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
                  max_batch, progress)
     if sys.stderr.isatty():
         click.echo("", err=True)
-    _report_run(report, tiles, out)
+    _report_run(report, tiles, out, max_missing)
 
 
 @main.command()
@@ -1045,18 +1048,30 @@ def demo(directory: Path, concurrency: int) -> None:
         sys.exit(1)
 
 
-def _report_run(report, tiles: Path, out: Path | None) -> None:
+def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0) -> None:
+    """The run's summary: failures counted by reason with a few examples each, then the exit
+    status — 1 when a tile failed, a line was invalid, nothing was written, or more than
+    ``max_missing`` of the tiles had no imagery."""
     for number, error in report.invalid[:20]:
         click.echo(f"{tiles}:{number}: {error}", err=True)
-    for number, tile, reason in report.failed[:50]:
-        click.echo(f"{tiles}:{number}: tile {tile} failed: {reason}", err=True)
-    if len(report.failed) > 50:
-        click.echo(f"… and {len(report.failed) - 50:,} more failed tiles", err=True)
+    by_reason: dict[str, list[tuple[int, str]]] = {}
+    for number, tile, reason in report.failed:
+        by_reason.setdefault(reason, []).append((number, tile))
+    for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        examples = ", ".join(f"{tile} (line {number})" for number, tile in items[:3])
+        more = f" and {len(items) - 3:,} more" if len(items) > 3 else ""
+        click.echo(f"{len(items):,} tile(s) failed: {reason}: {examples}{more}", err=True)
     click.echo(f"Processed {report.tiles:,} tiles in {report.seconds:.1f}s ({report.rate:,.1f} "
                f"tiles/s): {report.written:,} written, {report.skipped:,} without imagery, "
                f"{len(report.failed):,} failed, {len(report.invalid):,} invalid lines"
                f"{f'; results in {out}' if out else ''}.", err=True)
-    if report.failed or report.invalid:
+    missing = report.skipped / report.tiles if report.tiles else 0.0
+    if report.tiles and missing > max_missing:
+        click.echo(f"{missing:.0%} of the tiles had no imagery (more than --max-missing "
+                   f"{max_missing:.0%}): is the tile endpoint's path right ({{z}}/{{x}}/{{y}})?",
+                   err=True)
+    if report.failed or report.invalid or (report.tiles and not report.written) \
+            or missing > max_missing:
         sys.exit(1)
 
 

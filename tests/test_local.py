@@ -333,3 +333,37 @@ def test_the_model_server_starts_from_a_folder_holding_a_clone_named_cnsq(tmp_pa
     finally:
         running.close()
     assert answer.status_code == 200 and answer.json()["predictions"][0][1] > 0.99
+
+
+def test_run_with_a_wrong_tile_path_exits_1_and_says_why(tmp_path, model_path, monkeypatch):
+    """`{y}/{x}` swapped: every tile 404s. Printed `0 written, 80 without imagery`, exited 0."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "tiles" / "10"
+    for x in range(6):
+        (root / str(x)).mkdir(parents=True)
+        (root / str(x) / "7.png").write_bytes(png(LAND))
+    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(6)))
+    running = tileserver.start(tmp_path / "tiles", port=0)
+    try:
+        swapped = running.template.replace("{x}/{y}", "{y}/{x}")
+        result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", swapped,
+                                           "--model", str(model_path)])
+    finally:
+        running.close()
+    assert result.exit_code == 1
+    assert "0 written, 6 without imagery" in result.stderr
+    assert "100% of the tiles had no imagery (more than --max-missing 50%)" in result.stderr
+
+
+def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(30)))
+    dead = f"http://127.0.0.1:{free_port()}/{{z}}/{{x}}/{{y}}.png"
+    result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", dead,
+                                       "--model", str(model_path)], env={"RETRIES": "1"})
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "failed: tile_connection" in line]
+    assert len(lines) == 1 and lines[0].startswith("30 tile(s) failed: tile_connection: ")
+    assert "and 27 more" in lines[0]
