@@ -205,13 +205,41 @@ def _jinja_line(exc: BaseException) -> str:
     return line
 
 
-def assert_no_secrets(text: str, config: Config, where: str) -> None:
-    """Refuse text that holds a secret value (defence in depth behind :class:`Secret`)."""
-    for secret in config.secrets.values():
-        if len(secret.value) >= 4 and secret.value in text:
+def _swap_secrets(value: Any, swapped: dict[str, Secret]) -> Any:
+    if isinstance(value, Secret):
+        return swapped[value.path]
+    if isinstance(value, dict):
+        return {k: _swap_secrets(v, swapped) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_swap_secrets(v, swapped) for v in value]
+    return value
+
+
+def assert_no_secrets(text: str, config: Config, template_dir: Path,
+                      code: dict[str, CodeLocation]) -> None:
+    """Refuse text that holds a secret value (defence in depth behind :class:`Secret`).
+
+    A value found in the text is checked against a second rendering in which every secret has
+    another value: if it appears there as often, it is a word the template holds anyway (a
+    username, "test", the stack's name), not the secret leaking. A report names the config key.
+    """
+    import dataclasses
+    import secrets as random
+
+    found = [s for s in config.secrets.values() if len(s.value) >= 4 and s.value in text]
+    if not found:
+        return
+    swapped = {path: dataclasses.replace(secret, value=random.token_hex(16))
+               for path, secret in config.secrets.items()}
+    other = dataclasses.replace(config, values=_swap_secrets(config.values, swapped),
+                                secrets=swapped)
+    baseline = render(other, template_dir, code)
+    for secret in found:
+        if text.count(secret.value) != baseline.count(secret.value):
             raise TemplateError(
-                f"{where}: the value of {secret.path} would be written in clear; "
-                f"reference it with !Ref {secret.param} instead"
+                f"the value of {secret.path} (a secret from the environment or .env) would be "
+                f"written into the compiled template in clear; the template must reference it "
+                f"with !Ref {secret.param}"
             )
 
 
@@ -220,7 +248,7 @@ def compile_template(
 ) -> tuple[Path, dict]:
     """Render, parse and write ``out_dir/<stackName>/cloudformation.yml``; return (path, data)."""
     text = render(config, template_dir, code)
-    assert_no_secrets(text, config, str(template_dir / TEMPLATE_NAME))
+    assert_no_secrets(text, config, template_dir, code)
     data = load_cfn_yaml(text, f"{template_dir / TEMPLATE_NAME} (rendered)")
     target = out_dir / config.stack_name / "cloudformation.yml"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -200,3 +200,25 @@ def test_gpu_metrics_are_published_by_the_cloudwatch_agent(compiled):
     assert "${!aws:InstanceId}" in user_data  # the agent's placeholder, not a Sub variable
     policies = data["Resources"]["ECSRole"]["Properties"]["ManagedPolicyArns"]
     assert any("CloudWatchAgentServerPolicy" in p["Fn::Sub"] for p in policies)
+
+
+@pytest.mark.parametrize("token", ["test", "cnsq", "Project", "resultsadmin"])
+def test_a_token_that_is_an_ordinary_word_is_not_a_leak(tmp_path, token):
+    """The scan refused any value of 4+ characters found anywhere in the template, and blamed
+    our template file: `test`, `cnsq` or the username as a token stopped every compile."""
+    env_file = tmp_path / "test.env"
+    env_file.write_text(f"RDS_USERNAME=resultsadmin\nTILE_ACCESS_TOKEN={token}\n")
+    config = load_config(REPO / "config/config.example.yml", environ={}, env_file=env_file)
+    _, data = compile_template(config, TEMPLATES, tmp_path / "out", CODE)
+    env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"]["Variables"]
+    assert "TILE_ACCESS_TOKEN" not in env
+
+
+def test_a_template_that_writes_a_secret_value_is_refused_naming_the_key(config, tmp_path):
+    from cnsq.template import assert_no_secrets
+
+    secret = config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"]
+    text = render(config, TEMPLATES, CODE) + f"\\n# {secret.value}\\n"
+    with pytest.raises(TemplateError, match=r"the value of lambdas.DownloadAndPredict.envs."
+                                            r"TILE_ACCESS_TOKEN \(a secret from the environment"):
+        assert_no_secrets(text, config, TEMPLATES, CODE)
