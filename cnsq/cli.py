@@ -121,6 +121,23 @@ def _mask(text: str) -> str:
     return mask(text)
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for an error no cnsq code anticipated (``cnsq --debug`` shows the traceback)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EADDRINUSE:
+            return "the port is already in use by another program: choose another with --port"
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"{exc.name} is not installed: this command needs the local extra "
+                "(pip install 'cnsq[local]')")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"{type(exc).__name__}{': ' + text if text else ''} "
+            "(run `cnsq --debug …` for the traceback)")
+
+
 class CnsqGroup(click.Group):
     """Turns CnsqError and AWS errors into one line on stderr and exit 1 (--debug: traceback)."""
 
@@ -132,12 +149,14 @@ class CnsqGroup(click.Group):
                 raise
             click.echo(f"Error: {_mask(str(exc))}", err=True)
             sys.exit(exc.exit_code)
-        except Exception as exc:  # noqa: BLE001 - AWS errors get one line, others a traceback
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line each; --debug shows the traceback
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
             from .aws import explain  # imported here: boto3 costs every command 0.2 s to load
 
-            message = explain(exc)
-            if message is None or (ctx.obj and ctx.obj.get("debug")):
-                raise
+            message = explain(exc) or _describe(exc)
             click.echo(f"Error: {_mask(message)}", err=True)
             sys.exit(1)
 
