@@ -411,7 +411,8 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
-            raise CnsqError(f"the model server stopped: {popen.stderr.read().strip()[-500:]}")
+            lines = popen.stderr.read().strip().splitlines() or ["(no message)"]
+            raise CnsqError(f"the model server stopped: {lines[-1].removeprefix('Error: ')}")
         try:
             if requests.get(f"{handle.url}/v1/models/{name}", timeout=1).status_code == 200:
                 return handle
