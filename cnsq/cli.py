@@ -406,8 +406,10 @@ def _admin(db_string: str | None, settings: Settings):
 
 @main.command()
 @click.argument("db_string", required=False)
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="The same as DB_STRING [default: DATABASE_URL, else the stack's].")
 @config_options
-def setup(settings: Settings, db_string: str | None) -> None:
+def setup(settings: Settings, db_string: str | None, database_url: str | None) -> None:
     """Create the results table (versioned migrations; running it twice is harmless).
 
     DB_STRING is a database URL (postgresql://user:pass@host:5432/ResultsDB or
@@ -421,6 +423,7 @@ def setup(settings: Settings, db_string: str | None) -> None:
     """
     from .results import mask, open_store
 
+    db_string = db_string or database_url
     admin = _admin(db_string, settings)
     if admin is not None:
         answer = admin.call("migrate")
@@ -1004,7 +1007,9 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An ONNX model.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results.csv"),
               show_default=True, help="The results CSV.")
-@click.option("--database-url", default="sqlite:///results.db", show_default=True)
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="Where results are written [default: DATABASE_URL, else a SQLite file beside "
+                   "--out (results.csv → results.db) that holds this run's results only].")
 @click.option("--concurrency", "-n", default=16, show_default=True,
               help="Handler calls at once: enough to keep both of the model server's batches full.")
 @click.option("--batch-size", default=10, show_default=True, help="Tiles per handler call.")
@@ -1012,7 +1017,7 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
 @click.option("--max-missing", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Exit 1 when more than this share of tiles had no imagery (a wrong URL path "
                    "looks like that).")
-def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str,
+def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str | None,
             concurrency: int, batch_size: int, max_batch: int, max_missing: float) -> None:
     """Run the whole job on this machine: tiles → handler → model server → results → CSV.
 
@@ -1031,6 +1036,16 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
             click.echo(f"\r{report.tiles:,} tiles, {report.rate:,.1f} tiles/s, "
                        f"{len(report.failed):,} failed", nl=False, err=True)
 
+    from .download import writable_target
+
+    writable_target(str(out))
+    if database_url is None:
+        # The run's own database: an earlier run's results must not reach this run's CSV.
+        own = out.with_suffix(".db")
+        for stale in (own, own.with_name(own.name + "-journal"), own.with_name(own.name + "-wal")):
+            stale.unlink(missing_ok=True)
+        database_url = f"sqlite:///{own}"
+        click.echo(f"Results of this run go to {own} and {out}.", err=True)
     report = run(tiles, tile_endpoint, model_path, out, database_url, concurrency, batch_size,
                  max_batch, progress)
     if sys.stderr.isatty():

@@ -367,3 +367,25 @@ def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monke
     lines = [line for line in result.stderr.splitlines() if "failed: tile_connection" in line]
     assert len(lines) == 1 and lines[0].startswith("30 tile(s) failed: tile_connection: ")
     assert "and 27 more" in lines[0]
+
+
+def test_each_run_writes_its_own_results(tmp_path, model_path, monkeypatch):
+    """The default sqlite:///results.db carried over: 5 tiles after an 80-tile run gave 80 rows."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    root = tmp_path / "tiles" / "10"
+    for x in range(6):
+        (root / str(x)).mkdir(parents=True)
+        (root / str(x) / "7.png").write_bytes(png(LAND))
+    running = tileserver.start(tmp_path / "tiles", port=0)
+    try:
+        for count in (6, 2):
+            (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(count)))
+            result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint",
+                                               running.template, "--model", str(model_path)])
+            assert result.exit_code == 0, result.output
+            assert "Results of this run go to results.db and results.csv." in result.stderr
+            rows = Path("results.csv").read_text().splitlines()[1:]
+            assert len(rows) == count
+    finally:
+        running.close()

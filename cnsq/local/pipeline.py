@@ -123,7 +123,7 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
                      # tile server needs few; each extra thread costs context switches).
                      "DOWNLOAD_WORKERS": str(concurrency * batch_size),
                      "DOWNLOAD_WORKERS_MIN": "4"})
-        with tiles.open(encoding="utf-8") as stream:
+        with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
             report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
         app.writer.close()
         app.http.close()
