@@ -355,7 +355,8 @@ def test_run_with_a_wrong_tile_path_exits_1_and_says_why(tmp_path, model_path, m
     assert "100% of the tiles had no imagery (more than --max-missing 50%)" in result.stderr
 
 
-def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monkeypatch):
+def test_run_stops_at_once_on_a_dead_tile_endpoint(tmp_path, model_path, monkeypatch):
+    """It printed one `Connection refused` line per tile; now one error, before the run."""
     from conftest import free_port
 
     monkeypatch.chdir(tmp_path)
@@ -364,9 +365,29 @@ def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monke
     result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", dead,
                                        "--model", str(model_path)], env={"RETRIES": "1"})
     assert result.exit_code == 1
-    lines = [line for line in result.stderr.splitlines() if "failed: tile_connection" in line]
-    assert len(lines) == 1 and lines[0].startswith("30 tile(s) failed: tile_connection: ")
-    assert "and 27 more" in lines[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "the tile endpoint failed for the first tile, 0-7-10" in errors[0]
+    assert "nothing was run" in errors[0]
+
+
+def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monkeypatch):
+    from servers import TileServer
+
+    monkeypatch.chdir(tmp_path)
+    tiles = TileServer(content={"0-7-10": png(LAND)})
+    for x in range(1, 30):
+        tiles.failures[f"{x}-7-10"] = 10**6  # always 500
+    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(30)))
+    try:
+        result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint",
+                                           tiles.url + "/{z}/{x}/{y}.png", "--model", str(model_path)],
+                                    env={"RETRIES": "1"})
+    finally:
+        tiles.close()
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "failed: tile_http" in line]
+    assert len(lines) == 1 and lines[0].startswith("29 tile(s) failed: tile_http: ")
+    assert "and 26 more" in lines[0]
 
 
 def test_each_run_writes_its_own_results(tmp_path, model_path, monkeypatch):

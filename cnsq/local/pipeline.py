@@ -100,6 +100,36 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
     return report
 
 
+def probe(app, tile) -> None:
+    """Fetch the first tile and predict it before the run: a dead or wrong tile endpoint, or a
+    model that refuses the imagery, is one clear error instead of one line per tile.
+
+    A 404 is no verdict (coverage can be sparse): --max-missing judges the run's share.
+
+    Raises:
+        CnsqError: the tile could not be fetched, is not an image, or the model refused it.
+    """
+    from download_and_predict.base import StepFailed, Tile, is_image, mask
+
+    from ..errors import CnsqError
+
+    where = f"the first tile, {tile.x}-{tile.y}-{tile.z}"
+    try:
+        image = app.get_image(Tile(tile.x, tile.y, tile.z))
+    except StepFailed as exc:
+        raise CnsqError(f"the tile endpoint failed for {where}: {mask(str(exc))}; nothing was "
+                        "run (check --tile-endpoint)") from None
+    if image is None:
+        return
+    if not is_image(image):
+        raise CnsqError(f"the tile endpoint answered {where} with something that is not an image "
+                        f"({len(image)} bytes starting {image[:16]!r}); nothing was run")
+    try:
+        app.post_prediction(app.build_payload([image]))
+    except StepFailed as exc:
+        raise CnsqError(f"the model refused {where}: {mask(str(exc))}; nothing was run") from None
+
+
 def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, database_url: str,
         concurrency: int = 16, batch_size: int = 10, max_batch: int = 32,
         progress: Callable[[RunReport], None] | None = None) -> RunReport:
@@ -123,6 +153,10 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
                      # tile server needs few; each extra thread costs context switches).
                      "DOWNLOAD_WORKERS": str(concurrency * batch_size),
                      "DOWNLOAD_WORKERS_MIN": "4"})
+        with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
+            first = next((line.tile for line in read_lines(stream) if line.tile is not None), None)
+        if first is not None:
+            probe(app, first)
         with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
             report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
         app.writer.close()
