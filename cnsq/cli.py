@@ -633,20 +633,36 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
 
     Checks: the stack is complete; the tile queue and dead letter queue exist (and their
     depth); the results table has the right columns; the model's status path answers 200; the
-    imagery endpoint serves the sample tile as an image; the model predicts on it.
+    imagery endpoint serves the sample tile as an image; the model predicts on it. Given
+    --database-url, --model-endpoint and --tile-endpoint together, it checks those targets
+    alone: no config, no AWS (a local setup).
 
     \b
-    Example:
+    Examples:
       cnsq verify --config config/config.yml --tile 9646-12319-15
+      cnsq verify --database-url sqlite:///results.db --tile 1-2-3 \
+        --model-endpoint http://127.0.0.1:8501/v1/models/water \
+        --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png'
     """
-    from .verify import build_target, run_checks
+    from .tiles import parse_tile_id
+    from .verify import Target, build_target, run_checks, tile_url_from_template
 
-    config = settings.load()
-    aws = settings.aws()
-    target = build_target(config, aws, _stacks(aws), database_url=database_url,
-                          model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
-                          tile_id=tile_id)
-    checks = run_checks(target, aws.client("sqs"))
+    try:
+        parse_tile_id(tile_id)
+    except ValueError as exc:
+        raise CnsqError(f"--tile {tile_id}: {exc}") from None
+    if database_url and model_endpoint and tile_endpoint:
+        target = Target(stack_name=None, stack_status=None, queue_url=None, dead_letter_url=None,
+                        database_url=lambda: database_url, model_endpoint=model_endpoint,
+                        tile_url=tile_url_from_template(tile_endpoint, tile_id), tile_id=tile_id)
+        checks = run_checks(target, sqs=None)
+    else:
+        config = settings.load()
+        aws = settings.aws()
+        target = build_target(config, aws, _stacks(aws), database_url=database_url,
+                              model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
+                              tile_id=tile_id)
+        checks = run_checks(target, aws.client("sqs"))
     click.echo(tabulate([["✓" if c.ok else "✗", c.name, c.detail] for c in checks],
                         headers=["", "Check", "Detail"]))
     failed = [c.name for c in checks if not c.ok]

@@ -27,7 +27,7 @@ class Check:
 class Target:
     """What to verify; values come from the stack's outputs, the config or the options."""
 
-    stack_name: str
+    stack_name: str | None  # None: check the given targets only (no stack)
     stack_status: str | None
     queue_url: str | None
     dead_letter_url: str | None
@@ -132,9 +132,10 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
             raise RuntimeError(f"expected one prediction, got {predictions!r:.120}")
         return f"tile {target.tile_id} → {str(predictions[0])[:80]}"
 
-    checks.append(_check("stack", stack))
-    checks.append(_check("tile queue", queue(target.queue_url, "tile queue")))
-    checks.append(_check("dead letter queue", queue(target.dead_letter_url, "dead letter queue")))
+    if target.stack_name is not None:  # None: a local setup, no stack to check
+        checks.append(_check("stack", stack))
+        checks.append(_check("tile queue", queue(target.queue_url, "tile queue")))
+        checks.append(_check("dead letter queue", queue(target.dead_letter_url, "dead letter queue")))
     checks.append(_check("results table", results))
     checks.append(_check("model status", model))
     checks.append(_check("imagery", imagery))
@@ -149,7 +150,7 @@ def tile_url_from_config(config, tile_id: str, override: str | None = None) -> s
     from .config import Secret
     from .tiles import parse_tile_id
 
-    tile = parse_tile_id(tile_id)
+    parse_tile_id(tile_id)  # a malformed id fails here, before any request
     template, token = override, None
     for spec in config.values["lambdas"].values():
         envs = spec["envs"]
@@ -160,9 +161,17 @@ def tile_url_from_config(config, tile_id: str, override: str | None = None) -> s
         register_secret(token)
     if not template:
         return None
-    if "{}" in template:
-        return template.format(tile.z, tile.x, tile.y, token or "")
-    return template.format(z=tile.z, x=tile.x, y=tile.y, token=token or "")
+    return tile_url_from_template(template, tile_id, token)
+
+
+def tile_url_from_template(template: str, tile_id: str, token: str | None = None) -> str:
+    """The sample tile's URL, filled in as the Lambda fills it (both template forms, {s})."""
+    from download_and_predict.base import Tile, imagery_url
+
+    from .tiles import parse_tile_id
+
+    tile = parse_tile_id(tile_id)
+    return imagery_url(template, Tile(tile.x, tile.y, tile.z), token)
 
 
 def build_target(config, aws, stacks, *, database_url: str | None, model_endpoint: str | None,

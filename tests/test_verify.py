@@ -123,3 +123,23 @@ def test_no_stack_fails_every_stack_check(project, servers):
     marks = rows(result)
     assert marks["stack"] is False and marks["tile queue"] is False
     assert "stack cnsq-dev does not exist" in result.stdout
+
+
+def test_a_local_setup_is_checked_without_a_config_or_aws(servers, database, tmp_path, monkeypatch):
+    """With the three targets given, verify needed a config and spent 20 s failing to reach AWS."""
+    tiles, model = servers
+    monkeypatch.chdir(tmp_path)  # no config/config.yml here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing there: never asked
+    store = open_store(database)
+    store.migrate()
+    store.close()
+    result = verify("--database-url", database, "--model-endpoint", f"{model.url}/v1/models/m",
+                    "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.jpg", "--tile", "1-2-3")
+    assert result.exit_code == 0, result.output
+    assert set(rows(result)) == {"results table", "model status", "imagery", "prediction"}
+    assert "All 4 checks passed." in result.stdout
+
+
+def test_a_malformed_tile_is_a_clear_error(servers):
+    result = CliRunner().invoke(main, ["verify", "--tile", "1-2"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: --tile 1-2: expected x-y-z")
