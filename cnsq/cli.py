@@ -1066,6 +1066,14 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
                  max_batch, progress)
     if sys.stderr.isatty():
         click.echo("", err=True)
+    if report.interrupted:
+        click.echo(f"Interrupted after {report.tiles:,} tiles: their results are in {out}; run "
+                   "the same command again to do them all.", err=True)
+    if report.interrupted:
+        try:
+            _report_run(report, tiles, out, max_missing)
+        finally:
+            sys.exit(130)
     _report_run(report, tiles, out, max_missing)
 
 

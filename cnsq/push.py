@@ -15,8 +15,6 @@ import hashlib
 import json
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,6 +25,7 @@ from typing import IO, Any
 import botocore.exceptions
 
 from .errors import CnsqError
+from .interrupt import Stop
 from .tiles import Line, read_lines
 
 BATCH = 10
@@ -183,29 +182,6 @@ class BatchSender:
         return sent, failed
 
 
-class _Stop:
-    """Set by SIGINT/SIGTERM: stop reading, finish the calls in flight, save the checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def _batches(lines: Iterator[Line], report: Report, skip: set[int]) -> Iterator[list[Line]]:
     batch: list[Line] = []
     for line in lines:
@@ -313,7 +289,7 @@ def push(
 
     stream = open_tiles()
     try:
-        with _Stop() as stop, ThreadPoolExecutor(max_workers=concurrency) as pool:
+        with Stop() as stop, ThreadPoolExecutor(max_workers=concurrency) as pool:
             counted = _counting(read_lines(stream, start_after))
             for batch in _batches(counted, report, skip):
                 if stop.requested:

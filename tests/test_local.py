@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -410,3 +414,35 @@ def test_each_run_writes_its_own_results(tmp_path, model_path, monkeypatch):
             assert len(rows) == count
     finally:
         running.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_run_keeps_what_was_done_and_leaves_no_server(tmp_path, model_path, sig):
+    """Ctrl-C killed the model server first (24 `Connection refused` lines, no CSV); SIGTERM
+    left it running as an orphan."""
+    from servers import TileServer
+
+    tiles = TileServer(content={f"{x}-7-10": png(LAND) for x in range(400)}, delay=0.05)
+    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(400)))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cnsq.cli", "run", "tiles.txt", "--tile-endpoint",
+             tiles.url + "/{z}/{x}/{y}.png", "--model", str(model_path), "-n", "2"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(tiles.requests.values()) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(sig)
+        started = time.monotonic()
+        _, err = process.communicate(timeout=30)
+        assert time.monotonic() - started < 5
+    finally:
+        tiles.close()
+    assert process.returncode == 130, err
+    assert "Interrupted after" in err and "Connection refused" not in err
+    rows = (tmp_path / "results.csv").read_text().splitlines()[1:]
+    assert 20 <= len(rows) < 400
+    time.sleep(0.5)
+    servers = subprocess.run(["pgrep", "-f", f"cnsq.cli serve {model_path}"], capture_output=True,
+                             text=True).stdout.split()
+    assert servers == []

@@ -33,6 +33,7 @@ class RunReport:
     invalid: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str, str]] = field(default_factory=list)  # line, tile, reason
     seconds: float = 0.0
+    interrupted: bool = False  # Ctrl-C or SIGTERM: the tiles after the last batch were not run
 
     @property
     def rate(self) -> float:
@@ -79,8 +80,13 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
                     report.failed.append((int(record["messageId"]),
                                           f"{tile['x']}-{tile['y']}-{tile['z']}", reason))
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    from ..interrupt import Stop
+
+    with Stop() as stop, ThreadPoolExecutor(max_workers=concurrency) as pool:
         for event in events(lines, batch_size, report):
+            if stop.requested:  # Ctrl-C or SIGTERM: take no more; finish what is in flight
+                report.interrupted = True
+                break
             in_flight[pool.submit(app.process, event)] = event
             if len(in_flight) >= 2 * concurrency:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -93,6 +99,7 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
         while in_flight:
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             collect(done)
+        report.interrupted = report.interrupted or stop.requested
     report.seconds = time.perf_counter() - started
     report.failed.sort()
     if progress:

@@ -381,6 +381,15 @@ class Process(_Addresses):
             self.popen.kill()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
           batch_timeout_ms: float = 5.0, timeout: float = 60.0, batch_threads: int = 1,
           warmup: bool = True) -> Process:
@@ -406,7 +415,11 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
          "--name", name, "--max-batch", str(max_batch), "--batch-timeout-ms",
          str(batch_timeout_ms), "--batch-threads", str(batch_threads),
          "--warmup" if warmup else "--no-warmup"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # Its own session: a Ctrl-C at the terminal reaches cnsq, which finishes the calls in
+        # flight and then stops the server, instead of the server dying under them. And it
+        # dies with its parent, even one killed with SIGKILL: no orphan keeps the port.
+        start_new_session=True, preexec_fn=_die_with_parent)
     handle = Process(popen, port, name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
