@@ -1009,6 +1009,10 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.reasons.items()))
     click.echo(f"Received {report.received:,} records: {report.succeeded:,} succeeded, "
                f"{report.failed:,} failed{f' ({reasons})' if reasons else ''}.", err=True)
+    if report.interrupted:
+        click.echo("Interrupted: records in hand that did not finish return to the queue after "
+                   "its visibility timeout; run the same command to continue.", err=True)
+        sys.exit(130)
     if report.errors:
         raise CnsqError(f"{len(report.errors)} of {concurrency} poller(s) stopped on an error "
                         f"(first: {report.errors[0]}); the messages they held return to the queue "

@@ -101,3 +101,27 @@ def test_a_poller_that_fails_stops_loudly_and_its_messages_return(aws):
     assert report.succeeded == 0
     left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
     assert int(left["ApproximateNumberOfMessages"]) + int(left["ApproximateNumberOfMessagesNotVisible"]) == 1
+
+
+def test_ctrl_c_stops_work_within_two_seconds(aws, tmp_path):
+    """Its pollers sat in 20-second long polls: Ctrl-C took 17 s to take effect."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    queue = sqs.create_queue(QueueName="idle")["QueueUrl"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnsq.cli", "work", "--queue-url", queue, "--prediction-endpoint",
+         "http://127.0.0.1:9/v1/models/m:predict", "--tile-endpoint", "http://127.0.0.1:9/{z}/{x}/{y}",
+         "--database-url", f"sqlite:///{tmp_path}/r.db", "--wait-seconds", "20"],
+        env={**os.environ, "AWS_ENDPOINT_URL": aws}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # in its long polls
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - started < 4
+    assert process.returncode == 130 and "Interrupted" in err and "Traceback" not in err

@@ -19,6 +19,7 @@ class WorkReport:
     reasons: dict[str, int] = field(default_factory=dict)
     # One line per poller thread that stopped on an error (its messages return to the queue).
     errors: list[str] = field(default_factory=list)
+    interrupted: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, received: int, failures: dict[str, str]) -> None:
@@ -92,14 +93,21 @@ def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size
             if progress:
                 progress(report)
 
+    from ..interrupt import Stop
+
     threads = [threading.Thread(target=poll, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
-    try:
-        while any(t.is_alive() for t in threads):
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        stop.set()  # finish the batches in hand; their records are deleted or left to return
+    with Stop() as signalled:
+        while any(t.is_alive() for t in threads) and not signalled.requested:
+            time.sleep(0.1)
+    if signalled.requested:
+        # Ctrl-C or SIGTERM: take no more. A poller in a long poll would hold the exit for up
+        # to wait_seconds; batches in hand get two seconds to finish, and what is abandoned
+        # is neither written nor deleted, so SQS delivers it again after its visibility timeout.
+        stop.set()
+        report.interrupted = True
+        give_up = time.monotonic() + 2
         for thread in threads:
-            thread.join()
+            thread.join(max(0.0, give_up - time.monotonic()))
     return report
