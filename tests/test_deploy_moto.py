@@ -231,3 +231,11 @@ def test_a_stack_that_creates_its_own_private_network(aws, tmp_path, monkeypatch
     assert balancer["Scheme"] == "internal"
     # (No delete here: moto's CloudFormation cannot delete route tables, so it refuses to delete
     # the VPC; the delete path is tested with an existing VPC above.)
+
+
+def test_the_next_step_is_a_command_that_works_when_pasted(project):
+    """The hint dropped --stack and --deployment: pasted, it set up another stack."""
+    result = cnsq("deploy", "--stack", "cnsq-moto", "--deployment", "prod")
+    assert result.exit_code == 0, result.output
+    hint = [line for line in result.stdout.splitlines() if line.strip().startswith("$ cnsq setup")]
+    assert hint == ["  $ cnsq setup --config config/config.yml --deployment prod --stack cnsq-moto"]
