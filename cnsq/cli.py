@@ -507,7 +507,7 @@ def _queue_region(queue_url: str) -> str | None:
 
 @main.command()
 @click.argument("tiles", metavar="TILES")
-@click.argument("queue_url")
+@click.argument("queue_url", required=False)
 @click.option("--concurrency", "-n", type=click.IntRange(1, 512), default=None,
               help="send_message_batch calls in flight [default: PROMISE_THRESHOLD, else 16].")
 @click.option("--strict", is_flag=True, help="Send nothing if any line is invalid.")
@@ -515,26 +515,38 @@ def _queue_region(queue_url: str) -> str | None:
 @click.option("--restart", is_flag=True, help="Forget an interrupted push and send everything.")
 @click.option("--failed-file", type=click.Path(path_type=Path),
               help="Where tiles that failed after retries go [default: TILES.failed].")
-@click.option("--region", envvar="AWS_REGION", help="AWS region [default: from QUEUE_URL].")
-@click.option("--profile", envvar="AWS_PROFILE", help="AWS profile.")
-def push(tiles: str, queue_url: str, concurrency: int | None, strict: bool, resume: bool,
-         restart: bool, failed_file: Path | None, region: str | None, profile: str | None) -> None:
+@config_options
+def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int | None,
+         strict: bool, resume: bool, restart: bool, failed_file: Path | None) -> None:
     """Send tiles (x-y-z lines; '-' for stdin) to the SQS queue as {"x","y","z"} messages.
 
-    Bad lines are reported with their line numbers and skipped. Interrupted (Ctrl-C), the push
-    saves its place under .cnsq/push/ and continues with --resume: no tile is sent twice.
-    Tiles that fail after retries are written to a file to push again.
+    QUEUE_URL defaults to the deployed stack's tile queue (its queueURL output, read with
+    --config). Bad lines are reported with their line numbers and skipped. Interrupted (Ctrl-C),
+    the push saves its place under .cnsq/push/ and continues with --resume: no tile is sent
+    twice. Tiles that fail after retries are written to a file to push again.
 
     \b
-    Example:
+    Examples:
+      cnsq push tiles.txt --config config/config.yml
       cnsq push tiles.txt https://sqs.us-east-1.amazonaws.com/123456789012/cnsqdevTileQueue
-      PROMISE_THRESHOLD=64 cnsq push tiles.txt "$(cnsq outputs --json | jq -r .queueURL)"
+      PROMISE_THRESHOLD=64 cnsq push tiles.txt --config config/config.yml --deployment prod
     """
     from .aws import Aws
     from .push import default_concurrency, run_push
 
+    if queue_url is not None and not queue_url.strip():
+        raise CnsqError("QUEUE_URL is empty (did the command that should print it fail?); "
+                        "omit it to use the stack's tile queue with --config")
+    if queue_url is None:
+        if not settings.config.exists():
+            raise CnsqError(f"no QUEUE_URL given and no config to read the stack's from "
+                            f"({settings.config} does not exist)")
+        config = settings.load()
+        queue_url = _stacks(settings.aws()).outputs(config.stack_name).get("queueURL")
+        if not queue_url:
+            raise CnsqError(f"stack {config.stack_name} has no queueURL output yet; pass QUEUE_URL")
     concurrency = concurrency or default_concurrency()
-    aws = Aws(profile, region or _queue_region(queue_url))
+    aws = Aws(settings.profile, settings.region or _queue_region(queue_url))
     # Standard retries, not adaptive: adaptive mode's client-side rate limiter cuts the send
     # rate under throttling far below what SQS takes; push backs off per batch itself.
     sqs = aws.client("sqs", max_pool_connections=concurrency + 4,

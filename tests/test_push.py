@@ -254,3 +254,18 @@ def test_the_region_of_a_legacy_queue_url():
     assert _queue_region("https://sqs.eu-west-1.amazonaws.com/123456789012/q") == "eu-west-1"
     assert _queue_region("https://us-west-2.queue.amazonaws.com/123456789012/q") == "us-west-2"
     assert _queue_region("http://127.0.0.1:5000/123456789012/q") is None
+
+
+def test_the_queue_comes_from_the_stack_and_an_empty_url_is_refused(project, tmp_path):
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    template = {"Resources": {"Q": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "cnsqdevTileQueue"}}},
+                "Outputs": {"queueURL": {"Value": {"Ref": "Q"}}}}
+    boto3.client("cloudformation", region_name="us-east-1").create_stack(
+        StackName="cnsq-dev", TemplateBody=json.dumps(template))
+    Path("tiles.txt").write_text("1-2-3\n4-5-6\n")
+    result = CliRunner().invoke(main, ["push", "tiles.txt", "--config", "config/config.yml"])
+    assert result.exit_code == 0, result.output
+    queue = sqs.get_queue_url(QueueName="cnsqdevTileQueue")["QueueUrl"]
+    assert sorted(as_tiles(drain_moto(queue))) == ["1-2-3", "4-5-6"]
+    empty = CliRunner().invoke(main, ["push", "tiles.txt", ""])
+    assert empty.exit_code == 1 and "QUEUE_URL is empty" in empty.stderr
