@@ -172,7 +172,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     Typical AWS run:
       cnsq deploy --config config/config.yml
       cnsq setup --config config/config.yml
-      cnsq push tiles.txt QUEUE_URL
+      cnsq push tiles.txt --config config/config.yml
       cnsq download results.csv --config config/config.yml
       cnsq delete --config config/config.yml
     """
@@ -917,8 +917,9 @@ def _wait_forever(what: str) -> None:
 @main.command()
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False,
                                                                      path_type=Path))
-@click.option("--port", default=8501, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8501, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 opens it to the network).")
 @click.option("--name", default="model", show_default=True, help="The model's name in the URL.")
 @click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
 @click.option("--batch-timeout-ms", default=5.0, show_default=True,
@@ -953,8 +954,9 @@ def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--port", default=8000, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 opens it to the network).")
 def tileserver(source: Path, port: int, host: str) -> None:
     """Serve XYZ tiles (/{z}/{x}/{y}.png) from a z/x/y folder tree or an MBTiles file.
 
@@ -981,12 +983,13 @@ def tileserver(source: Path, port: int, host: str) -> None:
 @click.option("--tile-endpoint", envvar="TILE_ENDPOINT", required=True,
               help="Imagery URL template, e.g. https://…/{z}/{x}/{y}.jpg?access_token={token}")
 @click.option("--concurrency", "-n", default=4, show_default=True, help="Pollers at once.")
-@click.option("--batch-size", default=10, show_default=True, type=click.IntRange(1, 10))
+@click.option("--batch-size", default=10, show_default=True, type=click.IntRange(1, 10),
+              help="Messages per receive (SQS allows 10), like the event source's batch size.")
 @click.option("--wait-seconds", default=20, show_default=True, type=click.IntRange(0, 20),
               help="Long-poll wait.")
 @click.option("--until-empty", is_flag=True, help="Stop when nothing is waiting or in flight.")
-@click.option("--region", envvar="AWS_REGION")
-@click.option("--profile", envvar="AWS_PROFILE")
+@click.option("--region", envvar="AWS_REGION", help="AWS region [default: from QUEUE_URL].")
+@click.option("--profile", envvar="AWS_PROFILE", help="AWS profile [default: AWS_PROFILE].")
 def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpoint: str,
          concurrency: int, batch_size: int, wait_seconds: int, until_empty: bool,
          region: str | None, profile: str | None) -> None:
@@ -1147,6 +1150,36 @@ def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0)
     if report.failed or report.invalid or (report.tiles and not report.written) \
             or missing > max_missing:
         sys.exit(1)
+
+
+# One line each in `cnsq --help` (click cuts a docstring's first sentence to fit the terminal).
+SHORT_HELP = {
+    "compile": "Render the CloudFormation template.",
+    "validate": "Lint the template and check the account (preflight).",
+    "package": "Build (and upload) the Lambda zips.",
+    "deploy": "Deploy the stack through a change set.",
+    "outputs": "Print the stack's outputs.",
+    "delete": "Delete the stack.",
+    "setup": "Create or migrate the results table.",
+    "download": "Download the results as CSV.",
+    "convert-geojson": "Results CSV → thresholded GeoJSON.",
+    "tiles": "List the tiles covering a GeoJSON area.",
+    "push": "Send tiles to the queue.",
+    "redrive": "Move the dead letter queue back to the tile queue.",
+    "status": "The run's numbers and what to change.",
+    "verify": "Check every part of the stack (or of a local setup).",
+    "tag-logs": "Tag the stack's log groups for cost tracking.",
+    "gpu-util": "GPU utilisation of each model instance.",
+    "model": "Build a TF Serving image from a SavedModel.",
+    "serve": "Serve an ONNX model with TF Serving's REST API.",
+    "tileserver": "Serve XYZ tiles from a folder or MBTiles.",
+    "work": "Work an SQS queue with the Lambda's handler here.",
+    "run": "Run the whole job on this machine.",
+    "demo": "The whole pipeline on synthetic tiles, scored.",
+}
+for _name, _text in SHORT_HELP.items():
+    if _name in main.commands:
+        main.commands[_name].short_help = _text
 
 
 if __name__ == "__main__":  # pragma: no cover
