@@ -445,11 +445,13 @@ def setup(settings: Settings, db_string: str | None, database_url: str | None) -
 
 
 @main.command()
-@click.argument("out", metavar="OUT.csv")
+@click.argument("out", metavar="[OUT.csv]", required=False)
+@click.option("--output", "-o", "output", help="The CSV to write ('-': stdout); or as OUT.csv.")
 @click.option("--database-url", envvar="DATABASE_URL",
               help="postgresql://… or sqlite:///… [default: DATABASE_URL, else the stack's].")
 @config_options
-def download(settings: Settings, out: str, database_url: str | None) -> None:
+def download(settings: Settings, out: str | None, output: str | None,
+             database_url: str | None) -> None:
     """Stream the results to a CSV file (tile,output with the output as JSON); '-' for stdout.
 
     Memory stays flat at any row count, and an interrupted download never leaves a partial file
@@ -465,6 +467,7 @@ def download(settings: Settings, out: str, database_url: str | None) -> None:
     from .download import download as run_download
     from .results import open_store
 
+    out = _one_output(out, output, "OUT.csv")
     admin = _admin(database_url, settings) if out != "-" else None
     if admin is not None:
         from .download import writable_target
@@ -558,6 +561,25 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
         sys.exit(1)
 
 
+def _one_output(positional: str | None, option: str | None, metavar: str) -> str:
+    """The output named either way (the original's positional, or -o/--output), not both."""
+    if positional and option and positional != option:
+        raise click.UsageError(f"{metavar} and its option name two files; give one")
+    if not (positional or option):
+        raise click.UsageError(f"missing {metavar} (or its option)")
+    return positional or option  # type: ignore[return-value]
+
+
+def _predict_url(model_endpoint: str) -> str:
+    """…/v1/models/NAME or …/v1/models/NAME:predict → the :predict URL (one vocabulary)."""
+    return model_endpoint if model_endpoint.endswith(":predict") else model_endpoint + ":predict"
+
+
+def _model_url(model_endpoint: str | None) -> str | None:
+    """…/v1/models/NAME[:predict] → …/v1/models/NAME (the status path)."""
+    return model_endpoint.removesuffix(":predict") if model_endpoint else model_endpoint
+
+
 def _finite(value: float | None) -> float | None:
     import math
 
@@ -568,15 +590,16 @@ def _finite(value: float | None) -> float | None:
 
 @main.command("convert-geojson")
 @click.argument("source", metavar="IN.csv", type=click.Path(path_type=Path))
-@click.argument("target", metavar="OUT.geojson")
+@click.argument("target", metavar="[OUT.geojson]", required=False)
+@click.option("--output", "-o", "output", help="The GeoJSON to write ('-': stdout); or as OUT.geojson.")
 @click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, required=True,
               help="Index of the class score to threshold on.")
 @click.option("--thresh", type=float, required=True, callback=lambda ctx, param, value: _finite(value),
               help="Keep tiles whose score is >= this.")
 @click.option("--tms", is_flag=True, help="The CSV's tile ids are TMS (y flipped), not XYZ.")
 @click.option("--seq", is_flag=True, help="Write one Feature per line (newline-delimited).")
-def convert_geojson(source: Path, target: str, thresh_ind: int, thresh: float, tms: bool,
-                    seq: bool) -> None:
+def convert_geojson(source: Path, target: str | None, output: str | None, thresh_ind: int,
+                    thresh: float, tms: bool, seq: bool) -> None:
     """Convert a results CSV (tile,output) to GeoJSON polygons of the tiles that pass a threshold.
 
     Streams at any size. Properties: the tile and its class scores p0, p1, … unrounded.
@@ -587,6 +610,8 @@ def convert_geojson(source: Path, target: str, thresh_ind: int, thresh: float, t
       cnsq convert-geojson results.csv buildings.geojson --thresh_ind 1 --thresh 0.95
     """
     from .geojson import convert_file
+
+    target = _one_output(target, output, "OUT.geojson")
 
     def progress(report) -> None:
         click.echo(f"\rread {report.read:,} rows, kept {report.kept:,}", nl=False, err=True)
@@ -663,6 +688,7 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
         parse_tile_id(tile_id)
     except ValueError as exc:
         raise CnsqError(f"--tile {tile_id}: {exc}") from None
+    model_endpoint = _model_url(model_endpoint)
     if database_url and model_endpoint and tile_endpoint:
         target = Target(stack_name=None, stack_status=None, queue_url=None, dead_letter_url=None,
                         database_url=lambda: database_url, model_endpoint=model_endpoint,
@@ -915,8 +941,10 @@ def _wait_forever(what: str) -> None:
 
 
 @main.command()
-@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False,
-                                                                     path_type=Path))
+@click.argument("model_path", metavar="[MODEL.onnx]", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_option", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The ONNX model (as `cnsq run --model`); or as MODEL.onnx.")
 @click.option("--port", default=8501, show_default=True, help="Port to listen on (0: any free one).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 opens it to the network).")
@@ -931,8 +959,8 @@ def _wait_forever(what: str) -> None:
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Run each batch thread twice at --max-batch on a blank image before the port "
                    "opens, so the first requests do not wait for ONNX Runtime's first runs.")
-def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
-          batch_timeout_ms: float, batch_threads: int, warmup: bool) -> None:
+def serve(model_path: Path | None, model_option: Path | None, port: int, host: str, name: str,
+          max_batch: int, batch_timeout_ms: float, batch_threads: int, warmup: bool) -> None:
     """Serve an ONNX model with TF Serving's REST API (what the Lambda and verify talk to).
 
     Concurrent requests are merged into one inference call (dynamic batching).
@@ -944,6 +972,8 @@ def serve(model_path: Path, port: int, host: str, name: str, max_batch: int,
     """
     from .local import serve as server
 
+    model_path = Path(_one_output(str(model_path) if model_path else None,
+                                  str(model_option) if model_option else None, "MODEL.onnx"))
     running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host, batch_threads,
                            switch_interval=server.SWITCH_INTERVAL, warmup=warmup)
     click.echo(f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
@@ -978,8 +1008,10 @@ def tileserver(source: Path, port: int, host: str) -> None:
 @click.option("--queue-url", required=True, help="The SQS tile queue.")
 @click.option("--database-url", envvar="DATABASE_URL", default="sqlite:///results.db",
               show_default=True, help="Where results go.")
-@click.option("--prediction-endpoint", envvar="PREDICTION_ENDPOINT", required=True,
-              help="…/v1/models/NAME:predict")
+@click.option("--model-endpoint", "--prediction-endpoint", "model_endpoint",
+              envvar="PREDICTION_ENDPOINT", required=True,
+              help="The model: …/v1/models/NAME (as verify and the stack's modelEndpoint "
+                   "output write it; a trailing :predict is accepted too).")
 @click.option("--tile-endpoint", envvar="TILE_ENDPOINT", required=True,
               help="Imagery URL template, e.g. https://…/{z}/{x}/{y}.jpg?access_token={token}")
 @click.option("--concurrency", "-n", default=4, show_default=True, help="Pollers at once.")
@@ -990,7 +1022,7 @@ def tileserver(source: Path, port: int, host: str) -> None:
 @click.option("--until-empty", is_flag=True, help="Stop when nothing is waiting or in flight.")
 @click.option("--region", envvar="AWS_REGION", help="AWS region [default: from QUEUE_URL].")
 @click.option("--profile", envvar="AWS_PROFILE", help="AWS profile [default: AWS_PROFILE].")
-def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpoint: str,
+def work(queue_url: str, database_url: str, model_endpoint: str, tile_endpoint: str,
          concurrency: int, batch_size: int, wait_seconds: int, until_empty: bool,
          region: str | None, profile: str | None) -> None:
     """Poll an SQS queue and run the Lambda's handler here (a laptop or an EC2 box).
@@ -1000,7 +1032,7 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
 
     \b
     Example:
-      cnsq work --queue-url "$QUEUE" --prediction-endpoint http://127.0.0.1:8501/v1/models/model:predict \\
+      cnsq work --queue-url "$QUEUE" --model-endpoint http://127.0.0.1:8501/v1/models/model \\
         --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png' --until-empty
     """
     import os
@@ -1015,7 +1047,7 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
     store.migrate()
     store.close()
     env = {**os.environ, "TILE_ENDPOINT": tile_endpoint,
-           "PREDICTION_ENDPOINT": prediction_endpoint, "DATABASE_URL": database_url}
+           "PREDICTION_ENDPOINT": _predict_url(model_endpoint), "DATABASE_URL": database_url}
     app = build(env)
     sqs = Aws(profile, region or _queue_region(queue_url)).client(
         "sqs", max_pool_connections=concurrency + 4)
@@ -1035,13 +1067,13 @@ def work(queue_url: str, database_url: str, prediction_endpoint: str, tile_endpo
 
 
 @main.command("run")
-@click.argument("tiles", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("tiles", type=click.Path(allow_dash=True, dir_okay=False, path_type=Path))
 @click.option("--tile-endpoint", required=True,
               help="Imagery URL template: http://…/{z}/{x}/{y}.png (or the original's {}/{}/{}).")
 @click.option("--model", "model_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An ONNX model.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("results.csv"),
-              show_default=True, help="The results CSV.")
+@click.option("--output", "-o", "--out", "out", type=click.Path(path_type=Path),
+              default=Path("results.csv"), show_default=True, help="The results CSV.")
 @click.option("--database-url", envvar="DATABASE_URL",
               help="Where results are written [default: DATABASE_URL, else a SQLite file beside "
                    "--out (results.csv → results.db) that holds this run's results only].")
@@ -1074,6 +1106,11 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
     from .download import writable_target
 
     writable_target(str(out))
+    if str(tiles) == "-":  # stdin, as push reads it: kept in a file beside the output
+        tiles = out.with_suffix(".tiles.txt")
+        tiles.write_text(sys.stdin.read().removeprefix("\ufeff"), encoding="utf-8")
+    elif not tiles.is_file():
+        raise CnsqError(f"{tiles}: no such file")
     if database_url is None:
         # The run's own database: an earlier run's results must not reach this run's CSV.
         own = out.with_suffix(".db")
