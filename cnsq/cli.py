@@ -99,6 +99,23 @@ def config_options(func):
     return wrapper
 
 
+def json_option(func):
+    """--json: the command's result as one JSON document on stdout (messages stay on stderr)."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as JSON on stdout, for scripts.")(func)
+
+
+def _print_json(data: Any) -> None:
+    import dataclasses
+
+    def default(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
+        return str(value)
+
+    click.echo(json.dumps(data, indent=2, default=default))
+
+
 def _paths(config):
     from .deploy import Paths
 
@@ -450,8 +467,9 @@ def setup(settings: Settings, db_string: str | None, database_url: str | None) -
 @click.option("--database-url", envvar="DATABASE_URL",
               help="postgresql://… or sqlite:///… [default: DATABASE_URL, else the stack's].")
 @config_options
+@json_option
 def download(settings: Settings, out: str | None, output: str | None,
-             database_url: str | None) -> None:
+             database_url: str | None, as_json: bool) -> None:
     """Stream the results to a CSV file (tile,output with the output as JSON); '-' for stdout.
 
     Memory stays flat at any row count, and an interrupted download never leaves a partial file
@@ -468,6 +486,8 @@ def download(settings: Settings, out: str | None, output: str | None,
     from .results import open_store
 
     out = _one_output(out, output, "OUT.csv")
+    if as_json and out == "-":
+        raise click.UsageError("--json prints to stdout: write the CSV to a file")
     admin = _admin(database_url, settings) if out != "-" else None
     if admin is not None:
         from .download import writable_target
@@ -482,6 +502,9 @@ def download(settings: Settings, out: str | None, output: str | None,
             click.echo("", err=True)
         click.echo(f"Wrote {export['rows']:,} rows to {out} (exported to "
                    f"s3://{export['bucket']}/{export['key']}).", err=True)
+        if as_json:
+            _print_json({"output": out, "rows": export["rows"],
+                         "export": f"s3://{export['bucket']}/{export['key']}"})
         return
     from .download import writable_target
 
@@ -496,6 +519,8 @@ def download(settings: Settings, out: str | None, output: str | None,
     if progress:
         click.echo("", err=True)
     click.echo(f"Wrote {rows:,} rows to {out if out != '-' else 'stdout'}.", err=True)
+    if as_json:
+        _print_json({"output": out, "rows": rows})
 
 
 def _queue_region(queue_url: str) -> str | None:
@@ -519,8 +544,10 @@ def _queue_region(queue_url: str) -> str | None:
 @click.option("--failed-file", type=click.Path(path_type=Path),
               help="Where tiles that failed after retries go [default: TILES.failed].")
 @config_options
+@json_option
 def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int | None,
-         strict: bool, resume: bool, restart: bool, failed_file: Path | None) -> None:
+         strict: bool, resume: bool, restart: bool, failed_file: Path | None,
+         as_json: bool) -> None:
     """Send tiles (x-y-z lines; '-' for stdin) to the SQS queue as {"x","y","z"} messages.
 
     QUEUE_URL defaults to the deployed stack's tile queue (its queueURL output, read with
@@ -554,10 +581,16 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
     # rate under throttling far below what SQS takes; push backs off per batch itself.
     sqs = aws.client("sqs", max_pool_connections=concurrency + 4,
                      retries={"mode": "standard", "max_attempts": 4})
-    ok = run_push(tiles, queue_url, sqs, concurrency=concurrency, strict=strict, resume=resume,
-                  restart=restart, failed_file=failed_file, state_dir=Path(".cnsq"),
-                  tty=sys.stderr.isatty())
-    if not ok:
+    report = run_push(tiles, queue_url, sqs, concurrency=concurrency, strict=strict,
+                      resume=resume, restart=restart, failed_file=failed_file,
+                      state_dir=Path(".cnsq"), tty=sys.stderr.isatty())
+    if as_json:
+        _print_json({"queue": queue_url, "sent": report.sent, "skipped": report.skipped,
+                     "resumedFrom": report.resumed_from, "interrupted": report.interrupted,
+                     "invalid": [{"line": n, "error": e} for n, e in report.invalid],
+                     "failed": [{"line": n, "tile": t, "reason": r} for n, t, r in report.failed],
+                     "failedFile": report.failed_file})
+    if report.invalid or report.failed or report.interrupted:
         sys.exit(1)
 
 
@@ -664,8 +697,9 @@ def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
 @click.option("--tile-endpoint", help="Imagery URL template instead of the config's.")
 @click.option("--tile", "tile_id", default="0-0-0", show_default=True,
               help="Sample tile (x-y-z) for the imagery and prediction checks.")
+@json_option
 def verify(settings: Settings, database_url: str | None, model_endpoint: str | None,
-           tile_endpoint: str | None, tile_id: str) -> None:
+           tile_endpoint: str | None, tile_id: str, as_json: bool) -> None:
     """Check each part of the deployed stack; exit 1 if any check fails.
 
     Checks: the stack is complete; the tile queue and dead letter queue exist (and their
@@ -701,9 +735,12 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
                               model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
                               tile_id=tile_id)
         checks = run_checks(target, aws.client("sqs"))
+    failed = [c.name for c in checks if not c.ok]
+    if as_json:
+        _print_json({"passed": not failed, "checks": checks})
+        sys.exit(1 if failed else 0)
     click.echo(tabulate([["✓" if c.ok else "✗", c.name, c.detail] for c in checks],
                         headers=["", "Check", "Detail"]))
-    failed = [c.name for c in checks if not c.ok]
     if failed:
         click.echo(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}.", err=True)
         sys.exit(1)
@@ -712,7 +749,8 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
 
 @main.command("tag-logs")
 @config_options
-def tag_logs(settings: Settings) -> None:
+@json_option
+def tag_logs(settings: Settings, as_json: bool) -> None:
     """Tag the stack's CloudWatch log groups with Project (and Stack) for cost tracking.
 
     Includes the groups Lambda creates itself (/aws/lambda/<fullName>). Running it again
@@ -728,6 +766,9 @@ def tag_logs(settings: Settings) -> None:
     aws = settings.aws()
     tags = {"Project": config.values["projectTag"], "Stack": config.stack_name}
     results = tag_log_groups(aws.client("logs"), log_group_names(config, _stacks(aws)), tags)
+    if as_json:
+        _print_json({"tags": tags, "logGroups": results})
+        return
     click.echo(tabulate([[r.name, r.status, ", ".join(f"{k}={v}" for k, v in r.added.items())]
                          for r in results], headers=["Log group", "Status", "Added"]))
     missing = [r.name for r in results if r.status == "missing"]
@@ -743,7 +784,8 @@ def tag_logs(settings: Settings) -> None:
 @config_options
 @click.option("--user", default="ec2-user", show_default=True, help="SSH user.")
 @click.option("--ssm", is_flag=True, help="Use SSM Run Command instead of SSH (port 22 closed).")
-def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool) -> None:
+@json_option
+def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool, as_json: bool) -> None:
     """Show the GPU utilisation of every instance in the stack's ECS cluster.
 
     Runs nvidia-smi on each instance in parallel, over SSH with SSH_KEY or through SSM with
@@ -763,10 +805,16 @@ def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool) -> N
     instances = discover(aws.client("ecs"), aws.client("ec2"),
                          cluster_name(_stacks(aws), config.stack_name))
     if not instances:
+        if as_json:
+            _print_json({"instances": []})
+            return
         click.echo("The cluster has no container instances (is ecs.desiredInstances 0?).")
         return
     runner = SsmRunner(aws.client("ssm")) if ssm else SshRunner(ssh_key, user)
     rows = gpu_rows(instances, runner)
+    if as_json:
+        _print_json({"instances": rows})
+        sys.exit(1 if any(r.error for r in rows) else 0)
     click.echo(tabulate([[r.ip, r.instance_type, r.gpu, r.utilization, r.memory, r.error]
                          for r in rows], headers=["IP Address", "Instance Type", "GPU",
                                                   "GPU Utilization", "Memory", "Error"],
@@ -831,8 +879,9 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
 @click.option("--dlq-url", help="Dead letter queue [default: the stack's].")
 @click.option("--visibility-timeout", default=60, show_default=True,
               help="Seconds a received DLQ message stays hidden while it is moved.")
+@json_option
 def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str | None,
-            dlq_url: str | None, visibility_timeout: int) -> None:
+            dlq_url: str | None, visibility_timeout: int, as_json: bool) -> None:
     """Move the dead letter queue's tiles back to the tile queue; nothing is lost if it stops.
 
     \b
@@ -840,6 +889,8 @@ def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str
       cnsq redrive --config config/config.yml --dry-run
       cnsq redrive --config config/config.yml --max 1000
     """
+    import dataclasses
+
     from .redrive import Journal, queue_urls, sample
     from .redrive import redrive as move
 
@@ -857,9 +908,12 @@ def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str
         return
     report = move(sqs, dlq_url, queue_url, Journal.open(Path(".cnsq"), dlq_url), limit=limit,
                   visibility_timeout=visibility_timeout)
+    if as_json:
+        _print_json({"from": dlq_url, "to": queue_url, **dataclasses.asdict(report)})
     note = f" ({report.already_sent} sent by an interrupted run, now deleted)" \
         if report.already_sent else ""
-    click.echo(f"Moved {report.moved:,} messages from {dlq_url} to {queue_url}{note}.")
+    click.echo(f"Moved {report.moved:,} messages from {dlq_url} to {queue_url}{note}.",
+               err=as_json)
     if report.uncertain:
         click.echo(f"A killed run was sending {report.uncertain} message(s) when it stopped; SQS "
                    f"cannot tell whether they arrived, so {report.resent} were sent again (the "
@@ -1084,8 +1138,10 @@ def work(queue_url: str, database_url: str, model_endpoint: str, tile_endpoint: 
 @click.option("--max-missing", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Exit 1 when more than this share of tiles had no imagery (a wrong URL path "
                    "looks like that).")
+@json_option
 def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str | None,
-            concurrency: int, batch_size: int, max_batch: int, max_missing: float) -> None:
+            concurrency: int, batch_size: int, max_batch: int, max_missing: float,
+            as_json: bool) -> None:
     """Run the whole job on this machine: tiles → handler → model server → results → CSV.
 
     The same handler as on AWS, with an in-process queue instead of SQS, a model server started
@@ -1122,6 +1178,12 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
                  max_batch, progress)
     if sys.stderr.isatty():
         click.echo("", err=True)
+    if as_json:
+        _print_json({"output": out, "database": database_url, "tiles": report.tiles,
+                     "written": report.written, "withoutImagery": report.skipped,
+                     "seconds": round(report.seconds, 3), "interrupted": report.interrupted,
+                     "invalid": [{"line": n, "error": e} for n, e in report.invalid],
+                     "failed": [{"line": n, "tile": t, "reason": r} for n, t, r in report.failed]})
     if report.interrupted:
         click.echo(f"Interrupted after {report.tiles:,} tiles: their results are in {out}; run "
                    "the same command again to do them all.", err=True)

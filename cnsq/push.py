@@ -370,8 +370,9 @@ def default_concurrency() -> int:
 
 def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: bool,
              resume: bool, restart: bool, failed_file: Path | None, state_dir: Path,
-             tty: bool) -> bool:
-    """The `cnsq push` command: checkpoint policy, progress line, summary. True if all went."""
+             tty: bool) -> Report:
+    """The `cnsq push` command: checkpoint policy, progress line, summary; returns the report
+    (everything went when it has no invalid line, no failure and no interruption)."""
     import sys
 
     import click
@@ -455,4 +456,4 @@ def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: 
     if report.interrupted:
         summary += f". Interrupted: continue with `cnsq push {tiles} {queue_url} --resume`"
     click.echo(summary + ".", err=True)
-    return not (report.invalid or report.failed or report.interrupted)
+    return report

@@ -269,3 +269,12 @@ def test_the_queue_comes_from_the_stack_and_an_empty_url_is_refused(project, tmp
     assert sorted(as_tiles(drain_moto(queue))) == ["1-2-3", "4-5-6"]
     empty = CliRunner().invoke(main, ["push", "tiles.txt", ""])
     assert empty.exit_code == 1 and "QUEUE_URL is empty" in empty.stderr
+
+
+def test_push_json(sqs_env, tmp_path):
+    server = sqs_env()
+    tile_file(tmp_path / "tiles.txt", 25, bad_every=10)
+    result = CliRunner().invoke(main, ["push", "tiles.txt", server.queue_url(), "--json"])
+    assert result.exit_code == 1  # two invalid lines
+    report = json.loads(result.stdout)
+    assert report["sent"] == 25 and len(report["invalid"]) == 2 and report["failed"] == []

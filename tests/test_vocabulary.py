@@ -49,3 +49,23 @@ def test_one_model_endpoint_shape():
 def test_serve_takes_the_model_as_an_option_too():
     result = CliRunner().invoke(main, ["serve", "--port", "0"])
     assert result.exit_code == 2 and "missing MODEL.onnx" in result.output
+
+
+def test_json_for_scripts(tmp_path):
+    import json
+
+    url = _results(tmp_path / "r.db")
+    result = CliRunner().invoke(main, ["download", str(tmp_path / "a.csv"), "--database-url", url,
+                                       "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"output": str(tmp_path / "a.csv"), "rows": 1}
+    refused = CliRunner().invoke(main, ["download", "-", "--database-url", url, "--json"])
+    assert refused.exit_code == 2
+    checks = CliRunner().invoke(main, ["verify", "--json", "--database-url", url, "--tile", "1-2-3",
+                                       "--model-endpoint", "http://127.0.0.1:9/v1/models/m",
+                                       "--tile-endpoint", "http://127.0.0.1:9/{z}/{x}/{y}.png"])
+    report = json.loads(checks.stdout)
+    assert checks.exit_code == 1 and report["passed"] is False
+    assert [c["name"] for c in report["checks"]] == ["results table", "model status", "imagery",
+                                                     "prediction"]
+    assert report["checks"][0]["ok"] is True
