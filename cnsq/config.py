@@ -295,7 +295,10 @@ def _walk_strings(value: Any, path: str, fn) -> Any:
     return value
 
 
-def _render_pass(config: dict, env: dict[str, str], jenv: jinja2.Environment) -> dict:
+def _render_pass(config: dict, env: dict[str, str], jenv: jinja2.Environment,
+                 errors: list[str], env_path: Path) -> dict:
+    """Render every string once; a value that cannot be rendered is kept as it is and its
+    error collected, so that every problem is reported in one run."""
     context = {**env, **config}
 
     def render(path: str, text: str) -> str:
@@ -304,14 +307,21 @@ def _render_pass(config: dict, env: dict[str, str], jenv: jinja2.Environment) ->
         try:
             return jenv.from_string(text).render(context)
         except jinja2.UndefinedError as exc:
-            raise ConfigError(
-                f"{path}: undefined variable in {text!r}: {exc.message} "
-                "(set it in config/.env or the environment, or define the key)"
-            ) from None
+            errors.append(f"{path}: undefined variable in {text!r}: {exc.message} "
+                          f"(set it in {env_path} or the environment, or define the key)")
         except jinja2.TemplateError as exc:
-            raise ConfigError(f"{path}: cannot render {text!r}: {exc}") from None
+            errors.append(f"{path}: cannot render {text!r}: {exc}")
+        return text
 
     return _walk_strings(config, "", render)
+
+
+def _raise_all(errors: list[str], path: Path) -> None:
+    unique = list(dict.fromkeys(errors))
+    if len(unique) == 1:
+        raise ConfigError(unique[0])
+    if unique:
+        raise ConfigError(f"{len(unique)} problems in {path}:\n  " + "\n  ".join(unique))
 
 
 def _env_references(config: dict, env: dict[str, str], jenv) -> dict[str, set[str]]:
@@ -352,6 +362,7 @@ class _Validator:
         self.lines = lines
         self.section = section
         self.path = path
+        self.errors: list[str] = []
 
     def where(self, key: str) -> str:
         for prefix in (self.section, "default"):
@@ -398,30 +409,33 @@ class _Validator:
         for key in value:
             if key not in schema:
                 name = f"{prefix}.{key}" if prefix else str(key)
-                raise ConfigError(
-                    f"{self.where(name)}: unknown key{_did_you_mean(str(key), schema)}"
-                )
+                self.errors.append(
+                    f"{self.where(name)}: unknown key{_did_you_mean(str(key), schema)}")
         out: dict[str, Any] = {}
         for key, spec in schema.items():
             name = f"{prefix}.{key}" if prefix else key
-            if spec == "lambdas":
-                out[key] = {
-                    lname: self.section_(f"{name}.{lname}", LAMBDA_SCHEMA, lvalue)
-                    for lname, lvalue in (value.get(key) or {}).items()
-                }
-            elif isinstance(spec, dict):
-                out[key] = self.section_(name, spec, value.get(key))
-            else:
-                kind, default = spec
-                if key not in value or value[key] is None:
-                    if default is REQUIRED:
-                        raise ConfigError(f"{self.where(name)}: required key is missing")
-                    out[key] = copy.deepcopy(default)
-                elif isinstance(value[key], Secret):
-                    out[key] = value[key]
-                else:
-                    out[key] = self.leaf(name, kind, value[key])
+            try:
+                out[key] = self._value(name, key, spec, value)
+            except ConfigError as exc:  # every problem at once, not one per run
+                self.errors.append(str(exc))
         return out
+
+    def _value(self, name: str, key: str, spec: Any, value: dict) -> Any:
+        if spec == "lambdas":
+            return {
+                lname: self.section_(f"{name}.{lname}", LAMBDA_SCHEMA, lvalue)
+                for lname, lvalue in (value.get(key) or {}).items()
+            }
+        if isinstance(spec, dict):
+            return self.section_(name, spec, value.get(key))
+        kind, default = spec
+        if key not in value or value[key] is None:
+            if default is REQUIRED:
+                raise ConfigError(f"{self.where(name)}: required key is missing")
+            return copy.deepcopy(default)
+        if isinstance(value[key], Secret):
+            return value[key]
+        return self.leaf(name, kind, value[key])
 
 
 def _kind(value: Any) -> str:
@@ -615,7 +629,10 @@ def load_config(
     old_password = isinstance(merged.get("rds"), dict) and merged["rds"].pop("password", None)
     jenv = _jinja()
     references = _env_references(merged, env, jenv)
-    rendered = _render_pass(_render_pass(merged, env, jenv), env, jenv)
+    render_errors: list[str] = []
+    first = _render_pass(merged, env, jenv, [], env_path)  # values may refer to later values
+    rendered = _render_pass(first, env, jenv, render_errors, env_path)
+    _raise_all(render_errors, path)
 
     secrets: dict[str, Secret] = {}
 
@@ -639,6 +656,7 @@ def load_config(
     section_name = deployment or "default"
     validator = _Validator(lines, section_name, path)
     values = validator.section_("", SCHEMA, marked)
+    _raise_all(validator.errors, path)
 
     values["stackNoDash"] = values["stackNoDash"] or re.sub(r"[^A-Za-z0-9]", "", values["stackName"])
     values["projectTag"] = values["projectTag"] or values["stackName"]

@@ -321,3 +321,28 @@ def test_opening_the_database_is_an_explicit_warned_opt_in(tmp_path):
     path.write_text(BASE.replace("    password:", "    allowedCidr: everyone\n    password:"))
     with pytest.raises(ConfigError, match=r"rds.allowedCidr: expected an IPv4 CIDR"):
         load(path)
+
+
+def test_every_problem_is_reported_in_one_run(tmp_path):
+    path = write(tmp_path, BASE.replace("  stage: dev\n", "  stage: dev\n  stackNam: x\n")
+                 .replace("      timeout: 60", "      timeout: sixty")
+                 .replace("    visibilityTimeout: 360", "    visibilityTimeout: 360\n    batchsize: 5"))
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    message = str(raised.value)
+    assert message.startswith("3 problems in ")
+    assert "stackNam: unknown key (did you mean 'stackName'?)" in message
+    assert "lambdas.DownloadAndPredict.timeout: expected an integer, got 'sixty'" in message
+    assert "sqs.batchsize: unknown key (did you mean 'batchSize'?)" in message
+
+
+def test_undefined_variables_name_the_env_file_actually_read(tmp_path):
+    path = write(tmp_path, BASE.replace("'{{ RDS_USERNAME }}'", "'{{ DB_USER }}'")
+                 .replace("'proj-{{ stage }}'", "'proj-{{ STAGE_NAME }}'"))
+    env = tmp_path / "other.env"
+    env.write_text("X=1\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path, env_file=env)
+    message = str(raised.value)
+    assert message.startswith("2 problems in ")
+    assert f"(set it in {env} or the environment" in message and "DB_USER" in message
