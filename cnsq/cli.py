@@ -852,21 +852,31 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
         from .aws import Aws
 
         aws = Aws(profile, region)
+    import shutil
+
     name = name or Path(source.rstrip("/")).name or "model"
+    if not context_only:
+        problem = image.docker_available()  # before fetching or writing anything
+        if problem:
+            raise CnsqError(f"{problem}; write the build context with --context-only DIR and "
+                            "build it where Docker runs (docker build -t IMAGE DIR)")
     workdir = image.temporary_dir()
-    local = image.fetch(source, workdir / "source", aws.client("s3") if aws else None)
-    context = image.write_context(local, context_only or workdir / "context", name, use_gpu)
-    click.echo(f"Build context for {name} (versions {', '.join(context.versions)}) in {context.path}")
-    if context_only:
+    try:
+        local = image.fetch(source, workdir / "source", aws.client("s3") if aws else None)
+        context = image.write_context(local, context_only or workdir / "context", name, use_gpu)
+        click.echo(f"Build context for {name} (versions {', '.join(context.versions)}) in "
+                   f"{context.path}")
         image_name = f"{name}:{tag}"
-        click.echo(f"Build it with: docker build -t {image_name} {context.path}")
-    else:
-        image_name = f"{name}:{tag}"
-        image.build_image(context.path, image_name)
-        if push_:
-            repository = image.ensure_repository(aws.client("ecr"), name)
-            image_name = image.push_image(aws.client("ecr"), f"{name}:{tag}", repository, tag)
-        click.echo(f"Built {image_name}")
+        if context_only:
+            click.echo(f"Build it with: docker build -t {image_name} {context.path}")
+        else:
+            image.build_image(context.path, image_name)
+            if push_:
+                repository = image.ensure_repository(aws.client("ecr"), name)
+                image_name = image.push_image(aws.client("ecr"), f"{name}:{tag}", repository, tag)
+            click.echo(f"Built {image_name}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # the fetched model and, unless kept, the context
     click.echo("\nPut these lines in config/config.yml:\n  ecs:\n"
                f"    image: {image_name}\n  predictionPath: /v1/models/{name}")
 

@@ -68,9 +68,13 @@ def test_without_docker_suggests_context_only(tmp_path):
     source = saved_model(tmp_path / "m")
     empty = tmp_path / "no-docker-here"
     empty.mkdir()
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("cnsq-model-*"))
     result = run(str(source), env={"PATH": str(empty)})
     assert result.exit_code == 1
     assert "Docker is not installed" in result.stderr and "--context-only" in result.stderr
+    assert set(Path(tempfile.gettempdir()).glob("cnsq-model-*")) == before  # nothing left behind
 
 
 def test_gs_source_needs_the_google_client(tmp_path):
