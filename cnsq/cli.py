@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -594,6 +595,14 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
         sys.exit(1)
 
 
+def _clock(seconds: float) -> str:
+    """12m05s, 1h02m: an ETA for a progress line."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def _one_output(positional: str | None, option: str | None, metavar: str) -> str:
     """The output named either way (the original's positional, or -o/--output), not both."""
     if positional and option and positional != option:
@@ -1115,8 +1124,18 @@ def work(queue_url: str, database_url: str, model_endpoint: str, tile_endpoint: 
     app = build(env)
     sqs = Aws(profile, region or _queue_region(queue_url)).client(
         "sqs", max_pool_connections=concurrency + 4)
+    started = time.monotonic()
+
+    def progress(report) -> None:
+        rate = report.received / max(time.monotonic() - started, 1e-6)
+        click.echo(f"\r{report.received:,} records, {rate:,.1f}/s, {report.failed:,} failed   ",
+                   nl=False, err=True)
+
     report = run_work(sqs, queue_url, app, concurrency=concurrency, batch_size=batch_size,
-                      wait_seconds=wait_seconds, until_empty=until_empty)
+                      wait_seconds=wait_seconds, until_empty=until_empty,
+                      progress=progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.reasons.items()))
     click.echo(f"Received {report.received:,} records: {report.succeeded:,} succeeded, "
                f"{report.failed:,} failed{f' ({reasons})' if reasons else ''}.", err=True)
@@ -1164,10 +1183,18 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
     """
     from .local.pipeline import run
 
+    total = 0
+    if sys.stderr.isatty() and str(tiles) != "-":
+        with open(tiles, "rb") as handle:
+            total = sum(1 for line in handle if line.strip())
+
     def progress(report) -> None:
         if sys.stderr.isatty():
-            click.echo(f"\r{report.tiles:,} tiles, {report.rate:,.1f} tiles/s, "
-                       f"{len(report.failed):,} failed", nl=False, err=True)
+            left = max(total - report.tiles - len(report.invalid), 0)
+            eta = f", ETA {_clock(left / report.rate)}" if total and report.rate else ""
+            of = f"/{total:,}" if total else ""
+            click.echo(f"\r{report.tiles:,}{of} tiles, {report.rate:,.1f} tiles/s, "
+                       f"{len(report.failed):,} failed{eta}   ", nl=False, err=True)
 
     from .download import writable_target
 
