@@ -235,12 +235,13 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
 
     config = settings.load()
     path = compile_only(config, _paths(config))
-    findings = lint(path, [settings.region or "us-east-1"])
+    findings = lint(path, [settings.region or "us-east-1"], list(config.values["lambdas"]))
     errors = sum(f.severity == "error" for f in findings)
     out = {"template": str(path), "lint": [f.__dict__ for f in findings], "preflight": None}
     if findings and not as_json:
-        click.echo(tabulate([[f.severity, f.rule, f"{path}:{f.line}", f.message] for f in findings],
-                            headers=["Severity", "Rule", "Where", "Message"]))
+        click.echo(tabulate([[f.severity, f.rule, f.config_key or "-", f"{path}:{f.line}",
+                              f.message] for f in findings],
+                            headers=["Severity", "Rule", "Config key", "Where", "Message"]))
     if not as_json:
         click.echo(f"{path}: {errors} error(s), {len(findings) - errors} other finding(s)")
     report = None

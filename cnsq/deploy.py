@@ -90,11 +90,12 @@ def compile_only(config: Config, paths: Paths) -> Path:
     return path
 
 
-def check_lint(path: Path, region: str) -> list[template.Finding]:
-    findings = template.lint(path, [region])
+def check_lint(path: Path, region: str, lambdas: list[str] | None = None) -> list[template.Finding]:
+    findings = template.lint(path, [region], lambdas)
     errors = [f for f in findings if f.severity == "error"]
     if errors:
-        lines = "\n".join(f"  {path}:{f.line}: {f.rule} {f.message}" for f in errors)
+        lines = "\n".join(f"  {f.config_key + ': ' if f.config_key else ''}{path}:{f.line}: "
+                           f"{f.rule} {f.message}" for f in errors)
         raise TemplateError(f"cfn-lint found {len(errors)} error(s); nothing was deployed:\n{lines}")
     return findings
 
@@ -124,7 +125,7 @@ def plan(
     code, uploaded, skipped = package_lambdas(config, paths, stacks, pip, ui)
     path, _ = template.compile_template(config, paths.templates, paths.build, code)
     result = Plan(config.stack_name, path, uploaded, skipped)
-    result.lint = check_lint(path, region)
+    result.lint = check_lint(path, region, list(config.values["lambdas"]))
 
     body = path.read_bytes()
     key = f"{config.stack_name}/templates/{hashlib.sha256(body).hexdigest()}.yml"

@@ -267,16 +267,68 @@ def dump(data: dict) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    """One cfn-lint finding."""
+    """One cfn-lint finding; ``config_key`` is the config key that sets what it is about."""
 
     severity: str  # error, warning or informational
     rule: str
     line: int
     message: str
+    config_key: str | None = None
 
 
-def lint(path: Path, regions: list[str] | None = None) -> list[Finding]:
-    """Run cfn-lint on a compiled template; findings sorted by line."""
+# (logical id suffix, property) → config key; "*" stands for any property of the resource.
+# The Lambda's own keys are found by its logical id (<Name>LambdaFunction).
+_CONFIG_KEYS = {
+    ("ResultsDB", "EngineVersion"): "rds.engineVersion",
+    ("ResultsDB", "DBInstanceClass"): "rds.instanceType",
+    ("ResultsDB", "AllocatedStorage"): "rds.storage",
+    ("ResultsDB", "MasterUsername"): "rds.username",
+    ("ResultsDB", "BackupRetentionPeriod"): "rds.backupRetentionDays",
+    ("ResultsDB", "*"): "rds",
+    ("DatabaseSubnetGroup", "*"): "subnets",
+    ("DatabaseSecurityGroup", "*"): "rds.allowedCidr",
+    ("TileQueue", "VisibilityTimeout"): "sqs.visibilityTimeout",
+    ("TileQueue", "*"): "sqs",
+    ("LambdaEventSourceMapping", "BatchSize"): "sqs.batchSize",
+    ("LambdaEventSourceMapping", "MaximumBatchingWindowInSeconds"): "sqs.maxBatchingWindow",
+    ("LambdaEventSourceMapping", "*"): "sqs",
+    ("LaunchTemplate", "*"): "ecs.instanceType",
+    ("ECSAutoScalingGroup", "*"): "ecs.maxInstances",
+    ("TaskDefinition", "*"): "ecs.image",
+    ("ECSService", "*"): "ecs.desiredInstances",
+    ("TargetGroup", "*"): "predictionPath",
+    ("LoadBalancerSecurityGroup", "*"): "ecs.allowedCidr",
+    ("LoadBalancer", "*"): "subnets",
+}
+_LAMBDA_KEYS = {"Runtime": "runtime", "MemorySize": "memory", "Timeout": "timeout",
+                "Handler": "handler", "ReservedConcurrentExecutions": "concurrent",
+                "Architectures": "architecture"}
+
+
+def config_key(path: list[Any] | None, lambdas: list[str]) -> str | None:
+    """The config key behind a template path such as ['Resources', 'cnsqdevResultsDB',
+    'Properties', 'EngineVersion'], or None when no one key sets it."""
+    if not path or len(path) < 2:
+        return None
+    if path[0] == "Parameters" and path[1] == "AmiId":
+        return "ecs.amiParameter"
+    if path[0] != "Resources":
+        return None
+    logical = str(path[1])
+    prop = str(path[3]) if len(path) > 3 and path[2] == "Properties" else "*"
+    for name in lambdas:
+        if logical == f"{name}LambdaFunction":
+            return f"lambdas.{name}.{_LAMBDA_KEYS[prop]}" if prop in _LAMBDA_KEYS else f"lambdas.{name}"
+    for (suffix, key_prop), key in _CONFIG_KEYS.items():
+        if logical.endswith(suffix) and key_prop in (prop, "*"):
+            return key
+    return None
+
+
+def lint(path: Path, regions: list[str] | None = None,
+         lambdas: list[str] | None = None) -> list[Finding]:
+    """Run cfn-lint on a compiled template; findings sorted by line, each with the config key
+    that sets what it is about when there is one (``lambdas``: the config's Lambda names)."""
     from cfnlint.api import ManualArgs, lint_file  # imported late: it takes a second to load
 
     args = ManualArgs(regions=regions or ["us-east-1"])
@@ -284,5 +336,6 @@ def lint(path: Path, regions: list[str] | None = None) -> list[Finding]:
     for match in lint_file(path, config=args):
         rule_id = match.rule.id
         severity = {"E": "error", "W": "warning"}.get(rule_id[:1], "informational")
-        findings.append(Finding(severity, rule_id, match.linenumber, match.message))
+        key = config_key(getattr(match, "path", None), lambdas or [])
+        findings.append(Finding(severity, rule_id, match.linenumber, match.message, key))
     return sorted(findings, key=lambda f: (f.line, f.rule))

@@ -222,3 +222,15 @@ def test_a_template_that_writes_a_secret_value_is_refused_naming_the_key(config,
     with pytest.raises(TemplateError, match=r"the value of lambdas.DownloadAndPredict.envs."
                                             r"TILE_ACCESS_TOKEN \(a secret from the environment"):
         assert_no_secrets(text, config, TEMPLATES, CODE)
+
+
+def test_a_lint_finding_names_the_config_key_behind_it(tmp_path):
+    env_file = tmp_path / "test.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in ENV.items()))
+    text = (REPO / "config/config.example.yml").read_text().replace(
+        "instanceType: db.t3.medium", "instanceType: db.zz.huge")
+    (tmp_path / "config.yml").write_text(text)
+    config = load_config(tmp_path / "config.yml", environ={}, env_file=env_file)
+    path, _ = compile_template(config, TEMPLATES, tmp_path / "out", CODE)
+    errors = [f for f in lint(path, lambdas=["DownloadAndPredict"]) if f.severity == "error"]
+    assert [f.config_key for f in errors] == ["rds.instanceType"]
