@@ -36,8 +36,11 @@ class DatabaseError(CnsqError):
 
 
 def _where(url: str) -> str:
-    parsed = urlparse(url)
-    return f"{parsed.hostname or 'localhost'}:{parsed.port or 5432}"
+    try:
+        parsed = urlparse(url)
+        return f"{parsed.hostname or 'localhost'}:{parsed.port or 5432}"
+    except ValueError:
+        return "the given address"
 
 
 def open_store(url: str, create: bool = True) -> Store:
@@ -98,6 +101,12 @@ class PostgresStore(Store):
         except psycopg2.OperationalError as exc:
             reason = mask(str(exc)).strip().splitlines()[-1] if str(exc).strip() else "refused"
             raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {reason}") from None
+        except psycopg2.Error:
+            # libpq quotes the part of the URL it could not read, which may be the password.
+            raise DatabaseError(
+                "the database URL is malformed: a character of the user or password that URLs "
+                "reserve must be percent-encoded (@ is %40, % is %25, / is %2F, : is %3A)"
+            ) from None
 
     def migrate(self) -> list[Migration]:
         return migrate_postgres(self.conn)

@@ -443,8 +443,10 @@ def bench_pipeline(db: Database, args) -> list[Result]:
     rate = statistics.median(runs)
     label = f"pipeline: cnsq run, {len(images)} tiles (tiles/s, median of {len(runs)})"
     return [
+        # Information, not a target: here the model shares two cores with the downloads; on
+        # AWS it has GPUs of its own (the 0.9 target that once stood here is retired).
         Result(label, rate, "tiles/s", "its model server fed downloaded tiles",
-               statistics.median(alone), ">= 0.9", better="higher"),
+               statistics.median(alone), "(informational)", better="higher"),
         Result(label, rate, "tiles/s", "cnsq serve's default (1 batch thread) fed the same",
                statistics.median(default), "(informational)", better="higher"),
     ]

@@ -37,7 +37,7 @@ from download_and_predict.base import (  # noqa: E402
     imagery_url,
     parse_tile,
 )
-from download_and_predict.transport import Transport, proxies_from_env  # noqa: E402
+from download_and_predict.http import Http, proxies_from_env  # noqa: E402
 
 
 def sqs_event(bodies: list[str]) -> dict:
@@ -169,12 +169,11 @@ def test_a_bad_record_fails_alone(make_app, db_url, bad):
 
 def test_missing_tile_is_skipped_by_default_and_not_retried(make_app, db_url, tiles):
     tiles.missing.add("5-6-4")
-    app = make_app()
-    result = app.run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
-    assert failures(result) == set()
+    outcome = make_app().process(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert outcome.failed == {}
     assert rows(db_url) == expected((1, 2, 3))
     assert tiles.requests["5-6-4"] == 1
-    assert app.last_outcome.log_line()["skipped_missing"] == 1
+    assert outcome.log_line()["skipped_missing"] == 1
 
 
 def test_missing_tile_fails_with_missing_tiles_fail(make_app, db_url, tiles):
@@ -201,11 +200,9 @@ def test_tile_failing_more_than_the_retries_fails_alone(make_app, db_url, tiles)
 
 def test_tile_that_times_out_fails_alone(make_app, db_url, tiles):
     tiles.slow["5-6-4"] = 1.0
-    app = make_app(TILE_TIMEOUT=0.2, RETRIES=2)
-    result = app.run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
-    assert failures(result) == {"m1"}
+    outcome = make_app(TILE_TIMEOUT=0.2, RETRIES=2).process(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert outcome.failed == {"m1": "tile_timeout"}
     assert rows(db_url) == expected((1, 2, 3))
-    assert app.last_outcome.log_line()["failed"] == {"tile_timeout": 1}
 
 
 def test_model_answering_500_fails_every_record_it_was_asked_about(make_app, db_url, model):
@@ -225,11 +222,9 @@ def test_model_recovering_within_the_retries(make_app, db_url, model):
 
 def test_wrong_number_of_predictions_fails_those_records(make_app, db_url, model):
     model.mode = "wrong_count"
-    app = make_app()
-    result = app.run(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
-    assert failures(result) == {"m0", "m1"}
+    outcome = make_app().process(sqs_event([body(1, 2, 3), body(5, 6, 4)]))
+    assert outcome.failed == {"m0": "prediction_count", "m1": "prediction_count"}
     assert rows(db_url) == {}
-    assert app.last_outcome.log_line()["failed"] == {"prediction_count": 2}
 
 
 def test_chunks_of_max_instances_fail_independently(make_app, db_url, model):
@@ -424,14 +419,14 @@ def test_loopback_is_never_sent_to_a_proxy(make_app, db_url):
 
 
 def test_proxy_routing_follows_no_proxy_and_the_scheme():
-    http = Transport(4, proxies_from_env({"HTTP_PROXY": "proxy.test:3128",
-                                          "no_proxy": "tiles.example.com,.internal"}))
+    http = Http(4, proxies_from_env({"HTTP_PROXY": "proxy.test:3128",
+                                     "no_proxy": "tiles.example.com,.internal,10.0.0.0/8"}))
     assert http.proxy_for("http://tiles.example.com/1/2/3.png") is None
     assert http.proxy_for("http://gpu.internal:8501/v1/models/m:predict") is None
+    assert http.proxy_for("http://10.1.2.3:8501/v1/models/m:predict") is None  # CIDR, as requests
     for loopback in ("http://127.0.0.1:8501/x", "http://localhost:8000/x", "http://[::1]:8000/x"):
         assert http.proxy_for(loopback) is None
-    proxied = http.proxy_for("http://imagery.example.com/1/2/3.png")
-    assert (proxied.host, proxied.port) == ("proxy.test", 3128)  # scheme added
+    assert http.proxy_for("http://imagery.example.com/1/2/3.png") == "http://proxy.test:3128"
     assert http.proxy_for("https://imagery.example.com/1/2/3.png") is None  # no HTTPS_PROXY
 
 
@@ -443,10 +438,9 @@ def test_proxies_from_env_lower_case_wins():
 def test_a_proxy_that_is_down_fails_the_records_with_a_reason(make_app, db_url, tiles):
     app = make_app(HTTP_PROXY=f"http://127.0.0.1:{free_port()}", RETRIES=1,
                    TILE_ENDPOINT=f"http://tiles.test:{port_of(tiles.url)}/{{z}}/{{x}}/{{y}}.jpg")
-    result = app.run(sqs_event([body(*t) for t in GOOD]))
-    assert failures(result) == {"m0", "m1", "m2"}
-    assert app.last_outcome.failed == {"m0": "tile_connection", "m1": "tile_connection",
-                                       "m2": "tile_connection"}
+    outcome = app.process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {"m0": "tile_connection", "m1": "tile_connection",
+                              "m2": "tile_connection"}
     assert rows(db_url) == {}
 
 
@@ -460,38 +454,37 @@ def test_a_tls_endpoint_is_trusted_through_the_ca_bundle_variable(make_app, db_u
         assert failures(app.run(sqs_event([body(*t) for t in GOOD]))) == set()
         # Without the bundle the certificate is refused: the tile fails, named, with the reason.
         untrusted = make_app(TILE_ENDPOINT=endpoint, RETRIES=1)
-        assert failures(untrusted.run(sqs_event([body(9, 9, 5)]))) == {"m0"}
+        outcome = untrusted.process(sqs_event([body(9, 9, 5)]))
     finally:
         secure.close()
-    assert untrusted.last_outcome.failed == {"m0": "tile_connection"}
+    assert outcome.failed == {"m0": "tile_connection"}
     assert "certificate" in caplog.text.lower() and "9-9-5" in caplog.text
     assert rows(db_url) == expected(*GOOD)
 
 
 def test_a_tile_endpoint_refusing_connections_fails_each_tile(make_app, db_url):
     app = make_app(TILE_ENDPOINT=f"http://127.0.0.1:{free_port()}/{{z}}/{{x}}/{{y}}.jpg", RETRIES=2)
-    assert failures(app.run(sqs_event([body(1, 2, 3), "bad"]))) == {"m0", "m1"}
-    assert app.last_outcome.failed == {"m0": "tile_connection", "m1": "bad_record"}
+    assert app.process(sqs_event([body(1, 2, 3), "bad"])).failed == {
+        "m0": "tile_connection", "m1": "bad_record"}
 
 
-def test_download_pool_started_small_grows_while_tiles_wait(make_app, db_url):
-    slow = TileServer(delay=0.15)  # a remote endpoint's latency: downloads wait for threads
+def test_downloads_of_an_invocation_run_at_once(make_app, db_url):
+    slow = TileServer(delay=0.3)  # a remote endpoint's latency
     try:
-        app = make_app(TILE_ENDPOINT=slow.url + "/{z}/{x}/{y}.jpg", DOWNLOAD_WORKERS=8,
-                       DOWNLOAD_WORKERS_MIN=1)
-        assert app.downloads.threads == 1
+        app = make_app(TILE_ENDPOINT=slow.url + "/{z}/{x}/{y}.jpg", DOWNLOAD_WORKERS=8)
         tiles = [(x, 1, 4) for x in range(8)]
+        started = time.monotonic()
         assert failures(app.run(sqs_event([body(*t) for t in tiles]))) == set()
+        assert time.monotonic() - started < 8 * 0.3 / 2  # not one after another
     finally:
         slow.close()
-    assert 1 < app.downloads.threads <= 8
     assert rows(db_url) == expected(*tiles)
 
 
-def test_malformed_download_workers_min_is_a_clear_error():
+def test_malformed_download_workers_is_a_clear_error():
     with pytest.raises(ValueError, match="malformed numeric environment variable"):
         Settings.from_env({"TILE_ENDPOINT": "http://x/{z}/{x}/{y}", "PREDICTION_ENDPOINT": "http://m",
-                           "DATABASE_URL": "sqlite:///r.db", "DOWNLOAD_WORKERS_MIN": "four"})
+                           "DATABASE_URL": "sqlite:///r.db", "DOWNLOAD_WORKERS": "four"})
 
 
 def test_imagery_url_forms():

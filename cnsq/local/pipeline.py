@@ -155,11 +155,8 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         # The environment first, as on Lambda: proxies, CA bundle, RETRIES, TILE_TIMEOUT, …
         app = build({**os.environ, "TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
                      "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch),
-                     # The download pool is shared by the batches in flight: room for all of them,
-                     # but it starts with 4 threads and grows only while downloads wait (a local
-                     # tile server needs few; each extra thread costs context switches).
-                     "DOWNLOAD_WORKERS": str(concurrency * batch_size),
-                     "DOWNLOAD_WORKERS_MIN": "4"})
+                     # The download threads are shared by the batches in flight: room for all.
+                     "DOWNLOAD_WORKERS": str(concurrency * batch_size)})
         with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
             first = next((line.tile for line in read_lines(stream) if line.tile is not None), None)
         if first is not None:

@@ -11,6 +11,7 @@ after ``maxReceiveCount``, parks them in the dead letter queue. Every other reco
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -24,16 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from .pool import ElasticPool
-from .transport import (
-    Base64Text,
-    Response,
-    Transport,
-    TransportError,
-    TransportTimeout,
-    ca_bundle_from_env,
-    proxies_from_env,
-)
+from .http import Http, HttpError, HttpTimeout, ca_bundle_from_env, proxies_from_env
 
 LOG = logging.getLogger("download_and_predict")
 
@@ -174,9 +166,8 @@ class Settings:
     retries: int = 3
     backoff: float = 0.2
     download_workers: int = 16
-    download_workers_min: int | None = None  # threads started at once; None: download_workers
-    proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see transport.py
-    ca_bundle: str | None = None  # REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or certifi's; None: system
+    proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see http.py
+    ca_bundle: str | bool = True  # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE; True: certifi's
 
     REQUIRED = ("TILE_ENDPOINT", "PREDICTION_ENDPOINT")
 
@@ -208,8 +199,6 @@ class Settings:
                 retries=int(env.get("RETRIES", 3)),
                 backoff=float(env.get("RETRY_BACKOFF", 0.2)),
                 download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
-                download_workers_min=int(env["DOWNLOAD_WORKERS_MIN"])
-                if env.get("DOWNLOAD_WORKERS_MIN") else None,
                 proxies=proxies_from_env(env),
                 ca_bundle=ca_bundle_from_env(env),
             )
@@ -431,19 +420,18 @@ class DownloadAndPredict:
     """The handler's steps; override any of them in a subclass."""
 
     def __init__(self, settings: Settings, writer: ResultsWriter | None = None,
-                 http: Transport | None = None):
+                 http: Http | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.settings = settings
         # One connection pool per host, as many connections as downloads run at once.
-        self.http = http or Transport(settings.download_workers + 2, settings.proxies,
-                                      settings.ca_bundle)
+        self.http = http or Http(settings.download_workers + 2, settings.proxies,
+                                 settings.ca_bundle)
         self.writer = writer
         # One pool for the app's life: warm invocations reuse its threads instead of starting
-        # new ones each time (and concurrent invocations on one machine share it). It grows
-        # from DOWNLOAD_WORKERS_MIN towards DOWNLOAD_WORKERS only while downloads wait for a
-        # thread (see pool.py); by default all are started, as one invocation's tiles should
-        # download at once.
-        self.downloads = ElasticPool(settings.download_workers,
-                                     start=settings.download_workers_min or settings.download_workers)
+        # new ones each time (and concurrent invocations on one machine share it).
+        self.downloads = ThreadPoolExecutor(settings.download_workers,
+                                            thread_name_prefix="download")
 
     # -- 1. records → tiles ------------------------------------------------------------------
 
@@ -476,11 +464,11 @@ class DownloadAndPredict:
         response = self._with_retries(
             lambda: self.http.get(url, read_timeout=self.settings.tile_timeout),
             f"tile {tile.id}", "tile")
-        if response.status == 404:
+        if response.status_code == 404:
             return None
-        if response.status != 200:
-            raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status}")
-        return response.data
+        if response.status_code != 200:
+            raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status_code}")
+        return response.content
 
     def download_deadline(self, deadline: float | None) -> float:
         """When the invocation's downloads must be done (time.monotonic()): TILE_DEADLINE, or
@@ -544,9 +532,9 @@ class DownloadAndPredict:
     # -- 3. images → predictions -------------------------------------------------------------
 
     def build_payload(self, images: list[bytes]) -> dict[str, Any]:
-        """TF Serving's REST predict body with base64-encoded images (a ``Base64Text`` is a str
-        that the transport writes into the JSON body without scanning it for escapes)."""
-        return {"instances": [{"image_bytes": {"b64": Base64Text.of(image)}} for image in images]}
+        """TF Serving's REST predict body with base64-encoded images."""
+        return {"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode("ascii")}}
+                              for image in images]}
 
     def post_prediction(self, payload: dict[str, Any]) -> list[Any]:
         """POST the payload; returns the ``predictions`` list.
@@ -560,9 +548,9 @@ class DownloadAndPredict:
             lambda: self.http.post_json(endpoint, payload,
                                         read_timeout=self.settings.predict_timeout),
             "prediction", "model")
-        if response.status != 200:
+        if response.status_code != 200:
             raise StepFailed("model_error",
-                             f"model answered HTTP {response.status}: {response.text[:200]}")
+                             f"model answered HTTP {response.status_code}: {response.text[:200]}")
         try:
             predictions = response.json()["predictions"]
         except (ValueError, KeyError, TypeError):
@@ -670,7 +658,6 @@ class DownloadAndPredict:
                                    else deadline + self.settings.reserve / 2)
         self.save_results(predictions, outcome)
         LOG.info(json.dumps(outcome.log_line()))
-        self.last_outcome = outcome
         return outcome
 
     def run(self, event: dict, context: Any = None) -> dict[str, Any]:
@@ -681,20 +668,20 @@ class DownloadAndPredict:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _with_retries(self, call, what: str, kind: str) -> Response:
+    def _with_retries(self, call, what: str, kind: str) -> Any:
         attempts = max(1, self.settings.retries)
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
                 response = call()
-            except TransportTimeout:
+            except HttpTimeout:
                 if last:
                     raise StepFailed(f"{kind}_timeout", f"{what}: timed out") from None
-            except TransportError as exc:
+            except HttpError as exc:
                 if last:
                     raise StepFailed(f"{kind}_connection", f"{what}: {exc}") from None
             else:
-                if response.status not in RETRY_STATUS or last:
+                if response.status_code not in RETRY_STATUS or last:
                     return response
             time.sleep(self.settings.backoff * (2**attempt))
         raise AssertionError("unreachable")
