@@ -9,12 +9,12 @@ and which command does it.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import CnsqError
+from .files import atomic_write
 
 OUTPUT = "adminFunctionName"
 
@@ -74,8 +74,6 @@ class AdminFunction:
         The copy goes to a temporary name beside the target and is renamed at the end.
         """
         export = self.call("export")
-        path = Path(target)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
         done = [0]
 
         def count(chunk: int) -> None:
@@ -83,13 +81,6 @@ class AdminFunction:
             if progress:
                 progress(done[0])
 
-        try:
-            with partial.open("wb") as handle:
-                self.s3.download_fileobj(export["bucket"], export["key"], handle, Callback=count)
-                handle.flush()
-                os.fsync(handle.fileno())
-            partial.replace(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        with atomic_write(Path(target), "wb") as handle:
+            self.s3.download_fileobj(export["bucket"], export["key"], handle, Callback=count)
         return export

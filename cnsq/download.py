@@ -3,12 +3,12 @@ ever standing under the final name."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import CnsqError
+from .files import atomic_write
 from .results import Store
 
 
@@ -37,15 +37,5 @@ def download(store: Store, target: str, stdout: BinaryIO,
         rows = store.export_csv(stdout, progress)
         stdout.flush()
         return rows
-    path = writable_target(target)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as handle:
-            rows = store.export_csv(handle, progress)
-            handle.flush()
-            os.fsync(handle.fileno())
-        partial.replace(path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return rows
+    with atomic_write(writable_target(target), "wb") as handle:
+        return store.export_csv(handle, progress)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import IO
 
 import mercantile
 
-from .tiles import parse_tile_id
+from .files import atomic_write
+from .tiles import parse_tile_id, tile_id
 
 csv.field_size_limit(16 * 1024 * 1024)  # one output may be a long JSON document
 
@@ -43,8 +43,8 @@ def tile_ring(tile: mercantile.Tile) -> list[list[float]]:
             [b.west, b.south]]
 
 
-def _feature(tile_id: str, tile: mercantile.Tile, scores: list) -> str:
-    properties = {"tile": tile_id}
+def _feature(identifier: str, tile: mercantile.Tile, scores: list) -> str:
+    properties = {"tile": identifier}
     properties.update((f"p{i}", value) for i, value in enumerate(scores))
     # allow_nan=False: NaN and Infinity are not JSON, and a GeoJSON holding them is unreadable.
     return json.dumps({"type": "Feature",
@@ -77,9 +77,9 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
         if len(row) != 2:
             report.add_bad(line, f"expected 2 columns (tile,output), got {len(row)}")
             continue
-        tile_id, output = row
+        text_id, output = row
         try:
-            tile = parse_tile_id(tile_id)
+            tile = parse_tile_id(text_id)
         except ValueError as exc:
             report.add_bad(line, f"tile: {exc}")
             continue
@@ -104,7 +104,7 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
         if tms:
             tile = mercantile.Tile(tile.x, 2**tile.z - 1 - tile.y, tile.z)
         try:
-            text = _feature(f"{tile.x}-{tile.y}-{tile.z}", tile, scores)  # {x,y,z} read too
+            text = _feature(tile_id(tile), tile, scores)  # {x,y,z} read too
         except ValueError:
             report.add_bad(line, "a score is not a finite number (NaN or Infinity)")
             continue
@@ -153,13 +153,5 @@ def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Repor
             return convert(handle, stdout, **options)
         from .download import writable_target
 
-        path = writable_target(target)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            with partial.open("w", encoding="utf-8") as out:
-                report = convert(handle, out, **options)
-            partial.replace(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return report
+        with atomic_write(writable_target(target)) as out:
+            return convert(handle, out, **options)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import PackageError
+from .files import atomic_write
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", "examples", "tests"}
@@ -95,15 +96,14 @@ def write_zip(sources: list[Path], target: Path) -> None:
         for name, path in _files(root):
             entries[name] = path
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with atomic_write(target, "wb") as handle, \
+            zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(entries):
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
             info.create_system = 3  # unix, so the mode bits are read
             archive.writestr(info, entries[name].read_bytes())
-    partial.replace(target)
 
 
 def _requirements_key(requirements: Path, runtime: str, architecture: str) -> str:

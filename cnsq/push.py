@@ -25,8 +25,9 @@ from typing import IO, Any
 import botocore.exceptions
 
 from .errors import CnsqError
+from .files import atomic_write
 from .interrupt import Stop
-from .tiles import Line, read_lines
+from .tiles import Line, read_lines, tile_id
 
 BATCH = 10
 FATAL_CODES = {"QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "AccessDenied",
@@ -112,12 +113,11 @@ class Checkpoint:
     def save(self) -> None:
         """Write the whole state atomically, then empty the journal it now includes."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({
+        with atomic_write(self.path) as handle:
+            handle.write(json.dumps({
             "source": self.source, "queue_url": self.queue_url, "watermark": self.watermark,
             "settled": sorted(self.settled), "sent": self.sent, "complete": self.complete,
             "fingerprint": self.fingerprint}))
-        partial.replace(self.path)
         if self._journal is not None:
             self._journal.truncate(0)
         elif self.journal_path.exists():
@@ -280,9 +280,9 @@ def push(
                 by_number = {line.number: line for line in batch}
                 for number, reason in failed:
                     tile = by_number[number].tile
-                    report.failed.append((number, f"{tile.x}-{tile.y}-{tile.z}", reason))
+                    report.failed.append((number, tile_id(tile), reason))
                     if failed_out:
-                        failed_out.write(f"{tile.x}-{tile.y}-{tile.z}\n")
+                        failed_out.write(tile_id(tile) + "\n")
                 settle([n for n, _ in failed])
             if checkpoint is not None:
                 checkpoint.record(sent, [n for n, _ in failed])

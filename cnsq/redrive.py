@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CnsqError
+from .files import atomic_write
 
 
 @dataclass
@@ -41,9 +42,8 @@ class Journal:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({"sent": sorted(self.sent), "intent": sorted(self.intent)}))
-        partial.replace(self.path)
+        with atomic_write(self.path) as handle:
+            handle.write(json.dumps({"sent": sorted(self.sent), "intent": sorted(self.intent)}))
 
 
 @dataclass

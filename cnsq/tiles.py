@@ -10,6 +10,8 @@ from typing import IO, Any, NamedTuple
 
 import mercantile
 
+from download_and_predict.base import tile_id
+
 from .errors import CnsqError
 
 MAX_ZOOM = 30
@@ -60,10 +62,6 @@ def read_lines(stream: IO[str], start_after: int = 0) -> Iterator[Line]:
             yield Line(number, parse_tile_id(text))
         except ValueError as exc:
             yield Line(number, None, str(exc))
-
-
-def tile_id(tile: mercantile.Tile) -> str:
-    return f"{tile.x}-{tile.y}-{tile.z}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +234,6 @@ def load_geojson(path: str | Path, text: str | None = None) -> Any:
 def write_tiles(tiles: Iterable[mercantile.Tile], out: IO[str]) -> int:
     count = 0
     for tile in tiles:
-        out.write(f"{tile.x}-{tile.y}-{tile.z}\n")
+        out.write(tile_id(tile) + "\n")
         count += 1
     return count

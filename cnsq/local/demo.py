@@ -16,6 +16,8 @@ from pathlib import Path
 import mercantile
 import numpy as np
 
+from download_and_predict.base import Tile, tile_id
+
 TILE = 256
 WATER_SHARE = 0.25  # a tile is "water" when at least this share of it is lake
 
@@ -71,7 +73,7 @@ def make_imagery(root: Path, origin: mercantile.Tile, columns: int, rows: int,
             path = root / str(tile.z) / str(tile.x) / f"{tile.y}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
-            shares[f"{tile.x}-{tile.y}-{tile.z}"] = float(water.mean())
+            shares[tile_id(tile)] = float(water.mean())
     return shares
 
 
@@ -89,7 +91,7 @@ def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predic
             mosaic.paste(Image.open(path).resize((scale, scale)), (col * scale, row * scale))
     for row in range(rows):
         for col in range(columns):
-            if f"{origin.x + col}-{origin.y + row}-{origin.z}" in predicted:
+            if tile_id(Tile(origin.x + col, origin.y + row, origin.z)) in predicted:
                 box = (col * scale + 2, row * scale + 2, (col + 1) * scale - 3, (row + 1) * scale - 3)
                 draw.rectangle(box, outline=(255, 40, 40), width=3)
     mosaic.save(target)

@@ -15,6 +15,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from download_and_predict.base import Tile, tile_id
+
 from ..tiles import Line
 
 # The model server `run` starts shares the CPU with the downloads and writes. Two batches at once,
@@ -78,7 +80,7 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
                 if reason:
                     tile = json.loads(record["body"])
                     report.failed.append((int(record["messageId"]),
-                                          f"{tile['x']}-{tile['y']}-{tile['z']}", reason))
+                                          tile_id(Tile(**tile)), reason))
 
     from ..interrupt import Stop
 
@@ -120,7 +122,7 @@ def probe(app, tile) -> None:
 
     from ..errors import CnsqError
 
-    where = f"the first tile, {tile.x}-{tile.y}-{tile.z}"
+    where = f"the first tile, {tile_id(tile)}"
     try:
         image = app.get_image(Tile(tile.x, tile.y, tile.z))
     except StepFailed as exc:

@@ -44,6 +44,12 @@ def is_image(data: bytes) -> bool:
     return data.startswith(IMAGE_MAGIC) or data[4:8] == b"ftyp"
 
 
+def tile_id(tile: Any) -> str:
+    """``x-y-z``, the id of a tile (anything with x, y and z: this Tile, a mercantile Tile) in
+    the queue's tiles files, ``results.tile``, CSVs and GeoJSON — its one definition."""
+    return f"{tile.x}-{tile.y}-{tile.z}"
+
+
 class Tile(NamedTuple):
     """An XYZ (slippy map) tile."""
 
@@ -54,7 +60,7 @@ class Tile(NamedTuple):
     @property
     def id(self) -> str:
         """The tile as stored in ``results.tile``: ``x-y-z``."""
-        return f"{self.x}-{self.y}-{self.z}"
+        return tile_id(self)
 
 
 class Record(NamedTuple):

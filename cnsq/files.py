@@ -1,0 +1,27 @@
+"""Writing a file so that its name never holds a partial one: the one helper for downloads,
+GeoJSON, Lambda zips, checkpoints and journals."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Write to a temporary name beside ``path``; on success flush, fsync and rename it over
+    ``path`` (atomic on one filesystem); on any failure, remove it. An interrupted write leaves
+    the previous file, or none, never a file that looks complete."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with partial.open(mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
