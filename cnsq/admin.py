@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .errors import CnsqError
 from .files import atomic_write
 
-OUTPUT = "adminFunctionName"
+OUTPUT = layout.ADMIN_FUNCTION
 
 
 class AdminUnavailable(CnsqError):

@@ -574,7 +574,9 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
             raise CnsqError(f"no QUEUE_URL given and no config to read the stack's from "
                             f"({settings.config} does not exist)")
         config = settings.load()
-        queue_url = _stacks(settings.aws()).outputs(config.stack_name).get("queueURL")
+        from . import layout
+
+        queue_url = _stacks(settings.aws()).outputs(config.stack_name).get(layout.QUEUE_URL)
         if not queue_url:
             raise CnsqError(f"stack {config.stack_name} has no queueURL output yet; pass QUEUE_URL")
     concurrency = concurrency or default_concurrency()

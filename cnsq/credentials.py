@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from . import layout
 from .errors import CnsqError
 
 
@@ -26,7 +27,7 @@ def url_from_stack(aws, stacks, stack_name: str) -> str:
     from download_and_predict.base import managed_secret_arn
 
     outputs = stacks.outputs(stack_name)
-    instance, arn = outputs.get("dbInstanceIdentifier"), outputs.get("databaseSecretArn")
+    instance, arn = outputs.get(layout.DB_INSTANCE), outputs.get(layout.DB_SECRET_ARN)
     if not instance and not arn:
         raise CnsqError(f"stack {stack_name} has no dbInstanceIdentifier output; pass the "
                         "database URL explicitly")

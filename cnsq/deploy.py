@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import package, template
+from . import layout, package, template
 from .config import Config
 from .errors import DeployError, TemplateError
 from .stack import ChangeSet, Event, Stacks
@@ -258,12 +258,11 @@ def next_steps(stack_name: str, outputs: dict[str, str], setup_command: str, ui:
                migrated: bool = False) -> None:
     """What the original printed after a deploy: where things are, and the next step."""
     ui.echo(f"The stack {stack_name} is deployed or updated.")
-    if "dbConnectionString" in outputs:
-        ui.echo(f"- The database is available at: {outputs['dbConnectionString']}")
-    if "queueURL" in outputs:
-        ui.echo(f"- The queue is available at {outputs['queueURL']}")
-    if "modelEndpoint" in outputs:
-        ui.echo(f"- The model endpoint is {outputs['modelEndpoint']}")
+    for key, text in ((layout.DB_CONNECTION, "- The database is available at: {}"),
+                      (layout.QUEUE_URL, "- The queue is available at {}"),
+                      (layout.MODEL_ENDPOINT, "- The model endpoint is {}")):
+        if key in outputs:
+            ui.echo(text.format(outputs[key]))
     if not outputs:
         ui.echo("- CloudFormation reported no outputs yet; see them later with `cnsq outputs`.")
     if migrated:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .errors import CnsqError
 from .files import atomic_write
 
@@ -134,10 +135,11 @@ def queue_urls(stacks: Any, stack_name: str, stack_no_dash: str) -> tuple[str, s
     if description is None:
         raise CnsqError(f"stack '{stack_name}' does not exist")
     outputs = {o["OutputKey"]: o["OutputValue"] for o in description.get("Outputs", [])}
-    if outputs.get("queueURL") and outputs.get("deadLetterQueueURL"):
-        return outputs["queueURL"], outputs["deadLetterQueueURL"]
+    if outputs.get(layout.QUEUE_URL) and outputs.get(layout.DEAD_LETTER_URL):
+        return outputs[layout.QUEUE_URL], outputs[layout.DEAD_LETTER_URL]
     physical = {lid: pid for lid, _, pid in stacks.resources(stack_name)}
     try:
-        return physical[f"{stack_no_dash}TileQueue"], physical[f"{stack_no_dash}DeadLetterQueue"]
+        return (physical[layout.tile_queue(stack_no_dash)],
+                physical[layout.dead_letter_queue(stack_no_dash)])
     except KeyError:
         raise CnsqError(f"stack {stack_name} has no tile queue and dead letter queue") from None

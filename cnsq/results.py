@@ -14,16 +14,20 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from download_and_predict.base import mask
 from download_and_predict.schema import (
     EXPORT_SQL,
     MIGRATIONS,
+    UPSERT_POSTGRES,
+    UPSERT_POSTGRES_ROW,
+    UPSERT_SQLITE,
     Migration,
     migrate_postgres,
     postgres_columns,
     schema_problems,
+    sqlite_path,
 )
 
 from .errors import CnsqError
@@ -127,9 +131,8 @@ class PostgresStore(Store):
         from psycopg2.extras import execute_values
 
         with self.conn, self.conn.cursor() as cur:
-            execute_values(cur, "INSERT INTO results (tile, output) VALUES %s ON CONFLICT (tile) "
-                                "DO UPDATE SET output = EXCLUDED.output",
-                           [(t, json.dumps(o)) for t, o in rows], template="(%s, %s::jsonb)")
+            execute_values(cur, UPSERT_POSTGRES, [(t, json.dumps(o)) for t, o in rows],
+                           template=UPSERT_POSTGRES_ROW)
 
     def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
         sink = _CopySink(out, progress)
@@ -146,7 +149,7 @@ class SqliteStore(Store):
     def __init__(self, url: str, create: bool = True):
         self.url = url
         # sqlite:///relative.db or sqlite:////absolute.db
-        self.path = Path(unquote(url.removeprefix("sqlite:///")))
+        self.path = Path(sqlite_path(url))
         if not self.path.parent.exists():
             raise DatabaseError(f"cannot open SQLite database {self.path}: "
                                 f"folder {self.path.parent} does not exist")
@@ -184,9 +187,7 @@ class SqliteStore(Store):
         import json
 
         with self.conn:
-            self.conn.executemany("INSERT INTO results (tile, output) VALUES (?, ?) ON CONFLICT "
-                                  "(tile) DO UPDATE SET output = excluded.output",
-                                  [(t, json.dumps(o)) for t, o in rows])
+            self.conn.executemany(UPSERT_SQLITE, [(t, json.dumps(o)) for t, o in rows])
 
     def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
         problems = self.check_schema()

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from . import layout
+
 THRESHOLDS = {
     "errors_high": 0.05,  # error rate above which Lambdas are failing for real
     "errors_low": 0.01,  # error rate of a healthy run
@@ -144,7 +146,7 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
     resources = {lid: pid for lid, _, pid in stacks.resources(config.stack_name)}
     n = config.values["stackNoDash"]
     sqs = aws.client("sqs")
-    for attr, logical in (("visible", f"{n}TileQueue"), ("dead_letter", f"{n}DeadLetterQueue")):
+    for attr, logical in (("visible", layout.tile_queue(n)), ("dead_letter", layout.dead_letter_queue(n))):
         url = resources.get(logical)
         if url:
             counts = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
@@ -152,8 +154,8 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
             setattr(metrics, attr, int(counts["ApproximateNumberOfMessages"]))
             if attr == "visible":
                 metrics.in_flight = int(counts["ApproximateNumberOfMessagesNotVisible"])
-    lam = next((s for s in config.values["lambdas"].values() if s["queueTrigger"]),
-               next(iter(config.values["lambdas"].values()), None))
+    worker = layout.worker_lambda(config.values["lambdas"])
+    lam = config.values["lambdas"][worker] if worker else None
     queries: list[tuple[str, str, str, list[dict], str]] = []
     if lam:
         dims = [{"Name": "FunctionName", "Value": lam["fullName"]}]
@@ -162,11 +164,11 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
                     ("throttles", "AWS/Lambda", "Throttles", dims, "Sum"),
                     ("duration_max_ms", "AWS/Lambda", "Duration", dims, "Maximum"),
                     ("concurrency", "AWS/Lambda", "ConcurrentExecutions", dims, "Maximum")]
-    queue_url = resources.get(f"{n}TileQueue")
+    queue_url = resources.get(layout.tile_queue(n))
     if queue_url:
         queries.append(("deleted", "AWS/SQS", "NumberOfMessagesDeleted",
                         [{"Name": "QueueName", "Value": queue_url.rsplit("/", 1)[-1]}], "Sum"))
-    balancer = resources.get(f"{n}LoadBalancer", "")
+    balancer = resources.get(layout.load_balancer(n), "")
     if "loadbalancer/" in balancer:
         dims = [{"Name": "LoadBalancer", "Value": balancer.split("loadbalancer/", 1)[1]}]
         queries += [("requests", "AWS/ApplicationELB", "RequestCount", dims, "Sum"),

@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from . import layout
 from .config import Config, Secret
 from .errors import TemplateError
 
@@ -163,7 +164,7 @@ def render(config: Config, template_dir: Path, code: dict[str, CodeLocation]) ->
     context["secret_resources"] = {s.path: secret_resource(s.path) for s in secrets}
     context["secrets"] = [{"param": s.param, "path": s.path, "resource": secret_resource(s.path)}
                           for s in secrets]
-    worker = worker_lambda(config)
+    worker = layout.worker_lambda(config.values["lambdas"])  # the admin function's zip
     context["admin"] = context["lambdas"][worker] if worker else {
         "bucket": config.bucket, "remote": "", "runtime": "python3.12", "architecture": "x86_64"}
     path = template_dir / TEMPLATE_NAME
@@ -183,15 +184,6 @@ def secret_resource(path: str) -> str:
     """``lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN`` → ``DownloadAndPredictTILEACCESSTOKENSecret``."""
     parts = path.split(".")
     return re.sub(r"[^A-Za-z0-9]", "", parts[1] + parts[-1]) + "Secret"
-
-
-def worker_lambda(config: Config) -> str | None:
-    """The Lambda that works the queue (the first with ``queueTrigger``, else the first one).
-
-    The admin function runs from the same zip."""
-    names = list(config.values["lambdas"])
-    triggered = [n for n in names if config.values["lambdas"][n]["queueTrigger"]]
-    return (triggered or names or [None])[0]
 
 
 def _jinja_line(exc: BaseException) -> str:

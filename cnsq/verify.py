@@ -15,6 +15,8 @@ import requests
 
 from download_and_predict.base import is_image  # one definition, the Lambda's
 
+from . import layout
+
 
 @dataclass
 class Check:
@@ -188,11 +190,11 @@ def build_target(config, aws, stacks, *, database_url: str | None, model_endpoin
     return Target(
         stack_name=config.stack_name,
         stack_status=description["StackStatus"] if description else None,
-        queue_url=outputs.get("queueURL"),
-        dead_letter_url=outputs.get("deadLetterQueueURL"),
-        database_url=database if (database_url or "databaseSecretArn" in outputs) else None,
+        queue_url=outputs.get(layout.QUEUE_URL),
+        dead_letter_url=outputs.get(layout.DEAD_LETTER_URL),
+        database_url=database if (database_url or layout.DB_SECRET_ARN in outputs) else None,
         admin=None if database_url else AdminFunction.of_stack(aws, outputs),
-        model_endpoint=model_endpoint or outputs.get("modelEndpoint"),
+        model_endpoint=model_endpoint or outputs.get(layout.MODEL_ENDPOINT),
         tile_url=tile_url_from_config(config, tile_id, tile_endpoint),
         tile_id=tile_id,
     )

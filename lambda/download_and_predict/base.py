@@ -23,9 +23,15 @@ from collections.abc import Iterable
 from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import unquote
 
 from .http import Http, HttpError, HttpTimeout, ca_bundle_from_env, proxies_from_env
+from .schema import (
+    MIGRATIONS,
+    UPSERT_POSTGRES,
+    UPSERT_POSTGRES_ROW,
+    UPSERT_SQLITE,
+    sqlite_path,
+)
 
 LOG = logging.getLogger("download_and_predict")
 
@@ -314,12 +320,8 @@ class ResultsWriter:
 
     def connect(self) -> None:
         if self.is_sqlite:
-            # sqlite:///relative/path.db or sqlite:////absolute/path.db
-            path = unquote(self.url.removeprefix("sqlite:///"))
-            self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-            self.conn.execute(
-                "CREATE TABLE IF NOT EXISTS results (tile TEXT PRIMARY KEY, output TEXT)"
-            )
+            self.conn = sqlite3.connect(sqlite_path(self.url), timeout=30, check_same_thread=False)
+            self.conn.execute(MIGRATIONS[0].sqlite)
             self.conn.commit()
             return
         import psycopg2
@@ -361,20 +363,14 @@ class ResultsWriter:
             self.connect()
         if self.is_sqlite:
             with self.conn:
-                self.conn.executemany(
-                    "INSERT INTO results (tile, output) VALUES (?, ?) "
-                    "ON CONFLICT (tile) DO UPDATE SET output = excluded.output", rows)
+                self.conn.executemany(UPSERT_SQLITE, rows)
             return
         from psycopg2.extras import execute_values
 
         try:
             with self.conn.cursor() as cursor:
-                execute_values(
-                    cursor,
-                    "INSERT INTO results (tile, output) VALUES %s "
-                    "ON CONFLICT (tile) DO UPDATE SET output = EXCLUDED.output",
-                    rows, template="(%s, %s::jsonb)", page_size=1000,
-                )
+                execute_values(cursor, UPSERT_POSTGRES, rows, template=UPSERT_POSTGRES_ROW,
+                               page_size=1000)
             self.conn.commit()
         except Exception:
             try:

@@ -53,6 +53,19 @@ MIGRATIONS = (
     Migration(2, "adopt a table the original created", adopt_original_table, "SELECT 1"),
 )
 EXPECTED_COLUMNS = {"tile": "text", "output": "jsonb"}
+# The upsert, by tile: a tile written twice (a redelivered message, a re-run) is one row.
+UPSERT_POSTGRES = ("INSERT INTO results (tile, output) VALUES %s "
+                   "ON CONFLICT (tile) DO UPDATE SET output = EXCLUDED.output")  # execute_values
+UPSERT_POSTGRES_ROW = "(%s, %s::jsonb)"
+UPSERT_SQLITE = ("INSERT INTO results (tile, output) VALUES (?, ?) "
+                 "ON CONFLICT (tile) DO UPDATE SET output = excluded.output")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///relative.db`` → ``relative.db``; ``sqlite:////abs/path.db`` → ``/abs/path.db``."""
+    from urllib.parse import unquote
+
+    return unquote(url.removeprefix("sqlite:///"))
 # The original declared tile varchar(255): as good as text for the handler.
 SAME_TYPE = {"character varying": "text"}
 # One CopyData message per row, the header first: see cnsq.results._CopySink.
