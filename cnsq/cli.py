@@ -119,12 +119,9 @@ def _print_json(data: Any) -> None:
 
 def _paths(config):
     from .deploy import Paths
+    from .project import templates_dir
 
-    root = config.project_dir
-    templates = root / "templates"
-    if not templates.is_dir():  # a config outside a cnsq checkout: use the bundled template
-        templates = Path(__file__).resolve().parent.parent / "templates"
-    return Paths(templates=templates, build=Path(".cnsq"))
+    return Paths(templates=templates_dir(config.project_dir), build=Path(".cnsq"))
 
 
 def _stacks(aws, poll: float = 5.0):
@@ -196,6 +193,32 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--templates", is_flag=True, help="Also copy the CloudFormation template, to customise.")
+@click.option("--lambda", "handler", is_flag=True,
+              help="Also copy the Lambda's code, requirements and examples, to customise.")
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+def init(directory: Path, templates: bool, handler: bool, force: bool) -> None:
+    """Write a starter project: config/config.yml and config/.env to fill in.
+
+    Without --templates and --lambda, commands use the template and the Lambda that ship with
+    cnsq; with them, the project's copies (as kes projects had).
+
+    \b
+    Examples:
+      cnsq init my-project
+      cnsq init . --templates --lambda
+    """
+    from .project import init as write
+
+    written = write(directory, templates, handler, force)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"Next: fill in {directory / 'config/config.yml'} and {directory / 'config/.env'}, "
+               f"then `cnsq validate --config {directory / 'config/config.yml'}`.")
 
 
 @main.command("compile")
@@ -281,9 +304,12 @@ def package_cmd(settings: Settings, upload: bool) -> None:
             state = "uploaded" if location.key in uploaded else "already in S3"
             click.echo(f"{name}: s3://{location.bucket}/{location.key} ({state})")
         return
+    from .project import lambda_source
+
     for name, spec in config.values["lambdas"].items():
         source = Path(spec["source"])
         source = source if source.is_absolute() else config.project_dir / source
+        source = lambda_source(source, paths.build / config.stack_name)
         built = package.build(name, source, paths.build / config.stack_name / "lambdas",
                               spec["runtime"], spec["architecture"], package.SubprocessPip())
         click.echo(f"{name}: {built.path} sha256={built.sha256}")
@@ -1293,6 +1319,7 @@ def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0)
 
 # One line each in `cnsq --help` (click cuts a docstring's first sentence to fit the terminal).
 SHORT_HELP = {
+    "init": "Write a starter project (config, and optionally template and Lambda).",
     "compile": "Render the CloudFormation template.",
     "validate": "Lint the template and check the account (preflight).",
     "package": "Build (and upload) the Lambda zips.",

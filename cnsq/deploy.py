@@ -62,10 +62,13 @@ def package_lambdas(
     code: dict[str, template.CodeLocation] = {}
     uploaded: list[str] = []
     skipped: list[str] = []
+    from .project import lambda_source
+
     for name, spec in config.values["lambdas"].items():
         source = Path(spec["source"])
         if not source.is_absolute():
             source = config.project_dir / source
+        source = lambda_source(source, paths.build / config.stack_name)
         built = package.build(
             name, source, paths.build / config.stack_name / "lambdas",
             spec["runtime"], spec["architecture"], pip,

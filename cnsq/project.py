@@ -1,0 +1,82 @@
+"""Where a command finds the template, the Lambda and the example config: the project's own
+copies when it has them (a kes-style project, or one `cnsq init --templates --lambda` wrote),
+else those that ship with cnsq — so `pip install cnsq` can deploy without a clone.
+
+`cnsq init` writes a starter project from the shipped files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import CnsqError
+
+PACKAGE = Path(__file__).resolve().parent
+# Shipped files: in a wheel under cnsq/bundled/ (setup.cfg's package_dir), in a clone at the root.
+_SHIPPED = {"templates": "templates", "config": "config", "lambda_extra": "lambda"}
+
+
+def shipped(kind: str) -> Path:
+    """The folder of shipped ``templates``, ``config`` or ``lambda_extra`` files.
+
+    Raises:
+        CnsqError: the installation has no such files (a broken install).
+    """
+    for candidate in (PACKAGE / "bundled" / kind, PACKAGE.parent / _SHIPPED[kind]):
+        if candidate.is_dir():
+            return candidate
+    raise CnsqError(f"this cnsq installation has no {kind} files; reinstall cnsq")
+
+
+def templates_dir(project_dir: Path) -> Path:
+    """The project's templates/ if it has one, else the shipped template."""
+    own = project_dir / "templates"
+    return own if own.is_dir() else shipped("templates")
+
+
+def lambda_source(source: Path, build_dir: Path) -> Path:
+    """``source`` if it exists; the default ``lambda`` folder, when the project has none, is
+    assembled from the installed handler package and the shipped requirements."""
+    if source.exists() or source.name != "lambda":
+        return source
+    import download_and_predict
+
+    bundle = build_dir / "shipped-lambda"
+    shutil.rmtree(bundle, ignore_errors=True)
+    bundle.mkdir(parents=True)
+    shutil.copytree(Path(download_and_predict.__file__).parent, bundle / "download_and_predict",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(shipped("lambda_extra") / "requirements.txt", bundle / "requirements.txt")
+    return bundle
+
+
+def init(directory: Path, templates: bool = False, handler: bool = False,
+         force: bool = False) -> list[Path]:
+    """Write ``config/config.yml`` and ``config/.env`` (and, to customise them, ``templates/``
+    and ``lambda/``) into ``directory``; returns what was written.
+
+    Raises:
+        CnsqError: a file would be overwritten without ``force``.
+    """
+    import download_and_predict
+
+    config = shipped("config")
+    plan: list[tuple[Path, Path]] = [(config / "config.example.yml", directory / "config/config.yml"),
+                                     (config / ".env.sample", directory / "config/.env")]
+    if templates:
+        plan += [(p, directory / "templates" / p.name) for p in shipped("templates").glob("*.yml")]
+    if handler:
+        source = Path(download_and_predict.__file__).parent
+        plan += [(p, directory / "lambda/download_and_predict" / p.name) for p in source.glob("*.py")]
+        extra = shipped("lambda_extra")
+        plan += [(extra / "requirements.txt", directory / "lambda/requirements.txt")]
+        plan += [(p, directory / "lambda/examples" / p.name) for p in (extra / "examples").glob("*")
+                 if p.suffix in (".py", ".md")]
+    existing = [target for _, target in plan if target.exists()]
+    if existing and not force:
+        raise CnsqError(f"{existing[0]} exists; nothing was written (--force overwrites)")
+    for source_path, target in plan:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_path, target)
+    return [target for _, target in plan]
