@@ -14,6 +14,8 @@ from typing import Any
 import click
 from tabulate import tabulate
 
+from download_and_predict.errors import HandlerError
+
 from . import __version__
 from .errors import CnsqError
 
@@ -159,11 +161,11 @@ class CnsqGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except CnsqError as exc:
+        except (CnsqError, HandlerError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"Error: {_mask(str(exc))}", err=True)
-            sys.exit(exc.exit_code)
+            sys.exit(getattr(exc, "exit_code", 1))
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # noqa: BLE001 - one line each; --debug shows the traceback

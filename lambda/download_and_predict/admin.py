@@ -21,13 +21,10 @@ import time
 from typing import Any
 
 from .base import Settings, database_fields
+from .errors import AdminError
 from .schema import EXPORT_SQL, migrate_postgres, postgres_columns, schema_problems
 
 ACTIONS = ("migrate", "count", "export")
-
-
-class AdminError(Exception):
-    """A request the admin function cannot carry out; its message is returned to the caller."""
 
 
 def connect(env: dict[str, str]) -> Any:

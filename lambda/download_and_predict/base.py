@@ -24,7 +24,8 @@ from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .http import Http, HttpError, HttpTimeout, ca_bundle_from_env, proxies_from_env
+from .errors import BadRecord, HttpError, HttpTimeout, SettingsError, StepFailed
+from .http import Http, ca_bundle_from_env, proxies_from_env
 from .schema import (
     MIGRATIONS,
     UPSERT_POSTGRES,
@@ -74,18 +75,6 @@ class Record(NamedTuple):
 
     message_id: str
     tile: Tile
-
-
-class BadRecord(ValueError):
-    """A record whose body is not ``{"x": int, "y": int, "z": int}`` for a valid tile."""
-
-
-class StepFailed(RuntimeError):
-    """A step failed for some records; ``reason`` is the label counted in the log line."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def parse_tile(body: str) -> Tile:
@@ -143,7 +132,7 @@ def check_tile_endpoint(template: str) -> None:
         imagery_url(template, Tile(0, 0, 0), "token")
     except (KeyError, IndexError, ValueError) as exc:
         reason = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
-        raise ValueError(f"TILE_ENDPOINT cannot be filled in ({reason}): use {{z}}, {{x}}, {{y}}, "
+        raise SettingsError(f"TILE_ENDPOINT cannot be filled in ({reason}): use {{z}}, {{x}}, {{y}}, "
                          "{s} and {token}, or the original's four {} (z, x, y, token)") from None
 
 
@@ -190,11 +179,11 @@ class Settings:
         if not any(env.get(k) for k in ("DATABASE_URL", "DATABASE_INSTANCE", "DATABASE_SECRET_ARN")):
             missing.append("DATABASE_URL or DATABASE_INSTANCE")
         if missing:
-            raise ValueError(f"missing environment variable(s): {', '.join(missing)}")
+            raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
         check_tile_endpoint(env["TILE_ENDPOINT"])
         mode = env.get("MISSING_TILES", "skip")
         if mode not in ("skip", "fail"):
-            raise ValueError(f"MISSING_TILES must be 'skip' or 'fail', got {mode!r}")
+            raise SettingsError(f"MISSING_TILES must be 'skip' or 'fail', got {mode!r}")
         try:
             return cls(
                 tile_endpoint=env["TILE_ENDPOINT"],
@@ -215,7 +204,7 @@ class Settings:
                 ca_bundle=ca_bundle_from_env(env),
             )
         except ValueError as exc:
-            raise ValueError(f"malformed numeric environment variable: {exc}") from None
+            raise SettingsError(f"malformed numeric environment variable: {exc}") from None
 
 
 def database_fields(env: dict[str, str]) -> dict[str, Any]:

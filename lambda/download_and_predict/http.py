@@ -19,13 +19,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy, should_bypass_proxies
 
-
-class HttpError(Exception):
-    """A request that got no HTTP answer (connection, TLS, proxy, malformed URL)."""
-
-
-class HttpTimeout(HttpError):
-    """The connection or a read timed out."""
+from .errors import HttpError, HttpTimeout
 
 
 def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
