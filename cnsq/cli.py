@@ -598,15 +598,7 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
         raise CnsqError("QUEUE_URL is empty (did the command that should print it fail?); "
                         "omit it to use the stack's tile queue with --config")
     if queue_url is None:
-        if not settings.config.exists():
-            raise CnsqError(f"no QUEUE_URL given and no config to read the stack's from "
-                            f"({settings.config} does not exist)")
-        config = settings.load()
-        from . import layout
-
-        queue_url = _stacks(settings.aws()).outputs(config.stack_name).get(layout.QUEUE_URL)
-        if not queue_url:
-            raise CnsqError(f"stack {config.stack_name} has no queueURL output yet; pass QUEUE_URL")
+        queue_url = _stack_queue_url(settings)
     concurrency = concurrency or default_concurrency()
     aws = Aws(settings.profile, settings.region or _queue_region(queue_url))
     # Standard retries, not adaptive: adaptive mode's client-side rate limiter cuts the send
@@ -624,6 +616,20 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
                      "failedFile": report.failed_file})
     if report.invalid or report.failed or report.interrupted:
         sys.exit(1)
+
+
+def _stack_queue_url(settings: Settings) -> str:
+    """The deployed stack's tile queue (its queueURL output), for push and work."""
+    from . import layout
+
+    if not settings.config.exists():
+        raise CnsqError(f"no queue URL given and no config to read the stack's from "
+                        f"({settings.config} does not exist)")
+    config = settings.load()
+    queue_url = _stacks(settings.aws()).outputs(config.stack_name).get(layout.QUEUE_URL)
+    if not queue_url:
+        raise CnsqError(f"stack {config.stack_name} has no queueURL output yet; pass the queue URL")
+    return queue_url
 
 
 def _clock(seconds: float) -> str:
@@ -1109,7 +1115,7 @@ def tileserver(source: Path, port: int, host: str) -> None:
 
 
 @main.command()
-@click.option("--queue-url", required=True, help="The SQS tile queue.")
+@click.option("--queue-url", help="The SQS tile queue [default: the stack's, read with --config].")
 @click.option("--database-url", envvar="DATABASE_URL", default="sqlite:///results.db",
               show_default=True, help="Where results go.")
 @click.option("--model-endpoint", "--prediction-endpoint", "model_endpoint",
@@ -1124,11 +1130,10 @@ def tileserver(source: Path, port: int, host: str) -> None:
 @click.option("--wait-seconds", default=20, show_default=True, type=click.IntRange(0, 20),
               help="Long-poll wait.")
 @click.option("--until-empty", is_flag=True, help="Stop when nothing is waiting or in flight.")
-@click.option("--region", envvar="AWS_REGION", help="AWS region [default: from QUEUE_URL].")
-@click.option("--profile", envvar="AWS_PROFILE", help="AWS profile [default: AWS_PROFILE].")
-def work(queue_url: str, database_url: str, model_endpoint: str, tile_endpoint: str,
-         concurrency: int, batch_size: int, wait_seconds: int, until_empty: bool,
-         region: str | None, profile: str | None) -> None:
+@config_options
+def work(settings: Settings, queue_url: str | None, database_url: str, model_endpoint: str,
+         tile_endpoint: str, concurrency: int, batch_size: int, wait_seconds: int,
+         until_empty: bool) -> None:
     """Poll an SQS queue and run the Lambda's handler here (a laptop or an EC2 box).
 
     Succeeded records are deleted; failures come back after the visibility timeout and, after
@@ -1147,13 +1152,14 @@ def work(queue_url: str, database_url: str, model_endpoint: str, tile_endpoint: 
     from .local.worker import work as run_work
     from .results import open_store
 
+    queue_url = queue_url or _stack_queue_url(settings)
     store = open_store(database_url)
     store.migrate()
     store.close()
     env = {**os.environ, "TILE_ENDPOINT": tile_endpoint,
            "PREDICTION_ENDPOINT": _predict_url(model_endpoint), "DATABASE_URL": database_url}
     app = build(env)
-    sqs = Aws(profile, region or _queue_region(queue_url)).client(
+    sqs = Aws(settings.profile, settings.region or _queue_region(queue_url)).client(
         "sqs", max_pool_connections=concurrency + 4)
     started = time.monotonic()
 
