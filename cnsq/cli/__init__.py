@@ -1,0 +1,39 @@
+"""The ``cnsq`` command line: a click group (``app``) and one module per group of commands,
+each command a small function that parses options and delegates."""
+
+from __future__ import annotations
+
+from . import data, local, operate, stack  # noqa: F401 - registers the commands
+from .app import _model_url, _predict_url, _queue_region, main
+
+__all__ = ["main", "_model_url", "_predict_url", "_queue_region"]
+
+# One line each in `cnsq --help` (click cuts a docstring's first sentence to fit the terminal).
+SHORT_HELP = {
+    "init": "Write a starter project (config, and optionally template and Lambda).",
+    "compile": "Render the CloudFormation template.",
+    "validate": "Lint the template and check the account (preflight).",
+    "package": "Build (and upload) the Lambda zips.",
+    "deploy": "Deploy the stack through a change set.",
+    "outputs": "Print the stack's outputs.",
+    "delete": "Delete the stack.",
+    "setup": "Create or migrate the results table.",
+    "download": "Download the results as CSV.",
+    "convert-geojson": "Results CSV → thresholded GeoJSON.",
+    "tiles": "List the tiles covering a GeoJSON area.",
+    "push": "Send tiles to the queue.",
+    "redrive": "Move the dead letter queue back to the tile queue.",
+    "status": "The run's numbers and what to change.",
+    "verify": "Check every part of the stack (or of a local setup).",
+    "tag-logs": "Tag the stack's log groups for cost tracking.",
+    "gpu-util": "GPU utilisation of each model instance.",
+    "model": "Build a TF Serving image from a SavedModel.",
+    "serve": "Serve an ONNX model with TF Serving's REST API.",
+    "tileserver": "Serve XYZ tiles from a folder or MBTiles.",
+    "work": "Work an SQS queue with the Lambda's handler here.",
+    "run": "Run the whole job on this machine.",
+    "demo": "The whole pipeline on synthetic tiles, scored.",
+}
+for _name, _text in SHORT_HELP.items():
+    if _name in main.commands:
+        main.commands[_name].short_help = _text

@@ -1,0 +1,5 @@
+"""``python -m cnsq.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,194 @@
+"""`cnsq` commands: setup, download, convert-geojson and tiles: the results and the tile lists.
+
+Each parses its options and delegates."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .app import (
+    Settings,
+    _admin,
+    _database_url,
+    _finite,
+    _one_output,
+    _print_json,
+    _row_progress,
+    config_options,
+    json_option,
+    main,
+)
+
+
+@main.command()
+@click.argument("db_string", required=False)
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="The same as DB_STRING [default: DATABASE_URL, else the stack's].")
+@config_options
+def setup(settings: Settings, db_string: str | None, database_url: str | None) -> None:
+    """Create the results table (versioned migrations; running it twice is harmless).
+
+    DB_STRING is a database URL (postgresql://user:pass@host:5432/ResultsDB or
+    sqlite:///results.db). Without it, the deployed stack's private database is migrated by the
+    stack's admin function, inside the VPC (deploy does this once the stack is complete).
+
+    \b
+    Examples:
+      cnsq setup --config config/config.yml
+      cnsq setup postgresql://postgres:secret@localhost:5432/results
+    """
+    from ..results import mask, open_store
+
+    db_string = db_string or database_url
+    admin = _admin(db_string, settings)
+    if admin is not None:
+        answer = admin.call("migrate")
+        names = ", ".join(answer["applied"])
+        click.echo(f"Applied migration(s) {names} through {admin.name}." if names
+                   else f"The results table is up to date; nothing to migrate ({admin.name}).")
+        return
+    url = _database_url(db_string, settings)
+    store = open_store(url)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    if applied:
+        names = ", ".join(f"{m.version} ({m.name})" for m in applied)
+        click.echo(f"Applied migration(s) {names} to {mask(url)}.")
+    else:
+        click.echo(f"{mask(url)} is up to date; nothing to migrate.")
+
+
+@main.command()
+@click.argument("out", metavar="[OUT.csv]", required=False)
+@click.option("--output", "-o", "output", help="The CSV to write ('-': stdout); or as OUT.csv.")
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="postgresql://… or sqlite:///… [default: DATABASE_URL, else the stack's].")
+@config_options
+@json_option
+def download(settings: Settings, out: str | None, output: str | None,
+             database_url: str | None, as_json: bool) -> None:
+    """Stream the results to a CSV file (tile,output with the output as JSON); '-' for stdout.
+
+    Memory stays flat at any row count, and an interrupted download never leaves a partial file
+    under the final name. A deployed stack's private database is exported to
+    s3://<buckets.internal>/<stackName>/exports/ by its admin function, then copied here.
+
+    \b
+    Examples:
+      cnsq download results.csv --config config/config.yml
+      DATABASE_URL=postgresql://user:pass@host:5432/ResultsDB cnsq download results.csv
+      cnsq download - --database-url sqlite:///results.db | head
+    """
+    from ..download import download as run_download
+    from ..results import open_store
+
+    out = _one_output(out, output, "OUT.csv")
+    if as_json and out == "-":
+        raise click.UsageError("--json prints to stdout: write the CSV to a file")
+    admin = _admin(database_url, settings) if out != "-" else None
+    if admin is not None:
+        from ..download import writable_target
+
+        writable_target(out)
+        show = None
+        if sys.stderr.isatty():
+            def show(done: int) -> None:
+                click.echo(f"\rCopying the export to {out}: {done / 1e6:,.1f} MB", nl=False, err=True)
+        export = admin.download_export(out, show)
+        if show:
+            click.echo("", err=True)
+        click.echo(f"Wrote {export['rows']:,} rows to {out} (exported to "
+                   f"s3://{export['bucket']}/{export['key']}).", err=True)
+        if as_json:
+            _print_json({"output": out, "rows": export["rows"],
+                         "export": f"s3://{export['bucket']}/{export['key']}"})
+        return
+    from ..download import writable_target
+
+    if out != "-":
+        writable_target(out)  # before an export that may take minutes
+    store = open_store(_database_url(database_url, settings), create=False)
+    progress = _row_progress(f"Downloading to {out}") if out != "-" else None
+    try:
+        rows = run_download(store, out, sys.stdout.buffer, progress)
+    finally:
+        store.close()
+    if progress:
+        click.echo("", err=True)
+    click.echo(f"Wrote {rows:,} rows to {out if out != '-' else 'stdout'}.", err=True)
+    if as_json:
+        _print_json({"output": out, "rows": rows})
+
+
+@main.command("convert-geojson")
+@click.argument("source", metavar="IN.csv", type=click.Path(path_type=Path))
+@click.argument("target", metavar="[OUT.geojson]", required=False)
+@click.option("--output", "-o", "output", help="The GeoJSON to write ('-': stdout); or as OUT.geojson.")
+@click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, required=True,
+              help="Index of the class score to threshold on.")
+@click.option("--thresh", type=float, required=True, callback=lambda ctx, param, value: _finite(value),
+              help="Keep tiles whose score is >= this.")
+@click.option("--tms", is_flag=True, help="The CSV's tile ids are TMS (y flipped), not XYZ.")
+@click.option("--seq", is_flag=True, help="Write one Feature per line (newline-delimited).")
+def convert_geojson(source: Path, target: str | None, output: str | None, thresh_ind: int,
+                    thresh: float, tms: bool, seq: bool) -> None:
+    """Convert a results CSV (tile,output) to GeoJSON polygons of the tiles that pass a threshold.
+
+    Streams at any size. Properties: the tile and its class scores p0, p1, … unrounded.
+    Bad rows are reported with their line numbers and skipped ('-' writes to stdout).
+
+    \b
+    Example (keep tiles whose class-1 score is at least 0.95):
+      cnsq convert-geojson results.csv buildings.geojson --thresh_ind 1 --thresh 0.95
+    """
+    from ..geojson import convert_file
+
+    target = _one_output(target, output, "OUT.geojson")
+
+    def progress(report) -> None:
+        click.echo(f"\rread {report.read:,} rows, kept {report.kept:,}", nl=False, err=True)
+
+    on_tty = sys.stderr.isatty()
+    report = convert_file(source, target, sys.stdout, thresh_ind=thresh_ind, thresh=thresh,
+                          tms=tms, seq=seq, progress=progress if on_tty else None)
+    if on_tty and report.read >= 50_000:
+        click.echo("", err=True)
+    for line, reason in report.bad[:20]:
+        click.echo(f"{source}:{line}: {reason}", err=True)
+    if report.bad_count > 20:
+        click.echo(f"… and {report.bad_count - 20:,} more bad rows", err=True)
+    click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}"
+               f"{'' if target == '-' else f'; wrote {target}'}.", err=True)
+    if report.bad_count:
+        sys.exit(1)
+
+
+@main.command("tiles")
+@click.argument("aoi", metavar="AOI.geojson", type=click.Path(path_type=Path))
+@click.option("--zoom", "-z", type=click.IntRange(0, 30), required=True, help="Tile zoom level.")
+@click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
+def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
+    """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file.
+
+    Accepts a FeatureCollection, a Feature or a bare geometry; writes x-y-z lines without
+    duplicates, ready for `cnsq push`.
+
+    \b
+    Example:
+      cnsq tiles area.geojson --zoom 17 -o tiles.txt
+    """
+    from ..tiles import cover, load_geojson, write_tiles
+
+    found = cover(load_geojson(aoi), zoom)
+    if output == "-":
+        count = write_tiles(found, sys.stdout)
+    else:
+        with open(output, "w", encoding="utf-8") as handle:
+            count = write_tiles(found, handle)
+    click.echo(f"{count:,} tiles at zoom {zoom}" + ("" if output == "-" else f" written to {output}")
+               + ".", err=True)

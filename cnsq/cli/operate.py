@@ -1,0 +1,378 @@
+"""`cnsq` commands: push, redrive, status, verify, tag-logs, gpu-util and model: running a job on AWS.
+
+Each parses its options and delegates."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from ..errors import CnsqError
+from .app import (
+    Settings,
+    _duration,
+    _model_url,
+    _print_json,
+    _queue_region,
+    _stack_queue_url,
+    _stacks,
+    config_options,
+    json_option,
+    main,
+)
+
+
+@main.command()
+@click.argument("tiles", metavar="TILES")
+@click.argument("queue_url", required=False)
+@click.option("--concurrency", "-n", type=click.IntRange(1, 512), default=None,
+              help="send_message_batch calls in flight [default: PROMISE_THRESHOLD, else 16].")
+@click.option("--strict", is_flag=True, help="Send nothing if any line is invalid.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted push of TILES to QUEUE_URL.")
+@click.option("--restart", is_flag=True, help="Forget an interrupted push and send everything.")
+@click.option("--failed-file", type=click.Path(path_type=Path),
+              help="Where tiles that failed after retries go [default: TILES.failed].")
+@config_options
+@json_option
+def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int | None,
+         strict: bool, resume: bool, restart: bool, failed_file: Path | None,
+         as_json: bool) -> None:
+    """Send tiles (x-y-z lines; '-' for stdin) to the SQS queue as {"x","y","z"} messages.
+
+    QUEUE_URL defaults to the deployed stack's tile queue (its queueURL output, read with
+    --config). Bad lines are reported with their line numbers and skipped. Interrupted (Ctrl-C),
+    the push saves its place under .cnsq/push/ and continues with --resume: no tile is sent
+    twice. Tiles that fail after retries are written to a file to push again.
+
+    \b
+    Examples:
+      cnsq push tiles.txt --config config/config.yml
+      cnsq push tiles.txt https://sqs.us-east-1.amazonaws.com/123456789012/cnsqdevTileQueue
+      PROMISE_THRESHOLD=64 cnsq push tiles.txt --config config/config.yml --deployment prod
+    """
+    from ..aws import Aws
+    from ..push import default_concurrency, run_push
+
+    if queue_url is not None and not queue_url.strip():
+        raise CnsqError("QUEUE_URL is empty (did the command that should print it fail?); "
+                        "omit it to use the stack's tile queue with --config")
+    if queue_url is None:
+        queue_url = _stack_queue_url(settings)
+    concurrency = concurrency or default_concurrency()
+    aws = Aws(settings.profile, settings.region or _queue_region(queue_url))
+    # Standard retries, not adaptive: adaptive mode's client-side rate limiter cuts the send
+    # rate under throttling far below what SQS takes; push backs off per batch itself.
+    sqs = aws.client("sqs", max_pool_connections=concurrency + 4,
+                     retries={"mode": "standard", "max_attempts": 4})
+    report = run_push(tiles, queue_url, sqs, concurrency=concurrency, strict=strict,
+                      resume=resume, restart=restart, failed_file=failed_file,
+                      state_dir=Path(".cnsq"), tty=sys.stderr.isatty())
+    if as_json:
+        _print_json({"queue": queue_url, "sent": report.sent, "skipped": report.skipped,
+                     "resumedFrom": report.resumed_from, "interrupted": report.interrupted,
+                     "invalid": [{"line": n, "error": e} for n, e in report.invalid],
+                     "failed": [{"line": n, "tile": t, "reason": r} for n, t, r in report.failed],
+                     "failedFile": report.failed_file})
+    if report.invalid or report.failed or report.interrupted:
+        sys.exit(1)
+
+
+@main.command()
+@config_options
+@click.option("--database-url", envvar="DATABASE_URL", help="Check this database instead.")
+@click.option("--model-endpoint", help="…/v1/models/NAME to check instead of the stack's.")
+@click.option("--tile-endpoint", help="Imagery URL template instead of the config's.")
+@click.option("--tile", "tile_id", default="0-0-0", show_default=True,
+              help="Sample tile (x-y-z) for the imagery and prediction checks.")
+@json_option
+def verify(settings: Settings, database_url: str | None, model_endpoint: str | None,
+           tile_endpoint: str | None, tile_id: str, as_json: bool) -> None:
+    """Check each part of the deployed stack; exit 1 if any check fails.
+
+    Checks: the stack is complete; the tile queue and dead letter queue exist (and their
+    depth); the results table has the right columns; the model's status path answers 200; the
+    imagery endpoint serves the sample tile as an image; the model predicts on it. Given
+    --database-url, --model-endpoint and --tile-endpoint together, it checks those targets
+    alone: no config, no AWS (a local setup).
+
+    \b
+    Examples:
+      cnsq verify --config config/config.yml --tile 9646-12319-15
+      cnsq verify --database-url sqlite:///results.db --tile 1-2-3 \
+        --model-endpoint http://127.0.0.1:8501/v1/models/water \
+        --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png'
+    """
+    from ..tiles import parse_tile_id
+    from ..verify import Target, build_target, run_checks, tile_url_from_template
+
+    try:
+        parse_tile_id(tile_id)
+    except ValueError as exc:
+        raise CnsqError(f"--tile {tile_id}: {exc}") from None
+    model_endpoint = _model_url(model_endpoint)
+    if database_url and model_endpoint and tile_endpoint:
+        target = Target(stack_name=None, stack_status=None, queue_url=None, dead_letter_url=None,
+                        database_url=lambda: database_url, model_endpoint=model_endpoint,
+                        tile_url=tile_url_from_template(tile_endpoint, tile_id), tile_id=tile_id)
+        checks = run_checks(target, sqs=None)
+    else:
+        config = settings.load()
+        aws = settings.aws()
+        target = build_target(config, aws, _stacks(aws), database_url=database_url,
+                              model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
+                              tile_id=tile_id)
+        checks = run_checks(target, aws.client("sqs"))
+    failed = [c.name for c in checks if not c.ok]
+    if as_json:
+        _print_json({"passed": not failed, "checks": checks})
+        sys.exit(1 if failed else 0)
+    click.echo(tabulate([["✓" if c.ok else "✗", c.name, c.detail] for c in checks],
+                        headers=["", "Check", "Detail"]))
+    if failed:
+        click.echo(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}.", err=True)
+        sys.exit(1)
+    click.echo(f"All {len(checks)} checks passed.")
+
+
+@main.command("tag-logs")
+@config_options
+@json_option
+def tag_logs(settings: Settings, as_json: bool) -> None:
+    """Tag the stack's CloudWatch log groups with Project (and Stack) for cost tracking.
+
+    Includes the groups Lambda creates itself (/aws/lambda/<fullName>). Running it again
+    changes nothing.
+
+    \b
+    Example:
+      cnsq tag-logs --config config/config.yml
+    """
+    from ..logs import log_group_names, tag_log_groups
+
+    config = settings.load()
+    aws = settings.aws()
+    tags = {"Project": config.values["projectTag"], "Stack": config.stack_name}
+    results = tag_log_groups(aws.client("logs"), log_group_names(config, _stacks(aws)), tags)
+    if as_json:
+        _print_json({"tags": tags, "logGroups": results})
+        return
+    click.echo(tabulate([[r.name, r.status, ", ".join(f"{k}={v}" for k, v in r.added.items())]
+                         for r in results], headers=["Log group", "Status", "Added"]))
+    missing = [r.name for r in results if r.status == "missing"]
+    tagged = sum(r.status == "tagged" for r in results)
+    click.echo(f"Tagged {tagged}, already tagged {len(results) - tagged - len(missing)}, "
+               f"missing {len(missing)}.")
+    if missing:
+        click.echo("A missing Lambda log group appears after the function's first run.", err=True)
+
+
+@main.command("gpu-util")
+@click.argument("ssh_key", required=False, type=click.Path(exists=True, dir_okay=False))
+@config_options
+@click.option("--user", default="ec2-user", show_default=True, help="SSH user.")
+@click.option("--ssm", is_flag=True, help="Use SSM Run Command instead of SSH (port 22 closed).")
+@json_option
+def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool, as_json: bool) -> None:
+    """Show the GPU utilisation of every instance in the stack's ECS cluster.
+
+    Runs nvidia-smi on each instance in parallel, over SSH with SSH_KEY or through SSM with
+    --ssm. By default the instances' security group refuses SSH: add a rule, or use --ssm.
+
+    \b
+    Examples:
+      cnsq gpu-util ~/.ssh/my-key.pem --config config/config.yml
+      cnsq gpu-util --ssm --config config/config.yml
+    """
+    from ..gpu import SshRunner, SsmRunner, cluster_name, discover, gpu_rows
+
+    if not ssm and not ssh_key:
+        raise CnsqError("pass SSH_KEY (a .pem file) or --ssm")
+    config = settings.load()
+    aws = settings.aws()
+    instances = discover(aws.client("ecs"), aws.client("ec2"),
+                         cluster_name(_stacks(aws), config.stack_name))
+    if not instances:
+        if as_json:
+            _print_json({"instances": []})
+            return
+        click.echo("The cluster has no container instances (is ecs.desiredInstances 0?).")
+        return
+    runner = SsmRunner(aws.client("ssm")) if ssm else SshRunner(ssh_key, user)
+    rows = gpu_rows(instances, runner)
+    if as_json:
+        _print_json({"instances": rows})
+        sys.exit(1 if any(r.error for r in rows) else 0)
+    click.echo(tabulate([[r.ip, r.instance_type, r.gpu, r.utilization, r.memory, r.error]
+                         for r in rows], headers=["IP Address", "Instance Type", "GPU",
+                                                  "GPU Utilization", "Memory", "Error"],
+                        tablefmt="grid"))
+    if any(r.error for r in rows):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--name", help="Model name (TF Serving's MODEL_NAME) [default: the folder's name].")
+@click.option("--use-gpu", is_flag=True, help="Build on tensorflow/serving:latest-gpu.")
+@click.option("--tag", default="latest", show_default=True, help="Image tag.")
+@click.option("--context-only", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the Docker build context here and stop (no Docker needed).")
+@click.option("--push", "push_", is_flag=True, help="Push to ECR (creating the repository).")
+@click.option("--region", envvar="AWS_REGION", help="AWS region for ECR and s3:// sources.")
+@click.option("--profile", envvar="AWS_PROFILE", help="AWS profile.")
+def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: Path | None,
+          push_: bool, region: str | None, profile: str | None) -> None:
+    """Build a TF Serving image from a SavedModel and print the config lines that use it.
+
+    SOURCE is a SavedModel folder (or a folder of numbered versions), s3://bucket/prefix, or
+    gs://bucket/prefix (with google-cloud-storage installed).
+
+    \b
+    Examples:
+      cnsq model ./export/buildings --use-gpu --push
+      cnsq model s3://my-models/buildings --context-only build/
+    """
+    from .. import model as image
+
+    aws = None
+    if source.startswith("s3://") or push_:
+        from ..aws import Aws
+
+        aws = Aws(profile, region)
+    import shutil
+
+    name = name or Path(source.rstrip("/")).name or "model"
+    if not context_only:
+        problem = image.docker_available()  # before fetching or writing anything
+        if problem:
+            raise CnsqError(f"{problem}; write the build context with --context-only DIR and "
+                            "build it where Docker runs (docker build -t IMAGE DIR)")
+    workdir = image.temporary_dir()
+    try:
+        local = image.fetch(source, workdir / "source", aws.client("s3") if aws else None)
+        context = image.write_context(local, context_only or workdir / "context", name, use_gpu)
+        click.echo(f"Build context for {name} (versions {', '.join(context.versions)}) in "
+                   f"{context.path}")
+        image_name = f"{name}:{tag}"
+        if context_only:
+            click.echo(f"Build it with: docker build -t {image_name} {context.path}")
+        else:
+            image.build_image(context.path, image_name)
+            if push_:
+                repository = image.ensure_repository(aws.client("ecr"), name)
+                image_name = image.push_image(aws.client("ecr"), f"{name}:{tag}", repository, tag)
+            click.echo(f"Built {image_name}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # the fetched model and, unless kept, the context
+    click.echo("\nPut these lines in config/config.yml:\n  ecs:\n"
+               f"    image: {image_name}\n  predictionPath: /v1/models/{name}")
+
+
+@main.command()
+@config_options
+@click.option("--max", "limit", type=click.IntRange(1), help="Move at most this many messages.")
+@click.option("--dry-run", is_flag=True, help="Count and show a sample; move nothing.")
+@click.option("--queue-url", help="Tile queue [default: the stack's].")
+@click.option("--dlq-url", help="Dead letter queue [default: the stack's].")
+@click.option("--visibility-timeout", default=60, show_default=True,
+              help="Seconds a received DLQ message stays hidden while it is moved.")
+@json_option
+def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str | None,
+            dlq_url: str | None, visibility_timeout: int, as_json: bool) -> None:
+    """Move the dead letter queue's tiles back to the tile queue; nothing is lost if it stops.
+
+    \b
+    Examples:
+      cnsq redrive --config config/config.yml --dry-run
+      cnsq redrive --config config/config.yml --max 1000
+    """
+    import dataclasses
+
+    from ..redrive import Journal, queue_urls, sample
+    from ..redrive import redrive as move
+
+    aws = settings.aws()
+    if not (queue_url and dlq_url):
+        config = settings.load()
+        found = queue_urls(_stacks(aws), config.stack_name, config.values["stackNoDash"])
+        queue_url, dlq_url = queue_url or found[0], dlq_url or found[1]
+    sqs = aws.client("sqs")
+    if dry_run:
+        depth, bodies = sample(sqs, dlq_url)
+        click.echo(f"{depth:,} messages in {dlq_url}; a sample:")
+        for body in bodies:
+            click.echo(f"  {body}")
+        return
+    report = move(sqs, dlq_url, queue_url, Journal.open(Path(".cnsq"), dlq_url), limit=limit,
+                  visibility_timeout=visibility_timeout)
+    if as_json:
+        _print_json({"from": dlq_url, "to": queue_url, **dataclasses.asdict(report)})
+    note = f" ({report.already_sent} sent by an interrupted run, now deleted)" \
+        if report.already_sent else ""
+    click.echo(f"Moved {report.moved:,} messages from {dlq_url} to {queue_url}{note}.",
+               err=as_json)
+    if report.uncertain:
+        click.echo(f"A killed run was sending {report.uncertain} message(s) when it stopped; SQS "
+                   f"cannot tell whether they arrived, so {report.resent} were sent again (the "
+                   "tile queue may hold those twice; each tile is written once).", err=True)
+    if report.failed:
+        click.echo(f"{len(report.failed)} could not be sent and stay in the DLQ.", err=True)
+    if report.interrupted:
+        click.echo("Interrupted; run it again to move the rest.", err=True)
+    if report.invisible:
+        click.echo(f"{report.invisible:,} message(s) of the DLQ are still invisible (held by an "
+                   f"earlier run or another consumer); run again after their visibility timeout "
+                   f"({visibility_timeout}s for a run of this command).", err=True)
+    if report.failed or report.interrupted or report.invisible:
+        sys.exit(1)
+
+
+@main.command()
+@config_options
+@click.option("--since", default="15m", show_default=True, help="Metrics window (30m, 2h, 1d).")
+@click.option("--watch", is_flag=True, help="Refresh every 30 seconds (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="Metrics and diagnosis as JSON.")
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="Count results rows here [default: the stack's database, if reachable].")
+def status(settings: Settings, since: str, watch: bool, as_json: bool,
+           database_url: str | None) -> None:
+    """Show the run's numbers and which of the four scenarios they point to, with what to change.
+
+    Queues, Lambda invocations/errors/throttles/duration/concurrency, the model endpoint's
+    requests/latency/5xx, GPU utilisation per instance, the results rows, the time for the queue
+    to drain, and the diagnosis (thresholds in `cnsq.status.THRESHOLDS`, see the README).
+
+    \b
+    Example:
+      cnsq status --config config/config.yml --since 30m --watch
+    """
+
+    from ..status import as_dict, collect, diagnose, render
+
+    window = _duration(since)
+    config = settings.load()
+    aws = settings.aws()
+    stacks = _stacks(aws)
+    if stacks.describe(config.stack_name) is None:
+        raise CnsqError(f"stack '{config.stack_name}' does not exist")
+    lam = next(iter(config.values["lambdas"].values()), {"timeout": 300, "concurrent": None})
+    # Without --database-url, the stack's admin function counts the rows (see status.collect).
+    while True:
+        metrics = collect(aws, stacks, config, window, database_url)
+        diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],
+                             config.values["ecs"]["desiredInstances"])
+        if as_json:
+            click.echo(json.dumps(as_dict(metrics, diagnosis), indent=2, default=str))
+        else:
+            if watch:
+                click.clear()
+            click.echo(f"{config.stack_name}, last {since}:")
+            click.echo(render(metrics, diagnosis))
+        if not watch:
+            return
+        time.sleep(30)
