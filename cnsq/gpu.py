@@ -13,8 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .errors import CnsqError
+
 QUERY = ("nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total "
          "--format=csv,noheader,nounits")
+
+
+class GpuError(CnsqError):
+    """Reading an instance's GPUs failed (SSH, SSM, nvidia-smi), or the stack has no cluster."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class SshRunner:
              "-o", "StrictHostKeyChecking=accept-new", f"{self.user}@{instance.ip}", command],
             capture_output=True, text=True, timeout=self.timeout, check=False)
         if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+            raise GpuError(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
                                else f"ssh exited {done.returncode}")
         return done.stdout
 
@@ -76,15 +82,15 @@ class SsmRunner:
             if result["Status"] == "Success":
                 return result.get("StandardOutputContent", "")
             if result["Status"] in ("Failed", "Cancelled", "TimedOut"):
-                raise RuntimeError(result.get("StandardErrorContent") or result["Status"])
-        raise RuntimeError(f"SSM command did not finish within {self.timeout:.0f}s")
+                raise GpuError(result.get("StandardErrorContent") or result["Status"])
+        raise GpuError(f"SSM command did not finish within {self.timeout:.0f}s")
 
 
 def cluster_name(stacks: Any, stack_name: str) -> str:
     for _, rtype, physical in stacks.resources(stack_name):
         if rtype == "AWS::ECS::Cluster" and physical:
             return physical.rsplit("/", 1)[-1]
-    raise RuntimeError(f"stack {stack_name} has no ECS cluster")
+    raise GpuError(f"stack {stack_name} has no ECS cluster")
 
 
 def discover(ecs: Any, ec2: Any, cluster: str) -> list[Instance]:
@@ -113,11 +119,11 @@ def parse_nvidia_smi(text: str) -> list[tuple[str, str, str]]:
     for line in text.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 4:
-            raise RuntimeError(f"unexpected nvidia-smi output: {line[:80]!r}")
+            raise GpuError(f"unexpected nvidia-smi output: {line[:80]!r}")
         index, util, used, total = parts
         gpus.append((index, f"{util} %", f"{used} / {total} MiB"))
     if not gpus:
-        raise RuntimeError("nvidia-smi listed no GPU")
+        raise GpuError("nvidia-smi listed no GPU")
     return gpus
 
 

@@ -16,6 +16,11 @@ import requests
 from download_and_predict.base import is_image  # one definition, the Lambda's
 
 from . import layout
+from .errors import CnsqError
+
+
+class CheckFailed(CnsqError):
+    """One check's ✗, with what was found."""
 
 
 @dataclass
@@ -57,15 +62,15 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
 
     def stack() -> str:
         if target.stack_status is None:
-            raise RuntimeError(f"stack {target.stack_name} does not exist")
+            raise CheckFailed(f"stack {target.stack_name} does not exist")
         if target.stack_status not in ("CREATE_COMPLETE", "UPDATE_COMPLETE"):
-            raise RuntimeError(f"stack {target.stack_name} is {target.stack_status}")
+            raise CheckFailed(f"stack {target.stack_name} is {target.stack_status}")
         return f"{target.stack_name} is {target.stack_status}"
 
     def queue(url: str | None, what: str) -> Callable[[], str]:
         def run() -> str:
             if not url:
-                raise RuntimeError(f"no {what} URL (stack output missing)")
+                raise CheckFailed(f"no {what} URL (stack output missing)")
             attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
                 "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
             visible = int(attrs.get("ApproximateNumberOfMessages", 0))
@@ -82,25 +87,25 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
         if target.admin is not None and target.database_url is None:
             answer = target.admin.call("count")
             if answer["problems"]:
-                raise RuntimeError("; ".join(answer["problems"]))
+                raise CheckFailed("; ".join(answer["problems"]))
             return f"results(tile, output) exists with {answer['rows']:,} rows (via {target.admin.name})"
         if target.database_url is None:
-            raise RuntimeError("no database (stack output missing; pass --database-url)")
+            raise CheckFailed("no database (stack output missing; pass --database-url)")
         store = open_store(target.database_url())
         try:
             problems = store.check_schema()
             if problems:
-                raise RuntimeError("; ".join(problems))
+                raise CheckFailed("; ".join(problems))
             return f"results(tile, output) exists with {store.count():,} rows"
         finally:
             store.close()
 
     def model() -> str:
         if not target.model_endpoint:
-            raise RuntimeError("no model endpoint (stack output missing)")
+            raise CheckFailed("no model endpoint (stack output missing)")
         response = session.get(target.model_endpoint, timeout=timeout)
         if response.status_code != 200:
-            raise RuntimeError(f"GET {target.model_endpoint} answered HTTP {response.status_code}")
+            raise CheckFailed(f"GET {target.model_endpoint} answered HTTP {response.status_code}")
         states = [v.get("state") for v in response.json().get("model_version_status", [])]
         return f"{target.model_endpoint} answered 200 ({', '.join(states) or 'no version status'})"
 
@@ -108,30 +113,30 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
 
     def imagery() -> str:
         if not target.tile_url:
-            raise RuntimeError("no TILE_ENDPOINT in the config (pass --tile-endpoint)")
+            raise CheckFailed("no TILE_ENDPOINT in the config (pass --tile-endpoint)")
         response = session.get(target.tile_url, timeout=timeout)
         if response.status_code != 200:
-            raise RuntimeError(f"tile {target.tile_id} answered HTTP {response.status_code}")
+            raise CheckFailed(f"tile {target.tile_id} answered HTTP {response.status_code}")
         kind = response.headers.get("Content-Type", "")
         if not is_image(response.content):
-            raise RuntimeError(f"tile {target.tile_id} is not an image ({kind or 'no type'})")
+            raise CheckFailed(f"tile {target.tile_id} is not an image ({kind or 'no type'})")
         image["bytes"] = response.content
         return f"tile {target.tile_id}: {len(response.content):,} bytes of {kind or 'image'}"
 
     def prediction() -> str:
         if "bytes" not in image:
-            raise RuntimeError("no sample image to predict on (see the imagery check)")
+            raise CheckFailed("no sample image to predict on (see the imagery check)")
         if not target.model_endpoint:
-            raise RuntimeError("no model endpoint")
+            raise CheckFailed("no model endpoint")
         payload = {"instances": [{"image_bytes": {"b64": base64.b64encode(image["bytes"]).decode()}}]}
         url = target.model_endpoint + ":predict"
         response = session.post(url, json=payload, timeout=timeout)
         if response.status_code != 200:
-            raise RuntimeError(f"POST {url} answered HTTP {response.status_code}: "
+            raise CheckFailed(f"POST {url} answered HTTP {response.status_code}: "
                                f"{response.text[:120]}")
         predictions = response.json().get("predictions")
         if not isinstance(predictions, list) or len(predictions) != 1:
-            raise RuntimeError(f"expected one prediction, got {predictions!r:.120}")
+            raise CheckFailed(f"expected one prediction, got {predictions!r:.120}")
         return f"tile {target.tile_id} → {str(predictions[0])[:80]}"
 
     if target.stack_name is not None:  # None: a local setup, no stack to check

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import client
 
 from cnsq.cli import main
-from cnsq.gpu import Instance, cluster_name, discover, gpu_rows, parse_nvidia_smi
+from cnsq.gpu import GpuError, Instance, cluster_name, discover, gpu_rows, parse_nvidia_smi
 from cnsq.stack import Stacks
 
 
@@ -84,7 +84,7 @@ def test_empty_cluster_has_no_instances(aws):
 
 
 def test_parse_rejects_unexpected_output():
-    with pytest.raises(RuntimeError, match="unexpected nvidia-smi output"):
+    with pytest.raises(GpuError, match="unexpected nvidia-smi output"):
         parse_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the driver")
 
 
