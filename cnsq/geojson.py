@@ -52,6 +52,33 @@ def _feature(identifier: str, tile: mercantile.Tile, scores: list) -> str:
                        "properties": properties}, separators=(",", ":"), allow_nan=False)
 
 
+def read_result(row: list[str], thresh_ind: int) -> tuple[mercantile.Tile, list, float]:
+    """One ``tile,output`` CSV row → (tile, its class scores, the score at ``thresh_ind``).
+
+    Raises:
+        ValueError: the row is malformed; the message says what is wrong with it.
+    """
+    if len(row) != 2:
+        raise ValueError(f"expected 2 columns (tile,output), got {len(row)}")
+    text_id, output = row
+    try:
+        tile = parse_tile_id(text_id)
+    except ValueError as exc:
+        raise ValueError(f"tile: {exc}") from None
+    try:
+        scores = json.loads(output)
+    except ValueError:
+        raise ValueError(f"output is not JSON: {output[:40]!r}") from None
+    if not isinstance(scores, list):
+        raise ValueError("output is not a list of class scores")
+    if not -len(scores) <= thresh_ind < len(scores):
+        raise ValueError(f"--thresh_ind {thresh_ind} is out of range for {len(scores)} scores")
+    value = scores[thresh_ind]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"score {thresh_ind} is not a number: {value!r}")
+    return tile, scores, float(value)
+
+
 PROGRESS_EVERY = 50_000  # rows between progress updates
 
 
@@ -74,30 +101,10 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
         report.read += 1
         if progress and report.read % PROGRESS_EVERY == 0:
             progress(report)
-        if len(row) != 2:
-            report.add_bad(line, f"expected 2 columns (tile,output), got {len(row)}")
-            continue
-        text_id, output = row
         try:
-            tile = parse_tile_id(text_id)
+            tile, scores, value = read_result(row, thresh_ind)
         except ValueError as exc:
-            report.add_bad(line, f"tile: {exc}")
-            continue
-        try:
-            scores = json.loads(output)
-        except ValueError:
-            report.add_bad(line, f"output is not JSON: {output[:40]!r}")
-            continue
-        if not isinstance(scores, list):
-            report.add_bad(line, "output is not a list of class scores")
-            continue
-        if not -len(scores) <= thresh_ind < len(scores):
-            report.add_bad(line, f"--thresh_ind {thresh_ind} is out of range for {len(scores)} "
-                                 "scores")
-            continue
-        value = scores[thresh_ind]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            report.add_bad(line, f"score {thresh_ind} is not a number: {value!r}")
+            report.add_bad(line, str(exc))
             continue
         if value < thresh:
             continue
@@ -119,7 +126,7 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
     return report
 
 
-def _check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
+def check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
     """Refuse, before writing anything, a --thresh_ind the first result row cannot have."""
     from .errors import CnsqError
 
@@ -148,7 +155,7 @@ def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Repor
 
         raise CnsqError(f"{source}: no such file") from None
     with handle:
-        _check_thresh_ind(handle, source, options["thresh_ind"])
+        check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
             return convert(handle, stdout, **options)
         from .download import writable_target

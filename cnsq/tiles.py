@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -15,6 +16,10 @@ from download_and_predict.base import tile_id
 from .errors import CnsqError
 
 MAX_ZOOM = 30
+# ASCII digits only: str.isdigit() and \d would take "²" or Arabic-Indic digits too. One regular
+# expression per row is also what lets `cnsq view` read a million ids in seconds.
+_TILE_ID = re.compile(r"\s*([0-9]+)-([0-9]+)-([0-9]+)\s*")
+_BRACED_TILE_ID = re.compile(r"\s*\{([0-9]+)[-,]([0-9]+)[-,]([0-9]+)\}\s*")  # the original's
 MAX_LAT = 85.0511287798066
 
 
@@ -36,13 +41,10 @@ def parse_tile_id(text: str) -> mercantile.Tile:
     Raises:
         ValueError: not three integers, or out of range for the zoom.
     """
-    stripped = text.strip()
-    if stripped.startswith("{") and stripped.endswith("}"):
-        stripped = stripped[1:-1].replace(",", "-")
-    parts = stripped.split("-")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+    match = _TILE_ID.fullmatch(text) or _BRACED_TILE_ID.fullmatch(text)
+    if match is None:
         raise ValueError(f"expected x-y-z with non-negative integers, got {text.strip()[:40]!r}")
-    x, y, z = (int(p) for p in parts)
+    x, y, z = int(match[1]), int(match[2]), int(match[3])
     if z > MAX_ZOOM:
         raise ValueError(f"z={z} is outside 0..{MAX_ZOOM}")
     if x >= 2**z or y >= 2**z:

@@ -150,15 +150,14 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
     return checks
 
 
-def tile_url_from_config(config, tile_id: str, override: str | None = None) -> str | None:
-    """The sample tile's URL from the Lambda's TILE_ENDPOINT (and token) in the config."""
+def tile_endpoint_from_config(config) -> tuple[str | None, str | None]:
+    """The Lambdas' TILE_ENDPOINT and TILE_ACCESS_TOKEN in the config (the token registered
+    as a secret, so no message shows it)."""
     from download_and_predict.base import register_secret
 
     from .config import Secret
-    from .tiles import parse_tile_id
 
-    parse_tile_id(tile_id)  # a malformed id fails here, before any request
-    template, token = override, None
+    template, token = None, None
     for spec in config.values["lambdas"].values():
         envs = spec["envs"]
         if template is None and isinstance(envs.get("TILE_ENDPOINT"), str):
@@ -166,6 +165,16 @@ def tile_url_from_config(config, tile_id: str, override: str | None = None) -> s
         value = envs.get("TILE_ACCESS_TOKEN")
         token = value.value if isinstance(value, Secret) else value
         register_secret(token)
+    return template, token
+
+
+def tile_url_from_config(config, tile_id: str, override: str | None = None) -> str | None:
+    """The sample tile's URL from the Lambda's TILE_ENDPOINT (and token) in the config."""
+    from .tiles import parse_tile_id
+
+    parse_tile_id(tile_id)  # a malformed id fails here, before any request
+    template, token = tile_endpoint_from_config(config)
+    template = override or template
     if not template:
         return None
     return tile_url_from_template(template, tile_id, token)

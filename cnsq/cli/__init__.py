@@ -3,7 +3,7 @@ each command a small function that parses options and delegates."""
 
 from __future__ import annotations
 
-from . import data, local, operate, stack  # noqa: F401 - registers the commands
+from . import data, local, operate, stack, view  # noqa: F401 - registers the commands
 from .app import _model_url, _predict_url, _queue_region, main
 
 __all__ = ["main", "_model_url", "_predict_url", "_queue_region"]
@@ -33,6 +33,7 @@ SHORT_HELP = {
     "work": "Work an SQS queue with the Lambda's handler here.",
     "run": "Run the whole job on this machine.",
     "demo": "The whole pipeline on synthetic tiles, scored.",
+    "view": "The predictions on a map over their imagery.",
 }
 for _name, _text in SHORT_HELP.items():
     if _name in main.commands:

@@ -1,0 +1,109 @@
+"""`cnsq view`: the predictions on a map over their imagery. Parses its options and delegates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .app import Settings, _admin, _finite, _row_progress, config_options, main
+
+
+@main.command()
+@click.argument("results", required=False)
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="postgresql://… or sqlite:///… [default: DATABASE_URL, else the stack's].")
+@click.option("--tile-endpoint", envvar="TILE_ENDPOINT",
+              help="The imagery: a URL template (…/{z}/{x}/{y}.jpg?access_token={token}, the "
+                   "token from TILE_ACCESS_TOKEN), or a folder of z/x/y images or an MBTiles "
+                   "file [default: TILE_ENDPOINT, else the config's].")
+@click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, default=-1,
+              show_default=True, help="Index of the class score to colour and threshold by "
+                                      "(-1: the last).")
+@click.option("--thresh", type=float, default=0.5, show_default=True,
+              callback=lambda ctx, param, value: _finite(value),
+              help="The threshold the slider starts at.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--open/--no-open", "open_browser", default=False, show_default=True,
+              help="Open the page in the default browser.")
+@config_options
+def view(settings: Settings, results: str | None, database_url: str | None,
+         tile_endpoint: str | None, thresh_ind: int, thresh: float, port: int,
+         open_browser: bool) -> None:
+    """Look at the predictions on a map, over the imagery they came from.
+
+    RESULTS is a results CSV (tile,output, as run and download write it), a SQLite results
+    database, or a database URL; without it, --database-url, else the deployed stack's database
+    (exported as download does). Serves one page on 127.0.0.1 until Ctrl-C: the tiles coloured
+    by score, a threshold slider with the count above it, a histogram, a click for a tile's
+    scores and a GeoJSON download (what convert-geojson writes). Imagery is fetched by this
+    command, so the token never reaches the browser. A million results stay smooth: the page
+    gets only what is in view, as parent squares (max, mean, count) when zoomed out.
+
+    \b
+    Examples:
+      cnsq view cnsq-demo/results.csv --tile-endpoint cnsq-demo/tiles --open
+      TILE_ACCESS_TOKEN=… cnsq view results.csv \\
+        --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.jpg?access_token={token}'
+      cnsq view --config config/config.yml --thresh_ind 1 --thresh 0.9
+    """
+    from ..interrupt import Stop
+    from ..view import prepare, results_csv
+    from ..view.imagery import open_imagery
+    from ..view.index import default_cache
+    from ..view.server import bind
+
+    token = os.environ.get("TILE_ACCESS_TOKEN") or None
+    if tile_endpoint is None and settings.config.exists():
+        from ..verify import tile_endpoint_from_config
+
+        tile_endpoint, config_token = tile_endpoint_from_config(settings.load())
+        token = token or config_token
+    imagery = open_imagery(tile_endpoint, token)
+    running = bind(port)
+    workdir = Path(tempfile.mkdtemp(prefix="cnsq-view-"))
+    try:
+        admin = None if results or database_url else _admin(None, settings)
+        source, name = results_csv(results, database_url, workdir, admin,
+                                   _row_progress("Exporting the results"))
+        progress = _row_progress(f"Reading {name}")
+        began = time.monotonic()
+        # An export is read once; a file named by the user is indexed once per version of it.
+        cache = None if source.is_relative_to(workdir) else default_cache()
+        viewed, cached = prepare(source, name, workdir, thresh_ind, thresh, imagery, cache,
+                                 progress)
+        if progress:
+            click.echo("", err=True)
+        index = viewed.index
+        report = index.report
+        if report.bad_count:
+            line, reason = report.bad[0]
+            click.echo(f"warning: {report.bad_count:,} unreadable row(s) skipped (first: line "
+                       f"{line}: {reason})", err=True)
+        running.serve(viewed)
+        how = " (its index, cached)" if cached else ""
+        click.echo(f"Read {index.total:,} tiles from {name}{how} in "
+                   f"{time.monotonic() - began:.1f}s "
+                   f"({index.above(thresh):,} scoring ≥ {thresh:g}); imagery: "
+                   f"{imagery.name if imagery else 'none (pass --tile-endpoint)'}.", err=True)
+        click.echo(f"Viewing at {running.url} (Ctrl-C to stop)", err=True)
+        click.echo(running.url)
+        sys.stdout.flush()
+        if open_browser:
+            import webbrowser
+
+            if not webbrowser.open(running.url):
+                click.echo("warning: no browser to open; open the URL above", err=True)
+        with Stop() as stop:
+            while not stop.requested:
+                time.sleep(0.2)
+        click.echo("Stopped.", err=True)
+    finally:
+        running.close()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,304 @@
+"""The index ``cnsq view`` answers from: results read once into a SQLite file, with every parent
+tile's summary computed at start.
+
+A million results are too many for a browser, so the page asks only for what is in view: the
+tiles themselves when the map is within ``DETAIL`` zooms of theirs, else one square per parent
+tile at ``DETAIL`` zooms below the map's, carrying the max and mean score and the count of the
+tiles under it. Those parents are computed once, level by level from the one below (each level
+a quarter of the one before), so a pan or a zoom is one indexed range query. Counting the tiles
+above a threshold bisects the sorted scores, held as one array of doubles (8 bytes a tile).
+"""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import mercantile
+
+from ..geojson import Report, read_result
+from ..tiles import tile_id
+
+DETAIL = 3  # zooms below a tile's own at which it is still drawn alone (4**3 = 64 per screen tile)
+LIMIT = 20_000  # items in one answer, whatever the view: a safety net, not the design
+BATCH = 20_000  # rows per insert
+PROGRESS_EVERY = 100_000
+FORMAT = 1  # of the index file: a cached index of another format is rebuilt
+KEEP = 4  # indexes kept in the cache
+
+# The tiles table gets its index after the rows are in: appending then sorting once is several
+# times faster than inserting a million rows in key order into a B-tree.
+SCHEMA = """
+CREATE TABLE tiles (z INTEGER, x INTEGER, y INTEGER, score REAL, output TEXT);
+CREATE TABLE parents (z INTEGER, x INTEGER, y INTEGER, max REAL, sum REAL, n INTEGER,
+                      PRIMARY KEY (z, x, y)) WITHOUT ROWID;
+"""
+
+# Level z from level z+1: its tiles and its parents (each parent holds the tiles deeper still).
+PARENTS_SQL = """
+INSERT INTO parents
+SELECT :z, x >> 1, y >> 1, max(max), sum(sum), sum(n) FROM (
+    SELECT x, y, score AS max, score AS sum, 1 AS n FROM tiles WHERE z = :z + 1
+    UNION ALL
+    SELECT x, y, max, sum, n FROM parents WHERE z = :z + 1
+) GROUP BY x >> 1, y >> 1
+"""
+
+
+@dataclass
+class Bbox:
+    west: float
+    south: float
+    east: float
+    north: float
+
+
+@dataclass
+class Index:
+    """What was read: where the index lives, the zooms present, the sorted scores."""
+
+    path: Path
+    thresh_ind: int
+    zooms: list[int]
+    scores: array  # sorted ascending
+    classes: int
+    bounds: Bbox | None
+    report: Report = field(default_factory=Report)
+    duplicates: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.scores)
+
+    def above(self, thresh: float) -> int:
+        """How many tiles score ``thresh`` or more at ``thresh_ind``."""
+        return len(self.scores) - bisect_left(self.scores, thresh)
+
+    def histogram(self, bins: int = 20) -> dict:
+        """Counts of scores in ``bins`` equal bins over [0, 1] (or the scores' own range when
+        they leave it: a model may answer logits)."""
+        if not self.scores:
+            return {"edges": [], "counts": []}
+        low, high = min(0.0, self.scores[0]), max(1.0, self.scores[-1])
+        width = (high - low) / bins or 1.0
+        edges = [round(low + i * width, 9) for i in range(bins + 1)]
+        cuts = [bisect_left(self.scores, edge) for edge in edges[1:-1]]
+        cuts = [0, *cuts, len(self.scores)]
+        return {"edges": edges, "counts": [cuts[i + 1] - cuts[i] for i in range(bins)]}
+
+    def connect(self) -> sqlite3.Connection:
+        """A read-only connection (one per thread: the server answers requests in threads)."""
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+
+def read_rows(path: Path, thresh_ind: int, report: Report) -> Iterator[tuple]:
+    """(z, x, y, score, output, classes) of every good row of a results CSV; bad rows go to
+    ``report``."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        reader = csv.reader(handle)
+        for row in reader:
+            if reader.line_num == 1 and row[:2] == ["tile", "output"]:
+                continue
+            report.read += 1
+            try:
+                tile, scores, value = read_result(row, thresh_ind)
+            except ValueError as exc:
+                report.add_bad(reader.line_num, str(exc))
+                continue
+            yield tile.z, tile.x, tile.y, value, row[1], len(scores)
+
+
+def build(source: Path, target: Path, thresh_ind: int,
+          progress: Callable[[int], None] | None = None) -> Index:
+    """Read a results CSV into a new index at ``target`` (replaced if it exists).
+
+    A tile listed twice keeps its last row, as the results table's upsert would.
+    """
+    target.unlink(missing_ok=True)
+    conn = sqlite3.connect(target)
+    conn.executescript("PRAGMA journal_mode=MEMORY; PRAGMA synchronous=OFF;" + SCHEMA)
+    report = Report()
+    classes = 0
+    inserted = 0
+    with conn:
+        rows = read_rows(source, thresh_ind, report)
+        while batch := list(islice(rows, BATCH)):
+            classes = classes or batch[0][5]
+            conn.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?)", [row[:5] for row in batch])
+            inserted += len(batch)
+            if progress and inserted // PROGRESS_EVERY != (inserted - len(batch)) // PROGRESS_EVERY:
+                progress(inserted)
+        _index_tiles(conn)
+        zooms = [z for (z,) in conn.execute("SELECT DISTINCT z FROM tiles ORDER BY z")]
+        for level in range(max(zooms, default=0) - 1, -1, -1):
+            conn.execute(PARENTS_SQL, {"z": level})
+        scores = array("d", (s for (s,) in conn.execute("SELECT score FROM tiles ORDER BY score")))
+        index = Index(target, thresh_ind, zooms, scores, classes, _bounds(conn, zooms), report,
+                      duplicates=inserted - len(scores))
+        _save_meta(conn, index)
+    conn.close()
+    return index
+
+
+def _save_meta(conn: sqlite3.Connection, index: Index) -> None:
+    import json
+
+    bounds = index.bounds
+    meta = {"format": FORMAT, "thresh_ind": index.thresh_ind, "zooms": index.zooms,
+            "classes": index.classes, "duplicates": index.duplicates,
+            "bounds": [bounds.west, bounds.south, bounds.east, bounds.north] if bounds else None,
+            "read": index.report.read, "bad_count": index.report.bad_count,
+            "bad": index.report.bad}
+    conn.execute("CREATE TABLE meta (meta TEXT, scores BLOB)")
+    conn.execute("INSERT INTO meta VALUES (?, ?)", (json.dumps(meta), index.scores.tobytes()))
+
+
+def load(path: Path) -> Index:
+    """An index :func:`build` wrote (the sorted scores are stored whole: no sort on load).
+
+    Raises:
+        sqlite3.Error, ValueError: not such an index, or of another format.
+    """
+    import json
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        text, blob = conn.execute("SELECT meta, scores FROM meta").fetchone()
+    finally:
+        conn.close()
+    meta = json.loads(text)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: index format {meta.get('format')}, not {FORMAT}")
+    scores = array("d")
+    scores.frombytes(blob)
+    report = Report(read=meta["read"], bad=[tuple(b) for b in meta["bad"]],
+                    bad_count=meta["bad_count"])
+    bounds = Bbox(*meta["bounds"]) if meta["bounds"] else None
+    return Index(path, meta["thresh_ind"], meta["zooms"], scores, meta["classes"], bounds, report,
+                 meta["duplicates"])
+
+
+def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
+               progress: Callable[[int], None] | None = None) -> tuple[Index, bool]:
+    """The index of ``source``: from ``cache`` when this file (same path, size and modification
+    time) was read before with this ``thresh_ind``, else built (into ``cache``, or ``workdir``
+    when there is none). Returns (index, whether it came from the cache).
+
+    The cache keeps the ``KEEP`` most recently used indexes; a new one is written under a
+    temporary name and renamed, so a killed ``cnsq view`` never leaves a half index behind.
+    """
+    import hashlib
+    import os
+
+    if cache is None:
+        return build(source, workdir / "index.db", thresh_ind, progress), False
+    stat = source.stat()
+    key = hashlib.sha256(f"{FORMAT}|{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
+                         f"{thresh_ind}".encode()).hexdigest()[:24]
+    target = cache / f"{key}.db"
+    if target.is_file():
+        try:
+            index = load(target)
+            os.utime(target)  # most recently used
+            return index, True
+        except (sqlite3.Error, ValueError, KeyError, TypeError):
+            target.unlink(missing_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"{key}.{os.getpid()}.partial"
+    try:
+        index = build(source, partial, thresh_ind, progress)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    index.path = target
+    for stale in sorted(cache.glob("*.db"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
+        stale.unlink(missing_ok=True)
+    return index, False
+
+
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/cnsq/view`` (``~/.cache/cnsq/view``)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cnsq" / "view"
+
+
+def _index_tiles(conn: sqlite3.Connection) -> None:
+    """The unique (z, x, y) index; a tile listed twice keeps its last row first."""
+    try:
+        conn.execute("CREATE UNIQUE INDEX tiles_zxy ON tiles (z, x, y)")
+    except sqlite3.IntegrityError:
+        conn.execute("DELETE FROM tiles WHERE rowid NOT IN "
+                     "(SELECT max(rowid) FROM tiles GROUP BY z, x, y)")
+        conn.execute("CREATE UNIQUE INDEX tiles_zxy ON tiles (z, x, y)")
+
+
+def _bounds(conn: sqlite3.Connection, zooms: list[int]) -> Bbox | None:
+    boxes = []
+    for z in zooms:
+        x0, x1, y0, y1 = conn.execute("SELECT min(x), max(x), min(y), max(y) FROM tiles "
+                                      "WHERE z = ?", (z,)).fetchone()
+        nw, se = mercantile.bounds(x0, y0, z), mercantile.bounds(x1, y1, z)
+        boxes.append(Bbox(nw.west, se.south, se.east, nw.north))
+    if not boxes:
+        return None
+    return Bbox(min(b.west for b in boxes), min(b.south for b in boxes),
+                max(b.east for b in boxes), max(b.north for b in boxes))
+
+
+def _ranges(bbox: Bbox, z: int) -> tuple[int, int, int, int]:
+    """x0, x1, y0, y1 of the tiles at ``z`` that cover ``bbox`` (clamped to the world)."""
+    epsilon = 1e-9
+    west, east = max(bbox.west, -180.0), min(bbox.east, 180.0 - epsilon)
+    south = max(bbox.south, -85.051128)
+    north = min(bbox.north, 85.051128)
+    top_left = mercantile.tile(west, north, z)
+    bottom_right = mercantile.tile(east, south, z)
+    return top_left.x, bottom_right.x, top_left.y, bottom_right.y
+
+
+def features(index: Index, conn: sqlite3.Connection, zoom: int, bbox: Bbox) -> dict:
+    """What the map at ``zoom`` shows in ``bbox``.
+
+    ``tiles``: ``[x, y, z, score]`` of each tile within ``DETAIL`` zooms of the map's;
+    ``parents``: ``[x, y, z, max, mean, count]`` of each parent at ``zoom + DETAIL`` holding
+    deeper tiles. ``truncated`` is true when ``LIMIT`` cut the answer short.
+    """
+    level = max(zoom + DETAIL, 0)
+    tiles: list[list] = []
+    parents: list[list] = []
+    for z in index.zooms:
+        if z > level:
+            continue
+        x0, x1, y0, y1 = _ranges(bbox, z)
+        tiles += map(list, conn.execute(
+            "SELECT x, y, z, score FROM tiles WHERE z = ? AND x BETWEEN ? AND ? "
+            "AND y BETWEEN ? AND ? LIMIT ?", (z, x0, x1, y0, y1, LIMIT - len(tiles))))
+    if index.zooms and max(index.zooms) > level:
+        x0, x1, y0, y1 = _ranges(bbox, level)
+        parents = list(map(list, conn.execute(
+            "SELECT x, y, z, max, sum / n, n FROM parents WHERE z = ? AND x BETWEEN ? AND ? "
+            "AND y BETWEEN ? AND ? LIMIT ?", (level, x0, x1, y0, y1, LIMIT))))
+    return {"level": level, "tiles": tiles, "parents": parents,
+            "truncated": len(tiles) >= LIMIT or len(parents) >= LIMIT}
+
+
+def tile_scores(conn: sqlite3.Connection, text_id: str) -> dict | None:
+    """The id and every score of one tile, or None when it has no result."""
+    import json
+
+    from ..tiles import parse_tile_id
+
+    tile = parse_tile_id(text_id)
+    row = conn.execute("SELECT output FROM tiles WHERE z = ? AND x = ? AND y = ?",
+                       (tile.z, tile.x, tile.y)).fetchone()
+    if row is None:
+        return None
+    return {"tile": tile_id(tile), "scores": json.loads(row[0])}

@@ -1,0 +1,315 @@
+"""`cnsq view` without a browser: the index and its parents, the HTTP API, the imagery proxy and
+the command as a user runs it. The page itself is tested in test_view_browser.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mercantile
+import pytest
+import requests
+from conftest import SECRETS
+from servers import TileServer, free_port, fresh_database
+
+from cnsq.errors import CnsqError
+from cnsq.geojson import convert
+from cnsq.view import prepare, results_csv
+from cnsq.view.imagery import open_imagery
+from cnsq.view.index import DETAIL, LIMIT, Bbox, build, features, open_index
+from cnsq.view.server import start
+
+TOKEN = SECRETS["TILE_ACCESS_TOKEN"]
+
+
+def write_results(path: Path, count: int, zoom: int = 17, seed: int = 1,
+                  origin: tuple[int, int] = (64_000, 48_000)) -> dict[tuple[int, int, int], float]:
+    """A square block of ``count`` tiles with random two-class scores; returns score 1 by tile."""
+    rng = random.Random(seed)
+    side = int(count ** 0.5) + 1
+    scores = {}
+    with path.open("w") as out:
+        out.write("tile,output\n")
+        for i in range(count):
+            x, y = origin[0] + i % side, origin[1] + i // side
+            p = round(rng.random(), 6)
+            scores[(x, y, zoom)] = p
+            out.write(f'{x}-{y}-{zoom},"[{round(1 - p, 6)}, {p}]"\n')
+    return scores
+
+
+def viewport(center: mercantile.LngLat, zoom: int, width: int = 1280, height: int = 800) -> Bbox:
+    """The bounds a map of ``width`` x ``height`` pixels shows around ``center`` at ``zoom``."""
+    x, y = mercantile.xy(center.lng, center.lat)
+    metres_per_pixel = 2 * 20037508.342789244 / (256 * 2**zoom)
+    west, south = mercantile.lnglat(x - width / 2 * metres_per_pixel, y - height / 2 * metres_per_pixel)
+    east, north = mercantile.lnglat(x + width / 2 * metres_per_pixel, y + height / 2 * metres_per_pixel)
+    return Bbox(west, south, east, north)
+
+
+def brute_parent(scores: dict, x: int, y: int, z: int) -> tuple[float, float, int]:
+    under = [s for (tx, ty, tz), s in scores.items()
+             if tz > z and tx >> (tz - z) == x and ty >> (tz - z) == y]
+    return max(under), sum(under) / len(under), len(under)
+
+
+@pytest.mark.slow
+def test_a_million_results_send_only_what_is_in_view(tmp_path):
+    source = tmp_path / "results.csv"
+    scores = write_results(source, 1_000_000)
+    index = build(source, tmp_path / "index.db", thresh_ind=1)
+    assert index.total == 1_000_000 and index.zooms == [17]
+    for thresh in (0.0, 0.25, 0.5, 0.9, 0.999, 1.0):
+        assert index.above(thresh) == sum(1 for s in scores.values() if s >= thresh)
+    conn = index.connect()
+    b = index.bounds
+    center = mercantile.LngLat((b.west + b.east) / 2, (b.north + b.south) / 2)
+    # A 1280 x 800 map spans at most 7 x 6 of its own tiles; each holds 4**DETAIL drawn items.
+    most = 7 * 6 * 4**DETAIL
+    for zoom in range(0, 20):
+        answer = features(index, conn, zoom, viewport(center, zoom))
+        drawn = len(answer["tiles"]) + len(answer["parents"])
+        assert 0 < drawn <= most, (zoom, drawn)
+        assert not answer["truncated"]
+        assert (answer["tiles"] == []) == (zoom + DETAIL < 17), zoom
+    # Zoomed out, every tile is under exactly one square, whose figures are its tiles'.
+    answer = features(index, conn, 6, Bbox(b.west, b.south, b.east, b.north))
+    assert sum(p[5] for p in answer["parents"]) == 1_000_000
+    for x, y, z, high, mean, count in answer["parents"][:3]:
+        expected = brute_parent(scores, x, y, z)
+        assert (high, count) == (expected[0], expected[2])
+        assert mean == pytest.approx(expected[1])
+
+
+def test_parents_summarise_their_tiles_across_zooms_and_a_repeated_tile_keeps_its_last_row(
+        tmp_path):
+    source = tmp_path / "results.csv"
+    rows = [("10-20-6", [0.9, 0.1]), ("40-80-8", [0.2, 0.8]), ("41-81-8", [0.6, 0.4]),
+            ("41-81-8", [0.3, 0.7]), ("164-324-10", [0.05, 0.95])]
+    source.write_text("tile,output\n" + "".join(f'{t},"{json.dumps(s)}"\n' for t, s in rows))
+    index = build(source, tmp_path / "index.db", thresh_ind=1)
+    assert index.total == 4 and index.duplicates == 1 and index.zooms == [6, 8, 10]
+    conn = index.connect()
+    world = Bbox(-180, -85, 180, 85)
+    # At map zoom 3 the drawn level is 6: the zoom-6 tile alone, the deeper ones as one parent.
+    answer = features(index, conn, 3, world)
+    assert answer["tiles"] == [[10, 20, 6, 0.1]]
+    assert answer["parents"] == [[10, 20, 6, 0.95, pytest.approx((0.8 + 0.7 + 0.95) / 3), 3]]
+    answer = features(index, conn, 7, world)  # level 10: every tile on its own
+    assert sorted(answer["tiles"]) == [[10, 20, 6, 0.1], [40, 80, 8, 0.8], [41, 81, 8, 0.7],
+                                       [164, 324, 10, 0.95]]
+    assert answer["parents"] == []
+
+
+def test_an_unreadable_row_is_skipped_and_said_and_good_rows_kept(tmp_path):
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\n1-2-3,"[0.1, 0.9]"\nnot-a-tile,"[0.5, 0.5]"\n'
+                      '2-2-3,"[0.2, NaN]"\n3-2-3,"{}"\n4-2-3,"[0.4, 0.6]"\n')
+    viewed, cached = prepare(source, "results.csv", tmp_path, 1, 0.5, None, None)
+    assert viewed.index.total == 2 and not cached
+    report = viewed.index.report
+    assert report.bad_count == 3
+    assert [line for line, _ in report.bad] == [3, 4, 5]
+    assert "tile" in report.bad[0][1] and "not a number" in report.bad[1][1]
+
+
+def test_nothing_readable_or_a_thresh_ind_out_of_range_is_an_error_naming_the_line(tmp_path):
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\nnope,"[0.1, 0.9]"\n')
+    with pytest.raises(CnsqError, match=r"line 2: tile"):
+        prepare(source, "results.csv", tmp_path, 1, 0.5, None, None)
+    source.write_text('tile,output\n1-2-3,"[0.1, 0.9]"\n')
+    with pytest.raises(CnsqError, match=r"--thresh_ind 2 is out of range.*2 class scores"):
+        prepare(source, "results.csv", tmp_path, 2, 0.5, None, None)
+    with pytest.raises(CnsqError, match="no such file"):
+        results_csv(str(tmp_path / "missing.csv"), None, tmp_path)
+
+
+def test_the_cache_serves_a_file_read_before_and_notices_when_it_changes(tmp_path):
+    source = tmp_path / "results.csv"
+    write_results(source, 50)
+    cache = tmp_path / "cache"
+    first, cached = open_index(source, 1, cache, tmp_path)
+    assert not cached and first.total == 50
+    again, cached = open_index(source, 1, cache, tmp_path)
+    assert cached and again.total == 50 and list(again.scores) == list(first.scores)
+    other, cached = open_index(source, 0, cache, tmp_path)  # another score: another index
+    assert not cached
+    write_results(source, 60)
+    changed, cached = open_index(source, 1, cache, tmp_path)
+    assert not cached and changed.total == 60
+    assert not list(cache.glob("*.partial"))
+    (cache / f"{changed.path.stem}.db").write_bytes(b"garbage")  # a spoiled index is rebuilt
+    rebuilt, cached = open_index(source, 1, cache, tmp_path)
+    assert not cached and rebuilt.total == 60
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A view of 400 results over a tile server that needs the token."""
+    source = tmp_path / "results.csv"
+    write_results(source, 400, zoom=16, origin=(32_000, 24_000))
+    tiles = TileServer()
+    imagery = open_imagery(tiles.url + "/{z}/{x}/{y}.png?access_token={token}", TOKEN)
+    viewed, _ = prepare(source, "results.csv", tmp_path, 1, 0.5, imagery, None)
+    running = start(viewed, 0)
+    yield running.url, source, tiles
+    running.close()
+    tiles.close()
+
+
+def test_the_api_answers_the_page(served):
+    url, source, _ = served
+    summary = requests.get(url + "api/summary", timeout=5).json()
+    assert summary["total"] == 400 and summary["zooms"] == [16] and summary["classes"] == 2
+    assert sum(summary["histogram"]["counts"]) == 400
+    count = requests.get(url + "api/count", params={"thresh": 0.7}, timeout=5).json()
+    with source.open() as handle:
+        kept = convert(handle, io.StringIO(), thresh_ind=1, thresh=0.7).kept
+    assert count == {"thresh": 0.7, "above": kept, "total": 400}
+    west, south, east, north = summary["bounds"]
+    answer = requests.get(url + "api/features", params={
+        "zoom": 14, "west": west, "south": south, "east": east, "north": north}, timeout=5).json()
+    assert len(answer["tiles"]) == 400
+    tile = requests.get(url + "api/tile", params={"id": "32000-24000-16"}, timeout=5).json()
+    assert tile["tile"] == "32000-24000-16" and len(tile["scores"]) == 2
+    assert requests.get(url + "api/tile", params={"id": "1-1-1"}, timeout=5).status_code == 404
+    bad = requests.get(url + "api/count", params={"thresh": "nan"}, timeout=5)
+    assert bad.status_code == 400 and "finite" in bad.json()["error"]
+    assert requests.get(url + "api/features", params={"zoom": 3}, timeout=5).status_code == 400
+    assert requests.get(url + "static/../server.py", timeout=5).status_code == 404
+
+
+def test_the_geojson_download_is_what_convert_geojson_writes(served, tmp_path):
+    url, source, _ = served
+    for thresh in (0.5, 0.93):
+        response = requests.get(url + "api/geojson", params={"thresh": thresh}, timeout=10)
+        assert response.status_code == 200
+        assert "attachment" in response.headers["Content-Disposition"]
+        out = tmp_path / f"{thresh}.geojson"
+        result = subprocess.run([sys.executable, "-m", "cnsq.cli", "convert-geojson", str(source),
+                                 str(out), "--thresh_ind", "1", "--thresh", str(thresh)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert response.content == out.read_bytes()
+
+
+def test_imagery_is_fetched_with_the_token_which_never_reaches_the_page(served):
+    url, _, tiles = served
+    image = requests.get(url + "imagery/16/32000/24000", timeout=5)
+    assert image.status_code == 200 and image.content.startswith(b"\xff\xd8")
+    assert tiles.tokens == [TOKEN]  # the endpoint got it from this server
+    tiles.failures["32001-24000-16"] = 1
+    failed = requests.get(url + "imagery/16/32001/24000", timeout=5)
+    assert failed.status_code == 502 and "500" in failed.text
+    tiles.missing.add("32002-24000-16")
+    assert requests.get(url + "imagery/16/32002/24000", timeout=5).status_code == 404
+    for path in ("", "static/view.js", "api/summary"):
+        assert TOKEN not in requests.get(url + path, timeout=5).text
+    assert TOKEN not in failed.text
+
+
+def test_a_dead_tile_endpoint_is_a_502_without_the_token(tmp_path):
+    source = tmp_path / "results.csv"
+    write_results(source, 4)
+    dead = f"http://127.0.0.1:{free_port()}/{{z}}/{{x}}/{{y}}.png?access_token={{token}}"
+    viewed, _ = prepare(source, "results.csv", tmp_path, 1, 0.5, open_imagery(dead, TOKEN), None)
+    running = start(viewed, 0)
+    try:
+        answer = requests.get(running.url + "imagery/17/64000/48000", timeout=20)
+    finally:
+        running.close()
+    assert answer.status_code == 502 and TOKEN not in answer.text
+
+
+def test_a_request_for_another_host_name_is_refused(served):
+    url, _, tiles = served
+    answer = requests.get(url + "imagery/16/32000/24000", headers={"Host": "attacker.example"},
+                          timeout=5)
+    assert answer.status_code == 403 and tiles.tokens == []
+
+
+def test_a_results_database_is_viewed_as_download_exports_it(tmp_path, postgres_url):
+    from cnsq.results import open_store
+
+    rows = [(f"{x}-7-5", [1 - x / 32, x / 32]) for x in range(32)]
+    sqlite = tmp_path / "results.db"
+    postgres = fresh_database(postgres_url, "view")
+    for url in (f"sqlite:///{sqlite}", postgres):
+        store = open_store(url)
+        store.migrate()
+        store.upsert(rows)
+        store.close()
+    for given in (str(sqlite), f"sqlite:///{sqlite}", postgres):
+        workdir = tmp_path / f"w{abs(hash(given))}"
+        workdir.mkdir()
+        source, name = results_csv(given, None, workdir)
+        viewed, _ = prepare(source, name, workdir, 1, 0.5, None, None)
+        assert viewed.index.total == 32 and viewed.index.above(0.5) == 16, given
+
+
+def run_view(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnsq.cli", "view", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "XDG_CACHE_HOME": str(cwd / "cache"),
+                                 **(env or {})})
+
+
+def test_the_command_serves_until_ctrl_c_and_reuses_its_index(tmp_path):
+    source = tmp_path / "results.csv"
+    write_results(source, 100)
+    (tmp_path / "tiles").mkdir()
+    for attempt in range(2):
+        process = run_view([str(source), "--port", "0", "--tile-endpoint", "tiles",
+                            "--thresh", "0.8"], tmp_path)
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), process.stderr.read()
+        summary = requests.get(url + "api/summary", timeout=5).json()
+        assert summary["total"] == 100 and summary["thresh"] == 0.8
+        assert summary["imagery"]["local"] is True
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        assert process.returncode == 0, err
+        assert "Stopped." in err and "Traceback" not in err
+        assert ("cached" in err) == (attempt == 1), err
+    assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("cnsq-view-*")
+                if p.stat().st_mtime > time.time() - 60 and any(p.iterdir())]
+
+
+def test_a_taken_port_fails_at_once_before_reading(tmp_path):
+    import socket
+
+    source = tmp_path / "results.csv"
+    write_results(source, 10)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = run_view([str(source), "--port", str(port)], tmp_path)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port 0" in err
+    assert "Read" not in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_results_named_and_no_config_says_what_to_pass(tmp_path):
+    process = run_view(["--port", "0"], tmp_path, env={"DATABASE_URL": ""})
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 1 and "nothing to view" in err
+
+
+def test_limit_is_a_safety_net_that_says_so(tmp_path):
+    source = tmp_path / "results.csv"
+    write_results(source, LIMIT + 10, zoom=18)
+    index = build(source, tmp_path / "index.db", thresh_ind=1)
+    b = index.bounds
+    answer = features(index, index.connect(), 15, Bbox(b.west, b.south, b.east, b.north))
+    assert answer["truncated"] and len(answer["tiles"]) == LIMIT
