@@ -89,8 +89,10 @@ class TileServer(_Server):
     """GET /{z}/{x}/{y}.jpg → tile_image(); per-tile faults: missing (404), fail N times with
     500, or slow (sleeps). ``delay`` applies to every request."""
 
-    def __init__(self, delay: float = 0.0, content: dict[str, bytes] | None = None, tls=None):
+    def __init__(self, delay: float = 0.0, content: dict[str, bytes] | None = None, tls=None,
+                 only_content: bool = False):
         self.content = content or {}  # real images by x-y-z, instead of tile_image()
+        self.only_content = only_content  # 404 for a tile not in content
         self.missing: set[str] = set()
         self.failures: Counter[str] = Counter()
         self.slow: dict[str, float] = {}
@@ -115,7 +117,7 @@ class TileServer(_Server):
                 time.sleep(server.delay)
             if key in server.slow:
                 time.sleep(server.slow[key])
-            if key in server.missing:
+            if key in server.missing or (server.only_content and key not in server.content):
                 return self.send(404, b"no tile")
             if server.failures[key] > 0:
                 server.failures[key] -= 1

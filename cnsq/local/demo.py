@@ -77,6 +77,26 @@ def make_imagery(root: Path, origin: mercantile.Tile, columns: int, rows: int,
     return shares
 
 
+def make_overviews(root: Path, zoom: int, levels: int = 3) -> None:
+    """Write ``levels`` coarser zooms of ``root/zoom``, each tile the four below it halved, as a
+    tile endpoint has them: ``cnsq view`` shows the imagery at the zoom that fits the area."""
+    from PIL import Image
+
+    for z in range(zoom - 1, zoom - levels - 1, -1):
+        children = sorted((root / str(z + 1)).glob("*/*.png"))
+        parents = {(int(p.parent.name) // 2, int(p.stem) // 2) for p in children}
+        for x, y in parents:
+            tile = Image.new("RGBA", (2 * TILE, 2 * TILE))  # transparent beyond the area
+            for dx in (0, 1):
+                for dy in (0, 1):
+                    child = root / str(z + 1) / str(2 * x + dx) / f"{2 * y + dy}.png"
+                    if child.is_file():
+                        tile.paste(Image.open(child).convert("RGBA"), (dx * TILE, dy * TILE))
+            target = root / str(z) / str(x) / f"{y}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tile.resize((TILE, TILE), Image.Resampling.BOX).save(target)
+
+
 def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predicted: set[str],
             target: Path, scale: int = 128) -> None:
     """A mosaic of the tiles with the predicted water tiles outlined."""
@@ -107,6 +127,7 @@ def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.
     directory.mkdir(parents=True, exist_ok=True)
     origin = mercantile.tile(lon, lat, zoom)
     shares = make_imagery(directory / "tiles", origin, columns, rows)
+    make_overviews(directory / "tiles", zoom)
     truth = {tile for tile, share in shares.items() if share >= WATER_SHARE}
     (directory / "tiles.txt").write_text("".join(f"{t}\n" for t in shares))
     model = water_classifier(directory / "water.onnx", water_share=WATER_SHARE)

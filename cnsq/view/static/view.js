@@ -35,7 +35,7 @@
   function style(score) {
     if (score >= state.thresh) {
       const colour = ramp(score);
-      return { renderer, color: colour, weight: 1.5, opacity: 0.95, fillColor: colour, fillOpacity: 0.45 };
+      return { renderer, color: colour, weight: 2, opacity: 1, fillColor: colour, fillOpacity: 0.3 };
     }
     return { renderer, color: "#7fd3ff", weight: 0.7, opacity: 0.6, fillOpacity: 0.02 };
   }
