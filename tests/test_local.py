@@ -266,6 +266,8 @@ def test_run_lists_failures_and_writes_the_good_tiles(tmp_path, model_path, monk
     assert result.exit_code == 1  # one invalid line
     assert "tiles.txt:14: expected x-y-z" in result.stderr
     assert "Processed 13 tiles" in result.stderr and "12 written, 1 without imagery" in result.stderr
+    assert f"Look at them on a map: cnsq view results.csv --tile-endpoint '{running.template}'" \
+        in result.stderr
     rows = dict(line.split(",", 1) for line in Path("results.csv").read_text().splitlines()[1:])
     assert set(rows) == set(good)
     for tile, output in rows.items():
@@ -288,6 +290,28 @@ def test_demo_finds_the_lakes(tmp_path):
     recall = float(line.split("recall ")[1].rstrip("."))
     assert precision >= 0.9 and recall >= 0.9
     assert "80 tiles processed" in line
+    # The next step, as a command to paste: the demo's imagery stays in its folder.
+    view = f"cnsq view {tmp_path / 'demo' / 'results.csv'} --tile-endpoint {tmp_path / 'demo' / 'tiles'}"
+    assert view in result.stdout
+    assert sorted(p.name for p in (tmp_path / "demo" / "tiles").iterdir()) == ["12", "13", "14", "15"]
+
+
+def test_run_says_how_to_view_its_results_without_the_token_written_in_the_url(
+        tmp_path, model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiles" / "10" / "3").mkdir(parents=True)
+    (tmp_path / "tiles" / "10" / "3" / "7.png").write_bytes(png(WATER))
+    (tmp_path / "tiles.txt").write_text("3-7-10\n")
+    running = tileserver.start(tmp_path / "tiles", port=0)
+    try:
+        result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint",
+                                           running.url + "/{z}/{x}/{y}.png?access_token=sk-lit3ral",
+                                           "--model", str(model_path)])
+    finally:
+        running.close()
+    assert result.exit_code == 0, result.output
+    assert "cnsq view results.csv --tile-endpoint" in result.stderr
+    assert "sk-lit3ral" not in result.output + result.stderr
 
 
 class SlowModel:

@@ -280,6 +280,16 @@ def _one_output(positional: str | None, option: str | None, metavar: str) -> str
     return positional or option  # type: ignore[return-value]
 
 
+def _view_command(results: Path, tile_endpoint: str) -> str:
+    """``cnsq view …`` for a run's results over its imagery, to paste (a token written into the
+    URL itself is masked: the command says ``{token}`` only where the template does)."""
+    import shlex
+
+    from download_and_predict.base import mask
+
+    return shlex.join(["cnsq", "view", str(results), "--tile-endpoint", mask(tile_endpoint)])
+
+
 def _predict_url(model_endpoint: str) -> str:
     """…/v1/models/NAME or …/v1/models/NAME:predict → the :predict URL (one vocabulary)."""
     return model_endpoint if model_endpoint.endswith(":predict") else model_endpoint + ":predict"
@@ -314,7 +324,8 @@ def _wait_forever(what: str) -> None:
         click.echo(f"\nStopped {what}.", err=True)
 
 
-def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0) -> None:
+def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0,
+                next_step: str | None = None) -> None:
     """The run's summary: failures counted by reason with a few examples each, then the exit
     status — 1 when a tile failed, a line was invalid, nothing was written, or more than
     ``max_missing`` of the tiles had no imagery."""
@@ -331,6 +342,8 @@ def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0)
                f"tiles/s): {report.written:,} written, {report.skipped:,} without imagery, "
                f"{len(report.failed):,} failed, {len(report.invalid):,} invalid lines"
                f"{f'; results in {out}' if out else ''}.", err=True)
+    if next_step and report.written:
+        click.echo(f"Look at them on a map: {next_step}", err=True)
     missing = report.skipped / report.tiles if report.tiles else 0.0
     if report.tiles and missing > max_missing:
         click.echo(f"{missing:.0%} of the tiles had no imagery (more than --max-missing "

@@ -20,6 +20,7 @@ from .app import (
     _queue_region,
     _report_run,
     _stack_queue_url,
+    _view_command,
     _wait_forever,
     config_options,
     json_option,
@@ -238,12 +239,13 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
     if report.interrupted:
         click.echo(f"Interrupted after {report.tiles:,} tiles: their results are in {out}; run "
                    "the same command again to do them all.", err=True)
+    view = _view_command(out, tile_endpoint)
     if report.interrupted:
         try:
-            _report_run(report, tiles, out, max_missing)
+            _report_run(report, tiles, out, max_missing, view)
         finally:
             sys.exit(130)
-    _report_run(report, tiles, out, max_missing)
+    _report_run(report, tiles, out, max_missing, view)
 
 
 @main.command()
@@ -270,6 +272,8 @@ def demo(directory: Path, concurrency: int) -> None:
                f"({result.rate:.1f} tiles/s); {len(result.predicted)} predicted water tiles, "
                f"{len(result.truth)} in the ground truth: precision {result.precision:.2f}, "
                f"recall {result.recall:.2f}.")
+    click.echo("Look at them on a map: "
+               + _view_command(directory / "results.csv", str(directory / "tiles")) + " --open")
     if result.failed:
         click.echo(f"{result.failed} tiles failed.", err=True)
         sys.exit(1)
