@@ -1,5 +1,5 @@
 """Writing a file so that its name never holds a partial one: the one helper for downloads,
-GeoJSON, Lambda zips, checkpoints and journals."""
+GeoJSON, Lambda zips, checkpoints, journals and `cnsq view`'s cached indexes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
     """Write to a temporary name beside ``path``; on success flush, fsync and rename it over
     ``path`` (atomic on one filesystem); on any failure, remove it. An interrupted write leaves
     the previous file, or none, never a file that looks complete."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = _partial(path)
     try:
         with partial.open(mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -25,3 +25,20 @@ def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that opens files itself (SQLite); renamed
+    over ``path`` on success, removed on any failure."""
+    partial = _partial(path)
+    try:
+        yield partial
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")

@@ -452,9 +452,122 @@ def bench_pipeline(db: Database, args) -> list[Result]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# view: a million results on the map page
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _view_once(source: Path, cache: Path, viewports: list[dict]) -> dict:
+    """Start `cnsq view` with Chromium already open (as a user's browser is, when installed),
+    load the page until its first overlay is drawn, then pan and zoom through ``viewports``;
+    times from the command's start, and its peak RSS."""
+    import contextlib
+
+    try:
+        from browser import chromium_path, launch
+        from playwright.sync_api import sync_playwright
+        have_browser = chromium_path() is not None
+    except ImportError:
+        have_browser = False
+    with contextlib.ExitStack() as stack:
+        page = None
+        if have_browser:
+            browser = launch(stack.enter_context(sync_playwright()))
+            stack.callback(browser.close)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+        began = time.perf_counter()
+        view = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "view", str(source), "--port",
+                                 "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+        stack.callback(view.wait, 30)
+        stack.callback(view.terminate)
+        url = view.stdout.readline().strip()
+        figures = {"ready": time.perf_counter() - began}
+        if page is not None:
+            page.goto(url)
+            page.wait_for_function("window.cnsqView && cnsqView.painted")
+        else:  # no browser: the page's first two answers stand in for it
+            requests.get(url + "api/summary", timeout=60)
+            requests.get(url + "api/features", params=viewports[0], timeout=60)
+        figures["paint"] = time.perf_counter() - began
+        session = requests.Session()
+        latencies, items = [], []
+        for params in viewports:
+            start = time.perf_counter()
+            answer = session.get(url + "api/features", params=params, timeout=60).json()
+            latencies.append(time.perf_counter() - start)
+            items.append(len(answer["tiles"]) + len(answer["parents"]))
+        start = time.perf_counter()
+        for _ in range(len(viewports)):
+            session.get(url + "static/view.css", timeout=60)
+        figures["static"] = (time.perf_counter() - start) / len(viewports)
+        figures["features"] = statistics.median(latencies)
+        figures["items"] = max(items)
+        figures["rss"] = _peak_rss_mb(view.pid)
+    return figures
+
+
+def bench_view(db: Database, args) -> list[Result]:
+    import random
+
+    import mercantile
+
+    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-view-"))
+    rng = random.Random(3)
+    rows = args.view_rows
+    side = int(rows ** 0.5) + 1
+    source, small = work / "results.csv", work / "small.csv"
+    for path, count in ((source, rows), (small, rows // 10)):
+        with path.open("w") as out:
+            out.write("tile,output\n")
+            for i in range(count):
+                p = round(rng.random(), 6)
+                out.write(f'{64000 + i % side}-{48000 + i // side}-17,"[{round(1 - p, 6)}, {p}]"\n')
+    # The views a user goes through: the whole area, then closer, to the tiles themselves.
+    west, north = mercantile.ul(64000, 48000, 17)
+    east, south = mercantile.ul(64000 + side, 48000 + side, 17)
+    viewports = []
+    for zoom in range(6, 18):
+        span_x = 1280 / 256 * 360 / 2**zoom
+        span_y = 800 / 1280 * span_x
+        for _ in range(5):
+            x, y = rng.uniform(west, east), rng.uniform(south, north)
+            viewports.append({"zoom": zoom, "west": x - span_x / 2, "east": x + span_x / 2,
+                              "south": y - span_y / 2, "north": y + span_y / 2})
+    cache = work / "cache"
+    cold = _view_once(source, cache, viewports)
+    warm = _view_once(source, cache, viewports)
+    small_run = _view_once(small, work / "cache-small", viewports)
+    command = [sys.executable, "-m", "cnsq.cli", "convert-geojson", str(source),
+               str(work / "all.geojson"), "--thresh_ind", "1", "--thresh", "0"]
+    convert_seconds, _ = _run_measured(command)
+    size = (work / "all.geojson").stat().st_size
+    print(f"  the GeoJSON of every tile, as a user would load it today: {size / 1e6:.0f} MB; "
+          f"the largest answer to a view: {cold['items']:,} squares; "
+          f"server ready (cold) after {cold['ready']:.1f}s")
+    return [
+        Result(f"view: {rows:,} results, first paint (cold)", cold["paint"], "s",
+               "convert-geojson of the same rows", convert_seconds, "(informational)"),
+        Result(f"view: {rows:,} results, first paint (cached)", warm["paint"], "s",
+               "first paint, cold", cold["paint"], "(informational)"),
+        Result(f"view: {rows:,} results, peak RSS", cold["rss"], "MB",
+               f"peak RSS at {rows // 10:,} results", small_run["rss"], "(informational)"),
+        Result("view: one pan/zoom answer (median)", cold["features"] * 1000, "ms",
+               "a static file from the same server", cold["static"] * 1000, "(informational)"),
+    ]
+
+
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
                                    "push": bench_push, "convert-geojson": bench_convert,
-                                   "serve": bench_serve, "pipeline": bench_pipeline}
+                                   "serve": bench_serve, "pipeline": bench_pipeline,
+                                   "view": bench_view}
 
 
 def main() -> int:
@@ -475,6 +588,7 @@ def main() -> int:
                              "(on a 2-core VM one round can be 10%% off the next)")
     parser.add_argument("--pipeline-concurrency", type=int, default=16,
                         help="requests (server alone) or handler calls (cnsq run) in flight")
+    parser.add_argument("--view-rows", type=int, default=1_000_000, help="results for the view bench")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
                         help="Also write the results as a Markdown table (for the README).")
     args = parser.parse_args()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mercantile
 
+from ..files import atomic_path
 from ..geojson import Report, read_result
 from ..tiles import tile_id
 
@@ -210,12 +211,8 @@ def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
         except (sqlite3.Error, ValueError, KeyError, TypeError):
             target.unlink(missing_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f"{key}.{os.getpid()}.partial"
-    try:
+    with atomic_path(target) as partial:
         index = build(source, partial, thresh_ind, progress)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
     index.path = target
     for stale in sorted(cache.glob("*.db"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
         stale.unlink(missing_ok=True)

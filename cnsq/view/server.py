@@ -190,7 +190,8 @@ def summary(viewed: Viewed) -> dict:
         "total": index.total,
         "above": index.above(viewed.thresh),
         "thresh": viewed.thresh,
-        "threshInd": index.thresh_ind,
+        # -1 (the last) said as the index it is, as the tile's scores are numbered
+        "threshInd": index.thresh_ind % index.classes if index.classes else index.thresh_ind,
         "classes": index.classes,
         "zooms": index.zooms,
         "detail": view_index.DETAIL,

@@ -10,7 +10,8 @@
   window.cnsqView = state;
 
   const $ = (id) => document.getElementById(id);
-  const map = L.map("map", { zoomSnap: 1, worldCopyJump: false });
+  // Half zooms: the area fills the map more closely; the server floors the zoom it is given.
+  const map = L.map("map", { zoomSnap: 0.5, zoomDelta: 0.5, worldCopyJump: false });
   state.map = map;
   const renderer = L.canvas({ padding: 0.25 });
   const overlay = L.layerGroup().addTo(map);
@@ -48,7 +49,7 @@
     state.drawnAbove = above;
     $("status").textContent =
       `${fmt.format(state.drawn)} tiles drawn (${fmt.format(above)} above), ` +
-      `${fmt.format(state.parents)} parent squares, zoom ${map.getZoom()}` +
+      `${fmt.format(state.parents)} parent squares, zoom ${Math.floor(map.getZoom())}` +
       (state.truncated ? " — too many to draw: zoom in" : "");
   }
 
@@ -78,8 +79,7 @@
     if (answer.error) { showTable(id, [["error", answer.error]]); return; }
     state.selected = answer;
     showTable(`Tile ${answer.tile}`, answer.scores.map((s, i) => [
-      `score ${i}${i === state.summary.threshInd ||
-        i === state.summary.classes + state.summary.threshInd ? " (thresholded)" : ""}`,
+      `score ${i}${i === state.summary.threshInd ? " (thresholded)" : ""}`,
       typeof s === "number" ? s.toPrecision(6) : JSON.stringify(s)]));
   }
 
@@ -185,7 +185,7 @@
     }
     slider.value = summary.thresh;
     slider.addEventListener("input", () => setThreshold(Number(slider.value)));
-    $("thresh-ind").textContent = String(summary.threshInd);
+    $("thresh-ind").textContent = `${summary.threshInd} (of ${summary.classes})`;
     $("source").textContent = `${summary.name}` +
       (summary.skipped ? ` (${fmt.format(summary.skipped)} unreadable rows skipped)` : "") +
       (summary.imagery ? ` over ${summary.imagery.name}` : " (no imagery: pass --tile-endpoint)");
