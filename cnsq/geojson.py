@@ -69,6 +69,8 @@ def read_result(row: list[str], thresh_ind: int) -> tuple[mercantile.Tile, list,
         scores = json.loads(output)
     except ValueError:
         raise ValueError(f"output is not JSON: {output[:40]!r}") from None
+    except RecursionError:  # thousands of nested brackets: one poison row, not a crash
+        raise ValueError("output is nested too deeply to read") from None
     if not isinstance(scores, list):
         raise ValueError("output is not a list of class scores")
     if not -len(scores) <= thresh_ind < len(scores):
@@ -135,7 +137,7 @@ def check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
             continue
         try:
             scores = json.loads(row[1])
-        except ValueError:
+        except (ValueError, RecursionError):  # the row itself is reported later
             break
         if isinstance(scores, list) and not -len(scores) <= thresh_ind < len(scores):
             handle.seek(0)

@@ -81,6 +81,19 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path):
     assert len(json.loads((tmp_path / "o.geojson").read_text())["features"]) == 2
 
 
+def test_a_poison_output_fails_its_row_alone(tmp_path):
+    src = write_csv(tmp_path / "r.csv", [
+        ("1-1-2", "[0.1, 0.9]"),
+        ("2-1-2", "[" * 100_000 + "]" * 100_000),  # deeper than Python's JSON decoder goes
+        ("3-1-2", "[0.2, 0.8]"),
+    ])
+    result = run("convert-geojson", str(src), str(tmp_path / "o.geojson"), "--thresh_ind", "1",
+                 "--thresh", "0.5")
+    assert result.exit_code == 1
+    assert "Read 3 rows, kept 2, bad 1" in result.stderr
+    assert "r.csv:3: output is nested too deeply" in result.stderr
+
+
 def test_seq_writes_one_feature_per_line(tmp_path):
     src = write_csv(tmp_path / "r.csv", [(f"{i}-0-4", "[0.2, 0.8]") for i in range(5)])
     result = run("convert-geojson", str(src), "-", "--thresh_ind", "0", "--thresh", "0.1", "--seq")

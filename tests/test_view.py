@@ -111,13 +111,15 @@ def test_parents_summarise_their_tiles_across_zooms_and_a_repeated_tile_keeps_it
 def test_an_unreadable_row_is_skipped_and_said_and_good_rows_kept(tmp_path):
     source = tmp_path / "results.csv"
     source.write_text('tile,output\n1-2-3,"[0.1, 0.9]"\nnot-a-tile,"[0.5, 0.5]"\n'
-                      '2-2-3,"[0.2, NaN]"\n3-2-3,"{}"\n4-2-3,"[0.4, 0.6]"\n')
+                      '2-2-3,"[0.2, NaN]"\n3-2-3,"{}"\n5-2-3,"' + "[" * 100_000 + "]" * 100_000
+                      + '"\n6-2-3,"[0.1,\x00 0.9]"\n4-2-3,"[0.4, 0.6]"\n')
     viewed, cached = prepare(source, "results.csv", tmp_path, 1, 0.5, None, None)
     assert viewed.index.total == 2 and not cached
     report = viewed.index.report
-    assert report.bad_count == 3
-    assert [line for line, _ in report.bad] == [3, 4, 5]
+    assert report.bad_count == 5
+    assert [line for line, _ in report.bad] == [3, 4, 5, 6, 7]
     assert "tile" in report.bad[0][1] and "not a number" in report.bad[1][1]
+    assert "nested too deeply" in report.bad[3][1] and "not JSON" in report.bad[4][1]
 
 
 def test_nothing_readable_or_a_thresh_ind_out_of_range_is_an_error_naming_the_line(tmp_path):
@@ -130,6 +132,9 @@ def test_nothing_readable_or_a_thresh_ind_out_of_range_is_an_error_naming_the_li
         prepare(source, "results.csv", tmp_path, 2, 0.5, None, None)
     with pytest.raises(CnsqError, match="no such file"):
         results_csv(str(tmp_path / "missing.csv"), None, tmp_path)
+    source.write_text("tile,output\n")
+    with pytest.raises(CnsqError, match="holds no results"):
+        prepare(source, "results.csv", tmp_path, 1, 0.5, None, None)
 
 
 def test_the_cache_serves_a_file_read_before_and_notices_when_it_changes(tmp_path):
@@ -313,3 +318,22 @@ def test_limit_is_a_safety_net_that_says_so(tmp_path):
     b = index.bounds
     answer = features(index, index.connect(), 15, Bbox(b.west, b.south, b.east, b.north))
     assert answer["truncated"] and len(answer["tiles"]) == LIMIT
+
+
+def test_a_view_killed_while_reading_leaves_no_index_and_its_leftovers_are_cleared(tmp_path):
+    source = tmp_path / "results.csv"
+    write_results(source, 200_000)
+    cache = tmp_path / "cache" / "cnsq" / "view"
+    process = run_view([str(source), "--port", "0"], tmp_path)
+    deadline = time.monotonic() + 30
+    while not list(cache.glob(".*partial*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL while the index is being written
+    process.communicate(timeout=10)
+    assert list(cache.glob(".*partial*")) and not list(cache.glob("*.db"))
+    process = run_view([str(source), "--port", "0"], tmp_path)
+    url = process.stdout.readline().strip()
+    assert requests.get(url + "api/summary", timeout=5).json()["total"] == 200_000
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=10)
+    assert len(list(cache.glob("*.db"))) == 1 and not list(cache.glob(".*partial*"))

@@ -80,4 +80,6 @@ def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: flo
     if not index.total and index.report.bad:
         line, reason = index.report.bad[0]
         raise CnsqError(f"no result in {name} could be read (line {line}: {reason})")
+    if not index.total:
+        raise CnsqError(f"{name} holds no results: nothing to view")
     return Viewed(index, source, name, thresh, imagery), cached

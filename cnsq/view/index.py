@@ -214,9 +214,26 @@ def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
     with atomic_path(target) as partial:
         index = build(source, partial, thresh_ind, progress)
     index.path = target
+    _prune(cache)
+    return index, False
+
+
+def _prune(cache: Path) -> None:
+    """Keep the ``KEEP`` most recently used indexes, and remove what a killed ``cnsq view``
+    left half written (its process is gone)."""
+    import os
+
     for stale in sorted(cache.glob("*.db"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
         stale.unlink(missing_ok=True)
-    return index, False
+    for partial in cache.glob(".*.partial-*"):
+        try:
+            os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            continue
 
 
 def default_cache() -> Path:
