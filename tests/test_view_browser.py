@@ -65,7 +65,7 @@ def session(tmp_path_factory):
         page.goto(url)
         page.wait_for_function("window.cnsqView && cnsqView.painted && cnsqView.above !== null")
         page.wait_for_load_state("networkidle")
-        yield {"page": page, "seen": seen, "demo": demo, "tiles": tiles, "url": url}
+        yield {"page": page, "seen": seen, "demo": demo, "tiles": tiles, "url": url, "view": view}
         browser.close()
     view.terminate()
     view.communicate(timeout=10)
@@ -156,3 +156,12 @@ def test_no_request_from_the_page_carries_the_token(session):
     for address, headers in seen:
         assert TOKEN not in address and TOKEN not in json.dumps(headers)
     assert tiles.tokens and set(tiles.tokens) == {TOKEN}  # the server added it, for the endpoint
+
+
+def test_a_stopped_server_is_said_on_the_page(session):
+    page, view = session["page"], session["view"]
+    view.terminate()  # last: the tests above need it
+    view.wait(10)
+    page.evaluate("cnsqView.map.panBy([60, 0], {animate: false})")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('not answering')")
+    assert "error" in page.locator("#status").get_attribute("class")

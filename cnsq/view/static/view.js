@@ -17,6 +17,26 @@
   const overlay = L.layerGroup().addTo(map);
   const fmt = new Intl.NumberFormat("en");
 
+  // A JSON answer of the local server, or an Error saying what it answered.
+  async function getJSON(path) {
+    let response;
+    try {
+      response = await fetch(path);
+    } catch (error) {
+      throw new Error("cnsq view is not answering (was it stopped?)");
+    }
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok && response.status !== 404) {
+      throw new Error(body.error || `${path} answered ${response.status}`);
+    }
+    return body;
+  }
+
+  function fail(error) {
+    $("status").textContent = String(error.message || error);
+    $("status").classList.add("error");
+  }
+
   // The bounds of XYZ tile x/y at zoom z as Leaflet's [[south, west], [north, east]].
   function tileBounds(x, y, z) {
     const n = 2 ** z;
@@ -75,7 +95,7 @@
 
   async function showTile(x, y, z) {
     const id = `${x}-${y}-${z}`;
-    const answer = await fetch(`/api/tile?id=${id}`).then((r) => r.json());
+    const answer = await getJSON(`/api/tile?id=${id}`);
     if (answer.error) { showTable(id, [["error", answer.error]]); return; }
     state.selected = answer;
     showTable(`Tile ${answer.tile}`, answer.scores.map((s, i) => [
@@ -91,12 +111,12 @@
     });
     refresh.seq = (refresh.seq || 0) + 1;
     const mine = refresh.seq;
-    const answer = await fetch(`/api/features?${query}`).then((r) => r.json());
+    const answer = await getJSON(`/api/features?${query}`);
     if (mine !== refresh.seq) return; // a newer view asked meanwhile
     overlay.clearLayers();
     for (const [x, y, z, score] of answer.tiles) {
       const box = L.rectangle(tileBounds(x, y, z), { ...style(score), kind: "tile", score });
-      box.on("click", () => showTile(x, y, z));
+      box.on("click", () => showTile(x, y, z).catch(fail));
       overlay.addLayer(box);
     }
     for (const [x, y, z, max, mean, count] of answer.parents) {
@@ -112,6 +132,7 @@
     state.drawn = answer.tiles.length;
     state.parents = answer.parents.length;
     state.truncated = answer.truncated;
+    $("status").classList.remove("error");
     countDrawn();
     state.painted = true;
   }
@@ -152,7 +173,7 @@
 
   async function updateCount() {
     const asked = state.thresh;
-    const answer = await fetch(`/api/count?thresh=${asked}`).then((r) => r.json());
+    const answer = await getJSON(`/api/count?thresh=${asked}`);
     if (asked !== state.thresh) return;
     state.above = answer.above;
     state.total = answer.total;
@@ -169,11 +190,11 @@
     recolour();
     drawHistogram();
     clearTimeout(setThreshold.timer);
-    setThreshold.timer = setTimeout(updateCount, 60);
+    setThreshold.timer = setTimeout(() => updateCount().catch(fail), 60);
   }
 
   async function start() {
-    const summary = await fetch("/api/summary").then((r) => r.json());
+    const summary = await getJSON("/api/summary");
     state.summary = summary;
     state.thresh = summary.thresh;
     const slider = $("thresh");
@@ -210,11 +231,9 @@
       map.setView([0, 0], 1);
     }
     setThreshold(summary.thresh);
-    map.on("moveend", refresh);
+    map.on("moveend", () => refresh().catch(fail));
     await refresh();
   }
 
-  start().catch((error) => {
-    $("status").textContent = `cnsq view could not start: ${error}`;
-  });
+  start().catch(fail);
 })();
