@@ -337,3 +337,29 @@ def test_a_view_killed_while_reading_leaves_no_index_and_its_leftovers_are_clear
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=10)
     assert len(list(cache.glob("*.db"))) == 1 and not list(cache.glob(".*partial*"))
+
+
+def test_the_stacks_results_are_viewed_through_its_admin_functions_export(aws, tmp_path):
+    """As `cnsq download --config` reads them: the function exports to S3 (invoked here through
+    botocore's Stubber: moto cannot run a Lambda without Docker), the CSV is copied from S3."""
+    import boto3
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    from cnsq.admin import AdminFunction
+
+    body = b'tile,output\n1-2-3,"[0.2, 0.8]"\n2-2-3,"[0.9, 0.1]"\n'
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="cnsq-artifacts")
+    s3.put_object(Bucket="cnsq-artifacts", Key="cnsq-dev/exports/r.csv", Body=body)
+    client = boto3.client("lambda", region_name="us-east-1")
+    stub = Stubber(client)
+    answer = json.dumps({"bucket": "cnsq-artifacts", "key": "cnsq-dev/exports/r.csv", "rows": 2,
+                         "bytes": len(body)}).encode()
+    stub.add_response("invoke", {"StatusCode": 200,
+                                 "Payload": StreamingBody(io.BytesIO(answer), len(answer))})
+    stub.activate()
+    source, name = results_csv(None, None, tmp_path, AdminFunction("cnsq-dev-admin", client, s3))
+    assert name == "s3://cnsq-artifacts/cnsq-dev/exports/r.csv" and source.parent == tmp_path
+    viewed, _ = prepare(source, name, tmp_path, 1, 0.5, None, None)
+    assert viewed.index.total == 2 and viewed.index.above(0.5) == 1

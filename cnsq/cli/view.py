@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .app import Settings, _admin, _finite, _row_progress, config_options, main
+from .app import Settings, _admin, _database_url, _finite, _row_progress, config_options, main
 
 
 @main.command()
@@ -70,6 +70,8 @@ def view(settings: Settings, results: str | None, database_url: str | None,
     workdir = Path(tempfile.mkdtemp(prefix="cnsq-view-"))
     try:
         admin = None if results or database_url else _admin(None, settings)
+        if not (results or database_url or admin) and settings.config.exists():
+            database_url = _database_url(None, settings)  # a stack without an admin function
         source, name = results_csv(results, database_url, workdir, admin,
                                    _row_progress("Exporting the results"))
         progress = _row_progress(f"Reading {name}")
