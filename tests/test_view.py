@@ -282,7 +282,7 @@ def test_the_command_serves_until_ctrl_c_and_reuses_its_index(tmp_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=10)
         assert process.returncode == 0, err
-        assert "Stopped." in err and "Traceback" not in err
+        assert "Stopped cnsq view." in err and "Traceback" not in err
         assert ("cached" in err) == (attempt == 1), err
     assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("cnsq-view-*")
                 if p.stat().st_mtime > time.time() - 60 and any(p.iterdir())]

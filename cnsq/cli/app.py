@@ -316,12 +316,13 @@ def _duration(text: str) -> timedelta:
 
 
 def _wait_forever(what: str) -> None:
+    """Wait until Ctrl-C or SIGTERM (a server's end), then say what stopped."""
+    from ..interrupt import Stop
 
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        click.echo(f"\nStopped {what}.", err=True)
+    with Stop() as stop:
+        while not stop.requested:
+            time.sleep(0.2)
+    click.echo(f"\nStopped {what}.", err=True)
 
 
 def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0,

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import click
 
-from .app import Settings, _admin, _database_url, _finite, _row_progress, config_options, main
+from .app import (
+    Settings,
+    _admin,
+    _database_url,
+    _finite,
+    _row_progress,
+    _wait_forever,
+    config_options,
+    main,
+)
 
 
 @main.command()
@@ -53,7 +62,6 @@ def view(settings: Settings, results: str | None, database_url: str | None,
         --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.jpg?access_token={token}'
       cnsq view --config config/config.yml --thresh_ind 1 --thresh 0.9
     """
-    from ..interrupt import Stop
     from ..view import prepare, results_csv
     from ..view.imagery import open_imagery
     from ..view.index import default_cache
@@ -102,10 +110,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
 
             if not webbrowser.open(running.url):
                 click.echo("warning: no browser to open; open the URL above", err=True)
-        with Stop() as stop:
-            while not stop.requested:
-                time.sleep(0.2)
-        click.echo("Stopped.", err=True)
+        _wait_forever("cnsq view")
     finally:
         running.close()
         shutil.rmtree(workdir, ignore_errors=True)
