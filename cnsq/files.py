@@ -42,3 +42,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def abandoned_partials(folder: Path) -> Iterator[Path]:
+    """The temporary files in ``folder`` whose writer is gone (killed before its rename)."""
+    for partial in folder.glob(".*.partial-*"):
+        try:
+            os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            yield partial
+        except PermissionError:  # another user's live process
+            continue

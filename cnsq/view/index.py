@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mercantile
 
-from ..files import atomic_path
+from ..files import abandoned_partials, atomic_path
 from ..geojson import Report, read_result
 from ..tiles import tile_id
 
@@ -221,19 +221,11 @@ def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
 def _prune(cache: Path) -> None:
     """Keep the ``KEEP`` most recently used indexes, and remove what a killed ``cnsq view``
     left half written (its process is gone)."""
-    import os
 
     for stale in sorted(cache.glob("*.db"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
         stale.unlink(missing_ok=True)
-    for partial in cache.glob(".*.partial-*"):
-        try:
-            os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            partial.unlink(missing_ok=True)
-        except PermissionError:  # another user's live process
-            continue
+    for partial in abandoned_partials(cache):
+        partial.unlink(missing_ok=True)
 
 
 def default_cache() -> Path:
