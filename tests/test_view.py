@@ -189,6 +189,10 @@ def test_the_api_answers_the_page(served):
     bad = requests.get(url + "api/count", params={"thresh": "nan"}, timeout=5)
     assert bad.status_code == 400 and "finite" in bad.json()["error"]
     assert requests.get(url + "api/features", params={"zoom": 3}, timeout=5).status_code == 400
+    huge = requests.get(url + "api/features", params={"zoom": 1e9, "west": 0, "south": 0,
+                                                      "east": 1, "north": 1}, timeout=5)
+    assert huge.status_code == 400 and "zoom" in huge.json()["error"]
+    assert requests.get(url + "api/tile", params={"id": "9-9-1"}, timeout=5).status_code == 400
     assert requests.get(url + "static/../server.py", timeout=5).status_code == 404
 
 

@@ -125,6 +125,8 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                 bbox = view_index.Bbox(*(_number(query, k) for k in ("west", "south", "east",
                                                                       "north")))
                 zoom = int(_number(query, "zoom"))
+                if not 0 <= zoom <= 30:
+                    raise ValueError("zoom must be between 0 and 30")
                 self.send_json(view_index.features(viewed.index, conn(), zoom, bbox))
             elif path == "/api/count":
                 thresh = _number(query, "thresh")
