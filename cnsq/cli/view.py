@@ -84,10 +84,8 @@ def view(settings: Settings, results: str | None, database_url: str | None,
                                    _row_progress("Exporting the results"))
         progress = _row_progress(f"Reading {name}")
         began = time.monotonic()
-        # An export is read once; a file named by the user is indexed once per version of it.
-        cache = None if source.is_relative_to(workdir) else default_cache()
-        viewed, cached = prepare(source, name, workdir, thresh_ind, thresh, imagery, cache,
-                                 progress)
+        viewed, cached = prepare(source, name, workdir, thresh_ind, thresh, imagery,
+                                 default_cache(), progress)
         if progress:
             click.echo("", err=True)
         index = viewed.index

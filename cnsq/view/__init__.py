@@ -63,8 +63,9 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
 
 def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: float, imagery,
             cache: Path | None, progress: Callable[[int], None] | None = None):
-    """Read ``source`` into an index (kept in ``cache`` for the next view of the same file, or
-    in ``workdir``); what the server shows, and whether the index came from the cache.
+    """Read ``source`` into an index (kept in ``cache`` for the next view of the same file; an
+    export into ``workdir`` is read once, its index kept there); what the server shows, and
+    whether the index came from the cache.
 
     Raises:
         CnsqError: ``thresh_ind`` does not fit the scores, or no row could be read (with the
@@ -76,6 +77,8 @@ def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: flo
 
     with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         check_thresh_ind(handle, source, thresh_ind)
+    if source.is_relative_to(workdir):
+        cache = None
     index, cached = open_index(source, thresh_ind, cache, workdir, progress)
     if not index.total and index.report.bad:
         line, reason = index.report.bad[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from download_and_predict.base import Tile, check_tile_endpoint, imagery_url, mask, register_secret
+from download_and_predict.errors import SettingsError
 
 from ..errors import CnsqError
 from ..local.tileserver import FolderTiles, MBTiles, content_type, open_source
@@ -35,7 +36,7 @@ class RemoteImagery:
 
         try:
             check_tile_endpoint(template)
-        except Exception as exc:  # SettingsError: say it the CLI's way
+        except SettingsError as exc:
             raise CnsqError(f"--tile-endpoint: {exc}") from None
         register_secret(token)
         self.template, self.token, self.timeout = template, token, timeout

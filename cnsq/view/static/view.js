@@ -37,12 +37,10 @@
     $("status").classList.add("error");
   }
 
-  // The bounds of XYZ tile x/y at zoom z as Leaflet's [[south, west], [north, east]].
+  // The bounds of XYZ tile x/y at zoom z, by Leaflet's own projection (256-pixel tiles).
   function tileBounds(x, y, z) {
-    const n = 2 ** z;
-    const lon = (v) => (v / n) * 360 - 180;
-    const lat = (v) => (Math.atan(Math.sinh(Math.PI * (1 - (2 * v) / n))) * 180) / Math.PI;
-    return [[lat(y + 1), lon(x)], [lat(y), lon(x + 1)]];
+    return L.latLngBounds(map.unproject([x * 256, (y + 1) * 256], z),
+      map.unproject([(x + 1) * 256, y * 256], z));
   }
 
   // Yellow at the threshold to red at the top of the score range.
