@@ -210,7 +210,9 @@ def apply(
 def preflight_report(config: Config, aws: Any, ui: UI) -> tuple[Any, str]:
     """Run the account checks and print every problem and warning, one line each.
 
-    Returns (report, summary), or (None, why) when there are no credentials to ask with.
+    Returns (report, summary), or (None, why) when the account could not be checked: no
+    credentials to ask with, AWS did not answer, or no check could run. Callers treat None as a
+    failure unless the user chose not to check.
     """
     from . import preflight
 
@@ -218,12 +220,22 @@ def preflight_report(config: Config, aws: Any, ui: UI) -> tuple[Any, str]:
         message = "Account not checked: no AWS credentials (see `aws configure`)."
         ui.echo(message)
         return None, message
-    report = preflight.run(config, aws.client, aws.region_name)
+    try:
+        report = preflight.run(config, aws.client, aws.region_name)
+    except preflight.Unreachable as exc:
+        message = f"Account not checked: AWS did not answer ({exc})."
+        ui.echo(message)
+        return None, message
     for finding in report.findings:
         if finding.status != preflight.OK:
             ui.echo("  " + finding.line(), err=True)
     ok = sum(f.status == preflight.OK for f in report.findings)
     warnings = sum(f.status == preflight.WARNING for f in report.findings)
+    if not report.checked:
+        message = (f"Account not checked: none of the {warnings} check(s) could run (see the "
+                   "warnings above).")
+        ui.echo(message)
+        return None, message
     message = (f"Preflight: {len(report.problems)} problem(s), {warnings} warning(s), {ok} "
                f"check(s) passed in {report.seconds:.1f}s.")
     ui.echo(message)

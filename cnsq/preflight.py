@@ -51,12 +51,22 @@ class Report:
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if f.status == PROBLEM]
 
+    @property
+    def checked(self) -> bool:
+        """Whether the account answered at least one check. A report of warnings alone checked
+        nothing, and must never read as a pass."""
+        return any(f.status != WARNING for f in self.findings)
+
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 2), "checks": [asdict(f) for f in self.findings]}
 
 
 class NotChecked(Exception):
     """The endpoint could not answer this check; the reason is reported as a warning."""
+
+
+class Unreachable(Exception):
+    """AWS did not answer at all (no network, a wrong endpoint): no check can run."""
 
 
 def _code(exc: BaseException) -> str:
@@ -345,9 +355,37 @@ def _key(key: str, config: Config) -> str:
     return key.replace("<Name>", names[0] if names else next(iter(config.values["lambdas"]), "Name"))
 
 
-def run(config: Config, client: Callable[[str], Any], region: str) -> Report:
-    """Every check, in parallel; network checks only for an existing VPC."""
+def caller(client: Callable[..., Any]) -> dict[str, str]:
+    """Who is asking (sts:GetCallerIdentity, which needs no permission), asked once with short
+    timeouts and one retry: an unreachable endpoint fails here in seconds, not in every check
+    after ten adaptive retries each.
+
+    Raises:
+        Unreachable: no answer from AWS, with botocore's reason.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        sts = client("sts", connect_timeout=5, read_timeout=10,
+                     retries={"mode": "standard", "total_max_attempts": 2})
+    except TypeError:  # a factory that takes no botocore options (tests' stubs)
+        sts = client("sts")
+    try:
+        return sts.get_caller_identity()
+    except ClientError as exc:  # answered, though not as asked: the checks say more
+        return {"Arn": "", "Account": "", "error": _code(exc)}
+    except BotoCoreError as exc:
+        raise Unreachable(str(exc)) from None
+
+
+def run(config: Config, client: Callable[..., Any], region: str) -> Report:
+    """Every check, in parallel; network checks only for an existing VPC.
+
+    Raises:
+        Unreachable: AWS did not answer the first call.
+    """
     started = time.monotonic()
+    caller(client)
     for service in SERVICES:  # made here: creating clients from several threads is not safe
         client(service)
     chosen = [c for c in CHECKS if c[0] != "network" or config.values["vpc"]]

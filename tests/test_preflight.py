@@ -11,7 +11,8 @@ from pathlib import Path
 import boto3
 from botocore.stub import Stubber
 from click.testing import CliRunner
-from conftest import client
+from conftest import client, free_port
+from servers import _Quiet, _Server
 
 from cnsq import preflight
 from cnsq.cli import main
@@ -160,8 +161,45 @@ def test_offline_and_no_credentials(project, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     result = validate()
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     assert "Account not checked: no AWS credentials" in result.stdout
+    assert "pass --offline to check the template alone" in result.stderr
+
+
+def test_an_unreachable_account_is_not_a_pass(project, monkeypatch):
+    # Nothing listens on this port: every call fails to connect. Asked once, in seconds.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    result = validate()
+    assert result.exit_code == 1, result.output
+    assert "Account not checked: AWS did not answer (Could not connect" in result.stdout
+    assert "check(s) passed" not in result.output
+    deploy = CliRunner().invoke(main, ["deploy"], catch_exceptions=False)
+    assert deploy.exit_code == 1 and "Pass --skip-preflight to deploy anyway" in deploy.stderr
+
+
+class _DenyAll(_Quiet):
+    """An account that answers and refuses everything (as an SCP denying all would)."""
+
+    def _deny(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = (b"<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
+                b"<Message>denied</Message></Error></ErrorResponse>")
+        self.send(403, body, "text/xml")
+
+    do_GET = do_POST = do_PUT = do_HEAD = _deny
+
+
+def test_a_preflight_whose_every_check_was_denied_is_not_a_pass(project, monkeypatch):
+    server = _Server(_DenyAll)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+        result = validate()
+    finally:
+        server.close()
+    assert result.exit_code == 1, result.output
+    assert "warning: buckets.internal: not checked" in result.stderr
+    assert "Account not checked: none of the" in result.stdout
+    assert "Preflight:" not in result.stdout
 
 
 # -- what moto cannot answer, on the same code through botocore's Stubber

@@ -75,7 +75,9 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
     The preflight reads the account through the AWS API: the bucket and its region, the VPC's
     DNS settings, subnets in two zones behind a NAT, the GPU type's GPUs, offerings and vCPU
     quota, the key pair, the AMI parameter, the engine version on the instance class, and the
-    Lambda concurrency left. Every problem is reported at once, with its config key.
+    Lambda concurrency left. Every problem is reported at once, with its config key. When the
+    account cannot be asked (no credentials, AWS unreachable, every check denied) validate exits
+    1: a check that did not run never passes. --offline checks the template alone.
 
     \b
     Examples:
@@ -104,8 +106,13 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
     if as_json:
         out["preflight"] = report.as_dict() if report else {"skipped": message}
         click.echo(json.dumps(out, indent=2))
-    elif report is None:
+    elif offline:
         click.echo(message)
+    if report is None and not offline:
+        # A preflight that could not ask the account has passed nothing.
+        click.echo("The account was not checked: fix the above, or pass --offline to check "
+                   "the template alone.", err=True)
+        sys.exit(1)
     if errors or (report and report.problems):
         sys.exit(1)
 
