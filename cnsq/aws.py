@@ -7,6 +7,7 @@ use botocore's adaptive retry mode: large deploys and event polling survive thro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,23 @@ class Aws:
     @property
     def region_name(self) -> str:
         return self.session.region_name or "us-east-1"
+
+
+def pages(client: Any, operation: str, **params: Any) -> Iterator[dict[str, Any]]:
+    """The pages of ``operation``'s answer, each fetched when it is read (stop early to fetch no
+    more).
+
+    Every call cnsq makes to an operation botocore can paginate goes through here or through
+    ``get_paginator`` (tests/test_pagination.py fails on a direct call): AWS answers in pages
+    (RDS 100 rows by default, EC2 up to 1,000, CloudFormation 100 events), and reading the first
+    alone gives a wrong answer that looks right.
+    """
+    return iter(client.get_paginator(operation).paginate(**params))
+
+
+def collect(client: Any, operation: str, key: str, **params: Any) -> list[Any]:
+    """The items under ``key`` on every page of ``operation``'s answer."""
+    return [item for page in pages(client, operation, **params) for item in page.get(key, [])]
 
 
 def explain(exc: BaseException) -> str | None:

@@ -35,12 +35,27 @@ DEFAULT_ENGINE_MAJOR = "18"
 # The ECS GPU-optimised Amazon Linux 2023 AMI; AWS keeps the parameter pointing at the current
 # build. (The Amazon Linux 2 GPU AMI reached end of life on 2026-06-30.)
 DEFAULT_AMI_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
-# NVIDIA GPU families that ECS schedules GPUs on (p3…p6, g4dn…g6e, gr6). g4ad has AMD GPUs
-# and g5g is arm64: the ECS GPU AMI runs on neither.
-GPU_FAMILY = re.compile(r"^(p[3-9][a-z]*|g[4-9][a-z]*|gr6)\.")
-NOT_ECS_GPU = ("g4ad.", "g5g.")
-# GPUs of the multi-GPU sizes, to run one model task per GPU. Any other size of a GPU family has
-# one; `ecs.tasksPerInstance` overrides (and preflight reads GpuInfo from the account).
+# GPU instance types, offline. The live account is the authority (preflight reads
+# DescribeInstanceTypes' GpuInfo and decides the tasks per instance); these are hints for a config
+# checked without it, so a type cnsq does not know is a warning, never a refusal. The patterns
+# name EC2's conventions: NVIDIA GPUs are in the g and p families (g4dn … g7e, p3 … p6-b300,
+# gr6), and the families below never have a GPU.
+NVIDIA_FAMILY = re.compile(r"^(p\d+[a-z0-9-]*|g\d+[a-z0-9-]*|gr\d+[a-z0-9-]*)\.")
+CPU_FAMILY = re.compile(r"^(t|m|c|r|x|z|i|d|h)\d[a-z0-9-]*\.")
+# GPU families the ECS GPU AMI cannot serve a whole-GPU task on, and why (its README and
+# build scripts, github.com/aws/amazon-ecs-ami).
+REFUSED_GPU_FAMILIES = {
+    "g4ad": "has AMD GPUs; the ECS GPU AMI drives NVIDIA GPUs only",
+    "g5g": "is arm64 (Graviton); the ECS GPU AMI is built for x86_64 only",
+    "g6f": ("has a fraction of a GPU: ECS places it only for a fractional GPU request, and the "
+            "ECS GPU AMI's notes require memory overcommit on the host; cnsq asks for whole "
+            "GPUs: use g6 (a whole L4)"),
+    "gr6f": ("has a fraction of a GPU: ECS places it only for a fractional GPU request, and the "
+             "ECS GPU AMI's notes require memory overcommit on the host; cnsq asks for whole "
+             "GPUs: use gr6 (a whole L4)"),
+}
+# GPUs of the multi-GPU sizes of the families below, to run one model task per GPU offline.
+# Any other size of these families has one; other families: one, until preflight asks.
 MULTI_GPU = {
     "p3.8xlarge": 4, "p3.16xlarge": 8, "p3dn.24xlarge": 8, "p4d.24xlarge": 8,
     "p4de.24xlarge": 8, "p5.48xlarge": 8, "p5e.48xlarge": 8, "p5en.48xlarge": 8,
@@ -48,6 +63,7 @@ MULTI_GPU = {
     "g6.12xlarge": 4, "g6.24xlarge": 4, "g6.48xlarge": 8, "g6e.12xlarge": 4,
     "g6e.24xlarge": 4, "g6e.48xlarge": 8,
 }
+MULTI_GPU_FAMILIES = {itype.split(".")[0] for itype in MULTI_GPU}
 
 # Each leaf is (kind, default). Kinds: str, int, bool, strlist, strmap. A dict is a nested section.
 LAMBDA_SCHEMA: dict[str, Any] = {
@@ -153,6 +169,20 @@ class Config:
     values: dict[str, Any]
     secrets: dict[str, Secret]
     warnings: list[str]
+    # Keys whose values cnsq chose without the account (the tasks per GPU instance): preflight
+    # replaces them with what the account says (:meth:`decide`).
+    guessed: set[str] = field(default_factory=set)
+
+    def decide(self, key: str, value: Any) -> bool:
+        """Set a guessed ``section.name`` key to the account's answer; whether it changed.
+        A key the user wrote is never replaced."""
+        if key not in self.guessed:
+            return False
+        section, name = key.split(".")
+        changed = self.values[section][name] != value
+        self.values[section][name] = value
+        self.guessed.discard(key)
+        return changed
 
     @property
     def stack_name(self) -> str:
@@ -442,8 +472,9 @@ def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list"}.get(type(value), repr(value))
 
 
-def _check_values(values: dict, where) -> list[str]:
-    """Refuse what AWS no longer accepts; return warnings for what works but is unwise."""
+def _check_values(values: dict, where, guessed: set[str]) -> list[str]:
+    """Refuse what AWS no longer accepts; return warnings for what works but is unwise.
+    ``guessed`` receives the keys whose values were chosen offline for the account to decide."""
     warnings: list[str] = []
     rds, ecs, sqs = values["rds"], values["ecs"], values["sqs"]
     engine = rds["engineVersion"]
@@ -518,7 +549,7 @@ def _check_values(values: dict, where) -> list[str]:
                     "sqs.maxBatchingWindow of at least 1 (seconds); Lambda refuses a batch size "
                     "above 10 without a batching window"
                 )
-    _check_gpus(ecs, where)
+    _check_gpus(ecs, where, warnings, guessed)
     return warnings
 
 
@@ -546,25 +577,41 @@ def _check_network(values: dict, where, warnings: list[str]) -> None:
                         "(cnsq setup and download reach it through the stack's admin function)")
 
 
-def _check_gpus(ecs: dict, where) -> None:
-    """A GPU task on a GPU-less instance never starts: CloudFormation would wait for hours."""
+def _check_gpus(ecs: dict, where, warnings: list[str], guessed: set[str]) -> None:
+    """A GPU task on a GPU-less instance never starts: CloudFormation would wait for hours.
+
+    Offline, only what is certain is refused (a family with no GPU, or one the ECS GPU AMI
+    cannot serve); a type cnsq does not know is a warning, and preflight asks the account.
+    """
     itype = ecs["instanceType"]
-    has_gpu = bool(GPU_FAMILY.match(itype)) and not itype.startswith(NOT_ECS_GPU)
-    if ecs["gpus"] >= 1 and not has_gpu:
-        raise ConfigError(
-            f"{where('ecs.instanceType')}: {itype} has no NVIDIA GPU that ECS can schedule, but "
-            f"ecs.gpus is {ecs['gpus']}; use a GPU type (g4dn, g5, g6, p3, p4d, p5 …) or set "
-            "ecs.gpus: 0 to serve on the CPU"
-        )
-    per_instance = MULTI_GPU.get(itype, 1) if has_gpu else 1
+    family = itype.split(".")[0]
+    known_gpu = bool(NVIDIA_FAMILY.match(itype)) and family not in REFUSED_GPU_FAMILIES
+    if ecs["gpus"] >= 1:
+        if family in REFUSED_GPU_FAMILIES:
+            raise ConfigError(f"{where('ecs.instanceType')}: {itype} {REFUSED_GPU_FAMILIES[family]}")
+        if CPU_FAMILY.match(itype):
+            raise ConfigError(
+                f"{where('ecs.instanceType')}: {itype} has no NVIDIA GPU that ECS can schedule, "
+                f"but ecs.gpus is {ecs['gpus']}; use a GPU type (g4dn, g5, g6, p3, p4d, p5 …) or "
+                "set ecs.gpus: 0 to serve on the CPU"
+            )
+        if not known_gpu:
+            warnings.append(
+                f"ecs.instanceType: cnsq does not know {itype} as an NVIDIA GPU type; the account "
+                "is asked at deploy (preflight reads its GPUs from DescribeInstanceTypes)")
+    per_instance = MULTI_GPU.get(itype, 1) if known_gpu else 1
     if ecs["gpus"] > per_instance:
-        raise ConfigError(f"{where('ecs.gpus')}: {itype} has {per_instance} GPU(s); a task cannot "
-                          f"ask for {ecs['gpus']}")
+        if family in MULTI_GPU_FAMILIES:
+            raise ConfigError(f"{where('ecs.gpus')}: {itype} has {per_instance} GPU(s); a task "
+                              f"cannot ask for {ecs['gpus']}")
+        per_instance = ecs["gpus"]  # not known offline: preflight checks it against the account
     if not ecs["gpus"] and ecs["amiParameter"] == DEFAULT_AMI_PARAMETER:
         # A CPU model server runs on the standard ECS AMI, not the GPU one.
         ecs["amiParameter"] = DEFAULT_AMI_PARAMETER.replace("/gpu/", "/")
     if ecs["tasksPerInstance"] is None:
         ecs["tasksPerInstance"] = per_instance // ecs["gpus"] if ecs["gpus"] else 1
+        if ecs["gpus"]:
+            guessed.add("ecs.tasksPerInstance")
     if ecs["tasksPerInstance"] < 1:
         raise ConfigError(f"{where('ecs.tasksPerInstance')}: expected 1 or more")
 
@@ -664,11 +711,12 @@ def load_config(
     for name, spec in values["lambdas"].items():
         spec["name"] = spec["name"] or name
         spec["fullName"] = spec["fullName"] or f"{values['stackName']}-{spec['name']}"
-    warnings = _check_values(values, validator.where)
+    guessed: set[str] = set()
+    warnings = _check_values(values, validator.where, guessed)
     if old_password:
         warnings.append("rds.password is no longer used: RDS creates the master password and "
                         "keeps it in Secrets Manager (remove it from the config and .env)")
-    return Config(path, section_name, values, secrets, warnings)
+    return Config(path, section_name, values, secrets, warnings, guessed)
 
 
 def _model_name(prediction_path: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from . import layout
+from .aws import collect
 from .errors import CnsqError
 
 
@@ -37,8 +38,9 @@ def url_from_stack(aws, stacks, stack_name: str) -> str:
             arn = managed_secret_arn(aws.client("rds"), instance)
         except LookupError as exc:
             raise CnsqError(str(exc)) from None
-        found = aws.client("rds").describe_db_instances(DBInstanceIdentifier=instance)
-        endpoint = found["DBInstances"][0].get("Endpoint") or {}
+        found = collect(aws.client("rds"), "describe_db_instances", "DBInstances",
+                        DBInstanceIdentifier=instance)
+        endpoint = found[0].get("Endpoint") or {}
         where = {"host": endpoint.get("Address"), "port": endpoint.get("Port", 5432),
                  "dbname": "ResultsDB"}
     value = aws.client("secretsmanager").get_secret_value(SecretId=arn)

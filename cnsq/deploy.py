@@ -227,7 +227,7 @@ def preflight_report(config: Config, aws: Any, ui: UI) -> tuple[Any, str]:
         ui.echo(message)
         return None, message
     for finding in report.findings:
-        if finding.status != preflight.OK:
+        if finding.status != preflight.OK or finding.decided:
             ui.echo("  " + finding.line(), err=True)
     ok = sum(f.status == preflight.OK for f in report.findings)
     warnings = sum(f.status == preflight.WARNING for f in report.findings)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .aws import collect
 from .errors import CnsqError
 
 QUERY = ("nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total "
@@ -106,7 +107,7 @@ def discover(ecs: Any, ec2: Any, cluster: str) -> list[Instance]:
                                                      containerInstances=arns[start:start + 100])
         ids += [ci["ec2InstanceId"] for ci in described["containerInstances"]]
     instances = []
-    for reservation in ec2.describe_instances(InstanceIds=ids)["Reservations"]:
+    for reservation in collect(ec2, "describe_instances", "Reservations", InstanceIds=ids):
         for item in reservation["Instances"]:
             ip = item.get("PublicIpAddress") or item.get("PrivateIpAddress", "")
             instances.append(Instance(item["InstanceId"], ip, item.get("InstanceType", "")))

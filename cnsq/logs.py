@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .aws import collect
 from .errors import DeployError
 
 
@@ -30,7 +31,7 @@ def tag_log_groups(logs: Any, names: list[str], tags: dict[str, str]) -> list[Ta
     """Add ``tags`` where they are missing or differ; never removes other tags."""
     results = []
     for name in names:
-        groups = logs.describe_log_groups(logGroupNamePrefix=name).get("logGroups", [])
+        groups = collect(logs, "describe_log_groups", "logGroups", logGroupNamePrefix=name)
         group = next((g for g in groups if g["logGroupName"] == name), None)
         if group is None:
             results.append(Tagged(name, "missing", {}))

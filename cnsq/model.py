@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .aws import collect
 from .errors import CnsqError
 
 BATCHING = """max_batch_size { value: 64 }
@@ -142,7 +143,7 @@ def build_image(context: Path, tag: str) -> None:
 def ensure_repository(ecr: Any, name: str) -> str:
     """The ECR repository's URI, creating the repository if needed."""
     try:
-        repo = ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
+        repo = collect(ecr, "describe_repositories", "repositories", repositoryNames=[name])[0]
     except ecr.exceptions.RepositoryNotFoundException:
         repo = ecr.create_repository(repositoryName=name,
                                      imageScanningConfiguration={"scanOnPush": True})["repository"]

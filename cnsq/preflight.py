@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .aws import collect, pages
 from .config import Config
 
 OK, PROBLEM, WARNING = "ok", "problem", "warning"
@@ -25,6 +26,8 @@ MIN_UNRESERVED = 100
 # Service Quotas codes of the EC2 on-demand vCPU quotas, by instance family letter.
 VCPU_QUOTAS = {"g": ("L-DB2E81BA", "Running On-Demand G and VT instances"),
                "p": ("L-417A185B", "Running On-Demand P instances")}
+# The actions the deploying identity needs, beside the template (templates/ of the project).
+PERMISSIONS_FILE = "deployer-permissions.yml"
 DENIED = ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError")
 
 
@@ -36,9 +39,11 @@ class Finding:
     status: str
     key: str
     message: str
+    decided: bool = False  # the account set this config key's value (shown, like a warning)
 
     def line(self) -> str:
-        prefix = {PROBLEM: "", WARNING: "warning: ", OK: "ok: "}[self.status]
+        prefix = {PROBLEM: "", WARNING: "warning: ", OK: "set: " if self.decided else "ok: "}[
+            self.status]
         return f"{prefix}{self.key}: {self.message}"
 
 
@@ -78,6 +83,7 @@ def _guard(check: str, key: str, permission: str, fn: Callable[[], list[Finding]
            ) -> list[Finding]:
     """Run one check; turn AccessDenied and unanswerable endpoints into warnings."""
     from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.parsers import ResponseParserError
 
     try:
         return fn()
@@ -94,6 +100,8 @@ def _guard(check: str, key: str, permission: str, fn: Callable[[], list[Finding]
                                              + (f" ({reason})" if reason else ""))]
     except BotoCoreError as exc:
         return [Finding(check, WARNING, key, f"not checked: {permission} failed ({exc})")]
+    except ResponseParserError:  # an endpoint that does not speak the operation (an emulator)
+        return [Finding(check, WARNING, key, f"not checked: {permission} gave an unreadable answer")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +149,12 @@ def check_network(config: Config, client, region: str) -> list[Finding]:
                 f"{vpc} has {label} off: RDS in a VPC needs it (InvalidVPCNetworkStateFault); "
                 f"turn it on (aws ec2 modify-vpc-attribute --vpc-id {vpc} {flag})"))
     try:
-        found = ec2.describe_subnets(SubnetIds=subnets)["Subnets"]
+        found = collect(ec2, "describe_subnets", "Subnets", SubnetIds=subnets)
     except Exception as exc:
         if _code(exc) == "InvalidSubnetID.NotFound":
-            known = {s["SubnetId"] for s in ec2.describe_subnets(
-                Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]}
+            known = {s["SubnetId"] for s in collect(
+                ec2, "describe_subnets", "Subnets",
+                Filters=[{"Name": "vpc-id", "Values": [vpc]}])}
             missing = [s for s in subnets if s not in known]
             return findings + [Finding("network", PROBLEM, "subnets",
                                        f"{', '.join(missing)} not found in {vpc}")]
@@ -160,7 +169,8 @@ def check_network(config: Config, client, region: str) -> list[Finding]:
             "network", PROBLEM, "subnets",
             f"all subnets are in {', '.join(sorted(zones))}: a DB subnet group and a load balancer "
             "need subnets in at least two availability zones"))
-    tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"]
+    tables = collect(ec2, "describe_route_tables", "RouteTables",
+                     Filters=[{"Name": "vpc-id", "Values": [vpc]}])
     main = next((t for t in tables if any(a.get("Main") for a in t.get("Associations", []))), None)
     fix = ("use private subnets with a NAT gateway, or leave vpc and subnets out and let the "
            "stack create the network")
@@ -191,40 +201,60 @@ def check_network(config: Config, client, region: str) -> list[Finding]:
 
 
 def check_instance_type(config: Config, client, region: str) -> list[Finding]:
-    """The GPU type exists, has the GPUs asked for, is offered where the hosts will run, and the
-    account's vCPU quota covers ecs.maxInstances of it."""
+    """The GPU type exists, has the GPUs asked for (NVIDIA, on x86_64, as the ECS GPU AMI needs),
+    is offered where the hosts will run, and the account's vCPU quota covers ecs.maxInstances of
+    it. The account's GpuInfo is the authority: where the config does not set
+    ecs.tasksPerInstance, it decides the tasks per instance (one per GPU)."""
     ecs = config.values["ecs"]
     itype, ec2 = ecs["instanceType"], client("ec2")
     try:
-        info = ec2.describe_instance_types(InstanceTypes=[itype])["InstanceTypes"][0]
+        info = collect(ec2, "describe_instance_types", "InstanceTypes", InstanceTypes=[itype])[0]
     except Exception as exc:
         if _code(exc) in ("InvalidInstanceType", "InvalidParameterValue"):
             return [Finding("instance type", PROBLEM, "ecs.instanceType",
                             f"{itype} is not an instance type in {region}")]
         raise
     findings: list[Finding] = []
-    gpus = sum(g.get("Count", 0) for g in info.get("GpuInfo", {}).get("Gpus", []))
+    gpus_info = info.get("GpuInfo", {}).get("Gpus", [])
+    gpus = sum(g.get("Count", 0) for g in gpus_info)
+    makers = sorted({g.get("Manufacturer", "?") for g in gpus_info})
+    architectures = info.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
     if ecs["gpus"] and not gpus:
         findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
                                 f"{itype} has no GPU, but ecs.gpus is {ecs['gpus']}: the model task "
                                 "would never start; use a GPU type or set ecs.gpus: 0"))
+    elif ecs["gpus"] and makers != ["NVIDIA"]:
+        findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
+                                f"{itype} has {'/'.join(makers)} GPUs; the ECS GPU AMI drives "
+                                "NVIDIA GPUs only"))
+    elif ecs["gpus"] and architectures and "x86_64" not in architectures:
+        findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
+                                f"{itype} is {'/'.join(architectures)}; the ECS GPU AMI is built "
+                                "for x86_64 only"))
     elif ecs["gpus"] > gpus:
         findings.append(Finding("instance type", PROBLEM, "ecs.gpus",
                                 f"{itype} has {gpus} GPU(s); a task cannot ask for {ecs['gpus']}"))
-    offered = {o["Location"] for o in ec2.describe_instance_type_offerings(
-        LocationType="availability-zone",
-        Filters=[{"Name": "instance-type", "Values": [itype]}])["InstanceTypeOfferings"]}
+    elif ecs["gpus"]:
+        tasks = gpus // ecs["gpus"]
+        if config.decide("ecs.tasksPerInstance", tasks):
+            findings.append(Finding("tasks per instance", OK, "ecs.tasksPerInstance",
+                                    f"{tasks} model task(s) per instance: {itype} has {gpus} "
+                                    f"GPU(s), {ecs['gpus']} per task (from the account)",
+                                    decided=True))
+    offered = {o["Location"] for o in collect(
+        ec2, "describe_instance_type_offerings", "InstanceTypeOfferings",
+        LocationType="availability-zone", Filters=[{"Name": "instance-type", "Values": [itype]}])}
     if not offered:
         findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
                                 f"{itype} is not offered in {region}"))
     elif config.values["vpc"]:
-        zones = {s["AvailabilityZone"] for s in ec2.describe_subnets(
-            SubnetIds=config.values["subnets"])["Subnets"]}
+        zones = {s["AvailabilityZone"] for s in collect(
+            ec2, "describe_subnets", "Subnets", SubnetIds=config.values["subnets"])}
         if zones and not zones & offered:
             findings.append(Finding("instance type", PROBLEM, "ecs.instanceType",
                                     f"{itype} is not offered in the subnets' zones "
                                     f"({', '.join(sorted(zones))})"))
-    if not findings:
+    if not any(f.status == PROBLEM for f in findings):
         findings.append(Finding("instance type", OK, "ecs.instanceType",
                                 f"{itype}: {gpus} GPU(s), offered in {len(offered)} zones"))
     family = itype[:1]
@@ -278,12 +308,15 @@ def check_ami(config: Config, client, region: str) -> list[Finding]:
 def check_database(config: Config, client, region: str) -> list[Finding]:
     rds = config.values["rds"]
     major = rds["engineVersion"].split(".")[0]
-    options = client("rds").describe_orderable_db_instance_options(
-        Engine="postgres", DBInstanceClass=rds["instanceType"])["OrderableDBInstanceOptions"]
+    # About 220 rows for PostgreSQL on one class, oldest versions first, 100 to a page: the
+    # current major is on the last page, never the first.
+    options = collect(client("rds"), "describe_orderable_db_instance_options",
+                      "OrderableDBInstanceOptions", Engine="postgres",
+                      DBInstanceClass=rds["instanceType"])
     if not options:
-        everything = client("rds").describe_orderable_db_instance_options(
-            Engine="postgres", MaxRecords=20)["OrderableDBInstanceOptions"]
-        if not everything:
+        first = next(pages(client("rds"), "describe_orderable_db_instance_options",
+                           Engine="postgres", PaginationConfig={"MaxItems": 20}), {})
+        if not first.get("OrderableDBInstanceOptions"):
             raise NotChecked("RDS returned no orderable PostgreSQL options at all")
         return [Finding("database", PROBLEM, "rds.instanceType",
                         f"{rds['instanceType']} cannot run PostgreSQL in {region}")]
@@ -333,7 +366,74 @@ def check_concurrency(config: Config, client, region: str) -> list[Finding]:
     return [Finding("concurrency", OK, key, f"{left} unreserved left after this deploy")]
 
 
-SERVICES = ("s3", "ec2", "ssm", "rds", "lambda", "service-quotas")
+def deployer_actions(config: Config) -> dict[str, str]:
+    """The IAM actions the deploying identity needs for this config, each with why: from
+    deployer-permissions.yml beside the template (its one home)."""
+    import yaml
+
+    from .project import shipped, templates_dir
+
+    own = templates_dir(config.project_dir) / PERMISSIONS_FILE
+    path = own if own.is_file() else shipped("templates") / PERMISSIONS_FILE
+    groups = yaml.safe_load(path.read_text())
+    actions = dict(groups["always"])
+    if not config.values["vpc"]:
+        actions.update(groups["network"])
+    return actions
+
+
+def principal_arn(client, arn: str) -> str | None:
+    """The IAM principal behind a caller ARN, as SimulatePrincipalPolicy takes it: a user as it
+    is, an assumed role's session as its role (with the role's path); None for the root user."""
+    parts = arn.split(":", 5)
+    if len(parts) < 6:
+        raise NotChecked(f"the caller {arn!r} is not an IAM principal")
+    partition, account, resource = parts[1], parts[4], parts[5]
+    if resource == "root":
+        return None
+    if resource.startswith("user/"):
+        return arn
+    if resource.startswith("assumed-role/"):
+        role = resource.split("/")[1]
+        try:
+            return client("iam").get_role(RoleName=role)["Role"]["Arn"]
+        except Exception:  # noqa: BLE001 - may not read roles: a role without a path then
+            return f"arn:{partition}:iam::{account}:role/{role}"
+    raise NotChecked(f"IAM cannot simulate the policies of {arn}")
+
+
+def check_permissions(config: Config, client, region: str) -> list[Finding]:
+    """Whether the deploying identity may do what the stack needs (iam:SimulatePrincipalPolicy).
+
+    IAM answers for identity policies and permission boundaries; an organisation's SCPs can
+    still refuse, which the stack's events then name."""
+    arn = client("sts").get_caller_identity()["Arn"]
+    principal = principal_arn(client, arn)
+    if principal is None:
+        return [Finding("permissions", OK, "deployer", "the account's root user may do everything")]
+    actions = deployer_actions(config)
+    names = list(actions)
+    denied: list[str] = []
+    iam = client("iam")
+    for start in range(0, len(names), 50):
+        for result in collect(iam, "simulate_principal_policy", "EvaluationResults",
+                              PolicySourceArn=principal, ActionNames=names[start:start + 50]):
+            if result["EvalDecision"] != "allowed":
+                denied.append(result["EvalActionName"])
+    if not denied:
+        return [Finding("permissions", OK, "deployer",
+                        f"{principal} may do the {len(names)} actions the stack needs")]
+    if len(denied) > 8:
+        return [Finding("permissions", PROBLEM, "deployer",
+                        f"{principal} may not do {len(denied)} of the {len(names)} actions the stack "
+                        f"needs ({PERMISSIONS_FILE} says why): {', '.join(denied)}")]
+    return [Finding("permissions", PROBLEM, "deployer",
+                    f"{principal} may not {name}, which it needs: {actions[name]}; the stack "
+                    "would roll back after many minutes. Add it to the identity's policy")
+            for name in denied]
+
+
+SERVICES = ("s3", "ec2", "ssm", "rds", "lambda", "service-quotas", "sts", "iam")
 CHECKS: list[tuple[str, str, str, Callable]] = [
     ("bucket", "buckets.internal", "s3:GetBucketLocation", check_bucket),
     ("network", "vpc", "ec2:DescribeVpcAttribute, DescribeSubnets, DescribeRouteTables",
@@ -344,6 +444,7 @@ CHECKS: list[tuple[str, str, str, Callable]] = [
     ("ami", "ecs.amiParameter", "ssm:GetParameter", check_ami),
     ("database", "rds.engineVersion", "rds:DescribeOrderableDBInstanceOptions", check_database),
     ("concurrency", "lambdas.<Name>.concurrent", "lambda:GetAccountSettings", check_concurrency),
+    ("permissions", "deployer", "iam:SimulatePrincipalPolicy", check_permissions),
 ]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import botocore.exceptions
 
+from .aws import pages
 from .errors import AwsError, DeployError
 
 SUCCESS = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "DELETE_COMPLETE", "IMPORT_COMPLETE"}
@@ -115,7 +116,7 @@ class Stacks:
     def describe(self, name: str) -> dict | None:
         """The stack's description, or None when there is no such stack."""
         try:
-            stacks = self.cfn.describe_stacks(StackName=name)["Stacks"]
+            stacks = next(pages(self.cfn, "describe_stacks", StackName=name), {}).get("Stacks", [])
         except botocore.exceptions.ClientError as exc:
             if "does not exist" in exc.response.get("Error", {}).get("Message", ""):
                 return None
@@ -164,7 +165,7 @@ class Stacks:
         """Poll until the change set is ready (or failed) and read its changes."""
         deadline = time.monotonic() + timeout
         while True:
-            description = self.cfn.describe_change_set(ChangeSetName=arn)
+            description = next(pages(self.cfn, "describe_change_set", ChangeSetName=arn))
             status = description["Status"]
             if status in ("CREATE_COMPLETE", "FAILED"):
                 break
@@ -178,12 +179,8 @@ class Stacks:
         return change_set
 
     def _changes(self, arn: str) -> Iterator[Change]:
-        token = None
-        while True:
-            kwargs: dict[str, Any] = {"ChangeSetName": arn, "IncludePropertyValues": True}
-            if token:
-                kwargs["NextToken"] = token
-            page = self.cfn.describe_change_set(**kwargs)
+        for page in pages(self.cfn, "describe_change_set", ChangeSetName=arn,
+                          IncludePropertyValues=True):
             for item in page.get("Changes", []):
                 rc = item.get("ResourceChange", {})
                 names = []
@@ -199,9 +196,6 @@ class Stacks:
                     str(rc.get("Replacement", "")),
                     tuple(names),
                 )
-            token = page.get("NextToken")
-            if not token:
-                return
 
     def delete_change_set(self, arn: str) -> None:
         self.cfn.delete_change_set(ChangeSetName=arn)
@@ -214,12 +208,7 @@ class Stacks:
     def events_since(self, name: str, since: datetime, seen: set[str]) -> list[Event]:
         """Stack events newer than ``since`` not yet in ``seen``, oldest first."""
         fresh: list[Event] = []
-        token = None
-        while True:
-            kwargs: dict[str, Any] = {"StackName": name}
-            if token:
-                kwargs["NextToken"] = token
-            page = self.cfn.describe_stack_events(**kwargs)
+        for page in pages(self.cfn, "describe_stack_events", StackName=name):  # newest first
             older = False
             for raw in page.get("StackEvents", []):
                 if raw["Timestamp"] < since:
@@ -233,9 +222,8 @@ class Stacks:
                     raw.get("ResourceType", ""), raw.get("ResourceStatus", ""),
                     raw.get("ResourceStatusReason", ""),
                 ))
-            token = page.get("NextToken")
-            if older or not token:
-                break
+            if older:
+                break  # the pages after this one are older still: never fetched
         return sorted(fresh, key=lambda e: e.timestamp)
 
     def follow(

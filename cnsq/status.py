@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from . import aws as _aws
 from . import layout
 
 THRESHOLDS = {
@@ -131,6 +132,18 @@ def diagnose(m: Metrics, timeout_s: int, concurrent: int | None,
 # Collection
 
 
+def _metric_values(cloudwatch: Any, start: datetime, end: datetime, queries: list[dict]
+                   ) -> dict[str, list[float]]:
+    """Each query's values by its Id, over every page (a long window spreads one query's
+    values over several pages)."""
+    values: dict[str, list[float]] = {}
+    for page in _aws.pages(cloudwatch, "get_metric_data", StartTime=start, EndTime=end,
+                      MetricDataQueries=queries):
+        for result in page.get("MetricDataResults", []):
+            values.setdefault(result["Id"], []).extend(result.get("Values", []))
+    return values
+
+
 def _sum_or_none(values: list[float], how: str) -> float | None:
     if not values:
         return None
@@ -177,14 +190,14 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
     cloudwatch = aws.client("cloudwatch")
     period = max(60, int(since.total_seconds()) // 60 * 60)
     if queries:
-        answer = cloudwatch.get_metric_data(StartTime=start, EndTime=now, MetricDataQueries=[
+        answer = _metric_values(cloudwatch, start, now, [
             {"Id": f"q{i}", "MetricStat": {"Metric": {"Namespace": ns, "MetricName": name,
                                                       "Dimensions": dims},
                                            "Period": period, "Stat": stat}}
             for i, (_, ns, name, dims, stat) in enumerate(queries)])
-        for result in answer["MetricDataResults"]:
-            attr, _, _, _, stat = queries[int(result["Id"][1:])]
-            value = _sum_or_none(result.get("Values", []), stat)
+        for key, values in answer.items():
+            attr, _, _, _, stat = queries[int(key[1:])]
+            value = _sum_or_none(values, stat)
             if value is not None and attr == "latency_ms":
                 value *= 1000  # TargetResponseTime is in seconds
             setattr(metrics, attr, value)
@@ -199,16 +212,17 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
         metrics.duration_p50_ms = max(p50) if p50 else None
         metrics.duration_p95_ms = max(p95) if p95 else None
     namespace = f"cnsq/{config.stack_name}"
-    listed = cloudwatch.list_metrics(Namespace=namespace, MetricName="nvidia_smi_utilization_gpu")
-    gpu_queries = [m for m in listed.get("Metrics", [])
+    listed = _aws.collect(cloudwatch, "list_metrics", "Metrics", Namespace=namespace,
+                     MetricName="nvidia_smi_utilization_gpu")
+    gpu_queries = [m for m in listed
                    if [d["Name"] for d in m.get("Dimensions", [])] == ["InstanceId"]]
     if gpu_queries:
-        answer = cloudwatch.get_metric_data(StartTime=start, EndTime=now, MetricDataQueries=[
+        answer = _metric_values(cloudwatch, start, now, [
             {"Id": f"g{i}", "MetricStat": {"Metric": m, "Period": period, "Stat": "Average"}}
             for i, m in enumerate(gpu_queries)])
-        for result in answer["MetricDataResults"]:
-            metric = gpu_queries[int(result["Id"][1:])]
-            value = _sum_or_none(result.get("Values", []), "Average")
+        for key, values in answer.items():
+            metric = gpu_queries[int(key[1:])]
+            value = _sum_or_none(values, "Average")
             if value is not None:
                 metrics.gpu[metric["Dimensions"][0]["Value"]] = value
     if database_url is None:

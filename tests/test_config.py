@@ -261,10 +261,13 @@ def test_batch_size_above_10_needs_a_batching_window(tmp_path):
     assert load(path).values["sqs"]["batchSize"] == 50
 
 
-@pytest.mark.parametrize("itype", ["t3.medium", "c5.xlarge", "g4ad.xlarge", "g5g.xlarge"])
-def test_a_gpu_task_on_an_instance_without_an_ecs_gpu_is_refused(tmp_path, itype):
+@pytest.mark.parametrize("itype, why", [
+    ("t3.medium", "has no NVIDIA GPU"), ("c5.xlarge", "has no NVIDIA GPU"),
+    ("g4ad.xlarge", "has AMD GPUs"), ("g5g.xlarge", "is arm64"),
+    ("g6f.large", "has a fraction of a GPU"), ("gr6f.4xlarge", "has a fraction of a GPU")])
+def test_a_gpu_task_on_an_instance_without_an_ecs_gpu_is_refused(tmp_path, itype, why):
     path = write(tmp_path, BASE + f"  ecs:\n    instanceType: {itype}\n    gpus: 1\n")
-    with pytest.raises(ConfigError, match=rf"config.yml:\d+: ecs.instanceType: {itype} has no NVIDIA GPU"):
+    with pytest.raises(ConfigError, match=rf"config.yml:\d+: ecs.instanceType: {itype} {why}"):
         load(path)
     path.write_text(path.read_text().replace("gpus: 1", "gpus: 0"))
     assert load(path).values["ecs"]["tasksPerInstance"] == 1  # a CPU model server is allowed
@@ -275,6 +278,32 @@ def test_a_gpu_task_on_an_instance_without_an_ecs_gpu_is_refused(tmp_path, itype
 def test_a_multi_gpu_instance_runs_one_task_per_gpu(tmp_path, itype, gpus, tasks):
     path = write(tmp_path, BASE + f"  ecs:\n    instanceType: {itype}\n    gpus: {gpus}\n")
     assert load(path).values["ecs"]["tasksPerInstance"] == tasks
+
+
+@pytest.mark.parametrize("itype", ["p6-b200.48xlarge", "p6-b300.48xlarge", "g7e.2xlarge",
+                                   "g7e.48xlarge", "gr6.4xlarge", "p5.4xlarge"])
+def test_current_gpu_types_are_accepted_offline(tmp_path, itype):
+    path = write(tmp_path, BASE + f"  ecs:\n    instanceType: {itype}\n    gpus: 1\n")
+    config = load(path)
+    assert not [w for w in config.warnings if "ecs.instanceType" in w]
+    # Not known offline for every size: the account decides (preflight), unless the user says.
+    assert "ecs.tasksPerInstance" in config.guessed
+
+
+def test_a_type_cnsq_does_not_know_is_a_warning_not_a_refusal(tmp_path):
+    path = write(tmp_path, BASE + "  ecs:\n    instanceType: q9n.8xlarge\n    gpus: 2\n")
+    config = load(path)
+    assert ("ecs.instanceType: cnsq does not know q9n.8xlarge as an NVIDIA GPU type; the account "
+            "is asked at deploy (preflight reads its GPUs from DescribeInstanceTypes)") in config.warnings
+    assert config.values["ecs"]["tasksPerInstance"] == 1
+
+
+def test_tasks_per_instance_written_by_the_user_is_never_guessed(tmp_path):
+    path = write(tmp_path, BASE + "  ecs:\n    instanceType: p6-b200.48xlarge\n    tasksPerInstance: 2\n")
+    config = load(path)
+    assert config.guessed == set()
+    assert not config.decide("ecs.tasksPerInstance", 8)
+    assert config.values["ecs"]["tasksPerInstance"] == 2
 
 
 def test_a_task_cannot_ask_for_more_gpus_than_its_instance_has(tmp_path):

@@ -9,14 +9,16 @@ import json
 from pathlib import Path
 
 import boto3
+import pytest
 from botocore.stub import Stubber
 from click.testing import CliRunner
-from conftest import client, free_port
+from conftest import REPO, client, free_port
 from servers import _Quiet, _Server
 
 from cnsq import preflight
 from cnsq.cli import main
 from cnsq.config import load_config
+from cnsq.template import render
 
 
 def validate(*args: str):
@@ -249,12 +251,36 @@ def test_reserved_concurrency_that_leaves_under_100_stubbed(project):
     assert "would leave 5 unreserved of the account's 10" in finding.message
 
 
+def _orderable(*versions: str) -> list[dict]:
+    return [{"Engine": "postgres", "EngineVersion": v, "DBInstanceClass": "db.t3.medium"}
+            for v in versions]
+
+
+def _two_pages(stub, first: list[dict], second: list[dict]) -> None:
+    """RDS's answer as AWS gives it: 100 rows a page, oldest versions first, then a Marker."""
+    asked = {"Engine": "postgres", "DBInstanceClass": "db.t3.medium"}
+    stub.add_response("describe_orderable_db_instance_options",
+                      {"OrderableDBInstanceOptions": first, "Marker": "page-2"}, asked)
+    stub.add_response("describe_orderable_db_instance_options",
+                      {"OrderableDBInstanceOptions": second}, {**asked, "Marker": "page-2"})
+
+
+def test_the_engine_major_on_the_second_page_is_found_stubbed(project):
+    rds, stub = _stub("rds")
+    # Page 1: 100 rows of old versions; PostgreSQL 18 only on page 2, as on AWS today.
+    old = [f"{major}.{minor}" for major in (11, 12, 13, 14, 15) for minor in range(20)]
+    _two_pages(stub, _orderable(*old), _orderable("16.10", "17.6", "18.1"))
+    stub.activate()
+    config = load_config(Path("config/config.yml"))
+    [finding] = preflight.check_database(config, _clients(rds=rds), "us-east-1")
+    assert finding.status == preflight.OK, finding.message
+    assert finding.message == "PostgreSQL 18 on db.t3.medium is orderable"
+    stub.assert_no_pending_responses()
+
+
 def test_an_engine_major_the_class_cannot_run_stubbed(project):
     rds, stub = _stub("rds")
-    options = [{"Engine": "postgres", "EngineVersion": v, "DBInstanceClass": "db.t3.medium"}
-               for v in ("16.10", "17.6")]
-    stub.add_response("describe_orderable_db_instance_options",
-                      {"OrderableDBInstanceOptions": options})
+    _two_pages(stub, _orderable("16.10"), _orderable("17.6"))
     stub.activate()
     config = load_config(Path("config/config.yml"))
     [finding] = preflight.check_database(config, _clients(rds=rds), "us-east-1")
@@ -272,3 +298,188 @@ def test_access_denied_is_a_warning_naming_the_permission_stubbed(project):
                                 lambda: preflight.check_ami(config, _clients(ssm=ssm), "us-east-1"))
     assert [f.line() for f in findings] == [
         "warning: ecs.amiParameter: not checked: this caller may not ssm:GetParameter"]
+
+
+def _instance_type_stub(itype: str, gpus: list[dict], architectures=("x86_64",)):
+    """EC2 answering for an instance type moto does not know, in two pages where it pages."""
+    ec2, stub = _stub("ec2")
+    stub.add_response("describe_instance_types", {"InstanceTypes": [{
+        "InstanceType": itype, "VCpuInfo": {"DefaultVCpus": 192},
+        "ProcessorInfo": {"SupportedArchitectures": list(architectures)},
+        **({"GpuInfo": {"Gpus": gpus}} if gpus else {})}]}, {"InstanceTypes": [itype]})
+    offerings = {"LocationType": "availability-zone",
+                 "Filters": [{"Name": "instance-type", "Values": [itype]}]}
+    stub.add_response("describe_instance_type_offerings", {"InstanceTypeOfferings": [
+        {"InstanceType": itype, "Location": "us-east-1a", "LocationType": "availability-zone"}],
+        "NextToken": "more"}, offerings)
+    stub.add_response("describe_instance_type_offerings", {"InstanceTypeOfferings": [
+        {"InstanceType": itype, "Location": "us-east-1b", "LocationType": "availability-zone"}]},
+        {**offerings, "NextToken": "more"})
+    stub.add_response("describe_subnets", {"Subnets": [
+        {"SubnetId": "subnet-1", "AvailabilityZone": "us-east-1a", "VpcId": "vpc-1"},
+        {"SubnetId": "subnet-2", "AvailabilityZone": "us-east-1b", "VpcId": "vpc-1"}]})
+    stub.activate()
+    return ec2, stub
+
+
+def _with_type(itype: str):
+    edit("instanceType: g4dn.xlarge", f"instanceType: {itype}")
+    return load_config(Path("config/config.yml"))
+
+
+def test_the_account_decides_the_tasks_on_a_type_cnsq_does_not_know_stubbed(project):
+    config = _with_type("p6-b200.48xlarge")
+    assert config.values["ecs"]["tasksPerInstance"] == 1  # offline: not known
+    ec2, stub = _instance_type_stub("p6-b200.48xlarge", [
+        {"Name": "B200", "Manufacturer": "NVIDIA", "Count": 8, "MemoryInfo": {"SizeInMiB": 183359}}])
+    findings = preflight.check_instance_type(config, _clients(ec2=ec2), "us-east-1")
+    stub.assert_no_pending_responses()
+    decided = [f for f in findings if f.decided]
+    assert [f.line() for f in decided] == [
+        "set: ecs.tasksPerInstance: 8 model task(s) per instance: p6-b200.48xlarge has 8 GPU(s), "
+        "1 per task (from the account)"]
+    assert config.values["ecs"]["tasksPerInstance"] == 8
+    assert not [f for f in findings if f.status == preflight.PROBLEM]
+    ok = [f for f in findings if f.check == "instance type"]
+    assert ok[0].message == "p6-b200.48xlarge: 8 GPU(s), offered in 2 zones"
+    # …and the stack then runs one model task per GPU.
+    text = render(config, REPO / "templates", {})
+    assert "DesiredCount: 8" in text
+
+
+def test_a_value_the_user_wrote_is_not_replaced_by_the_account_stubbed(project):
+    edit("instanceType: g4dn.xlarge", "instanceType: p6-b300.48xlarge\n    tasksPerInstance: 2")
+    config = load_config(Path("config/config.yml"))
+    ec2, _ = _instance_type_stub("p6-b300.48xlarge", [
+        {"Name": "B300", "Manufacturer": "NVIDIA", "Count": 8}])
+    findings = preflight.check_instance_type(config, _clients(ec2=ec2), "us-east-1")
+    assert not [f for f in findings if f.decided or f.status == preflight.PROBLEM]
+    assert config.values["ecs"]["tasksPerInstance"] == 2
+
+
+@pytest.mark.parametrize("itype, gpus, architectures, message", [
+    ("p6e-gb200.36xlarge", [{"Name": "GB200", "Manufacturer": "NVIDIA", "Count": 4}], ("arm64",),
+     "p6e-gb200.36xlarge is arm64; the ECS GPU AMI is built for x86_64 only"),
+    ("g9x.xlarge", [{"Name": "Radeon", "Manufacturer": "AMD", "Count": 1}], ("x86_64",),
+     "g9x.xlarge has AMD GPUs; the ECS GPU AMI drives NVIDIA GPUs only"),
+])
+def test_the_account_refuses_what_the_gpu_ami_cannot_run_stubbed(project, itype, gpus, architectures,
+                                                                 message):
+    config = _with_type(itype)
+    ec2, _ = _instance_type_stub(itype, gpus, architectures)
+    findings = preflight.check_instance_type(config, _clients(ec2=ec2), "us-east-1")
+    assert [f.message for f in findings if f.status == preflight.PROBLEM] == [message]
+
+
+# -- the deploying identity's permissions (iam:SimulatePrincipalPolicy; moto has none)
+
+
+def _simulation(config, denied: set[str]) -> tuple:
+    """STS answers an assumed role; IAM gives its path and simulates every action, the first
+    batch's answer in two pages (IsTruncated/Marker) as IAM pages it."""
+    sts, sts_stub = _stub("sts")
+    sts_stub.add_response("get_caller_identity", {
+        "UserId": "AROAEXAMPLE:deployer", "Account": "123456789012",
+        "Arn": "arn:aws:sts::123456789012:assumed-role/cnsq-deployer/ci-session"})
+    iam, iam_stub = _stub("iam")
+    role = "arn:aws:iam::123456789012:role/deploy/cnsq-deployer"
+    iam_stub.add_response("get_role", {"Role": {
+        "Path": "/deploy/", "RoleName": "cnsq-deployer", "RoleId": "AROAEXAMPLE1234567890",
+        "Arn": role, "CreateDate": "2026-01-01T00:00:00Z"}}, {"RoleName": "cnsq-deployer"})
+    names = list(preflight.deployer_actions(config))
+
+    def results(batch):
+        return [{"EvalActionName": n, "EvalDecision": "implicitDeny" if n in denied else "allowed"}
+                for n in batch]
+    for start in range(0, len(names), 50):
+        batch = names[start:start + 50]
+        asked = {"PolicySourceArn": role, "ActionNames": batch}
+        if start == 0:
+            iam_stub.add_response("simulate_principal_policy", {
+                "EvaluationResults": results(batch[:25]), "IsTruncated": True, "Marker": "m"}, asked)
+            iam_stub.add_response("simulate_principal_policy", {
+                "EvaluationResults": results(batch[25:]), "IsTruncated": False}, {**asked, "Marker": "m"})
+        else:
+            iam_stub.add_response("simulate_principal_policy", {
+                "EvaluationResults": results(batch), "IsTruncated": False}, asked)
+    sts_stub.activate()
+    iam_stub.activate()
+    return _clients(sts=sts, iam=iam), iam_stub
+
+
+def test_missing_deployer_permissions_are_named_stubbed(project):
+    config = load_config(Path("config/config.yml"))
+    clients, stub = _simulation(config, {"secretsmanager:CreateSecret", "kms:DescribeKey"})
+    findings = preflight.check_permissions(config, clients, "us-east-1")
+    stub.assert_no_pending_responses()
+    assert [f.line() for f in findings] == [
+        f"deployer: arn:aws:iam::123456789012:role/deploy/cnsq-deployer may not {name}, which it "
+        f"needs: {why}; the stack would roll back after many minutes. Add it to the identity's policy"
+        for name, why in (
+            ("secretsmanager:CreateSecret", "RDS creates the database's managed master password "
+             "secret as the caller (and the tile token's secret)"),
+            ("kms:DescribeKey", "RDS checks the key of the managed master password secret as the caller"))]
+
+
+def test_a_deployer_with_every_permission_passes_stubbed(project):
+    config = load_config(Path("config/config.yml"))
+    clients, _ = _simulation(config, set())
+    [finding] = preflight.check_permissions(config, clients, "us-east-1")
+    assert finding.status == preflight.OK
+    assert finding.message.startswith("arn:aws:iam::123456789012:role/deploy/cnsq-deployer may do the ")
+
+
+def test_a_denied_simulation_is_a_warning_stubbed(project):
+    config = load_config(Path("config/config.yml"))
+    sts, sts_stub = _stub("sts")
+    sts_stub.add_response("get_caller_identity", {
+        "UserId": "AIDAEXAMPLE", "Account": "123456789012",
+        "Arn": "arn:aws:iam::123456789012:user/alice"})
+    iam, iam_stub = _stub("iam")
+    iam_stub.add_client_error("simulate_principal_policy", "AccessDenied", "no")
+    sts_stub.activate()
+    iam_stub.activate()
+    findings = preflight._guard("permissions", "deployer", "iam:SimulatePrincipalPolicy",
+                                lambda: preflight.check_permissions(config, _clients(sts=sts, iam=iam),
+                                                                    "us-east-1"))
+    assert [f.line() for f in findings] == [
+        "warning: deployer: not checked: this caller may not iam:SimulatePrincipalPolicy"]
+
+
+# What creating each resource type of the template asks of the caller first. A resource type the
+# template gains fails here until deployer-permissions.yml says what it needs.
+CREATE_ACTION = {
+    "AWS::SQS::Queue": "sqs:CreateQueue", "AWS::IAM::Role": "iam:CreateRole",
+    "AWS::IAM::InstanceProfile": "iam:CreateInstanceProfile",
+    "AWS::SecretsManager::Secret": "secretsmanager:CreateSecret",
+    "AWS::Logs::LogGroup": "logs:CreateLogGroup", "AWS::Lambda::Function": "lambda:CreateFunction",
+    "AWS::Lambda::EventSourceMapping": "lambda:CreateEventSourceMapping",
+    "AWS::EC2::SecurityGroup": "ec2:CreateSecurityGroup",
+    "AWS::RDS::DBSubnetGroup": "rds:CreateDBSubnetGroup", "AWS::RDS::DBInstance": "rds:CreateDBInstance",
+    "AWS::ECS::Cluster": "ecs:CreateCluster", "AWS::ECS::TaskDefinition": "ecs:RegisterTaskDefinition",
+    "AWS::ECS::Service": "ecs:CreateService", "AWS::EC2::LaunchTemplate": "ec2:CreateLaunchTemplate",
+    "AWS::AutoScaling::AutoScalingGroup": "autoscaling:CreateAutoScalingGroup",
+    "AWS::ElasticLoadBalancingV2::LoadBalancer": "elasticloadbalancing:CreateLoadBalancer",
+    "AWS::ElasticLoadBalancingV2::TargetGroup": "elasticloadbalancing:CreateTargetGroup",
+    "AWS::ElasticLoadBalancingV2::Listener": "elasticloadbalancing:CreateListener",
+    "AWS::EC2::VPC": "ec2:CreateVpc", "AWS::EC2::InternetGateway": "ec2:CreateInternetGateway",
+    "AWS::EC2::VPCGatewayAttachment": "ec2:AttachInternetGateway", "AWS::EC2::Subnet": "ec2:CreateSubnet",
+    "AWS::EC2::SubnetRouteTableAssociation": "ec2:AssociateRouteTable", "AWS::EC2::EIP": "ec2:AllocateAddress",
+    "AWS::EC2::NatGateway": "ec2:CreateNatGateway", "AWS::EC2::RouteTable": "ec2:CreateRouteTable",
+    "AWS::EC2::Route": "ec2:CreateRoute", "AWS::EC2::VPCEndpoint": "ec2:CreateVpcEndpoint",
+}
+
+
+@pytest.mark.parametrize("network", ["existing", "created"])
+def test_the_permission_list_covers_every_resource_of_the_template(project, network):
+    if network == "created":
+        text = Path("config/config.yml").read_text()
+        lines = [line for line in text.splitlines() if not line.startswith(("  vpc:", "  subnets:", "    - subnet-"))]
+        Path("config/config.yml").write_text("\n".join(lines) + "\n")
+    config = load_config(Path("config/config.yml"))
+    from cnsq.template import load_cfn_yaml
+    types = {r["Type"] for r in load_cfn_yaml(render(config, REPO / "templates", {}))["Resources"].values()}
+    unknown = types - set(CREATE_ACTION)
+    assert not unknown, f"say in deployer-permissions.yml what creating {unknown} needs"
+    actions = preflight.deployer_actions(config)
+    assert {CREATE_ACTION[t] for t in types} <= set(actions)

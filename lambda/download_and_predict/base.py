@@ -254,7 +254,9 @@ def managed_secret_arn(rds: Any, instance: str) -> str:
     Raises:
         LookupError: the instance has no RDS-managed secret.
     """
-    found = rds.describe_db_instances(DBInstanceIdentifier=instance)["DBInstances"][0]
+    # Pageable: through its paginator, as every pageable call (tests/test_pagination.py).
+    pages = rds.get_paginator("describe_db_instances").paginate(DBInstanceIdentifier=instance)
+    found = next(iter(pages))["DBInstances"][0]
     arn = (found.get("MasterUserSecret") or {}).get("SecretArn")
     if not arn:
         raise LookupError(f"database {instance} has no RDS-managed master secret "
