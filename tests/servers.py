@@ -363,10 +363,13 @@ def _pg_bin(name: str) -> str:
 class PostgresCluster:
     """A throwaway PostgreSQL cluster on a free port (initdb refuses root: run as 'postgres')."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, password: str | None = None):
         self.base = base
         self.data = base / "data"
         self.port = free_port()
+        # With a password, every login is checked with scram-sha-256 (as RDS does); without one,
+        # trust.
+        self.password = password
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(base, "postgres")
@@ -379,11 +382,19 @@ class PostgresCluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql://cnsq@127.0.0.1:{self.port}/postgres"
+        login = f"cnsq:{self.password}" if self.password else "cnsq"
+        return f"postgresql://{login}@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> PostgresCluster:
+        auth = ["-A", "trust"]
+        if self.password:
+            pwfile = self.base / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self.as_user:
+                shutil.chown(pwfile, "postgres")
+            auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"]
         subprocess.run(self.as_user + [_pg_bin("initdb"), "-D", str(self.data), "-U", "cnsq",
-                                       "-A", "trust", "--no-sync"], check=True, capture_output=True)
+                                       *auth, "--no-sync"], check=True, capture_output=True)
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
         subprocess.run(self.as_user + [_pg_bin("pg_ctl"), "-D", str(self.data), "-l",
                                        str(self.base / "log"), "-w", "-o", options, "start"],

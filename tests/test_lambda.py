@@ -15,6 +15,7 @@ import pytest
 from servers import (
     ForwardProxy,
     ModelServer,
+    PostgresCluster,
     Redirector,
     TcpProxy,
     TileServer,
@@ -363,6 +364,69 @@ def test_credentials_from_the_rds_managed_secret_and_the_token_from_its_secret(
     assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
     assert rows(db_url) == expected((1, 2, 3))
     assert tiles.tokens == ["tok-from-secret"]
+
+
+@pytest.fixture(scope="module")
+def scram_server(tmp_path_factory):
+    """A PostgreSQL server that checks every password (scram-sha-256), as RDS does."""
+    cluster = PostgresCluster(tmp_path_factory.mktemp("scram"), password="admin-Pw0").start()
+    yield cluster
+    cluster.stop()
+
+
+def test_a_rotated_password_is_read_again_and_every_record_written(aws, tiles, model, scram_server):
+    """RDS rotates the managed master password every 7 days. A warm worker whose connection
+    drops after a rotation reads the secret again and reconnects once: no record is lost."""
+    import boto3
+
+    admin = psycopg2.connect(scram_server.url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("CREATE ROLE worker LOGIN PASSWORD 'first-Pw1'")
+        cur.execute("CREATE DATABASE rotation OWNER worker")
+    db = f"postgresql://worker:first-Pw1@127.0.0.1:{scram_server.port}/rotation"
+    store = open_store(db)
+    store.migrate()
+    store.close()
+    rds = boto3.client("rds", region_name="us-east-1")
+    rds.create_db_instance(DBInstanceIdentifier="results", Engine="postgres", EngineVersion="18",
+                           DBInstanceClass="db.t3.medium", MasterUsername="worker",
+                           ManageMasterUserPassword=True, AllocatedStorage=20)
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    managed = handler_module.managed_secret_arn(rds, "results")
+    secrets.put_secret_value(SecretId=managed, SecretString=json.dumps(
+        {"username": "worker", "password": "first-Pw1"}))
+    env = {"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg", "PREDICTION_ENDPOINT": model.endpoint,
+           "DATABASE_INSTANCE": "results", "DATABASE_HOST": "127.0.0.1",
+           "DATABASE_PORT": str(scram_server.port), "DATABASE_NAME": "rotation",
+           "DATABASE_SSLMODE": "disable", "RETRY_BACKOFF": "0.01"}
+    app = handler_module.build(env)
+    assert failures(app.run(sqs_event([body(1, 2, 3)]))) == set()
+
+    # The rotation: a new password on the server and in the secret, and the worker's connection
+    # dropped (a failover, an idle timeout, a restart).
+    with admin.cursor() as cur:
+        cur.execute("ALTER ROLE worker PASSWORD 'second-Pw2'")
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'worker'")
+    secrets.put_secret_value(SecretId=managed, SecretString=json.dumps(
+        {"username": "worker", "password": "second-Pw2"}))
+    admin.close()
+
+    assert failures(app.run(sqs_event([body(5, 6, 4)]))) == set()
+    assert failures(app.run(sqs_event([body(0, 0, 0)]))) == set()
+    written = f"postgresql://worker:second-Pw2@127.0.0.1:{scram_server.port}/rotation"
+    assert rows(written) == expected((1, 2, 3), (5, 6, 4), (0, 0, 0))
+    assert "second-Pw2" not in handler_module.mask(app.writer.url)
+
+
+def test_a_wrong_password_without_a_secret_to_read_fails_the_batch(tiles, model, scram_server):
+    """A DATABASE_URL is not re-read: a refused password fails the records (they come back),
+    says why, and never prints the password."""
+    url = f"postgresql://cnsq:not-the-Pw@127.0.0.1:{scram_server.port}/postgres"
+    app = handler_module.build({"TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg",
+                                "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_URL": url,
+                                "RETRY_BACKOFF": "0.01"})
+    assert failures(app.run(sqs_event([body(1, 2, 3)]))) == {"m0"}
 
 
 def test_the_stack_connects_with_tls_required():

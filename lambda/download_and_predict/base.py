@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -290,6 +290,13 @@ def mask(text: str) -> str:
     return text
 
 
+def password_refused(exc: BaseException) -> bool:
+    """Whether a PostgreSQL connection failed on its password (SQLSTATE 28P01; at connect time
+    libpq gives the server's message only)."""
+    return (getattr(exc, "pgcode", None) == "28P01"
+            or "password authentication failed" in str(exc))
+
+
 class ResultsWriter:
     """One connection, opened at cold start and reused; one batched upsert per invocation.
 
@@ -298,9 +305,13 @@ class ResultsWriter:
     table or a black-holed database fails the write instead of hanging the Lambda.
     """
 
-    def __init__(self, url: str, timeout: float = 30.0):
+    def __init__(self, url: str, timeout: float = 30.0,
+                 refresh: Callable[[], str] | None = None):
         self.url = url
         self.timeout = timeout
+        # Where the URL came from a secret, how to read it again: RDS rotates the managed
+        # master password (every 7 days by default), and a warm worker outlives a rotation.
+        self.refresh = refresh
         self.conn: Any = None
         # One connection per warm Lambda; on one machine, many invocations share it.
         self.lock = threading.Lock()
@@ -315,10 +326,20 @@ class ResultsWriter:
             self.conn.execute(MIGRATIONS[0].sqlite)
             self.conn.commit()
             return
+        try:
+            self.conn = self._open_postgres()
+        except Exception as exc:
+            if self.refresh is None or not password_refused(exc):
+                raise
+            LOG.warning("the database refused the password (rotated?); reading the secret again")
+            self.url = self.refresh()
+            self.conn = self._open_postgres()
+
+    def _open_postgres(self) -> Any:
         import psycopg2
 
         ms = int(self.timeout * 1000)
-        self.conn = psycopg2.connect(
+        return psycopg2.connect(
             self.url, connect_timeout=10,
             options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,

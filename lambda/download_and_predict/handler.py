@@ -31,8 +31,8 @@ def database_url(settings: Settings) -> str:
     """DATABASE_URL, or the URL built from RDS's own secret (read once, never logged).
 
     On AWS the stack gives the instance, host and port; the credentials are in the secret RDS
-    manages for the instance, found through ``rds:DescribeDBInstances``. A rotated password is
-    picked up at the next cold start.
+    manages for the instance, found through ``rds:DescribeDBInstances``. RDS rotates that
+    password: the writer calls this again when the database refuses the one it has.
     """
     if settings.database_url:
         return settings.database_url
@@ -78,7 +78,8 @@ def build(env: dict[str, str], app_class: type[DownloadAndPredict] = DownloadAnd
     """
     settings = Settings.from_env(resolve_secret_envs(env))
     register_secret(settings.tile_token)  # never in a log line, whatever carries it
-    writer = ResultsWriter(database_url(settings), settings.database_timeout)
+    refresh = None if settings.database_url else (lambda: database_url(settings))
+    writer = ResultsWriter(database_url(settings), settings.database_timeout, refresh)
     try:
         writer.connect()
     except Exception as exc:  # noqa: BLE001 - reported, retried on the next write
