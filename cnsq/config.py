@@ -99,6 +99,9 @@ SCHEMA: dict[str, Any] = {
         "allowedCidr": ("str", ""),
         "backupRetentionDays": ("int", 7),
         "deletionProtection": ("bool", False),
+        # A snapshot to create the database from: how an adopted database (the original's, kept
+        # in place) moves into the stack's private subnets, encrypted. Kept in the config after.
+        "restoreFromSnapshot": ("str", ""),
     },
     # No vpc: the stack creates its own network (two zones, private subnets behind a NAT).
     "vpc": ("str", None),

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import layout, package, template
+from . import adopt, layout, package, template
 from .config import Config
 from .errors import DeployError, TemplateError
 from .stack import ChangeSet, Event, Stacks
@@ -125,8 +125,15 @@ def plan(
         stacks.follow(current["StackId"], datetime.now(UTC), lambda event: None)
     kind = "CREATE" if status in (None, "REVIEW_IN_PROGRESS") else "UPDATE"
 
+    existing = adopt.Existing()
+    if kind == "UPDATE":  # what the deployed stack holds that must be kept as it is
+        existing = adopt.read(stacks, config.stack_name, config.values["stackNoDash"],
+                              config.values["rds"]["restoreFromSnapshot"])
+        for note in existing.notes:
+            ui.echo(f"warning: {note}", err=True)
     code, uploaded, skipped = package_lambdas(config, paths, stacks, pip, ui)
-    path, _ = template.compile_template(config, paths.templates, paths.build, code)
+    path, _ = template.compile_template(config, paths.templates, paths.build, code,
+                                        existing.context())
     result = Plan(config.stack_name, path, uploaded, skipped)
     result.lint = check_lint(path, region, list(config.values["lambdas"]))
 

@@ -258,6 +258,14 @@ class Stacks:
                 raise DeployError(f"stack {name} still {status} after {timeout:.0f}s")
             self.sleep(self.poll_seconds)
 
+    def template(self, name: str) -> dict[str, Any]:
+        """The stack's template as it was deployed (the Original stage), parsed."""
+        from .template import load_cfn_yaml
+
+        body = self.cfn.get_template(StackName=name, TemplateStage="Original")["TemplateBody"]
+        # boto3 hands a JSON body over already parsed; YAML comes as text.
+        return body if isinstance(body, dict) else load_cfn_yaml(body, f"the template of {name}")
+
     def resources(self, name: str) -> list[tuple[str, str, str]]:
         """(logical id, type, physical id) of every resource in the stack."""
         found = []

@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from . import layout
+from . import adopt, layout
 from .config import Config, Secret
 from .errors import TemplateError
 
@@ -143,13 +143,16 @@ class CodeLocation:
     key: str
 
 
-def render(config: Config, template_dir: Path, code: dict[str, CodeLocation]) -> str:
-    """Render the Jinja2 template with the config; ``code`` maps Lambda name → its zip in S3.
+def render(config: Config, template_dir: Path, code: dict[str, CodeLocation],
+           existing: dict[str, Any] | None = None) -> str:
+    """Render the Jinja2 template with the config; ``code`` maps Lambda name → its zip in S3;
+    ``existing`` is what a deployed stack holds that must be kept (:mod:`cnsq.adopt`).
 
     Raises:
         TemplateError: an undefined variable or a template error, with file:line.
     """
     context = dict(config.values)
+    context["existing"] = existing or adopt.NOTHING
     context["lambdas"] = {}
     for name, spec in config.values["lambdas"].items():
         location = code.get(name)
@@ -208,7 +211,7 @@ def _swap_secrets(value: Any, swapped: dict[str, Secret]) -> Any:
 
 
 def assert_no_secrets(text: str, config: Config, template_dir: Path,
-                      code: dict[str, CodeLocation]) -> None:
+                      code: dict[str, CodeLocation], existing: dict[str, Any] | None = None) -> None:
     """Refuse text that holds a secret value (defence in depth behind :class:`Secret`).
 
     A value found in the text is checked against a second rendering in which every secret has
@@ -225,7 +228,7 @@ def assert_no_secrets(text: str, config: Config, template_dir: Path,
                for path, secret in config.secrets.items()}
     other = dataclasses.replace(config, values=_swap_secrets(config.values, swapped),
                                 secrets=swapped)
-    baseline = render(other, template_dir, code)
+    baseline = render(other, template_dir, code, existing)
     for secret in found:
         if text.count(secret.value) != baseline.count(secret.value):
             raise TemplateError(
@@ -236,11 +239,12 @@ def assert_no_secrets(text: str, config: Config, template_dir: Path,
 
 
 def compile_template(
-    config: Config, template_dir: Path, out_dir: Path, code: dict[str, CodeLocation]
+    config: Config, template_dir: Path, out_dir: Path, code: dict[str, CodeLocation],
+    existing: dict[str, Any] | None = None,
 ) -> tuple[Path, dict]:
     """Render, parse and write ``out_dir/<stackName>/cloudformation.yml``; return (path, data)."""
-    text = render(config, template_dir, code)
-    assert_no_secrets(text, config, template_dir, code)
+    text = render(config, template_dir, code, existing)
+    assert_no_secrets(text, config, template_dir, code, existing)
     data = load_cfn_yaml(text, f"{template_dir / TEMPLATE_NAME} (rendered)")
     target = out_dir / config.stack_name / "cloudformation.yml"
     target.parent.mkdir(parents=True, exist_ok=True)
