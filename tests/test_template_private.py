@@ -181,3 +181,29 @@ def test_the_original_logical_ids_are_kept(tmp_path):
             "LambdaProcessingRole", "ECSRole"}
     assert kept <= set(data["Resources"])
     assert json.dumps(data).count("LambdaFunctionLogGroup") >= 2
+
+
+@pytest.mark.parametrize("desired", [2, 0])
+def test_the_model_service_waits_for_a_host_in_the_cluster(tmp_path, desired):
+    """The service is created only once a host's ECS agent has registered it (the hosts signal
+    the group), so the circuit breaker never sees placements fail while a GPU host boots."""
+    _, _, data = compile_example(tmp_path, lambda t: t.replace("desiredInstances: 1",
+                                                               f"desiredInstances: {desired}")
+                                 .replace("maxInstances: 1", "maxInstances: 2"))
+    resources = data["Resources"]
+    service = resources["cnsqdevECSService"]
+    assert "cnsqdevECSAutoScalingGroup" in service["DependsOn"]
+    group = resources["cnsqdevECSAutoScalingGroup"]
+    rolling = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    if desired:
+        assert group["CreationPolicy"]["ResourceSignal"] == {"Count": desired, "Timeout": "PT20M"}
+        assert rolling["WaitOnResourceSignals"] is True
+    else:  # nothing to wait for: no host is launched
+        assert "CreationPolicy" not in group and rolling["WaitOnResourceSignals"] is False
+    user_data = resources["cnsqdevLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    script = user_data["Fn::Base64"]["Fn::Sub"]
+    assert "curl -sf http://localhost:51678/v1/metadata | grep -q ContainerInstanceArn" in script
+    assert ("cfn-signal -e 0 --stack ${AWS::StackName} --resource cnsqdevECSAutoScalingGroup"
+            in script)
+    # In the background: the ECS agent starts after the user data has finished.
+    assert "systemd-run --no-block --unit cnsq-signal /usr/local/bin/cnsq-signal" in script
