@@ -97,6 +97,7 @@ class TileServer(_Server):
         self.failures: Counter[str] = Counter()
         self.slow: dict[str, float] = {}
         self.trickle: dict[str, float] = {}  # x-y-z → seconds between the body's bytes
+        self.trickle_headers: dict[str, float] = {}  # x-y-z → seconds between the headers' bytes
         self.delay = delay
         self.requests: Counter[str] = Counter()
         self.tokens: list[str] = []
@@ -123,6 +124,19 @@ class TileServer(_Server):
                 server.failures[key] -= 1
                 return self.send(500, b"busy")
             body = server.content.get(key) or tile_image(x, y, z)
+            if key in server.trickle_headers:  # the status line and headers a byte at a time
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Padding: {'x' * 200}\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                try:
+                    for byte in head:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(server.trickle_headers[key])
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+                self.close_connection = True
+                return None
             if key in server.trickle:  # one byte at a time: each read is quick, the whole is not
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")

@@ -648,6 +648,42 @@ def test_records_left_when_the_lambda_runs_out_of_time_are_batch_item_failures(m
     assert failures(result) == {"m0"}
 
 
+def test_slow_tiles_cost_their_own_records_and_nothing_after(make_app, tiles, db_url):
+    """A deadline ends the read itself: once more slow tiles than download workers have failed,
+    the next invocation's healthy tiles are all written, at once."""
+    for x in range(4):
+        tiles.trickle[f"{x}-9-5"] = 0.5  # a byte every half second: every read is quick
+    app = make_app(TILE_TIMEOUT=2, TILE_DEADLINE=1, RETRIES=1, DOWNLOAD_WORKERS=2)
+    for x in range(4):  # twice the workers, one invocation each
+        outcome = app.process(sqs_event([body(x, 9, 5)]))
+        assert outcome.failed == {"m0": "tile_deadline"}
+    started = time.monotonic()
+    outcome = app.process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {}
+    assert time.monotonic() - started < 1  # no download thread is still held by a slow tile
+    assert rows(db_url) == expected(*GOOD)
+
+
+def test_slow_tile_headers_are_ended_by_the_deadline_too(make_app, tiles):
+    tiles.trickle_headers["1-2-3"] = 0.3
+    app = make_app(TILE_TIMEOUT=2, TILE_DEADLINE=1, RETRIES=1, DOWNLOAD_WORKERS=1)
+    started = time.monotonic()
+    assert app.process(sqs_event([body(1, 2, 3)])).failed == {"m0": "tile_deadline"}
+    assert app.process(sqs_event([body(5, 6, 4)])).failed == {}
+    assert time.monotonic() - started < 3
+
+
+def test_a_model_slower_than_the_time_left_fails_its_records_in_time(make_app, model):
+    """The prediction request is bounded by the Lambda's remaining time: its records become
+    batch item failures before Lambda would kill the invocation (and retry the whole batch)."""
+    model.delay = 4
+    app = make_app(PREDICT_TIMEOUT=30, DEADLINE_RESERVE=1, RETRIES=1)
+    started = time.monotonic()
+    result = app.run(sqs_event([body(*t) for t in GOOD]), FakeContext(2.5))
+    assert time.monotonic() - started < 2.5
+    assert failures(result) == {"m0", "m1", "m2"}
+
+
 def test_a_locked_results_table_fails_the_write_in_time(make_app, db_url):
     import psycopg2
 

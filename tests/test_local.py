@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -470,3 +471,26 @@ def test_interrupting_run_keeps_what_was_done_and_leaves_no_server(tmp_path, mod
     servers = subprocess.run(["pgrep", "-f", f"cnsq.cli serve {model_path}"], capture_output=True,
                              text=True).stdout.split()
     assert servers == []
+
+
+def test_run_ends_when_its_work_ends_with_slow_tiles(tmp_path, model_path):
+    """A tile server trickling a byte a second: run printed its summary and never exited (the
+    download threads kept reading). Each slow tile now costs its own record only."""
+    from servers import TileServer
+
+    tiles = TileServer(content={f"{x}-7-10": png(LAND) for x in range(8)})
+    for x in range(4, 8):
+        tiles.trickle[f"{x}-7-10"] = 1.0
+    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(8)))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cnsq.cli", "run", "tiles.txt", "--tile-endpoint",
+             tiles.url + "/{z}/{x}/{y}.png", "--model", str(model_path)],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TILE_DEADLINE": "2", "RETRIES": "1", "DOWNLOAD_WORKERS": "2"})
+        _, err = process.communicate(timeout=90)
+    finally:
+        tiles.close()
+    assert "4 tile(s) failed: tile_deadline" in err, err
+    rows = (tmp_path / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == 4

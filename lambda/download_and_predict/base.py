@@ -24,7 +24,7 @@ from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .errors import BadRecord, HttpError, HttpTimeout, SettingsError, StepFailed
+from .errors import BadRecord, HttpDeadline, HttpError, HttpTimeout, SettingsError, StepFailed
 from .http import Http, ca_bundle_from_env, proxies_from_env
 from .schema import (
     MIGRATIONS,
@@ -446,6 +446,9 @@ class DownloadAndPredict:
         # new ones each time (and concurrent invocations on one machine share it).
         self.downloads = ThreadPoolExecutor(settings.download_workers,
                                             thread_name_prefix="download")
+        # The deadline of the request this thread is making (a download, a prediction): the
+        # steps' signatures stay as subclasses know them.
+        self._limits = threading.local()
 
     # -- 1. records → tiles ------------------------------------------------------------------
 
@@ -476,7 +479,8 @@ class DownloadAndPredict:
         """
         url = self.url_for(tile)
         response = self._with_retries(
-            lambda: self.http.get(url, read_timeout=self.settings.tile_timeout),
+            lambda: self.http.get(url, read_timeout=self.settings.tile_timeout,
+                                  deadline=self.request_deadline()),
             f"tile {tile.id}", "tile")
         if response.status_code == 404:
             return None
@@ -498,15 +502,16 @@ class DownloadAndPredict:
     def get_images(self, records: list[Record], outcome: Outcome,
                    deadline: float | None = None) -> list[tuple[Record, bytes]]:
         """Download concurrently; returns the records that have an image. Tiles not downloaded
-        by the deadline fail (``tile_deadline``): their threads finish on their own timeouts."""
+        by the deadline fail (``tile_deadline``): the deadline closes their connections, so
+        their threads are free at once for the next tiles."""
         if not records:
             return []
         started = time.perf_counter()
         images = []
-        futures = [(record, self.downloads.submit(self.get_image, record.tile))
+        limit = self.download_deadline(deadline)
+        futures = [(record, self.downloads.submit(self._get_image_by, record.tile, limit))
                    for record in records]
         # Woken once when all are done, not once per tile: each wake-up is a context switch.
-        limit = self.download_deadline(deadline)
         wait([future for _, future in futures], timeout=max(0.0, limit - time.monotonic()))
         for record, future in futures:
             if not future.done():
@@ -560,7 +565,8 @@ class DownloadAndPredict:
         endpoint = self.settings.prediction_endpoint
         response = self._with_retries(
             lambda: self.http.post_json(endpoint, payload,
-                                        read_timeout=self.settings.predict_timeout),
+                                        read_timeout=self.settings.predict_timeout,
+                                        deadline=self.request_deadline()),
             "prediction", "model")
         if response.status_code != 200:
             raise StepFailed("model_error",
@@ -588,12 +594,15 @@ class DownloadAndPredict:
                 LOG.error("no time left to predict %d record(s)", len(chunk))
                 outcome.fail(ids, "deadline")
                 continue
+            self._limits.deadline = deadline  # the request ends there too, answered or not
             try:
                 predictions = self.post_prediction(self.build_payload([img for _, img in chunk]))
             except StepFailed as exc:
                 LOG.error("prediction failed for %d record(s): %s", len(chunk), mask(str(exc)))
                 outcome.fail(ids, exc.reason)
                 continue
+            finally:
+                self._limits.deadline = None
             if len(predictions) != len(chunk):
                 LOG.error("model returned %d predictions for %d instances; failing those records",
                           len(predictions), len(chunk))
@@ -682,12 +691,26 @@ class DownloadAndPredict:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def request_deadline(self) -> float | None:
+        """When the request this thread makes must end (time.monotonic()), or None."""
+        return getattr(self._limits, "deadline", None)
+
+    def _get_image_by(self, tile: Tile, deadline: float | None) -> bytes | None:
+        self._limits.deadline = deadline
+        try:
+            return self.get_image(tile)
+        finally:
+            self._limits.deadline = None
+
     def _with_retries(self, call, what: str, kind: str) -> Any:
         attempts = max(1, self.settings.retries)
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
                 response = call()
+            except HttpDeadline:  # no time left for this request: no retry either
+                raise StepFailed("tile_deadline" if kind == "tile" else "deadline",
+                                 f"{what}: not done by its deadline") from None
             except HttpTimeout:
                 if last:
                     raise StepFailed(f"{kind}_timeout", f"{what}: timed out") from None

@@ -32,5 +32,9 @@ class HttpTimeout(HttpError):
     """The connection or a read timed out."""
 
 
+class HttpDeadline(HttpTimeout):
+    """The request's total deadline passed: its connection was closed, nothing reads on."""
+
+
 class AdminError(HandlerError):
     """A request the admin function cannot carry out; its message is returned to the caller."""

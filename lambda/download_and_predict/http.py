@@ -10,7 +10,12 @@ does not own), which proxy and which CA bundle apply. Retries are the handler's 
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
+import socket
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,8 +23,9 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy, should_bypass_proxies
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import HttpError, HttpTimeout
+from .errors import HttpDeadline, HttpError, HttpTimeout
 
 
 def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -59,14 +65,107 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class DeadlineWatch:
+    """Ends requests that outlive their deadline by shutting their connection's socket down.
+
+    A timeout bounds each read of a socket, not a whole request: a server that sends a byte a
+    second never trips it, and the thread reading keeps reading long after the caller gave up,
+    holding a download worker into later invocations. Here one thread keeps every request's
+    deadline; when one passes, the socket is shut down, the blocked read returns at once, the
+    request fails, and its connection is discarded rather than pooled.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._cancelled: set[int] = set()
+        self._fired: set[int] = set()
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, connection: Any) -> int:
+        """Shut ``connection``'s socket down at ``deadline`` (time.monotonic()); returns a
+        ticket for :meth:`done`."""
+        with self._wake:
+            ticket = next(self._ids)
+            heapq.heappush(self._heap, (deadline, ticket, connection))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="http-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+            return ticket
+
+    def done(self, ticket: int) -> bool:
+        """Forget a request that ended; whether its deadline had fired."""
+        with self._wake:
+            fired = ticket in self._fired
+            self._fired.discard(ticket)
+            if not fired:
+                self._cancelled.add(ticket)
+            return fired
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._wake.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, ticket, connection = heapq.heappop(self._heap)
+                if ticket in self._cancelled:
+                    self._cancelled.discard(ticket)
+                    continue
+                self._fired.add(ticket)
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+
+
+def _watched(pool_class: type, on_connection: Any) -> type:
+    """A urllib3 pool class that reports each connection it hands out, in the requesting thread
+    (where the request's deadline is known)."""
+
+    class Watched(pool_class):  # type: ignore[misc, valid-type]
+        def _get_conn(self, timeout: float | None = None) -> Any:
+            connection = super()._get_conn(timeout)
+            on_connection(connection)
+            return connection
+
+    return Watched
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter whose pools (direct and through a proxy) report their connections."""
+
+    def __init__(self, on_connection: Any, **kwargs: Any):
+        self._pools = {"http": _watched(HTTPConnectionPool, on_connection),
+                       "https": _watched(HTTPSConnectionPool, on_connection)}
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pools
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = self._pools
+        return manager
+
+
 class Http:
-    """A requests session with the proxy and CA settings of the app's environment."""
+    """A requests session with the proxy and CA settings of the app's environment, whose
+    requests can have a total deadline (:class:`DeadlineWatch`)."""
 
     def __init__(self, pool_size: int, proxies: Mapping[str, str] | None = None,
                  verify: str | bool = True):
         self.session = requests.Session()
         self.session.trust_env = False  # the app's environment decides, not the process's
-        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=max(1, pool_size))
+        self.deadlines = DeadlineWatch()
+        self._current = threading.local()  # the deadline of this thread's request, if any
+        adapter = _Adapter(self._on_connection, pool_connections=8,
+                           pool_maxsize=max(1, pool_size))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.proxies = {k: v for k, v in (proxies or {}).items() if k != "no"}
@@ -82,26 +181,50 @@ class Http:
             return None
         return select_proxy(url, self.proxies)
 
+    def _on_connection(self, connection: Any) -> None:
+        deadline = getattr(self._current, "deadline", None)
+        if deadline is not None:
+            self._current.tickets.append(self.deadlines.watch(deadline, connection))
+
     def request(self, method: str, url: str, connect_timeout: float = 3.05,
-                read_timeout: float = 10.0, **kwargs: Any) -> requests.Response:
-        """One request; raises HttpTimeout or HttpError when no HTTP answer came back."""
+                read_timeout: float = 10.0, deadline: float | None = None,
+                **kwargs: Any) -> requests.Response:
+        """One request, its body read whole; raises HttpTimeout or HttpError when no HTTP
+        answer came back, and HttpDeadline when ``deadline`` (time.monotonic()) passed first:
+        the connection is closed then, so nothing keeps reading."""
         proxy = self.proxy_for(url)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HttpDeadline(f"{urlsplit(url).netloc}: no time left")
+            connect_timeout, read_timeout = min(connect_timeout, left), min(read_timeout, left)
+        self._current.deadline, self._current.tickets = deadline, []
         try:
             return self.session.request(
                 method, url, timeout=(connect_timeout, read_timeout), verify=self.verify,
                 proxies={"http": proxy, "https": proxy} if proxy else {}, **kwargs)
         except requests.Timeout as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise HttpDeadline(f"{urlsplit(url).netloc}: not answered by its deadline") from None
             raise HttpTimeout(f"{urlsplit(url).netloc}: timed out ({type(exc).__name__})") from None
         except (requests.RequestException, ValueError) as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise HttpDeadline(f"{urlsplit(url).netloc}: not answered by its deadline") from None
             raise HttpError(_reason(exc)) from None
+        finally:
+            fired = [self.deadlines.done(t) for t in self._current.tickets]
+            self._current.deadline, self._current.tickets = None, []
+            if any(fired) and deadline is not None:
+                # A body cut short can still look whole to requests (no Content-Length).
+                raise HttpDeadline(f"{urlsplit(url).netloc}: not answered by its deadline")
 
-    def get(self, url: str, connect_timeout: float = 3.05, read_timeout: float = 10.0
-            ) -> requests.Response:
-        return self.request("GET", url, connect_timeout, read_timeout)
+    def get(self, url: str, connect_timeout: float = 3.05, read_timeout: float = 10.0,
+            deadline: float | None = None) -> requests.Response:
+        return self.request("GET", url, connect_timeout, read_timeout, deadline)
 
     def post_json(self, url: str, payload: Any, connect_timeout: float = 3.05,
-                  read_timeout: float = 60.0) -> requests.Response:
-        return self.request("POST", url, connect_timeout, read_timeout, json=payload)
+                  read_timeout: float = 60.0, deadline: float | None = None) -> requests.Response:
+        return self.request("POST", url, connect_timeout, read_timeout, deadline, json=payload)
 
     def close(self) -> None:
         self.session.close()
