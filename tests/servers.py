@@ -157,8 +157,9 @@ class ModelServer(_Server):
     """POST /v1/models/m:predict with TF Serving's base64 instances → {"predictions": [...]}.
 
     ``mode``: ok, error (500), wrong_count (one prediction too few), fail_times (500 that many
-    times, then ok), nan_first / inf_first / nul_first (the first prediction holds NaN,
-    Infinity or a NUL character). Every request's instance count is recorded.
+    times, then ok), nan_first / inf_first / nul_first / surrogate_first (the first prediction
+    holds NaN, Infinity, a NUL character or half an emoji), deep (an answer nested 100,000
+    deep). Every request's instance count is recorded.
     """
 
     def __init__(self, mode: str = "ok", delay: float = 0.0, fail_times: int = 0):
@@ -194,9 +195,13 @@ class ModelServer(_Server):
             predictions = [score(base64.b64decode(i["image_bytes"]["b64"])) for i in instances]
             if server.mode == "wrong_count":
                 predictions = predictions[:-1]
-            if server.mode in ("nan_first", "inf_first", "nul_first") and predictions:
+            if server.mode in ("nan_first", "inf_first", "nul_first", "surrogate_first") and predictions:
                 predictions[0] = {"nan_first": [float("nan"), 1.0], "inf_first": [float("inf"), 0.0],
-                                  "nul_first": {"label": "wa\u0000ter"}}[server.mode]
+                                  "nul_first": {"label": "wa\u0000ter"},
+                                  "surrogate_first": {"label": "wave \ud83c"}}[server.mode]
+            if server.mode == "deep":  # nested 100,000 deep: no JSON parser of Python's recursion
+                depth = 100_000
+                return self.send(200, b'{"predictions": ' + b"[" * depth + b"]" * depth + b"}")
             self.send(200, json.dumps({"predictions": predictions}).encode())
 
 

@@ -125,13 +125,48 @@ def test_a_poison_body_fails_alone(make_app, db_url):
     assert rows(db_url) == expected(*good)
 
 
-@pytest.mark.parametrize("mode", ["nan_first", "inf_first", "nul_first"])
+@pytest.mark.parametrize("mode", ["nan_first", "inf_first", "nul_first", "surrogate_first"])
 def test_a_prediction_that_is_not_json_fails_its_own_record(make_app, model, db_url, mode):
     """One NaN made jsonb refuse the batched upsert: every record failed with `database`."""
     model.mode = mode
     outcome = make_app().process(sqs_event([body(*t) for t in GOOD]))
     assert outcome.failed == {"m0": "model_output"}
     assert rows(db_url) == expected(*GOOD[1:])
+
+
+def test_a_row_the_database_refuses_fails_alone(make_app, db_url):
+    """Whatever PostgreSQL refuses in one row (here a trigger refusing one tile), the batch's
+    other rows are written: the batch is written again row by row."""
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("""CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+                         IF NEW.tile = '5-6-4' THEN RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
+                         END IF; RETURN NEW; END $$ LANGUAGE plpgsql""")
+        cur.execute("CREATE TRIGGER refuse BEFORE INSERT ON results FOR EACH ROW EXECUTE FUNCTION refuse()")
+    conn.close()
+    outcome = make_app().process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {"m1": "database"}
+    assert rows(db_url) == expected(GOOD[0], GOOD[2])
+
+
+def test_an_answer_nested_100000_deep_fails_its_chunk(make_app, model, db_url):
+    model.mode = "deep"
+    outcome = make_app().process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {"m0": "model_error", "m1": "model_error", "m2": "model_error"}
+
+
+@pytest.mark.parametrize("event, message", [
+    ({"Records": None}, "got dict with Records NoneType"),
+    ([{"body": "{}"}], "got list"),
+    ({"Records": ["not an object"]}, "record 0 is not an object but str"),
+    ("text", "got str"),
+])
+def test_an_event_that_is_not_sqs_is_a_clear_error(make_app, event, message):
+    from download_and_predict.errors import BadEvent
+
+    with pytest.raises(BadEvent, match=message):
+        make_app().run(event)
 
 
 def test_a_tile_that_is_not_an_image_fails_alone(make_app, model, db_url, tiles):

@@ -24,7 +24,7 @@ from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .errors import BadRecord, HttpDeadline, HttpError, HttpTimeout, SettingsError, StepFailed
+from .errors import BadEvent, BadRecord, HttpDeadline, HttpError, HttpTimeout, SettingsError, StepFailed
 from .http import Http, ca_bundle_from_env, proxies_from_env
 from .schema import (
     MIGRATIONS,
@@ -290,6 +290,41 @@ def mask(text: str) -> str:
     return text
 
 
+def check_event(event: Any) -> None:
+    """An SQS event: ``{"Records": [{…}, …]}``.
+
+    Raises:
+        BadEvent: anything else, which no record of it can be failed alone for (SQS never sends
+            one: the whole invocation fails, and SQS retries its messages).
+    """
+    records = event.get("Records") if isinstance(event, dict) else None
+    if not isinstance(records, list):
+        raise BadEvent(f"the event is not an SQS event: expected {{\"Records\": [...]}}, got "
+                       f"{type(event).__name__}" + (f" with Records {type(records).__name__}"
+                                                   if isinstance(event, dict) else ""))
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise BadEvent(f"the event's record {index} is not an object but "
+                           f"{type(record).__name__}")
+
+
+def output_json(value: Any) -> str:
+    """A model output as the JSON text the results table stores.
+
+    Raises:
+        ValueError: NaN or Infinity, a NUL character, or half of a surrogate pair (half an
+            emoji): JSON that PostgreSQL's jsonb, and GeoJSON readers, refuse.
+        TypeError: a value JSON cannot hold.
+        RecursionError: nested deeper than Python's recursion limit.
+    """
+    text = json.dumps(value, allow_nan=False)
+    if "\\u0000" in text:
+        raise ValueError("a NUL character")
+    if "\\ud" in text:  # surrogates are escaped: check that each has its other half
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError if not
+    return text
+
+
 def password_refused(exc: BaseException) -> bool:
     """Whether a PostgreSQL connection failed on its password (SQLSTATE 28P01; at connect time
     libpq gives the server's message only)."""
@@ -360,6 +395,16 @@ class ResultsWriter:
                 self.close()
                 self.connect()
                 self._upsert(rows)
+
+    def refused(self, exc: BaseException) -> bool:
+        """Whether the database refused the data (a row), not the connection."""
+        if self.is_sqlite:
+            return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                exc, sqlite3.OperationalError)
+        import psycopg2
+
+        return isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError,
+                                psycopg2.InternalError))
 
     def _dropped(self, exc: Exception) -> bool:
         if self.conn is None:
@@ -573,7 +618,7 @@ class DownloadAndPredict:
                              f"model answered HTTP {response.status_code}: {response.text[:200]}")
         try:
             predictions = response.json()["predictions"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise StepFailed("model_error",
                              f"model response has no 'predictions': {response.text[:200]}") from None
         if not isinstance(predictions, list):
@@ -629,15 +674,10 @@ class DownloadAndPredict:
             # NaN, Infinity and NUL are not JSON that PostgreSQL's jsonb (or a GeoJSON reader)
             # accepts: such a prediction fails its own record, not the batched write of all.
             try:
-                text = json.dumps(self.result_output(record.tile, prediction), allow_nan=False)
-            except (TypeError, ValueError) as exc:
+                text = output_json(self.result_output(record.tile, prediction))
+            except (TypeError, ValueError, RecursionError) as exc:
                 LOG.warning("record %s: tile %s: the model's output is not valid JSON (%s)",
-                            record.message_id, record.tile.id, exc)
-                outcome.fail([record.message_id], "model_output")
-                continue
-            if "\\u0000" in text:
-                LOG.warning("record %s: tile %s: the model's output holds a NUL character",
-                            record.message_id, record.tile.id)
+                            record.message_id, record.tile.id, type(exc).__name__)
                 outcome.fail([record.message_id], "model_output")
                 continue
             rows[record.tile.id] = text
@@ -652,9 +692,27 @@ class DownloadAndPredict:
             self.writer.upsert(list(rows.items()))
             outcome.written += len(rows)
         except Exception as exc:  # noqa: BLE001 - any write failure fails these records
-            LOG.error("writing %d result(s) failed: %s", len(rows), _safe(exc))
-            outcome.fail([record.message_id for record, _ in predictions], "database")
+            if len(rows) > 1 and self.writer is not None and self.writer.refused(exc):
+                # The database refused a row, not the connection: each row alone, so the one
+                # it refuses fails alone and the others are written.
+                LOG.warning("the database refused the batch (%s); writing its %d rows one by one",
+                            _safe(exc), len(rows))
+                self._save_one_by_one(rows, predictions, outcome)
+            else:
+                LOG.error("writing %d result(s) failed: %s", len(rows), _safe(exc))
+                outcome.fail([record.message_id for record, _ in predictions], "database")
         outcome.seconds["write"] += time.perf_counter() - started
+
+    def _save_one_by_one(self, rows: dict[str, str], predictions: list[tuple[Record, Any]],
+                         outcome: Outcome) -> None:
+        for tile, text in rows.items():
+            ids = [record.message_id for record, _ in predictions if record.tile.id == tile]
+            try:
+                self.writer.upsert([(tile, text)])
+                outcome.written += 1
+            except Exception as exc:  # noqa: BLE001 - this row's failure is this row's
+                LOG.error("writing tile %s failed: %s", tile, _safe(exc))
+                outcome.fail(ids, "database")
 
     # -- the whole invocation ----------------------------------------------------------------
 
@@ -672,7 +730,8 @@ class DownloadAndPredict:
         Every record is decided before the Lambda's time runs out: what is not done by then
         is a batch item failure, retried by SQS, rather than a killed invocation that fails all.
         """
-        outcome = Outcome(records=len(event.get("Records", [])))
+        check_event(event)
+        outcome = Outcome(records=len(event["Records"]))
         deadline = self.deadline(context)  # downloads end here; then half the reserve to
         # start predictions, the other half for the write
         records = self.get_tiles(event, outcome)

@@ -12,6 +12,10 @@ class SettingsError(HandlerError, ValueError):
     """The environment is missing a variable or holds a malformed one (raised at cold start)."""
 
 
+class BadEvent(HandlerError, ValueError):
+    """An event that is not SQS's ``{"Records": [...]}`` of objects."""
+
+
 class BadRecord(HandlerError, ValueError):
     """A record whose body is not ``{"x": int, "y": int, "z": int}`` for a valid tile."""
 
