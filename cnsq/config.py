@@ -2,8 +2,9 @@
 
 The file maps deployment names to settings. ``default`` is always read and the named deployment is
 deep-merged over it (mappings merge recursively, lists and scalars replace). String values are
-Jinja2 templates rendered twice with the process environment, ``.env`` (which wins) and the config
-itself, so values may refer to other values. Every error names the place: ``file:line:column`` for
+Jinja2 templates (sandboxed) rendered with the process environment, ``.env`` (which wins) and the
+config itself, so values may refer to other values; what comes from the environment is data,
+never rendered again. Every error names the place: ``file:line:column`` for
 YAML syntax, the key path for a wrong type, an unknown key or an undefined variable.
 
 Values that come from the environment and sit where the template passes them to CloudFormation as
@@ -17,6 +18,7 @@ import copy
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import jinja2
 import jinja2.meta
 import yaml
+from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import ConfigError
 
@@ -315,7 +318,9 @@ def deep_merge(base: Any, override: Any) -> Any:
 
 
 def _jinja() -> jinja2.Environment:
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    # Sandboxed: a config value is a template of the user's, but no template may reach Python's
+    # internals (``{{ cycler.__init__.__globals__.os }}`` is refused, not run).
+    return SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def _walk_strings(value: Any, path: str, fn) -> Any:
@@ -328,25 +333,102 @@ def _walk_strings(value: Any, path: str, fn) -> Any:
     return value
 
 
-def _render_pass(config: dict, env: dict[str, str], jenv: jinja2.Environment,
-                 errors: list[str], env_path: Path) -> dict:
-    """Render every string once; a value that cannot be rendered is kept as it is and its
-    error collected, so that every problem is reported in one run."""
-    context = {**env, **config}
+class _Resolver:
+    """Renders each string of the config once, on demand, with the environment and the config.
 
-    def render(path: str, text: str) -> str:
+    A value may refer to another (``{{ stackName }}-results``), which is rendered first, in any
+    order, and a loop is an error. What comes from the environment (``.env`` and the process's)
+    is data: substituted as it is and never rendered again, so a token holding ``{{`` stays that
+    token and runs nothing. An error names the key and the variable, never a value.
+    """
+
+    def __init__(self, config: dict, env: Mapping[str, str], jenv: jinja2.Environment,
+                 errors: list[str], env_path: Path):
+        self.config, self.env, self.jenv = config, env, jenv
+        self.errors, self.env_path = errors, env_path
+        self.done: dict[str, str] = {}
+        self.active: list[str] = []
+
+    def value(self, path: str, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return _Section(self, path, raw)
+        if isinstance(raw, list):
+            return [self.value(f"{path}[{i}]", item) for i, item in enumerate(raw)]
+        if isinstance(raw, str):
+            return self.string(path, raw)
+        return raw
+
+    def string(self, path: str, text: str) -> str:
         if "{" not in text:
             return text
+        if path in self.done:
+            return self.done[path]
+        key = re.sub(r"\[\d+\]", "", path)  # a list item is reported by its list's key
+        if path in self.active:
+            loop = " → ".join(self.active[self.active.index(path):] + [path])
+            self.errors.append(f"{key}: refers to itself ({loop})")
+            return text
+        self.active.append(path)
         try:
-            return jenv.from_string(text).render(context)
+            template = self.jenv.from_string(text)
+            context = template.new_context(_Root(self), shared=True)
+            rendered = self.jenv.concat(template.root_render_func(context))  # type: ignore[attr-defined]
         except jinja2.UndefinedError as exc:
-            errors.append(f"{path}: undefined variable in {text!r}: {exc.message} "
-                          f"(set it in {env_path} or the environment, or define the key)")
+            self.errors.append(f"{key}: undefined variable: {exc.message} (set it in "
+                               f"{self.env_path} or the environment, or define the key)")
+            rendered = text
         except jinja2.TemplateError as exc:
-            errors.append(f"{path}: cannot render {text!r}: {exc}")
-        return text
+            self.errors.append(f"{key}: cannot render its template: {exc}")
+            rendered = text
+        finally:
+            self.active.pop()
+        self.done[path] = rendered
+        return rendered
 
-    return _walk_strings(config, "", render)
+    def materialize(self, raw: Any, path: str = "") -> Any:
+        if isinstance(raw, dict):
+            return {k: self.materialize(v, f"{path}.{k}" if path else str(k)) for k, v in raw.items()}
+        if isinstance(raw, list):
+            return [self.materialize(v, f"{path}[{i}]") for i, v in enumerate(raw)]
+        return self.string(path, raw) if isinstance(raw, str) else raw
+
+
+class _Section(Mapping):
+    """A config mapping as templates see it: each value rendered when it is read."""
+
+    def __init__(self, resolver: _Resolver, path: str, raw: dict):
+        self._resolver, self._path, self._raw = resolver, path, raw
+
+    def __getitem__(self, key: str) -> Any:
+        raw = self._raw[key]
+        return self._resolver.value(f"{self._path}.{key}" if self._path else str(key), raw)
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+class _Root(_Section):
+    """The top level: the config's keys, then the environment's (as data)."""
+
+    def __init__(self, resolver: _Resolver):
+        super().__init__(resolver, "", resolver.config)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw or key in self._resolver.env
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._raw:
+            return super().__getitem__(key)
+        return self._resolver.env[key]
+
+    def __iter__(self):
+        return iter({**dict.fromkeys(self._resolver.env), **dict.fromkeys(self._raw)})
+
+    def __len__(self) -> int:
+        return len(set(self._raw) | set(self._resolver.env))
 
 
 def _raise_all(errors: list[str], path: Path) -> None:
@@ -366,7 +448,7 @@ def _env_references(config: dict, env: dict[str, str], jenv) -> dict[str, set[st
             try:
                 names = jinja2.meta.find_undeclared_variables(jenv.parse(text))
             except jinja2.TemplateSyntaxError as exc:
-                raise ConfigError(f"{path}: template syntax error in {text!r}: {exc}") from None
+                raise ConfigError(f"{path}: template syntax error: {exc}") from None
             hits = {n for n in names if n in env and n not in config}
             if hits:
                 found[path] = hits
@@ -680,8 +762,7 @@ def load_config(
     jenv = _jinja()
     references = _env_references(merged, env, jenv)
     render_errors: list[str] = []
-    first = _render_pass(merged, env, jenv, [], env_path)  # values may refer to later values
-    rendered = _render_pass(first, env, jenv, render_errors, env_path)
+    rendered = _Resolver(merged, env, jenv, render_errors, env_path).materialize(merged)
     _raise_all(render_errors, path)
 
     secrets: dict[str, Secret] = {}

@@ -149,7 +149,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 
 def test_undefined_variable_names_key_path_and_variable(tmp_path):
     path = write(tmp_path, BASE.replace("vpc: vpc-1", "vpc: '{{ VPC_ID }}'"))
-    with pytest.raises(ConfigError, match=r"^vpc: undefined variable .*'VPC_ID' is undefined"):
+    with pytest.raises(ConfigError, match=r"^vpc: undefined variable: 'VPC_ID' is undefined"):
         load(path)
 
 
@@ -375,3 +375,52 @@ def test_undefined_variables_name_the_env_file_actually_read(tmp_path):
     message = str(raised.value)
     assert message.startswith("2 problems in ")
     assert f"(set it in {env} or the environment" in message and "DB_USER" in message
+
+
+# -- values from the environment are data; the config's own templates run sandboxed
+
+
+@pytest.mark.parametrize("token", ["SECRET{{ 7*7 }}", "tok{%if%}", "tok{#x", "{{ cycler }}x", "a}}b{{"])
+def test_a_value_from_the_environment_is_never_rendered(tmp_path, token):
+    path = write(tmp_path, BASE)
+    config = load(path, environ={**ENV, "TILE_ACCESS_TOKEN": token})
+    assert config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"].value == token
+
+
+def test_a_dotenv_value_cannot_run_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    payload = "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}".replace("MARKER", str(marker))
+    path = write(tmp_path, BASE, env=f"TILE_ACCESS_TOKEN='{payload}'\n")
+    config = load(path, environ={"RDS_USERNAME": "u"})
+    assert config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"].value == payload
+    assert not marker.exists()
+
+
+def test_a_config_template_cannot_reach_python(tmp_path):
+    marker = tmp_path / "PWNED"
+    for payload, attribute, owner in (
+            ("cycler.__init__.__globals__.os.system('touch MARKER')", "__init__", r"\w+"),
+            ("''.__class__.__mro__[1].__subclasses__()", "__class__", "str")):
+        template = "{{ " + payload.replace("MARKER", str(marker)) + " }}"
+        path = write(tmp_path, BASE.replace("vpc: vpc-1", f'vpc: "{template}"'))
+        with pytest.raises(ConfigError, match=rf"^vpc: cannot render its template: access to attribute "
+                                              rf"'{attribute}' of '{owner}' object is unsafe"):
+            load(path)
+    assert not marker.exists()
+
+
+def test_an_error_never_prints_a_value(tmp_path):
+    token = "tok-{{-never-print"
+    path = write(tmp_path, BASE.replace("vpc: vpc-1", "vpc: '{{ VPC_ID }}'"))
+    with pytest.raises(ConfigError) as error:
+        load(path, environ={**ENV, "TILE_ACCESS_TOKEN": token})
+    assert token not in str(error.value) and "VPC_ID" in str(error.value)
+
+
+def test_values_refer_to_values_in_any_order_and_a_loop_is_an_error(tmp_path):
+    text = BASE.replace("stage: dev", "stage: '{{ projectTag }}-x'\n  projectTag: dev")
+    config = load(write(tmp_path, text))
+    assert config.stack_name == "proj-dev-x"
+    text = BASE.replace("stage: dev", "stage: '{{ stackName }}'")
+    with pytest.raises(ConfigError, match=r"stage: refers to itself \(stage → stackName → stage\)"):
+        load(write(tmp_path, text))
