@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-from download_and_predict.base import mask
+from download_and_predict.masking import mask, register_connection_string
 from download_and_predict.schema import (
     EXPORT_SQL,
     MIGRATIONS,
@@ -57,6 +58,8 @@ def open_store(url: str, create: bool = True) -> Store:
         DatabaseError: not such a URL, or the database cannot be reached (host:port and the
             reason, with the password masked).
     """
+    if isinstance(url, str):
+        register_connection_string(url)  # its password is masked in every message from here on
     if not isinstance(url, str) or "://" not in url:
         raise DatabaseError(
             f"not a database URL: {mask(str(url))!r} (expected postgresql://user:pass@host:5432/db "
@@ -66,11 +69,22 @@ def open_store(url: str, create: bool = True) -> Store:
     if scheme == "sqlite":
         return SqliteStore(url, create)
     if scheme in ("postgres", "postgresql"):
+        # user:pa/ss@host — libpq reads "user" as the host and "pa" as its port.
+        first = re.match(r"^[^:]+://([^/?#\s]*)", url).group(1)
+        rest = url.split("://", 1)[1]
+        userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+        if "@" in userinfo and ":" in userinfo and "/" not in userinfo:
+            raise DatabaseError(f"the password in {mask(url)} holds '@', which must be "
+                                "percent-encoded (%40)")
+        if "@" not in first and "@" in url and re.fullmatch(r"[^:@]*:(?!\d+$).+", first):
+            raise DatabaseError(
+                f"the user name or password in {mask(url)} holds '/', '?' or '#', which a URL "
+                "reads as the end of the host: percent-encode them (%2F, %3F, %23)")
         try:
             _ = urlparse(url).port
-        except ValueError:
+        except ValueError:  # (a password that reads as a port is refused above)
             port = urlparse(url).netloc.rsplit(":", 1)[-1]
-            raise DatabaseError(f"the port in {mask(url)} is not a number: {port!r}") from None
+            raise DatabaseError(f"the port in {mask(url)} is not a number: {mask(port)!r}") from None
         return PostgresStore(url)
     raise DatabaseError(f"unsupported database scheme '{scheme}' in {mask(url)} "
                         "(use postgresql:// or sqlite:///)")

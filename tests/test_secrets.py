@@ -4,6 +4,7 @@ grepped for in every output."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -78,3 +79,62 @@ def test_a_database_url_with_an_unencoded_at_is_masked_in_errors():
     result = CliRunner().invoke(main, ["setup", f"postgresql://admin:{PASSWORD}@127.0.0.1:{port}/db"])
     assert result.exit_code == 1
     assert "ss%w0rd" not in result.output and "p@ss" not in result.output
+
+
+# Every character a URL, a query or a connection string treats specially.
+SPECIAL = ["&", "#", "?", "/", "@", ":", ";", "=", "+", "%", " ", "'", '"', "\\", "{", "}"]
+
+
+@pytest.mark.parametrize("char", SPECIAL)
+def test_a_registered_token_is_masked_in_every_form(char):
+    from urllib.parse import quote, quote_plus
+
+    from download_and_predict.masking import register_secret
+
+    token = f"tokA{char}def=SECRETTAIL{char}z"
+    register_secret(token)
+    for form in (token, quote(token, safe=""), quote_plus(token), json.dumps(token)[1:-1], repr(token)[1:-1]):
+        for text in (f"GET https://tiles.example.com/1/2/3.png?access_token={form} failed",
+                     f"https://tiles.example.com/1/2/3.png?access-token={form}&x=1",
+                     f"error: {form}"):
+            masked = mask(text)
+            assert "SECRETTAIL" not in masked and "tokA" not in masked, (form, masked)
+
+
+@pytest.mark.parametrize("name", ["access_token", "access-token", "accessToken", "api_key", "apiKey",
+                                  "X-Amz-Signature", "sig", "client_secret", "auth"])
+def test_a_credential_parameter_is_masked_whatever_its_name(name):
+    masked = mask(f"https://tiles.example.com/1/2/3.png?{name}=UNREGISTERED1234&z=1")
+    assert "UNREGISTERED1234" not in masked and "z=1" in masked
+
+
+@pytest.mark.parametrize("char", SPECIAL)
+def test_a_database_password_is_masked_in_every_connection_string_form(char):
+    from urllib.parse import quote
+
+    from download_and_predict.masking import register_connection_string
+
+    password = f"pwA{char}MIDDLEPART{char}ENDPART"
+    libpq_quoted = password.replace("\\", "\\\\").replace("'", "\\'")
+    for dsn in (f"postgresql://admin:{quote(password, safe='')}@db.example.com:5432/ResultsDB",
+                f"postgresql://:{quote(password, safe='')}@db.example.com/ResultsDB",
+                f"host=db.example.com user=admin password='{libpq_quoted}' dbname=ResultsDB"):
+        register_connection_string(dsn)
+        masked = mask(f"could not connect with {dsn}: refused")
+        assert "MIDDLEPART" not in masked and "ENDPART" not in masked, masked
+
+
+def test_an_unencoded_password_is_masked_as_written():
+    for dsn in ("postgresql://admin:pwB/MIDDLE?PART#END@db.example.com/db",
+                "postgresql://:pwC/MIDDLEPART@db.example.com/db"):
+        masked = mask(f"failed: {dsn}")
+        assert "MIDDLE" not in masked and "PART" not in masked, masked
+
+
+@pytest.mark.parametrize("password", ["pa/XQ7vk-Zq81", "pa?XQ7vk-Zq81", "pa#XQ7vk-Zq81", "p@XQ7vk-Zq81"])
+def test_a_database_url_with_a_reserved_character_is_refused_without_echoing_it(password):
+    result = CliRunner().invoke(main, ["setup", f"postgresql://admin:{password}@127.0.0.1:1/db"])
+    assert result.exit_code == 1
+    assert "percent-encode" in result.stderr or "percent-encoded" in result.stderr, result.output
+    for piece in ("XQ7vk", "Zq81"):
+        assert piece not in result.output

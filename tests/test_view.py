@@ -238,6 +238,24 @@ def test_a_dead_tile_endpoint_is_a_502_without_the_token(tmp_path):
     assert answer.status_code == 502 and TOKEN not in answer.text
 
 
+def test_a_proxy_error_names_the_tile_never_the_url(tmp_path):
+    """The 502 body held the upstream URL: a token holding '&' left its tail unmasked."""
+    source = tmp_path / "results.csv"
+    write_results(source, 4)
+    port = free_port()
+    token = "tokD&def=SECRETTAIL"
+    dead = f"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.png?access_token={{token}}"
+    viewed, _ = prepare(source, "results.csv", tmp_path, 1, 0.5, open_imagery(dead, token), None)
+    running = start(viewed, 0)
+    try:
+        answer = requests.get(running.url + "imagery/17/64000/48000", timeout=20)
+    finally:
+        running.close()
+    assert answer.status_code == 502
+    assert answer.text == "tile 64000-48000-17: the tile endpoint did not answer (ConnectionError)"
+    assert "SECRETTAIL" not in answer.text and str(port) not in answer.text
+
+
 def test_a_request_for_another_host_name_is_refused(served):
     url, _, tiles = served
     answer = requests.get(url + "imagery/16/32000/24000", headers={"Host": "attacker.example"},

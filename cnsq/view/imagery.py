@@ -51,7 +51,9 @@ class RemoteImagery:
         try:
             response = self.session.get(url, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise ImageryError(f"tile {x}-{y}-{z}: {mask(str(exc))}") from None
+            # The tile, never the URL: a URL carries the token, in forms no mask can foresee.
+            raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint did not answer "
+                               f"({type(exc).__name__})") from None
         if response.status_code == 404:
             return None
         if response.status_code != 200:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 
 from .errors import BadEvent, BadRecord, HttpDeadline, HttpError, HttpTimeout, SettingsError, StepFailed
 from .http import Http, ca_bundle_from_env, proxies_from_env
+from .masking import mask, register_connection_string, register_secret  # noqa: F401 - re-exported
 from .schema import (
     MIGRATIONS,
     UPSERT_POSTGRES,
@@ -264,32 +264,6 @@ def managed_secret_arn(rds: Any, instance: str) -> str:
     return arn
 
 
-# Query parameters that carry credentials in imagery and signed URLs.
-_SECRET_PARAMS = re.compile(
-    r"(?i)([?&;](?:access_token|token|api_?key|key|apikey|sig|signature|secret|password|"
-    r"x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s'\"]*")
-# The password of a URL's userinfo, up to the last @ before the host (a password may hold @).
-_USERINFO = re.compile(r"(//[^:/@\s]+:)[^/\s]*@")
-_KNOWN: set[str] = set()
-
-
-def register_secret(value: str | None) -> None:
-    """Remember a secret value (the tile token, a password) so that :func:`mask` hides it
-    wherever it appears, even outside a URL."""
-    if value and len(value) >= 4:
-        _KNOWN.add(value)
-
-
-def mask(text: str) -> str:
-    """``text`` fit to print or log: URL passwords, token-like query parameters and every
-    registered secret replaced by ***. The one redaction function of cnsq and the Lambda."""
-    text = _USERINFO.sub(r"\1***@", text)
-    text = _SECRET_PARAMS.sub(r"\1***", text)
-    for value in sorted(_KNOWN, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
-
-
 def check_event(event: Any) -> None:
     """An SQS event: ``{"Records": [{…}, …]}``.
 
@@ -342,6 +316,7 @@ class ResultsWriter:
 
     def __init__(self, url: str, timeout: float = 30.0,
                  refresh: Callable[[], str] | None = None):
+        register_connection_string(url)  # its password is masked in every message
         self.url = url
         self.timeout = timeout
         # Where the URL came from a secret, how to read it again: RDS rotates the managed
@@ -368,6 +343,7 @@ class ResultsWriter:
                 raise
             LOG.warning("the database refused the password (rotated?); reading the secret again")
             self.url = self.refresh()
+            register_connection_string(self.url)
             self.conn = self._open_postgres()
 
     def _open_postgres(self) -> Any:
