@@ -8,6 +8,7 @@ else those that ship with cnsq — so `pip install cnsq` can deploy without a cl
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CnsqError
@@ -51,32 +52,61 @@ def lambda_source(source: Path, build_dir: Path) -> Path:
     return bundle
 
 
+@dataclass
+class Written:
+    """What ``init`` did: files written, files replaced (each with a ``.bak``), files kept."""
+
+    written: list[Path] = field(default_factory=list)
+    replaced: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+
+
 def init(directory: Path, templates: bool = False, handler: bool = False,
-         force: bool = False) -> list[Path]:
+         force: bool = False) -> Written:
     """Write ``config/config.yml`` and ``config/.env`` (and, to customise them, ``templates/``
-    and ``lambda/``) into ``directory``; returns what was written.
+    and ``lambda/``) into ``directory``.
+
+    Adding the template or the Lambda to a project never touches its config files (a filled-in
+    ``.env`` holds the token). ``force`` overwrites only what the call names — the templates and
+    the Lambda when asked for, else the config — keeping a ``.bak`` of each file it replaces.
+    ``.env`` is written readable by its owner only.
 
     Raises:
-        CnsqError: a file would be overwritten without ``force``.
+        CnsqError: a file it names exists, without ``force``; nothing was written.
     """
     import download_and_predict
 
     config = shipped("config")
-    plan: list[tuple[Path, Path]] = [(config / "config.example.yml", directory / "config/config.yml"),
-                                     (config / ".env.sample", directory / "config/.env")]
+    config_plan = [(config / "config.example.yml", directory / "config/config.yml"),
+                   (config / ".env.sample", directory / "config/.env")]
+    named: list[tuple[Path, Path]] = []
     if templates:
-        plan += [(p, directory / "templates" / p.name) for p in shipped("templates").glob("*.yml")]
+        named += [(p, directory / "templates" / p.name) for p in shipped("templates").glob("*.yml")]
     if handler:
         source = Path(download_and_predict.__file__).parent
-        plan += [(p, directory / "lambda/download_and_predict" / p.name) for p in source.glob("*.py")]
+        named += [(p, directory / "lambda/download_and_predict" / p.name) for p in source.glob("*.py")]
         extra = shipped("lambda_extra")
-        plan += [(extra / "requirements.txt", directory / "lambda/requirements.txt")]
-        plan += [(p, directory / "lambda/examples" / p.name) for p in (extra / "examples").glob("*")
-                 if p.suffix in (".py", ".md")]
-    existing = [target for _, target in plan if target.exists()]
+        named += [(extra / "requirements.txt", directory / "lambda/requirements.txt")]
+        named += [(p, directory / "lambda/examples" / p.name) for p in (extra / "examples").glob("*")
+                  if p.suffix in (".py", ".md")]
+    result = Written()
+    if named:  # adding to a project: its config is written only where there is none
+        result.kept = [target for _, target in config_plan if target.exists()]
+        named += [(s, t) for s, t in config_plan if not t.exists()]
+    else:
+        named = config_plan
+    existing = [target for _, target in named if target.exists()]
     if existing and not force:
-        raise CnsqError(f"{existing[0]} exists; nothing was written (--force overwrites)")
-    for source_path, target in plan:
+        raise CnsqError(f"{existing[0]} exists; nothing was written (--force overwrites it, "
+                        "keeping a .bak)")
+    for source_path, target in named:
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            backup = target.with_name(target.name + ".bak")
+            shutil.copy2(target, backup)  # with its mode: a .env's backup stays private
+            result.replaced.append(target)
         shutil.copyfile(source_path, target)
-    return [target for _, target in plan]
+        if target.name == ".env":
+            target.chmod(0o600)
+        result.written.append(target)
+    return result

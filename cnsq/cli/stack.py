@@ -29,12 +29,14 @@ from .app import (
 @click.option("--templates", is_flag=True, help="Also copy the CloudFormation template, to customise.")
 @click.option("--lambda", "handler", is_flag=True,
               help="Also copy the Lambda's code, requirements and examples, to customise.")
-@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+@click.option("--force", is_flag=True,
+              help="Overwrite what this call writes (a .bak keeps each replaced file).")
 def init(directory: Path, templates: bool, handler: bool, force: bool) -> None:
     """Write a starter project: config/config.yml and config/.env to fill in.
 
     Without --templates and --lambda, commands use the template and the Lambda that ship with
-    cnsq; with them, the project's copies (as kes projects had).
+    cnsq; with them, the project's copies (as kes projects had). Adding them to a project never
+    touches its config.yml or .env; --force overwrites only the files this call writes.
 
     \b
     Examples:
@@ -43,9 +45,12 @@ def init(directory: Path, templates: bool, handler: bool, force: bool) -> None:
     """
     from ..project import init as write
 
-    written = write(directory, templates, handler, force)
-    for path in written:
-        click.echo(f"wrote {path}")
+    done = write(directory, templates, handler, force)
+    for path in done.kept:
+        click.echo(f"kept {path} (it exists)")
+    for path in done.written:
+        click.echo(f"wrote {path}" + (f" (the old one is {path.name}.bak)" if path in done.replaced
+                                      else ""))
     click.echo(f"Next: fill in {directory / 'config/config.yml'} and {directory / 'config/.env'}, "
                f"then `cnsq validate --config {directory / 'config/config.yml'}`.")
 
