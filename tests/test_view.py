@@ -238,6 +238,28 @@ def test_a_dead_tile_endpoint_is_a_502_without_the_token(tmp_path):
     assert answer.status_code == 502 and TOKEN not in answer.text
 
 
+def test_an_index_a_live_view_holds_is_never_pruned(tmp_path):
+    """The cache keeps four indexes: a fifth view deleted the one a running view still used,
+    and every pan, zoom and click of that view failed."""
+    cache = tmp_path / "cache"
+    source = tmp_path / "held.csv"
+    write_results(source, 9)
+    held, _ = open_index(source, 1, cache, tmp_path)
+    for i in range(6):
+        other = tmp_path / f"other{i}.csv"
+        write_results(other, 9, seed=i + 2)
+        done, _ = open_index(other, 1, cache, tmp_path)
+        done.release()  # that view has stopped
+    assert held.path.exists()
+    with held.connect() as conn:
+        assert features(held, conn, 17, Bbox(-180, -85, 180, 85))["tiles"]
+    assert len(list(cache.glob("*.db"))) == 5  # the four most recent, and the one in use
+    held.release()
+    write_results(tmp_path / "last.csv", 9, seed=99)
+    open_index(tmp_path / "last.csv", 1, cache, tmp_path)[0].release()
+    assert not held.path.exists()  # released: pruned like any other
+
+
 def test_a_proxy_error_names_the_tile_never_the_url(tmp_path):
     """The 502 body held the upstream URL: a token holding '&' left its tail unmasked."""
     source = tmp_path / "results.csv"

@@ -19,12 +19,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import mercantile
 
 from ..files import abandoned_partials, atomic_path
 from ..geojson import Report, read_result
 from ..tiles import tile_id
+
+try:  # advisory locks mark the indexes live views hold (POSIX)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the cache then keeps every index
+    fcntl = None  # type: ignore[assignment]
 
 DETAIL = 3  # zooms below a tile's own at which it is still drawn alone (4**3 = 64 per screen tile)
 LIMIT = 20_000  # items in one answer, whatever the view: a safety net, not the design
@@ -72,6 +78,7 @@ class Index:
     bounds: Bbox | None
     report: Report = field(default_factory=Report)
     duplicates: int = 0
+    _held: Any = field(default=None, repr=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -96,6 +103,18 @@ class Index:
     def connect(self) -> sqlite3.Connection:
         """A read-only connection (one per thread: the server answers requests in threads)."""
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def hold(self) -> None:
+        """Mark the index in use for as long as this view lives (a shared lock on its file,
+        released by :meth:`release` or the process's end): the cache never prunes it."""
+        if self._held is None and fcntl is not None:
+            self._held = self.path.open("rb")
+            fcntl.flock(self._held, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
 
 def read_rows(path: Path, thresh_ind: int, report: Report) -> Iterator[tuple]:
@@ -206,7 +225,9 @@ def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
     if target.is_file():
         try:
             index = load(target)
+            index.hold()
             os.utime(target)  # most recently used
+            _prune(cache)
             return index, True
         except (sqlite3.Error, ValueError, KeyError, TypeError):
             target.unlink(missing_ok=True)
@@ -214,6 +235,7 @@ def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
     with atomic_path(target) as partial:
         index = build(source, partial, thresh_ind, progress)
     index.path = target
+    index.hold()
     _prune(cache)
     return index, False
 
@@ -223,9 +245,24 @@ def _prune(cache: Path) -> None:
     left half written (its process is gone)."""
 
     for stale in sorted(cache.glob("*.db"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
-        stale.unlink(missing_ok=True)
+        _remove_unless_held(stale)
     for partial in abandoned_partials(cache):
         partial.unlink(missing_ok=True)
+
+
+def _remove_unless_held(path: Path) -> None:
+    """Remove an index no running view holds (:meth:`Index.hold`)."""
+    if fcntl is None:  # no advisory locks here: keep it rather than break a view
+        return
+    try:
+        with path.open("rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # a live view reads it
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def default_cache() -> Path:
