@@ -142,6 +142,7 @@ SECRET_LOOKING = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE", re.IGNORECASE)
 SUPPORTED_RUNTIMES = ("python3.11", "python3.12", "python3.13")
 RETIRED_RUNTIME = re.compile(r"^(python2\.7|python3\.[0-9])$|^nodejs")
 LAMBDA_NAME = re.compile(r"^[A-Za-z0-9]+$")
+STACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -789,6 +790,10 @@ def load_config(
     values = validator.section_("", SCHEMA, marked)
     _raise_all(validator.errors, path)
 
+    if not STACK_NAME.fullmatch(values["stackName"]):
+        # As CloudFormation requires; it also names files under .cnsq/ and keys in S3.
+        raise ConfigError(f"{validator.where('stackName')}: a stack name is a letter, then up to "
+                          f"127 letters, digits or hyphens; got {values['stackName'][:140]!r}")
     values["stackNoDash"] = values["stackNoDash"] or re.sub(r"[^A-Za-z0-9]", "", values["stackName"])
     values["projectTag"] = values["projectTag"] or values["stackName"]
     values["ecs"]["modelName"] = values["ecs"]["modelName"] or _model_name(values["predictionPath"])

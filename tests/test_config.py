@@ -424,3 +424,10 @@ def test_values_refer_to_values_in_any_order_and_a_loop_is_an_error(tmp_path):
     text = BASE.replace("stage: dev", "stage: '{{ stackName }}'")
     with pytest.raises(ConfigError, match=r"stage: refers to itself \(stage → stackName → stage\)"):
         load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/tmp/abs", "a_b", "1stack", "x" * 129, ""])
+def test_a_stack_name_cloudformation_refuses_is_refused(tmp_path, name):
+    path = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"stackName: a stack name is a letter, then up to 127"):
+        load(path, stack=name) if name else load(write(tmp_path, BASE.replace("stackName: 'proj-{{ stage }}'", "stackName: ''")))

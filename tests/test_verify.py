@@ -140,6 +140,20 @@ def test_a_local_setup_is_checked_without_a_config_or_aws(servers, database, tmp
     assert "All 4 checks passed." in result.stdout
 
 
+def test_a_local_setup_fills_the_token_from_the_environment(servers, database, tmp_path, monkeypatch):
+    """run, work and view read TILE_ACCESS_TOKEN; verify sent an empty token."""
+    tiles, model = servers
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TILE_ACCESS_TOKEN", "tok-verify-Zq81")
+    store = open_store(database)
+    store.migrate()
+    store.close()
+    result = verify("--database-url", database, "--model-endpoint", f"{model.url}/v1/models/m",
+                    "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.jpg?access_token={token}", "--tile", "1-2-3")
+    assert result.exit_code == 0, result.output
+    assert "tok-verify-Zq81" in tiles.tokens and "tok-verify-Zq81" not in result.output
+
+
 def test_a_malformed_tile_is_a_clear_error(servers):
     result = CliRunner().invoke(main, ["verify", "--tile", "1-2"])
     assert result.exit_code == 1 and result.stderr.startswith("Error: --tile 1-2: expected x-y-z")

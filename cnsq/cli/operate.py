@@ -5,6 +5,7 @@ Each parses its options and delegates."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
     depth); the results table has the right columns; the model's status path answers 200; the
     imagery endpoint serves the sample tile as an image; the model predicts on it. Given
     --database-url, --model-endpoint and --tile-endpoint together, it checks those targets
-    alone: no config, no AWS (a local setup).
+    alone: no config, no AWS (a local setup); the endpoint's {token} is TILE_ACCESS_TOKEN.
 
     \b
     Examples:
@@ -107,6 +108,8 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
         --model-endpoint http://127.0.0.1:8501/v1/models/water \
         --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png'
     """
+    from download_and_predict.masking import register_secret
+
     from ..tiles import parse_tile_id
     from ..verify import Target, build_target, run_checks, tile_url_from_template
 
@@ -116,9 +119,13 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
         raise CnsqError(f"--tile {tile_id}: {exc}") from None
     model_endpoint = _model_url(model_endpoint)
     if database_url and model_endpoint and tile_endpoint:
+        # {token} is filled from TILE_ACCESS_TOKEN, as run, work and view fill it.
+        token = os.environ.get("TILE_ACCESS_TOKEN") or None
+        register_secret(token)
         target = Target(stack_name=None, stack_status=None, queue_url=None, dead_letter_url=None,
                         database_url=lambda: database_url, model_endpoint=model_endpoint,
-                        tile_url=tile_url_from_template(tile_endpoint, tile_id), tile_id=tile_id)
+                        tile_url=tile_url_from_template(tile_endpoint, tile_id, token),
+                        tile_id=tile_id)
         checks = run_checks(target, sqs=None)
     else:
         config = settings.load()
