@@ -41,6 +41,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def _partial(path: Path) -> Path:
+    """This process's temporary name for ``path``; what a killed writer left beside it (its
+    process gone) is removed first, so a kill -9 leaves litter until the next write only."""
+    if path.parent.is_dir():
+        for abandoned in abandoned_partials(path.parent):
+            abandoned.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 

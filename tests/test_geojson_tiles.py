@@ -255,3 +255,22 @@ def test_tile_ids_the_original_lambda_wrote_are_read(tmp_path):
     assert (report.kept, report.bad) == (1, [])
     feature = json.loads((tmp_path / "out.geojson").read_text())["features"][0]
     assert feature["properties"]["tile"] == "16047-12355-15"
+
+
+def test_a_killed_writers_partial_file_is_removed_by_the_next_run(tmp_path):
+    """kill -9 during convert-geojson or download left .NAME.partial-PID for good."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\n1-2-3,"[0.1, 0.9]"\n')
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    abandoned = tmp_path / f".out.geojson.partial-{dead.pid}"
+    abandoned.write_text('{"type": "FeatureCollection", "features": [')
+    mine = tmp_path / f".other.partial-{__import__('os').getpid()}"  # a live writer's: kept
+    mine.write_text("in progress")
+    result = run("convert-geojson", str(source), str(tmp_path / "out.geojson"), "--thresh_ind", "1", "--thresh", "0.5")
+    assert result.exit_code == 0, result.output
+    assert not abandoned.exists() and mine.exists()
+    assert json.loads((tmp_path / "out.geojson").read_text())["features"]
