@@ -20,7 +20,10 @@ import mercantile
 from .files import atomic_write
 from .tiles import parse_tile_id, tile_id
 
-csv.field_size_limit(16 * 1024 * 1024)  # one output may be a long JSON document
+# One output may be a long JSON document. The csv module's own limit would refuse the whole
+# file at a longer field; read_result refuses that row alone instead.
+MAX_OUTPUT = 16 * 1024 * 1024
+csv.field_size_limit(2**31 - 1)
 
 
 @dataclass
@@ -61,6 +64,8 @@ def read_result(row: list[str], thresh_ind: int) -> tuple[mercantile.Tile, list,
     if len(row) != 2:
         raise ValueError(f"expected 2 columns (tile,output), got {len(row)}")
     text_id, output = row
+    if len(output) > MAX_OUTPUT:
+        raise ValueError(f"output is larger than {MAX_OUTPUT // 2**20} MiB ({len(output):,} characters)")
     try:
         tile = parse_tile_id(text_id)
     except ValueError as exc:

@@ -274,3 +274,15 @@ def test_a_killed_writers_partial_file_is_removed_by_the_next_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert not abandoned.exists() and mine.exists()
     assert json.loads((tmp_path / "out.geojson").read_text())["features"]
+
+
+def test_an_output_over_16_mib_fails_its_row_alone(tmp_path):
+    """csv's field limit refused the whole file ("Error: Error: field larger than field limit")."""
+    source = tmp_path / "results.csv"
+    huge = "[" + ", ".join(["0.5"] * 3_500_000) + "]"  # about 17 MiB
+    source.write_text(f'tile,output\n1-2-3,"[0.1, 0.9]"\n4-5-6,"{huge}"\n7-8-9,"[0.2, 0.8]"\n')
+    result = run("convert-geojson", str(source), str(tmp_path / "out.geojson"), "--thresh_ind", "1", "--thresh", "0.5")
+    assert result.exit_code == 1, result.output  # a row was unreadable
+    assert "results.csv:3: output is larger than 16 MiB" in result.stderr, result.stderr
+    features = json.loads((tmp_path / "out.geojson").read_text())["features"]
+    assert [f["properties"]["tile"] for f in features] == ["1-2-3", "7-8-9"]
