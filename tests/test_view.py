@@ -407,3 +407,16 @@ def test_the_stacks_results_are_viewed_through_its_admin_functions_export(aws, t
     assert name == "s3://cnsq-artifacts/cnsq-dev/exports/r.csv" and source.parent == tmp_path
     viewed, _ = prepare(source, name, tmp_path, 1, 0.5, None, None)
     assert viewed.index.total == 2 and viewed.index.above(0.5) == 1
+
+
+def test_extreme_scores_give_a_finite_histogram(tmp_path):
+    """Scores of ±1e308 overflowed the histogram: NaN and Infinity in /api/summary."""
+    import json as json_module
+
+    source = tmp_path / "results.csv"
+    source.write_text('tile,output\n1-2-3,"[0, 1e308]"\n2-2-3,"[0, -1e308]"\n3-2-3,"[0, 0.5]"\n')
+    index = build(source, tmp_path / "index.db", 1)
+    histogram = index.histogram()
+    json_module.dumps(histogram, allow_nan=False)  # finite, as the page needs
+    assert sum(histogram["counts"]) == 3 and histogram["edges"][0] == -1e308
+    assert histogram["edges"][-1] == 1e308

@@ -94,8 +94,9 @@ class Index:
         if not self.scores:
             return {"edges": [], "counts": []}
         low, high = min(0.0, self.scores[0]), max(1.0, self.scores[-1])
-        width = (high - low) / bins or 1.0
-        edges = [round(low + i * width, 9) for i in range(bins + 1)]
+        # Each edge as a weighted mean of the ends: with scores of ±1e308 (a model's logits)
+        # high - low overflows to infinity, and NaN edges would reach the page.
+        edges = [_tidy(low * (1 - i / bins) + high * (i / bins)) for i in range(bins)] + [high]
         cuts = [bisect_left(self.scores, edge) for edge in edges[1:-1]]
         cuts = [0, *cuts, len(self.scores)]
         return {"edges": edges, "counts": [cuts[i + 1] - cuts[i] for i in range(bins)]}
@@ -248,6 +249,11 @@ def _prune(cache: Path) -> None:
         _remove_unless_held(stale)
     for partial in abandoned_partials(cache):
         partial.unlink(missing_ok=True)
+
+
+def _tidy(value: float) -> float:
+    """Round to 9 decimals what a page shows as decimals (round() of a huge value overflows)."""
+    return round(value, 9) if abs(value) < 1e12 else value
 
 
 def _remove_unless_held(path: Path) -> None:

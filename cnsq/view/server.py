@@ -90,7 +90,9 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def send_json(self, data: Any, status: int = 200) -> None:
-            self.send(status, json.dumps(data, separators=(",", ":")).encode(), "application/json",
+            # allow_nan=False: NaN or Infinity is not JSON, and the page could not read it.
+            self.send(status, json.dumps(data, separators=(",", ":"), allow_nan=False).encode(),
+                      "application/json",
                       {"Cache-Control": "no-store"})
 
         def host_allowed(self) -> bool:
