@@ -420,3 +420,34 @@ def test_extreme_scores_give_a_finite_histogram(tmp_path):
     json_module.dumps(histogram, allow_nan=False)  # finite, as the page needs
     assert sum(histogram["counts"]) == 3 and histogram["edges"][0] == -1e308
     assert histogram["edges"][-1] == 1e308
+
+
+def test_requests_from_another_site_are_refused(served):
+    """A page elsewhere could make cnsq view fetch tiles with the token (it cannot read them)."""
+    url, _, tiles = served
+    before = len(tiles.tokens)
+    for headers in ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+                    {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://attacker.example"}):
+        for path in ("imagery/16/32000/24000", "api/summary", "api/geojson?thresh=0.5"):
+            answer = requests.get(url + path, headers=headers, timeout=5)
+            assert answer.status_code == 403, (headers, path)
+    assert len(tiles.tokens) == before  # the endpoint was never asked
+    # The page's own requests, and a link followed to the page, are answered.
+    own = {"Sec-Fetch-Site": "same-origin", "Origin": url.rstrip("/")}
+    assert requests.get(url + "imagery/16/32000/24000", headers=own, timeout=5).status_code == 200
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    page = requests.get(url, headers=link, timeout=5)
+    assert page.status_code == 200
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_proxy_passes_only_images(served):
+    url, _, tiles = served
+    tiles.content["32003-24000-16"] = b"<html><script>alert(document.domain)</script></html>"
+    answer = requests.get(url + "imagery/16/32003/24000", timeout=5)
+    assert answer.status_code == 502 and answer.headers["Content-Type"] == "text/plain"
+    assert answer.text == "tile 32003-24000-16: the tile endpoint answered image/jpeg, not an image"
+    assert "<script>" not in answer.text

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mercantile
@@ -34,6 +35,16 @@ def above(results: Path, thresh: float) -> tuple[int, str]:
     with results.open(newline="") as handle:
         report = convert(handle, out, thresh_ind=1, thresh=thresh)
     return report.kept, out.getvalue()
+
+
+def wait_for(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll ``expression`` in the page until it is true. (Playwright's wait_for_function evaluates
+    a string with eval, which the page's Content-Security-Policy forbids, as it should.)"""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(f"() => Boolean({expression})"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:.0f}s: {expression}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +73,13 @@ def session(tmp_path_factory):
         page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT},
                                 accept_downloads=True)
         page.on("request", lambda request: seen.append((request.url, request.headers)))
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
         page.goto(url)
-        page.wait_for_function("window.cnsqView && cnsqView.painted && cnsqView.above !== null")
+        wait_for(page, "window.cnsqView && cnsqView.painted && cnsqView.above !== null")
         page.wait_for_load_state("networkidle")
-        yield {"page": page, "seen": seen, "demo": demo, "tiles": tiles, "url": url, "view": view}
+        yield {"page": page, "seen": seen, "demo": demo, "tiles": tiles, "url": url, "view": view,
+               "console": console}
         browser.close()
     view.terminate()
     view.communicate(timeout=10)
@@ -95,11 +109,10 @@ def test_moving_the_slider_recounts(session):
     assert value == pytest.approx(0.05)
     expected, _ = above(results, value)
     assert str(expected) != before  # the demo has scores between 0.05 and 0.5
-    page.wait_for_function(f"document.querySelector('#count').dataset.above === '{expected}'")
+    wait_for(page, f"document.querySelector('#count').dataset.above === '{expected}'")
     assert page.evaluate("cnsqView.drawnAbove") == expected
     slider.fill("0.5")  # back where it started, for the tests that follow
-    page.wait_for_function(
-        f"document.querySelector('#count').dataset.above === '{above(results, 0.5)[0]}'")
+    wait_for(page, f"document.querySelector('#count').dataset.above === '{above(results, 0.5)[0]}'")
 
 
 def test_a_click_shows_the_tile_id_and_every_score(session):
@@ -113,7 +126,7 @@ def test_a_click_shows_the_tile_id_and_every_score(session):
         "([lat, lng]) => { const p = cnsqView.map.latLngToContainerPoint([lat, lng]);"
         " return [p.x, p.y]; }", [centre.lat, centre.lng])
     page.mouse.click(at[0], at[1])
-    page.wait_for_function(f"document.querySelector('#info').innerText.includes('{tile_id}')")
+    wait_for(page, f"document.querySelector('#info').innerText.includes('{tile_id}')")
     info = page.locator("#info").inner_text()
     for score in json.loads(output):
         assert f"{score:.6g}"[:5] in info, (score, info)
@@ -163,5 +176,11 @@ def test_a_stopped_server_is_said_on_the_page(session):
     view.terminate()  # last: the tests above need it
     view.wait(10)
     page.evaluate("cnsqView.map.panBy([60, 0], {animate: false})")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('not answering')")
+    wait_for(page, "document.querySelector('#status').innerText.includes('not answering')")
     assert "error" in page.locator("#status").get_attribute("class")
+
+
+def test_the_page_works_under_its_content_security_policy(session):
+    """The page's policy allows its own scripts and server only; nothing it does is refused."""
+    refused = [m for m in session["console"] if "Content Security Policy" in m]
+    assert refused == []

@@ -11,7 +11,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from download_and_predict.base import Tile, check_tile_endpoint, imagery_url, mask, register_secret
+from download_and_predict.base import (
+    Tile,
+    check_tile_endpoint,
+    imagery_url,
+    is_image,
+    mask,
+    register_secret,
+)
 from download_and_predict.errors import SettingsError
 
 from ..errors import CnsqError
@@ -59,8 +66,19 @@ class RemoteImagery:
         if response.status_code != 200:
             raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint answered "
                                f"{response.status_code}")
-        return Image(response.content, response.headers.get("Content-Type")
-                     or content_type(response.content))
+        # Only an image is passed on: an HTML page served as a tile would run in the view's
+        # origin. What the bytes are decides, not what the endpoint says.
+        if not is_image(response.content):
+            raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint answered "
+                               f"{_kind(response.headers.get('Content-Type'))}, not an image")
+        kind = response.headers.get("Content-Type", "")
+        return Image(response.content, kind if kind.startswith("image/")
+                     else content_type(response.content))
+
+
+def _kind(header: str | None) -> str:
+    """A Content-Type fit to name in a message (its media type, at most 60 characters)."""
+    return (header or "no content type").split(";")[0].strip()[:60] or "no content type"
 
 
 class LocalImagery:

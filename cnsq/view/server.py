@@ -34,6 +34,10 @@ from . import index as view_index
 from .imagery import ImageryError, LocalImagery, RemoteImagery
 
 STATIC = resources.files("cnsq.view") / "static"
+# The page runs its own scripts only and talks to this server only; Leaflet sets styles.
+PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+               "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+               "frame-ancestors 'none'; form-action 'none'")
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 IMAGERY_PATH = re.compile(r"^/imagery/(\d{1,2})/(\d+)/(\d+)(?:\.\w+)?$")
@@ -84,6 +88,7 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Content-Type-Options", "nosniff")  # a body is what it says
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
@@ -101,11 +106,28 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
             return host in ("127.0.0.1", "localhost", "[::1]")
 
+        def from_elsewhere(self, path: str) -> bool:
+            """A request another site's page made (an <img>, a fetch): it could make this server
+            fetch imagery with the token. Browsers say where a request comes from
+            (Sec-Fetch-Site, Origin); only a navigation to the page itself may come from
+            elsewhere (a link)."""
+            site = self.headers.get("Sec-Fetch-Site")
+            if path in ("/", "/index.html") and self.headers.get("Sec-Fetch-Mode") == "navigate":
+                return False
+            if site in ("cross-site", "same-site"):
+                return True
+            origin = self.headers.get("Origin")
+            host = self.headers.get("Host") or ""
+            return origin is not None and origin != f"http://{host}"
+
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
             if not self.host_allowed():
                 self.send(403, b"unknown host", "text/plain")
                 return
             parts = urlsplit(self.path)
+            if self.from_elsewhere(parts.path):
+                self.send(403, b"requests from other sites are refused", "text/plain")
+                return
             query = parse_qs(parts.query)
             try:
                 self.route(parts.path, query)
@@ -150,8 +172,11 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             if ".." in name.split("/") or not target.is_file():
                 self.send(404, b"not found", "text/plain")
                 return
+            headers = {"Cache-Control": "no-cache"}
+            if name == "index.html":
+                headers["Content-Security-Policy"] = PAGE_POLICY
             self.send(200, target.read_bytes(), TYPES.get(Path(name).suffix, "application/octet-stream"),
-                      {"Cache-Control": "no-cache"})
+                      headers)
 
         def imagery(self, z: int, x: int, y: int) -> None:
             if viewed.imagery is None or z > 30 or x >= 2**z or y >= 2**z:
