@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -97,40 +97,60 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
     ``progress(report)`` is called every ``PROGRESS_EVERY`` rows.
     """
     report = Report()
-    reader = csv.reader(source)
+
+    def features() -> Iterator[str]:
+        reader = csv.reader(source)
+        for row in reader:
+            line = reader.line_num
+            if line == 1 and row[:2] == ["tile", "output"]:
+                continue
+            report.read += 1
+            if progress and report.read % PROGRESS_EVERY == 0:
+                progress(report)
+            try:
+                tile, scores, value = read_result(row, thresh_ind)
+            except ValueError as exc:
+                report.add_bad(line, str(exc))
+                continue
+            if value < thresh:
+                continue
+            if tms:
+                tile = mercantile.Tile(tile.x, 2**tile.z - 1 - tile.y, tile.z)
+            try:
+                text = feature(tile, scores)
+            except ValueError:
+                report.add_bad(line, "a score is not a finite number (NaN or Infinity)")
+                continue
+            report.kept += 1
+            yield text
+
+    write_features(features(), out, seq)
+    return report
+
+
+def feature(tile: mercantile.Tile, scores: list) -> str:
+    """One tile's Feature as compact JSON text (its id written ``x-y-z``).
+
+    Raises:
+        ValueError: a score is NaN or Infinity.
+    """
+    return _feature(tile_id(tile), tile, scores)
+
+
+def write_features(features: Iterable[str], out: IO[str], seq: bool = False) -> None:
+    """Features as a FeatureCollection, or one per line with ``seq``: the one writer of
+    convert-geojson and of cnsq view's download, so both give the same bytes."""
     if not seq:
         out.write('{"type":"FeatureCollection","features":[\n')
     first = True
-    for row in reader:
-        line = reader.line_num
-        if line == 1 and row[:2] == ["tile", "output"]:
-            continue
-        report.read += 1
-        if progress and report.read % PROGRESS_EVERY == 0:
-            progress(report)
-        try:
-            tile, scores, value = read_result(row, thresh_ind)
-        except ValueError as exc:
-            report.add_bad(line, str(exc))
-            continue
-        if value < thresh:
-            continue
-        if tms:
-            tile = mercantile.Tile(tile.x, 2**tile.z - 1 - tile.y, tile.z)
-        try:
-            text = _feature(tile_id(tile), tile, scores)  # {x,y,z} read too
-        except ValueError:
-            report.add_bad(line, "a score is not a finite number (NaN or Infinity)")
-            continue
+    for text in features:
         if seq:
             out.write(text + "\n")
         else:
             out.write(("" if first else ",\n") + text)
         first = False
-        report.kept += 1
     if not seq:
         out.write("\n]}\n")
-    return report
 
 
 def check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:

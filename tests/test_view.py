@@ -210,6 +210,25 @@ def test_the_geojson_download_is_what_convert_geojson_writes(served, tmp_path):
         assert response.content == out.read_bytes()
 
 
+def test_the_download_is_what_the_map_shows_even_after_the_csv_changes(tmp_path):
+    """The download re-read the CSV at click time: a CSV rewritten or removed since gave other
+    tiles than the map, or 0 bytes."""
+    source = tmp_path / "results.csv"
+    write_results(source, 16)
+    viewed, _ = prepare(source, "results.csv", tmp_path, 1, 0.5, None, None)
+    running = start(viewed, 0)
+    try:
+        before = requests.get(running.url + "api/geojson", params={"thresh": 0.5}, timeout=10).content
+        write_results(source, 4, seed=7)  # rewritten…
+        after = requests.get(running.url + "api/geojson", params={"thresh": 0.5}, timeout=10).content
+        source.unlink()  # …and removed
+        gone = requests.get(running.url + "api/geojson", params={"thresh": 0.5}, timeout=10).content
+    finally:
+        running.close()
+    assert before == after == gone
+    assert json.loads(before)["features"]
+
+
 def test_imagery_is_fetched_with_the_token_which_never_reaches_the_page(served):
     url, _, tiles = served
     image = requests.get(url + "imagery/16/32000/24000", timeout=5)

@@ -85,4 +85,4 @@ def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: flo
         raise CnsqError(f"no result in {name} could be read (line {line}: {reason})")
     if not index.total:
         raise CnsqError(f"{name} holds no results: nothing to view")
-    return Viewed(index, source, name, thresh, imagery), cached
+    return Viewed(index, name, thresh, imagery), cached

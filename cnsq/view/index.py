@@ -339,6 +339,19 @@ def features(index: Index, conn: sqlite3.Connection, zoom: int, bbox: Bbox) -> d
             "truncated": len(tiles) >= LIMIT or len(parents) >= LIMIT}
 
 
+def features_above(conn: sqlite3.Connection, thresh: float) -> Iterator[str]:
+    """The GeoJSON Feature of each tile the map holds with a score of ``thresh`` or more, in the
+    results' order: what the page's download gives (the index, not the CSV, which may have
+    changed since the map was drawn)."""
+    import json
+
+    from ..geojson import feature
+
+    query = "SELECT z, x, y, output FROM tiles WHERE score >= ? ORDER BY rowid"
+    for z, x, y, output in conn.execute(query, (thresh,)):
+        yield feature(mercantile.Tile(x, y, z), json.loads(output))
+
+
 def tile_scores(conn: sqlite3.Connection, text_id: str) -> dict | None:
     """The id and every score of one tile, or None when it has no result."""
     import json

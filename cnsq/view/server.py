@@ -48,8 +48,7 @@ STATIC_PATH = re.compile(r"^/static/([\w.-]+(?:/[\w.-]+)*)$")
 class Viewed:
     """What one ``cnsq view`` shows."""
 
-    index: view_index.Index
-    source: Path  # the results CSV (the GeoJSON download converts it as convert-geojson does)
+    index: view_index.Index  # what the map shows, and what its GeoJSON download holds
     name: str  # what the page calls the results
     thresh: float
     imagery: RemoteImagery | LocalImagery | None
@@ -193,7 +192,7 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             self.send(200, image.data, image.kind, {"Cache-Control": "private, max-age=3600"})
 
         def geojson(self, thresh: float) -> None:
-            from ..geojson import convert
+            from ..geojson import write_features
 
             # Streamed, without a length: HTTP/1.0 ends the body by closing the connection.
             self.send_response(200)
@@ -202,9 +201,7 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                              f'attachment; filename="cnsq-above-{thresh:g}.geojson"')
             self.end_headers()
             out = io.TextIOWrapper(self.wfile, encoding="utf-8", newline="", write_through=True)
-            with viewed.source.open(encoding="utf-8-sig", errors="surrogateescape",
-                                    newline="") as handle:
-                convert(handle, out, thresh_ind=viewed.index.thresh_ind, thresh=thresh)
+            write_features(view_index.features_above(conn(), thresh), out)
             out.flush()
             out.detach()
 
