@@ -86,6 +86,20 @@ def test_serve_bad_input_is_400_with_a_message(server, body, message):
     assert message in response.json()["error"]
 
 
+def test_serve_refuses_a_decompression_bomb_with_a_400(server):
+    """A 190 KB PNG of 196 megapixels made cnsq serve drop the connection."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (14_000, 14_000)).save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 1_000_000
+    response = requests.post(server.endpoint, json={"instances": [b64(buffer.getvalue())]}, timeout=30)
+    assert response.status_code == 400
+    assert "14000x14000 pixels is more than the 16,777,216 an instance may have" in response.json()["error"]
+    healthy = requests.post(server.endpoint, json={"instances": [b64(png(WATER))]}, timeout=10)
+    assert healthy.status_code == 200
+
+
 def test_serve_unknown_model_is_404(server):
     assert requests.get(f"{server.url}/v1/models/other", timeout=10).status_code == 404
     assert requests.post(f"{server.url}/v1/models/other:predict", json={}, timeout=10).status_code == 404

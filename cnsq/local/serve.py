@@ -29,6 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The largest image an instance may be (a tile is 256 to 1024 pixels a side): a compressed
+# image of a few hundred kilobytes can decode to gigabytes.
+MAX_PIXELS = 4096 * 4096
+
 
 class BadInstance(ValueError):
     """An instance that cannot be turned into the model's input (HTTP 400)."""
@@ -69,6 +73,9 @@ class OnnxModel:
         """One instance → one input array of :attr:`item_shape`."""
         from PIL import Image, UnidentifiedImageError
 
+        # The size is checked here, from the header, before anything is decoded (MAX_PIXELS);
+        # Pillow's own guard would refuse the largest images without saying their size.
+        Image.MAX_IMAGE_PIXELS = None
         if isinstance(instance, dict):
             holder = instance.get("image_bytes", instance)  # {"image_bytes": {"b64"}} or {"b64"}
             b64 = holder.get("b64") if isinstance(holder, dict) else None
@@ -79,7 +86,11 @@ class OnnxModel:
             except (binascii.Error, ValueError):
                 raise BadInstance(f"instance {number}: image_bytes.b64 is not base64") from None
             try:
-                image = Image.open(io.BytesIO(raw))
+                image = Image.open(io.BytesIO(raw))  # reads the header only
+                width, height = image.size
+                if width * height > MAX_PIXELS:  # a few hundred KB can claim gigabytes
+                    raise BadInstance(f"instance {number}: {width}x{height} pixels is more than "
+                                      f"the {MAX_PIXELS:,} an instance may have")
                 image = image.convert("RGB" if self.channels == 3 else "L")
             except (UnidentifiedImageError, OSError):
                 raise BadInstance(f"instance {number}: not a JPEG or PNG image") from None
