@@ -107,28 +107,20 @@ def _segment_cells(a: tuple[float, float], b: tuple[float, float], n: int) -> It
             yield cx, cy
 
 
-def _ring_cover(rings: list[list[tuple[float, float]]], n: int, area: bool) -> set[tuple[int, int]]:
-    cells: set[tuple[int, int]] = set()
-    edges = []
-    for ring in rings:
-        for a, b in zip(ring, ring[1:], strict=False):
-            cells.update(_segment_cells(a, b, n))
-            edges.append((a, b))
-    if not area or not edges:
-        return cells
-    # Cells the boundary does not cross are wholly inside or outside: inside iff the centre is.
-    ys = [p[1] for ring in rings for p in ring]
-    for row in range(max(int(min(ys)), 0), min(int(max(ys)) + 1, n)):
-        line = row + 0.5
-        crossings = sorted(
-            ax + (line - ay) * (bx - ax) / (by - ay)
-            for (ax, ay), (bx, by) in edges
-            if (ay <= line < by) or (by <= line < ay)
-        )
-        for left, right in zip(crossings[::2], crossings[1::2], strict=False):
-            for col in range(max(math.ceil(left - 0.5), 0), min(math.floor(right - 0.5), n - 1) + 1):
-                cells.add((col, row))
-    return cells
+def _row_spans(edges: list, row: int, n: int) -> Iterator[tuple[int, int]]:
+    """The columns of ``row`` whose centre is inside the rings of ``edges`` (even-odd), as
+    inclusive (first, last) spans: cells the boundary does not cross are wholly inside or
+    outside, and inside iff their centre is."""
+    line = row + 0.5
+    crossings = sorted(
+        ax + (line - ay) * (bx - ax) / (by - ay)
+        for (ax, ay), (bx, by) in edges
+        if (ay <= line < by) or (by <= line < ay)
+    )
+    for left, right in zip(crossings[::2], crossings[1::2], strict=False):
+        first, last = max(math.ceil(left - 0.5), 0), min(math.floor(right - 0.5), n - 1)
+        if first <= last:
+            yield first, last
 
 
 def _geometries(data: Any, where: str) -> Iterator[dict]:
@@ -184,10 +176,22 @@ def cover(geojson: Any, zoom: int) -> list[mercantile.Tile]:
     Raises:
         TileError: not GeoJSON, an unknown type, or a bad position (with where it is).
     """
+    return list(iter_cover(geojson, zoom))
+
+
+def iter_cover(geojson: Any, zoom: int) -> Iterator[mercantile.Tile]:
+    """:func:`cover`, streamed row by row (north to south, west to east): memory follows the
+    geometries' outlines and one row, never the number of tiles (3.3 million at zoom 15 for a
+    20° square). The input is read and checked before the first tile.
+
+    Raises:
+        TileError: as :func:`cover`, at the call, before any tile.
+    """
     if not 0 <= zoom <= MAX_ZOOM:
         raise TileError(f"zoom must be within 0..{MAX_ZOOM}, got {zoom}")
     n = 2**zoom
-    cells: set[tuple[int, int]] = set()
+    outline: dict[int, set[int]] = {}  # row → columns the boundaries, lines and points touch
+    areas: list[tuple[int, int, list]] = []  # (first row, last row, edges) of each polygon
     count = 0
     for geometry in _geometries(geojson, "input"):
         count += 1
@@ -197,7 +201,7 @@ def cover(geojson: Any, zoom: int) -> list[mercantile.Tile]:
             for point in points:
                 lon, lat = _position(point, where)
                 tile = mercantile.tile(lon, max(-MAX_LAT, min(MAX_LAT, lat)), zoom)
-                cells.add((tile.x, tile.y))
+                outline.setdefault(tile.y, set()).add(tile.x)
             continue
         if kind in ("LineString", "MultiLineString"):
             depth, area = (1 if kind == "LineString" else 2), False
@@ -214,10 +218,31 @@ def cover(geojson: Any, zoom: int) -> list[mercantile.Tile]:
                     if len(ring) < 4 or ring[0] != ring[-1]:
                         raise TileError(f"{where}: a polygon ring needs 4+ positions, first = last")
             projected = [[_fractional(lon, lat, zoom) for lon, lat in ring] for ring in rings]
-            cells |= _ring_cover(projected, n, area)
+            edges = [(a, b) for ring in projected for a, b in zip(ring, ring[1:], strict=False)]
+            for a, b in edges:
+                for x, y in _segment_cells(a, b, n):
+                    outline.setdefault(y, set()).add(x)
+            if area and edges:
+                ys = [y for ring in projected for _, y in ring]
+                areas.append((max(int(min(ys)), 0), min(int(max(ys)), n - 1), edges))
     if count == 0:
         raise TileError("input: no geometries")
-    return [mercantile.Tile(x, y, zoom) for x, y in sorted(cells, key=lambda c: (c[1], c[0]))]
+    return _rows(outline, areas, n, zoom)
+
+
+def _rows(outline: dict[int, set[int]], areas: list[tuple[int, int, list]], n: int, zoom: int
+          ) -> Iterator[mercantile.Tile]:
+    first = min([*outline, *(a[0] for a in areas)], default=0)
+    last = max([*outline, *(a[1] for a in areas)], default=-1)
+    for row in range(first, last + 1):
+        spans = sorted([(x, x) for x in outline.pop(row, ())]
+                       + [span for top, bottom, edges in areas if top <= row <= bottom
+                          for span in _row_spans(edges, row, n)])
+        done = -1  # the last column written in this row
+        for start, end in spans:
+            for x in range(max(start, done + 1), end + 1):
+                yield mercantile.Tile(x, row, zoom)
+            done = max(done, end)
 
 
 def load_geojson(path: str | Path, text: str | None = None) -> Any:

@@ -286,3 +286,24 @@ def test_an_output_over_16_mib_fails_its_row_alone(tmp_path):
     assert "results.csv:3: output is larger than 16 MiB" in result.stderr, result.stderr
     features = json.loads((tmp_path / "out.geojson").read_text())["features"]
     assert [f["properties"]["tile"] for f in features] == ["1-2-3", "7-8-9"]
+
+
+def test_tiles_streams_with_memory_flat_in_the_number_of_tiles(tmp_path):
+    """cnsq tiles held every tile in memory (816 MB at zoom 15 for a 20° square)."""
+    import subprocess
+    import sys
+
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps(polygon(0, 0, 20, 20)))
+    out = tmp_path / "tiles.txt"
+    code = ("import resource, sys; from cnsq.cli import main; sys.argv = ['cnsq', 'tiles', "
+            f"{str(aoi)!r}, '--zoom', '14', '-o', {str(out)!r}]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    peak_mb = int(result.stdout.split()[-1]) / 1024
+    with out.open() as lines:
+        count = sum(1 for _ in lines)
+    assert count == 847_230 and "847,230 tiles at zoom 14" in result.stderr
+    assert peak_mb < 150, f"{peak_mb:.0f} MB for {count:,} tiles"  # 227 MB before it streamed

@@ -182,13 +182,14 @@ def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
     Example:
       cnsq tiles area.geojson --zoom 17 -o tiles.txt
     """
-    from ..tiles import cover, load_geojson, write_tiles
+    from ..files import atomic_write
+    from ..tiles import iter_cover, load_geojson, write_tiles
 
-    found = cover(load_geojson(aoi), zoom)
+    found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written
     if output == "-":
         count = write_tiles(found, sys.stdout)
     else:
-        with open(output, "w", encoding="utf-8") as handle:
+        with atomic_write(Path(output)) as handle:
             count = write_tiles(found, handle)
     click.echo(f"{count:,} tiles at zoom {zoom}" + ("" if output == "-" else f" written to {output}")
                + ".", err=True)
