@@ -1,4 +1,4 @@
-"""The stack's admin function, called from the operator's machine (DESIGN §8).
+"""The stack's admin function, called from the operator's machine (docs/architecture.md §8).
 
 The results database is private: `cnsq setup`, `cnsq download` and the end of `cnsq deploy` ask
 the admin function, which runs in the VPC, instead of connecting. Where the function cannot run

@@ -1,4 +1,4 @@
-"""config.yml + deployment + .env → a validated :class:`Config` (kes semantics, DESIGN §3).
+"""config.yml + deployment + .env → a validated :class:`Config` (kes semantics, docs/architecture.md §3).
 
 The file maps deployment names to settings. ``default`` is always read and the named deployment is
 deep-merged over it (mappings merge recursively, lists and scalars replace). String values are

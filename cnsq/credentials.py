@@ -13,7 +13,7 @@ from .errors import CnsqError
 
 def url_from_secret(secret: dict) -> str:
     """An RDS Secrets Manager secret (username, password, host, port, dbname) → a libpq URL."""
-    from download_and_predict.base import secret_to_url  # the Lambda reads it the same way
+    from download_and_predict.writer import secret_to_url  # the Lambda reads it the same way
 
     missing = [k for k in ("username", "password", "host") if k not in secret]
     if missing:
@@ -25,7 +25,7 @@ def url_from_secret(secret: dict) -> str:
 def url_from_stack(aws, stacks, stack_name: str) -> str:
     """The stack's database URL: RDS's own secret for ``dbInstanceIdentifier`` (host and port
     from the instance), or the ``databaseSecretArn`` of a stack deployed before cnsq 0.3."""
-    from download_and_predict.base import managed_secret_arn
+    from download_and_predict.writer import managed_secret_arn
 
     outputs = stacks.outputs(stack_name)
     instance, arn = outputs.get(layout.DB_INSTANCE), outputs.get(layout.DB_SECRET_ARN)

@@ -1,4 +1,4 @@
-"""``cnsq deploy``/``outputs``/``delete``: the kes workflow with change sets (DESIGN §5).
+"""``cnsq deploy``/``outputs``/``delete``: the kes workflow with change sets (docs/architecture.md §5).
 
 :func:`plan` packages, compiles, lints, uploads and creates a change set; it changes nothing in
 the stack. :func:`apply` executes a plan and follows it to the end. The UI is passed in, so tests

@@ -1,4 +1,4 @@
-"""The results store (DESIGN §7): ``results(tile text primary key, output jsonb)``.
+"""The results store (docs/architecture.md §7): ``results(tile text primary key, output jsonb)``.
 
 Two backends behind one interface: PostgreSQL (psycopg2) and SQLite (``sqlite:///path.db``, the
 same schema with the output as JSON text) for the one-machine pipeline. Migrations are versioned

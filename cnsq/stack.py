@@ -1,4 +1,4 @@
-"""CloudFormation and S3 calls for deploy, outputs and delete (DESIGN §5): change sets, waiting,
+"""CloudFormation and S3 calls for deploy, outputs and delete (docs/architecture.md §5): change sets, waiting,
 event streaming, outputs. Nothing here prints; callers get data and decide what to show.
 """
 

@@ -1,4 +1,5 @@
-"""Render templates/*.template.yml with Jinja2, load it as CloudFormation YAML, lint it (DESIGN §4).
+"""Render templates/*.template.yml with Jinja2, load it as CloudFormation YAML, lint it
+(docs/architecture.md §4).
 
 The rendered text is parsed with a loader that knows CloudFormation's short forms (``!Ref``,
 ``!GetAtt``, ``!Sub`` …) so a syntax error is reported with its line and column. The compiled

@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from download_and_predict.base import is_image  # one definition, the Lambda's
+from download_and_predict.tiles import is_image  # one definition, the Lambda's
 
 from . import layout
 from .errors import CnsqError
@@ -46,7 +46,7 @@ class Target:
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:
-    from download_and_predict.base import mask
+    from download_and_predict.masking import mask
 
     try:
         return Check(name, True, mask(fn()))
@@ -153,7 +153,7 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
 def tile_endpoint_from_config(config) -> tuple[str | None, str | None]:
     """The Lambdas' TILE_ENDPOINT and TILE_ACCESS_TOKEN in the config (the token registered
     as a secret, so no message shows it)."""
-    from download_and_predict.base import register_secret
+    from download_and_predict.masking import register_secret
 
     from .config import Secret
 
@@ -182,7 +182,7 @@ def tile_url_from_config(config, tile_id: str, override: str | None = None) -> s
 
 def tile_url_from_template(template: str, tile_id: str, token: str | None = None) -> str:
     """The sample tile's URL, filled in as the Lambda fills it (both template forms, {s})."""
-    from download_and_predict.base import Tile, imagery_url
+    from download_and_predict.tiles import Tile, imagery_url
 
     from .tiles import parse_tile_id
 

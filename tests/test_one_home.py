@@ -22,7 +22,7 @@ def _offenders(pattern: str, home: str) -> list[str]:
 
 def test_the_tile_id_is_formatted_in_one_place():
     pattern = r'f"\{[^}]*x[^}]*\}-\{[^}]*y[^}]*\}-\{[^}]*z[^}]*\}'
-    assert _offenders(pattern, "lambda/download_and_predict/base.py") == []
+    assert _offenders(pattern, "lambda/download_and_predict/tiles.py") == []
 
 
 def test_urls_are_masked_in_one_place():

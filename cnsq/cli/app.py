@@ -56,7 +56,7 @@ class Settings:
         from ..config import load_config
 
         loaded = load_config(self.config, self.deployment, self.env_file, self.stack)
-        from download_and_predict.base import register_secret
+        from download_and_predict.masking import register_secret
 
         for secret in loaded.secrets.values():  # hidden from every message from here on
             register_secret(secret.value)
@@ -134,7 +134,7 @@ def _stacks(aws, poll: float = 5.0):
 
 
 def _mask(text: str) -> str:
-    from download_and_predict.base import mask  # the one redaction function
+    from download_and_predict.masking import mask  # the one redaction function
 
     return mask(text)
 
@@ -285,7 +285,7 @@ def _view_command(results: Path, tile_endpoint: str) -> str:
     URL itself is masked: the command says ``{token}`` only where the template does)."""
     import shlex
 
-    from download_and_predict.base import mask
+    from download_and_predict.masking import mask
 
     return shlex.join(["cnsq", "view", str(results), "--tile-endpoint", mask(tile_endpoint)])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import mercantile
 import numpy as np
 
-from download_and_predict.base import Tile, tile_id
+from download_and_predict.tiles import Tile, tile_id
 
 TILE = 256
 WATER_SHARE = 0.25  # a tile is "water" when at least this share of it is lake

@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from download_and_predict.base import Tile, tile_id
+from download_and_predict.tiles import Tile, tile_id
 
 from ..tiles import Line
 
@@ -118,7 +118,9 @@ def probe(app, tile) -> None:
     Raises:
         CnsqError: the tile could not be fetched, is not an image, or the model refused it.
     """
-    from download_and_predict.base import StepFailed, Tile, is_image, mask
+    from download_and_predict.errors import StepFailed
+    from download_and_predict.masking import mask
+    from download_and_predict.tiles import Tile, is_image
 
     from ..errors import CnsqError
 

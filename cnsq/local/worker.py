@@ -68,7 +68,7 @@ def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size
         try:
             poll_until_stopped()
         except Exception as exc:  # noqa: BLE001 - reported by the caller, which exits non-zero
-            from download_and_predict.base import mask
+            from download_and_predict.masking import mask
 
             text = mask(str(exc)).splitlines()[0] if str(exc) else ""
             with report.lock:

@@ -11,15 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from download_and_predict.base import (
-    Tile,
-    check_tile_endpoint,
-    imagery_url,
-    is_image,
-    mask,
-    register_secret,
-)
 from download_and_predict.errors import SettingsError
+from download_and_predict.masking import mask, register_secret
+from download_and_predict.tiles import Tile, check_tile_endpoint, imagery_url, is_image
 
 from ..errors import CnsqError
 from ..local.tileserver import FolderTiles, MBTiles, content_type, open_source

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from download_and_predict.base import mask
+from download_and_predict.masking import mask
 
 from ..errors import CnsqError
 from . import index as view_index

@@ -14,60 +14,42 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .errors import BadEvent, BadRecord, HttpDeadline, HttpError, HttpTimeout, SettingsError, StepFailed
-from .http import Http, ca_bundle_from_env, proxies_from_env
-from .masking import mask, register_connection_string, register_secret  # noqa: F401 - re-exported
-from .schema import (
-    MIGRATIONS,
-    UPSERT_POSTGRES,
-    UPSERT_POSTGRES_ROW,
-    UPSERT_SQLITE,
-    sqlite_path,
+from .errors import BadEvent, BadRecord, HttpDeadline, HttpError, HttpTimeout, StepFailed
+from .http import Http
+
+# The names a subclass (lambda/examples/) and older code import from here; each has its own
+# module now (docs/architecture.md §2).
+from .masking import mask, register_connection_string, register_secret  # noqa: F401
+from .settings import Settings, database_fields  # noqa: F401
+from .tiles import (  # noqa: F401
+    MAX_ZOOM,
+    Tile,
+    check_tile_endpoint,
+    imagery_url,
+    is_image,
+    parse_tile,
+    parse_tile_id,
+    tile_id,
+)
+from .writer import (  # noqa: F401
+    ResultsWriter,
+    managed_secret_arn,
+    output_json,
+    password_refused,
+    secret_to_url,
 )
 
 LOG = logging.getLogger("download_and_predict")
 
-MAX_ZOOM = 30
 RETRY_STATUS = {429, 500, 502, 503, 504}
-# The first bytes of the image formats imagery endpoints serve: PNG, JPEG, WebP (RIFF), TIFF
-# (both byte orders), GIF, JPEG 2000, BMP. An HTML "quota exceeded" page served with 200 is none
-# of them.
-IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"II*\x00", b"MM\x00*", b"GIF8",
-               b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ", b"BM")
-
-
-def is_image(data: bytes) -> bool:
-    """Whether ``data`` starts like an image the model server can decode (AVIF and HEIF: an
-    ISO media file whose ``ftyp`` box comes first)."""
-    return data.startswith(IMAGE_MAGIC) or data[4:8] == b"ftyp"
-
-
-def tile_id(tile: Any) -> str:
-    """``x-y-z``, the id of a tile (anything with x, y and z: this Tile, a mercantile Tile) in
-    the queue's tiles files, ``results.tile``, CSVs and GeoJSON — its one definition."""
-    return f"{tile.x}-{tile.y}-{tile.z}"
-
-
-class Tile(NamedTuple):
-    """An XYZ (slippy map) tile."""
-
-    x: int
-    y: int
-    z: int
-
-    @property
-    def id(self) -> str:
-        """The tile as stored in ``results.tile``: ``x-y-z``."""
-        return tile_id(self)
 
 
 class Record(NamedTuple):
@@ -77,191 +59,8 @@ class Record(NamedTuple):
     tile: Tile
 
 
-def parse_tile(body: str) -> Tile:
-    """Read x, y and z by name from a JSON object body.
-
-    Raises:
-        BadRecord: not JSON, not an object, a missing or non-integer key, or out of range.
-    """
-    try:
-        data = json.loads(body)
-    except (TypeError, ValueError) as exc:
-        raise BadRecord(f"body is not JSON: {exc}") from None
-    except RecursionError:  # a few KB of nested brackets exhaust the parser's stack
-        raise BadRecord("body is nested too deeply to be a tile") from None
-    if not isinstance(data, dict):
-        raise BadRecord(f"body is not a JSON object: {body[:60]!r}")
-    values = {}
-    for key in ("x", "y", "z"):
-        if key not in data:
-            raise BadRecord(f"body has no '{key}': {body[:60]!r}")
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BadRecord(f"'{key}' is not an integer: {value!r}")
-        values[key] = value
-    z = values["z"]
-    if not 0 <= z <= MAX_ZOOM:
-        raise BadRecord(f"z={z} is outside 0..{MAX_ZOOM}")
-    limit = 2**z - 1
-    for key in ("x", "y"):
-        if not 0 <= values[key] <= limit:
-            raise BadRecord(f"{key}={values[key]} is outside 0..{limit} at z={z}")
-    return Tile(values["x"], values["y"], z)
-
-
-def imagery_url(template: str, tile: Tile, token: str | None) -> str:
-    """Fill an imagery URL template.
-
-    Two forms: the original's positional ``https://…/{}/{}/{}.jpg?access_token={}`` (z, x, y,
-    token) and a named one, ``https://{s}.tiles…/{z}/{x}/{y}.jpg?access_token={token}``, where
-    ``{s}`` spreads tiles over the subdomains a, b and c as XYZ clients do.
-    """
-    if "{}" in template:
-        return template.format(tile.z, tile.x, tile.y, token or "")
-    return template.format(z=tile.z, x=tile.x, y=tile.y, token=token or "",
-                           s="abc"[(tile.x + tile.y) % 3])
-
-
-def check_tile_endpoint(template: str) -> None:
-    """Refuse, at cold start, a template no tile can be filled into.
-
-    Raises:
-        ValueError: an unknown placeholder, or the positional and named forms mixed.
-    """
-    try:
-        imagery_url(template, Tile(0, 0, 0), "token")
-    except (KeyError, IndexError, ValueError) as exc:
-        reason = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
-        raise SettingsError(f"TILE_ENDPOINT cannot be filled in ({reason}): use {{z}}, {{x}}, {{y}}, "
-                         "{s} and {token}, or the original's four {} (z, x, y, token)") from None
-
-
-@dataclass
-class Settings:
-    """Everything the handler reads from its environment."""
-
-    tile_endpoint: str
-    prediction_endpoint: str
-    database_url: str | None = None
-    database_secret_arn: str | None = None
-    # On AWS: the instance whose RDS-managed secret holds the credentials, and where it is.
-    database_instance: str | None = None
-    database_host: str | None = None
-    database_port: int = 5432
-    database_name: str = "ResultsDB"
-    database_sslmode: str = "require"
-    database_sslrootcert: str | None = None  # a CA bundle: the connection becomes verify-full
-    tile_token: str | None = None
-    missing_tiles: str = "skip"  # skip: logged and counted, not retried; fail: retried
-    max_instances: int = 64
-    tile_timeout: float = 10.0
-    # Total time for an invocation's downloads, retries included: a server that trickles a byte
-    # at a time defeats the per-read timeout. None: tile_timeout x retries + backoff.
-    tile_deadline: float | None = None
-    predict_timeout: float = 60.0
-    # Time kept back from the Lambda's remaining time for the prediction and the write.
-    reserve: float = 5.0
-    # PostgreSQL: statement_timeout and lock_timeout (s); a black-holed connection fails after
-    # tcp_user_timeout instead of blocking the invocation.
-    database_timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 0.2
-    download_workers: int = 16
-    proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see http.py
-    ca_bundle: str | bool = True  # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE; True: certifi's
-
-    REQUIRED = ("TILE_ENDPOINT", "PREDICTION_ENDPOINT")
-
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> Settings:
-        """Raises ValueError naming every missing or malformed variable."""
-        missing = [name for name in cls.REQUIRED if not env.get(name)]
-        if not any(env.get(k) for k in ("DATABASE_URL", "DATABASE_INSTANCE", "DATABASE_SECRET_ARN")):
-            missing.append("DATABASE_URL or DATABASE_INSTANCE")
-        if missing:
-            raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
-        check_tile_endpoint(env["TILE_ENDPOINT"])
-        mode = env.get("MISSING_TILES", "skip")
-        if mode not in ("skip", "fail"):
-            raise SettingsError(f"MISSING_TILES must be 'skip' or 'fail', got {mode!r}")
-        try:
-            return cls(
-                tile_endpoint=env["TILE_ENDPOINT"],
-                prediction_endpoint=env["PREDICTION_ENDPOINT"],
-                **database_fields(env),
-                tile_token=env.get("TILE_ACCESS_TOKEN") or None,
-                missing_tiles=mode,
-                max_instances=int(env.get("MAX_INSTANCES", 64)),
-                tile_timeout=float(env.get("TILE_TIMEOUT", 10)),
-                tile_deadline=float(env["TILE_DEADLINE"]) if env.get("TILE_DEADLINE") else None,
-                reserve=float(env.get("DEADLINE_RESERVE", 5)),
-                database_timeout=float(env.get("DATABASE_TIMEOUT", 30)),
-                predict_timeout=float(env.get("PREDICT_TIMEOUT", 60)),
-                retries=int(env.get("RETRIES", 3)),
-                backoff=float(env.get("RETRY_BACKOFF", 0.2)),
-                download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
-                proxies=proxies_from_env(env),
-                ca_bundle=ca_bundle_from_env(env),
-            )
-        except ValueError as exc:
-            raise SettingsError(f"malformed numeric environment variable: {exc}") from None
-
-
-def database_fields(env: dict[str, str]) -> dict[str, Any]:
-    """The :class:`Settings` fields that say where the results database is and how to log in.
-
-    Raises:
-        ValueError: DATABASE_PORT is not a number.
-    """
-    return {
-        "database_url": env.get("DATABASE_URL") or None,
-        "database_secret_arn": env.get("DATABASE_SECRET_ARN") or None,
-        "database_instance": env.get("DATABASE_INSTANCE") or None,
-        "database_host": env.get("DATABASE_HOST") or None,
-        "database_port": int(env.get("DATABASE_PORT") or 5432),
-        "database_name": env.get("DATABASE_NAME") or "ResultsDB",
-        "database_sslmode": env.get("DATABASE_SSLMODE") or (
-            "verify-full" if env.get("DATABASE_SSLROOTCERT") else "require"),
-        "database_sslrootcert": env.get("DATABASE_SSLROOTCERT") or None,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# The results database
-
-
-def secret_to_url(secret: dict[str, Any], sslmode: str | None = None,
-                  sslrootcert: str | None = None) -> str:
-    """A Secrets Manager RDS secret (username, password, host, port, dbname) → a libpq URL.
-
-    ``sslmode`` (libpq's: ``require``, ``verify-full`` …) and ``sslrootcert`` (a CA bundle, such
-    as RDS's global bundle shipped in the zip) are added as query parameters; the stack's
-    Lambdas use at least ``require``, so nothing crosses the VPC unencrypted.
-    """
-    from urllib.parse import quote, urlencode
-
-    url = "postgresql://{}:{}@{}:{}/{}".format(
-        quote(str(secret["username"]), safe=""), quote(str(secret["password"]), safe=""),
-        secret["host"], secret.get("port", 5432), secret.get("dbname", "ResultsDB"),
-    )
-    query = {k: v for k, v in (("sslmode", sslmode), ("sslrootcert", sslrootcert)) if v}
-    return f"{url}?{urlencode(query)}" if query else url
-
-
-def managed_secret_arn(rds: Any, instance: str) -> str:
-    """The ARN of the secret RDS keeps the master credentials in (ManageMasterUserPassword).
-
-    Raises:
-        LookupError: the instance has no RDS-managed secret.
-    """
-    # Pageable: through its paginator, as every pageable call (tests/test_pagination.py).
-    pages = rds.get_paginator("describe_db_instances").paginate(DBInstanceIdentifier=instance)
-    found = next(iter(pages))["DBInstances"][0]
-    arn = (found.get("MasterUserSecret") or {}).get("SecretArn")
-    if not arn:
-        raise LookupError(f"database {instance} has no RDS-managed master secret "
-                          "(ManageMasterUserPassword is off)")
-    return arn
+# The event
 
 
 def check_event(event: Any) -> None:
@@ -280,145 +79,6 @@ def check_event(event: Any) -> None:
         if not isinstance(record, dict):
             raise BadEvent(f"the event's record {index} is not an object but "
                            f"{type(record).__name__}")
-
-
-def output_json(value: Any) -> str:
-    """A model output as the JSON text the results table stores.
-
-    Raises:
-        ValueError: NaN or Infinity, a NUL character, or half of a surrogate pair (half an
-            emoji): JSON that PostgreSQL's jsonb, and GeoJSON readers, refuse.
-        TypeError: a value JSON cannot hold.
-        RecursionError: nested deeper than Python's recursion limit.
-    """
-    text = json.dumps(value, allow_nan=False)
-    if "\\u0000" in text:
-        raise ValueError("a NUL character")
-    if "\\ud" in text:  # surrogates are escaped: check that each has its other half
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError if not
-    return text
-
-
-def password_refused(exc: BaseException) -> bool:
-    """Whether a PostgreSQL connection failed on its password (SQLSTATE 28P01; at connect time
-    libpq gives the server's message only)."""
-    return (getattr(exc, "pgcode", None) == "28P01"
-            or "password authentication failed" in str(exc))
-
-
-class ResultsWriter:
-    """One connection, opened at cold start and reused; one batched upsert per invocation.
-
-    On PostgreSQL every statement and lock wait is bounded (``timeout`` seconds), and so is a
-    connection whose packets go unanswered (TCP keepalives, ``tcp_user_timeout``): a locked
-    table or a black-holed database fails the write instead of hanging the Lambda.
-    """
-
-    def __init__(self, url: str, timeout: float = 30.0,
-                 refresh: Callable[[], str] | None = None):
-        register_connection_string(url)  # its password is masked in every message
-        self.url = url
-        self.timeout = timeout
-        # Where the URL came from a secret, how to read it again: RDS rotates the managed
-        # master password (every 7 days by default), and a warm worker outlives a rotation.
-        self.refresh = refresh
-        self.conn: Any = None
-        # One connection per warm Lambda; on one machine, many invocations share it.
-        self.lock = threading.Lock()
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.url.startswith("sqlite:")
-
-    def connect(self) -> None:
-        if self.is_sqlite:
-            self.conn = sqlite3.connect(sqlite_path(self.url), timeout=30, check_same_thread=False)
-            self.conn.execute(MIGRATIONS[0].sqlite)
-            self.conn.commit()
-            return
-        try:
-            self.conn = self._open_postgres()
-        except Exception as exc:
-            if self.refresh is None or not password_refused(exc):
-                raise
-            LOG.warning("the database refused the password (rotated?); reading the secret again")
-            self.url = self.refresh()
-            register_connection_string(self.url)
-            self.conn = self._open_postgres()
-
-    def _open_postgres(self) -> Any:
-        import psycopg2
-
-        ms = int(self.timeout * 1000)
-        return psycopg2.connect(
-            self.url, connect_timeout=10,
-            options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
-            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-            tcp_user_timeout=ms)
-
-    def upsert(self, rows: list[tuple[str, str]]) -> None:
-        """Write (tile, output JSON) rows; reconnect once if the connection dropped."""
-        if not rows:
-            return
-        with self.lock:
-            try:
-                self._upsert(rows)
-            except Exception as exc:  # noqa: BLE001 - reconnect on any dropped-connection error
-                if not self._dropped(exc):
-                    raise
-                LOG.warning("database connection lost (%s); reconnecting once",
-                            type(exc).__name__)
-                self.close()
-                self.connect()
-                self._upsert(rows)
-
-    def refused(self, exc: BaseException) -> bool:
-        """Whether the database refused the data (a row), not the connection."""
-        if self.is_sqlite:
-            return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
-                exc, sqlite3.OperationalError)
-        import psycopg2
-
-        return isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError,
-                                psycopg2.InternalError))
-
-    def _dropped(self, exc: Exception) -> bool:
-        if self.conn is None:
-            return True
-        if self.is_sqlite:
-            return False
-        import psycopg2
-
-        return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
-
-    def _upsert(self, rows: list[tuple[str, str]]) -> None:
-        if self.conn is None:
-            self.connect()
-        if self.is_sqlite:
-            with self.conn:
-                self.conn.executemany(UPSERT_SQLITE, rows)
-            return
-        from psycopg2.extras import execute_values
-
-        try:
-            with self.conn.cursor() as cursor:
-                execute_values(cursor, UPSERT_POSTGRES, rows, template=UPSERT_POSTGRES_ROW,
-                               page_size=1000)
-            self.conn.commit()
-        except Exception:
-            try:
-                self.conn.rollback()
-            except Exception:  # noqa: BLE001 - the connection is gone; upsert() reconnects
-                pass
-            raise
-
-    def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection
-                pass
-        self.conn = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The results table's schema and its versioned migrations (DESIGN §7).
+"""The results table's schema and its versioned migrations (docs/architecture.md §7).
 
 Owned by the Lambda package because both sides apply them: the stack's admin function inside the
 VPC (``admin.py``) and ``cnsq setup`` on any database the operator can reach. Migrations are
