@@ -87,13 +87,6 @@ class SsmRunner:
         raise GpuError(f"SSM command did not finish within {self.timeout:.0f}s")
 
 
-def cluster_name(stacks: Any, stack_name: str) -> str:
-    for _, rtype, physical in stacks.resources(stack_name):
-        if rtype == "AWS::ECS::Cluster" and physical:
-            return physical.rsplit("/", 1)[-1]
-    raise GpuError(f"stack {stack_name} has no ECS cluster")
-
-
 def discover(ecs: Any, ec2: Any, cluster: str) -> list[Instance]:
     """The EC2 instances registered in an ECS cluster."""
     arns: list[str] = []

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import layout
-from .errors import CnsqError
 from .files import atomic_write
 
 
@@ -126,20 +124,3 @@ def sample(sqs: Any, dlq_url: str, count: int = 10) -> tuple[int, list[str]]:
     messages = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=min(count, 10),
                                    VisibilityTimeout=0).get("Messages", [])
     return depth, [m["Body"] for m in messages]
-
-
-def queue_urls(stacks: Any, stack_name: str, stack_no_dash: str) -> tuple[str, str]:
-    """(tile queue URL, dead letter queue URL) from the outputs, else the stack's resources."""
-    outputs = {}
-    description = stacks.describe(stack_name)
-    if description is None:
-        raise CnsqError(f"stack '{stack_name}' does not exist")
-    outputs = {o["OutputKey"]: o["OutputValue"] for o in description.get("Outputs", [])}
-    if outputs.get(layout.QUEUE_URL) and outputs.get(layout.DEAD_LETTER_URL):
-        return outputs[layout.QUEUE_URL], outputs[layout.DEAD_LETTER_URL]
-    physical = {lid: pid for lid, _, pid in stacks.resources(stack_name)}
-    try:
-        return (physical[layout.tile_queue(stack_no_dash)],
-                physical[layout.dead_letter_queue(stack_no_dash)])
-    except KeyError:
-        raise CnsqError(f"stack {stack_name} has no tile queue and dead letter queue") from None

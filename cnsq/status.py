@@ -150,25 +150,23 @@ def _sum_or_none(values: list[float], how: str) -> float | None:
     return {"Sum": sum(values), "Maximum": max(values), "Average": sum(values) / len(values)}[how]
 
 
-def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
-            database_url: str | None = None) -> Metrics:
-    """Read the metrics of the deployed stack over the last ``since``."""
+def collect(deployed: Any, since: timedelta, database_url: str | None = None) -> Metrics:
+    """Read the metrics of the deployed stack (a :class:`cnsq.deployed.Deployed`) over the last
+    ``since``."""
+    aws, config = deployed.aws, deployed.config
     now = datetime.now(UTC)
     start = now - since
     metrics = Metrics(window_seconds=since.total_seconds())
-    resources = {lid: pid for lid, _, pid in stacks.resources(config.stack_name)}
     n = config.values["stackNoDash"]
     sqs = aws.client("sqs")
-    for attr, logical in (("visible", layout.tile_queue(n)), ("dead_letter", layout.dead_letter_queue(n))):
-        url = resources.get(logical)
+    for attr, url in (("visible", deployed.queue_url), ("dead_letter", deployed.dead_letter_url)):
         if url:
             counts = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
                 "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
             setattr(metrics, attr, int(counts["ApproximateNumberOfMessages"]))
             if attr == "visible":
                 metrics.in_flight = int(counts["ApproximateNumberOfMessagesNotVisible"])
-    worker = layout.worker_lambda(config.values["lambdas"])
-    lam = config.values["lambdas"][worker] if worker else None
+    lam = deployed.worker
     queries: list[tuple[str, str, str, list[dict], str]] = []
     if lam:
         dims = [{"Name": "FunctionName", "Value": lam["fullName"]}]
@@ -177,11 +175,11 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
                     ("throttles", "AWS/Lambda", "Throttles", dims, "Sum"),
                     ("duration_max_ms", "AWS/Lambda", "Duration", dims, "Maximum"),
                     ("concurrency", "AWS/Lambda", "ConcurrentExecutions", dims, "Maximum")]
-    queue_url = resources.get(layout.tile_queue(n))
+    queue_url = deployed.queue_url
     if queue_url:
         queries.append(("deleted", "AWS/SQS", "NumberOfMessagesDeleted",
                         [{"Name": "QueueName", "Value": queue_url.rsplit("/", 1)[-1]}], "Sum"))
-    balancer = resources.get(layout.load_balancer(n), "")
+    balancer = deployed.resources.get(layout.load_balancer(n), ("", ""))[1]
     if "loadbalancer/" in balancer:
         dims = [{"Name": "LoadBalancer", "Value": balancer.split("loadbalancer/", 1)[1]}]
         queries += [("requests", "AWS/ApplicationELB", "RequestCount", dims, "Sum"),
@@ -227,9 +225,7 @@ def collect(aws: Any, stacks: Any, config: Any, since: timedelta,
                 metrics.gpu[metric["Dimensions"][0]["Value"]] = value
     if database_url is None:
         # A private database: the stack's admin function counts inside the VPC.
-        from .admin import AdminFunction
-
-        admin = AdminFunction.of_stack(aws, stacks.outputs(config.stack_name))
+        admin = deployed.admin
         try:
             metrics.rows = admin.call("count")["rows"] if admin else None
         except Exception:  # noqa: BLE001 - the function cannot run: shown as missing

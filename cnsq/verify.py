@@ -150,36 +150,6 @@ def run_checks(target: Target, sqs: Any, session: requests.Session | None = None
     return checks
 
 
-def tile_endpoint_from_config(config) -> tuple[str | None, str | None]:
-    """The Lambdas' TILE_ENDPOINT and TILE_ACCESS_TOKEN in the config (the token registered
-    as a secret, so no message shows it)."""
-    from download_and_predict.masking import register_secret
-
-    from .config import Secret
-
-    template, token = None, None
-    for spec in config.values["lambdas"].values():
-        envs = spec["envs"]
-        if template is None and isinstance(envs.get("TILE_ENDPOINT"), str):
-            template = envs["TILE_ENDPOINT"]
-        value = envs.get("TILE_ACCESS_TOKEN")
-        token = value.value if isinstance(value, Secret) else value
-        register_secret(token)
-    return template, token
-
-
-def tile_url_from_config(config, tile_id: str, override: str | None = None) -> str | None:
-    """The sample tile's URL from the Lambda's TILE_ENDPOINT (and token) in the config."""
-    from .tiles import parse_tile_id
-
-    parse_tile_id(tile_id)  # a malformed id fails here, before any request
-    template, token = tile_endpoint_from_config(config)
-    template = override or template
-    if not template:
-        return None
-    return tile_url_from_template(template, tile_id, token)
-
-
 def tile_url_from_template(template: str, tile_id: str, token: str | None = None) -> str:
     """The sample tile's URL, filled in as the Lambda fills it (both template forms, {s})."""
     from download_and_predict.tiles import Tile, imagery_url
@@ -190,25 +160,24 @@ def tile_url_from_template(template: str, tile_id: str, token: str | None = None
     return imagery_url(template, Tile(tile.x, tile.y, tile.z), token)
 
 
-def build_target(config, aws, stacks, *, database_url: str | None, model_endpoint: str | None,
+def build_target(deployed, *, database_url: str | None, model_endpoint: str | None,
                  tile_endpoint: str | None, tile_id: str) -> Target:
-    from .admin import AdminFunction
-    from .credentials import url_from_stack
+    """What to check of a deployed stack (a :class:`cnsq.deployed.Deployed`); the options
+    replace its parts."""
+    from .tiles import parse_tile_id
 
-    description = stacks.describe(config.stack_name)
-    outputs = {o["OutputKey"]: o["OutputValue"] for o in (description or {}).get("Outputs", [])}
-
-    def database() -> str:
-        return database_url or url_from_stack(aws, stacks, config.stack_name)
-
+    parse_tile_id(tile_id)  # a malformed id fails here, before any request
+    template, token = deployed.tile_endpoint
+    template = tile_endpoint or template
     return Target(
-        stack_name=config.stack_name,
-        stack_status=description["StackStatus"] if description else None,
-        queue_url=outputs.get(layout.QUEUE_URL),
-        dead_letter_url=outputs.get(layout.DEAD_LETTER_URL),
-        database_url=database if (database_url or layout.DB_SECRET_ARN in outputs) else None,
-        admin=None if database_url else AdminFunction.of_stack(aws, outputs),
-        model_endpoint=model_endpoint or outputs.get(layout.MODEL_ENDPOINT),
-        tile_url=tile_url_from_config(config, tile_id, tile_endpoint),
+        stack_name=deployed.stack_name,
+        stack_status=deployed.status,
+        queue_url=deployed.outputs.get(layout.QUEUE_URL),
+        dead_letter_url=deployed.outputs.get(layout.DEAD_LETTER_URL),
+        database_url=(lambda: database_url or deployed.database_url())
+        if (database_url or layout.DB_SECRET_ARN in deployed.outputs) else None,
+        admin=None if database_url else deployed.admin,
+        model_endpoint=model_endpoint or deployed.model_endpoint,
+        tile_url=tile_url_from_template(template, tile_id, token) if template else None,
         tile_id=tile_id,
     )

@@ -125,3 +125,43 @@ def test_ctrl_c_stops_work_within_two_seconds(aws, tmp_path):
     _, err = process.communicate(timeout=30)
     assert time.monotonic() - started < 4
     assert process.returncode == 130 and "Interrupted" in err and "Traceback" not in err
+
+
+def test_work_takes_the_stacks_queue_model_and_tiles_from_the_config(project, tmp_path, postgres_url):
+    """With --config, work reads what the stack and its config say: the tile queue and the model
+    endpoint (outputs), the tile endpoint and its token and the batch size (the config)."""
+    import os
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    queue = sqs.create_queue(QueueName="cnsqdevTileQueue")["QueueUrl"]
+    images = {f"{x}-200-12": png((38, 82, 156)) for x in range(100, 104)}
+    tiles = TileServer(content=images)
+    server = serve.start(water_classifier(tmp_path / "water.onnx"), port=0, name="water")
+    try:
+        model_endpoint = server.endpoint.removesuffix(":predict")
+        template = {"Resources": {"Q": {"Type": "AWS::SQS::Queue"}},
+                    "Outputs": {"queueURL": {"Value": queue}, "modelEndpoint": {"Value": model_endpoint}}}
+        boto3.client("cloudformation", region_name="us-east-1").create_stack(
+            StackName="cnsq-dev", TemplateBody=json.dumps(template))
+        config = "config/config.yml"
+        text = open(config).read()
+        start = text.index("TILE_ENDPOINT:")
+        end = text.index("\n", start)
+        with open(config, "w") as handle:
+            handle.write(text[:start] + f"TILE_ENDPOINT: '{tiles.url}/{{z}}/{{x}}/{{y}}.png?access_token={{token}}'"
+                         + text[end:])
+        for tile in images:
+            x, y, z = tile.split("-")
+            sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"x": int(x), "y": int(y), "z": int(z)}))
+        database = fresh_database(postgres_url, "work")
+        env = {k: v for k, v in os.environ.items() if k not in ("TILE_ACCESS_TOKEN", "TILE_ENDPOINT")}
+        worked = CliRunner(env=env).invoke(main, ["work", "--config", config, "--database-url", database,
+                                                  "--until-empty", "--wait-seconds", "1"],
+                                           catch_exceptions=False)
+    finally:
+        server.close()
+        tiles.close()
+    assert worked.exit_code == 0, worked.output
+    assert "Received 4 records: 4 succeeded" in worked.stderr
+    assert set(tiles.tokens) == {"tok-8JmX-never-print"}  # the config's token, from its .env
+    assert "tok-8JmX-never-print" not in worked.output

@@ -12,8 +12,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import client
 
+from cnsq.aws import Aws
 from cnsq.cli import main
-from cnsq.gpu import GpuError, Instance, cluster_name, discover, gpu_rows, parse_nvidia_smi
+from cnsq.config import load_config
+from cnsq.deployed import Deployed
+from cnsq.gpu import GpuError, Instance, discover, gpu_rows, parse_nvidia_smi
 from cnsq.stack import Stacks
 
 
@@ -59,7 +62,8 @@ def register(cluster: str, count: int) -> list[str]:
 def test_discovery_through_the_stack_and_a_row_per_gpu(project, fake_nvidia_smi):
     assert CliRunner().invoke(main, ["deploy"]).exit_code == 0
     stacks = Stacks(client("cloudformation"), client("s3"))
-    cluster = cluster_name(stacks, "cnsq-dev")
+    deployed = Deployed(load_config(Path("config/config.yml")), Aws(), stacks)
+    cluster = deployed.cluster
     ids = register(cluster, 3)
     instances = discover(client("ecs"), client("ec2"), cluster)
     assert sorted(i.id for i in instances) == sorted(ids)

@@ -84,6 +84,17 @@ def test_setup_reads_the_deployed_stacks_database(project, pg_url):
     assert open_store(pg_url).check_schema() == []
 
 
+def test_download_reads_the_config_once(project, pg_url, tmp_path):
+    """download climbed from the command to the results and back, loading the config (and
+    printing its warnings) twice."""
+    test_setup_reads_the_deployed_stacks_database(project, pg_url)  # a stack with a database
+    path = Path("config/config.yml")
+    path.write_text(path.read_text().replace("engineVersion: '18'", "engineVersion: '17.6'"))
+    result = cnsq("download", str(tmp_path / "out.csv"), "--config", "config/config.yml")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("warning: rds.engineVersion: 17.6 pins a minor version") == 1
+
+
 def test_setup_without_database_or_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cnsq("setup")

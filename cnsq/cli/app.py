@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ class ClickUI:
 
 @dataclass
 class Settings:
-    """What every AWS/config command shares."""
+    """What every AWS/config command shares. The config, the AWS session and the deployed
+    stack are each built once per command, when first asked for."""
 
     config: Path
     deployment: str | None
@@ -51,23 +52,46 @@ class Settings:
     stack: str | None
     region: str | None
     profile: str | None
+    _loaded: Any = field(default=None, init=False, repr=False)
+    _aws: Any = field(default=None, init=False, repr=False)
+    _deployed: Any = field(default=None, init=False, repr=False)
 
     def load(self):
-        from ..config import load_config
+        """The validated config (its warnings said once)."""
+        if self._loaded is None:
+            from download_and_predict.masking import register_secret
 
-        loaded = load_config(self.config, self.deployment, self.env_file, self.stack)
-        from download_and_predict.masking import register_secret
+            from ..config import load_config
 
-        for secret in loaded.secrets.values():  # hidden from every message from here on
-            register_secret(secret.value)
-        for warning in loaded.warnings:
-            click.echo(f"warning: {warning}", err=True)
-        return loaded
+            loaded = load_config(self.config, self.deployment, self.env_file, self.stack)
+            for secret in loaded.secrets.values():  # hidden from every message from here on
+                register_secret(secret.value)
+            for warning in loaded.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            self._loaded = loaded
+        return self._loaded
 
     def aws(self):
-        from ..aws import Aws
+        if self._aws is None:
+            from ..aws import Aws
 
-        return Aws(self.profile, self.region)
+            self._aws = Aws(self.profile, self.region)
+        return self._aws
+
+    def deployed(self, why: str = "the deployed stack"):
+        """Where the stack's parts are (:class:`cnsq.deployed.Deployed`).
+
+        Raises:
+            CnsqError: there is no config to find the stack by (``why`` says what was wanted).
+        """
+        if self._deployed is None:
+            if not self.config.exists():
+                raise CnsqError(f"{why}: {self.config} does not exist (pass --config)")
+            from ..deployed import Deployed
+
+            aws = self.aws()
+            self._deployed = Deployed(self.load(), aws, _stacks(aws))
+        return self._deployed
 
     def command(self, name: str) -> str:
         """``cnsq NAME`` with the options that chose this stack, to paste as the next step.
@@ -204,17 +228,11 @@ def _finish(result: dict, as_json: bool) -> None:
 
 
 def _database_url(explicit: str | None, settings: Settings) -> str:
-    """An explicit URL, else the deployed stack's database (outputs + its secret)."""
+    """An explicit URL, else the deployed stack's database."""
     if explicit:
         return explicit
-    if not settings.config.exists():
-        raise CnsqError("no database given: pass a database URL (or set DATABASE_URL), or "
-                        f"--config for a deployed stack ({settings.config} does not exist)")
-    from ..credentials import url_from_stack
-
-    config = settings.load()
-    aws = settings.aws()
-    return url_from_stack(aws, _stacks(aws), config.stack_name)
+    return settings.deployed("no database given: pass a database URL (or set DATABASE_URL), "
+                             "or --config for a deployed stack").database_url()
 
 
 def _row_progress(label: str):
@@ -232,11 +250,7 @@ def _admin(db_string: str | None, settings: Settings):
     """The stack's admin function when no URL is given and the stack has one, else None."""
     if db_string or not settings.config.exists():
         return None
-    from ..admin import AdminFunction
-
-    config = settings.load()
-    aws = settings.aws()
-    return AdminFunction.of_stack(aws, _stacks(aws).outputs(config.stack_name))
+    return settings.deployed().admin
 
 
 def _queue_region(queue_url: str) -> str | None:
@@ -250,17 +264,9 @@ def _queue_region(queue_url: str) -> str | None:
 
 
 def _stack_queue_url(settings: Settings) -> str:
-    """The deployed stack's tile queue (its queueURL output), for push and work."""
-    from .. import layout
-
-    if not settings.config.exists():
-        raise CnsqError(f"no queue URL given and no config to read the stack's from "
-                        f"({settings.config} does not exist)")
-    config = settings.load()
-    queue_url = _stacks(settings.aws()).outputs(config.stack_name).get(layout.QUEUE_URL)
-    if not queue_url:
-        raise CnsqError(f"stack {config.stack_name} has no queueURL output yet; pass the queue URL")
-    return queue_url
+    """The deployed stack's tile queue, for push and work."""
+    return settings.deployed("no queue URL given and no config to read the stack's from"
+                             ).require_queue_url()
 
 
 def _clock(seconds: float) -> str:

@@ -97,25 +97,30 @@ def tileserver(source: Path, port: int, host: str) -> None:
 @click.option("--database-url", envvar="DATABASE_URL", default="sqlite:///results.db",
               show_default=True, help="Where results go.")
 @click.option("--model-endpoint", "--prediction-endpoint", "model_endpoint",
-              envvar="PREDICTION_ENDPOINT", required=True,
+              envvar="PREDICTION_ENDPOINT",
               help="The model: …/v1/models/NAME (as verify and the stack's modelEndpoint "
-                   "output write it; a trailing :predict is accepted too).")
-@click.option("--tile-endpoint", envvar="TILE_ENDPOINT", required=True,
-              help="Imagery URL template, e.g. https://…/{z}/{x}/{y}.jpg?access_token={token}")
+                   "output write it; a trailing :predict is accepted too) [default: the stack's, "
+                   "reachable inside its VPC].")
+@click.option("--tile-endpoint", envvar="TILE_ENDPOINT",
+              help="Imagery URL template, e.g. https://…/{z}/{x}/{y}.jpg?access_token={token} "
+                   "[default: the config's TILE_ENDPOINT and token].")
 @click.option("--concurrency", "-n", default=4, show_default=True, help="Pollers at once.")
-@click.option("--batch-size", default=10, show_default=True, type=click.IntRange(1, 10),
-              help="Messages per receive (SQS allows 10), like the event source's batch size.")
+@click.option("--batch-size", type=click.IntRange(1, 10),
+              help="Messages per receive (SQS allows 10), like the event source's batch size "
+                   "[default: the config's sqs.batchSize, at most 10; else 10].")
 @click.option("--wait-seconds", default=20, show_default=True, type=click.IntRange(0, 20),
               help="Long-poll wait.")
 @click.option("--until-empty", is_flag=True, help="Stop when nothing is waiting or in flight.")
 @config_options
-def work(settings: Settings, queue_url: str | None, database_url: str, model_endpoint: str,
-         tile_endpoint: str, concurrency: int, batch_size: int, wait_seconds: int,
-         until_empty: bool) -> None:
+def work(settings: Settings, queue_url: str | None, database_url: str,
+         model_endpoint: str | None, tile_endpoint: str | None, concurrency: int,
+         batch_size: int | None, wait_seconds: int, until_empty: bool) -> None:
     """Poll an SQS queue and run the Lambda's handler here (a laptop or an EC2 box).
 
     Succeeded records are deleted; failures come back after the visibility timeout and, after
-    maxReceiveCount, go to the dead letter queue — as with the Lambda.
+    maxReceiveCount, go to the dead letter queue — as with the Lambda. With --config, what is
+    not given comes from the stack: its tile queue and model endpoint, the config's tile
+    endpoint (and token) and batch size.
 
     \b
     Example:
@@ -131,11 +136,23 @@ def work(settings: Settings, queue_url: str | None, database_url: str, model_end
     from ..results import open_store
 
     queue_url = queue_url or _stack_queue_url(settings)
+    token = None
+    if not (model_endpoint and tile_endpoint and batch_size) and settings.config.exists():
+        deployed = settings.deployed()
+        model_endpoint = model_endpoint or deployed.model_endpoint
+        if not tile_endpoint:
+            tile_endpoint, token = deployed.tile_endpoint
+        batch_size = batch_size or min(deployed.batch_size, 10)
+    for value, option in ((model_endpoint, "--model-endpoint"), (tile_endpoint, "--tile-endpoint")):
+        if not value:
+            raise click.UsageError(f"missing {option} (or --config for a deployed stack's)")
     store = open_store(database_url)
     store.migrate()
     store.close()
     env = {**os.environ, "TILE_ENDPOINT": tile_endpoint,
            "PREDICTION_ENDPOINT": _predict_url(model_endpoint), "DATABASE_URL": database_url}
+    if token and not env.get("TILE_ACCESS_TOKEN"):
+        env["TILE_ACCESS_TOKEN"] = token
     app = build(env)
     sqs = Aws(settings.profile, settings.region or _queue_region(queue_url)).client(
         "sqs", max_pool_connections=concurrency + 4)
@@ -146,7 +163,7 @@ def work(settings: Settings, queue_url: str | None, database_url: str, model_end
         click.echo(f"\r{report.received:,} records, {rate:,.1f}/s, {report.failed:,} failed   ",
                    nl=False, err=True)
 
-    report = run_work(sqs, queue_url, app, concurrency=concurrency, batch_size=batch_size,
+    report = run_work(sqs, queue_url, app, concurrency=concurrency, batch_size=batch_size or 10,
                       wait_seconds=wait_seconds, until_empty=until_empty,
                       progress=progress if sys.stderr.isatty() else None)
     if sys.stderr.isatty():

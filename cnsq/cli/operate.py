@@ -128,12 +128,11 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
                         tile_id=tile_id)
         checks = run_checks(target, sqs=None)
     else:
-        config = settings.load()
-        aws = settings.aws()
-        target = build_target(config, aws, _stacks(aws), database_url=database_url,
+        deployed = settings.deployed()
+        target = build_target(deployed, database_url=database_url,
                               model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
                               tile_id=tile_id)
-        checks = run_checks(target, aws.client("sqs"))
+        checks = run_checks(target, deployed.aws.client("sqs"))
     failed = [c.name for c in checks if not c.ok]
     if as_json:
         _print_json({"passed": not failed, "checks": checks})
@@ -195,14 +194,13 @@ def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool, as_j
       cnsq gpu-util ~/.ssh/my-key.pem --config config/config.yml
       cnsq gpu-util --ssm --config config/config.yml
     """
-    from ..gpu import SshRunner, SsmRunner, cluster_name, discover, gpu_rows
+    from ..gpu import SshRunner, SsmRunner, discover, gpu_rows
 
     if not ssm and not ssh_key:
         raise CnsqError("pass SSH_KEY (a .pem file) or --ssm")
-    config = settings.load()
-    aws = settings.aws()
-    instances = discover(aws.client("ecs"), aws.client("ec2"),
-                         cluster_name(_stacks(aws), config.stack_name))
+    deployed = settings.deployed()
+    aws = deployed.aws
+    instances = discover(aws.client("ecs"), aws.client("ec2"), deployed.cluster)
     if not instances:
         if as_json:
             _print_json({"instances": []})
@@ -300,14 +298,16 @@ def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str
     """
     import dataclasses
 
-    from ..redrive import Journal, queue_urls, sample
+    from ..redrive import Journal, sample
     from ..redrive import redrive as move
 
     aws = settings.aws()
     if not (queue_url and dlq_url):
-        config = settings.load()
-        found = queue_urls(_stacks(aws), config.stack_name, config.values["stackNoDash"])
-        queue_url, dlq_url = queue_url or found[0], dlq_url or found[1]
+        deployed = settings.deployed("no --queue-url and --dlq-url given")
+        deployed.require()
+        queue_url, dlq_url = queue_url or deployed.queue_url, dlq_url or deployed.dead_letter_url
+        if not (queue_url and dlq_url):
+            raise CnsqError(f"stack {deployed.stack_name} has no tile queue and dead letter queue")
     sqs = aws.client("sqs")
     if dry_run:
         depth, bodies = sample(sqs, dlq_url)
@@ -362,15 +362,13 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
     from ..status import as_dict, collect, diagnose, render
 
     window = _duration(since)
-    config = settings.load()
-    aws = settings.aws()
-    stacks = _stacks(aws)
-    if stacks.describe(config.stack_name) is None:
-        raise CnsqError(f"stack '{config.stack_name}' does not exist")
-    lam = next(iter(config.values["lambdas"].values()), {"timeout": 300, "concurrent": None})
+    deployed = settings.deployed()
+    deployed.require()
+    config = deployed.config
+    lam = deployed.worker or {"timeout": 300, "concurrent": None}
     # Without --database-url, the stack's admin function counts the rows (see status.collect).
     while True:
-        metrics = collect(aws, stacks, config, window, database_url)
+        metrics = collect(deployed, window, database_url)
         diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],
                              config.values["ecs"]["desiredInstances"])
         if as_json:

@@ -69,9 +69,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
 
     token = os.environ.get("TILE_ACCESS_TOKEN") or None
     if tile_endpoint is None and settings.config.exists():
-        from ..verify import tile_endpoint_from_config
-
-        tile_endpoint, config_token = tile_endpoint_from_config(settings.load())
+        tile_endpoint, config_token = settings.deployed().tile_endpoint
         token = token or config_token
     imagery = open_imagery(tile_endpoint, token)
     running = bind(port)
