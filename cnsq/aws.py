@@ -7,6 +7,7 @@ use botocore's adaptive retry mode: large deploys and event polling survive thro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ class Aws:
     region: str | None = None
     _session: Any = field(default=None, init=False, repr=False)
     _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    # Creating a boto3 client is not thread-safe; preflight's checks ask for theirs in parallel.
+    _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def session(self) -> boto3.Session:
@@ -49,15 +52,16 @@ class Aws:
         """A client with adaptive retries; ``config`` adds botocore Config options
         (e.g. ``max_pool_connections`` for many calls in flight)."""
         key = service + repr(sorted(config.items()))
-        if key not in self._clients:
-            try:
-                merged = RETRIES.merge(botocore.config.Config(**config)) if config else RETRIES
-                self._clients[key] = self.session.client(service, config=merged)
-            except botocore.exceptions.NoRegionError:
-                raise AwsError(
-                    "no AWS region: pass --region or set AWS_REGION (or a region in your profile)"
-                ) from None
-        return self._clients[key]
+        with self._lock:
+            if key not in self._clients:
+                try:
+                    merged = RETRIES.merge(botocore.config.Config(**config)) if config else RETRIES
+                    self._clients[key] = self.session.client(service, config=merged)
+                except botocore.exceptions.NoRegionError:
+                    raise AwsError(
+                        "no AWS region: pass --region or set AWS_REGION (or a region in your "
+                        "profile)") from None
+            return self._clients[key]
 
     @property
     def region_name(self) -> str:

@@ -257,32 +257,30 @@ def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
-_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 
 
 def parse_dotenv(path: Path) -> dict[str, str]:
-    """Read a dotenv file: ``KEY=value`` lines, ``export`` allowed, quotes stripped, ``#`` comments.
+    """Read a dotenv file with python-dotenv's parser (``KEY=value``, ``export``, quotes and
+    their escapes, ``#`` comments, multi-line quoted values). Values are data: no ``${VAR}``
+    interpolation, no template.
 
     Raises:
-        ConfigError: a line is not ``KEY=value`` (with file:line).
+        ConfigError: a line is not ``KEY=value`` (with file:line, never the line itself: it may
+            hold a secret; its first word names the key).
     """
+    import io
+
+    from dotenv.parser import parse_stream
+
     values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _ENV_LINE.match(line)
-        if not match:
-            # Never the line itself: it may hold a secret. Its first word names the key.
-            start = re.match(r"[^\s=:]*", line).group(0)[:40]
-            raise ConfigError(f"{path}:{number}: expected KEY=value"
+    for binding in parse_stream(io.StringIO(path.read_text(encoding="utf-8"))):
+        if binding.error:
+            line = binding.original.string.strip()
+            start = re.match(r"(?:export\s+)?([^\s=:]*)", line).group(1)[:40]
+            raise ConfigError(f"{path}:{binding.original.line}: expected KEY=value"
                               + (f" (the line starts with {start!r})" if start else ""))
-        key, value = match.group(1), match.group(2).strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = re.split(r"\s+#", value, maxsplit=1)[0]
-        values[key] = value
+        if binding.key is not None:
+            values[binding.key] = binding.value or ""
     return values
 
 

@@ -433,7 +433,6 @@ def check_permissions(config: Config, client, region: str) -> list[Finding]:
             for name in denied]
 
 
-SERVICES = ("s3", "ec2", "ssm", "rds", "lambda", "service-quotas", "sts", "iam")
 CHECKS: list[tuple[str, str, str, Callable]] = [
     ("bucket", "buckets.internal", "s3:GetBucketLocation", check_bucket),
     ("network", "vpc", "ec2:DescribeVpcAttribute, DescribeSubnets, DescribeRouteTables",
@@ -487,8 +486,6 @@ def run(config: Config, client: Callable[..., Any], region: str) -> Report:
     """
     started = time.monotonic()
     caller(client)
-    for service in SERVICES:  # made here: creating clients from several threads is not safe
-        client(service)
     chosen = [c for c in CHECKS if c[0] != "network" or config.values["vpc"]]
     with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
         futures = [pool.submit(_guard, name, _key(key, config), permission,

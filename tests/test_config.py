@@ -390,7 +390,7 @@ def test_a_value_from_the_environment_is_never_rendered(tmp_path, token):
 def test_a_dotenv_value_cannot_run_code(tmp_path):
     marker = tmp_path / "PWNED"
     payload = "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}".replace("MARKER", str(marker))
-    path = write(tmp_path, BASE, env=f"TILE_ACCESS_TOKEN='{payload}'\n")
+    path = write(tmp_path, BASE, env=f'TILE_ACCESS_TOKEN="{payload}"\n')
     config = load(path, environ={"RDS_USERNAME": "u"})
     assert config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"].value == payload
     assert not marker.exists()
