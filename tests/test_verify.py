@@ -126,31 +126,21 @@ def test_no_stack_fails_every_stack_check(project, servers):
 
 
 def test_a_local_setup_is_checked_without_a_config_or_aws(servers, database, tmp_path, monkeypatch):
-    """With the three targets given, verify needed a config and spent 20 s failing to reach AWS."""
+    """With the three targets given, verify needed a config and spent 20 s failing to reach AWS;
+    and it sent an empty token where run, work and view fill {token} from TILE_ACCESS_TOKEN."""
     tiles, model = servers
     monkeypatch.chdir(tmp_path)  # no config/config.yml here
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing there: never asked
-    store = open_store(database)
-    store.migrate()
-    store.close()
-    result = verify("--database-url", database, "--model-endpoint", f"{model.url}/v1/models/m",
-                    "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.jpg", "--tile", "1-2-3")
-    assert result.exit_code == 0, result.output
-    assert set(rows(result)) == {"results table", "model status", "imagery", "prediction"}
-    assert "All 4 checks passed." in result.stdout
-
-
-def test_a_local_setup_fills_the_token_from_the_environment(servers, database, tmp_path, monkeypatch):
-    """run, work and view read TILE_ACCESS_TOKEN; verify sent an empty token."""
-    tiles, model = servers
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TILE_ACCESS_TOKEN", "tok-verify-Zq81")
     store = open_store(database)
     store.migrate()
     store.close()
     result = verify("--database-url", database, "--model-endpoint", f"{model.url}/v1/models/m",
-                    "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.jpg?access_token={token}", "--tile", "1-2-3")
+                    "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.jpg?access_token={token}",
+                    "--tile", "1-2-3")
     assert result.exit_code == 0, result.output
+    assert set(rows(result)) == {"results table", "model status", "imagery", "prediction"}
+    assert "All 4 checks passed." in result.stdout
     assert "tok-verify-Zq81" in tiles.tokens and "tok-verify-Zq81" not in result.output
 
 

@@ -244,19 +244,6 @@ def test_imagery_is_fetched_with_the_token_which_never_reaches_the_page(served):
     assert TOKEN not in failed.text
 
 
-def test_a_dead_tile_endpoint_is_a_502_without_the_token(tmp_path):
-    source = tmp_path / "results.csv"
-    write_results(source, 4)
-    dead = f"http://127.0.0.1:{free_port()}/{{z}}/{{x}}/{{y}}.png?access_token={{token}}"
-    viewed, _ = prepare(source, "results.csv", tmp_path, 1, 0.5, open_imagery(dead, TOKEN), None)
-    running = start(viewed, 0)
-    try:
-        answer = requests.get(running.url + "imagery/17/64000/48000", timeout=20)
-    finally:
-        running.close()
-    assert answer.status_code == 502 and TOKEN not in answer.text
-
-
 def test_an_index_a_live_view_holds_is_never_pruned(tmp_path):
     """The cache keeps four indexes: a fifth view deleted the one a running view still used,
     and every pan, zoom and click of that view failed."""
@@ -279,7 +266,7 @@ def test_an_index_a_live_view_holds_is_never_pruned(tmp_path):
     assert not held.path.exists()  # released: pruned like any other
 
 
-def test_a_proxy_error_names_the_tile_never_the_url(tmp_path):
+def test_a_dead_tile_endpoint_is_a_502_naming_the_tile_never_the_url(tmp_path):
     """The 502 body held the upstream URL: a token holding '&' left its tail unmasked."""
     source = tmp_path / "results.csv"
     write_results(source, 4)
