@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 import boto3
 import numpy as np
@@ -155,13 +156,16 @@ def test_work_takes_the_stacks_queue_model_and_tiles_from_the_config(project, tm
             sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"x": int(x), "y": int(y), "z": int(z)}))
         database = fresh_database(postgres_url, "work")
         env = {k: v for k, v in os.environ.items() if k not in ("TILE_ACCESS_TOKEN", "TILE_ENDPOINT")}
+        started = time.monotonic()
+        # The default long poll (20 s): --until-empty idled through the last one at the end.
         worked = CliRunner(env=env).invoke(main, ["work", "--config", config, "--database-url", database,
-                                                  "--until-empty", "--wait-seconds", "1"],
-                                           catch_exceptions=False)
+                                                  "--until-empty"], catch_exceptions=False)
+        elapsed = time.monotonic() - started
     finally:
         server.close()
         tiles.close()
     assert worked.exit_code == 0, worked.output
     assert "Received 4 records: 4 succeeded" in worked.stderr
+    assert elapsed < 10, f"{elapsed:.1f}s: waited for a last long poll"
     assert set(tiles.tokens) == {"tok-8JmX-never-print"}  # the config's token, from its .env
     assert "tok-8JmX-never-print" not in worked.output

@@ -50,12 +50,14 @@ def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size
          wait_seconds: int = 20, until_empty: bool = False,
          stop: threading.Event | None = None,
          progress: Callable[[WorkReport], None] | None = None) -> WorkReport:
-    """Poll until stopped (or, with ``until_empty``, until nothing is waiting or in flight)."""
+    """Poll until stopped (or, with ``until_empty``, until nothing is waiting or in flight: the
+    queue is asked every second, so the end is not held by a last long poll)."""
     attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
     queue_arn = attributes["Attributes"]["QueueArn"]
     region = queue_arn.split(":")[3] if queue_arn.count(":") >= 5 else ""
     report = WorkReport()
     stop = stop or threading.Event()
+    busy = [0]  # pollers holding messages (a poller in a long poll holds none)
 
     def drained() -> bool:
         counts = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
@@ -83,13 +85,20 @@ def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size
                 if until_empty and drained():
                     stop.set()
                 continue
-            outcome = app.process({"Records": [to_record(m, queue_arn, region) for m in messages]})
-            done = [m for m in messages if m["MessageId"] not in outcome.failed]
-            for start in range(0, len(done), 10):
-                sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                    for i, m in enumerate(done[start:start + 10])])
-            report.add(len(messages), outcome.failed)
+            with report.lock:
+                busy[0] += 1
+            try:
+                outcome = app.process({"Records": [to_record(m, queue_arn, region)
+                                                   for m in messages]})
+                done = [m for m in messages if m["MessageId"] not in outcome.failed]
+                for start in range(0, len(done), 10):
+                    sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                        for i, m in enumerate(done[start:start + 10])])
+                report.add(len(messages), outcome.failed)
+            finally:
+                with report.lock:
+                    busy[0] -= 1
             if progress:
                 progress(report)
 
@@ -98,9 +107,25 @@ def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size
     threads = [threading.Thread(target=poll, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
+    def idle() -> bool:
+        with report.lock:
+            return busy[0] == 0
+
+    checked = time.monotonic()
     with Stop() as signalled:
         while any(t.is_alive() for t in threads) and not signalled.requested:
             time.sleep(0.1)
+            if until_empty and time.monotonic() - checked >= 1.0:
+                # The queue is asked here too, every second: the pollers' last long polls would
+                # otherwise hold the end for up to wait_seconds after the work is done. Twice,
+                # a second apart, as SQS's counts are approximate.
+                checked = time.monotonic()
+                if idle() and drained():
+                    time.sleep(1.0)
+                    if idle() and drained():
+                        stop.set()
+            if stop.is_set() and idle():
+                break  # pollers still in a long poll hold no message: nothing to wait for
     if signalled.requested:
         # Ctrl-C or SIGTERM: take no more. A poller in a long poll would hold the exit for up
         # to wait_seconds; batches in hand get two seconds to finish, and what is abandoned
