@@ -59,8 +59,8 @@ class Aws:
                     self._clients[key] = self.session.client(service, config=merged)
                 except botocore.exceptions.NoRegionError:
                     raise AwsError(
-                        "no AWS region: pass --region or set AWS_REGION (or a region in your "
-                        "profile)") from None
+                        "no AWS region: pass --region, set AWS_REGION, or write region in "
+                        "config.yml (or a region in your profile)") from None
             return self._clients[key]
 
     @property

@@ -86,6 +86,9 @@ LAMBDA_SCHEMA: dict[str, Any] = {
 SCHEMA: dict[str, Any] = {
     "stage": ("str", "dev"),
     "stackName": ("str", REQUIRED),
+    # The AWS region to deploy to; --region, AWS_REGION and AWS_DEFAULT_REGION win over it, and
+    # it wins over the profile's.
+    "region": ("str", None),
     "stackNoDash": ("str", None),
     "projectTag": ("str", None),
     "capabilities": ("strlist", ["CAPABILITY_NAMED_IAM"]),

@@ -483,3 +483,19 @@ def test_the_permission_list_covers_every_resource_of_the_template(project, netw
     assert not unknown, f"say in deployer-permissions.yml what creating {unknown} needs"
     actions = preflight.deployer_actions(config)
     assert {CREATE_ACTION[t] for t in types} <= set(actions)
+
+
+def test_the_region_has_a_home_in_the_config(project, monkeypatch):
+    """region: in config.yml was refused as an unknown key."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    edit("  stackName: 'cnsq-{{ stage }}'", "  stackName: 'cnsq-{{ stage }}'\n  region: us-east-1")
+    result = validate()
+    assert result.exit_code == 0, result.output
+    assert "Region: us-east-1 (from region in config/config.yml)." in result.stdout
+    # The command line and the environment win, and validate says which was used.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    result = validate("--offline")
+    assert result.exit_code == 0
+    result = CliRunner().invoke(main, ["validate", "--region", "us-east-1"], catch_exceptions=False)
+    assert "Region: us-east-1 (from --region or AWS_REGION)." in result.stdout

@@ -75,8 +75,22 @@ class Settings:
         if self._aws is None:
             from ..aws import Aws
 
-            self._aws = Aws(self.profile, self.region)
+            self._aws = Aws(self.profile, self.region_and_source()[0])
         return self._aws
+
+    def region_and_source(self) -> tuple[str | None, str]:
+        """The region AWS calls go to, and where it was chosen: the command line and the
+        environment win, then the config's ``region`` (once the config is loaded), then the
+        profile's."""
+        import os
+
+        if self.region:
+            return self.region, "--region or AWS_REGION"
+        if os.environ.get("AWS_DEFAULT_REGION"):
+            return os.environ["AWS_DEFAULT_REGION"], "AWS_DEFAULT_REGION"
+        if self._loaded is not None and self._loaded.values.get("region"):
+            return self._loaded.values["region"], f"region in {self.config}"
+        return None, "the AWS profile"
 
     def deployed(self, why: str = "the deployed stack"):
         """Where the stack's parts are (:class:`cnsq.deployed.Deployed`).

@@ -94,7 +94,8 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
 
     config = settings.load()
     path = compile_only(config, _paths(config))
-    findings = lint(path, [settings.region or "us-east-1"], list(config.values["lambdas"]))
+    region, source = settings.region_and_source()
+    findings = lint(path, [region or settings.aws().region_name], list(config.values["lambdas"]))
     errors = sum(f.severity == "error" for f in findings)
     out = {"template": str(path), "lint": [f.__dict__ for f in findings], "preflight": None}
     if findings and not as_json:
@@ -107,7 +108,13 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
     if offline:
         message = "Account not checked (--offline)."
     else:
-        report, message = preflight_report(config, settings.aws(), ClickUI(to_stderr=as_json))
+        aws = settings.aws()
+        if not as_json:
+            if region is None and aws.session.region_name is None:
+                source = "no region is set: pass --region, set AWS_REGION or region in the config"
+            click.echo(f"Region: {aws.region_name} ({'from ' if region or aws.session.region_name else ''}"
+                       f"{source}).")
+        report, message = preflight_report(config, aws, ClickUI(to_stderr=as_json))
     if as_json:
         out["preflight"] = report.as_dict() if report else {"skipped": message}
         click.echo(json.dumps(out, indent=2))
