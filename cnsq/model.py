@@ -40,6 +40,16 @@ def _is_saved_model(path: Path) -> bool:
     return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
 
 
+def check_source(source: str) -> None:
+    """Refuse a local model folder that is not there, before Docker or AWS is asked.
+
+    Raises:
+        ModelError: a local source that is not a folder.
+    """
+    if "://" not in source and not Path(source).is_dir():
+        raise ModelError(f"{source}: not a folder (expected a SavedModel directory, s3:// or gs://)")
+
+
 def fetch(source: str, into: Path, s3: Any = None) -> Path:
     """A local copy of SOURCE (a folder, s3://bucket/prefix or gs://bucket/prefix)."""
     if source.startswith("s3://"):

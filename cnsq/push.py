@@ -368,6 +368,17 @@ def default_concurrency() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 16
 
 
+def check_source(tiles: str) -> None:
+    """Refuse a tile file that is not there, before anything else is asked (the queue, the
+    region, the stack): the user's own input is the first thing to check.
+
+    Raises:
+        PushError: no such file.
+    """
+    if tiles != "-" and not Path(tiles).is_file():
+        raise PushError(f"{tiles}: no such file")
+
+
 def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: bool,
              resume: bool, restart: bool, failed_file: Path | None, state_dir: Path,
              tty: bool) -> Report:
@@ -389,8 +400,7 @@ def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: 
         checkpoint, total, failed_path = None, len(lines), failed_file or Path("push.failed")
     else:
         path = Path(tiles)
-        if not path.is_file():
-            raise PushError(f"{tiles}: no such file")
+        check_source(tiles)
 
         def opener() -> IO[str]:
             # utf-8-sig: a byte order mark is not part of line 1; surrogateescape: a byte that

@@ -165,7 +165,7 @@ def test_interrupted_push_resumes_without_sending_a_tile_twice(sqs_env, tmp_path
     tiles = tile_file(tmp_path / "tiles.txt", 2000, bad_every=400)
     first = _run_push(server, "-n", "4")
     _interrupt(first, server, signal.SIGINT)
-    assert first.returncode == 1
+    assert first.returncode == 130
     assert "--resume" in first.stderr.read()
     assert 300 <= len(server.bodies()) < 2000
 
@@ -280,3 +280,18 @@ def test_push_json(sqs_env, tmp_path):
     assert result.exit_code == 1  # two invalid lines
     report = json.loads(result.stdout)
     assert report["sent"] == 25 and len(report["invalid"]) == 2 and report["failed"] == []
+
+
+def test_the_users_own_input_is_checked_before_the_environment(tmp_path, monkeypatch):
+    """push with a missing file said "no AWS region" first; model with a missing folder
+    complained about Docker first."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker either
+    pushed = CliRunner().invoke(main, ["push", "missing.txt"])  # no queue, no config, no region
+    assert pushed.exit_code == 1 and pushed.stderr == "Error: missing.txt: no such file\n"
+    built = CliRunner().invoke(main, ["model", "./missing", "--push"])
+    assert built.exit_code == 1
+    assert built.stderr.startswith("Error: ./missing: not a folder"), built.stderr

@@ -457,3 +457,26 @@ def test_the_proxy_passes_only_images(served):
     assert answer.status_code == 502 and answer.headers["Content-Type"] == "text/plain"
     assert answer.text == "tile 32003-24000-16: the tile endpoint answered image/jpeg, not an image"
     assert "<script>" not in answer.text
+
+
+def test_a_bare_view_in_a_demo_folder_views_its_results(tmp_path, monkeypatch):
+    """A bare `cnsq view` where demo or run wrote results.csv asked for AWS instead."""
+    import signal
+    import subprocess
+    import sys
+
+    write_results(tmp_path / "results.csv", 9)
+    (tmp_path / "tiles").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    view = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "view", "--port", "0"], cwd=tmp_path,
+                            env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = view.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), view.stderr.read()
+        summary = requests.get(url + "api/summary", timeout=10).json()
+        assert summary["total"] == 9 and summary["name"] == "results.csv"
+    finally:
+        view.send_signal(signal.SIGINT)
+        _, err = view.communicate(timeout=20)
+    assert "Viewing results.csv over tiles/ (found here)." in err

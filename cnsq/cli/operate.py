@@ -50,6 +50,10 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
     the push saves its place under .cnsq/push/ and continues with --resume: no tile is sent
     twice. Tiles that fail after retries are written to a file to push again.
 
+    Exit status: 0 when every line was sent; 1 when a line was invalid (every good line was
+    still sent, unless --strict), a tile failed after retries, or on any error; 130 when
+    interrupted.
+
     \b
     Examples:
       cnsq push tiles.txt --config config/config.yml
@@ -57,8 +61,9 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
       PROMISE_THRESHOLD=64 cnsq push tiles.txt --config config/config.yml --deployment prod
     """
     from ..aws import Aws
-    from ..push import default_concurrency, run_push
+    from ..push import check_source, default_concurrency, run_push
 
+    check_source(tiles)  # the user's own input before the environment
     if queue_url is not None and not queue_url.strip():
         raise CnsqError("QUEUE_URL is empty (did the command that should print it fail?); "
                         "omit it to use the stack's tile queue with --config")
@@ -79,7 +84,9 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
                      "invalid": [{"line": n, "error": e} for n, e in report.invalid],
                      "failed": [{"line": n, "tile": t, "reason": r} for n, t, r in report.failed],
                      "failedFile": report.failed_file})
-    if report.invalid or report.failed or report.interrupted:
+    if report.interrupted:
+        sys.exit(130)  # as run and work: Ctrl-C or SIGTERM, its place kept for --resume
+    if report.invalid or report.failed:
         sys.exit(1)
 
 
@@ -244,6 +251,7 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
     """
     from .. import model as image
 
+    image.check_source(source)  # the user's own input before Docker and AWS
     aws = None
     if source.startswith("s3://") or push_:
         from ..aws import Aws

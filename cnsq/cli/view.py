@@ -49,7 +49,8 @@ def view(settings: Settings, results: str | None, database_url: str | None,
 
     RESULTS is a results CSV (tile,output, as run and download write it), a SQLite results
     database, or a database URL; without it, --database-url, else the deployed stack's database
-    (exported as download does). Serves one page on 127.0.0.1 until Ctrl-C: the tiles coloured
+    (exported as download does), else ./results.csv (over ./tiles/ when there is one: a folder
+    that demo or run wrote). Serves one page on 127.0.0.1 until Ctrl-C: the tiles coloured
     by score, a threshold slider with the count above it, a histogram, a click for a tile's
     scores and a GeoJSON download (what convert-geojson writes). Imagery is fetched by this
     command, so the token never reaches the browser. A million results stay smooth: the page
@@ -68,6 +69,13 @@ def view(settings: Settings, results: str | None, database_url: str | None,
     from ..view.server import bind
 
     token = os.environ.get("TILE_ACCESS_TOKEN") or None
+    if not (results or database_url or settings.config.exists()) and Path("results.csv").is_file():
+        # A folder `cnsq demo` or `cnsq run` wrote: its results, over its imagery if it has it.
+        results = "results.csv"
+        if tile_endpoint is None and Path("tiles").is_dir():
+            tile_endpoint = "tiles"
+        click.echo(f"Viewing results.csv{' over tiles/' if tile_endpoint == 'tiles' else ''} "
+                   "(found here).", err=True)
     if tile_endpoint is None and settings.config.exists():
         tile_endpoint, config_token = settings.deployed().tile_endpoint
         token = token or config_token
