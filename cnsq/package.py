@@ -24,6 +24,12 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", "examples", "tests"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
 SKIP_NAMES = {".DS_Store"}
+# What pip writes that the Lambda never runs and that differs from one builder to the next:
+# console scripts (their first line is the builder's interpreter) and the RECORD of each
+# installed distribution (which lists their paths and hashes). Left out, the same code and
+# requirements give the same zip, and the same hash, anywhere.
+SKIP_TOP = {"bin"}
+SKIP_IN_DIST_INFO = {"RECORD", "INSTALLER", "direct_url.json", "REQUESTED"}
 
 
 class PipRunner(Protocol):
@@ -83,7 +89,11 @@ def _files(root: Path) -> list[tuple[str, Path]]:
             continue
         if path.name in SKIP_NAMES or path.suffix in SKIP_SUFFIXES:
             continue
-        if relative.parts[0] in SKIP_DIRS:
+        if relative.parts[0] in SKIP_DIRS or (len(relative.parts) > 1
+                                               and relative.parts[0] in SKIP_TOP):
+            continue
+        if len(relative.parts) == 2 and relative.parts[0].endswith(".dist-info") \
+                and path.name in SKIP_IN_DIST_INFO:
             continue
         found.append((relative.as_posix(), path))
     return sorted(found)

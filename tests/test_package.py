@@ -120,3 +120,39 @@ def test_repository_lambda_packages(tmp_path):
     built = build("DownloadAndPredict", src, tmp_path / "build", "python3.12", "x86_64", FolderPip())
     with zipfile.ZipFile(built.path) as archive:
         assert "download_and_predict/__init__.py" in archive.namelist()
+
+
+class _Pip:
+    """pip as two builders run it: the same package, console scripts that name each builder's
+    own interpreter, and a RECORD that lists them."""
+
+    def __init__(self, interpreter: str):
+        self.interpreter = interpreter
+
+    def install(self, requirements, target, runtime, architecture) -> None:
+        (target / "tool").mkdir(parents=True)
+        (target / "tool" / "__init__.py").write_text("VERSION = 1\n")
+        (target / "bin").mkdir()
+        (target / "bin" / "tool").write_text(f"#!{self.interpreter}\nfrom tool import main\n")
+        info = target / "tool-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Name: tool\nVersion: 1.0\n")
+        (info / "RECORD").write_text(f"bin/tool,sha256={hash(self.interpreter)},40\n")
+        (info / "INSTALLER").write_text("pip\n")
+
+
+def test_the_same_code_gives_the_same_zip_from_any_environment(tmp_path):
+    """Two virtual environments hashed the same code differently: bin/ scripts carry the
+    builder's interpreter path."""
+    from cnsq.package import build
+
+    source = tmp_path / "src"
+    (source / "handler").mkdir(parents=True)
+    (source / "handler" / "__init__.py").write_text("def handler(event, context): pass\n")
+    (source / "requirements.txt").write_text("tool==1.0\n")
+    first = build("W", source, tmp_path / "one", "python3.12", "x86_64", _Pip("/home/a/venv/bin/python"))
+    second = build("W", source, tmp_path / "two", "python3.12", "x86_64", _Pip("/opt/b/.venv/bin/python3"))
+    assert first.sha256 == second.sha256
+    names = zipfile.ZipFile(first.path).namelist()
+    assert "tool/__init__.py" in names and "tool-1.0.dist-info/METADATA" in names
+    assert not [n for n in names if n.startswith("bin/") or n.endswith(("/RECORD", "/INSTALLER"))]
