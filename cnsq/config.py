@@ -809,6 +809,49 @@ def load_config(
     return Config(path, section_name, values, secrets, warnings, guessed)
 
 
+# What config.example.yml and .env.sample hold until the user fills them in, and what to put.
+PLACEHOLDERS = {
+    "your-bucket": "an S3 bucket of yours in the deploy region",
+    "your-key-pair": "a key pair of yours, or no keyPairName at all (the hosts are reachable "
+                     "through SSM Session Manager)",
+    "your_model": "your model's path on TF Serving (`cnsq model` prints it)",
+    "//example.com/": "your imagery's XYZ URL template",
+    "your-token": "your imagery's token (in config/.env)",
+}
+
+
+def placeholders(config: Config) -> list[str]:
+    """One line per value still holding the example's placeholder, with its key and what to put
+    there: a config that would deploy and fail (validate and deploy refuse it; compile does not).
+    A secret's value is never printed, only its key."""
+    found: list[str] = []
+
+    derived = {"stackNoDash", "projectTag", "ecs.modelName"}  # follow other keys: said there
+
+    def visit(path: str, value: Any) -> Any:
+        if path in derived:
+            return value
+        text = value.value if isinstance(value, Secret) else value
+        for placeholder, what in PLACEHOLDERS.items():
+            if isinstance(text, str) and placeholder in text:
+                shown = placeholder.strip("/")
+                found.append(f"{path}: still the example's {shown!r}: put {what}")
+        return value
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, path)
+        else:
+            visit(path, value)
+
+    walk(config.values, "")
+    return list(dict.fromkeys(found))
+
+
 def _model_name(prediction_path: str) -> str:
     """``/v1/models/your_model`` → ``your_model`` (TF Serving's MODEL_NAME)."""
     match = re.search(r"/models/([^/:]+)", prediction_path)

@@ -80,7 +80,11 @@ def make_project(root: Path, bucket: str = "cnsq-artifacts", vpc: str | None = "
                  ) -> Path:
     """A project folder: config/config.yml (from the example), config/.env, a small lambda/."""
     (root / "config").mkdir(parents=True)
+    # The example's placeholders filled in, as a user does before validate and deploy.
     text = (REPO / "config" / "config.example.yml").read_text().replace("your-bucket", bucket)
+    text = text.replace("    # keyPairName: your-key-pair", "    keyPairName: cnsq-key")
+    text = text.replace("/v1/models/your_model", "/v1/models/water")
+    text = text.replace("https://example.com/{}", "https://tiles.test/{}")
     if vpc:  # an existing network, as the example's commented-out lines describe it
         text = text.replace("  # vpc: vpc-0123456789abcdef0", f"  vpc: {vpc}")
         text = text.replace("  # subnets:\n  #   - subnet-0123456789abcdef0\n  #   - subnet-0fedcba9876543210",
@@ -119,7 +123,7 @@ def good_account() -> dict:
         ec2.associate_route_table(RouteTableId=private_table, SubnetId=subnet)
         subnets.append(subnet)
     client("s3").create_bucket(Bucket="cnsq-artifacts")
-    ec2.create_key_pair(KeyName="your-key-pair")
+    ec2.create_key_pair(KeyName="cnsq-key")
     return {"vpc": vpc, "subnets": tuple(subnets), "igw": igw, "public": public,
             "public_table": public_table, "private_table": private_table, "nat": nat}
 

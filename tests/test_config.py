@@ -431,3 +431,26 @@ def test_a_stack_name_cloudformation_refuses_is_refused(tmp_path, name):
     path = write(tmp_path, BASE)
     with pytest.raises(ConfigError, match=r"stackName: a stack name is a letter, then up to 127"):
         load(path, stack=name) if name else load(write(tmp_path, BASE.replace("stackName: 'proj-{{ stage }}'", "stackName: ''")))
+
+
+def test_the_examples_placeholders_are_errors_in_validate_and_deploy(tmp_path, monkeypatch):
+    """validate --offline passed the example as shipped (your-bucket, your_model …) with 0 errors."""
+    from click.testing import CliRunner
+
+    from cnsq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(REPO / "config/config.example.yml"), "--env-file", str(REPO / "config/.env.sample")]
+    result = CliRunner().invoke(main, ["validate", *args, "--offline"])
+    assert result.exit_code == 1
+    lines = [line.strip() for line in result.stderr.splitlines()]
+    assert "buckets.internal: still the example's 'your-bucket': put an S3 bucket of yours in the deploy region" in lines
+    assert any(line.startswith("predictionPath: still the example's 'your_model'") for line in lines)
+    assert any(line.startswith("lambdas.DownloadAndPredict.envs.TILE_ENDPOINT: still the example's") for line in lines)
+    assert any(line.startswith("lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN: still the example's") for line in lines)
+    assert "4 error(s)" in result.stdout
+    deploy = CliRunner().invoke(main, ["deploy", *args])
+    assert deploy.exit_code == 1
+    assert "4 value(s) of the config are still the example's; nothing was deployed" in deploy.stderr
+    # compile still renders it: a template to read before filling anything in.
+    assert CliRunner().invoke(main, ["compile", *args]).exit_code == 0

@@ -189,7 +189,9 @@ def test_a_config_in_the_original_format_deploys(project):
                      ("subnet 1", subnet_a.strip()), ("subnet 2", subnet_b.split()[0]),
                      ("python3.7", "python3.12"), ("db.t2.medium", "db.t3.medium"),
                      ("visibilityTimeout: 60", "visibilityTimeout: 360"),
-                     ("instanceType: t2.nano", "instanceType: g4dn.xlarge")):
+                     ("instanceType: t2.nano", "instanceType: g4dn.xlarge"),
+                     ("your-key-pair", "cnsq-key"), ("your_model", "water"),
+                     ("https://example.com/", "https://tiles.test/")):
         original = original.replace(old, new)
     Path("config/config.yml").write_text(original)
     result = cnsq("deploy", "--config", "config/config.yml")
@@ -209,7 +211,7 @@ def test_a_stack_that_creates_its_own_private_network(aws, tmp_path, monkeypatch
     from conftest import make_project
 
     client("s3").create_bucket(Bucket="cnsq-artifacts")
-    client("ec2").create_key_pair(KeyName="your-key-pair")
+    client("ec2").create_key_pair(KeyName="cnsq-key")
     make_project(tmp_path / "proj", vpc=None)
     monkeypatch.chdir(tmp_path / "proj")
     result = cnsq("deploy")

@@ -115,13 +115,13 @@ def test_the_bucket_in_another_region(project):
 
 def test_a_missing_bucket_and_a_missing_key_pair(project):
     client("s3").delete_bucket(Bucket="cnsq-artifacts")
-    client("ec2").delete_key_pair(KeyName="your-key-pair")
+    client("ec2").delete_key_pair(KeyName="cnsq-key")
     result = validate()
     assert result.exit_code == 1
     assert sorted(problems(result)) == [
         "buckets.internal: bucket cnsq-artifacts does not exist; create it in us-east-1 "
         "(aws s3 mb s3://cnsq-artifacts --region us-east-1)",
-        "ecs.keyPairName: key pair your-key-pair does not exist in us-east-1; create or import it, "
+        "ecs.keyPairName: key pair cnsq-key does not exist in us-east-1; create or import it, "
         "or remove ecs.keyPairName (the hosts are reachable through SSM)"]
 
 
@@ -142,7 +142,7 @@ def test_a_gpu_task_on_an_instance_type_without_gpus(project):
 def test_every_problem_at_once_in_one_run(project, account):
     ec2 = client("ec2")
     ec2.modify_vpc_attribute(VpcId=account["vpc"], EnableDnsSupport={"Value": False})
-    ec2.delete_key_pair(KeyName="your-key-pair")
+    ec2.delete_key_pair(KeyName="cnsq-key")
     client("s3").delete_bucket(Bucket="cnsq-artifacts")
     edit(account["subnets"][1], account["public"])  # in the first one's zone, and routed to the IGW
     result = validate()

@@ -33,7 +33,7 @@ def deployed(project, servers, database):
     """A stack in moto whose outputs point at real local servers and a real database."""
     tiles, model = servers
     config = Path("config/config.yml")
-    config.write_text(config.read_text().replace("https://example.com/{}", tiles.url + "/{}"))
+    config.write_text(config.read_text().replace("https://tiles.test/{}", tiles.url + "/{}"))
     host_port, dbname = database.split("@", 1)[1].split("/")
     host, port = host_port.split(":")
     arn = boto3.client("secretsmanager", region_name="us-east-1").create_secret(

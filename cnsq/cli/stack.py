@@ -87,8 +87,9 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
     \b
     Examples:
       cnsq validate --config config/config.yml
-      cnsq validate --config config/config.example.yml --env-file config/.env.sample --offline
+      cnsq validate --config config/config.yml --offline   # the template and the config alone
     """
+    from ..config import placeholders
     from ..deploy import compile_only, preflight_report
     from ..template import lint
 
@@ -102,8 +103,14 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
         click.echo(tabulate([[f.severity, f.rule, f.config_key or "-", f"{path}:{f.line}",
                               f.message] for f in findings],
                             headers=["Severity", "Rule", "Config key", "Where", "Message"]))
+    unfilled = placeholders(config)
+    for line in unfilled:
+        click.echo(f"  {line}", err=True)
+    errors += len(unfilled)
+    out["placeholders"] = unfilled
     if not as_json:
-        click.echo(f"{path}: {errors} error(s), {len(findings) - errors} other finding(s)")
+        click.echo(f"{path}: {errors} error(s), {len(findings) - errors + len(unfilled)} other "
+                   "finding(s)")
     report = None
     if offline:
         message = "Account not checked (--offline)."
@@ -183,10 +190,15 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
       cnsq deploy --config config/config.yml --no-execute   # only show the changes
     """
     from .. import deploy as flow
+    from ..config import placeholders
     from ..package import SubprocessPip
 
     ui = ClickUI(to_stderr=as_json)
     config = settings.load()
+    unfilled = placeholders(config)
+    if unfilled:
+        raise CnsqError(f"{len(unfilled)} value(s) of the config are still the example's; "
+                        "nothing was deployed:\n  " + "\n  ".join(unfilled))
     aws = settings.aws()
     stacks = _stacks(aws)
     if skip_preflight:
