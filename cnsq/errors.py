@@ -25,3 +25,9 @@ class AwsError(CnsqError):
 
 class DeployError(CnsqError):
     """A deploy or delete did not reach its goal (failed stack, refused change)."""
+
+
+class Interrupted(CnsqError):
+    """Ctrl-C or SIGTERM stopped the command; the message says what was kept."""
+
+    exit_code = 130

@@ -411,6 +411,7 @@ def test_run_stops_at_once_on_a_dead_tile_endpoint(tmp_path, model_path, monkeyp
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "the tile endpoint failed for the first tile, 0-7-10" in errors[0]
     assert "nothing was run" in errors[0]
+    assert not (tmp_path / "results.db").exists()  # a failed run left an empty database
 
 
 def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monkeypatch):
@@ -508,3 +509,21 @@ def test_run_ends_when_its_work_ends_with_slow_tiles(tmp_path, model_path):
     assert "4 tile(s) failed: tile_deadline" in err, err
     rows = (tmp_path / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 4
+
+
+@pytest.mark.parametrize("sig, after", [(signal.SIGINT, 0.3), (signal.SIGINT, 1.5),
+                                        (signal.SIGINT, 3.0), (signal.SIGTERM, 1.5)])
+def test_ctrl_c_or_sigterm_stops_the_demo_at_any_moment(tmp_path, sig, after):
+    """Ctrl-C printed `Aborted!` and exit 1 early on, and 7-8 s in it was ignored (exit 0)."""
+    process = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "demo", "--dir", "demo"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    if process.poll() is not None:
+        pytest.skip("the demo ended before the signal")
+    process.send_signal(sig)
+    started = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - started < 2.5, err
+    assert process.returncode == 130, err
+    assert "Interrupted" in err and "Aborted!" not in err and "Traceback" not in err
+    assert not (tmp_path / "demo" / "water.geojson").exists()

@@ -194,12 +194,29 @@ def _describe(exc: BaseException) -> str:
             "(run `cnsq --debug …` for the traceback)")
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 class CnsqGroup(click.Group):
     """Turns CnsqError and AWS errors into one line on stderr and exit 1 (--debug: traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM as Ctrl-C: the long commands stop cleanly on either (cnsq.interrupt).
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Ctrl-C where no command handles it (starting up, building, between steps):
+            # one line and 130, never click's "Aborted!" and 1.
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo("\nInterrupted.", err=True)
+            sys.exit(130)
         except (CnsqError, HandlerError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

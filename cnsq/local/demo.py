@@ -119,6 +119,7 @@ def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predic
 
 def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.70,
              lat: float = 40.42, zoom: int = 15, concurrency: int = 8) -> DemoResult:
+    from ..errors import Interrupted
     from ..geojson import convert_file
     from . import tileserver
     from .models import water_classifier
@@ -139,6 +140,9 @@ def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.
                      f"sqlite:///{database}", concurrency=concurrency)
     finally:
         server.close()
+    if report.interrupted:
+        raise Interrupted(f"Interrupted after {report.tiles:,} tiles: their results are in "
+                          f"{directory / 'results.csv'}; run the demo again to do them all")
     convert_file(directory / "results.csv", str(directory / "water.geojson"), stdout=None,
                  thresh_ind=1, thresh=0.5)
     features = json.loads((directory / "water.geojson").read_text())["features"]

@@ -146,12 +146,15 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         progress: Callable[[RunReport], None] | None = None) -> RunReport:
     """Start a model server, run the tiles through the handler, write the results CSV."""
     from download_and_predict.handler import build
+    from download_and_predict.schema import sqlite_path
 
     from ..download import download
     from ..results import open_store
     from ..tiles import read_lines
     from . import serve
 
+    own = Path(sqlite_path(database_url)) if database_url.startswith("sqlite:") else None
+    new_file = own is not None and not own.exists()
     server = serve.spawn(model, name="model", max_batch=max_batch, batch_threads=MODEL_BATCH_THREADS)
     try:
         store = open_store(database_url)
@@ -172,7 +175,23 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         if out_csv is not None:
             download(store, str(out_csv), stdout=None)  # type: ignore[arg-type] - a file target
         store.close()
+    except BaseException:
+        # A run that failed or was stopped before any result leaves no empty database behind.
+        if new_file and own.exists() and not _has_results(own):
+            for leftover in (own, own.with_name(own.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+        raise
     finally:
         server.close()
     return report
+
+
+def _has_results(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT count(*) FROM results").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
 
