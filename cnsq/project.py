@@ -110,3 +110,54 @@ def init(directory: Path, templates: bool = False, handler: bool = False,
             target.chmod(0o600)
         result.written.append(target)
     return result
+
+
+def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
+    """``cnsq init --guided``: ask, check, and write config.yml and .env (see cnsq.guided).
+
+    ``prompt(text, default=…, hide_input=…, show_default=…)`` is click's.
+
+    Raises:
+        CnsqError: the config exists, without ``force``.
+    """
+    import boto3
+    import requests
+
+    from . import guided
+
+    targets = [directory / "config/config.yml", directory / "config/.env"]
+    existing = [t for t in targets if t.exists()]
+    if existing and not force:
+        raise CnsqError(f"{existing[0]} exists; nothing was asked (--force replaces it, keeping a .bak)")
+    for target in existing:
+        shutil.copy2(target, target.with_name(target.name + ".bak"))
+
+    session = boto3.Session()
+    client = None
+    if session.get_credentials() is not None:
+        clients: dict = {}
+
+        def client(service: str, region: str):
+            key = (service, region)
+            if key not in clients:
+                clients[key] = session.client(service, region_name=region)
+            return clients[key]
+    else:
+        say("No AWS credentials: the bucket and the key pair cannot be checked now "
+            "(`cnsq validate` checks them later).")
+
+    def fetch(url: str) -> bytes | None:
+        try:
+            answer = requests.get(url, timeout=15)
+        except requests.RequestException:
+            return None
+        return answer.content if answer.status_code == 200 else None
+
+    def ask(text: str, default: str, hide: bool) -> str:
+        return prompt(text, default=default, hide_input=hide, show_default=bool(default) and not hide)
+
+    answers = guided.run(guided.Asker(ask, say), client, fetch)
+    if answers.unchecked:
+        say("Not checked against the account: " + "; ".join(answers.unchecked) + ".")
+    example = (shipped("config") / "config.example.yml").read_text()
+    return guided.write(directory, example, answers)

@@ -7,6 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cnsq.cli import main
+from cnsq.config import load_config, placeholders
 from cnsq.project import lambda_source, shipped, templates_dir
 
 
@@ -74,3 +75,42 @@ def test_force_on_the_config_keeps_a_backup_and_the_env_file_is_private(tmp_path
     backup = project / "config/.env.bak"
     assert backup.read_text() == "TILE_ACCESS_TOKEN=tok-filled-in\n"
     assert backup.stat().st_mode & 0o777 == 0o600 and env.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_guided_init_checks_each_answer_and_writes_a_config_ready_to_deploy(aws, tmp_path, monkeypatch):
+    import boto3
+    from servers import TileServer
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
+    tiles = TileServer()
+    monkeypatch.chdir(tmp_path)
+    answers = [
+        "",                      # stack name: the default, cnsq-dev
+        "",                      # region: us-east-1
+        "no-such-bucket-here",   # a wrong bucket is asked again…
+        "cnsq-artifacts",        # …and the right one taken
+        "",                      # no key pair
+        "tok-guided-Zq81",       # the token (hidden)
+        "ftp:/nowhere",          # not a URL template: asked again
+        tiles.url + "/{z}/{x}/{y}.jpg?access_token={token}",
+        "",                      # the default TF Serving image
+        "/v1/models/water",
+    ]
+    try:
+        result = CliRunner().invoke(main, ["init", "proj", "--guided"], input="\n".join(answers) + "\n")
+    finally:
+        tiles.close()
+    assert result.exit_code == 0, result.output
+    assert "bucket no-such-bucket-here does not exist" in result.output
+    assert "a URL template such as" in result.output
+    assert "SSM Session Manager" in result.output
+    assert tiles.tokens == ["tok-guided-Zq81"]  # the endpoint answered an image with the token
+    assert "tok-guided-Zq81" not in result.output
+    env = tmp_path / "proj/config/.env"
+    assert env.stat().st_mode & 0o777 == 0o600 and 'TILE_ACCESS_TOKEN="tok-guided-Zq81"' in env.read_text()
+    config = load_config(tmp_path / "proj/config/config.yml")
+    assert config.values["region"] == "us-east-1" and config.bucket == "cnsq-artifacts"
+    assert config.values["predictionPath"] == "/v1/models/water" and config.values["ecs"]["keyPairName"] is None
+    assert placeholders(config) == []  # validate and deploy take it
+    again = CliRunner().invoke(main, ["init", "proj", "--guided"], input="\n".join(answers) + "\n")
+    assert again.exit_code == 1 and "exists; nothing was asked" in again.stderr

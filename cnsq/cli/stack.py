@@ -31,7 +31,10 @@ from .app import (
               help="Also copy the Lambda's code, requirements and examples, to customise.")
 @click.option("--force", is_flag=True,
               help="Overwrite what this call writes (a .bak keeps each replaced file).")
-def init(directory: Path, templates: bool, handler: bool, force: bool) -> None:
+@click.option("--guided", is_flag=True,
+              help="Ask for each value (checked against the account and the tile endpoint as "
+                   "you go) and write a config ready to deploy.")
+def init(directory: Path, templates: bool, handler: bool, force: bool, guided: bool) -> None:
     """Write a starter project: config/config.yml and config/.env to fill in.
 
     Without --templates and --lambda, commands use the template and the Lambda that ship with
@@ -41,8 +44,17 @@ def init(directory: Path, templates: bool, handler: bool, force: bool) -> None:
     \b
     Examples:
       cnsq init my-project
+      cnsq init my-project --guided
       cnsq init . --templates --lambda
     """
+    if guided:
+        from ..project import guided_init
+
+        written = guided_init(directory, force, click.prompt, lambda text: click.echo(text, err=True))
+        for path in written:
+            click.echo(f"wrote {path}")
+        click.echo(f"Next: cnsq validate --config {directory / 'config/config.yml'}")
+        return
     from ..project import init as write
 
     done = write(directory, templates, handler, force)
