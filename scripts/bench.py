@@ -590,7 +590,7 @@ def main() -> int:
                         help="requests (server alone) or handler calls (cnsq run) in flight")
     parser.add_argument("--view-rows", type=int, default=1_000_000, help="results for the view bench")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="Also write the results as a Markdown table (for the README).")
+                        help="Also write the results as a Markdown table (for docs/performance.md).")
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {_memory_gib()} GiB, "
@@ -620,7 +620,7 @@ def _memory_gib() -> int:
 
 
 def markdown(results: list[Result], machine: str) -> str:
-    """The README's Performance table."""
+    """The Performance table of docs/performance.md."""
     lines = [f"Measured on {machine}, {time.strftime('%Y-%m-%d')}, by `python scripts/bench.py`.",
              "", "| benchmark | cnsq | same-run baseline | ratio | target |",
              "| --- | --- | --- | --- | --- |"]
