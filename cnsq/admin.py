@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
+from .aws import Client
 from .errors import CnsqError
 from .files import atomic_write
 
@@ -27,7 +28,7 @@ class AdminUnavailable(CnsqError):
 class AdminFunction:
     """``invoke`` of the stack's admin function; ``lambda_client`` and ``s3`` are boto3 clients."""
 
-    def __init__(self, name: str, lambda_client: Any, s3: Any = None):
+    def __init__(self, name: str, lambda_client: Client, s3: Client | None = None):
         self.name = name
         self.lambda_client = lambda_client
         self.s3 = s3

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+import botocore.client
 import botocore.config
 import botocore.exceptions
 
 from . import __version__
 from .errors import AwsError
+
+# What every function that calls AWS takes: a botocore client (of any service).
+Client = botocore.client.BaseClient
 
 RETRIES = botocore.config.Config(
     retries={"mode": "adaptive", "max_attempts": 10},
@@ -48,7 +52,7 @@ class Aws:
                 ) from None
         return self._session
 
-    def client(self, service: str, **config: Any) -> Any:
+    def client(self, service: str, **config: Any) -> Client:
         """A client with adaptive retries; ``config`` adds botocore Config options
         (e.g. ``max_pool_connections`` for many calls in flight)."""
         key = service + repr(sorted(config.items()))
@@ -68,7 +72,7 @@ class Aws:
         return self.session.region_name or "us-east-1"
 
 
-def pages(client: Any, operation: str, **params: Any) -> Iterator[dict[str, Any]]:
+def pages(client: Client, operation: str, **params: Any) -> Iterator[dict[str, Any]]:
     """The pages of ``operation``'s answer, each fetched when it is read (stop early to fetch no
     more).
 
@@ -80,7 +84,7 @@ def pages(client: Any, operation: str, **params: Any) -> Iterator[dict[str, Any]
     return iter(client.get_paginator(operation).paginate(**params))
 
 
-def collect(client: Any, operation: str, key: str, **params: Any) -> list[Any]:
+def collect(client: Client, operation: str, key: str, **params: Any) -> list[Any]:
     """The items under ``key`` on every page of ``operation``'s answer."""
     return [item for page in pages(client, operation, **params) for item in page.get(key, [])]
 

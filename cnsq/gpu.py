@@ -11,9 +11,9 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from .aws import collect
+from .aws import Client, collect
 from .errors import CnsqError
 
 QUERY = ("nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total "
@@ -65,7 +65,7 @@ class SshRunner:
 class SsmRunner:
     """Runs the command through SSM Run Command (AWS-RunShellScript) and waits for its output."""
 
-    def __init__(self, ssm: Any, timeout: float = 60.0, poll: float = 1.0):
+    def __init__(self, ssm: Client, timeout: float = 60.0, poll: float = 1.0):
         self.ssm, self.timeout, self.poll = ssm, timeout, poll
 
     def run(self, instance: Instance, command: str) -> str:
@@ -87,7 +87,7 @@ class SsmRunner:
         raise GpuError(f"SSM command did not finish within {self.timeout:.0f}s")
 
 
-def discover(ecs: Any, ec2: Any, cluster: str) -> list[Instance]:
+def discover(ecs: Client, ec2: Client, cluster: str) -> list[Instance]:
     """The EC2 instances registered in an ECS cluster."""
     arns: list[str] = []
     for page in ecs.get_paginator("list_container_instances").paginate(cluster=cluster):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from .aws import collect
+from .aws import Client, collect
 from .errors import DeployError
 
 
@@ -27,7 +26,7 @@ def log_group_names(config, stacks) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def tag_log_groups(logs: Any, names: list[str], tags: dict[str, str]) -> list[Tagged]:
+def tag_log_groups(logs: Client, names: list[str], tags: dict[str, str]) -> list[Tagged]:
     """Add ``tags`` where they are missing or differ; never removes other tags."""
     results = []
     for name in names:

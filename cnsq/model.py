@@ -13,9 +13,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .aws import collect
+from .aws import Client, collect
 from .errors import CnsqError
 
 BATCHING = """max_batch_size { value: 64 }
@@ -50,7 +49,7 @@ def check_source(source: str) -> None:
         raise ModelError(f"{source}: not a folder (expected a SavedModel directory, s3:// or gs://)")
 
 
-def fetch(source: str, into: Path, s3: Any = None) -> Path:
+def fetch(source: str, into: Path, s3: Client | None = None) -> Path:
     """A local copy of SOURCE (a folder, s3://bucket/prefix or gs://bucket/prefix)."""
     if source.startswith("s3://"):
         if s3 is None:
@@ -150,7 +149,7 @@ def build_image(context: Path, tag: str) -> None:
         raise ModelError(f"docker build failed (exit {done.returncode})")
 
 
-def ensure_repository(ecr: Any, name: str) -> str:
+def ensure_repository(ecr: Client, name: str) -> str:
     """The ECR repository's URI, creating the repository if needed."""
     try:
         repo = collect(ecr, "describe_repositories", "repositories", repositoryNames=[name])[0]
@@ -160,7 +159,7 @@ def ensure_repository(ecr: Any, name: str) -> str:
     return repo["repositoryUri"]
 
 
-def push_image(ecr: Any, local_tag: str, repository_uri: str, tag: str) -> str:
+def push_image(ecr: Client, local_tag: str, repository_uri: str, tag: str) -> str:
     import base64
 
     token = ecr.get_authorization_token()["authorizationData"][0]

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import botocore.exceptions
 
+from .aws import Client
 from .errors import CnsqError
 from .files import atomic_write
 from .interrupt import Stop
@@ -137,7 +138,7 @@ def message_body(line: Line) -> str:
 class BatchSender:
     """Sends one batch until every entry is sent or has failed for good."""
 
-    def __init__(self, sqs: Any, queue_url: str, attempts: int = 8, base_delay: float = 0.2,
+    def __init__(self, sqs: Client, queue_url: str, attempts: int = 8, base_delay: float = 0.2,
                  sleep: Callable[[float], None] = time.sleep):
         self.sqs = sqs
         self.queue_url = queue_url
@@ -203,7 +204,7 @@ def push(
     open_tiles: Callable[[], IO[str]],
     source: str,
     queue_url: str,
-    sqs: Any,
+    sqs: Client,
     *,
     concurrency: int = 16,
     strict: bool = False,
@@ -379,7 +380,7 @@ def check_source(tiles: str) -> None:
         raise PushError(f"{tiles}: no such file")
 
 
-def run_push(tiles: str, queue_url: str, sqs: Any, *, concurrency: int, strict: bool,
+def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, strict: bool,
              resume: bool, restart: bool, failed_file: Path | None, state_dir: Path,
              tty: bool) -> Report:
     """The `cnsq push` command: checkpoint policy, progress line, summary; returns the report

@@ -18,8 +18,8 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from .aws import Client
 from .files import atomic_write
 
 
@@ -59,13 +59,13 @@ class RedriveReport:
     invisible: int = 0
 
 
-def _delete(sqs: Any, queue_url: str, messages: list[dict]) -> None:
+def _delete(sqs: Client, queue_url: str, messages: list[dict]) -> None:
     if messages:
         sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
             {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
 
 
-def redrive(sqs: Any, dlq_url: str, queue_url: str, journal: Journal, *, limit: int | None = None,
+def redrive(sqs: Client, dlq_url: str, queue_url: str, journal: Journal, *, limit: int | None = None,
             visibility_timeout: int = 60, wait_seconds: int = 1) -> RedriveReport:
     """Move up to ``limit`` messages (all by default) from ``dlq_url`` to ``queue_url``."""
     report = RedriveReport(uncertain=len(journal.intent))
@@ -117,7 +117,7 @@ def redrive(sqs: Any, dlq_url: str, queue_url: str, journal: Journal, *, limit: 
     return report
 
 
-def sample(sqs: Any, dlq_url: str, count: int = 10) -> tuple[int, list[str]]:
+def sample(sqs: Client, dlq_url: str, count: int = 10) -> tuple[int, list[str]]:
     """(approximate depth, up to ``count`` bodies) without keeping anything invisible."""
     depth = int(sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=[
         "ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from .aws import pages
+from .aws import Client, pages
 from .errors import AwsError, DeployError
 
 SUCCESS = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "DELETE_COMPLETE", "IMPORT_COMPLETE"}
@@ -76,7 +76,7 @@ class ChangeSet:
 class Stacks:
     """CloudFormation operations on behalf of one session."""
 
-    def __init__(self, cloudformation: Any, s3: Any, poll_seconds: float = 5.0,
+    def __init__(self, cloudformation: Client, s3: Client, poll_seconds: float = 5.0,
                  sleep: Callable[[float], None] = time.sleep):
         self.cfn = cloudformation
         self.s3 = s3

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import aws as _aws
 from . import layout
+from .aws import Client
 
 THRESHOLDS = {
     "errors_high": 0.05,  # error rate above which Lambdas are failing for real
@@ -132,7 +133,7 @@ def diagnose(m: Metrics, timeout_s: int, concurrent: int | None,
 # Collection
 
 
-def _metric_values(cloudwatch: Any, start: datetime, end: datetime, queries: list[dict]
+def _metric_values(cloudwatch: Client, start: datetime, end: datetime, queries: list[dict]
                    ) -> dict[str, list[float]]:
     """Each query's values by its Id, over every page (a long window spreads one query's
     values over several pages)."""

@@ -16,6 +16,7 @@ import requests
 from download_and_predict.tiles import is_image  # one definition, the Lambda's
 
 from . import layout
+from .aws import Client
 from .errors import CnsqError
 
 
@@ -55,7 +56,7 @@ def _check(name: str, fn: Callable[[], str]) -> Check:
         return Check(name, False, text)
 
 
-def run_checks(target: Target, sqs: Any, session: requests.Session | None = None,
+def run_checks(target: Target, sqs: Client, session: requests.Session | None = None,
                timeout: float = 20.0) -> list[Check]:
     session = session or requests.Session()
     checks: list[Check] = []

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..aws import Client
+
 
 @dataclass
 class WorkReport:
@@ -46,7 +48,7 @@ def to_record(message: dict, queue_arn: str, region: str) -> dict:
     }
 
 
-def work(sqs: Any, queue_url: str, app: Any, *, concurrency: int = 4, batch_size: int = 10,
+def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_size: int = 10,
          wait_seconds: int = 20, until_empty: bool = False,
          stop: threading.Event | None = None,
          progress: Callable[[WorkReport], None] | None = None) -> WorkReport:
