@@ -834,8 +834,9 @@ def placeholders(config: Config) -> list[str]:
         text = value.value if isinstance(value, Secret) else value
         for placeholder, what in PLACEHOLDERS.items():
             if isinstance(text, str) and placeholder in text:
-                shown = placeholder.strip("/")
-                found.append(f"{path}: still the example's {shown!r}: put {what}")
+                # A secret's value is never shown, not even a placeholder (it would be masked).
+                shown = "placeholder" if isinstance(value, Secret) else repr(placeholder.strip("/"))
+                found.append(f"{path}: still the example's {shown}: put {what}")
         return value
 
     def walk(value: Any, path: str) -> None:
