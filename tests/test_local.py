@@ -527,3 +527,32 @@ def test_ctrl_c_or_sigterm_stops_the_demo_at_any_moment(tmp_path, sig, after):
     assert process.returncode == 130, err
     assert "Interrupted" in err and "Aborted!" not in err and "Traceback" not in err
     assert not (tmp_path / "demo" / "water.geojson").exists()
+
+
+def test_run_with_concurrency_auto_writes_every_tile(tmp_path, model_path, monkeypatch):
+    """The controller decides the calls at once from the server's busy share (its stats path)."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "tiles" / "10"
+    for x in range(40):
+        (root / str(x)).mkdir(parents=True)
+        (root / str(x) / "7.png").write_bytes(png(LAND))
+    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(40)))
+    running = tileserver.start(tmp_path / "tiles", port=0)
+    try:
+        result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", running.template,
+                                           "--model", str(model_path), "--concurrency", "auto"])
+        wrong = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", running.template,
+                                          "--model", str(model_path), "--concurrency", "lots"])
+    finally:
+        running.close()
+    assert result.exit_code == 0, result.output
+    assert len(Path("results.csv").read_text().splitlines()) == 41
+    assert wrong.exit_code == 2 and "a number of calls or 'auto', got 'lots'" in wrong.stderr
+
+
+def test_the_model_server_says_how_busy_it_was(server):
+    stats = requests.get(server.endpoint.split("/v1/")[0] + "/cnsq/stats", timeout=5).json()
+    assert stats["busy_seconds"] == 0 and stats["batch_threads"] >= 1  # warm-up not counted
+    requests.post(server.endpoint, json={"instances": [b64(png(WATER))]}, timeout=10)
+    stats = requests.get(server.endpoint.split("/v1/")[0] + "/cnsq/stats", timeout=5).json()
+    assert stats["busy_seconds"] > 0 and stats["calls"] == 1

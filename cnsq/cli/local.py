@@ -92,6 +92,19 @@ def tileserver(source: Path, port: int, host: str) -> None:
     running.close()
 
 
+def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """A number of calls at once, or 'auto' (None): decided as the run goes."""
+    if value == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"a number of calls or 'auto', got {value!r}") from None
+    if number < 1:
+        raise click.BadParameter("at least 1")
+    return number
+
+
 @main.command()
 @click.option("--queue-url", help="The SQS tile queue [default: the stack's, read with --config].")
 @click.option("--database-url", envvar="DATABASE_URL", default="sqlite:///results.db",
@@ -192,8 +205,10 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
 @click.option("--database-url", envvar="DATABASE_URL",
               help="Where results are written [default: DATABASE_URL, else a SQLite file beside "
                    "--out (results.csv → results.db) that holds this run's results only].")
-@click.option("--concurrency", "-n", default=16, show_default=True,
-              help="Handler calls at once: enough to keep both of the model server's batches full.")
+@click.option("--concurrency", "-n", default="16", show_default=True, callback=_concurrency,
+              help="Handler calls at once (enough to keep both of the model server's batches "
+                   "full), or 'auto': decided as the run goes from the model's busy share, the "
+                   "calls' durations and the model's failures, as cnsq status diagnoses.")
 @click.option("--batch-size", default=10, show_default=True, help="Tiles per handler call.")
 @click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
 @click.option("--max-missing", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -201,7 +216,7 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
                    "looks like that).")
 @json_option
 def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, database_url: str | None,
-            concurrency: int, batch_size: int, max_batch: int, max_missing: float,
+            concurrency: int | None, batch_size: int, max_batch: int, max_missing: float,
             as_json: bool) -> None:
     """Run the whole job on this machine: tiles → handler → model server → results → CSV.
 
@@ -244,7 +259,7 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
         database_url = f"sqlite:///{own}"
         click.echo(f"Results of this run go to {own} and {out}.", err=True)
     report = run(tiles, tile_endpoint, model_path, out, database_url, concurrency, batch_size,
-                 max_batch, progress)
+                 max_batch, progress, lambda line: click.echo(f"concurrency: {line}", err=True))
     if sys.stderr.isatty():
         click.echo("", err=True)
     if as_json:

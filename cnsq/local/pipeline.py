@@ -60,13 +60,79 @@ def events(lines: Iterable[Line], batch_size: int, report: RunReport) -> Iterato
         yield {"Records": records}
 
 
+# Failure reasons that say the model could not answer in time or at all (the controller's errors).
+MODEL_FAILURES = {"model_error", "model_timeout", "model_connection", "deadline", "prediction_count"}
+
+
+class AutoConcurrency:
+    """``--concurrency auto``: every ``interval`` seconds the controller (cnsq.controller.decide)
+    reads this run's own measurements — calls finished and their durations, model failures, the
+    tiles left, and how busy the model server was (``busy()``: its batch threads' busy seconds,
+    and how many) — and sets how many handler calls run at once."""
+
+    def __init__(self, busy: Callable[[], tuple[float, int] | None], total_tiles: int,
+                 start: int = 4, high: int = 64, interval: float = 2.0, timeout: float = 60.0):
+        from ..controller import Limits
+
+        self.busy, self.total, self.limit = busy, total_tiles, start
+        self.limits = Limits(low=1, high=high)
+        self.interval, self.timeout = interval, timeout
+        self.durations: list[float] = []
+        self.failures = 0
+        self.last = time.monotonic()
+        self.last_busy = busy()
+        self.decisions: list[str] = []
+
+    def finished(self, seconds: float, failed_reasons: Iterable[str]) -> None:
+        self.durations.append(seconds)
+        self.failures += any(reason in MODEL_FAILURES for reason in failed_reasons)
+
+    def tick(self, submitted_tiles: int, in_flight_tiles: int) -> None:
+        from ..controller import Signals, decide
+
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        busy_now = self.busy()
+        busy_percent = None
+        if busy_now is not None and self.last_busy is not None:
+            busy_percent = min(100.0, 100.0 * (busy_now[0] - self.last_busy[0])
+                               / ((now - self.last) * max(1, busy_now[1])))
+        ordered = sorted(self.durations)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else None
+        signals = Signals(healthy=busy_now is not None, backlog=self.total - submitted_tiles,
+                          in_flight=in_flight_tiles, calls=len(self.durations),
+                          model_errors=self.failures, p95_seconds=p95,
+                          timeout_seconds=self.timeout, busy_percent=busy_percent)
+        decision = decide(signals, self.limit, self.limits)
+        if decision.concurrency != self.limit:
+            self.decisions.append(decision.line(self.limit))
+        self.limit = decision.concurrency
+        self.last, self.last_busy = now, busy_now
+        self.durations, self.failures = [], 0
+
+
 def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: int = 10,
-                 progress: Callable[[RunReport], None] | None = None) -> RunReport:
-    """Run every tile through ``app.process``; failures are kept with their reasons."""
+                 progress: Callable[[RunReport], None] | None = None,
+                 auto: AutoConcurrency | None = None) -> RunReport:
+    """Run every tile through ``app.process``; failures are kept with their reasons. With
+    ``auto``, how many calls run at once is decided as the run goes (``concurrency`` is then the
+    most)."""
     report = RunReport()
     started = time.perf_counter()
     in_flight: dict = {}
     last = 0.0
+    submitted = 0
+
+    def timed(event: dict):
+        began = time.monotonic()
+        outcome = app.process(event)
+        if auto is not None:
+            auto.finished(time.monotonic() - began, outcome.failed.values())
+        return outcome
+
+    def limit() -> int:
+        return auto.limit if auto is not None else concurrency
 
     def collect(done) -> None:
         for future in done:
@@ -89,10 +155,13 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
             if stop.requested:  # Ctrl-C or SIGTERM: take no more; finish what is in flight
                 report.interrupted = True
                 break
-            in_flight[pool.submit(app.process, event)] = event
-            if len(in_flight) >= 2 * concurrency:
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            in_flight[pool.submit(timed, event)] = event
+            submitted += len(event["Records"])
+            while len(in_flight) >= (limit() if auto is not None else 2 * concurrency):
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED, timeout=1.0)
                 collect(done)
+                if auto is not None:
+                    auto.tick(submitted, sum(len(e["Records"]) for e in in_flight.values()))
             now = time.perf_counter()
             if progress and now - last > 0.25:
                 report.seconds = now - started
@@ -141,10 +210,17 @@ def probe(app, tile) -> None:
         raise CnsqError(f"the model refused {where}: {mask(str(exc))}; nothing was run") from None
 
 
+AUTO_MOST = 64  # the most calls at once --concurrency auto goes to
+
+
 def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, database_url: str,
-        concurrency: int = 16, batch_size: int = 10, max_batch: int = 32,
-        progress: Callable[[RunReport], None] | None = None) -> RunReport:
-    """Start a model server, run the tiles through the handler, write the results CSV."""
+        concurrency: int | None = 16, batch_size: int = 10, max_batch: int = 32,
+        progress: Callable[[RunReport], None] | None = None,
+        decisions: Callable[[str], None] | None = None) -> RunReport:
+    """Start a model server, run the tiles through the handler, write the results CSV.
+
+    ``concurrency`` None: decided as the run goes (:class:`AutoConcurrency`); each change is
+    told to ``decisions``."""
     from download_and_predict.handler import build
     from download_and_predict.schema import sqlite_path
 
@@ -160,16 +236,26 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         store = open_store(database_url)
         store.migrate()
         # The environment first, as on Lambda: proxies, CA bundle, RETRIES, TILE_TIMEOUT, …
+        most = concurrency or AUTO_MOST
         app = build({**os.environ, "TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
                      "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch),
                      # The download threads are shared by the batches in flight: room for all.
-                     "DOWNLOAD_WORKERS": str(concurrency * batch_size)})
+                     "DOWNLOAD_WORKERS": str(most * batch_size)})
         with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
             first = next((line.tile for line in read_lines(stream) if line.tile is not None), None)
         if first is not None:
             probe(app, first)
+        auto = None
+        if concurrency is None:
+            with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
+                total = sum(1 for line in read_lines(stream) if line.tile is not None)
+            auto = AutoConcurrency(_stats_reader(server.endpoint), total, high=most,
+                                   timeout=app.settings.predict_timeout)
         with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
-            report = run_pipeline(read_lines(stream), app, concurrency, batch_size, progress)
+            report = run_pipeline(read_lines(stream), app, most, batch_size, progress, auto)
+        if auto is not None and decisions is not None:
+            for line in auto.decisions:
+                decisions(line)
         app.writer.close()
         app.http.close()
         if out_csv is not None:
@@ -184,6 +270,26 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
     finally:
         server.close()
     return report
+
+
+def _stats_reader(endpoint: str) -> Callable[[], tuple[float, int] | None]:
+    """How busy the model server has been (its batch threads' busy seconds, and how many), from
+    its stats path; None when it does not answer."""
+    import requests
+
+    from .serve import STATS_PATH
+
+    url = endpoint.split("/v1/", 1)[0] + STATS_PATH
+    session = requests.Session()
+
+    def read() -> tuple[float, int] | None:
+        try:
+            stats = session.get(url, timeout=2).json()
+            return float(stats["busy_seconds"]), int(stats["batch_threads"])
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return None
+
+    return read
 
 
 def _has_results(path: Path) -> bool:

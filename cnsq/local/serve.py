@@ -34,6 +34,10 @@ import numpy as np
 MAX_PIXELS = 4096 * 4096
 
 
+# Not TF Serving's API: what `cnsq run --concurrency auto` reads to know how busy the model is.
+STATS_PATH = "/cnsq/stats"
+
+
 class BadInstance(ValueError):
     """An instance that cannot be turned into the model's input (HTTP 400)."""
 
@@ -133,6 +137,7 @@ class Batcher:
         self.instances = 0
         self.running = 0
         self.peak = 0  # most batches that ran at once
+        self.busy = 0.0  # seconds the batch threads spent running the model, summed
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._loop, daemon=True)
                         for _ in range(max(1, threads))]
@@ -175,6 +180,7 @@ class Batcher:
         with self.lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
+        began = time.monotonic()
         try:
             batch = np.stack([a for arrays, _, _ in group for a in arrays])
             predictions = self.model.predict(batch)
@@ -185,6 +191,7 @@ class Batcher:
         finally:
             with self.lock:
                 self.running -= 1
+                self.busy += time.monotonic() - began
         with self.lock:
             self.calls += 1
             self.instances += len(batch)
@@ -207,6 +214,7 @@ class Batcher:
                 future.result()
         with self.lock:
             self.calls = self.instances = self.peak = 0
+            self.busy = 0.0
 
     def close(self) -> None:
         for _ in self.threads:
@@ -266,6 +274,11 @@ def _handler(model: OnnxModel, batcher: Batcher, name: str):
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            if self.path == STATS_PATH:  # cnsq's own: how busy the model was (run's controller)
+                with batcher.lock:
+                    return self.reply(200, {"busy_seconds": round(batcher.busy, 6),
+                                            "batch_threads": len(batcher.threads),
+                                            "calls": batcher.calls, "instances": batcher.instances})
             if self.path.rstrip("/") in (status_path, f"{status_path}/versions/1"):
                 return self.reply(200, {"model_version_status": [{
                     "version": "1", "state": "AVAILABLE",

@@ -1,0 +1,104 @@
+"""How many handler calls to run at once: one decision, from the README's four scenarios.
+
+Lambda concurrency and model capacity must be scaled in tandem. :func:`decide` is that decision as
+a pure function — measurements in, a concurrency and whether to receive work out, with its
+reason — so that the same rules serve ``cnsq run --concurrency auto`` on one machine (its own
+measurements) and, later, the stack's controller (CloudWatch's). The thresholds are the ones
+``cnsq status`` diagnoses with (:data:`cnsq.status.THRESHOLDS`): one home.
+
+Steps are bounded (at most ×1.5 up, ×0.5 down) and small changes are not made (hysteresis), so
+the decision does not chase noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .status import THRESHOLDS
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the controller sees over the last interval."""
+
+    healthy: bool  # the model answers (AWS: a healthy target; one machine: the server)
+    backlog: int  # tiles waiting
+    in_flight: int  # tiles being worked on
+    calls: int  # handler calls finished in the interval
+    model_errors: int  # of them, calls whose prediction failed (timeouts, 5xx, no time left)
+    p95_seconds: float | None  # 95th percentile of a call's duration
+    timeout_seconds: float  # what a call may take (the Lambda's timeout)
+    busy_percent: float | None  # the model's utilisation (GPU busy; the server's busy share)
+
+
+@dataclass(frozen=True)
+class Limits:
+    low: int = 1
+    high: int = 1000
+    step_up: float = 1.5
+    step_down: float = 0.5
+    # A change smaller than this share of the current value is not made.
+    hysteresis: float = 0.1
+
+
+@dataclass(frozen=True)
+class Decision:
+    concurrency: int
+    receive: bool  # False: take no work (no model to send it to)
+    scenario: int  # 1-4 as in the README, 0: not one of them
+    reason: str
+
+    def line(self, current: int) -> str:
+        """``raised concurrency 20 → 30: GPUs 41 % busy, p95 6 s of 120 s``"""
+        if not self.receive:
+            return f"paused receiving: {self.reason}"
+        if self.concurrency > current:
+            return f"raised concurrency {current} → {self.concurrency}: {self.reason}"
+        if self.concurrency < current:
+            return f"lowered concurrency {current} → {self.concurrency}: {self.reason}"
+        return f"kept concurrency {current}: {self.reason}"
+
+
+def _evidence(s: Signals, error_rate: float) -> str:
+    parts = []
+    if s.busy_percent is not None:
+        parts.append(f"model {s.busy_percent:.0f} % busy")
+    if s.p95_seconds is not None:
+        parts.append(f"p95 {s.p95_seconds:.1f} s of {s.timeout_seconds:.0f} s")
+    parts.append(f"errors {error_rate:.0%}")
+    return ", ".join(parts)
+
+
+def decide(s: Signals, current: int, limits: Limits = Limits()) -> Decision:
+    """The concurrency for the next interval, and whether to receive work at all."""
+    if not s.healthy:
+        return Decision(current, False, 0, "no model answers: no tile is taken to fail")
+    if s.backlog == 0 and s.in_flight == 0:
+        return Decision(current, True, 0, "no work")
+    if s.calls == 0:
+        return Decision(current, True, 0, "no call finished yet")
+    t = THRESHOLDS
+    error_rate = s.model_errors / s.calls
+    load = s.p95_seconds / s.timeout_seconds if s.p95_seconds is not None else None
+    busy = s.busy_percent
+    why = _evidence(s, error_rate)
+    if error_rate > t["errors_high"] and (load is None or load >= t["slow"]):
+        scenario, factor = 1, limits.step_down
+    elif load is not None and load >= t["busy_duration"] and (busy is None or busy >= t["gpu_busy"]):
+        scenario, factor = 2, 0.8
+    elif busy is not None and busy >= t["gpu_busy"] and error_rate <= t["errors_low"]:
+        scenario, factor = 4, 1.0
+    elif error_rate > t["errors_high"]:
+        scenario, factor = 0, 0.8  # failing, though not for time: do not add to it
+    elif busy is None:
+        # No utilisation to read: short calls without errors mean room to grow, carefully.
+        scenario, factor = 3, 1.25 if (load is None or load < t["busy_duration"]) else 1.0
+    else:
+        scenario, factor = 3, min(limits.step_up, t["gpu_busy"] / max(busy, 1.0))
+    wanted = current * factor
+    target = math.ceil(wanted) if factor > 1 else math.floor(wanted)
+    target = max(limits.low, min(limits.high, target))
+    if target != current and abs(target - current) < max(1.0, limits.hysteresis * current):
+        target = current
+    return Decision(target, True, scenario, why)

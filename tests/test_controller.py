@@ -1,0 +1,123 @@
+"""The concurrency decision (cnsq.controller.decide): a pure function, tested on its own, and on
+a small closed-form plant: calls queue at a model that holds ``capacity`` at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnsq.controller import Decision, Limits, Signals, decide
+
+
+def signals(**changes) -> Signals:
+    base = dict(healthy=True, backlog=1000, in_flight=10, calls=50, model_errors=0,
+                p95_seconds=6.0, timeout_seconds=120.0, busy_percent=41.0)
+    return Signals(**{**base, **changes})
+
+
+def test_under_used_model_and_short_calls_raise_concurrency():
+    decision = decide(signals(), 20)
+    assert (decision.concurrency, decision.scenario, decision.receive) == (30, 3, True)
+    assert decision.line(20) == "raised concurrency 20 → 30: model 41 % busy, p95 6.0 s of 120 s, errors 0%"
+
+
+def test_calls_timing_out_with_errors_halve_it():
+    decision = decide(signals(p95_seconds=110.0, model_errors=10, busy_percent=100.0), 40)
+    assert (decision.concurrency, decision.scenario) == (20, 1)
+
+
+def test_long_calls_on_a_busy_model_lower_it_a_little():
+    decision = decide(signals(p95_seconds=70.0, busy_percent=95.0), 20)
+    assert (decision.concurrency, decision.scenario) == (16, 2)
+
+
+def test_a_busy_model_short_calls_and_no_errors_keep_it():
+    decision = decide(signals(busy_percent=90.0), 20)
+    assert (decision.concurrency, decision.scenario) == (20, 4)
+    assert decision.line(20).startswith("kept concurrency 20: model 90 % busy")
+
+
+def test_no_model_pauses_receiving_and_no_work_changes_nothing():
+    paused = decide(signals(healthy=False), 20)
+    assert not paused.receive and paused.concurrency == 20
+    assert paused.line(20) == "paused receiving: no model answers: no tile is taken to fail"
+    assert decide(signals(backlog=0, in_flight=0), 20) == Decision(20, True, 0, "no work")
+
+
+@pytest.mark.parametrize("current, busy, expected", [
+    (40, 78.0, 40),   # +2.5 % wanted: below the hysteresis, kept
+    (1, 10.0, 2),     # one step at least, from the bottom
+    (900, 10.0, 1000),  # never above the high limit
+])
+def test_steps_are_bounded_and_small_changes_are_not_made(current, busy, expected):
+    assert decide(signals(busy_percent=busy), current).concurrency == expected
+
+
+def test_the_low_limit_holds():
+    decision = decide(signals(p95_seconds=110.0, model_errors=10), 2, Limits(low=2))
+    assert decision.concurrency == 2
+
+
+def _plant(concurrency: int, capacity: int = 8) -> Signals:
+    """Calls queue at a model that works ``capacity`` calls at once: a call takes 5 s, and 5 s
+    more for each round of calls queued before it; past 80 % of the timeout, calls fail."""
+    queued = max(0, concurrency - capacity)
+    p95 = 5.0 + 5.0 * queued / capacity * 8
+    errors = 50 if p95 >= 96 else 0
+    return signals(p95_seconds=p95, model_errors=errors, busy_percent=min(100.0, 100.0 * concurrency / capacity))
+
+
+@pytest.mark.parametrize("start, first", [(40, 1), (2, 3)])
+def test_from_either_side_it_reaches_the_optimal_scenario_in_a_few_steps(start, first):
+    """Scenario 1 (40 calls on one model of 8) or 3 (2 calls) to scenario 4 in a few steps."""
+    current, scenarios = start, []
+    for _ in range(10):
+        decision = decide(_plant(current), current)
+        scenarios.append(decision.scenario)
+        if decision.scenario == 4:
+            break
+        current = decision.concurrency
+    assert scenarios[0] == first and scenarios[-1] == 4, scenarios
+    final = _plant(current)
+    assert final.busy_percent >= 80 and final.p95_seconds < 60 and final.model_errors == 0
+
+
+class _Plant:
+    """A model that works ``capacity`` calls at once: each call takes ``work`` seconds on it, and
+    waits for a free place first; ``busy()`` reports its busy seconds as cnsq serve does."""
+
+    def __init__(self, capacity: int = 6, work: float = 0.02):
+        import threading
+
+        self.places = threading.Semaphore(capacity)
+        self.capacity, self.work = capacity, work
+        self.busy_seconds = 0.0
+        self.lock = threading.Lock()
+
+    def busy(self):
+        with self.lock:
+            return self.busy_seconds, self.capacity
+
+    def process(self, event):
+        import time
+        from types import SimpleNamespace
+
+        with self.places:
+            time.sleep(self.work)
+            with self.lock:
+                self.busy_seconds += self.work
+        records = event["Records"]
+        return SimpleNamespace(records=len(records), written=len(records), skipped=0, failed={})
+
+
+def test_auto_concurrency_raises_the_calls_until_the_model_is_busy():
+    from cnsq.local.pipeline import AutoConcurrency, run_pipeline
+    from cnsq.tiles import Line
+
+    plant = _Plant(capacity=6)
+    lines = [Line(i + 1, __import__("mercantile").Tile(i % 100, i // 100, 12)) for i in range(6000)]
+    auto = AutoConcurrency(plant.busy, len(lines), start=1, high=32, interval=0.2)
+    report = run_pipeline(lines, plant, 32, 10, None, auto)
+    assert report.tiles == 6000 and not report.failed
+    assert auto.decisions and auto.decisions[0].startswith("raised concurrency 1 → 2")
+    assert auto.limit >= 5  # the model's six places in use, or nearly
+    assert all("lowered" not in line for line in auto.decisions)  # no call waited long
