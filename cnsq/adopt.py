@@ -8,8 +8,8 @@ resources of a stack deployed by the original (kes) must not be replaced that wa
   unencrypted. cnsq's own database sits in the stack's private subnets, encrypted — both
   create-only, so rendering it the cnsq way would create a new, empty database. The original's is
   kept in place (adopted): its properties as deployed, the password moved to RDS's management.
-  Moving it is the user's explicit step (``rds.restoreFromSnapshot``; README: "Moving an adopted
-  database").
+  Moving it is the user's explicit step (``rds.restoreFromSnapshot``; docs/configuration.md:
+  "Moving an adopted database").
 - the ECS service: one created before ECS's long ARN format (2021) cannot be tagged
   (``InvalidParameterException``) until it is recreated; its tags are left off.
 
@@ -80,7 +80,7 @@ def from_stack(template: dict[str, Any], resources: list[tuple[str, str, str]],
                 f"in place ({public}, {encrypted}, outside the stack's private subnets), its "
                 "password now managed by RDS. The stack's Lambdas reach it only where its security "
                 "group admits them: move it private and encrypted with rds.restoreFromSnapshot "
-                "(README: \"Moving an adopted database\")")
+                "(docs/configuration.md: \"Moving an adopted database\")")
     for logical_id, resource_type, physical_id in resources:
         if resource_type == "AWS::ECS::Service" and short_service_arn(physical_id):
             existing.untaggable_service = True

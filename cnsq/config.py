@@ -32,7 +32,7 @@ from .errors import ConfigError
 
 REQUIRED = object()
 
-# AWS facts the stack depends on, chosen so that they do not rot (README: "AWS facts").
+# AWS facts the stack depends on, chosen so that they do not rot (docs/configuration.md: "AWS facts").
 # The newest PostgreSQL major on RDS (18 since 2025); RDS resolves a major to its default minor.
 DEFAULT_ENGINE_MAJOR = "18"
 # The ECS GPU-optimised Amazon Linux 2023 AMI; AWS keeps the parameter pointing at the current

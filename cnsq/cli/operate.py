@@ -360,7 +360,7 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
 
     Queues, Lambda invocations/errors/throttles/duration/concurrency, the model endpoint's
     requests/latency/5xx, GPU utilisation per instance, the results rows, the time for the queue
-    to drain, and the diagnosis (thresholds in `cnsq.status.THRESHOLDS`, see the README).
+    to drain, and the diagnosis (thresholds in `cnsq.status.THRESHOLDS`, see docs/operating.md).
 
     \b
     Example:
