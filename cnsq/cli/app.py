@@ -205,9 +205,10 @@ class CnsqGroup(click.Group):
         import signal
         import threading
 
+        previous = None
         if threading.current_thread() is threading.main_thread():
             # SIGTERM as Ctrl-C: the long commands stop cleanly on either (cnsq.interrupt).
-            signal.signal(signal.SIGTERM, _terminate)
+            previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -232,6 +233,9 @@ class CnsqGroup(click.Group):
             message = explain(exc) or _describe(exc)
             click.echo(f"Error: {_mask(message)}", err=True)
             sys.exit(1)
+        finally:
+            if previous is not None:  # as it was (a program that calls cnsq keeps its own)
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=CnsqGroup, context_settings={"help_option_names": ["-h", "--help"]})
