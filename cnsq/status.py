@@ -5,7 +5,7 @@ and concurrency, the load balancer's requests, latency and 5xx, GPU utilisation 
 (published by the CloudWatch agent the stack installs), and the results row count when the
 database is reachable. Missing metrics are shown as missing, never as zero.
 
-The diagnosis uses these thresholds (``THRESHOLDS``):
+The diagnosis uses these thresholds (``THRESHOLDS``, the controller's: download_and_predict.controller):
 
 1. much higher than GPU capacity — error rate > 5 % and p95 duration ≥ 80 % of the timeout
    (Lambdas time out waiting for the model): lower the concurrency or add GPUs;
@@ -23,17 +23,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from download_and_predict.controller import THRESHOLDS
+
 from . import aws as _aws
 from . import layout
 from .aws import Client
-
-THRESHOLDS = {
-    "errors_high": 0.05,  # error rate above which Lambdas are failing for real
-    "errors_low": 0.01,  # error rate of a healthy run
-    "slow": 0.8,  # p95 duration / timeout: Lambdas are timing out
-    "busy_duration": 0.5,  # p95 duration / timeout: Lambdas wait on the model
-    "gpu_busy": 80.0,  # % utilisation of a well-fed GPU
-}
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""The concurrency decision (cnsq.controller.decide): a pure function, tested on its own, and on
+"""The concurrency decision (download_and_predict.controller.decide): a pure function, tested on its own, and on
 a small closed-form plant: calls queue at a model that holds ``capacity`` at once."""
 
 from __future__ import annotations
 
 import pytest
 
-from cnsq.controller import Decision, Limits, Signals, decide
+from download_and_predict.controller import Decision, Limits, Signals, decide
 
 
 def signals(**changes) -> Signals:

@@ -65,14 +65,15 @@ MODEL_FAILURES = {"model_error", "model_timeout", "model_connection", "deadline"
 
 
 class AutoConcurrency:
-    """``--concurrency auto``: every ``interval`` seconds the controller (cnsq.controller.decide)
-    reads this run's own measurements — calls finished and their durations, model failures, the
-    tiles left, and how busy the model server was (``busy()``: its batch threads' busy seconds,
-    and how many) — and sets how many handler calls run at once."""
+    """``--concurrency auto``: every ``interval`` seconds the controller
+    (download_and_predict.controller.decide) reads this run's own measurements — calls finished
+    and their durations, model failures, the tiles left, and how busy the model server was
+    (``busy()``: its batch threads' busy seconds, and how many) — and sets how many handler
+    calls run at once."""
 
     def __init__(self, busy: Callable[[], tuple[float, int] | None], total_tiles: int,
                  start: int = 4, high: int = 64, interval: float = 2.0, timeout: float = 60.0):
-        from ..controller import Limits
+        from download_and_predict.controller import Limits
 
         self.busy, self.total, self.limit = busy, total_tiles, start
         self.limits = Limits(low=1, high=high)
@@ -88,7 +89,7 @@ class AutoConcurrency:
         self.failures += any(reason in MODEL_FAILURES for reason in failed_reasons)
 
     def tick(self, submitted_tiles: int, in_flight_tiles: int) -> None:
-        from ..controller import Signals, decide
+        from download_and_predict.controller import Signals, decide
 
         now = time.monotonic()
         if now - self.last < self.interval:

@@ -1,10 +1,11 @@
-"""How many handler calls to run at once: one decision, from the README's four scenarios.
+"""How many handler calls to run at once: one decision, from the original README's four scenarios.
 
 Lambda concurrency and model capacity must be scaled in tandem. :func:`decide` is that decision as
 a pure function — measurements in, a concurrency and whether to receive work out, with its
 reason — so that the same rules serve ``cnsq run --concurrency auto`` on one machine (its own
-measurements) and, later, the stack's controller (CloudWatch's). The thresholds are the ones
-``cnsq status`` diagnoses with (:data:`cnsq.status.THRESHOLDS`): one home.
+measurements) and the stack's controller (CloudWatch's). It lives in the Lambda package because
+both sides use it; its thresholds (:data:`THRESHOLDS`) are the ones ``cnsq status`` diagnoses
+with: one home.
 
 Steps are bounded (at most ×1.5 up, ×0.5 down) and small changes are not made (hysteresis), so
 the decision does not chase noise.
@@ -15,7 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .status import THRESHOLDS
+# What each scenario is told by (cnsq status's diagnosis uses the same).
+THRESHOLDS = {
+    "errors_high": 0.05,  # error rate above which Lambdas are failing for real
+    "errors_low": 0.01,  # error rate of a healthy run
+    "slow": 0.8,  # p95 duration / timeout: Lambdas are timing out
+    "busy_duration": 0.5,  # p95 duration / timeout: Lambdas wait on the model
+    "gpu_busy": 80.0,  # % utilisation of a well-fed GPU
+}
 
 
 @dataclass(frozen=True)
