@@ -378,14 +378,19 @@ def test_the_model_server_starts_from_a_folder_holding_a_clone_named_cnsq(tmp_pa
     assert answer.status_code == 200 and answer.json()["predictions"][0][1] > 0.99
 
 
+def land_tiles(folder: Path, count: int) -> None:
+    """``count`` land tiles x-7-10 under folder/tiles and their list in folder/tiles.txt."""
+    root = folder / "tiles" / "10"
+    for x in range(count):
+        (root / str(x)).mkdir(parents=True)
+        (root / str(x) / "7.png").write_bytes(png(LAND))
+    (folder / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(count)))
+
+
 def test_run_with_a_wrong_tile_path_exits_1_and_says_why(tmp_path, model_path, monkeypatch):
     """`{y}/{x}` swapped: every tile 404s. Printed `0 written, 80 without imagery`, exited 0."""
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "tiles" / "10"
-    for x in range(6):
-        (root / str(x)).mkdir(parents=True)
-        (root / str(x) / "7.png").write_bytes(png(LAND))
-    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(6)))
+    land_tiles(tmp_path, 6)
     running = tileserver.start(tmp_path / "tiles", port=0)
     try:
         swapped = running.template.replace("{x}/{y}", "{y}/{x}")
@@ -532,11 +537,7 @@ def test_ctrl_c_or_sigterm_stops_the_demo_at_any_moment(tmp_path, sig, after):
 def test_run_with_concurrency_auto_writes_every_tile(tmp_path, model_path, monkeypatch):
     """The controller decides the calls at once from the server's busy share (its stats path)."""
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "tiles" / "10"
-    for x in range(40):
-        (root / str(x)).mkdir(parents=True)
-        (root / str(x) / "7.png").write_bytes(png(LAND))
-    (tmp_path / "tiles.txt").write_text("".join(f"{x}-7-10\n" for x in range(40)))
+    land_tiles(tmp_path, 40)
     running = tileserver.start(tmp_path / "tiles", port=0)
     try:
         result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", running.template,
