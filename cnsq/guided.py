@@ -70,6 +70,8 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None, fetch: Callable[
 
     from download_and_predict.tiles import check_tile_endpoint, imagery_url, is_image, parse_tile_id
 
+    from .preflight import bucket_region, key_pair_exists
+
     answers = Answers()
 
     def aws_says(what: str, call: Callable[[], str | None]) -> str | None:
@@ -97,15 +99,10 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None, fetch: Callable[
             return "an S3 bucket name: 3 to 63 lower-case letters, digits, dots or hyphens"
 
         def check() -> str | None:
-            try:
-                found = client("s3", answers.region).get_bucket_location(Bucket=name)
-            except Exception as exc:
-                if _code(exc) in ("NoSuchBucket", "404"):
-                    return (f"bucket {name} does not exist: create it (aws s3 mb s3://{name} "
-                            f"--region {answers.region}) or name another")
-                raise
-            where = found.get("LocationConstraint") or "us-east-1"
-            where = "eu-west-1" if where == "EU" else where
+            where = bucket_region(client("s3", answers.region), name)
+            if where is None:
+                return (f"bucket {name} does not exist: create it (aws s3 mb s3://{name} "
+                        f"--region {answers.region}) or name another")
             if where != answers.region:
                 return f"bucket {name} is in {where}, not {answers.region}: name one in {answers.region}"
             return None
@@ -119,13 +116,9 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None, fetch: Callable[
             return None
 
         def check() -> str | None:
-            try:
-                client("ec2", answers.region).describe_key_pairs(KeyNames=[name])
-            except Exception as exc:
-                if _code(exc) == "InvalidKeyPair.NotFound":
-                    return f"key pair {name} does not exist in {answers.region}: name another, or none"
-                raise
-            return None
+            if key_pair_exists(client("ec2", answers.region), name):
+                return None
+            return f"key pair {name} does not exist in {answers.region}: name another, or none"
 
         return aws_says(f"the key pair {name}", check)
 

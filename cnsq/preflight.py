@@ -108,19 +108,38 @@ def _guard(check: str, key: str, permission: str, fn: Callable[[], list[Finding]
 # The checks. Each takes the config and a client factory and returns its findings.
 
 
-def check_bucket(config: Config, client, region: str) -> list[Finding]:
-    bucket = config.bucket
+def bucket_region(s3, bucket: str) -> str | None:
+    """The region a bucket is in, or None when it does not exist (also asked by
+    ``cnsq init --guided``)."""
     try:
-        answer = client("s3").get_bucket_location(Bucket=bucket)
+        answer = s3.get_bucket_location(Bucket=bucket)
     except Exception as exc:
         if _code(exc) in ("NoSuchBucket", "404"):
-            return [Finding("bucket", PROBLEM, "buckets.internal",
-                            f"bucket {bucket} does not exist; create it in {region} "
-                            f"(aws s3 mb s3://{bucket} --region {region})")]
+            return None
         raise
     # us-east-1 answers None; the legacy EU constraint means eu-west-1.
-    where = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(
+    return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(
         answer.get("LocationConstraint"), answer.get("LocationConstraint"))
+
+
+def key_pair_exists(ec2, name: str) -> bool:
+    """Whether the EC2 key pair exists (also asked by ``cnsq init --guided``)."""
+    try:
+        ec2.describe_key_pairs(KeyNames=[name])
+    except Exception as exc:
+        if _code(exc) == "InvalidKeyPair.NotFound":
+            return False
+        raise
+    return True
+
+
+def check_bucket(config: Config, client, region: str) -> list[Finding]:
+    bucket = config.bucket
+    where = bucket_region(client("s3"), bucket)
+    if where is None:
+        return [Finding("bucket", PROBLEM, "buckets.internal",
+                        f"bucket {bucket} does not exist; create it in {region} "
+                        f"(aws s3 mb s3://{bucket} --region {region})")]
     if where != region:
         return [Finding("bucket", PROBLEM, "buckets.internal",
                         f"bucket {bucket} is in {where}, not {region}: Lambda takes code only from "
@@ -282,14 +301,10 @@ def check_key_pair(config: Config, client, region: str) -> list[Finding]:
     name = config.values["ecs"]["keyPairName"]
     if not name:
         return []
-    try:
-        client("ec2").describe_key_pairs(KeyNames=[name])
-    except Exception as exc:
-        if _code(exc) == "InvalidKeyPair.NotFound":
-            return [Finding("key pair", PROBLEM, "ecs.keyPairName",
-                            f"key pair {name} does not exist in {region}; create or import it, "
-                            "or remove ecs.keyPairName (the hosts are reachable through SSM)")]
-        raise
+    if not key_pair_exists(client("ec2"), name):
+        return [Finding("key pair", PROBLEM, "ecs.keyPairName",
+                        f"key pair {name} does not exist in {region}; create or import it, "
+                        "or remove ecs.keyPairName (the hosts are reachable through SSM)")]
     return [Finding("key pair", OK, "ecs.keyPairName", f"{name} exists")]
 
 
