@@ -162,25 +162,31 @@ class Stacks:
         return response["Id"]
 
     def wait_change_set(self, arn: str, kind: str, timeout: float = 600) -> ChangeSet:
-        """Poll until the change set is ready (or failed) and read its changes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            description = next(pages(self.cfn, "describe_change_set", ChangeSetName=arn))
-            status = description["Status"]
-            if status in ("CREATE_COMPLETE", "FAILED"):
-                break
-            if time.monotonic() > deadline:
-                raise DeployError(f"change set {arn} still {status} after {timeout:.0f}s")
-            self.sleep(min(self.poll_seconds, 2.0))
-        change_set = ChangeSet(arn, kind, status, reason=description.get("StatusReason", ""),
-                               stack_id=description.get("StackId", ""))
-        if status == "CREATE_COMPLETE":
-            change_set.changes = list(self._changes(arn))
+        """Wait until the change set is ready (botocore's ``change_set_create_complete`` waiter)
+        or failed (an empty change set fails: its reason says so), and read its changes."""
+        delay = min(self.poll_seconds, 2.0)
+        attempts = int(timeout / max(delay, 0.5)) + 1
+        try:
+            self.cfn.get_waiter("change_set_create_complete").wait(
+                ChangeSetName=arn, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
+        except botocore.exceptions.WaiterError as exc:
+            last = exc.last_response or {}
+            status = last.get("Status", "")
+            if status != "FAILED":
+                if "Error" in last:
+                    raise  # the call itself failed: the CLI explains AWS's error
+                raise DeployError(f"change set {arn} still {status or 'not ready'} after "
+                                  f"{timeout:.0f}s") from None
+            return ChangeSet(arn, kind, status, reason=last.get("StatusReason", ""),
+                             stack_id=last.get("StackId", ""))
+        change_set = ChangeSet(arn, kind, "CREATE_COMPLETE")
+        change_set.changes = list(self._changes(arn, change_set))
         return change_set
 
-    def _changes(self, arn: str) -> Iterator[Change]:
+    def _changes(self, arn: str, change_set: ChangeSet) -> Iterator[Change]:
         for page in pages(self.cfn, "describe_change_set", ChangeSetName=arn,
                           IncludePropertyValues=True):
+            change_set.stack_id = change_set.stack_id or page.get("StackId", "")
             for item in page.get("Changes", []):
                 rc = item.get("ResourceChange", {})
                 names = []

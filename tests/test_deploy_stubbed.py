@@ -217,3 +217,21 @@ def test_stubbed_event_pages_stop_at_events_older_than_the_deploy(cfn):
     fresh = Stacks(client, None).events_since(STACK_ID, datetime(2024, 1, 1, tzinfo=UTC), seen)
     assert [e.logical_id for e in fresh] == ["Q"]  # and no second page was requested
     assert seen == {"e2"}
+
+
+def test_stubbed_change_set_waits_fails_and_times_out_through_the_waiter(cfn):
+    """botocore's change_set_create_complete waiter: a failed (empty) change set keeps its
+    reason; one still pending at the deadline is said so."""
+    client, stub = cfn
+    base = {"ChangeSetName": "cnsq-1", "ChangeSetId": CS_ARN, "StackId": STACK_ID,
+            "StackName": "cnsq-dev", "ExecutionStatus": "UNAVAILABLE"}
+    asked = {"ChangeSetName": CS_ARN}
+    stacks = Stacks(client, None, poll_seconds=0)
+    stub.add_response("describe_change_set", {**base, "Status": "FAILED",
+                                              "StatusReason": "The submitted information didn't contain changes."}, asked)
+    failed = stacks.wait_change_set(CS_ARN, "UPDATE")
+    assert failed.empty and failed.stack_id == STACK_ID
+    for _ in range(2):
+        stub.add_response("describe_change_set", {**base, "Status": "CREATE_PENDING"}, asked)
+    with pytest.raises(DeployError, match=r"still CREATE_PENDING after 0s"):
+        Stacks(client, None, poll_seconds=0.5).wait_change_set(CS_ARN, "UPDATE", timeout=0.5)
