@@ -121,3 +121,48 @@ def test_auto_concurrency_raises_the_calls_until_the_model_is_busy():
     assert auto.decisions and auto.decisions[0].startswith("raised concurrency 1 → 2")
     assert auto.limit >= 5  # the model's six places in use, or nearly
     assert all("lowered" not in line for line in auto.decisions)  # no call waited long
+
+
+# The model tasks' count (the stack's controller; the simulation runs the same function).
+
+def capacity(**changes):
+    from download_and_predict.controller import Capacity
+
+    base = dict(min_tasks=0, max_tasks=8, tasks_per_instance=1, idle_seconds=900,
+                backlog_per_task=6000)
+    return Capacity(**{**base, **changes})
+
+
+def test_a_backlog_from_zero_asks_for_the_tasks_it_needs_up_to_the_maximum():
+    from download_and_predict.controller import plan_tasks
+
+    assert plan_tasks(work=1_000_000, desired=0, idle_for=None, c=capacity()) == (
+        8, "1000000 tiles waiting: 8 model tasks (up to 8)")
+    assert plan_tasks(work=100, desired=0, idle_for=None, c=capacity())[0] == 1
+    assert plan_tasks(work=13_000, desired=0, idle_for=None, c=capacity())[0] == 3
+
+
+def test_tasks_fill_whole_hosts_and_never_shrink_while_work_remains():
+    from download_and_predict.controller import plan_tasks
+
+    four_gpus = capacity(tasks_per_instance=4, max_tasks=16)
+    assert plan_tasks(work=7000, desired=0, idle_for=None, c=four_gpus)[0] == 4
+    assert plan_tasks(work=10, desired=12, idle_for=None, c=four_gpus)[0] == 12
+
+
+def test_idle_tasks_wait_idle_minutes_then_go_to_the_minimum():
+    from download_and_predict.controller import plan_tasks
+
+    assert plan_tasks(work=0, desired=8, idle_for=600, c=capacity()) == (8, "idle 10 min of 15: kept")
+    assert plan_tasks(work=0, desired=8, idle_for=900, c=capacity()) == (
+        0, "idle 15 min: down to the minimum, 0 model tasks")
+    assert plan_tasks(work=0, desired=0, idle_for=5000, c=capacity(min_tasks=2))[0] == 2
+
+
+def test_concurrency_follows_the_model_tasks():
+    from download_and_predict.controller import follow_tasks
+
+    assert follow_tasks(current=10, tasks_before=1, tasks_now=4, limits=Limits()) == 40
+    assert follow_tasks(current=40, tasks_before=4, tasks_now=0, limits=Limits()) == 40  # paused instead
+    assert follow_tasks(current=5, tasks_before=0, tasks_now=2, limits=Limits()) == 5
+    assert follow_tasks(current=900, tasks_before=1, tasks_now=2, limits=Limits()) == 1000

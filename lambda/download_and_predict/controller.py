@@ -110,3 +110,61 @@ def decide(s: Signals, current: int, limits: Limits = Limits()) -> Decision:
     if target != current and abs(target - current) < max(1.0, limits.hysteresis * current):
         target = current
     return Decision(target, True, scenario, why)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The model tasks the stack may run (``ecs.minInstances``/``maxInstances`` × tasks per
+    instance), how long an idle stack keeps them (``ecs.idleMinutes``), and how many waiting tiles
+    justify one more task (``backlog_per_task``: a task's rate × the time a new host takes to help,
+    see :func:`backlog_per_task`)."""
+
+    min_tasks: int
+    max_tasks: int
+    tasks_per_instance: int
+    idle_seconds: float
+    backlog_per_task: int
+
+
+def backlog_per_task(tiles_per_second: float | None, horizon_seconds: float, default: int) -> int:
+    """Tiles one task clears in ``horizon_seconds`` (a host's boot and registration, doubled):
+    a backlog smaller than that is finished before another host would help."""
+    if not tiles_per_second or tiles_per_second <= 0:
+        return default
+    return max(1, int(tiles_per_second * horizon_seconds))
+
+
+def plan_tasks(work: int, desired: int, idle_for: float | None, c: Capacity) -> tuple[int, str]:
+    """The model tasks for the next minute, and why.
+
+    ``work``: tiles waiting or in flight; ``desired``: the tasks asked for now; ``idle_for``: seconds
+    since the queue emptied with nothing in flight (None while there is work).
+
+    With work, the count rises to what the backlog justifies, in whole hosts, up to the maximum,
+    and never falls: a task stopped mid-run fails the calls it holds, and a job's tail is short.
+    Without work, the tasks stay ``idle_seconds`` (a new batch of tiles finds them warm), then go
+    to the minimum.
+    """
+    if work > 0:
+        wanted = max(1, c.min_tasks, math.ceil(work / max(1, c.backlog_per_task)))
+        per = max(1, c.tasks_per_instance)
+        wanted = min(c.max_tasks, math.ceil(wanted / per) * per)
+        if wanted <= desired:
+            return desired, f"{work} tiles waiting: {desired} model tasks kept"
+        return wanted, f"{work} tiles waiting: {wanted} model tasks (up to {c.max_tasks})"
+    idle = idle_for or 0.0
+    if idle < c.idle_seconds:
+        if desired <= c.min_tasks:
+            return max(desired, c.min_tasks), "no work"
+        return desired, f"idle {idle / 60:.0f} min of {c.idle_seconds / 60:.0f}: kept"
+    return c.min_tasks, (f"idle {idle / 60:.0f} min: down to the minimum, "
+                         f"{c.min_tasks} model tasks")
+
+
+def follow_tasks(current: int, tasks_before: int, tasks_now: int, limits: Limits) -> int:
+    """Concurrency scaled with the healthy model tasks (the two are scaled in tandem): the calls
+    per task the decision found stay the same when tasks come or go. With no task there is no
+    call to scale (receiving is paused instead), so the value is kept."""
+    if tasks_before <= 0 or tasks_now <= 0 or tasks_now == tasks_before:
+        return current
+    return max(limits.low, min(limits.high, math.ceil(current * tasks_now / tasks_before)))
