@@ -9,11 +9,11 @@ The diagnosis uses these thresholds (``THRESHOLDS``, the controller's: download_
 
 1. much higher than GPU capacity — error rate > 5 % and p95 duration ≥ 80 % of the timeout
    (Lambdas time out waiting for the model): lower the concurrency or add GPUs;
-2. slightly higher — error rate ≤ 5 %, p95 duration ≥ 50 % of the timeout, GPUs ≥ 80 % busy:
+2. slightly higher — error rate ≤ 5 %, p95 duration ≥ 50 % of the timeout, GPUs ≥ 90 % busy:
    lower the concurrency a little or add a GPU;
-3. lower than GPU capacity — p95 duration < 50 % of the timeout, GPUs < 80 % busy: raise the
+3. lower than GPU capacity — p95 duration < 50 % of the timeout, GPUs < 90 % busy: raise the
    concurrency (by up to 2x, in proportion to the idle GPU share);
-4. optimal — GPUs ≥ 80 % busy, error rate ≤ 1 %, p95 duration < 50 % of the timeout.
+4. optimal — GPUs ≥ 90 % busy, error rate ≤ 1 %, p95 duration < 50 % of the timeout.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def diagnose(m: Metrics, timeout_s: int, concurrent: int | None,
     if gpu >= t["gpu_busy"] and error_rate <= t["errors_low"]:
         return Diagnosis(4, "optimal: busy GPUs, few errors, short Lambda runs", evidence,
                          "keep these settings", eta, missing)
-    factor = min(2.0, t["gpu_busy"] / max(gpu, 1.0))
+    factor = min(2.0, t["gpu_aim"] / max(gpu, 1.0))
     higher = math.ceil(current * factor) if current else None
     fewer = max(1, math.ceil(desired_instances * gpu / t["gpu_busy"]))
     return Diagnosis(3, "Lambda concurrency is lower than GPU prediction capacity", evidence,

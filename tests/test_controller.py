@@ -44,7 +44,7 @@ def test_no_model_pauses_receiving_and_no_work_changes_nothing():
 
 
 @pytest.mark.parametrize("current, busy, expected", [
-    (40, 78.0, 40),   # +2.5 % wanted: below the hysteresis, kept
+    (100, 89.5, 100),  # +8.4 % wanted: below the hysteresis, kept
     (1, 10.0, 2),     # one step at least, from the bottom
     (900, 10.0, 1000),  # never above the high limit
 ])
@@ -164,5 +164,31 @@ def test_concurrency_follows_the_model_tasks():
 
     assert follow_tasks(current=10, tasks_before=1, tasks_now=4, limits=Limits()) == 40
     assert follow_tasks(current=40, tasks_before=4, tasks_now=0, limits=Limits()) == 40  # paused instead
-    assert follow_tasks(current=5, tasks_before=0, tasks_now=2, limits=Limits()) == 5
+    assert follow_tasks(current=5, tasks_before=0, tasks_now=2, limits=Limits()) == 10
     assert follow_tasks(current=900, tasks_before=1, tasks_now=2, limits=Limits()) == 1000
+
+
+# A busy GPU is not yet a full one: TF Serving's batches fill with more calls queued. In scenario
+# 4 with short calls the controller probes a higher concurrency and keeps it only if the tiles
+# per second per task rose.
+
+def test_a_busy_model_with_short_calls_is_probed_higher_and_the_gain_kept():
+    from download_and_predict.controller import Probe
+
+    first = decide(signals(busy_percent=95.0, p95_seconds=2.0, throughput=80.0), 20)
+    assert (first.concurrency, first.scenario) == (25, 4)
+    assert first.probe == Probe(concurrency=20, throughput=80.0, hold=0)
+    assert first.line(20).startswith("raised concurrency 20 → 25: probing")
+    again = decide(signals(busy_percent=97.0, p95_seconds=2.5, throughput=90.0), 25, probe=first.probe)
+    assert again.concurrency == 32 and again.probe.throughput == 90.0
+
+
+def test_a_probe_that_gained_nothing_goes_back_and_holds():
+    from download_and_predict.controller import Probe
+
+    back = decide(signals(busy_percent=99.0, p95_seconds=3.0, throughput=81.0), 25,
+                  probe=Probe(concurrency=20, throughput=80.0, hold=0))
+    assert back.concurrency == 20 and back.probe.hold == 10
+    assert "gained 1.2 %" in back.line(25)
+    held = decide(signals(busy_percent=95.0, p95_seconds=2.0, throughput=80.0), 20, probe=back.probe)
+    assert held.concurrency == 20 and held.probe.hold == 9

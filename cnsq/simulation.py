@@ -1,0 +1,601 @@
+"""A discrete-event simulation of the stack (SimPy), to judge the controller without AWS.
+
+What is simulated, each part with the figure it runs on (:class:`World`, cited there):
+
+- **SQS**: the queue holds messages (as groups of ``batchSize``, the unit a call receives); a
+  received group is invisible for ``visibilityTimeout``; a failed one comes back then, and after
+  ``maxReceiveCount`` receives goes to the dead letter queue.
+- **The event source mapping and Lambda**: calls up to the mapping's maximum concurrency, raised by
+  Lambda at most 300 per minute; a cold start when no warm environment is free; a call downloads its
+  tiles in parallel (lognormal latency), posts them to the load balancer and writes the results.
+  The call's prediction carries the deadline the handler gives it (the time left, less a margin), so
+  a slow model fails the call before Lambda's timeout, as the real handler does.
+- **The load balancer**: round robin over healthy tasks; 503 with none; 504 after its idle timeout.
+- **The model (TF Serving with batching)**: each task serves one GPU batch at a time, taking every
+  request waiting up to ``gpu_max_batch`` tiles; a batch costs a fixed time plus a time per tile.
+  A request whose caller gave up is still computed (the GPU does not know).
+- **Hosts**: a launched host boots and registers with ECS, a task pulls its image and loads the
+  model, the target group sees it healthy after its checks. The capacity provider's managed scaling
+  launches hosts for tasks waiting for a place (each minute), and terminates a host left without a
+  task for 15 minutes (its scale-in alarm); the controller also lowers the group's size when it
+  scales the tasks down to the minimum.
+- **The controller** (``fixed=None``): every minute, the functions the stack's controller runs
+  (:mod:`download_and_predict.controller`) over the signals CloudWatch would give.
+
+Not simulated: account limits (EC2 vCPU quotas, Lambda's account concurrency), Spot, failures of
+hosts, cross-zone latency, the database's own limits (writes are a fixed time), SQS's
+at-least-once duplicates, and Lambda environments expiring while idle.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from download_and_predict.controller import (
+    Capacity,
+    Limits,
+    Signals,
+    backlog_per_task,
+    decide,
+    follow_tasks,
+    plan_tasks,
+)
+
+from .cost import Bill, Prices, Usage, bill
+
+
+@dataclass(frozen=True)
+class World:
+    """The figures the simulation runs on; each is measured or documented, not chosen to flatter.
+
+    - ``tile_median_s``/``tile_sigma``: a tile from an XYZ endpoint through a NAT, lognormal;
+      median 120 ms with a long tail (sigma 0.5 puts p99 at ~0.4 s).
+    - ``tile_kb``: a 256×256 JPEG of imagery is 20–60 KB; 40 KB.
+    - ``cold_start_s``: a Python Lambda's init with boto3, requests and psycopg2 in a VPC: 0.8 s.
+    - ``call_overhead_s``: SQS to Lambda handing over a batch, JSON, the handler's bookkeeping.
+    - ``db_write_s``: one multi-row upsert of a batch into PostgreSQL in the same VPC.
+    - ``gpu_fixed_s``/``gpu_per_tile_s``: one TF Serving batch on one GPU: 15 ms + 8 ms a tile, i.e.
+      ~110 tiles/s with full batches, which puts the original's example (one g4dn.xlarge) near the
+      maintainers' figure of about $10 per million tiles once hosts wait and calls queue.
+    - ``gpu_max_batch``: TF Serving's ``max_batch_size`` for the batching the stack enables.
+    - ``host_boot_s``: an ECS GPU AMI instance from launch to the agent's registration: ~3 minutes.
+    - ``task_start_s``: pulling tensorflow/serving:latest-gpu (~2.5 GB) and loading the model.
+    - ``healthy_s``: the target group's checks (2 × 15 s) before the first request.
+    - ``alb_timeout_s``: the load balancer's idle timeout (60 s default).
+    - ``poller_ramp``: Lambda adds at most 300 concurrent calls per minute for an SQS mapping.
+    - ``capacity_scale_in_s``: the capacity provider's scale-in alarm (15 one-minute datapoints).
+    """
+
+    tile_median_s: float = 0.12
+    tile_sigma: float = 0.5
+    tile_kb: float = 40.0
+    cold_start_s: float = 0.8
+    call_overhead_s: float = 0.03
+    db_write_s: float = 0.03
+    gpu_fixed_s: float = 0.015
+    gpu_per_tile_s: float = 0.008
+    gpu_max_batch: int = 64
+    host_boot_s: float = 180.0
+    task_start_s: float = 90.0
+    healthy_s: float = 30.0
+    alb_timeout_s: float = 60.0
+    poller_ramp: int = 300
+    capacity_scale_in_s: float = 900.0
+    deadline_margin_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The stack's settings, as in config.yml. ``fixed``: the original's fixed size (hosts launched
+    at the start, tiles pushed once they are healthy, concurrency kept); None: the controller, from
+    ``min_instances`` hosts."""
+
+    instance_type: str = "g4dn.xlarge"
+    tasks_per_instance: int = 1
+    min_instances: int = 0
+    max_instances: int = 4
+    idle_minutes: float = 15.0
+    batch_size: int = 10
+    lambda_timeout: float = 120.0
+    lambda_memory_mb: int = 1024
+    visibility_timeout: float = 720.0
+    max_receive_count: int = 5
+    concurrency: int = 5
+    reserved: int = 1000
+    database_class: str | None = "db.t3.medium"
+    fixed: int | None = None
+    # A healthy host (or hosts) already running at the start, as in a stack deployed earlier.
+    warm_instances: int = 0
+    # False: the mapping keeps receiving with no model (what the stack did before the controller).
+    pause_without_model: bool = True
+
+
+@dataclass
+class Sample:
+    t: float
+    backlog: int
+    hosts: int
+    healthy: int
+    concurrency: int
+    receiving: bool
+    gpu_percent: float | None
+    scenario: int
+
+
+@dataclass
+class Outcome:
+    tiles: int
+    written: int
+    dead_letter: int
+    drained_at: float | None  # seconds from the start to the last tile written
+    hosts_at_minimum_after: float | None  # seconds after the drain until hosts reached the minimum
+    gpu_utilisation: float  # busy share of healthy task time while there was work
+    usage: Usage
+    bill: Bill
+    tail: Bill  # what the idle time after the drain costs (the controller's idleMinutes)
+    samples: list[Sample] = field(default_factory=list)
+    decisions: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def per_million(self) -> float:
+        return self.bill.per_million(self.written)
+
+
+class _Task:
+    def __init__(self, env, sim: _Sim, host: _Host, warm: bool = False):
+        import simpy
+
+        self.env, self.sim, self.host = env, sim, host
+        self.requests: simpy.Store = simpy.Store(env)
+        self.healthy = False
+        self.stopped = False
+        self.busy = 0.0
+        env.process(self._start(0.0 if warm else sim.world.task_start_s + sim.world.healthy_s))
+
+    def _start(self, after: float):
+        yield self.env.timeout(after)
+        if not self.stopped:
+            self.healthy = True
+            self.healthy_since = self.env.now
+            self.env.process(self._serve())
+
+    def _serve(self):
+        w = self.sim.world
+        while not self.stopped:
+            first = yield self.requests.get()
+            batch, tiles = [first], first[0]
+            while self.requests.items and tiles + self.requests.items[0][0] <= w.gpu_max_batch:
+                item = yield self.requests.get()
+                batch.append(item)
+                tiles += item[0]
+            service = w.gpu_fixed_s + w.gpu_per_tile_s * tiles
+            yield self.env.timeout(service)
+            self.busy += service
+            for _, done in batch:
+                if not done.triggered:
+                    done.succeed()
+
+
+class _Host:
+    def __init__(self, env, sim: _Sim, ready_at: float, warm: bool = False):
+        self.env, self.sim = env, sim
+        self.launched = env.now
+        self.registered = warm
+        self.tasks: list[_Task] = []
+        self.empty_since = env.now
+        self.terminated = False
+        self.stopped_at: float | None = None
+        env.process(self._boot(ready_at))
+
+    def _boot(self, ready_at):
+        if self.registered:
+            return
+        yield self.env.timeout(ready_at)
+        self.registered = True
+        self.sim.place_tasks()
+
+
+class _Sim:
+    def __init__(self, setup: Setup, world: World, tiles: int, seed: int, prices: Prices):
+        import simpy
+
+        self.setup, self.world, self.prices = setup, world, prices
+        self.env = simpy.Environment()
+        self.rng = random.Random(seed)
+        self.tiles = tiles
+        size = setup.batch_size
+        self.visible: deque[list[int]] = deque()
+        self.invisible_tiles = 0
+        self.written = 0
+        self.dead = 0
+        self.usage = Usage()
+        self.hosts: list[_Host] = []
+        self.desired_tasks = 0
+        # The controller's stack starts with the mapping disabled (no model yet), unless hosts
+        # are up; a fixed stack's tiles arrive once the deploy is done.
+        self.receiving = setup.fixed is None and (bool(setup.warm_instances) or
+                                                  not setup.pause_without_model)
+        self.concurrency = setup.concurrency
+        self.allowed = min(setup.concurrency, 5)  # Lambda's pollers start small
+        self.running = 0
+        self.warm = 0
+        self.rr = 0
+        self.calls: list[tuple[float, bool]] = []  # duration, failed by the model
+        self.written_in_interval = 0
+        self.samples: list[Sample] = []
+        self.decisions: list[tuple[float, str]] = []
+        self.drained_at: float | None = None
+        self.at_minimum_at: float | None = None
+        self.work_time_busy = 0.0
+        self.work_time_total = 0.0
+        self.scenario = 0
+        self.sqs_requests = math.ceil(tiles / 10)  # SendMessageBatch, 10 a request
+        self.pushed = False
+        self._pending = (tiles, size)
+
+    # -- SQS ---------------------------------------------------------------------------------
+    def push(self):
+        tiles, size = self._pending
+        full, rest = divmod(tiles, size)
+        self.visible.extend([size, 0] for _ in range(full))
+        if rest:
+            self.visible.append([rest, 0])
+        self.pushed = True
+
+    @property
+    def backlog(self) -> int:
+        return sum(group[0] for group in self.visible)
+
+    def _return_later(self, group: list[int]):
+        yield self.env.timeout(self.setup.visibility_timeout)
+        self.invisible_tiles -= group[0]
+        if group[1] >= self.setup.max_receive_count:
+            self.dead += group[0]
+        else:
+            self.visible.append(group)
+
+    # -- Lambda ------------------------------------------------------------------------------
+    def poller(self):
+        while True:
+            limit = min(self.concurrency, self.setup.reserved, self.allowed)
+            while self.receiving and self.visible and self.running < limit:
+                group = self.visible.popleft()
+                group[1] += 1
+                self.invisible_tiles += group[0]
+                self.running += 1
+                self.sqs_requests += 1  # the receive (the delete is counted when it succeeds)
+                self.env.process(self.call(group))
+            yield self.env.timeout(0.2)
+
+    def ramp(self):
+        while True:
+            yield self.env.timeout(60)
+            self.allowed = min(1000, self.allowed + self.world.poller_ramp)
+
+    def call(self, group: list[int]):
+        w, s = self.world, self.setup
+        start = self.env.now
+        took = w.call_overhead_s
+        if self.warm > 0:
+            self.warm -= 1
+        else:
+            took += w.cold_start_s
+        yield self.env.timeout(took)
+        n = group[0]
+        download = max(self.rng.lognormvariate(math.log(w.tile_median_s), w.tile_sigma)
+                       for _ in range(n))
+        yield self.env.timeout(download)
+        ok = yield from self.predict(n, start)
+        if ok:
+            yield self.env.timeout(w.db_write_s)
+        duration = self.env.now - start
+        self.calls.append((duration, not ok))
+        self.usage.lambda_requests += 1
+        self.usage.lambda_gb_seconds += duration * s.lambda_memory_mb / 1024
+        self.usage.nat_gb += n * w.tile_kb / 1e6
+        self.running -= 1
+        self.warm += 1
+        if ok:
+            self.invisible_tiles -= n
+            self.written += n
+            self.written_in_interval += n
+            self.sqs_requests += 1  # DeleteMessageBatch
+            if self.written >= self.tiles - self.dead and self.drained_at is None:
+                self.drained_at = self.env.now
+        else:
+            self.env.process(self._return_later(group))
+
+    def predict(self, n: int, start: float):
+        w, s = self.world, self.setup
+        healthy = [t for t in self.tasks() if t.healthy and not t.stopped]
+        if not healthy:
+            yield self.env.timeout(0.005)
+            return False  # 503: no target
+        self.rr = (self.rr + 1) % len(healthy)
+        task = healthy[self.rr]
+        done = self.env.event()
+        task.requests.put((n, done))
+        left = s.lambda_timeout - (self.env.now - start) - w.deadline_margin_s
+        limit = max(0.0, min(left, w.alb_timeout_s))
+        result = yield done | self.env.timeout(limit)
+        return done in result
+
+    # -- hosts and tasks ---------------------------------------------------------------------
+    def live_hosts(self) -> list[_Host]:
+        return [h for h in self.hosts if not h.terminated]
+
+    def tasks(self) -> list[_Task]:
+        return [t for h in self.live_hosts() for t in h.tasks if not t.stopped]
+
+    def launch(self, count: int, warm: bool = False):
+        """``warm``: hosts and tasks already running (a stack deployed earlier)."""
+        for _ in range(count):
+            host = _Host(self.env, self, self.world.host_boot_s, warm)
+            self.hosts.append(host)
+            if warm:
+                host.tasks.extend(_Task(self.env, self, host, warm=True)
+                                  for _ in range(self.setup.tasks_per_instance))
+
+    def place_tasks(self):
+        per = self.setup.tasks_per_instance
+        while len(self.tasks()) < self.desired_tasks:
+            room = [h for h in self.live_hosts() if h.registered and len(
+                [t for t in h.tasks if not t.stopped]) < per]
+            if not room:
+                return
+            host = room[0]
+            host.tasks.append(_Task(self.env, self, host))
+        extra = len(self.tasks()) - self.desired_tasks
+        for task in sorted(self.tasks(), key=lambda t: t.healthy)[:max(0, extra)]:
+            task.stopped = True
+            task.host.empty_since = self.env.now
+
+    def capacity_provider(self):
+        """Managed scaling: hosts for tasks waiting for a place; an empty host ends after 15 min."""
+        per = self.setup.tasks_per_instance
+        while True:
+            yield self.env.timeout(60)
+            needed = min(self.setup.max_instances, math.ceil(self.desired_tasks / per))
+            live = self.live_hosts()
+            if needed > len(live):
+                self.launch(needed - len(live))
+            for host in live:
+                if any(not t.stopped for t in host.tasks):
+                    host.empty_since = self.env.now
+                elif self.env.now - host.empty_since >= self.world.capacity_scale_in_s:
+                    self.terminate(host)
+            self.place_tasks()
+
+    def terminate(self, host: _Host):
+        host.terminated = True
+        host.stopped_at = self.env.now
+        for task in host.tasks:
+            task.stopped = True
+
+    def shrink_group(self, hosts: int):
+        """The controller lowers the group's size at the minimum: empty hosts go first."""
+        live = sorted(self.live_hosts(), key=lambda h: any(not t.stopped for t in h.tasks))
+        for host in live[:max(0, len(live) - hosts)]:
+            self.terminate(host)
+
+    # -- the stack's controller (or the fixed setup's user) ------------------------------------
+    def fixed_start(self):
+        s = self.setup
+        self.desired_tasks = s.fixed * s.tasks_per_instance
+        self.launch(s.fixed)
+        while not self.tasks() or not all(t.healthy for t in self.tasks()) or \
+                len(self.tasks()) < self.desired_tasks:
+            yield self.env.timeout(1)
+        self.push()  # the deploy has ended: the user pushes the tiles
+        self.receiving = True
+
+    def controller(self):
+        s, w = self.setup, self.world
+        capacity = Capacity(
+            min_tasks=s.min_instances * s.tasks_per_instance,
+            max_tasks=s.max_instances * s.tasks_per_instance,
+            tasks_per_instance=s.tasks_per_instance, idle_seconds=s.idle_minutes * 60,
+            backlog_per_task=1000)
+        horizon = 2 * (w.host_boot_s + w.task_start_s + w.healthy_s)
+        healthy_before = 0
+        idle_since: float | None = None
+        busy_before = {}
+        probe = None
+        while True:
+            yield self.env.timeout(60)
+            signals, healthy_now, busy = self.signals(busy_before)
+            busy_before = {id(t): t.busy for t in self.tasks()}
+            rate = (self.written_in_interval / 60 / healthy_now) if healthy_now else None
+            self.written_in_interval = 0
+            capacity = replace(capacity, backlog_per_task=backlog_per_task(rate, horizon, 1000))
+            work = signals.backlog + signals.in_flight
+            if work:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = self.env.now
+            tasks, why = plan_tasks(work, self.desired_tasks, None if work else
+                                    self.env.now - idle_since, capacity)
+            if tasks != self.desired_tasks:
+                self.decisions.append((self.env.now, f"model tasks {self.desired_tasks} → {tasks}: {why}"))
+                grow = tasks > self.desired_tasks
+                self.desired_tasks = tasks
+                if grow:  # hosts with the tasks, not a minute later from the capacity provider
+                    hosts = min(s.max_instances, math.ceil(tasks / s.tasks_per_instance))
+                    self.launch(max(0, hosts - len(self.live_hosts())))
+                self.place_tasks()
+                if not work and tasks == capacity.min_tasks:
+                    self.shrink_group(math.ceil(tasks / s.tasks_per_instance))
+            current = follow_tasks(self.concurrency, healthy_before, healthy_now, Limits())
+            healthy_before = healthy_now
+            signals = replace(signals, throughput=rate)
+            decision = decide(signals, current, Limits(high=min(1000, s.reserved)), probe)
+            probe = decision.probe
+            if decision.concurrency != self.concurrency or decision.receive != self.receiving:
+                self.decisions.append((self.env.now, decision.line(self.concurrency,
+                                                                    self.receiving)))
+            self.concurrency = decision.concurrency
+            self.receiving = decision.receive or not s.pause_without_model
+            self.scenario = decision.scenario
+
+    def signals(self, busy_before: dict) -> tuple[Signals, int, float | None]:
+        calls, self.calls = self.calls, []
+        durations = sorted(d for d, _ in calls)
+        p95 = durations[min(len(durations) - 1, int(0.95 * len(durations)))] if durations else None
+        healthy = [t for t in self.tasks() if t.healthy]
+        if healthy:
+            spent = sum(t.busy - busy_before.get(id(t), 0.0) for t in healthy)
+            window = sum(min(60.0, self.env.now - t.healthy_since) for t in healthy)
+            busy = 100.0 * min(1.0, spent / window) if window else None
+        else:
+            busy = None
+        return Signals(
+            healthy=bool(healthy), backlog=self.backlog, in_flight=self.invisible_tiles,
+            calls=len(calls), model_errors=sum(1 for _, failed in calls if failed),
+            p95_seconds=p95, timeout_seconds=self.setup.lambda_timeout, busy_percent=busy,
+        ), len(healthy), busy
+
+    def observer(self):
+        """Every 10 s: GPU use while there is work; every minute a sample for the plot."""
+        seen: dict[int, float] = {}
+        minute: dict[int, float] = {}
+        while True:
+            yield self.env.timeout(10)
+            healthy = [t for t in self.tasks() if t.healthy]
+            work = self.pushed and (self.backlog or self.invisible_tiles)
+            for t in healthy:
+                before = seen.get(id(t))
+                if work and before is not None:
+                    self.work_time_busy += t.busy - before
+                    self.work_time_total += 10.0
+                seen[id(t)] = t.busy
+            if int(self.env.now) % 60 == 0:
+                gpu = None
+                if healthy:
+                    gpu = 100.0 * sum(min(1.0, (t.busy - minute.get(id(t), t.busy)) / 60.0)
+                                      for t in healthy) / len(healthy)
+                minute = {id(t): t.busy for t in healthy}
+                self.samples.append(Sample(
+                    self.env.now, self.backlog + self.invisible_tiles, len(self.live_hosts()),
+                    len(healthy), self.concurrency, self.receiving, gpu, self.scenario))
+            minimum = self.setup.min_instances if self.setup.fixed is None else 0
+            if self.drained_at is not None and self.at_minimum_at is None and \
+                    len(self.live_hosts()) <= minimum:
+                self.at_minimum_at = self.env.now
+
+
+def simulate(setup: Setup, tiles: int, prices: Prices, world: World = World(), seed: int = 1,
+             horizon_s: float = 48 * 3600) -> Outcome:
+    """Run ``tiles`` through the simulated stack; the bill counts until the last tile is written,
+    ``tail`` what the hosts cost after that until they reach the minimum (the controller's
+    ``idleMinutes``; a fixed stack's hosts are counted as deleted at once, the best case)."""
+    sim = _Sim(setup, world, tiles, seed, prices)
+    env = sim.env
+    env.process(sim.poller())
+    env.process(sim.ramp())
+    env.process(sim.observer())
+    if setup.fixed is not None:
+        env.process(sim.fixed_start())
+        env.process(_fixed_end(sim))
+    else:
+        sim.push()
+        if setup.warm_instances:
+            sim.desired_tasks = setup.warm_instances * setup.tasks_per_instance
+            sim.launch(setup.warm_instances, warm=True)
+        env.process(sim.capacity_provider())
+        env.process(sim.controller())
+    env.run(until=env.timeout(0))
+    while env.now < horizon_s:
+        env.run(until=env.now + 60)
+        done = sim.drained_at is not None or (sim.written + sim.dead >= tiles and sim.pushed)
+        if done and (setup.fixed is not None or sim.at_minimum_at is not None):
+            break
+    drained = sim.drained_at
+    end = drained if drained is not None else env.now
+    usage = _usage_until(sim, end)
+    total = bill(usage, prices, setup.instance_type, setup.database_class)
+    tail_usage = Usage(instance_seconds=_host_seconds(sim, env.now) - usage.instance_seconds)
+    return Outcome(
+        tiles=tiles, written=sim.written, dead_letter=sim.dead, drained_at=drained,
+        hosts_at_minimum_after=(sim.at_minimum_at - drained) if (
+            drained is not None and sim.at_minimum_at is not None) else None,
+        gpu_utilisation=(sim.work_time_busy / sim.work_time_total) if sim.work_time_total else 0.0,
+        usage=usage, bill=total,
+        tail=bill(tail_usage, prices, setup.instance_type, None),
+        samples=sim.samples, decisions=sim.decisions)
+
+
+def _fixed_end(sim: _Sim):
+    while sim.drained_at is None:
+        yield sim.env.timeout(10)
+    for host in sim.live_hosts():
+        sim.terminate(host)  # the user deletes the stack as the last tile is written
+
+
+def _host_seconds(sim: _Sim, end: float) -> float:
+    """Host time up to ``end``: from launch to termination (or ``end``)."""
+    return sum(max(0.0, min(end, h.stopped_at if h.stopped_at is not None else end) - h.launched)
+               for h in sim.hosts)
+
+
+def _usage_until(sim: _Sim, end: float) -> Usage:
+    """The run's usage up to ``end``."""
+    u = sim.usage
+    return Usage(
+        instance_seconds=_host_seconds(sim, end), lambda_gb_seconds=u.lambda_gb_seconds,
+        lambda_requests=u.lambda_requests, sqs_requests=sim.sqs_requests,
+        nat_seconds=end, nat_gb=u.nat_gb, database_seconds=end, load_balancer_seconds=end,
+        # LCU: the processed bytes dominate (1 LCU = 1 GB an hour); base64 adds a third.
+        load_balancer_lcu_hours=max(end / 3600, u.nat_gb * 4 / 3))
+
+
+@dataclass
+class Tuned:
+    """The controller's run against every fixed configuration of a grid, in the same simulator."""
+
+    controller: Outcome
+    fixed: dict[tuple[int, int], Outcome]  # (hosts, concurrency) → outcome
+
+    def best(self, key) -> tuple[tuple[int, int], Outcome]:
+        done = {k: o for k, o in self.fixed.items() if o.drained_at is not None and not o.dead_letter}
+        return min(done.items(), key=lambda item: key(item[1]))
+
+    @property
+    def fastest(self) -> tuple[tuple[int, int], Outcome]:
+        return self.best(lambda o: o.drained_at)
+
+    @property
+    def cheapest(self) -> tuple[tuple[int, int], Outcome]:
+        return self.best(lambda o: o.per_million)
+
+    def ratios(self) -> dict[str, float]:
+        """The controller's drain time over the fastest fixed one's, its cost over the cheapest's."""
+        c = self.controller
+        return {"time": c.drained_at / self.fastest[1].drained_at if c.drained_at else math.inf,
+                "cost": c.per_million / self.cheapest[1].per_million}
+
+
+def _fixed_run(args) -> tuple[tuple[int, int], Outcome]:
+    setup, world, tiles, prices, seed = args
+    outcome = simulate(setup, tiles, prices, world, seed)
+    outcome.samples, outcome.decisions = [], []
+    return (setup.fixed, setup.concurrency), outcome
+
+
+def tune(setup: Setup, tiles: int, prices: Prices, world: World = World(),
+         concurrencies: tuple[int, ...] = (5, 10, 20, 40, 80, 160), seed: int = 1,
+         workers: int = 1) -> Tuned:
+    """The controller (``setup`` as given, from ``min_instances``) and a grid of fixed setups:
+    1 … ``max_instances`` hosts × ``concurrencies``, each run in the same simulator."""
+    grid = [(replace(setup, fixed=hosts, concurrency=c), world, tiles, prices, seed)
+            for hosts in range(1, setup.max_instances + 1) for c in concurrencies]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            fixed = dict(pool.map(_fixed_run, grid))
+    else:
+        fixed = dict(map(_fixed_run, grid))
+    return Tuned(simulate(replace(setup, fixed=None), tiles, prices, world, seed), fixed)
