@@ -80,6 +80,9 @@ LAMBDA_SCHEMA: dict[str, Any] = {
     "source": ("str", "lambda"),
     "queueTrigger": ("bool", False),
     "concurrent": ("int", None),
+    # The most calls the stack's controller may allow (reserved concurrency) when ecs.minInstances
+    # asks for scaling; ``concurrent`` is then where it starts.
+    "maxConcurrent": ("int", None),
     "envs": ("strmap", {}),
 }
 
@@ -116,6 +119,10 @@ SCHEMA: dict[str, Any] = {
         "availabilityZone": ("str", None),
         "maxInstances": ("int", 1),
         "desiredInstances": ("int", 1),
+        # Set: the stack scales the hosts with the backlog, from this many up to maxInstances,
+        # and its controller sets the Lambda concurrency. Unset: the original's fixed size.
+        "minInstances": ("int", None),
+        "idleMinutes": ("int", 15),
         "keyPairName": ("str", None),
         "instanceType": ("str", "p3.2xlarge"),
         "image": ("str", "tensorflow/serving:latest-gpu"),
@@ -637,7 +644,39 @@ def _check_values(values: dict, where, guessed: set[str]) -> list[str]:
                     "above 10 without a batching window"
                 )
     _check_gpus(ecs, where, warnings, guessed)
+    _check_scaling(values, where)
     return warnings
+
+
+def _check_scaling(values: dict, where) -> None:
+    ecs = values["ecs"]
+    low = ecs["minInstances"]
+    if low is None:
+        return
+    if not 0 <= low <= ecs["maxInstances"]:
+        raise ConfigError(f"{where('ecs.minInstances')}: expected 0 to ecs.maxInstances "
+                          f"({ecs['maxInstances']}), got {low}")
+    if ecs["idleMinutes"] < 1:
+        raise ConfigError(f"{where('ecs.idleMinutes')}: expected 1 or more")
+    for name, spec in values["lambdas"].items():
+        high, start = spec["maxConcurrent"], spec["concurrent"]
+        if high is not None and not 2 <= high <= 1000:
+            raise ConfigError(f"{where(f'lambdas.{name}.maxConcurrent')}: expected 2 to 1000 "
+                              "(an event source mapping's maximum concurrency)")
+        if high is not None and start is not None and start > high:
+            raise ConfigError(f"{where(f'lambdas.{name}.concurrent')}: {start} is above "
+                              f"lambdas.{name}.maxConcurrent ({high})")
+
+
+def scaling_summary(values: dict) -> str:
+    """One line: does the stack scale itself, or keep the original's fixed size."""
+    ecs = values["ecs"]
+    if ecs["minInstances"] is None:
+        return (f"ecs: a fixed size of {ecs['desiredInstances']} instance(s), Lambda concurrency "
+                "as configured (set ecs.minInstances to scale with the backlog)")
+    return (f"ecs: scales with the backlog, {ecs['minInstances']} to {ecs['maxInstances']} "
+            f"instance(s), down to {ecs['minInstances']} after {ecs['idleMinutes']} idle minutes; "
+            "the controller sets the Lambda concurrency (ecs.desiredInstances is not used)")
 
 
 def _check_network(values: dict, where, warnings: list[str]) -> None:

@@ -394,6 +394,8 @@ def deployer_actions(config: Config) -> dict[str, str]:
     actions = dict(groups["always"])
     if not config.values["vpc"]:
         actions.update(groups["network"])
+    if config.values["ecs"]["minInstances"] is not None:
+        actions.update(groups["scaling"])
     return actions
 
 

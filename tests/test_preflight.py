@@ -344,7 +344,7 @@ def test_the_account_decides_the_tasks_on_a_type_cnsq_does_not_know_stubbed(proj
     assert ok[0].message == "p6-b200.48xlarge: 8 GPU(s), offered in 2 zones"
     # …and the stack then runs one model task per GPU.
     text = render(config, REPO / "templates", {})
-    assert "DesiredCount: 8" in text
+    assert "TASKS_PER_INSTANCE: '8'" in text  # the controller places 8 tasks on a host
 
 
 def test_a_value_the_user_wrote_is_not_replaced_by_the_account_stubbed(project):
@@ -467,6 +467,10 @@ CREATE_ACTION = {
     "AWS::EC2::SubnetRouteTableAssociation": "ec2:AssociateRouteTable", "AWS::EC2::EIP": "ec2:AllocateAddress",
     "AWS::EC2::NatGateway": "ec2:CreateNatGateway", "AWS::EC2::RouteTable": "ec2:CreateRouteTable",
     "AWS::EC2::Route": "ec2:CreateRoute", "AWS::EC2::VPCEndpoint": "ec2:CreateVpcEndpoint",
+    "AWS::ECS::CapacityProvider": "ecs:CreateCapacityProvider",
+    "AWS::ECS::ClusterCapacityProviderAssociations": "ecs:PutClusterCapacityProviders",
+    "AWS::SSM::Parameter": "ssm:PutParameter", "AWS::Events::Rule": "events:PutRule",
+    "AWS::Lambda::Permission": "lambda:AddPermission",
 }
 
 

@@ -121,6 +121,10 @@ def test_a_short_arn_service_is_not_tagged_and_a_long_one_is(kes_project):
 
 def test_the_hosts_roll_onto_the_new_launch_template(kes_project):
     config, old = kes_project
+    # The original's config (no ecs.minInstances): its fixed size, its host rolled.
+    path = Path("config/config.yml")
+    path.write_text(path.read_text().replace("    minInstances: 0\n", ""))
+    config = load_config(path)
     group = _cnsq(config, None)["Resources"]["cnsqdevECSAutoScalingGroup"]
     assert "LaunchConfigurationName" in old["Resources"]["cnsqdevECSAutoScalingGroup"]["Properties"]
     rolling = group["UpdatePolicy"]["AutoScalingRollingUpdate"]

@@ -20,7 +20,8 @@ CODE = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.
 UNTAGGABLE = {"AWS::IAM::InstanceProfile", "AWS::Lambda::EventSourceMapping",
               "AWS::ElasticLoadBalancingV2::Listener", "AWS::EC2::LaunchTemplate",
               "AWS::EC2::VPCGatewayAttachment", "AWS::EC2::SubnetRouteTableAssociation",
-              "AWS::EC2::Route", "AWS::EC2::VPCEndpoint"}
+              "AWS::EC2::Route", "AWS::EC2::VPCEndpoint", "AWS::Lambda::Permission",
+              "AWS::ECS::ClusterCapacityProviderAssociations"}
 
 
 @pytest.fixture
@@ -102,9 +103,10 @@ def test_queue_event_source_reports_batch_item_failures(compiled):
     mapping = data["Resources"]["cnsqdevDownloadAndPredictLambdaEventSourceMapping"]["Properties"]
     assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert mapping["BatchSize"] == 10
-    assert mapping["ScalingConfig"] == {"MaximumConcurrency": 5}
+    # The example scales itself: the controller starts at 5 and enables the mapping.
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": 5} and mapping["Enabled"] is False
     function = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]
-    assert function["ReservedConcurrentExecutions"] == 5
+    assert "ReservedConcurrentExecutions" not in function  # lambdas.*.maxConcurrent unset
     assert function["Runtime"] == "python3.12"
     assert function["Code"] == {"S3Bucket": "your-bucket", "S3Key": "cnsq-dev/lambdas/abc.zip"}
 

@@ -67,7 +67,8 @@ def test_nothing_is_reachable_from_the_internet(private):
     assert db["PubliclyAccessible"] is False
     assert data["Resources"]["cnsqdevLoadBalancer"]["Properties"]["Scheme"] == "internal"
     functions = of_type(data, "AWS::Lambda::Function")
-    assert set(functions) == {"DownloadAndPredictLambdaFunction", "AdminLambdaFunction"}
+    assert set(functions) == {"DownloadAndPredictLambdaFunction", "AdminLambdaFunction",
+                              "cnsqdevControllerFunction"}
     for function in functions.values():
         vpc = function["Properties"]["VpcConfig"]
         assert vpc["SecurityGroupIds"] == [{"Fn::GetAtt": ["LambdaSecurityGroup", "GroupId"]}]
@@ -148,7 +149,13 @@ def test_current_aws_values_that_do_not_rot(tmp_path):
 def test_a_multi_gpu_instance_gets_one_task_per_gpu(tmp_path):
     _, _, data = compile_example(tmp_path, lambda text: text.replace(
         "instanceType: g4dn.xlarge", "instanceType: g5.12xlarge"), deployment="prod")
-    assert data["Resources"]["cnsqprodECSService"]["Properties"]["DesiredCount"] == 16  # 4 x 4 GPUs
+    controller = data["Resources"]["cnsqprodControllerFunction"]["Properties"]["Environment"]
+    assert controller["Variables"]["MAX_TASKS"] == "16"  # 4 x 4 GPUs
+    (tmp_path / "fixed").mkdir()
+    _, _, data = compile_example(tmp_path / "fixed", lambda text: text.replace(
+        "instanceType: g4dn.xlarge", "instanceType: g5.12xlarge").replace(
+        "    minInstances: 0\n", ""), deployment="prod")
+    assert data["Resources"]["cnsqprodECSService"]["Properties"]["DesiredCount"] == 16
 
 
 def test_a_cpu_model_server_asks_for_no_gpu(tmp_path):
@@ -187,9 +194,11 @@ def test_the_original_logical_ids_are_kept(tmp_path):
 def test_the_model_service_waits_for_a_host_in_the_cluster(tmp_path, desired):
     """The service is created only once a host's ECS agent has registered it (the hosts signal
     the group), so the circuit breaker never sees placements fail while a GPU host boots."""
+    # A fixed size (the original's config): desiredInstances hosts are launched at creation.
     _, _, data = compile_example(tmp_path, lambda t: t.replace("desiredInstances: 1",
                                                                f"desiredInstances: {desired}")
-                                 .replace("maxInstances: 1", "maxInstances: 2"))
+                                 .replace("maxInstances: 1", "maxInstances: 2")
+                                 .replace("    minInstances: 0\n", ""))
     resources = data["Resources"]
     service = resources["cnsqdevECSService"]
     assert "cnsqdevECSAutoScalingGroup" in service["DependsOn"]

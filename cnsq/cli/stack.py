@@ -101,7 +101,7 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
       cnsq validate --config config/config.yml
       cnsq validate --config config/config.yml --offline   # the template and the config alone
     """
-    from ..config import placeholders
+    from ..config import placeholders, scaling_summary
     from ..deploy import compile_only, preflight_report
     from ..template import lint
 
@@ -120,9 +120,11 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
         click.echo(f"  {line}", err=True)
     errors += len(unfilled)
     out["placeholders"] = unfilled
+    out["scaling"] = scaling_summary(config.values)
     if not as_json:
         click.echo(f"{path}: {errors} error(s), {len(findings) - errors + len(unfilled)} other "
                    "finding(s)")
+        click.echo(out["scaling"])
     report = None
     if offline:
         message = "Account not checked (--offline)."
