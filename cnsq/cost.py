@@ -121,3 +121,109 @@ def bill(usage: Usage, prices: Prices, instance_type: str, database_class: str |
         items.append(Item(f"Database ({database_class})", usage.database_seconds / hour, "h",
                           prices.database(database_class), 0.0))
     return Bill([Item(i.name, i.quantity, i.unit, i.price, i.quantity * i.price) for i in items])
+
+
+# -- the AWS Price List API ------------------------------------------------------------------
+# Each price: the service code, the filters (TERM_MATCH), and the usage type's ending that picks
+# the product among those the filters leave (usage types carry a region prefix, e.g. USE1-).
+PRICE_QUERIES: dict[str, tuple[str, dict[str, str], str]] = {
+    "lambda_gb_second": ("AWSLambda", {}, "Lambda-GB-Second"),
+    "lambda_request": ("AWSLambda", {}, "Request"),
+    "sqs_request": ("AWSQueueService", {}, "Requests-Tier1"),
+    "nat_hour": ("AmazonEC2", {"productFamily": "NAT Gateway"}, "NatGateway-Hours"),
+    "nat_gb": ("AmazonEC2", {"productFamily": "NAT Gateway"}, "NatGateway-Bytes"),
+    "load_balancer_hour": ("AWSELB", {"productFamily": "Load Balancer-Application"},
+                           "LoadBalancerUsage"),
+    "load_balancer_lcu_hour": ("AWSELB", {"productFamily": "Load Balancer-Application"},
+                               "LCUUsage"),
+}
+INSTANCE_FILTERS = {"operatingSystem": "Linux", "tenancy": "Shared", "preInstalledSw": "NA",
+                    "capacitystatus": "Used"}
+DATABASE_FILTERS = {"databaseEngine": "PostgreSQL", "deploymentOption": "Single-AZ"}
+# The Price List API answers in us-east-1 (and eu-central-1, ap-south-1) for every region.
+PRICING_REGION = "us-east-1"
+
+
+def _usd(product: dict) -> float | None:
+    """The first non-zero on-demand USD price of a product (tiers: the first that costs)."""
+    for offer in product.get("terms", {}).get("OnDemand", {}).values():
+        dimensions = sorted(offer.get("priceDimensions", {}).values(),
+                            key=lambda d: float(d.get("beginRange", "0") or 0))
+        for dimension in dimensions:
+            price = float(dimension.get("pricePerUnit", {}).get("USD", "0") or 0)
+            if price > 0:
+                return price
+    return None
+
+
+def _products(pricing: Any, service: str, filters: dict[str, str]) -> list[dict]:
+    found = []
+    for page in pricing.get_paginator("get_products").paginate(
+            ServiceCode=service, FormatVersion="aws_v1",
+            Filters=[{"Type": "TERM_MATCH", "Field": k, "Value": v} for k, v in filters.items()]):
+        found += [json.loads(item) if isinstance(item, str) else item
+                  for item in page.get("PriceList", [])]
+    return found
+
+
+def _pick(products: list[dict], usage_ending: str | None) -> float | None:
+    for product in products:
+        usage = product.get("product", {}).get("attributes", {}).get("usagetype", "")
+        if usage_ending is None or usage == usage_ending or usage.endswith("-" + usage_ending):
+            price = _usd(product)
+            if price is not None:
+                return price
+    return None
+
+
+def account_prices(pricing: Any, region: str, instance_type: str,
+                   database_class: str | None) -> Prices:
+    """This region's prices from the Price List API (``pricing:GetProducts``); raises
+    :class:`CnsqError` naming the price it could not find."""
+    where = {"regionCode": region}
+    values: dict[str, float] = {}
+    for name, (service, filters, ending) in PRICE_QUERIES.items():
+        price = _pick(_products(pricing, service, {**filters, **where}), ending)
+        if price is None:
+            raise CnsqError(f"the Price List API has no {name.replace('_', ' ')} for {region}")
+        values[name] = price
+    instance = _pick(_products(pricing, "AmazonEC2", {
+        "instanceType": instance_type, **INSTANCE_FILTERS, **where}), None)
+    if instance is None:
+        raise CnsqError(f"the Price List API has no on-demand Linux price for {instance_type} "
+                        f"in {region}")
+    databases = {}
+    if database_class:
+        database = _pick(_products(pricing, "AmazonRDS", {
+            "instanceType": database_class, **DATABASE_FILTERS, **where}), None)
+        if database is None:
+            raise CnsqError(f"the Price List API has no PostgreSQL price for {database_class} "
+                            f"in {region}")
+        databases[database_class] = database
+    return Prices(region=region, source=f"the AWS Price List API ({region})",
+                  instance_hour={instance_type: instance}, database_hour=databases, **values)
+
+
+def prices_for(session: Any | None, region: str, instance_type: str,
+               database_class: str | None) -> tuple[Prices, str | None]:
+    """The region's prices from the API when it can be read; else the shipped ones, with a note
+    saying so (and why)."""
+    if session is not None:
+        try:
+            from botocore.config import Config
+
+            # One try, short timeouts: the shipped prices are a good answer too.
+            pricing = session.client("pricing", region_name=PRICING_REGION, config=Config(
+                connect_timeout=5, read_timeout=20, retries={"max_attempts": 1}))
+            return account_prices(pricing, region, instance_type, database_class), None
+        except CnsqError as error:
+            why = str(error)
+        except Exception as error:  # noqa: BLE001 - no credentials, denied, unreachable
+            why = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    else:
+        why = "--offline"
+    shipped = shipped_prices()
+    note = f"Prices: {shipped.source}, not the Price List API ({why})"
+    if region != shipped.region:
+        note += f"; {region}'s prices may differ"
+    return shipped, note

@@ -29,6 +29,15 @@ def load_balancer(stack_no_dash: str) -> str:
     return f"{stack_no_dash}LoadBalancer"
 
 
+def autoscaling_group(stack_no_dash: str) -> str:
+    return f"{stack_no_dash}ECSAutoScalingGroup"
+
+
+def controller_state(stack_name: str) -> str:
+    """The SSM parameter where the controller keeps its state and last decisions."""
+    return f"/cnsq/{stack_name}/controller"
+
+
 def results_db(stack_no_dash: str) -> str:
     return f"{stack_no_dash}ResultsDB"
 

@@ -28,6 +28,7 @@ from download_and_predict.controller import THRESHOLDS
 from . import aws as _aws
 from . import layout
 from .aws import Client
+from .cost import Bill, Prices, Usage, bill
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Metrics:
     http_5xx: float | None = None
     deleted: float | None = None
     gpu: dict[str, float] = field(default_factory=dict)
+    duration_sum_ms: float | None = None
+    hosts: int | None = None  # GPU hosts in service now
+    scaling: bool = False  # the stack scales itself (ecs.minInstances)
+    decisions: list[list[str]] = field(default_factory=list)  # the controller's, [time, line]
+    cost: dict[str, float] = field(default_factory=dict)  # of the window, by item
+    prices: str = ""
 
     @property
     def gpu_mean(self) -> float | None:
@@ -169,6 +176,7 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
                     ("errors", "AWS/Lambda", "Errors", dims, "Sum"),
                     ("throttles", "AWS/Lambda", "Throttles", dims, "Sum"),
                     ("duration_max_ms", "AWS/Lambda", "Duration", dims, "Maximum"),
+                    ("duration_sum_ms", "AWS/Lambda", "Duration", dims, "Sum"),
                     ("concurrency", "AWS/Lambda", "ConcurrentExecutions", dims, "Maximum")]
     queue_url = deployed.queue_url
     if queue_url:
@@ -218,6 +226,16 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
             value = _sum_or_none(values, "Average")
             if value is not None:
                 metrics.gpu[metric["Dimensions"][0]["Value"]] = value
+    group = deployed.resources.get(layout.autoscaling_group(n), ("", ""))[1]
+    if group:
+        groups = aws.client("autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=[group]).get("AutoScalingGroups", [])
+        if groups:
+            metrics.hosts = sum(1 for i in groups[0].get("Instances", [])
+                                if i.get("LifecycleState") == "InService")
+    metrics.scaling = config.values["ecs"]["minInstances"] is not None
+    if metrics.scaling:
+        metrics.decisions = _decisions(aws.client("ssm"), layout.controller_state(config.stack_name))
     if database_url is None:
         # A private database: the stack's admin function counts inside the VPC.
         admin = deployed.admin
@@ -235,6 +253,39 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
         except Exception:  # noqa: BLE001 - unreachable: shown as missing
             metrics.rows = None
     return metrics
+
+
+def _decisions(ssm: Client, name: str) -> list[list[str]]:
+    """The controller's last decisions, from its state parameter (none yet: empty)."""
+    import json
+
+    try:
+        value = ssm.get_parameter(Name=name)["Parameter"]["Value"]
+        return [list(d) for d in json.loads(value).get("decisions", [])]
+    except Exception:  # noqa: BLE001 - no parameter yet, or not readable: shown as none
+        return []
+
+
+def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float = 40.0) -> Bill:
+    """What the window cost, from what it measured: the hosts in service (now) over the window,
+    the worker's GB-seconds and calls, the queue's requests, the NAT's hours and the tiles'
+    bytes (``tile_kb`` each, estimate's default), the database and load balancer hours."""
+    from .layout import worker_lambda
+
+    window = metrics.window_seconds
+    deleted = metrics.deleted or 0.0
+    calls = metrics.invocations or 0.0
+    name = worker_lambda(values["lambdas"])
+    memory_gb = values["lambdas"][name]["memory"] / 1024 if name else 1.0
+    tile_gb = deleted * tile_kb / 1e6
+    usage = Usage(
+        instance_seconds=(metrics.hosts or 0) * window,
+        lambda_gb_seconds=(metrics.duration_sum_ms or 0.0) / 1000 * memory_gb,
+        lambda_requests=calls, sqs_requests=deleted / 10 + 2 * calls,
+        nat_seconds=window, nat_gb=tile_gb, database_seconds=window,
+        load_balancer_seconds=window,
+        load_balancer_lcu_hours=max(window / 3600, tile_gb * 4 / 3))
+    return bill(usage, prices, values["ecs"]["instanceType"], values["rds"]["instanceType"])
 
 
 def as_dict(metrics: Metrics, diagnosis: Diagnosis) -> dict:
@@ -269,6 +320,16 @@ def render(metrics: Metrics, diagnosis: Diagnosis) -> str:
     eta = diagnosis.eta_seconds
     rows.append(["queue drains in", "unknown" if eta is None else
                  f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"])
+    rows.append(["GPU hosts in service", show(metrics.hosts)])
+    if metrics.cost:
+        total = sum(metrics.cost.values())
+        hosts = sum(v for k, v in metrics.cost.items() if k.startswith("GPU hosts"))
+        lam = sum(v for k, v in metrics.cost.items() if k.startswith("Lambda"))
+        rows.append(["cost of the window", f"${total:,.2f} (GPU hosts ${hosts:,.2f}, Lambda "
+                                           f"${lam:,.2f}, the rest ${total - hosts - lam:,.2f})"])
+        rows.append(["cost per million tiles (window)",
+                     f"${total / metrics.deleted * 1e6:,.2f}" if metrics.deleted else
+                     "no tile finished"])
     lines = [tabulate(rows, tablefmt="plain"), "",
              f"Diagnosis: {diagnosis.title}" + (f" (scenario {diagnosis.scenario})"
                                                  if diagnosis.scenario else "")]
@@ -276,4 +337,11 @@ def render(metrics: Metrics, diagnosis: Diagnosis) -> str:
     lines.append(f"Recommendation: {diagnosis.recommendation}")
     if diagnosis.missing:
         lines.append(f"Missing: {', '.join(diagnosis.missing)}")
+    if metrics.scaling:
+        lines.append("This stack scales itself: its controller applies this each minute.")
+        lines.append("Controller decisions (latest last):" if metrics.decisions else
+                     "Controller decisions: none yet.")
+        lines += [f"  {when}  {line}" for when, line in metrics.decisions[-8:]]
+    if metrics.prices:
+        lines.append(metrics.prices)
     return "\n".join(lines)

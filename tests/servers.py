@@ -496,3 +496,37 @@ class SqsServer(_Server):
                     successful.append({"Id": entry["Id"], "MessageId": str(server.entries_seen),
                                        "MD5OfMessageBody": hashlib.md5(body.encode()).hexdigest()})
             self.send(200, json.dumps({"Successful": successful, "Failed": failed}).encode())
+
+
+class PricingServer(_Server):
+    """The AWS Price List API's GetProducts (JSON 1.1), answering from ``products``: a list of
+    (service code, attributes, USD price per unit). A product matches when every TERM_MATCH filter
+    names one of its attributes with that value; each answer is the product as the API writes it
+    (a JSON string with ``product.attributes`` and ``terms.OnDemand…pricePerUnit.USD``), with a
+    free first tier as SQS and Lambda have. ``page`` products per page (NextToken)."""
+
+    def __init__(self, products: list[tuple[str, dict[str, str], float]], page: int = 2):
+        self.products, self.page, self.calls = products, page, []
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def do_POST(self) -> None:
+            server: PricingServer = self.server.owner
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            server.calls.append(request)
+            wanted = {f["Field"]: f["Value"] for f in request.get("Filters", [])}
+            found = [json.dumps({
+                "product": {"productFamily": attrs.get("productFamily", ""), "attributes": attrs},
+                "terms": {"OnDemand": {"SKU.TERM": {"priceDimensions": {
+                    "SKU.TERM.FREE": {"beginRange": "0", "endRange": "1000000",
+                                      "pricePerUnit": {"USD": "0.0000000000"}},
+                    "SKU.TERM.PAID": {"beginRange": "1000000", "endRange": "Inf",
+                                      "pricePerUnit": {"USD": f"{price:.10f}"}}}}}}})
+                for code, attrs, price in server.products
+                if code == request.get("ServiceCode") and all(
+                    attrs.get(k) == v for k, v in wanted.items())]
+            start = int(request.get("NextToken") or 0)
+            body = {"FormatVersion": "aws_v1", "PriceList": found[start:start + server.page]}
+            if start + server.page < len(found):
+                body["NextToken"] = str(start + server.page)
+            self.send(200, json.dumps(body).encode(), "application/x-amz-json-1.1")

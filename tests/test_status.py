@@ -124,3 +124,23 @@ def test_results_rows_are_counted_when_the_database_is_reachable(deployed, tmp_p
     assert json.loads(result.stdout)["metrics"]["rows"] == 7
     # Without a reachable database (moto reports no stack outputs) the count is missing.
     assert status_json()["metrics"]["rows"] is None
+
+
+def test_a_scaling_stack_shows_its_controllers_decisions_and_the_windows_cost(deployed):
+    client("ssm").put_parameter(Name="/cnsq/cnsq-dev/controller", Type="String", Overwrite=True,
+                                Value=json.dumps({"decisions": [
+                                    ["2026-12-02T03:00:00+00:00", "model tasks 0 → 1: 30 tiles waiting: 1 model tasks (up to 1)"],
+                                    ["2026-12-02T03:06:00+00:00", "raised concurrency 20 → 30: model 41 % busy, p95 6.0 s of 120 s, errors 0%"]]}))
+    lambda_metrics(100, 0, 20_000)
+    gpu(92, 88)
+    screen = CliRunner().invoke(main, ["status", "--since", "1h"], catch_exceptions=False).stdout
+    assert "This stack scales itself" in screen
+    assert "  2026-12-02T03:06:00+00:00  raised concurrency 20 → 30: model 41 % busy" in screen
+    # The window's cost from what it measured: Lambda 30 s of 1 GB (20 + 10 s of Duration), …
+    report = status_json()
+    cost = report["metrics"]["cost"]
+    assert cost["Lambda compute"] == pytest.approx(30.0 * 0.0000166667)
+    assert cost["Lambda requests"] == pytest.approx(100 * 0.0000002)
+    assert cost["NAT data processed"] == pytest.approx(90 * 40 / 1e6 * 0.045)
+    assert "cost per million tiles (window)" in screen
+    assert "Prices: the prices shipped with cnsq" in screen  # moto has no Price List API

@@ -24,6 +24,7 @@ SHORT_HELP = {
     "push": "Send tiles to the queue.",
     "redrive": "Move the dead letter queue back to the tile queue.",
     "status": "The run's numbers and what to change.",
+    "estimate": "The time and the cost of N tiles for this config.",
     "verify": "Check every part of the stack (or of a local setup).",
     "tag-logs": "Tag the stack's log groups for cost tracking.",
     "gpu-util": "GPU utilisation of each model instance.",

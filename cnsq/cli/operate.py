@@ -367,16 +367,22 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
       cnsq status --config config/config.yml --since 30m --watch
     """
 
-    from ..status import as_dict, collect, diagnose, render
+    from ..cost import prices_for
+    from ..status import as_dict, collect, diagnose, render, window_cost
 
     window = _duration(since)
     deployed = settings.deployed()
     deployed.require()
     config = deployed.config
     lam = deployed.worker or {"timeout": 300, "concurrent": None}
+    ecs = config.values["ecs"]
+    prices, note = prices_for(settings.aws().session, settings.aws().session.region_name or
+                              "us-east-1", ecs["instanceType"], config.values["rds"]["instanceType"])
     # Without --database-url, the stack's admin function counts the rows (see status.collect).
     while True:
         metrics = collect(deployed, window, database_url)
+        metrics.cost = {i.name: i.cost for i in window_cost(metrics, config.values, prices).items}
+        metrics.prices = note or f"Prices: {prices.source}."
         diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],
                              config.values["ecs"]["desiredInstances"])
         if as_json:
@@ -389,3 +395,55 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
         if not watch:
             return
         time.sleep(30)
+
+
+@main.command()
+@click.argument("tiles", type=click.IntRange(1))
+@config_options
+@click.option("--offline", is_flag=True, help="Use the prices shipped with cnsq; ask no API.")
+@click.option("--tiles-per-second", type=click.FloatRange(min=0.001), default=110.0,
+              show_default=True, help="One model task's (one GPU's) rate, measured or published.")
+@click.option("--call-seconds", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+              help="One worker call of sqs.batchSize tiles (downloads, prediction, write).")
+@click.option("--tile-kb", type=click.FloatRange(min=0.001), default=40.0, show_default=True,
+              help="One image's size.")
+@json_option
+def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: float,
+             call_seconds: float, tile_kb: float, as_json: bool) -> None:
+    """The time and the cost of TILES tiles with this config, item by item.
+
+    Prices are this region's from the AWS Price List API (pricing:GetProducts), or, offline or
+    when the API cannot be read, the dated prices shipped with cnsq (said when used). The
+    figures the config does not hold are options, with documented defaults (docs/operating.md,
+    "Cost"): a model task's rate, a call's duration, a tile's size.
+
+    \b
+    Examples:
+      cnsq estimate 1000000 --config config/config.yml
+      cnsq estimate 250000 --config config/config.yml --tiles-per-second 60 --offline
+    """
+    from ..cost import prices_for
+    from ..estimate import PerTile
+    from ..estimate import estimate as run_estimate
+
+    config = settings.load()
+    values = config.values
+    session = None if offline else settings.aws().session
+    region = settings.region_and_source()[0] or (session.region_name if session else None) \
+        or "us-east-1"
+    prices, note = prices_for(session, region, values["ecs"]["instanceType"],
+                              values["rds"]["instanceType"])
+    result = run_estimate(tiles, values, prices, PerTile(tiles_per_second, call_seconds, tile_kb))
+    if as_json:
+        _print_json({"tiles": tiles, "seconds": result.seconds, "hosts": result.hosts,
+                     "total": result.bill.total, "perMillion": result.per_million,
+                     "items": [i.__dict__ for i in result.bill.items], "idle": result.idle.total,
+                     "standingPerDay": result.standing_per_day, "prices": prices.source,
+                     "notes": ([note] if note else []) + result.notes})
+        return
+    hours, minutes = divmod(round(result.seconds / 60), 60)
+    click.echo(f"{tiles:,} tiles on {config.stack_name}: about {hours}h{minutes:02d}m, "
+               f"${result.bill.total:,.2f} (${result.per_million:,.2f} per million tiles)")
+    click.echo(tabulate(result.bill.rows(), headers=["Item", "Quantity", "Price", "Cost"]))
+    for line in ([note] if note else []) + result.notes:
+        click.echo(f"  {line}")

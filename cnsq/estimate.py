@@ -1,0 +1,98 @@
+"""``cnsq estimate``: the time and the cost of N tiles for a config, item by item.
+
+The figures a run depends on that the config does not hold (:class:`PerTile`) have documented
+defaults — the ones the simulation runs on (:class:`cnsq.simulation.World`) — and options to give
+measured ones. The arithmetic of the bill is :func:`cnsq.cost.bill`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .cost import Bill, Prices, Usage, bill
+
+HOST_START_SECONDS = 300.0  # a GPU host's boot, registration, image pull and model load
+
+
+@dataclass(frozen=True)
+class PerTile:
+    """``tiles_per_second``: one model task's rate (one GPU) with full TF Serving batches;
+    ``call_seconds``: one worker call (``batchSize`` tiles: downloads, the prediction, the write);
+    ``tile_kb``: one image's size, as it comes through the NAT gateway."""
+
+    tiles_per_second: float = 110.0
+    call_seconds: float = 1.0
+    tile_kb: float = 40.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    tiles: int
+    hosts: int
+    tasks: int
+    seconds: float  # from the push to the last tile (hosts starting included)
+    bill: Bill
+    idle: Bill  # a scaling stack's hosts kept idleMinutes after the work (not in ``bill``)
+    standing_per_day: float  # NAT gateway, database and load balancer, while the stack exists
+    notes: list[str]
+
+    @property
+    def per_million(self) -> float:
+        return self.bill.per_million(self.tiles)
+
+
+def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
+             worker: str | None = None) -> Estimate:
+    """The estimate for ``tiles`` with the config ``values`` (validated) at ``prices``.
+
+    The hosts are ``ecs.maxInstances`` when the stack scales itself (the controller takes it to
+    the maximum for any backlog worth a host), else ``ecs.desiredInstances``; each runs
+    ``tasksPerInstance`` tasks. The drain is the tiles over the tasks' rate, plus a host's start.
+    """
+    if tiles < 1:
+        raise ValueError("the number of tiles must be 1 or more")
+    ecs, sqs = values["ecs"], values["sqs"]
+    scaling = ecs["minInstances"] is not None
+    hosts = ecs["maxInstances"] if scaling else ecs["desiredInstances"]
+    if hosts < 1:
+        raise ValueError("no GPU host: ecs.maxInstances (or desiredInstances) is 0")
+    tasks = hosts * ecs["tasksPerInstance"]
+    work = tiles / (tasks * per.tiles_per_second)
+    seconds = work + HOST_START_SECONDS
+    lambdas = values["lambdas"]
+    name = worker or next((n for n, spec in lambdas.items() if spec.get("queueTrigger")),
+                          next(iter(lambdas)))
+    memory_gb = lambdas[name]["memory"] / 1024
+    calls = math.ceil(tiles / sqs["batchSize"])
+    tile_gb = tiles * per.tile_kb / 1e6
+    hours = seconds / 3600
+    usage = Usage(
+        instance_seconds=hosts * seconds,
+        lambda_gb_seconds=calls * per.call_seconds * memory_gb,
+        lambda_requests=calls,
+        # SendMessageBatch (10 a request), a receive and a delete per call.
+        sqs_requests=math.ceil(tiles / 10) + 2 * calls,
+        nat_seconds=seconds, nat_gb=tile_gb, database_seconds=seconds,
+        load_balancer_seconds=seconds,
+        # 1 LCU processes 1 GB an hour; the images travel base64-encoded (4/3) to the model.
+        load_balancer_lcu_hours=max(hours, tile_gb * 4 / 3))
+    database = values["rds"]["instanceType"]
+    total = bill(usage, prices, ecs["instanceType"], database)
+    idle_seconds = ecs["idleMinutes"] * 60 if scaling else 0
+    idle = bill(Usage(instance_seconds=hosts * idle_seconds), prices, ecs["instanceType"], None)
+    day = 86400.0
+    standing = bill(Usage(nat_seconds=day, database_seconds=day, load_balancer_seconds=day,
+                          load_balancer_lcu_hours=24), prices, ecs["instanceType"], database)
+    notes = [f"{hosts} host(s) × {ecs['tasksPerInstance']} model task(s), "
+             f"{per.tiles_per_second:g} tiles/s per task, {per.call_seconds:g} s per call of "
+             f"{sqs['batchSize']} tiles, {per.tile_kb:g} KB per tile"]
+    if scaling:
+        notes.append(f"after the work the hosts wait ecs.idleMinutes ({ecs['idleMinutes']}) "
+                     f"before going to {ecs['minInstances']}: ${idle.total:,.2f} more")
+    else:
+        notes.append("a fixed size bills its hosts until the stack is deleted; counted here "
+                     "until the last tile only")
+    notes.append(f"the stack's standing parts (NAT gateway, database, load balancer) cost "
+                 f"${standing.total:,.2f} a day while it exists, work or not")
+    return Estimate(tiles, hosts, tasks, seconds, total, idle, standing.total, notes)

@@ -1,0 +1,110 @@
+"""cnsq estimate: checked against a hand computation from the shipped prices, and reading the
+region's prices from a Price List API endpoint on 127.0.0.1 (moto does not model it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from servers import PricingServer
+
+from cnsq.cli import main
+from cnsq.config import load_config
+from cnsq.cost import shipped_prices
+from cnsq.estimate import PerTile, estimate
+
+
+def test_a_million_tiles_by_hand(project):
+    values = load_config("config/config.yml").values  # the example: 1 g4dn.xlarge, scaling
+    result = estimate(1_000_000, values, shipped_prices(), PerTile(100.0, 1.5, 50.0))
+    # By hand: 1,000,000 / 100 tiles/s = 10,000 s, + 300 s of host start = 10,300 s.
+    hours = 10_300 / 3600
+    expected = {
+        "GPU hosts (g4dn.xlarge)": hours * 0.526,
+        "Lambda compute": 100_000 * 1.5 * 1.0 * 0.0000166667,  # calls × s × GB
+        "Lambda requests": 100_000 * 0.0000002,
+        "SQS requests": (100_000 + 2 * 100_000) * 0.0000004,  # batches of 10, receive, delete
+        "NAT gateway hours": hours * 0.045,
+        "NAT data processed": 50.0 * 0.045,  # 1,000,000 × 50 KB
+        "Load balancer hours": hours * 0.0225,
+        "Load balancer capacity": 50.0 * 4 / 3 * 0.008,
+        "Database (db.t3.medium)": hours * 0.072,
+    }
+    got = {item.name: item.cost for item in result.bill.items}
+    assert got == pytest.approx(expected)
+    assert result.bill.total == pytest.approx(sum(expected.values()))
+    assert result.seconds == 10_300 and result.hosts == 1
+    assert result.idle.total == pytest.approx(0.25 * 0.526)  # idleMinutes 15 of one host
+
+
+PRODUCTS = [
+    ("AmazonEC2", {"instanceType": "g4dn.xlarge", "regionCode": "eu-west-1",
+                   "operatingSystem": "Linux", "tenancy": "Shared", "preInstalledSw": "NA",
+                   "capacitystatus": "Used", "usagetype": "EU-BoxUsage:g4dn.xlarge"}, 0.587),
+    # A Windows price the filters must leave out.
+    ("AmazonEC2", {"instanceType": "g4dn.xlarge", "regionCode": "eu-west-1",
+                   "operatingSystem": "Windows", "tenancy": "Shared", "preInstalledSw": "NA",
+                   "capacitystatus": "Used", "usagetype": "EU-BoxUsage:g4dn.xlarge"}, 0.771),
+    ("AmazonEC2", {"productFamily": "NAT Gateway", "regionCode": "eu-west-1",
+                   "usagetype": "EU-NatGateway-Hours"}, 0.048),
+    ("AmazonEC2", {"productFamily": "NAT Gateway", "regionCode": "eu-west-1",
+                   "usagetype": "EU-NatGateway-Bytes"}, 0.048),
+    ("AmazonRDS", {"instanceType": "db.t3.medium", "regionCode": "eu-west-1",
+                   "databaseEngine": "PostgreSQL", "deploymentOption": "Single-AZ",
+                   "usagetype": "EU-InstanceUsage:db.t3.medium"}, 0.078),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-GB-Second-ARM"}, 0.0000133334),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-GB-Second"}, 0.0000166667),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Request"}, 0.0000002),
+    ("AWSQueueService", {"regionCode": "eu-west-1", "usagetype": "EU-Requests-Tier1"}, 0.0000004),
+    ("AWSELB", {"productFamily": "Load Balancer-Application", "regionCode": "eu-west-1",
+                "usagetype": "EU-LoadBalancerUsage"}, 0.0252),
+    ("AWSELB", {"productFamily": "Load Balancer-Application", "regionCode": "eu-west-1",
+                "usagetype": "EU-LCUUsage"}, 0.008),
+]
+
+
+def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
+    server = PricingServer(PRODUCTS)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
+    try:
+        result = CliRunner().invoke(main, ["estimate", "1000000", "--region", "eu-west-1",
+                                           "--json"], catch_exceptions=False)
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["prices"] == "the AWS Price List API (eu-west-1)"
+    price = {item["name"]: item["price"] for item in report["items"]}
+    assert price["GPU hosts (g4dn.xlarge)"] == 0.587  # Linux, not the Windows price
+    assert price["Lambda compute"] == 0.0000166667  # x86, not ARM; the paid tier
+    assert price["Database (db.t3.medium)"] == 0.078
+    assert price["NAT data processed"] == 0.048
+    assert not [n for n in report["notes"] if n.startswith("Prices:")]
+    assert all(c["FormatVersion"] == "aws_v1" for c in server.calls)
+
+
+def test_without_the_api_the_shipped_prices_are_used_and_said(project, monkeypatch):
+    server = PricingServer(PRODUCTS[:1])  # no NAT, database … prices: the API cannot answer
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
+    try:
+        result = CliRunner().invoke(main, ["estimate", "1000", "--region", "eu-west-1"],
+                                    catch_exceptions=False)
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    assert ("Prices: the prices shipped with cnsq (us-east-1, 2026-12-01), not the Price List API "
+            "(the Price List API has no lambda gb second for eu-west-1); eu-west-1's prices may "
+            "differ") in result.stdout
+    offline = CliRunner().invoke(main, ["estimate", "1000", "--offline"], catch_exceptions=False)
+    assert "not the Price List API (--offline)" in offline.stdout
+
+
+def test_an_instance_type_without_a_shipped_price_is_a_clear_error(project):
+    from pathlib import Path
+
+    path = Path("config/config.yml")
+    path.write_text(path.read_text().replace("instanceType: g4dn.xlarge", "instanceType: g6e.2xlarge"))
+    result = CliRunner().invoke(main, ["estimate", "1000", "--offline"])
+    assert result.exit_code == 1
+    assert "No price for g6e.2xlarge in the prices shipped with cnsq" in result.output
