@@ -477,8 +477,9 @@ class _Sim:
                     gpu = 100.0 * sum(min(1.0, (t.busy - minute.get(id(t), t.busy)) / 60.0)
                                       for t in healthy) / len(healthy)
                 minute = {id(t): t.busy for t in healthy}
+                waiting = self.backlog + self.invisible_tiles if self.pushed else self.tiles
                 self.samples.append(Sample(
-                    self.env.now, self.backlog + self.invisible_tiles, len(self.live_hosts()),
+                    self.env.now, waiting, len(self.live_hosts()),
                     len(healthy), self.concurrency, self.receiving, gpu, self.scenario))
             minimum = self.setup.min_instances if self.setup.fixed is None else 0
             if self.drained_at is not None and self.at_minimum_at is None and \

@@ -228,8 +228,8 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
                 metrics.gpu[metric["Dimensions"][0]["Value"]] = value
     group = deployed.resources.get(layout.autoscaling_group(n), ("", ""))[1]
     if group:
-        groups = aws.client("autoscaling").describe_auto_scaling_groups(
-            AutoScalingGroupNames=[group]).get("AutoScalingGroups", [])
+        groups = _aws.collect(aws.client("autoscaling"), "describe_auto_scaling_groups",
+                              "AutoScalingGroups", AutoScalingGroupNames=[group])
         if groups:
             metrics.hosts = sum(1 for i in groups[0].get("Instances", [])
                                 if i.get("LifecycleState") == "InService")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -571,10 +571,52 @@ def bench_view(db: Database, args) -> list[Result]:
     ]
 
 
+def bench_tune(db: Database, args) -> list[Result]:
+    """The stack's controller in the simulation (cnsq.simulation), N tiles from zero hosts,
+    against a grid of fixed setups (1..maxInstances hosts × concurrency) in the same simulator,
+    and the original's defaults (one host, concurrency 5)."""
+    from cnsq.cost import shipped_prices
+    from cnsq.simulation import Setup, World, simulate, tune
+
+    prices = shipped_prices()
+    setup = Setup(max_instances=args.tune_hosts)
+    started = time.perf_counter()
+    tuned = tune(setup, args.tune_tiles, prices, workers=os.cpu_count() or 1)
+    took = time.perf_counter() - started
+    auto = tuned.controller
+    (fh, fc), fastest = tuned.fastest
+    (ch, cc), cheapest = tuned.cheapest
+    original = tuned.fixed.get((1, 5)) or simulate(replace(setup, fixed=1, concurrency=5),
+                                                   args.tune_tiles, prices)
+    heavy = simulate(Setup(max_instances=1, warm_instances=1, concurrency=40, lambda_timeout=60,
+                           visibility_timeout=360), 20_000, prices,
+                     World(gpu_fixed_s=0.05, gpu_per_tile_s=0.2))
+    to_four = next((s.t for s in heavy.samples if s.scenario == 4), float("nan"))
+    minutes = 60.0
+    print(f"# tune: {args.tune_tiles:,} tiles, {len(tuned.fixed)} fixed setups and the controller "
+          f"simulated in {took:.0f} s; controller GPU use while there was work "
+          f"{auto.gpu_utilisation:.1%}, dead letter {auto.dead_letter} tiles, hosts at the "
+          f"minimum {auto.hosts_at_minimum_after / minutes:.1f} min after the drain "
+          f"(target ≤ {setup.idle_minutes + 5:.0f}), scenario 1 → 4 in {to_four / minutes:.0f} "
+          f"min (target ≤ 10); its idle tail costs ${auto.tail.total:.2f}", flush=True)
+    return [
+        Result("tune: controller drain (min)", auto.drained_at / minutes, "min",
+               f"fastest fixed: {fh} hosts × {fc} calls", fastest.drained_at / minutes, "≤ 1.10"),
+        Result("tune: controller $ per million", auto.per_million, "$",
+               f"cheapest fixed: {ch} hosts × {cc} calls", cheapest.per_million, "≤ 1.10"),
+        Result("tune: original defaults drain", original.drained_at / minutes, "min",
+               "controller", auto.drained_at / minutes, "how far"),
+        Result("tune: original defaults $/million", original.per_million, "$",
+               "controller", auto.per_million, "how far"),
+        Result("tune: controller GPU use (work)", 100 * auto.gpu_utilisation, "%",
+               "target", 85.0, "≥ 1.00", better="higher"),
+    ]
+
+
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
                                    "push": bench_push, "convert-geojson": bench_convert,
                                    "serve": bench_serve, "pipeline": bench_pipeline,
-                                   "view": bench_view}
+                                   "view": bench_view, "tune": bench_tune}
 
 
 def main() -> int:
@@ -596,6 +638,8 @@ def main() -> int:
     parser.add_argument("--pipeline-concurrency", type=int, default=16,
                         help="requests (server alone) or handler calls (cnsq run) in flight")
     parser.add_argument("--view-rows", type=int, default=1_000_000, help="results for the view bench")
+    parser.add_argument("--tune-tiles", type=int, default=1_000_000, help="tiles for the tune bench")
+    parser.add_argument("--tune-hosts", type=int, default=4, help="ecs.maxInstances for tune")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
                         help="Also write the results as a Markdown table (for docs/performance.md).")
     args = parser.parse_args()
