@@ -120,7 +120,8 @@ def test_auto_concurrency_raises_the_calls_until_the_model_is_busy():
     assert report.tiles == 6000 and not report.failed
     assert auto.decisions and auto.decisions[0].startswith("raised concurrency 1 → 2")
     assert auto.limit >= 5  # the model's six places in use, or nearly
-    assert all("lowered" not in line for line in auto.decisions)  # no call waited long
+    # No call waited long: the only steps down are probes of a busy model that gained nothing.
+    assert all("lowered" not in line or "gained" in line for line in auto.decisions)
 
 
 # The model tasks' count (the stack's controller; the simulation runs the same function).

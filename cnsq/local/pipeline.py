@@ -80,13 +80,16 @@ class AutoConcurrency:
         self.interval, self.timeout = interval, timeout
         self.durations: list[float] = []
         self.failures = 0
+        self.tiles_done = 0
+        self.probe = None  # the controller's probe of a busy model, kept between decisions
         self.last = time.monotonic()
         self.last_busy = busy()
         self.decisions: list[str] = []
 
-    def finished(self, seconds: float, failed_reasons: Iterable[str]) -> None:
+    def finished(self, seconds: float, failed_reasons: Iterable[str], written: int = 0) -> None:
         self.durations.append(seconds)
         self.failures += any(reason in MODEL_FAILURES for reason in failed_reasons)
+        self.tiles_done += written
 
     def tick(self, submitted_tiles: int, in_flight_tiles: int) -> None:
         from download_and_predict.controller import Signals, decide
@@ -104,13 +107,14 @@ class AutoConcurrency:
         signals = Signals(healthy=busy_now is not None, backlog=self.total - submitted_tiles,
                           in_flight=in_flight_tiles, calls=len(self.durations),
                           model_errors=self.failures, p95_seconds=p95,
-                          timeout_seconds=self.timeout, busy_percent=busy_percent)
-        decision = decide(signals, self.limit, self.limits)
+                          timeout_seconds=self.timeout, busy_percent=busy_percent,
+                          throughput=self.tiles_done / (now - self.last))
+        decision = decide(signals, self.limit, self.limits, self.probe)
         if decision.concurrency != self.limit:
             self.decisions.append(decision.line(self.limit))
-        self.limit = decision.concurrency
+        self.limit, self.probe = decision.concurrency, decision.probe
         self.last, self.last_busy = now, busy_now
-        self.durations, self.failures = [], 0
+        self.durations, self.failures, self.tiles_done = [], 0, 0
 
 
 def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: int = 10,
@@ -129,7 +133,7 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
         began = time.monotonic()
         outcome = app.process(event)
         if auto is not None:
-            auto.finished(time.monotonic() - began, outcome.failed.values())
+            auto.finished(time.monotonic() - began, outcome.failed.values(), outcome.written)
         return outcome
 
     def limit() -> int:
