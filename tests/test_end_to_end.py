@@ -10,6 +10,7 @@ import time
 
 import boto3
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 from servers import TileServer, fresh_database
@@ -169,3 +170,36 @@ def test_work_takes_the_stacks_queue_model_and_tiles_from_the_config(project, tm
     assert elapsed < 10, f"{elapsed:.1f}s: waited for a last long poll"
     assert set(tiles.tokens) == {"tok-8JmX-never-print"}  # the config's token, from its .env
     assert "tok-8JmX-never-print" not in worked.output
+
+
+@pytest.mark.slow  # 30 s: 600 tiles through moto's SQS with a slow tile server
+def test_work_decides_its_concurrency_by_default(aws, postgres_url, tmp_path, monkeypatch):
+    """cnsq work without --concurrency: the controller's rules over its own measurements raise
+    the pollers from 4 while the model is idle and calls are short; every tile is written."""
+    monkeypatch.chdir(tmp_path)
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    queue = sqs.create_queue(QueueName="auto", Attributes={"VisibilityTimeout": "60"})["QueueUrl"]
+    ids = [f"{x}-{y}-12" for x in range(100, 130) for y in range(200, 220)]  # 600 tiles
+    tiles = TileServer(content={t: png((38, 82, 156)) for t in ids}, delay=0.1)
+    server = serve.start(water_classifier(tmp_path / "water.onnx"), port=0, name="water")
+    database = fresh_database(postgres_url, "auto")
+    try:
+        (tmp_path / "tiles.txt").write_text("".join(f"{t}\n" for t in ids))
+        runner = CliRunner()
+        assert runner.invoke(main, ["push", "tiles.txt", queue]).exit_code == 0
+        worked = runner.invoke(main, [
+            "work", "--queue-url", queue, "--database-url", database,
+            "--prediction-endpoint", server.endpoint,
+            "--tile-endpoint", tiles.url + "/{z}/{x}/{y}.png",
+            "--until-empty", "--wait-seconds", "1"], catch_exceptions=False)
+        assert worked.exit_code == 0, worked.output
+        assert "succeeded, 0 failed." in worked.stderr  # (SQS may deliver a message twice)
+        assert "concurrency: raised concurrency 4 → " in worked.stderr, worked.stderr
+        from cnsq.results import open_store
+
+        store = open_store(database)
+        assert store.count() == 600
+        store.close()
+    finally:
+        server.close()
+        tiles.close()

@@ -117,7 +117,9 @@ def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> int 
 @click.option("--tile-endpoint", envvar="TILE_ENDPOINT",
               help="Imagery URL template, e.g. https://…/{z}/{x}/{y}.jpg?access_token={token} "
                    "[default: the config's TILE_ENDPOINT and token].")
-@click.option("--concurrency", "-n", default=4, show_default=True, help="Pollers at once.")
+@click.option("--concurrency", "-n", default="auto", show_default=True, callback=_concurrency,
+              help="Pollers at once: 'auto' decides as the work goes (from 4), with the stack "
+                   "controller's rules over this worker's own measurements; a number fixes it.")
 @click.option("--batch-size", type=click.IntRange(1, 10),
               help="Messages per receive (SQS allows 10), like the event source's batch size "
                    "[default: the config's sqs.batchSize, at most 10; else 10].")
@@ -126,7 +128,7 @@ def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> int 
 @click.option("--until-empty", is_flag=True, help="Stop when nothing is waiting or in flight.")
 @config_options
 def work(settings: Settings, queue_url: str | None, database_url: str,
-         model_endpoint: str | None, tile_endpoint: str | None, concurrency: int,
+         model_endpoint: str | None, tile_endpoint: str | None, concurrency: int | None,
          batch_size: int | None, wait_seconds: int, until_empty: bool) -> None:
     """Poll an SQS queue and run the Lambda's handler here (a laptop or an EC2 box).
 
@@ -167,6 +169,15 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
     if token and not env.get("TILE_ACCESS_TOKEN"):
         env["TILE_ACCESS_TOKEN"] = token
     app = build(env)
+    auto = None
+    if concurrency is None:
+        from ..local.pipeline import AUTO_MOST, AutoConcurrency, _stats_reader
+
+        stats = _stats_reader(_predict_url(model_endpoint))
+        auto = AutoConcurrency(stats, 0, start=4, high=AUTO_MOST,
+                               timeout=app.settings.predict_timeout,
+                               needs_stats=stats() is not None)
+        concurrency = AUTO_MOST
     sqs = Aws(settings.profile, settings.region or _queue_region(queue_url)).client(
         "sqs", max_pool_connections=concurrency + 4)
     started = time.monotonic()
@@ -178,7 +189,10 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
 
     report = run_work(sqs, queue_url, app, concurrency=concurrency, batch_size=batch_size or 10,
                       wait_seconds=wait_seconds, until_empty=until_empty,
-                      progress=progress if sys.stderr.isatty() else None)
+                      progress=progress if sys.stderr.isatty() else None, auto=auto)
+    if auto is not None:
+        for line in auto.decisions:
+            click.echo(f"concurrency: {line}", err=True)
     if sys.stderr.isatty():
         click.echo("", err=True)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.reasons.items()))
@@ -205,10 +219,10 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
 @click.option("--database-url", envvar="DATABASE_URL",
               help="Where results are written [default: DATABASE_URL, else a SQLite file beside "
                    "--out (results.csv → results.db) that holds this run's results only].")
-@click.option("--concurrency", "-n", default="16", show_default=True, callback=_concurrency,
-              help="Handler calls at once (enough to keep both of the model server's batches "
-                   "full), or 'auto': decided as the run goes from the model's busy share, the "
-                   "calls' durations and the model's failures, as cnsq status diagnoses.")
+@click.option("--concurrency", "-n", default="auto", show_default=True, callback=_concurrency,
+              help="Handler calls at once: 'auto' decides as the run goes (from 16) with the "
+                   "stack controller's rules — the model's busy share, the calls' durations, its "
+                   "failures, and whether more calls still gain tiles per second; a number fixes it.")
 @click.option("--batch-size", default=10, show_default=True, help="Tiles per handler call.")
 @click.option("--max-batch", default=32, show_default=True, help="Instances per inference call.")
 @click.option("--max-missing", type=click.FloatRange(0, 1), default=0.5, show_default=True,

@@ -72,9 +72,13 @@ class AutoConcurrency:
     calls run at once."""
 
     def __init__(self, busy: Callable[[], tuple[float, int] | None], total_tiles: int,
-                 start: int = 4, high: int = 64, interval: float = 2.0, timeout: float = 60.0):
+                 start: int = 4, high: int = 64, interval: float = 2.0, timeout: float = 60.0,
+                 needs_stats: bool = True):
+        """``needs_stats``: the model's stats path answering is how it is known to be up
+        (cnsq serve); False for a server without one (TF Serving): its failures tell instead."""
         from download_and_predict.controller import Limits
 
+        self.needs_stats = needs_stats
         self.busy, self.total, self.limit = busy, total_tiles, start
         self.limits = Limits(low=1, high=high)
         self.interval, self.timeout = interval, timeout
@@ -91,7 +95,9 @@ class AutoConcurrency:
         self.failures += any(reason in MODEL_FAILURES for reason in failed_reasons)
         self.tiles_done += written
 
-    def tick(self, submitted_tiles: int, in_flight_tiles: int) -> None:
+    def tick(self, submitted_tiles: int, in_flight_tiles: int, backlog: int | None = None) -> None:
+        """``backlog``: tiles waiting, when known directly (a queue's count); else the total
+        less those submitted."""
         from download_and_predict.controller import Signals, decide
 
         now = time.monotonic()
@@ -104,7 +110,8 @@ class AutoConcurrency:
                                / ((now - self.last) * max(1, busy_now[1])))
         ordered = sorted(self.durations)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else None
-        signals = Signals(healthy=busy_now is not None, backlog=self.total - submitted_tiles,
+        waiting = backlog if backlog is not None else self.total - submitted_tiles
+        signals = Signals(healthy=busy_now is not None or not self.needs_stats, backlog=waiting,
                           in_flight=in_flight_tiles, calls=len(self.durations),
                           model_errors=self.failures, p95_seconds=p95,
                           timeout_seconds=self.timeout, busy_percent=busy_percent,
@@ -215,6 +222,9 @@ def probe(app, tile) -> None:
         raise CnsqError(f"the model refused {where}: {mask(str(exc))}; nothing was run") from None
 
 
+# Where auto starts: the fixed value that kept both of the model server's batches full on a
+# 2-core machine (bench.py pipeline); the controller moves it from there.
+AUTO_START = 16
 AUTO_MOST = 64  # the most calls at once --concurrency auto goes to
 
 
@@ -254,7 +264,7 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         if concurrency is None:
             with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
                 total = sum(1 for line in read_lines(stream) if line.tile is not None)
-            auto = AutoConcurrency(_stats_reader(server.endpoint), total, high=most,
+            auto = AutoConcurrency(_stats_reader(server.endpoint), total, start=AUTO_START, high=most,
                                    timeout=app.settings.predict_timeout)
         with tiles.open(encoding="utf-8-sig", errors="surrogateescape") as stream:
             report = run_pipeline(read_lines(stream), app, most, batch_size, progress, auto)

@@ -51,9 +51,14 @@ def to_record(message: dict, queue_arn: str, region: str) -> dict:
 def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_size: int = 10,
          wait_seconds: int = 20, until_empty: bool = False,
          stop: threading.Event | None = None,
-         progress: Callable[[WorkReport], None] | None = None) -> WorkReport:
+         progress: Callable[[WorkReport], None] | None = None,
+         auto: Any = None) -> WorkReport:
     """Poll until stopped (or, with ``until_empty``, until nothing is waiting or in flight: the
-    queue is asked every second, so the end is not held by a last long poll)."""
+    queue is asked every second, so the end is not held by a last long poll).
+
+    ``auto`` (a :class:`cnsq.local.pipeline.AutoConcurrency`): ``concurrency`` pollers are
+    started, and only the first ``auto.limit`` of them receive; the controller moves the limit
+    from the calls' durations and failures, the model's busy share and the queue's depth."""
     attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
     queue_arn = attributes["Attributes"]["QueueArn"]
     region = queue_arn.split(":")[3] if queue_arn.count(":") >= 5 else ""
@@ -67,10 +72,10 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
             "ApproximateNumberOfMessagesDelayed"])["Attributes"]
         return all(int(v) == 0 for v in counts.values())
 
-    def poll() -> None:
+    def poll(index: int) -> None:
         """One poller; an error stops it loudly (recorded in the report), never silently."""
         try:
-            poll_until_stopped()
+            poll_until_stopped(index)
         except Exception as exc:  # noqa: BLE001 - reported by the caller, which exits non-zero
             from download_and_predict.masking import mask
 
@@ -78,8 +83,11 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
             with report.lock:
                 report.errors.append(f"{type(exc).__name__}: {text}")
 
-    def poll_until_stopped() -> None:
+    def poll_until_stopped(index: int) -> None:
         while not stop.is_set():
+            if auto is not None and index >= auto.limit:
+                stop.wait(0.2)  # above the controller's limit: take nothing
+                continue
             messages = sqs.receive_message(
                 QueueUrl=queue_url, MaxNumberOfMessages=batch_size, WaitTimeSeconds=wait_seconds,
                 AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
@@ -90,8 +98,13 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
             with report.lock:
                 busy[0] += 1
             try:
+                began = time.monotonic()
                 outcome = app.process({"Records": [to_record(m, queue_arn, region)
                                                    for m in messages]})
+                if auto is not None:
+                    with report.lock:
+                        auto.finished(time.monotonic() - began, outcome.failed.values(),
+                                      outcome.written)
                 done = [m for m in messages if m["MessageId"] not in outcome.failed]
                 for start in range(0, len(done), 10):
                     sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
@@ -106,7 +119,7 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
 
     from ..interrupt import Stop
 
-    threads = [threading.Thread(target=poll, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=poll, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in threads:
         thread.start()
     def idle() -> bool:
@@ -117,6 +130,13 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
     with Stop() as signalled:
         while any(t.is_alive() for t in threads) and not signalled.requested:
             time.sleep(0.1)
+            if auto is not None and time.monotonic() - auto.last >= auto.interval:
+                counts = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+                with report.lock:
+                    auto.tick(0, int(counts["ApproximateNumberOfMessagesNotVisible"]),
+                              backlog=int(counts["ApproximateNumberOfMessages"]))
             if until_empty and time.monotonic() - checked >= 1.0:
                 # The queue is asked here too, every second: the pollers' last long polls would
                 # otherwise hold the end for up to wait_seconds after the work is done. Twice,
