@@ -299,6 +299,33 @@ def bench_convert(db: Database, args) -> list[Result]:
     ]
 
 
+def bench_export(db: Database, args) -> list[Result]:
+    """cnsq export, each format, against reading the same CSV with pyarrow (issue #26's yardstick)."""
+    import random
+
+    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-export-"))
+    rng = random.Random(7)
+    big = work / "big.csv"
+    with big.open("w") as out:
+        out.write("tile,output\n")
+        for i in range(args.rows):
+            p = rng.random()
+            out.write(f'{i % 262144}-{i // 262144}-18,"[{1 - p}, {p}]"\n')
+    floor, _ = _run_measured([sys.executable, "-c", "import pyarrow.csv as c, sys\n"
+                              f"c.read_csv({str(big)!r})"])
+    results = []
+    for fmt, suffix in (("geojson", "geojson"), ("geoparquet", "parquet"), ("flatgeobuf", "fgb")):
+        seconds, peak = _run_measured([sys.executable, "-m", "cnsq.cli", "export", str(big),
+                                       str(work / f"out.{suffix}"), "--thresh_ind", "1",
+                                       "--thresh", "0.5"])
+        size = (work / f"out.{suffix}").stat().st_size
+        print(f"  export {fmt}: {size / 1e6:.0f} MB, peak RSS {peak:.0f} MB", flush=True)
+        target = "≤ 4" if fmt == "geojson" else "≤ 3"
+        results.append(Result(f"export {fmt}: {args.rows:,} rows (s)", seconds, "s",
+                              "reading the CSV with pyarrow", floor, target))
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # serve and pipeline: a small CNN whose inference costs a few ms per tile on this CPU
 
@@ -616,7 +643,8 @@ def bench_tune(db: Database, args) -> list[Result]:
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
                                    "push": bench_push, "convert-geojson": bench_convert,
                                    "serve": bench_serve, "pipeline": bench_pipeline,
-                                   "view": bench_view, "tune": bench_tune}
+                                   "view": bench_view, "tune": bench_tune,
+                                   "export": bench_export}
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ SHORT_HELP = {
     "setup": "Create or migrate the results table.",
     "download": "Download the results as CSV.",
     "convert-geojson": "Results CSV → thresholded GeoJSON.",
+    "export": "Results CSV → GeoParquet, FlatGeobuf, GeoJSON or CSV.",
     "tiles": "List the tiles covering a GeoJSON area.",
     "push": "Send tiles to the queue.",
     "redrive": "Move the dead letter queue back to the tile queue.",

@@ -168,6 +168,50 @@ def convert_geojson(source: Path, target: str | None, output: str | None, thresh
         sys.exit(1)
 
 
+@main.command("export")
+@click.argument("source", metavar="IN.csv", type=click.Path(path_type=Path))
+@click.argument("target", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["geoparquet", "flatgeobuf", "geojson", "csv"]),
+              help="The format [default: from OUT's extension: .parquet, .fgb, .geojson, .csv].")
+@click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int,
+              help="Index of the class score to threshold on (with --thresh; neither: every tile).")
+@click.option("--thresh", type=float, callback=lambda ctx, param, value: _finite(value)
+              if value is not None else None, help="Keep tiles whose score is >= this.")
+def export_cmd(source: Path, target: Path, fmt: str | None, thresh_ind: int | None,
+               thresh: float | None) -> None:
+    """Export a results CSV (tile,output) as GeoParquet, FlatGeobuf, GeoJSON or CSV.
+
+    Each tile is a polygon of its bounds (lon/lat, WGS 84) with its id, x, y, z and every
+    score as a typed column p0, p1, …. GeoParquet 1.1 (WKB, a bbox covering column, rows in
+    quadkey order) loads in GeoPandas, DuckDB and QGIS; FlatGeobuf carries a spatial index. Those
+    two need the extra: pip install 'cnsq[geo]'. Bad rows are reported with their line numbers and
+    skipped; the file appears whole or not at all.
+
+    \b
+    Examples:
+      cnsq export results.csv buildings.parquet --thresh_ind 1 --thresh 0.95
+      cnsq export results.csv all-tiles.fgb
+    """
+    from ..errors import CnsqError
+    from ..export import export
+
+    by_suffix = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".fgb": "flatgeobuf",
+                 ".geojson": "geojson", ".json": "geojson", ".csv": "csv"}
+    fmt = fmt or by_suffix.get(target.suffix.lower())
+    if fmt is None:
+        raise CnsqError(f"{target}: say --format (geoparquet, flatgeobuf, geojson or csv), or "
+                        "name the file .parquet, .fgb, .geojson or .csv")
+    report = export(source, target, fmt, thresh_ind, thresh)
+    for line, reason in report.bad[:20]:
+        click.echo(f"{source}:{line}: {reason}", err=True)
+    if report.bad_count > 20:
+        click.echo(f"… and {report.bad_count - 20:,} more bad rows", err=True)
+    click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}; "
+               f"wrote {target} ({fmt}).", err=True)
+    if report.bad_count:
+        sys.exit(1)
+
+
 @main.command("tiles")
 @click.argument("aoi", metavar="AOI.geojson", type=click.Path(path_type=Path))
 @click.option("--zoom", "-z", type=click.IntRange(0, 30), required=True, help="Tile zoom level.")

@@ -1,0 +1,131 @@
+"""cnsq export: every format read back by an independent reader (pyarrow's Parquet reader and
+shapely's WKB for GeoParquet, GDAL through pyogrio for FlatGeobuf) and compared feature by feature
+with convert-geojson's GeoJSON."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import mercantile
+import pytest
+from click.testing import CliRunner
+
+from cnsq.cli import main
+
+pq = pytest.importorskip("pyarrow.parquet")
+pyogrio = pytest.importorskip("pyogrio")
+shapely = pytest.importorskip("shapely")
+
+
+def results_csv(path: Path, count: int = 400, bad: bool = True) -> dict[str, list[float]]:
+    rng = random.Random(7)
+    rows = {}
+    tiles = {(rng.randrange(1000, 1200), rng.randrange(3000, 3200), 13) for _ in range(count)}
+    for x, y, z in sorted(tiles):
+        score = round(rng.random(), 6)
+        rows[f"{x}-{y}-{z}"] = [round(1 - score, 6), score]
+    lines = ["tile,output"] + [f'{t},"{json.dumps(s)}"' for t, s in rows.items()]
+    if bad:
+        lines += ['5-5-5,"[0.1, ""high""]"', '6-6-6,"[NaN, 0.5]"', '99-1-2,"[0.1, 0.9]"',
+                  '7-7-7,"' + "[" * 100_000 + '"']
+    path.write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def geojson_of(tmp_path: Path, source: Path) -> dict[str, dict]:
+    out = tmp_path / "reference.geojson"
+    CliRunner().invoke(main, ["convert-geojson", str(source), str(out), "--thresh_ind", "1",
+                              "--thresh", "0.5"])
+    return {f["properties"]["tile"]: f for f in json.loads(out.read_text())["features"]}
+
+
+def test_geoparquet_is_geoparquet_1_1_and_matches_the_geojson(tmp_path):
+    source = tmp_path / "results.csv"
+    first_bad = len(results_csv(source)) + 2  # the header, then the good rows
+    reference = geojson_of(tmp_path, source)
+    out = tmp_path / "water.parquet"
+    result = CliRunner().invoke(main, ["export", str(source), str(out), "--thresh_ind", "1",
+                                       "--thresh", "0.5"])
+    assert result.exit_code == 1  # the four bad rows, each named, the rest exported
+    for line, reason in ((first_bad, "score 1 is not a number: 'high'"),
+                         (first_bad + 1, "score 0 is not a number"),
+                         (first_bad + 2, "tile: "), (first_bad + 3, "output is nested too deeply")):
+        assert any(f"results.csv:{line}: " in m and reason.split(":")[0] in m
+                   for m in result.stderr.splitlines()), (line, result.stderr)
+    table = pq.read_table(out)
+    geo = json.loads(pq.read_schema(out).metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
+    column = geo["columns"]["geometry"]
+    assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
+    assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+    assert column["orientation"] == "counterclockwise"
+    assert table.schema.field("p1").type == "double" and table.schema.field("z").type == "int64"
+    rows = table.to_pylist()
+    assert {r["tile"] for r in rows} == set(reference)
+    for r in rows:
+        feature = reference[r["tile"]]
+        polygon = shapely.from_wkb(r["geometry"])
+        assert polygon.exterior.is_ccw
+        expected = feature["geometry"]["coordinates"][0]
+        assert all(abs(a - b) < 1e-9 for p, q in zip(polygon.exterior.coords, expected, strict=True)
+                   for a, b in zip(p, q, strict=True))
+        assert [r["p0"], r["p1"]] == [feature["properties"]["p0"], feature["properties"]["p1"]]
+        x, y, z = map(int, r["tile"].split("-"))
+        assert (r["x"], r["y"], r["z"]) == (x, y, z)
+        box = polygon.bounds
+        assert (r["bbox"]["xmin"], r["bbox"]["ymin"], r["bbox"]["xmax"], r["bbox"]["ymax"]) == box
+    # Rows in quadkey order: row groups cover compact areas.
+    keys = [mercantile.quadkey(*map(int, r["tile"].split("-"))) for r in rows]
+    assert keys == sorted(keys)
+    overall = column["bbox"]
+    assert overall[0] == min(r["bbox"]["xmin"] for r in rows)
+
+
+def test_flatgeobuf_answers_a_bounding_box_through_its_index(tmp_path):
+    source = tmp_path / "results.csv"
+    rows = results_csv(source, bad=False)
+    out = tmp_path / "all.fgb"
+    result = CliRunner().invoke(main, ["export", str(source), str(out)])
+    assert result.exit_code == 0, result.output
+    info = pyogrio.read_info(out)
+    assert info["features"] == len(rows) and info["geometry_type"] == "Polygon"
+    assert info["capabilities"]["fast_spatial_filter"] is True  # the packed R-tree
+    meta, table = pyogrio.read_arrow(out)
+    assert sorted(table.column("tile").to_pylist()) == sorted(rows)
+    window = mercantile.bounds(mercantile.Tile(1100, 3100, 13))
+    box = (window.west + 1e-7, window.south + 1e-7, window.east + 0.01, window.north - 1e-7)
+    _, hits = pyogrio.read_arrow(out, bbox=box)
+    expected = {t for t in rows if _intersects(mercantile.bounds(
+        mercantile.Tile(*map(int, t.split("-")))), box)}
+    assert set(hits.column("tile").to_pylist()) == expected and expected
+
+
+def _intersects(b, box) -> bool:
+    return b.west <= box[2] and b.east >= box[0] and b.south <= box[3] and b.north >= box[1]
+
+
+def test_geojson_and_csv_formats_and_every_tile_without_a_threshold(tmp_path):
+    source = tmp_path / "results.csv"
+    rows = results_csv(source, bad=False)
+    reference = geojson_of(tmp_path, source)
+    out = tmp_path / "kept.geojson"
+    assert CliRunner().invoke(main, ["export", str(source), str(out), "--thresh_ind", "1",
+                                     "--thresh", "0.5"]).exit_code == 0
+    assert out.read_text() == (tmp_path / "reference.geojson").read_text()  # the same bytes
+    every = tmp_path / "every.csv"
+    assert CliRunner().invoke(main, ["export", str(source), str(every)]).exit_code == 0
+    assert len(every.read_text().splitlines()) == len(rows) + 1
+    assert set(reference) < set(rows)
+
+
+def test_bad_requests_are_clear(tmp_path):
+    source = tmp_path / "results.csv"
+    results_csv(source, count=5, bad=False)
+    unknown = CliRunner().invoke(main, ["export", str(source), str(tmp_path / "x.shp")])
+    assert unknown.exit_code == 1 and "say --format" in unknown.stderr
+    half = CliRunner().invoke(main, ["export", str(source), str(tmp_path / "x.fgb"),
+                                     "--thresh", "0.5"])
+    assert half.exit_code == 1 and "--thresh_ind and --thresh go together" in half.stderr
+    assert not (tmp_path / "x.fgb").exists()
