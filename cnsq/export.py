@@ -18,12 +18,13 @@ to install. GeoJSON is ``convert-geojson``'s writer (the same bytes); CSV keeps 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import mercantile
 
@@ -69,29 +70,175 @@ def read_rows(source: IO[str], thresh_ind: int | None, thresh: float | None,
         yield Row(line, tile, [float(s) for s in scores])
 
 
-def _morton(x: int, y: int) -> int:
-    """The Z-order key of a tile at one zoom (its quadkey's order)."""
-    key = 0
-    for bit in range(32):
-        key |= ((x >> bit) & 1) << (2 * bit) | ((y >> bit) & 1) << (2 * bit + 1)
-    return key
+@dataclass
+class Columns:
+    """Kept tiles as arrays: their CSV line, x, y, z, and scores (one row per tile)."""
+
+    line: Any
+    x: Any
+    y: Any
+    z: Any
+    scores: Any  # float64, rows × scores
+
+    def __len__(self) -> int:
+        return len(self.x)
 
 
-def _sort_key(row: Row) -> tuple[int, int]:
-    # Quadkey order across zooms: the tile's key shifted to the deepest zoom (30).
-    shift = 30 - row.tile.z
-    return _morton(row.tile.x << shift, row.tile.y << shift), row.tile.z
+NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+TILE_ID = r"^[0-9]{1,10}-[0-9]{1,10}-[0-9]{1,2}$"
 
 
-def _columns(rows: list[Row], width: int):
-    """The rows as typed arrays: id, x, y, z, p0…, the WKB polygons and their bboxes."""
+def _from_rows(rows: list[Row], width: int) -> Columns:
+    import numpy as np
+
+    scores = np.array([r.scores for r in rows], dtype=np.float64).reshape(len(rows), width)
+    return Columns(np.array([r.line for r in rows], dtype=np.int64),
+                   np.array([r.tile.x for r in rows], dtype=np.int64),
+                   np.array([r.tile.y for r in rows], dtype=np.int64),
+                   np.array([r.tile.z for r in rows], dtype=np.int64), scores)
+
+
+def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
+                 report: Report) -> Columns:
+    """The kept rows as arrays, parsed column-wise by pyarrow: ids and scores are checked and
+    converted for all rows at once; a row the fast checks refuse is read alone by
+    :func:`~cnsq.geojson.read_result`, so its report (and line number) is the one convert-geojson
+    gives. A file whose values hold line breaks is read row by row (line numbers stay exact)."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
 
-    n = len(rows)
-    x = np.fromiter((r.tile.x for r in rows), np.int64, n)
-    y = np.fromiter((r.tile.y for r in rows), np.int64, n)
-    z = np.fromiter((r.tile.z for r in rows), np.int64, n)
+    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        first = handle.readline()
+    header = first.strip().split(",")[:2] == ["tile", "output"]
+    invalid: list = []
+
+    def on_invalid(row) -> str:
+        invalid.append(row)
+        return "skip"
+
+    table = pacsv.read_csv(
+        source,
+        read_options=pacsv.ReadOptions(column_names=["tile", "output"],
+                                       skip_rows=1 if header else 0, use_threads=False),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={"tile": pa.string(),
+                                                           "output": pa.string()},
+                                             strings_can_be_null=False))
+    tiles, outputs = table.column("tile"), table.column("output")
+    if (pc.any(pc.match_substring(outputs, "\n")).as_py() or
+            pc.any(pc.match_substring(tiles, "\n")).as_py() or
+            any(row.number is None for row in invalid)):
+        with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            rows = list(read_rows(handle, thresh_ind, thresh, report))
+        return _from_rows(rows, _score_width(rows, source))
+
+    n = len(table)
+    start = 2 if header else 1
+    bad_lines = sorted(row.number for row in invalid)
+    lines = np.setdiff1d(np.arange(start, start + n + len(bad_lines), dtype=np.int64),
+                         np.array(bad_lines, dtype=np.int64), assume_unique=True)
+    report.read = n + len(invalid)
+    for row in invalid:
+        report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
+
+    # Ids: the shape by regex, then the numbers and their ranges, all rows at once.
+    good = pc.match_substring_regex(tiles, TILE_ID).to_numpy(zero_copy_only=False)
+    parts = pc.split_pattern(pc.if_else(good, tiles, "0-0-0"), "-")
+    xyz = pc.list_flatten(parts).cast(pa.int64()).to_numpy().reshape(n, 3)
+    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    good &= (z <= 30) & (x < np.left_shift(1, np.minimum(z, 62))) & (
+        y < np.left_shift(1, np.minimum(z, 62)))
+    # Scores: a JSON list of plain numbers, as many as the first good row holds.
+    sample = next((json.loads(o) for o, ok in zip(outputs.to_pylist()[:1000], good[:1000],
+                                                   strict=False) if ok and _plain(o)), None)
+    width = len(sample) if isinstance(sample, list) and sample else 0
+    if width:
+        pattern = r"^\[\s*" + NUMBER + (r"\s*,\s*" + NUMBER) * (width - 1) + r"\s*\]$"
+        good &= pc.match_substring_regex(outputs, pattern).to_numpy(zero_copy_only=False)
+        inner = pc.utf8_trim(pc.if_else(good, outputs, "[" + ",".join(["0"] * width) + "]"),
+                             "[] \t")
+        scores = pc.utf8_trim_whitespace(pc.list_flatten(pc.split_pattern(inner, ",")))
+        scores = scores.cast(pa.float64())
+        scores = scores.to_numpy().reshape(n, width)
+        good &= np.isfinite(scores).all(axis=1)
+    else:
+        good[:] = False
+        scores = np.zeros((n, 0))
+    # The rows the fast checks refused: read alone, for the same reports as convert-geojson.
+    slow_rows = []
+    for i in np.flatnonzero(~good):
+        row = [tiles[int(i)].as_py(), outputs[int(i)].as_py()]
+        one = Report()
+        fake = io.StringIO()
+        csv.writer(fake).writerow(row)
+        fake.seek(0)
+        kept = list(read_rows(fake, thresh_ind, thresh, one))
+        if one.bad:
+            report.add_bad(int(lines[i]), one.bad[0][1])
+        elif kept and len(kept[0].scores) == width:
+            slow_rows.append((int(i), Row(int(lines[i]), kept[0].tile, kept[0].scores)))
+        elif kept:
+            report.add_bad(int(lines[i]), f"{len(kept[0].scores)} scores where the file's rows "
+                                          f"hold {width}")
+    keep = good.copy()
+    if thresh_ind is not None and width:
+        if not -width <= thresh_ind < width:
+            raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has {width} "
+                            f"class scores per tile (0 to {width - 1})")
+        keep &= scores[:, thresh_ind] >= thresh
+    index = np.flatnonzero(keep)
+    columns = Columns(lines[index], x[index], y[index], z[index], scores[index])
+    if slow_rows:
+        extra = _from_rows([r for _, r in slow_rows], width)
+        columns = Columns(*(np.concatenate([a, b]) for a, b in zip(
+            (columns.line, columns.x, columns.y, columns.z, columns.scores),
+            (extra.line, extra.x, extra.y, extra.z, extra.scores), strict=True)))
+    report.kept = len(columns)
+    return columns
+
+
+def _plain(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def _morton(x, y):
+    """Z-order keys (a quadkey's order) of tile columns at the deepest zoom (30)."""
+    import numpy as np
+
+    def spread(v):
+        v = v.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+        for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF),
+                            (4, 0x0F0F0F0F0F0F0F0F), (2, 0x3333333333333333),
+                            (1, 0x5555555555555555)):
+            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+        return v
+
+    return spread(x) | (spread(y) << np.uint64(1))
+
+
+def _order(c: Columns):
+    import numpy as np
+
+    shift = (30 - c.z).astype(np.uint64)
+    key = _morton(c.x.astype(np.uint64) << shift, c.y.astype(np.uint64) << shift)
+    return np.lexsort((c.z, key))
+
+
+def _columns(c: Columns, width: int):
+    """The arrays as Arrow columns: id, x, y, z, p0…, the WKB polygons and their bboxes."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(c)
+    x, y, z = c.x, c.y, c.z
     # Tile bounds, vectorised (mercantile's formulas: Web Mercator tiles in lon/lat).
     size = np.exp2(z.astype(np.float64))
     west = x / size * 360.0 - 180.0
@@ -107,17 +254,18 @@ def _columns(rows: list[Row], width: int):
     offsets = np.arange(0, (n + 1) * record.itemsize, record.itemsize, dtype=np.int32)
     geometry = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
                                                              pa.py_buffer(wkb.tobytes())])
-    scores = np.full((n, width), np.nan)
-    for i, r in enumerate(rows):
-        scores[i, :len(r.scores)] = r.scores
     bbox = pa.StructArray.from_arrays([pa.array(west), pa.array(south), pa.array(east),
                                        pa.array(north)], ["xmin", "ymin", "xmax", "ymax"])
-    columns = {"tile": pa.array([f"{r.tile.x}-{r.tile.y}-{r.tile.z}" for r in rows]),
-               "x": pa.array(x), "y": pa.array(y), "z": pa.array(z)}
-    columns.update((f"p{i}", pa.array(scores[:, i])) for i in range(width))
+    ids = pc.binary_join_element_wise(pc.cast(pa.array(x), pa.string()),
+                                      pc.cast(pa.array(y), pa.string()),
+                                      pc.cast(pa.array(z), pa.string()), "-")
+    columns = {"tile": ids, "x": pa.array(x), "y": pa.array(y), "z": pa.array(z)}
+    columns.update((f"p{i}", pa.array(c.scores[:, i])) for i in range(width))
     columns["geometry"] = geometry
     columns["bbox"] = bbox
-    return columns, (float(west.min()), float(south.min()), float(east.max()), float(north.max()))
+    bounds = ((float(west.min()), float(south.min()), float(east.max()), float(north.max()))
+              if n else (0.0, 0.0, 0.0, 0.0))
+    return columns, bounds
 
 
 def _require_geo() -> None:
@@ -145,32 +293,26 @@ def geo_metadata(bbox: tuple[float, float, float, float]) -> dict:
                               "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}}}}}
 
 
-def write_geoparquet(rows: list[Row], target: Path, width: int) -> None:
+def write_geoparquet(c: Columns, target: Path, width: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = sorted(rows, key=_sort_key)
-    columns, bbox = _columns(rows, width) if rows else ({}, (0.0, 0.0, 0.0, 0.0))
-    if not rows:
-        columns = _columns([Row(0, mercantile.Tile(0, 0, 0), [0.0] * width)], width)[0]
-    table = pa.table(columns)
-    if not rows:
-        table = table.slice(0, 0)
-    table = table.replace_schema_metadata({b"geo": json.dumps(geo_metadata(bbox)).encode()})
+    order = _order(c)
+    c = Columns(c.line[order], c.x[order], c.y[order], c.z[order], c.scores[order])
+    columns, bbox = _columns(c, width)
+    table = pa.table(columns).replace_schema_metadata(
+        {b"geo": json.dumps(geo_metadata(bbox)).encode()})
     pq.write_table(table, target, row_group_size=ROW_GROUP, compression="zstd",
                    write_statistics=True)
 
 
-def write_flatgeobuf(rows: list[Row], target: Path, width: int) -> None:
+def write_flatgeobuf(c: Columns, target: Path, width: int) -> None:
     import pyarrow as pa
     from pyogrio import write_arrow
 
-    columns, _ = _columns(rows or [Row(0, mercantile.Tile(0, 0, 0), [0.0] * width)], width)
+    columns, _ = _columns(c, width)
     columns.pop("bbox")
-    table = pa.table(columns)
-    if not rows:
-        table = table.slice(0, 0)
-    write_arrow(table, str(target), driver="FlatGeobuf", geometry_name="geometry",
+    write_arrow(pa.table(columns), str(target), driver="FlatGeobuf", geometry_name="geometry",
                 geometry_type="Polygon", crs="EPSG:4326", layer=target.stem,
                 layer_options={"SPATIAL_INDEX": "YES"})
 
@@ -207,9 +349,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                     writer.writerows([f"{r.tile.x}-{r.tile.y}-{r.tile.z}", json.dumps(r.scores)]
                                      for r in rows)
         else:
-            rows = list(read_rows(handle, thresh_ind, thresh, report))
-            width = _score_width(rows, source)
+            columns = read_columns(source, thresh_ind, thresh, report)
+            width = columns.scores.shape[1]
             partial.unlink(missing_ok=True)
-            (write_geoparquet if fmt == "geoparquet" else write_flatgeobuf)(rows, partial, width)
+            (write_geoparquet if fmt == "geoparquet" else write_flatgeobuf)(columns, partial, width)
     partial.replace(target)
     return report

@@ -129,3 +129,49 @@ def test_bad_requests_are_clear(tmp_path):
                                      "--thresh", "0.5"])
     assert half.exit_code == 1 and "--thresh_ind and --thresh go together" in half.stderr
     assert not (tmp_path / "x.fgb").exists()
+
+
+POISON = [
+    '1-2-3,"[0.1, 0.9]"',
+    '1-2-3,"[0.1, 0.9]",extra',        # three columns
+    '2-2-3,"[0.2,0.8]"',
+    'nonsense',                         # one column
+    '3-2-3,"[1e-3, 9.99E-1]"',
+    '9-2-3,"[0.1, 0.9]"',              # x outside zoom 3's grid
+    '4-2-3,"[0.1, true]"',
+    '5-2-3,"[0.1, 0.9, 0.3]"',         # a third score where the rows hold two
+    '6-2-3," [ 0.1 , 0.9 ] "',         # spaces around: still a list of two numbers
+    '7-2-3,"[-0, 1]"',
+    '0-0-31,"[0.1, 0.9]"',             # zoom beyond 30
+    '7-7-3,"{""a"": 1}"',
+    '1-1-1,"[0.5, 0.5]"',
+]
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_the_columnar_reader_reports_what_the_row_reader_does(tmp_path, header):
+    from cnsq.export import read_columns, read_rows
+    from cnsq.geojson import Report
+
+    source = tmp_path / "poison.csv"
+    source.write_text(("tile,output\n" if header else "") + "\n".join(POISON) + "\n")
+    fast, slow = Report(), Report()
+    columns = read_columns(source, 1, 0.5, fast)
+    with source.open(newline="") as handle:
+        rows = [r for r in read_rows(handle, 1, 0.5, slow) if len(r.scores) == 2]
+    assert sorted(fast.bad) == sorted(slow.bad + [
+        (POISON.index('5-2-3,"[0.1, 0.9, 0.3]"') + 1 + header, "3 scores where the file's rows hold 2")])
+    assert (fast.read, fast.kept) == (slow.read, len(rows))
+    assert sorted(zip(columns.line.tolist(), columns.x.tolist(), columns.scores[:, 1].tolist(),
+                      strict=True)) == sorted((r.line, r.tile.x, r.scores[1]) for r in rows)
+
+
+def test_a_value_holding_a_line_break_is_read_row_by_row(tmp_path):
+    from cnsq.export import read_columns
+    from cnsq.geojson import Report
+
+    source = tmp_path / "multiline.csv"
+    source.write_text('tile,output\n1-1-2,"[0.1,\n 0.9]"\n2-1-2,"[0.1, 0.9]"\n3-1-2,"[0.2, x]"\n')
+    report = Report()
+    columns = read_columns(source, None, None, report)
+    assert columns.x.tolist() == [1, 2] and report.bad[0][0] == 5  # its physical line
