@@ -98,105 +98,152 @@ def _from_rows(rows: list[Row], width: int) -> Columns:
                    np.array([r.tile.z for r in rows], dtype=np.int64), scores)
 
 
+class _LineBreaks(Exception):
+    """A value holds a line break: rows and physical lines no longer match one to one."""
+
+
 def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
                  report: Report) -> Columns:
-    """The kept rows as arrays, parsed column-wise by pyarrow: ids and scores are checked and
-    converted for all rows at once; a row the fast checks refuse is read alone by
-    :func:`~cnsq.geojson.read_result`, so its report (and line number) is the one convert-geojson
-    gives. A file whose values hold line breaks is read row by row (line numbers stay exact)."""
+    """The kept rows as arrays, parsed column-wise by pyarrow in blocks (memory follows the kept
+    tiles, not the file): ids and scores are checked and converted for a block at once; a row
+    the fast checks refuse is read alone by :func:`~cnsq.geojson.read_result`, so its report
+    (and line number) is the one convert-geojson gives. A file whose values hold line breaks is
+    read row by row, so that line numbers stay exact."""
+    import numpy as np
+
+    try:
+        return _read_columns(source, thresh_ind, thresh, report)
+    except _LineBreaks:
+        fresh = Report()
+        with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            rows = list(read_rows(handle, thresh_ind, thresh, fresh))
+        report.read, report.kept, report.bad, report.bad_count = (
+            fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
+        if not rows:
+            return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)))
+        return _from_rows(rows, _score_width(rows, source))
+
+
+BLOCK = 4 << 20  # bytes of CSV parsed at a time
+
+
+def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
+                  report: Report) -> Columns:
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        first = handle.readline()
-    header = first.strip().split(",")[:2] == ["tile", "output"]
+        header = handle.readline().strip().split(",")[:2] == ["tile", "output"]
     invalid: list = []
 
     def on_invalid(row) -> str:
         invalid.append(row)
         return "skip"
 
-    table = pacsv.read_csv(
+    reader = pacsv.open_csv(
         source,
-        read_options=pacsv.ReadOptions(column_names=["tile", "output"],
+        read_options=pacsv.ReadOptions(column_names=["tile", "output"], block_size=BLOCK,
                                        skip_rows=1 if header else 0, use_threads=False),
         parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(column_types={"tile": pa.string(),
                                                            "output": pa.string()},
                                              strings_can_be_null=False))
-    tiles, outputs = table.column("tile"), table.column("output")
-    if (pc.any(pc.match_substring(outputs, "\n")).as_py() or
-            pc.any(pc.match_substring(tiles, "\n")).as_py() or
-            any(row.number is None for row in invalid)):
-        with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-            rows = list(read_rows(handle, thresh_ind, thresh, report))
-        return _from_rows(rows, _score_width(rows, source))
-
-    n = len(table)
     start = 2 if header else 1
-    bad_lines = sorted(row.number for row in invalid)
-    lines = np.setdiff1d(np.arange(start, start + n + len(bad_lines), dtype=np.int64),
-                         np.array(bad_lines, dtype=np.int64), assume_unique=True)
-    report.read = n + len(invalid)
-    for row in invalid:
+    seen = 0  # good-shaped rows so far
+    width: int | None = None
+    kept: list[Columns] = []
+    reported = 0
+    for batch in reader:
+        if any(row.number is None for row in invalid):
+            raise _LineBreaks
+        # The physical line of each row: the bad-shaped rows (reported with their lines, as the
+        # reader parses ahead) are the gaps. u_i = b_i - i; row j sits at start + j + #{u_i ≤ …}.
+        bad_lines = np.array(sorted(row.number for row in invalid), dtype=np.int64)
+        u = bad_lines - np.arange(len(bad_lines))
+        j = np.arange(seen, seen + len(batch), dtype=np.int64) + start
+        lines = j + np.searchsorted(u, j, side="right")
+        seen += len(batch)
+        for row in invalid[reported:]:
+            report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
+        reported = len(invalid)
+        columns, width = _block(batch.column(0), batch.column(1), lines, width, thresh_ind,
+                                thresh, report, source)
+        kept.append(columns)
+    for row in invalid[reported:]:
         report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
+    report.read = seen + len(invalid)
+    width = width or 0
+    if not kept:
+        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, width)))
+    out = Columns(*(np.concatenate([getattr(c, f) for c in kept]) for f in (
+        "line", "x", "y", "z")), np.concatenate([c.scores.reshape(-1, width) for c in kept]))
+    report.kept = len(out)
+    return out
 
-    # Ids: the shape by regex, then the numbers and their ranges, all rows at once.
-    good = pc.match_substring_regex(tiles, TILE_ID).to_numpy(zero_copy_only=False)
+
+def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
+           thresh: float | None, report: Report, source: Path) -> tuple[Columns, int | None]:
+    """One block of rows checked and converted at once; returns the kept ones and the score
+    count the file's rows hold (from its first good row)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(tiles)
+    if pc.any(pc.match_substring(outputs, "\n")).as_py() or \
+            pc.any(pc.match_substring(tiles, "\n")).as_py():
+        raise _LineBreaks
+    good = pc.match_substring_regex(tiles, TILE_ID).to_numpy(zero_copy_only=False).copy()
     parts = pc.split_pattern(pc.if_else(good, tiles, "0-0-0"), "-")
     xyz = pc.list_flatten(parts).cast(pa.int64()).to_numpy().reshape(n, 3)
     x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     good &= (z <= 30) & (x < np.left_shift(1, np.minimum(z, 62))) & (
         y < np.left_shift(1, np.minimum(z, 62)))
-    # Scores: a JSON list of plain numbers, as many as the first good row holds.
-    sample = next((json.loads(o) for o, ok in zip(outputs.to_pylist()[:1000], good[:1000],
-                                                   strict=False) if ok and _plain(o)), None)
-    width = len(sample) if isinstance(sample, list) and sample else 0
+    if width is None:
+        sample = next((json.loads(o) for o, ok in zip(outputs.slice(0, 1000).to_pylist(),
+                                                       good[:1000], strict=False)
+                       if ok and _plain(o)), None)
+        width = len(sample) if isinstance(sample, list) and sample else None
     if width:
         pattern = r"^\[\s*" + NUMBER + (r"\s*,\s*" + NUMBER) * (width - 1) + r"\s*\]$"
         good &= pc.match_substring_regex(outputs, pattern).to_numpy(zero_copy_only=False)
         inner = pc.utf8_trim(pc.if_else(good, outputs, "[" + ",".join(["0"] * width) + "]"),
                              "[] \t")
         scores = pc.utf8_trim_whitespace(pc.list_flatten(pc.split_pattern(inner, ",")))
-        scores = scores.cast(pa.float64())
-        scores = scores.to_numpy().reshape(n, width)
+        scores = scores.cast(pa.float64()).to_numpy().reshape(n, width)
         good &= np.isfinite(scores).all(axis=1)
+        if thresh_ind is not None and not -width <= thresh_ind < width:
+            raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has {width} "
+                            f"class scores per tile (0 to {width - 1})")
     else:
         good[:] = False
         scores = np.zeros((n, 0))
     # The rows the fast checks refused: read alone, for the same reports as convert-geojson.
-    slow_rows = []
+    extra: list[Row] = []
     for i in np.flatnonzero(~good):
-        row = [tiles[int(i)].as_py(), outputs[int(i)].as_py()]
+        text = io.StringIO()
+        csv.writer(text).writerow([tiles[int(i)].as_py(), outputs[int(i)].as_py()])
+        text.seek(0)
         one = Report()
-        fake = io.StringIO()
-        csv.writer(fake).writerow(row)
-        fake.seek(0)
-        kept = list(read_rows(fake, thresh_ind, thresh, one))
+        rows = list(read_rows(text, thresh_ind, thresh, one))
         if one.bad:
             report.add_bad(int(lines[i]), one.bad[0][1])
-        elif kept and len(kept[0].scores) == width:
-            slow_rows.append((int(i), Row(int(lines[i]), kept[0].tile, kept[0].scores)))
-        elif kept:
-            report.add_bad(int(lines[i]), f"{len(kept[0].scores)} scores where the file's rows "
-                                          f"hold {width}")
-    keep = good.copy()
+        elif rows and width is not None and len(rows[0].scores) == width:
+            extra.append(Row(int(lines[i]), rows[0].tile, rows[0].scores))
+        elif rows:
+            report.add_bad(int(lines[i]), f"{len(rows[0].scores)} scores where the file's rows "
+                                          f"hold {width or 0}")
+    keep = good
     if thresh_ind is not None and width:
-        if not -width <= thresh_ind < width:
-            raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has {width} "
-                            f"class scores per tile (0 to {width - 1})")
-        keep &= scores[:, thresh_ind] >= thresh
+        keep = good & (scores[:, thresh_ind] >= thresh)
     index = np.flatnonzero(keep)
     columns = Columns(lines[index], x[index], y[index], z[index], scores[index])
-    if slow_rows:
-        extra = _from_rows([r for _, r in slow_rows], width)
-        columns = Columns(*(np.concatenate([a, b]) for a, b in zip(
-            (columns.line, columns.x, columns.y, columns.z, columns.scores),
-            (extra.line, extra.x, extra.y, extra.z, extra.scores), strict=True)))
-    report.kept = len(columns)
-    return columns
+    if extra:
+        more = _from_rows(extra, width or 0)
+        columns = Columns(*(np.concatenate([getattr(columns, f), getattr(more, f)])
+                            for f in ("line", "x", "y", "z", "scores")))
+    return columns, width
 
 
 def _plain(text: str) -> bool:
@@ -293,28 +340,70 @@ def geo_metadata(bbox: tuple[float, float, float, float]) -> dict:
                               "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}}}}}
 
 
+def _slices(c: Columns, size: int = ROW_GROUP) -> Iterator[Columns]:
+    for first in range(0, max(len(c), 1), size):
+        yield Columns(c.line[first:first + size], c.x[first:first + size],
+                      c.y[first:first + size], c.z[first:first + size],
+                      c.scores[first:first + size])
+
+
+def _overall_bounds(c: Columns) -> tuple[float, float, float, float]:
+    import numpy as np
+
+    if not len(c):
+        return (0.0, 0.0, 0.0, 0.0)
+    size = np.exp2(c.z.astype(np.float64))
+    west = float((c.x / size).min()) * 360.0 - 180.0
+    east = float(((c.x + 1) / size).max()) * 360.0 - 180.0
+    north = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (c.y / size).min())))))
+    south = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * ((c.y + 1) / size).max())))))
+    return (west, south, east, north)
+
+
 def write_geoparquet(c: Columns, target: Path, width: int) -> None:
+    """Sorted along the Z-order curve, then written a row group at a time (memory: the arrays
+    of the kept tiles, and one group's Arrow columns)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     order = _order(c)
     c = Columns(c.line[order], c.x[order], c.y[order], c.z[order], c.scores[order])
-    columns, bbox = _columns(c, width)
-    table = pa.table(columns).replace_schema_metadata(
-        {b"geo": json.dumps(geo_metadata(bbox)).encode()})
-    pq.write_table(table, target, row_group_size=ROW_GROUP, compression="zstd",
-                   write_statistics=True)
+    metadata = {b"geo": json.dumps(geo_metadata(_overall_bounds(c))).encode()}
+    writer = None
+    try:
+        for part in _slices(c):
+            table = pa.table(_columns(part, width)[0])
+            if writer is None:
+                writer = pq.ParquetWriter(target, table.schema.with_metadata(metadata),
+                                          compression="zstd", write_statistics=True)
+            writer.write_table(table, row_group_size=ROW_GROUP)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def write_flatgeobuf(c: Columns, target: Path, width: int) -> None:
+    """Streamed to GDAL a batch at a time; GDAL builds the packed R-tree at the end."""
     import pyarrow as pa
     from pyogrio import write_arrow
 
-    columns, _ = _columns(c, width)
-    columns.pop("bbox")
-    write_arrow(pa.table(columns), str(target), driver="FlatGeobuf", geometry_name="geometry",
+    def batches() -> Iterator[pa.RecordBatch]:
+        for part in _slices(c):
+            columns = _columns(part, width)[0]
+            columns.pop("bbox")
+            yield pa.record_batch(list(columns.values()), names=list(columns))
+
+    stream = batches()
+    first = next(stream)
+    reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, stream))
+    write_arrow(reader, str(target), driver="FlatGeobuf", geometry_name="geometry",
                 geometry_type="Polygon", crs="EPSG:4326", layer=target.stem,
                 layer_options={"SPATIAL_INDEX": "YES"})
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
 
 
 def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh: float | None,
@@ -332,7 +421,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
     except FileNotFoundError:
         raise CnsqError(f"{source}: no such file") from None
     report = Report()
-    partial = target.with_name(f".{target.name}.partial")
+    # The temporary name keeps the extension: GDAL writes a FlatGeobuf *folder* at a path
+    # that does not end in .fgb.
+    partial = target.with_name(f".{target.stem}.partial{target.suffix or '.out'}")
     with handle:
         if thresh_ind is not None:
             check_thresh_ind(handle, source, thresh_ind)

@@ -89,6 +89,7 @@ def test_flatgeobuf_answers_a_bounding_box_through_its_index(tmp_path):
     out = tmp_path / "all.fgb"
     result = CliRunner().invoke(main, ["export", str(source), str(out)])
     assert result.exit_code == 0, result.output
+    assert out.is_file() and not list(tmp_path.glob(".*partial*"))  # one file, nothing left
     info = pyogrio.read_info(out)
     assert info["features"] == len(rows) and info["geometry_type"] == "Polygon"
     assert info["capabilities"]["fast_spatial_filter"] is True  # the packed R-tree
