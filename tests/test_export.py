@@ -176,3 +176,25 @@ def test_a_value_holding_a_line_break_is_read_row_by_row(tmp_path):
     report = Report()
     columns = read_columns(source, None, None, report)
     assert columns.x.tolist() == [1, 2] and report.bad[0][0] == 5  # its physical line
+
+
+def test_geopandas_reads_both_files_as_the_geojson_says(tmp_path):
+    geopandas = pytest.importorskip("geopandas")
+    source = tmp_path / "results.csv"
+    results_csv(source, bad=False)
+    reference = geojson_of(tmp_path, source)
+    for name in ("kept.parquet", "kept.fgb"):
+        out = tmp_path / name
+        assert CliRunner().invoke(main, ["export", str(source), str(out), "--thresh_ind", "1",
+                                         "--thresh", "0.5"]).exit_code == 0
+        frame = (geopandas.read_parquet(out) if name.endswith(".parquet")
+                 else geopandas.read_file(out))
+        assert frame.crs.to_epsg() == 4326 or frame.crs.to_string() == "OGC:CRS84"
+        assert set(frame["tile"]) == set(reference)
+        for row in frame.itertuples():
+            expected = reference[row.tile]["geometry"]["coordinates"][0]
+            got = list(row.geometry.exterior.coords)
+            assert row.geometry.exterior.is_ccw
+            assert max(abs(a - b) for p, q in zip(got, expected, strict=True)
+                       for a, b in zip(p, q, strict=True)) < 1e-9
+            assert row.p1 == reference[row.tile]["properties"]["p1"]
