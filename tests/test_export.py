@@ -205,3 +205,28 @@ def test_geopandas_reads_both_files_as_the_geojson_says(tmp_path):
             assert max(abs(a - b) for p, q in zip(got, expected, strict=True)
                        for a, b in zip(p, q, strict=True)) < 1e-9
             assert row.p1 == reference[row.tile]["properties"]["p1"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_the_results_table_is_exported_as_download_reads_it(tmp_path, kind, request):
+    from cnsq.results import open_store
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'results.db'}"
+    else:
+        from servers import fresh_database
+
+        url = fresh_database(request.getfixturevalue("postgres_url"), "export")
+    store = open_store(url)
+    store.migrate()
+    rows = results_csv(tmp_path / "reference.csv", count=200, bad=False)
+    store.upsert([(tile, scores) for tile, scores in rows.items()])
+    store.close()
+    out = tmp_path / "from-table.parquet"
+    result = CliRunner().invoke(main, ["export", str(out), "--database-url", url,
+                                       "--thresh_ind", "1", "--thresh", "0.5"])
+    assert result.exit_code == 0, result.output
+    reference = geojson_of(tmp_path, tmp_path / "reference.csv")
+    assert set(pq.read_table(out).column("tile").to_pylist()) == set(reference)
+    assert not list(tmp_path.glob(".cnsq-export-*"))  # the staged CSV is gone
+    assert "Read 200 rows from the results table." in result.stderr

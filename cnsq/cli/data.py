@@ -169,16 +169,20 @@ def convert_geojson(source: Path, target: str | None, output: str | None, thresh
 
 
 @main.command("export")
-@click.argument("source", metavar="IN.csv", type=click.Path(path_type=Path))
-@click.argument("target", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("paths", metavar="[IN.csv] OUT", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["geoparquet", "flatgeobuf", "geojson", "csv"]),
               help="The format [default: from OUT's extension: .parquet, .fgb, .geojson, .csv].")
 @click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int,
               help="Index of the class score to threshold on (with --thresh; neither: every tile).")
 @click.option("--thresh", type=float, callback=lambda ctx, param, value: _finite(value)
               if value is not None else None, help="Keep tiles whose score is >= this.")
-def export_cmd(source: Path, target: Path, fmt: str | None, thresh_ind: int | None,
-               thresh: float | None) -> None:
+@click.option("--database-url", envvar="DATABASE_URL",
+              help="Without IN.csv: the results table to read (SQLite or PostgreSQL) "
+                   "[default: DATABASE_URL, else the stack's, as download reads it].")
+@config_options
+def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
+               thresh_ind: int | None, thresh: float | None, database_url: str | None) -> None:
     """Export a results CSV (tile,output) as GeoParquet, FlatGeobuf, GeoJSON or CSV.
 
     Each tile is a polygon of its bounds (lon/lat, WGS 84) with its id, x, y, z and every
@@ -187,11 +191,56 @@ def export_cmd(source: Path, target: Path, fmt: str | None, thresh_ind: int | No
     two need the extra: pip install 'cnsq[geo]'. Bad rows are reported with their line numbers and
     skipped; the file appears whole or not at all.
 
+    Without IN.csv the results are read from the database, as `cnsq download` reads them
+    (--database-url, DATABASE_URL, or the deployed stack with --config), into a temporary CSV
+    beside OUT that is removed afterwards.
+
     \b
     Examples:
       cnsq export results.csv buildings.parquet --thresh_ind 1 --thresh 0.95
       cnsq export results.csv all-tiles.fgb
+      cnsq export buildings.fgb --config config/config.yml --thresh_ind 1 --thresh 0.95
+      cnsq export water.parquet --database-url sqlite:///results.db
     """
+    import tempfile
+
+
+    if len(paths) > 2:
+        raise click.UsageError("expected [IN.csv] OUT")
+    target = paths[-1]
+    if len(paths) == 2:
+        _export_file(paths[0], target, fmt, thresh_ind, thresh)
+        return
+    folder = Path(tempfile.mkdtemp(prefix=".cnsq-export-", dir=target.parent or Path(".")))
+    try:
+        staged = folder / "results.csv"
+        rows = _results_csv(settings, database_url, staged)
+        click.echo(f"Read {rows:,} rows from the results table.", err=True)
+        _export_file(staged, target, fmt, thresh_ind, thresh, label="the results table")
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _results_csv(settings: Settings, database_url: str | None, out: Path) -> int:
+    """The results table as a CSV at ``out`` (the stack's through its admin function); the
+    rows written."""
+    admin = _admin(database_url, settings)
+    if admin is not None:
+        return admin.download_export(str(out), None)["rows"]
+    from ..download import download as run_download
+    from ..results import open_store
+
+    store = open_store(_database_url(database_url, settings), create=False)
+    try:
+        return run_download(store, str(out), sys.stdout.buffer, None)
+    finally:
+        store.close()
+
+
+def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | None,
+                 thresh: float | None, label: str | None = None) -> None:
     from ..errors import CnsqError
     from ..export import export
 
@@ -203,7 +252,7 @@ def export_cmd(source: Path, target: Path, fmt: str | None, thresh_ind: int | No
                         "name the file .parquet, .fgb, .geojson or .csv")
     report = export(source, target, fmt, thresh_ind, thresh)
     for line, reason in report.bad[:20]:
-        click.echo(f"{source}:{line}: {reason}", err=True)
+        click.echo(f"{label or source}:{line}: {reason}", err=True)
     if report.bad_count > 20:
         click.echo(f"… and {report.bad_count - 20:,} more bad rows", err=True)
     click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}; "
