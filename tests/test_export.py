@@ -41,6 +41,44 @@ def geojson_of(tmp_path: Path, source: Path) -> dict[str, dict]:
     return {f["properties"]["tile"]: f for f in json.loads(out.read_text())["features"]}
 
 
+# The rules of GeoParquet 1.1's JSON schema (format-specs/schema.json of
+# opengeospatial/geoparquet), restated: required keys, WKB, the geometry type names, planar or
+# spherical edges, counterclockwise, a 4- or 6-number bbox, and a covering bbox whose four
+# entries name a column and its xmin/ymin/xmax/ymax field.
+def _covering_entry(name: str) -> dict:
+    return {"type": "array", "items": [{"type": "string"}, {"const": name}],
+            "additionalItems": False}
+
+
+GEOPARQUET_1_1 = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object", "required": ["version", "primary_column", "columns"],
+    "properties": {
+        "version": {"const": "1.1.0"},
+        "primary_column": {"type": "string", "minLength": 1},
+        "columns": {"type": "object", "minProperties": 1, "additionalProperties": {
+            "type": "object", "required": ["encoding", "geometry_types"],
+            "properties": {
+                "encoding": {"const": "WKB"},
+                "geometry_types": {"type": "array", "uniqueItems": True, "items": {
+                    "type": "string",
+                    "pattern": "^(GeometryCollection|(Multi)?(Point|LineString|Polygon))( Z)?$"}},
+                "crs": {"type": ["object", "null"]},
+                "edges": {"enum": ["planar", "spherical"]},
+                "orientation": {"const": "counterclockwise"},
+                "bbox": {"type": "array", "items": {"type": "number"},
+                         "oneOf": [{"minItems": 4, "maxItems": 4},
+                                   {"minItems": 6, "maxItems": 6}]},
+                "epoch": {"type": "number"},
+                "covering": {"type": "object", "minProperties": 1, "properties": {"bbox": {
+                    "type": "object", "required": ["xmin", "xmax", "ymin", "ymax"],
+                    "properties": {k: _covering_entry(k)
+                                   for k in ("xmin", "xmax", "ymin", "ymax")}}}},
+            }}},
+    },
+}
+
+
 def test_geoparquet_is_geoparquet_1_1_and_matches_the_geojson(tmp_path):
     source = tmp_path / "results.csv"
     first_bad = len(results_csv(source)) + 2  # the header, then the good rows
@@ -56,6 +94,11 @@ def test_geoparquet_is_geoparquet_1_1_and_matches_the_geojson(tmp_path):
                    for m in result.stderr.splitlines()), (line, result.stderr)
     table = pq.read_table(out)
     geo = json.loads(pq.read_schema(out).metadata[b"geo"])
+    import jsonschema
+
+    jsonschema.validate(geo, GEOPARQUET_1_1)
+    with pytest.raises(jsonschema.ValidationError):  # the schema can fail
+        jsonschema.validate({**geo, "version": "1.0.0-beta"}, GEOPARQUET_1_1)
     assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
     column = geo["columns"]["geometry"]
     assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
