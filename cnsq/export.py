@@ -72,13 +72,17 @@ def read_rows(source: IO[str], thresh_ind: int | None, thresh: float | None,
 
 @dataclass
 class Columns:
-    """Kept tiles as arrays: their CSV line, x, y, z, and scores (one row per tile)."""
+    """Kept tiles as arrays: their CSV line, x, y, z, and scores (one row per tile); with
+    ``read_columns(raw=True)`` also each row's output text as written, and the rows whose
+    score count differs from the file's (kept aside, not reported)."""
 
     line: Any
     x: Any
     y: Any
     z: Any
     scores: Any  # float64, rows × scores
+    outputs: Any = None  # pyarrow string array, aligned with the arrays
+    others: list | None = None  # [(Row, output text)] of other score counts
 
     def __len__(self) -> int:
         return len(self.x)
@@ -103,7 +107,7 @@ class _LineBreaks(Exception):
 
 
 def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
-                 report: Report) -> Columns:
+                 report: Report, raw: bool = False) -> Columns:
     """The kept rows as arrays, parsed column-wise by pyarrow in blocks (memory follows the kept
     tiles, not the file): ids and scores are checked and converted for a block at once; a row
     the fast checks refuse is read alone by :func:`~cnsq.geojson.read_result`, so its report
@@ -112,7 +116,7 @@ def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     import numpy as np
 
     try:
-        return _read_columns(source, thresh_ind, thresh, report)
+        return _read_columns(source, thresh_ind, thresh, report, raw)
     except _LineBreaks:
         fresh = Report()
         with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
@@ -120,15 +124,29 @@ def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
         report.read, report.kept, report.bad, report.bad_count = (
             fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
         if not rows:
-            return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)))
+            return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)),
+                           _texts([]) if raw else None, [] if raw else None)
+        if raw:  # every row kept, whatever its score count
+            width = len(rows[0].scores)
+            same = [r for r in rows if len(r.scores) == width]
+            columns = _from_rows(same, width)
+            columns.outputs = _texts([json.dumps(r.scores) for r in same])
+            columns.others = [(r, json.dumps(r.scores)) for r in rows if len(r.scores) != width]
+            return columns
         return _from_rows(rows, _score_width(rows, source))
 
 
 BLOCK = 4 << 20  # bytes of CSV parsed at a time
 
 
+def _texts(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
 def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
-                  report: Report) -> Columns:
+                  report: Report, raw: bool = False) -> Columns:
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -168,22 +186,28 @@ def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
             report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
         reported = len(invalid)
         columns, width = _block(batch.column(0), batch.column(1), lines, width, thresh_ind,
-                                thresh, report, source)
+                                thresh, report, source, raw)
         kept.append(columns)
     for row in invalid[reported:]:
         report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
     report.read = seen + len(invalid)
     width = width or 0
     if not kept:
-        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, width)))
+        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, width)),
+                       _texts([]) if raw else None, [] if raw else None)
     out = Columns(*(np.concatenate([getattr(c, f) for c in kept]) for f in (
-        "line", "x", "y", "z")), np.concatenate([c.scores.reshape(-1, width) for c in kept]))
-    report.kept = len(out)
+        "line", "x", "y", "z")), np.concatenate([c.scores.reshape(len(c.x), width) for c in kept]))
+    if raw:
+        out.outputs = pa.concat_arrays([c.outputs for c in kept])
+        out.others = [pair for c in kept for pair in c.others]
+    report.kept = len(out) + len(out.others or [])
+    report.bad.sort()  # the reader reports bad-shaped rows ahead of its blocks
     return out
 
 
 def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
-           thresh: float | None, report: Report, source: Path) -> tuple[Columns, int | None]:
+           thresh: float | None, report: Report, source: Path,
+           raw: bool = False) -> tuple[Columns, int | None]:
     """One block of rows checked and converted at once; returns the kept ones and the score
     count the file's rows hold (from its first good row)."""
     import numpy as np
@@ -221,6 +245,8 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         scores = np.zeros((n, 0))
     # The rows the fast checks refused: read alone, for the same reports as convert-geojson.
     extra: list[Row] = []
+    extra_texts: list[str] = []
+    others: list = []
     for i in np.flatnonzero(~good):
         text = io.StringIO()
         csv.writer(text).writerow([tiles[int(i)].as_py(), outputs[int(i)].as_py()])
@@ -231,18 +257,31 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
             report.add_bad(int(lines[i]), one.bad[0][1])
         elif rows and width is not None and len(rows[0].scores) == width:
             extra.append(Row(int(lines[i]), rows[0].tile, rows[0].scores))
+            extra_texts.append(outputs[int(i)].as_py())
+        elif rows and raw:
+            others.append((Row(int(lines[i]), rows[0].tile, rows[0].scores),
+                           outputs[int(i)].as_py()))
         elif rows:
             report.add_bad(int(lines[i]), f"{len(rows[0].scores)} scores where the file's rows "
                                           f"hold {width or 0}")
     keep = good
-    if thresh_ind is not None and width:
+    if thresh is not None and thresh_ind is not None and width:
         keep = good & (scores[:, thresh_ind] >= thresh)
     index = np.flatnonzero(keep)
     columns = Columns(lines[index], x[index], y[index], z[index], scores[index])
+    if raw:
+        columns.outputs = pc.take(outputs, pa.array(index))
+        if isinstance(columns.outputs, pa.ChunkedArray):
+            columns.outputs = columns.outputs.combine_chunks()
+        columns.others = others
     if extra:
         more = _from_rows(extra, width or 0)
+        texts = columns.outputs
         columns = Columns(*(np.concatenate([getattr(columns, f), getattr(more, f)])
                             for f in ("line", "x", "y", "z", "scores")))
+        if raw:
+            columns.outputs = pa.concat_arrays([texts, _texts(extra_texts)])
+            columns.others = others
     return columns, width
 
 

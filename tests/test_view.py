@@ -480,3 +480,43 @@ def test_a_bare_view_in_a_demo_folder_views_its_results(tmp_path, monkeypatch):
         view.send_signal(signal.SIGINT)
         _, err = view.communicate(timeout=20)
     assert "Viewing results.csv over tiles/ (found here)." in err
+
+
+def test_the_columnar_index_is_the_row_readers(tmp_path, monkeypatch):
+    """With pyarrow (cnsq[geo]) the index is built column-wise: the same tiles (last row of a
+    duplicate, in the file's order), parents, scores, zooms and bad-row reports as without."""
+    pytest.importorskip("pyarrow")
+    import random
+    import sqlite3
+
+    from cnsq.view import index as ix
+
+    rng = random.Random(3)
+    lines = ["tile,output"]
+    for _ in range(3000):
+        z = rng.choice([12, 14, 15])
+        x = rng.randrange(1000 << (z - 12), 1010 << (z - 12))
+        y = rng.randrange(2000 << (z - 12), 2008 << (z - 12))
+        p = round(rng.random(), 5)
+        lines.append(f'{x}-{y}-{z},"[{1 - p}, {p}]"')
+    lines += ['1-2-3,"[0.1, NaN]"', "bad", '4-4-4,"[0.1, 0.2, 0.3]"',
+              lines[5].split(",")[0] + ',"[0.5, 0.5]"']
+    source = tmp_path / "results.csv"
+    source.write_text("\n".join(lines) + "\n")
+    fast = ix.build(source, tmp_path / "fast.db", 1)
+    monkeypatch.setattr(ix, "_columnar", lambda: False)
+    slow = ix.build(source, tmp_path / "slow.db", 1)
+
+    def tables(path):
+        conn = sqlite3.connect(path)
+        try:
+            return (conn.execute("SELECT z, x, y, score, output FROM tiles ORDER BY rowid").fetchall(),
+                    [(z, x, y, m, round(s, 9), n) for z, x, y, m, s, n in conn.execute(
+                        "SELECT * FROM parents ORDER BY z, x, y")])
+        finally:
+            conn.close()
+
+    assert tables(fast.path) == tables(slow.path)
+    assert (fast.zooms, fast.classes, fast.duplicates, list(fast.scores), fast.bounds) == (
+        slow.zooms, slow.classes, slow.duplicates, list(slow.scores), slow.bounds)
+    assert (fast.report.read, fast.report.bad) == (slow.report.read, slow.report.bad)
