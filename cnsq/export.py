@@ -29,7 +29,7 @@ from typing import IO, Any
 import mercantile
 
 from .errors import CnsqError
-from .geojson import Report, check_thresh_ind, read_result
+from .geojson import Report, check_thresh_ind, csv_rows, read_result
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 ROW_GROUP = 16_384
@@ -48,12 +48,7 @@ def read_rows(source: IO[str], thresh_ind: int | None, thresh: float | None,
               report: Report) -> Iterator[Row]:
     """The kept rows of a ``tile,output`` CSV: a bad row is reported with its line and skipped;
     with ``thresh_ind``/``thresh`` only tiles scoring at least ``thresh`` there are kept."""
-    reader = csv.reader(source)
-    for row in reader:
-        line = reader.line_num
-        if line == 1 and row[:2] == ["tile", "output"]:
-            continue
-        report.read += 1
+    for line, row in csv_rows(source, report):
         try:
             tile, scores, value = read_result(row, thresh_ind if thresh_ind is not None else 0)
         except ValueError as exc:

@@ -89,6 +89,21 @@ def read_result(row: list[str], thresh_ind: int) -> tuple[mercantile.Tile, list,
 PROGRESS_EVERY = 50_000  # rows between progress updates
 
 
+def csv_rows(source: IO[str], report: Report,
+             progress: Callable[[Report], None] | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, row) of each row of a results CSV after its optional ``tile,output``
+    header, counted in ``report.read``."""
+    reader = csv.reader(source)
+    for row in reader:
+        line = reader.line_num
+        if line == 1 and row[:2] == ["tile", "output"]:
+            continue
+        report.read += 1
+        if progress and report.read % PROGRESS_EVERY == 0:
+            progress(report)
+        yield line, row
+
+
 def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: bool = False,
             seq: bool = False, progress: Callable[[Report], None] | None = None) -> Report:
     """Stream ``tile,output`` rows to GeoJSON features whose score at ``thresh_ind`` >= ``thresh``.
@@ -99,14 +114,7 @@ def convert(source: IO[str], out: IO[str], thresh_ind: int, thresh: float, tms: 
     report = Report()
 
     def features() -> Iterator[str]:
-        reader = csv.reader(source)
-        for row in reader:
-            line = reader.line_num
-            if line == 1 and row[:2] == ["tile", "output"]:
-                continue
-            report.read += 1
-            if progress and report.read % PROGRESS_EVERY == 0:
-                progress(report)
+        for line, row in csv_rows(source, report, progress):
             try:
                 tile, scores, value = read_result(row, thresh_ind)
             except ValueError as exc:

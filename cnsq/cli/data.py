@@ -158,14 +158,7 @@ def convert_geojson(source: Path, target: str | None, output: str | None, thresh
                           tms=tms, seq=seq, progress=progress if on_tty else None)
     if on_tty and report.read >= 50_000:
         click.echo("", err=True)
-    for line, reason in report.bad[:20]:
-        click.echo(f"{source}:{line}: {reason}", err=True)
-    if report.bad_count > 20:
-        click.echo(f"… and {report.bad_count - 20:,} more bad rows", err=True)
-    click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}"
-               f"{'' if target == '-' else f'; wrote {target}'}.", err=True)
-    if report.bad_count:
-        sys.exit(1)
+    _say_rows(report, source, "" if target == "-" else f"; wrote {target}")
 
 
 @main.command("export")
@@ -251,12 +244,17 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
         raise CnsqError(f"{target}: say --format (geoparquet, flatgeobuf, geojson or csv), or "
                         "name the file .parquet, .fgb, .geojson or .csv")
     report = export(source, target, fmt, thresh_ind, thresh)
+    _say_rows(report, label or source, f"; wrote {target} ({fmt})")
+
+
+def _say_rows(report, where, wrote: str) -> None:
+    """The bad rows (the first 20, with their lines), the counts; exit 1 when a row was bad."""
     for line, reason in report.bad[:20]:
-        click.echo(f"{label or source}:{line}: {reason}", err=True)
+        click.echo(f"{where}:{line}: {reason}", err=True)
     if report.bad_count > 20:
         click.echo(f"… and {report.bad_count - 20:,} more bad rows", err=True)
-    click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}; "
-               f"wrote {target} ({fmt}).", err=True)
+    click.echo(f"Read {report.read:,} rows, kept {report.kept:,}, bad {report.bad_count:,}"
+               f"{wrote}.", err=True)
     if report.bad_count:
         sys.exit(1)
 
