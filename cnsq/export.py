@@ -29,7 +29,9 @@ from typing import IO, Any
 import mercantile
 
 from .errors import CnsqError
+from .files import atomic_path
 from .geojson import Report, check_thresh_ind, csv_rows, read_result
+from .tiles import tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 ROW_GROUP = 16_384
@@ -442,7 +444,7 @@ def write_flatgeobuf(c: Columns, target: Path, width: int) -> None:
     first = next(stream)
     reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, stream))
     write_arrow(reader, str(target), driver="FlatGeobuf", geometry_name="geometry",
-                geometry_type="Polygon", crs="EPSG:4326", layer=target.stem,
+                geometry_type="Polygon", crs="EPSG:4326", layer="tiles",
                 layer_options={"SPATIAL_INDEX": "YES"})
 
 
@@ -514,10 +516,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
     except FileNotFoundError:
         raise CnsqError(f"{source}: no such file") from None
     report = Report()
-    # The temporary name keeps the extension: GDAL writes a FlatGeobuf *folder* at a path
-    # that does not end in .fgb.
-    partial = target.with_name(f".{target.stem}.partial{target.suffix or '.out'}")
-    with handle:
+    with atomic_path(target, keep_suffix=True) as partial, handle:
         if thresh_ind is not None:
             check_thresh_ind(handle, source, thresh_ind)
         if fmt == "geojson" and _has_geo():
@@ -534,12 +533,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                 else:
                     writer = csv.writer(out)
                     writer.writerow(["tile", "output"])
-                    writer.writerows([f"{r.tile.x}-{r.tile.y}-{r.tile.z}", json.dumps(r.scores)]
-                                     for r in rows)
+                    writer.writerows([tile_id(r.tile), json.dumps(r.scores)] for r in rows)
         else:
             columns = read_columns(source, thresh_ind, thresh, report)
             width = columns.scores.shape[1]
-            partial.unlink(missing_ok=True)
             (write_geoparquet if fmt == "geoparquet" else write_flatgeobuf)(columns, partial, width)
-    partial.replace(target)
     return report

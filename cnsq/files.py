@@ -28,10 +28,11 @@ def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, keep_suffix: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that opens files itself (SQLite); renamed
-    over ``path`` on success, removed on any failure."""
-    partial = _partial(path)
+    over ``path`` on success, removed on any failure. ``keep_suffix``: the temporary name ends
+    in ``path``'s extension too."""
+    partial = _partial(path, keep_suffix)
     try:
         yield partial
         partial.replace(path)
@@ -40,20 +41,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def _partial(path: Path) -> Path:
+def _partial(path: Path, keep_suffix: bool = False) -> Path:
     """This process's temporary name for ``path``; what a killed writer left beside it (its
     process gone) is removed first, so a kill -9 leaves litter until the next write only."""
     if path.parent.is_dir():
         for abandoned in abandoned_partials(path.parent):
             abandoned.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    # keep_suffix: for a writer that picks its format by the extension (GDAL writes a
+    # FlatGeobuf *folder* at a path that does not end in .fgb).
+    return path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix if keep_suffix else ''}")
 
 
 def abandoned_partials(folder: Path) -> Iterator[Path]:
     """The temporary files in ``folder`` whose writer is gone (killed before its rename)."""
     for partial in folder.glob(".*.partial-*"):
         try:
-            os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
+            # (A writer may add an extension of its own: .NAME.partial-PID.fgb.)
+            os.kill(int(partial.name.split(".partial-", 1)[1].split(".", 1)[0]), 0)
         except ValueError:
             continue
         except ProcessLookupError:
