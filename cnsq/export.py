@@ -94,9 +94,9 @@ def _from_rows(rows: list[Row], width: int) -> Columns:
 
     scores = np.array([r.scores for r in rows], dtype=np.float64).reshape(len(rows), width)
     return Columns(np.array([r.line for r in rows], dtype=np.int64),
-                   np.array([r.tile.x for r in rows], dtype=np.int64),
-                   np.array([r.tile.y for r in rows], dtype=np.int64),
-                   np.array([r.tile.z for r in rows], dtype=np.int64), scores)
+                   np.array([r.tile.x for r in rows], dtype=np.int32),
+                   np.array([r.tile.y for r in rows], dtype=np.int32),
+                   np.array([r.tile.z for r in rows], dtype=np.int8), scores)
 
 
 class _LineBreaks(Exception):
@@ -265,7 +265,9 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     if thresh is not None and thresh_ind is not None and width:
         keep = good & (scores[:, thresh_ind] >= thresh)
     index = np.flatnonzero(keep)
-    columns = Columns(lines[index], x[index], y[index], z[index], scores[index])
+    # Narrow types for what is kept (a zoom-30 x or y fits 32 bits): the arrays are the memory.
+    columns = Columns(lines[index], x[index].astype(np.int32), y[index].astype(np.int32),
+                      z[index].astype(np.int8), scores[index])
     if raw:
         columns.outputs = pc.take(outputs, pa.array(index))
         if isinstance(columns.outputs, pa.ChunkedArray):
@@ -321,7 +323,7 @@ def _columns(c: Columns, width: int):
     import pyarrow.compute as pc
 
     n = len(c)
-    x, y, z = c.x, c.y, c.z
+    x, y, z = c.x.astype(np.float64), c.y.astype(np.float64), c.z
     # Tile bounds, vectorised (mercantile's formulas: Web Mercator tiles in lon/lat).
     size = np.exp2(z.astype(np.float64))
     west = x / size * 360.0 - 180.0
@@ -339,10 +341,10 @@ def _columns(c: Columns, width: int):
                                                              pa.py_buffer(wkb.tobytes())])
     bbox = pa.StructArray.from_arrays([pa.array(west), pa.array(south), pa.array(east),
                                        pa.array(north)], ["xmin", "ymin", "xmax", "ymax"])
-    ids = pc.binary_join_element_wise(pc.cast(pa.array(x), pa.string()),
-                                      pc.cast(pa.array(y), pa.string()),
-                                      pc.cast(pa.array(z), pa.string()), "-")
-    columns = {"tile": ids, "x": pa.array(x), "y": pa.array(y), "z": pa.array(z)}
+    ix, iy, iz = (pa.array(a.astype(np.int64)) for a in (c.x, c.y, c.z))
+    ids = pc.binary_join_element_wise(pc.cast(ix, pa.string()), pc.cast(iy, pa.string()),
+                                      pc.cast(iz, pa.string()), "-")
+    columns = {"tile": ids, "x": ix, "y": iy, "z": iz}
     columns.update((f"p{i}", pa.array(c.scores[:, i])) for i in range(width))
     columns["geometry"] = geometry
     columns["bbox"] = bbox
@@ -400,10 +402,11 @@ def _overall_bounds(c: Columns) -> tuple[float, float, float, float]:
     if not len(c):
         return (0.0, 0.0, 0.0, 0.0)
     size = np.exp2(c.z.astype(np.float64))
-    west = float((c.x / size).min()) * 360.0 - 180.0
-    east = float(((c.x + 1) / size).max()) * 360.0 - 180.0
-    north = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (c.y / size).min())))))
-    south = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * ((c.y + 1) / size).max())))))
+    x, y = c.x.astype(np.float64), c.y.astype(np.float64)
+    west = float((x / size).min()) * 360.0 - 180.0
+    east = float(((x + 1) / size).max()) * 360.0 - 180.0
+    north = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (y / size).min())))))
+    south = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * ((y + 1) / size).max())))))
     return (west, south, east, north)
 
 
@@ -466,14 +469,15 @@ def write_geojson(c: Columns, out: IO[bytes]) -> None:
         if not len(part):
             break
         size = np.exp2(part.z.astype(np.float64))
+        px, py = part.x.astype(np.float64), part.y.astype(np.float64)
 
         def text(values):
             return pc.cast(pa.array(values), pa.string())
 
-        w = text(part.x / size * 360.0 - 180.0)
-        e = text((part.x + 1) / size * 360.0 - 180.0)
-        n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * part.y / size)))))
-        s_ = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (part.y + 1) / size)))))
+        w = text(px / size * 360.0 - 180.0)
+        e = text((px + 1) / size * 360.0 - 180.0)
+        n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
+        s_ = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))))
         ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), "-")
         pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', w, ",",
                   s_, "],[", e, ",", s_, "],[", e, ",", n, "],[", w, ",", n, "],[", w, ",", s_,

@@ -273,3 +273,19 @@ def test_the_results_table_is_exported_as_download_reads_it(tmp_path, kind, requ
     assert set(pq.read_table(out).column("tile").to_pylist()) == set(reference)
     assert not list(tmp_path.glob(".cnsq-export-*"))  # the staged CSV is gone
     assert "Read 200 rows from the results table." in result.stderr
+
+
+def test_the_last_tile_of_zoom_30_and_the_world_tile(tmp_path):
+    """x and y are kept in 32 bits: the bounds of the last tile of zoom 30 must not overflow."""
+    source = tmp_path / "edges.csv"
+    last = 2**30 - 1
+    source.write_text(f'tile,output\n{last}-{last}-30,"[0.1, 0.9]"\n0-0-0,"[0.2, 0.8]"\n')
+    out = tmp_path / "edges.parquet"
+    assert CliRunner().invoke(main, ["export", str(source), str(out)]).exit_code == 0
+    rows = {r["tile"]: r for r in pq.read_table(out).to_pylist()}
+    for tile in (f"{last}-{last}-30", "0-0-0"):
+        b = mercantile.bounds(mercantile.Tile(*map(int, tile.split("-"))))
+        box = rows[tile]["bbox"]
+        assert abs(box["xmin"] - b.west) < 1e-9 and abs(box["ymin"] - b.south) < 1e-9
+        assert abs(box["xmax"] - b.east) < 1e-9 and abs(box["ymax"] - b.north) < 1e-9
+        assert rows[tile]["x"] == int(tile.split("-")[0])

@@ -200,19 +200,24 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
     classes = c.scores.shape[1]
     z, x, y, line = c.z, c.x, c.y, c.line
     score = c.scores[:, thresh_ind] if classes else np.zeros(0)
-    texts = c.outputs.to_numpy(zero_copy_only=False)
+    import pyarrow as pa
+
+    texts = c.outputs  # kept in Arrow (not a million Python strings) until inserted
     # Rows of another score count (kept by the row reader too): appended as they are.
-    for row, text in c.others or []:
-        if -len(row.scores) <= thresh_ind < len(row.scores):
-            z, x, y = (np.append(a, v) for a, v in ((z, row.tile.z), (x, row.tile.x),
-                                                    (y, row.tile.y)))
-            line = np.append(line, row.line)
-            score = np.append(score, row.scores[thresh_ind])
-            texts = np.append(texts, text)
-        else:
+    others = [(row, text) for row, text in c.others or []
+              if -len(row.scores) <= thresh_ind < len(row.scores)]
+    for row, _ in c.others or []:
+        if not -len(row.scores) <= thresh_ind < len(row.scores):
             report.kept -= 1
             report.add_bad(row.line, f"--thresh_ind {thresh_ind} is out of range for "
                                      f"{len(row.scores)} scores")
+    if others:
+        z = np.append(z, [r.tile.z for r, _ in others])
+        x = np.append(x, [r.tile.x for r, _ in others])
+        y = np.append(y, [r.tile.y for r, _ in others])
+        line = np.append(line, [r.line for r, _ in others])
+        score = np.append(score, [r.scores[thresh_ind] for r, _ in others])
+        texts = pa.concat_arrays([texts, pa.array([t for _, t in others], pa.string())])
     inserted = len(z)
     # A tile listed twice keeps its last row; the rows stay in the file's order (the page's
     # download gives them so).
@@ -223,13 +228,16 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
         last[:-1] = (zs[1:] != zs[:-1]) | (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
     keep = np.sort(order[last]) if len(z) else order
     keep = keep[np.argsort(line[keep], kind="stable")]
-    z, x, y, score, texts = z[keep], x[keep], y[keep], score[keep], texts[keep]
+    z, x, y, score = z[keep], x[keep], y[keep], score[keep]
+    texts = texts.take(pa.array(keep))
     with conn:
-        conn.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?)",
-                         zip(z.tolist(), x.tolist(), y.tolist(), score.tolist(), texts.tolist(),
-                             strict=True))
-        if progress:
-            progress(len(z))
+        for start in range(0, len(z), BATCH):
+            end = start + BATCH
+            conn.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?)", zip(
+                z[start:end].tolist(), x[start:end].tolist(), y[start:end].tolist(),
+                score[start:end].tolist(), texts.slice(start, BATCH).to_pylist(), strict=True))
+            if progress and end // PROGRESS_EVERY != start // PROGRESS_EVERY:
+                progress(min(end, len(z)))
         conn.execute("CREATE UNIQUE INDEX tiles_zxy ON tiles (z, x, y)")
         zooms = sorted(set(z.tolist()))
         _parents(conn, z, x, y, score, max(zooms, default=0))
