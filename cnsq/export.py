@@ -514,6 +514,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
         raise CnsqError("--thresh_ind and --thresh go together (or neither: every tile)")
     if fmt in ("geoparquet", "flatgeobuf"):
         _require_geo(fmt)
+    from .download import writable_target
+
+    writable_target(str(target))  # before any work
 
     try:
         handle = source.open(encoding="utf-8-sig", errors="surrogateescape", newline="")

@@ -180,6 +180,8 @@ def test_bad_requests_are_clear(tmp_path):
                                      "--thresh", "0.5"])
     assert half.exit_code == 1 and "--thresh_ind and --thresh go together" in half.stderr
     assert not (tmp_path / "x.fgb").exists()
+    nowhere = CliRunner().invoke(main, ["export", str(source), str(tmp_path / "no" / "x.parquet")])
+    assert nowhere.exit_code == 1 and "folder" in nowhere.stderr and "partial" not in nowhere.stderr
 
 
 POISON = [

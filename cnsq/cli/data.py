@@ -201,6 +201,9 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     if len(paths) > 2:
         raise click.UsageError("expected [IN.csv] OUT")
     target = paths[-1]
+    from ..download import writable_target
+
+    writable_target(str(target))  # before a download that may take minutes
     if len(paths) == 2:
         _export_file(paths[0], target, fmt, thresh_ind, thresh)
         return
