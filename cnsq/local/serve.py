@@ -216,9 +216,18 @@ class Batcher:
             self.calls = self.instances = self.peak = 0
             self.busy = 0.0
 
-    def close(self) -> None:
+    def close(self, wait: float = 2.0) -> None:
+        """Stop the batch threads, and wait (up to ``wait`` seconds) for a batch in progress:
+        an interpreter that exits while a thread is inside the ONNX Runtime session can crash
+        (a rare segfault on Ctrl-C in the demo)."""
+        import time
+
         for _ in self.threads:
             self.requests.put(_STOP)
+        deadline = time.monotonic() + wait
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Addresses:
