@@ -75,6 +75,19 @@ class Usage:
     load_balancer_lcu_hours: float = 0.0
 
 
+def run_usage(seconds: float, instance_seconds: float, lambda_gb_seconds: float, calls: float,
+              sqs_requests: float, downloaded_gb: float) -> Usage:
+    """A run's usage over ``seconds`` of the stack standing: the NAT gateway, database and load
+    balancer for that long; the images through the NAT once (``downloaded_gb``) and through the
+    load balancer base64-encoded (4/3 of it; 1 LCU processes 1 GB an hour, at least one LCU-hour
+    an hour). The one place estimate, status and the simulation turn a run into a usage."""
+    return Usage(
+        instance_seconds=instance_seconds, lambda_gb_seconds=lambda_gb_seconds,
+        lambda_requests=calls, sqs_requests=sqs_requests, nat_seconds=seconds,
+        nat_gb=downloaded_gb, database_seconds=seconds, load_balancer_seconds=seconds,
+        load_balancer_lcu_hours=max(seconds / 3600, downloaded_gb * 4 / 3))
+
+
 @dataclass(frozen=True)
 class Item:
     name: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .cost import Bill, Prices, Usage, bill
+from .cost import Bill, Prices, Usage, bill, run_usage
 
 HOST_START_SECONDS = 300.0  # a GPU host's boot, registration, image pull and model load
 
@@ -65,18 +65,9 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
                           next(iter(lambdas)))
     memory_gb = lambdas[name]["memory"] / 1024
     calls = math.ceil(tiles / sqs["batchSize"])
-    tile_gb = tiles * per.tile_kb / 1e6
-    hours = seconds / 3600
-    usage = Usage(
-        instance_seconds=hosts * seconds,
-        lambda_gb_seconds=calls * per.call_seconds * memory_gb,
-        lambda_requests=calls,
-        # SendMessageBatch (10 a request), a receive and a delete per call.
-        sqs_requests=math.ceil(tiles / 10) + 2 * calls,
-        nat_seconds=seconds, nat_gb=tile_gb, database_seconds=seconds,
-        load_balancer_seconds=seconds,
-        # 1 LCU processes 1 GB an hour; the images travel base64-encoded (4/3) to the model.
-        load_balancer_lcu_hours=max(hours, tile_gb * 4 / 3))
+    # SendMessageBatch (10 a request), a receive and a delete per call.
+    usage = run_usage(seconds, hosts * seconds, calls * per.call_seconds * memory_gb, calls,
+                      math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6)
     database = values["rds"]["instanceType"]
     total = bill(usage, prices, ecs["instanceType"], database)
     idle_seconds = ecs["idleMinutes"] * 60 if scaling else 0

@@ -44,7 +44,7 @@ from download_and_predict.controller import (
     plan_tasks,
 )
 
-from .cost import Bill, Prices, Usage, bill
+from .cost import Bill, Prices, Usage, bill, run_usage
 
 
 @dataclass(frozen=True)
@@ -544,12 +544,8 @@ def _host_seconds(sim: _Sim, end: float) -> float:
 def _usage_until(sim: _Sim, end: float) -> Usage:
     """The run's usage up to ``end``."""
     u = sim.usage
-    return Usage(
-        instance_seconds=_host_seconds(sim, end), lambda_gb_seconds=u.lambda_gb_seconds,
-        lambda_requests=u.lambda_requests, sqs_requests=sim.sqs_requests,
-        nat_seconds=end, nat_gb=u.nat_gb, database_seconds=end, load_balancer_seconds=end,
-        # LCU: the processed bytes dominate (1 LCU = 1 GB an hour); base64 adds a third.
-        load_balancer_lcu_hours=max(end / 3600, u.nat_gb * 4 / 3))
+    return run_usage(end, _host_seconds(sim, end), u.lambda_gb_seconds, u.lambda_requests,
+                     sim.sqs_requests, u.nat_gb)
 
 
 @dataclass

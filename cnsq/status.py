@@ -28,7 +28,7 @@ from download_and_predict.controller import THRESHOLDS
 from . import aws as _aws
 from . import layout
 from .aws import Client
-from .cost import Bill, Prices, Usage, bill
+from .cost import Bill, Prices, bill, run_usage
 
 
 @dataclass
@@ -277,14 +277,9 @@ def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float =
     calls = metrics.invocations or 0.0
     name = worker_lambda(values["lambdas"])
     memory_gb = values["lambdas"][name]["memory"] / 1024 if name else 1.0
-    tile_gb = deleted * tile_kb / 1e6
-    usage = Usage(
-        instance_seconds=(metrics.hosts or 0) * window,
-        lambda_gb_seconds=(metrics.duration_sum_ms or 0.0) / 1000 * memory_gb,
-        lambda_requests=calls, sqs_requests=deleted / 10 + 2 * calls,
-        nat_seconds=window, nat_gb=tile_gb, database_seconds=window,
-        load_balancer_seconds=window,
-        load_balancer_lcu_hours=max(window / 3600, tile_gb * 4 / 3))
+    usage = run_usage(window, (metrics.hosts or 0) * window,
+                      (metrics.duration_sum_ms or 0.0) / 1000 * memory_gb, calls,
+                      deleted / 10 + 2 * calls, deleted * tile_kb / 1e6)
     return bill(usage, prices, values["ecs"]["instanceType"], values["rds"]["instanceType"])
 
 
