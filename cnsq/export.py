@@ -137,9 +137,53 @@ BLOCK = 4 << 20  # bytes of CSV parsed at a time
 
 
 def _texts(values: list[str]):
+    """A list of strings as an Arrow string array (see :func:`_arrow`: not ``pa.array``)."""
+    import numpy as np
     import pyarrow as pa
 
-    return pa.array(values, pa.string())
+    data = [v.encode("utf-8", "surrogateescape") for v in values]
+    offsets = np.zeros(len(data) + 1, np.int32)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets),
+                                                           pa.py_buffer(b"".join(data))])
+
+
+def _numpy(array):
+    """An Arrow boolean, int64 or float64 array without nulls as a numpy array, read from its
+    buffers (``to_numpy`` goes through pandas too, see :func:`_arrow`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    data, start, end = array.buffers()[1], array.offset, array.offset + len(array)
+    if array.type == pa.bool_():
+        bits = np.frombuffer(data, np.uint8)
+        return np.unpackbits(bits, bitorder="little")[start:end].astype(np.bool_)
+    dtype = {pa.int64(): np.int64, pa.float64(): np.float64}[array.type]
+    return np.frombuffer(data, dtype)[start:end]
+
+
+def _scalar(text: str):
+    """A string as an Arrow scalar (``pa.scalar`` asks for pandas too: see :func:`_arrow`)."""
+    return _texts([text])[0]
+
+
+def _arrow(values):
+    """A numpy array as an Arrow array, from its buffer.
+
+    Why not ``pa.array``: given a list or a numpy array, pyarrow first asks whether it is a
+    pandas object, importing pandas when installed (0.2 s and some 60 MB, more than the rest of
+    a GeoParquet export's memory)."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.bool_:
+        bits = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
+                                 [None, pa.py_buffer(values)])
 
 
 def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
@@ -215,9 +259,9 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     if pc.any(pc.match_substring(outputs, "\n")).as_py() or \
             pc.any(pc.match_substring(tiles, "\n")).as_py():
         raise _LineBreaks
-    good = pc.match_substring_regex(tiles, TILE_ID).to_numpy(zero_copy_only=False).copy()
-    parts = pc.split_pattern(pc.if_else(good, tiles, "0-0-0"), "-")
-    xyz = pc.list_flatten(parts).cast(pa.int64()).to_numpy().reshape(n, 3)
+    good = _numpy(pc.match_substring_regex(tiles, TILE_ID))
+    parts = pc.split_pattern(pc.if_else(_arrow(good), tiles, _scalar("0-0-0")), "-")
+    xyz = _numpy(pc.list_flatten(parts).cast(pa.int64())).reshape(n, 3)
     x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     good &= (z <= 30) & (x < np.left_shift(1, np.minimum(z, 62))) & (
         y < np.left_shift(1, np.minimum(z, 62)))
@@ -228,11 +272,11 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         width = len(sample) if isinstance(sample, list) and sample else None
     if width:
         pattern = r"^\[\s*" + NUMBER + (r"\s*,\s*" + NUMBER) * (width - 1) + r"\s*\]$"
-        good &= pc.match_substring_regex(outputs, pattern).to_numpy(zero_copy_only=False)
-        inner = pc.utf8_trim(pc.if_else(good, outputs, "[" + ",".join(["0"] * width) + "]"),
-                             "[] \t")
+        good &= _numpy(pc.match_substring_regex(outputs, pattern))
+        zeros = _scalar("[" + ",".join(["0"] * width) + "]")
+        inner = pc.utf8_trim(pc.if_else(_arrow(good), outputs, zeros), "[] \t")
         scores = pc.utf8_trim_whitespace(pc.list_flatten(pc.split_pattern(inner, ",")))
-        scores = scores.cast(pa.float64()).to_numpy().reshape(n, width)
+        scores = _numpy(scores.cast(pa.float64())).reshape(n, width)
         good &= np.isfinite(scores).all(axis=1)
         if thresh_ind is not None and not -width <= thresh_ind < width:
             raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has {width} "
@@ -269,7 +313,7 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     columns = Columns(lines[index], x[index].astype(np.int32), y[index].astype(np.int32),
                       z[index].astype(np.int8), scores[index])
     if raw:
-        columns.outputs = pc.take(outputs, pa.array(index))
+        columns.outputs = pc.take(outputs, _arrow(index))
         if isinstance(columns.outputs, pa.ChunkedArray):
             columns.outputs = columns.outputs.combine_chunks()
         columns.others = others
@@ -339,13 +383,13 @@ def _columns(c: Columns, width: int):
     offsets = np.arange(0, (n + 1) * record.itemsize, record.itemsize, dtype=np.int32)
     geometry = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
                                                              pa.py_buffer(wkb.tobytes())])
-    bbox = pa.StructArray.from_arrays([pa.array(west), pa.array(south), pa.array(east),
-                                       pa.array(north)], ["xmin", "ymin", "xmax", "ymax"])
-    ix, iy, iz = (pa.array(a.astype(np.int64)) for a in (c.x, c.y, c.z))
+    bbox = pa.StructArray.from_arrays([_arrow(west), _arrow(south), _arrow(east),
+                                       _arrow(north)], ["xmin", "ymin", "xmax", "ymax"])
+    ix, iy, iz = (_arrow(a.astype(np.int64)) for a in (c.x, c.y, c.z))
     ids = pc.binary_join_element_wise(pc.cast(ix, pa.string()), pc.cast(iy, pa.string()),
-                                      pc.cast(iz, pa.string()), "-")
+                                      pc.cast(iz, pa.string()), _scalar("-"))
     columns = {"tile": ids, "x": ix, "y": iy, "z": iz}
-    columns.update((f"p{i}", pa.array(c.scores[:, i])) for i in range(width))
+    columns.update((f"p{i}", _arrow(c.scores[:, i])) for i in range(width))
     columns["geometry"] = geometry
     columns["bbox"] = bbox
     bounds = ((float(west.min()), float(south.min()), float(east.max()), float(north.max()))
@@ -464,6 +508,7 @@ def write_geojson(c: Columns, out: IO[bytes]) -> None:
     c = Columns(c.line[order], c.x[order], c.y[order], c.z[order], c.scores[order])
     width = c.scores.shape[1] if c.scores.ndim == 2 else 0
     out.write(b'{"type":"FeatureCollection","features":[\n')
+    dash, empty = _scalar("-"), _scalar("")
     first = True
     for part in _slices(c, CHUNK):
         if not len(part):
@@ -472,26 +517,27 @@ def write_geojson(c: Columns, out: IO[bytes]) -> None:
         px, py = part.x.astype(np.float64), part.y.astype(np.float64)
 
         def text(values):
-            return pc.cast(pa.array(values), pa.string())
+            return pc.cast(_arrow(values), pa.string())
 
         w = text(px / size * 360.0 - 180.0)
         e = text((px + 1) / size * 360.0 - 180.0)
         n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
         s_ = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))))
-        ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), "-")
+        ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), dash)
         pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', w, ",",
                   s_, "],[", e, ",", s_, "],[", e, ",", n, "],[", w, ",", n, "],[", w, ",", s_,
                   ']]]},"properties":{"tile":"', ids, '"']
         for i in range(width):
             pieces += [f',"p{i}":', text(part.scores[:, i])]
         pieces.append("}}")
-        features = pc.binary_join_element_wise(*pieces, "")
-        joined = pc.binary_join_element_wise(features, ",\n", "")
+        features = pc.binary_join_element_wise(
+            *(_scalar(p) if isinstance(p, str) else p for p in pieces), empty)
+        joined = pc.binary_join_element_wise(features, _scalar(",\n"), empty)
         if first:
             first = False
         else:
             out.write(b",\n")
-        data = pa.array(joined).buffers()
+        data = joined.buffers()
         offsets = np.frombuffer(data[1], dtype=np.int32, count=len(joined) + 1,
                                 offset=joined.offset * 4)
         body = memoryview(data[2])[offsets[0]:offsets[-1]]

@@ -188,7 +188,7 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
     in numpy; the same tables and answers, several times sooner."""
     import numpy as np
 
-    from ..export import read_columns
+    from ..export import _arrow, _texts, read_columns
 
     report = Report()
     c = read_columns(source, None, None, report, raw=True)
@@ -217,7 +217,7 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
         y = np.append(y, [r.tile.y for r, _ in others])
         line = np.append(line, [r.line for r, _ in others])
         score = np.append(score, [r.scores[thresh_ind] for r, _ in others])
-        texts = pa.concat_arrays([texts, pa.array([t for _, t in others], pa.string())])
+        texts = pa.concat_arrays([texts, _texts([t for _, t in others])])
     inserted = len(z)
     # A tile listed twice keeps its last row; the rows stay in the file's order (the page's
     # download gives them so).
@@ -229,7 +229,7 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
     keep = np.sort(order[last]) if len(z) else order
     keep = keep[np.argsort(line[keep], kind="stable")]
     z, x, y, score = z[keep], x[keep], y[keep], score[keep]
-    texts = texts.take(pa.array(keep))
+    texts = texts.take(_arrow(keep))
     with conn:
         for start in range(0, len(z), BATCH):
             end = start + BATCH
