@@ -21,7 +21,10 @@ import csv
 import io
 import json
 import math
+import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +38,8 @@ from .tiles import tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 ROW_GROUP = 16_384
-CHUNK = 65_536  # rows parsed and turned into columns at a time
+CHUNK = 16_384  # features turned into GeoJSON text at a time
+WORKERS = min(4, os.cpu_count() or 1)  # threads checking blocks of rows
 GEO_EXTRA = "pip install 'cnsq[geo]' (pyarrow and pyogrio)"
 
 
@@ -133,7 +137,7 @@ def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
         return _from_rows(rows, _score_width(rows, source))
 
 
-BLOCK = 4 << 20  # bytes of CSV parsed at a time
+BLOCK = 512 << 10  # bytes of CSV parsed at a time
 
 
 def _texts(values: list[str]):
@@ -213,22 +217,45 @@ def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     width: int | None = None
     kept: list[Columns] = []
     reported = 0
-    for batch in reader:
-        if any(row.number is None for row in invalid):
-            raise _LineBreaks
-        # The physical line of each row: the bad-shaped rows (reported with their lines, as the
-        # reader parses ahead) are the gaps. u_i = b_i - i; row j sits at start + j + #{u_i ≤ …}.
-        bad_lines = np.array(sorted(row.number for row in invalid), dtype=np.int64)
-        u = bad_lines - np.arange(len(bad_lines))
-        j = np.arange(seen, seen + len(batch), dtype=np.int64) + start
-        lines = j + np.searchsorted(u, j, side="right")
-        seen += len(batch)
-        for row in invalid[reported:]:
-            report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
-        reported = len(invalid)
-        columns, width = _block(batch.column(0), batch.column(1), lines, width, thresh_ind,
-                                thresh, report, source, raw)
-        kept.append(columns)
+    # Blocks are checked in worker threads (Arrow's kernels and numpy release the GIL), in file
+    # order: the reader parses the next block meanwhile. Each block reports into its own Report,
+    # merged in order.
+    pending: deque = deque()
+
+    def settle(limit: int) -> None:
+        while len(pending) > limit:
+            future, local = pending.popleft()
+            kept.append(future.result()[0])
+            _merge(report, local)
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for batch in reader:
+            if any(row.number is None for row in invalid):
+                raise _LineBreaks
+            # The physical line of each row: the bad-shaped rows (reported with their lines, as
+            # the reader parses ahead) are the gaps. u_i = b_i - i; row j sits at
+            # start + j + #{u_i ≤ …}.
+            bad_lines = np.array(sorted(row.number for row in invalid), dtype=np.int64)
+            u = bad_lines - np.arange(len(bad_lines))
+            j = np.arange(seen, seen + len(batch), dtype=np.int64) + start
+            lines = j + np.searchsorted(u, j, side="right")
+            seen += len(batch)
+            for row in invalid[reported:]:
+                report.add_bad(row.number,
+                               f"expected 2 columns (tile,output), got {row.actual_columns}")
+            reported = len(invalid)
+            local = Report()
+            if width is None:  # the file's score count comes from its first good row
+                settle(0)
+                columns, width = _block(batch.column(0), batch.column(1), lines, width,
+                                        thresh_ind, thresh, local, source, raw)
+                kept.append(columns)
+                _merge(report, local)
+                continue
+            pending.append((pool.submit(_block, batch.column(0), batch.column(1), lines, width,
+                                        thresh_ind, thresh, local, source, raw), local))
+            settle(WORKERS)
+        settle(0)
     for row in invalid[reported:]:
         report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
     report.read = seen + len(invalid)
@@ -244,6 +271,14 @@ def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     report.kept = len(out) + len(out.others or [])
     report.bad.sort()  # the reader reports bad-shaped rows ahead of its blocks
     return out
+
+
+def _merge(report: Report, local: Report) -> None:
+    """A block's report into the file's: its bad rows in order, and the count of those past
+    the listed ones."""
+    for line, reason in local.bad:
+        report.add_bad(line, reason)
+    report.bad_count += local.bad_count - len(local.bad)
 
 
 def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
@@ -360,6 +395,13 @@ def _order(c: Columns):
     return np.lexsort((c.z, key))
 
 
+def _reorder(c: Columns, order) -> None:
+    """Put ``c``'s rows in ``order``, one array at a time: a copy of all of them at once would
+    double the memory an export holds."""
+    for name in ("line", "x", "y", "z", "scores"):
+        setattr(c, name, getattr(c, name)[order])
+
+
 def _columns(c: Columns, width: int):
     """The arrays as Arrow columns: id, x, y, z, p0…, the WKB polygons and their bboxes."""
     import numpy as np
@@ -455,13 +497,12 @@ def _overall_bounds(c: Columns) -> tuple[float, float, float, float]:
 
 
 def write_geoparquet(c: Columns, target: Path, width: int) -> None:
-    """Sorted along the Z-order curve, then written a row group at a time (memory: the arrays
-    of the kept tiles, and one group's Arrow columns)."""
+    """Sorted along the Z-order curve (``c`` in place), then written a row group at a time
+    (memory: the arrays of the kept tiles, and one group's Arrow columns)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    order = _order(c)
-    c = Columns(c.line[order], c.x[order], c.y[order], c.z[order], c.scores[order])
+    _reorder(c, _order(c))
     metadata = {b"geo": json.dumps(geo_metadata(_overall_bounds(c))).encode()}
     writer = None
     try:
@@ -504,8 +545,8 @@ def write_geojson(c: Columns, out: IO[bytes]) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    order = np.argsort(c.line, kind="stable")
-    c = Columns(c.line[order], c.x[order], c.y[order], c.z[order], c.scores[order])
+    if len(c) and (c.line[1:] < c.line[:-1]).any():  # rows the fast checks refused come last
+        _reorder(c, np.argsort(c.line, kind="stable"))
     width = c.scores.shape[1] if c.scores.ndim == 2 else 0
     out.write(b'{"type":"FeatureCollection","features":[\n')
     dash, empty = _scalar("-"), _scalar("")
