@@ -109,32 +109,53 @@ class _LineBreaks(Exception):
 
 def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
                  report: Report, raw: bool = False) -> Columns:
-    """The kept rows as arrays, parsed column-wise by pyarrow in blocks (memory follows the kept
-    tiles, not the file): ids and scores are checked and converted for a block at once; a row
-    the fast checks refuse is read alone by :func:`~cnsq.geojson.read_result`, so its report
-    (and line number) is the one convert-geojson gives. A file whose values hold line breaks is
-    read row by row, so that line numbers stay exact."""
+    """The kept rows as arrays: :func:`iter_columns`'s blocks joined (or, when values hold line
+    breaks, :func:`row_columns`)."""
+    try:
+        return _concat(list(iter_columns(source, thresh_ind, thresh, report, raw)), raw)
+    except _LineBreaks:
+        return row_columns(source, thresh_ind, thresh, report, raw)
+
+
+def row_columns(source: Path, thresh_ind: int | None, thresh: float | None,
+                report: Report, raw: bool = False) -> Columns:
+    """The kept rows as arrays, read row by row (``report`` is reset): for a file whose values
+    hold line breaks, where only a row reader keeps the line numbers exact."""
     import numpy as np
 
-    try:
-        return _read_columns(source, thresh_ind, thresh, report, raw)
-    except _LineBreaks:
-        fresh = Report()
-        with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-            rows = list(read_rows(handle, thresh_ind, thresh, fresh))
-        report.read, report.kept, report.bad, report.bad_count = (
-            fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
-        if not rows:
-            return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)),
-                           _texts([]) if raw else None, [] if raw else None)
-        if raw:  # every row kept, whatever its score count
-            width = len(rows[0].scores)
-            same = [r for r in rows if len(r.scores) == width]
-            columns = _from_rows(same, width)
-            columns.outputs = _texts([json.dumps(r.scores) for r in same])
-            columns.others = [(r, json.dumps(r.scores)) for r in rows if len(r.scores) != width]
-            return columns
-        return _from_rows(rows, _score_width(rows, source))
+    fresh = Report()
+    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        rows = list(read_rows(handle, thresh_ind, thresh, fresh))
+    report.read, report.kept, report.bad, report.bad_count = (
+        fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
+    if not rows:
+        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)),
+                       _texts([]) if raw else None, [] if raw else None)
+    if raw:  # every row kept, whatever its score count
+        width = len(rows[0].scores)
+        same = [r for r in rows if len(r.scores) == width]
+        columns = _from_rows(same, width)
+        columns.outputs = _texts([json.dumps(r.scores) for r in same])
+        columns.others = [(r, json.dumps(r.scores)) for r in rows if len(r.scores) != width]
+        return columns
+    return _from_rows(rows, _score_width(rows, source))
+
+
+def _concat(blocks: list[Columns], raw: bool) -> Columns:
+    import numpy as np
+    import pyarrow as pa
+
+    width = max((b.scores.shape[1] for b in blocks if b.scores.ndim == 2), default=0)
+    blocks = [b for b in blocks if len(b)] or blocks[:1]
+    if not blocks:
+        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, width)),
+                       _texts([]) if raw else None, [] if raw else None)
+    out = Columns(*(np.concatenate([getattr(b, f) for b in blocks]) for f in (
+        "line", "x", "y", "z")), np.concatenate([b.scores.reshape(len(b), width) for b in blocks]))
+    if raw:
+        out.outputs = pa.concat_arrays([b.outputs for b in blocks])
+        out.others = [pair for b in blocks for pair in b.others]
+    return out
 
 
 BLOCK = 512 << 10  # bytes of CSV parsed at a time
@@ -190,8 +211,19 @@ def _arrow(values):
                                  [None, pa.py_buffer(values)])
 
 
-def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
-                  report: Report, raw: bool = False) -> Columns:
+def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
+                 report: Report, raw: bool = False) -> Iterator[Columns]:
+    """The kept rows as arrays, a block at a time in file order, parsed column-wise by pyarrow
+    (memory: a few blocks, whatever the file's size). Ids and scores are checked and converted
+    for a block at once; a row the fast checks refuse is read alone by
+    :func:`~cnsq.geojson.read_result`, so its report (and line number) is the one
+    convert-geojson gives. ``report`` is complete once the blocks are all read.
+
+    Raises:
+        _LineBreaks: a value holds a line break (perhaps after some blocks were given): rows
+            and lines no longer match one to one, so the caller starts again with
+            :func:`row_columns`.
+    """
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -215,7 +247,7 @@ def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     start = 2 if header else 1
     seen = 0  # good-shaped rows so far
     width: int | None = None
-    kept: list[Columns] = []
+    ready: deque = deque()  # checked blocks not yet given
     reported = 0
     # Blocks are checked in worker threads (Arrow's kernels and numpy release the GIL), in file
     # order: the reader parses the next block meanwhile. Each block reports into its own Report,
@@ -225,7 +257,7 @@ def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     def settle(limit: int) -> None:
         while len(pending) > limit:
             future, local = pending.popleft()
-            kept.append(future.result()[0])
+            ready.append(future.result()[0])
             _merge(report, local)
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
@@ -249,28 +281,25 @@ def _read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
                 settle(0)
                 columns, width = _block(batch.column(0), batch.column(1), lines, width,
                                         thresh_ind, thresh, local, source, raw)
-                kept.append(columns)
+                ready.append(columns)
                 _merge(report, local)
-                continue
-            pending.append((pool.submit(_block, batch.column(0), batch.column(1), lines, width,
-                                        thresh_ind, thresh, local, source, raw), local))
-            settle(WORKERS)
+            else:
+                pending.append((pool.submit(_block, batch.column(0), batch.column(1), lines,
+                                            width, thresh_ind, thresh, local, source, raw), local))
+                settle(WORKERS)
+            while ready:
+                block = ready.popleft()
+                report.kept += len(block) + len(block.others or [])
+                yield block
         settle(0)
+        while ready:
+            block = ready.popleft()
+            report.kept += len(block) + len(block.others or [])
+            yield block
     for row in invalid[reported:]:
         report.add_bad(row.number, f"expected 2 columns (tile,output), got {row.actual_columns}")
     report.read = seen + len(invalid)
-    width = width or 0
-    if not kept:
-        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, width)),
-                       _texts([]) if raw else None, [] if raw else None)
-    out = Columns(*(np.concatenate([getattr(c, f) for c in kept]) for f in (
-        "line", "x", "y", "z")), np.concatenate([c.scores.reshape(len(c.x), width) for c in kept]))
-    if raw:
-        out.outputs = pa.concat_arrays([c.outputs for c in kept])
-        out.others = [pair for c in kept for pair in c.others]
-    report.kept = len(out) + len(out.others or [])
     report.bad.sort()  # the reader reports bad-shaped rows ahead of its blocks
-    return out
 
 
 def _merge(report: Report, local: Report) -> None:
@@ -357,9 +386,11 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         texts = columns.outputs
         columns = Columns(*(np.concatenate([getattr(columns, f), getattr(more, f)])
                             for f in ("line", "x", "y", "z", "scores")))
+        order = np.argsort(columns.line, kind="stable")  # the rows read alone, in their places
+        _reorder(columns, order)
         if raw:
-            columns.outputs = pa.concat_arrays([texts, _texts(extra_texts)])
-            columns.others = others
+            texts = pa.concat_arrays([texts, _texts(extra_texts)]).take(_arrow(order))
+            columns.outputs, columns.others = texts, others
     return columns, width
 
 
@@ -370,29 +401,6 @@ def _plain(text: str) -> bool:
         return False
     return isinstance(value, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-
-
-def _morton(x, y):
-    """Z-order keys (a quadkey's order) of tile columns at the deepest zoom (30)."""
-    import numpy as np
-
-    def spread(v):
-        v = v.astype(np.uint64) & np.uint64(0xFFFFFFFF)
-        for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF),
-                            (4, 0x0F0F0F0F0F0F0F0F), (2, 0x3333333333333333),
-                            (1, 0x5555555555555555)):
-            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-        return v
-
-    return spread(x) | (spread(y) << np.uint64(1))
-
-
-def _order(c: Columns):
-    import numpy as np
-
-    shift = (30 - c.z).astype(np.uint64)
-    key = _morton(c.x.astype(np.uint64) << shift, c.y.astype(np.uint64) << shift)
-    return np.lexsort((c.z, key))
 
 
 def _reorder(c: Columns, order) -> None:
@@ -476,7 +484,7 @@ def geo_metadata(bbox: tuple[float, float, float, float]) -> dict:
 
 
 def _slices(c: Columns, size: int = ROW_GROUP) -> Iterator[Columns]:
-    for first in range(0, max(len(c), 1), size):
+    for first in range(0, len(c), size):
         yield Columns(c.line[first:first + size], c.x[first:first + size],
                       c.y[first:first + size], c.z[first:first + size],
                       c.scores[first:first + size])
@@ -496,99 +504,181 @@ def _overall_bounds(c: Columns) -> tuple[float, float, float, float]:
     return (west, south, east, north)
 
 
-def write_geoparquet(c: Columns, target: Path, width: int) -> None:
-    """Sorted along the Z-order curve (``c`` in place), then written a row group at a time
-    (memory: the arrays of the kept tiles, and one group's Arrow columns)."""
+def _union(a: tuple | None, b: tuple) -> tuple:
+    if a is None:
+        return b
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+def _width(blocks: Iterator[Columns]) -> tuple[int, Iterator[Columns]]:
+    """The score count of the rows (from the first block holding any), and every block."""
+    held = []
+    for block in blocks:
+        held.append(block)
+        if len(block):
+            return block.scores.shape[1], _chain(held, blocks)
+    return 0, iter(held)
+
+
+def _empty(width: int) -> Columns:
+    import numpy as np
+
+    return Columns(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                   np.zeros(0, np.int8), np.zeros((0, width)))
+
+
+def _groups(records, size: int) -> Iterator[Columns]:
+    """Sorted record arrays regrouped in ``size`` rows (the last group the rest)."""
+    import numpy as np
+
+    held, count = [], 0
+    for part in records:
+        held.append(part)
+        count += len(part)
+        while count >= size:
+            joined = np.concatenate(held)
+            yield _from_records(joined[:size])
+            held, count = [joined[size:]], count - size
+    if count:
+        yield _from_records(np.concatenate(held))
+
+
+def _from_records(r) -> Columns:
+    return Columns(r["line"], r["x"], r["y"], r["z"], r["scores"])
+
+
+def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
+    """Sorted along the Z-order curve in runs spilled next to ``target`` (see
+    :mod:`cnsq.tile_order`), then written a row group at a time: memory is a run and a group,
+    whatever the file's size."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _reorder(c, _order(c))
-    metadata = {b"geo": json.dumps(geo_metadata(_overall_bounds(c))).encode()}
+    from .tile_order import ZOrder
+
+    width, blocks = _width(blocks)
+    order = ZOrder(width, target.parent)
+    bounds = None
+    for block in blocks:
+        if len(block):
+            order.add(block.line, block.x, block.y, block.z, block.scores)
+            bounds = _union(bounds, _overall_bounds(block))
+    metadata = {b"geo": json.dumps(geo_metadata(bounds or (0.0, 0.0, 0.0, 0.0))).encode()}
     writer = None
     try:
-        for part in _slices(c):
+        for part in _chain([_empty(width)], _groups(order.sorted(), ROW_GROUP)):
             table = pa.table(_columns(part, width)[0])
             if writer is None:
                 writer = pq.ParquetWriter(target, table.schema.with_metadata(metadata),
                                           compression="zstd", write_statistics=True)
-            writer.write_table(table, row_group_size=ROW_GROUP)
+            if len(part):
+                writer.write_table(table, row_group_size=ROW_GROUP)
     finally:
         if writer is not None:
             writer.close()
 
 
-def write_flatgeobuf(c: Columns, target: Path, width: int) -> None:
+def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     """Streamed to GDAL a batch at a time; GDAL builds the packed R-tree at the end."""
     import pyarrow as pa
     from pyogrio import write_arrow
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        for part in _slices(c):
-            columns = _columns(part, width)[0]
-            columns.pop("bbox")
-            yield pa.record_batch(list(columns.values()), names=list(columns))
+    width, blocks = _width(blocks)
 
-    stream = batches()
-    first = next(stream)
-    reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, stream))
+    def batch(part: Columns) -> pa.RecordBatch:
+        columns = _columns(part, width)[0]
+        columns.pop("bbox")
+        return pa.record_batch(list(columns.values()), names=list(columns))
+
+    failure: list[BaseException] = []
+
+    def stream() -> Iterator[pa.RecordBatch]:
+        # GDAL pulls the batches; an error raised here would reach the caller as GDAL's own,
+        # so it is kept, the stream ends, and it is raised again once GDAL has returned.
+        try:
+            for block in blocks:
+                for part in _slices(block):
+                    yield batch(part)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failure.append(exc)
+
+    first = batch(_empty(width))
+    reader = pa.RecordBatchReader.from_batches(first.schema, _chain([first], stream()))
     write_arrow(reader, str(target), driver="FlatGeobuf", geometry_name="geometry",
                 geometry_type="Polygon", crs="EPSG:4326", layer="tiles",
                 layer_options={"SPATIAL_INDEX": "YES"})
+    if failure:
+        raise failure[0]
 
 
-def write_geojson(c: Columns, out: IO[bytes]) -> None:
+def write_geojson(blocks: Iterator[Columns], out: IO[bytes]) -> None:
     """A FeatureCollection as convert-geojson writes it (the same features, in file order, ids
-    and properties), its text built a block at a time by Arrow's string kernels: numbers in
-    their shortest round-trip form, coordinates from the vectorised bounds (within 1e-12 degrees
-    of mercantile's)."""
+    and properties), its text built :data:`CHUNK` features at a time by Arrow's string kernels
+    in worker threads, written in order: numbers in their shortest round-trip form, coordinates
+    from the vectorised bounds (within 1e-12 degrees of mercantile's)."""
+    out.write(b'{"type":"FeatureCollection","features":[\n')
+    parts = (part for block in blocks for part in _slices(block, CHUNK))
+    pending: deque = deque()
+    first = True
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for part in _chain(parts, [None]):
+            if part is not None:
+                pending.append(pool.submit(_features_text, part))
+            while pending and (part is None or len(pending) > WORKERS):
+                if not first:
+                    out.write(b",\n")
+                first = False
+                out.write(pending.popleft().result())
+    out.write(b"\n]}\n")
+
+
+def _features_text(part: Columns) -> memoryview:
+    """The GeoJSON Features of ``part``, joined by ",\\n"."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if len(c) and (c.line[1:] < c.line[:-1]).any():  # rows the fast checks refused come last
-        _reorder(c, np.argsort(c.line, kind="stable"))
-    width = c.scores.shape[1] if c.scores.ndim == 2 else 0
-    out.write(b'{"type":"FeatureCollection","features":[\n')
-    dash, empty = _scalar("-"), _scalar("")
-    first = True
-    for part in _slices(c, CHUNK):
-        if not len(part):
-            break
-        size = np.exp2(part.z.astype(np.float64))
-        px, py = part.x.astype(np.float64), part.y.astype(np.float64)
+    def text(values):
+        return pc.cast(_arrow(values), pa.string())
 
-        def text(values):
-            return pc.cast(_arrow(values), pa.string())
-
-        w = text(px / size * 360.0 - 180.0)
-        e = text((px + 1) / size * 360.0 - 180.0)
-        n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
-        s_ = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))))
-        ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), dash)
-        pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', w, ",",
-                  s_, "],[", e, ",", s_, "],[", e, ",", n, "],[", w, ",", n, "],[", w, ",", s_,
-                  ']]]},"properties":{"tile":"', ids, '"']
-        for i in range(width):
-            pieces += [f',"p{i}":', text(part.scores[:, i])]
-        pieces.append("}}")
-        features = pc.binary_join_element_wise(
-            *(_scalar(p) if isinstance(p, str) else p for p in pieces), empty)
-        joined = pc.binary_join_element_wise(features, _scalar(",\n"), empty)
-        if first:
-            first = False
-        else:
-            out.write(b",\n")
-        data = joined.buffers()
-        offsets = np.frombuffer(data[1], dtype=np.int32, count=len(joined) + 1,
-                                offset=joined.offset * 4)
-        body = memoryview(data[2])[offsets[0]:offsets[-1]]
-        out.write(body[:len(body) - 2])  # the last feature's ",\n" is the next block's
-    out.write(b"\n]}\n")
+    width = part.scores.shape[1]
+    size = np.exp2(part.z.astype(np.float64))
+    px, py = part.x.astype(np.float64), part.y.astype(np.float64)
+    w = text(px / size * 360.0 - 180.0)
+    e = text((px + 1) / size * 360.0 - 180.0)
+    n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
+    s = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))))
+    ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), _scalar("-"))
+    pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', w, ",", s,
+              "],[", e, ",", s, "],[", e, ",", n, "],[", w, ",", n, "],[", w, ",", s,
+              ']]]},"properties":{"tile":"', ids, '"']
+    for i in range(width):
+        pieces += [f',"p{i}":', text(part.scores[:, i])]
+    pieces.append("}}")
+    empty = _scalar("")
+    features = pc.binary_join_element_wise(
+        *(_scalar(p) if isinstance(p, str) else p for p in pieces), empty)
+    joined = pc.binary_join_element_wise(features, _scalar(",\n"), empty)
+    data = joined.buffers()
+    offsets = np.frombuffer(data[1], dtype=np.int32, count=len(joined) + 1,
+                            offset=joined.offset * 4)
+    body = memoryview(data[2])[offsets[0]:offsets[-1]]
+    return body[:len(body) - 2]  # the last feature's ",\n" comes before the next part
 
 
-def _chain(first, rest):
-    yield first
+def _chain(held, rest):
+    yield from held
     yield from rest
+
+
+def _write(fmt: str, blocks: Iterator[Columns], target: Path) -> None:
+    if fmt == "geojson":
+        with target.open("wb") as binary:
+            write_geojson(blocks, binary)
+    elif fmt == "geoparquet":
+        write_geoparquet(blocks, target)
+    else:
+        write_flatgeobuf(blocks, target)
 
 
 def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh: float | None,
@@ -613,11 +703,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
     with atomic_path(target, keep_suffix=True) as partial, handle:
         if thresh_ind is not None:
             check_thresh_ind(handle, source, thresh_ind)
-        if fmt == "geojson" and _has_geo():
-            columns = read_columns(source, thresh_ind, thresh, report)
-            with partial.open("wb") as binary:
-                write_geojson(columns, binary)
-        elif fmt in ("geojson", "csv"):
+        if fmt == "csv" or (fmt == "geojson" and not _has_geo()):
             with partial.open("w", encoding="utf-8", newline="") as out:
                 rows = read_rows(handle, thresh_ind, thresh, report)
                 if fmt == "geojson":
@@ -629,7 +715,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                     writer.writerow(["tile", "output"])
                     writer.writerows([tile_id(r.tile), json.dumps(r.scores)] for r in rows)
         else:
-            columns = read_columns(source, thresh_ind, thresh, report)
-            width = columns.scores.shape[1]
-            (write_geoparquet if fmt == "geoparquet" else write_flatgeobuf)(columns, partial, width)
+            try:
+                _write(fmt, iter_columns(source, thresh_ind, thresh, report), partial)
+            except _LineBreaks:  # start again, row by row: its line numbers are exact
+                partial.unlink(missing_ok=True)
+                _write(fmt, iter([row_columns(source, thresh_ind, thresh, report)]), partial)
     return report

@@ -310,3 +310,46 @@ def test_export_does_not_load_pandas(tmp_path, suffix):
                           check=True)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
     assert (tmp_path / f"out.{suffix}").stat().st_size > 0
+
+
+def test_a_sort_spilled_to_disk_writes_the_same_file(tmp_path, monkeypatch):
+    """Past a run of rows, GeoParquet's Z-order sort spills sorted runs and merges them: the
+    rows and groups are those of a sort in memory, and nothing is left beside the output."""
+    from cnsq import tile_order
+
+    source = tmp_path / "results.csv"
+    results_csv(source, count=3000, bad=False)
+    tables = {}
+    for run in (tile_order.RUN, 100):
+        monkeypatch.setattr(tile_order, "RUN", run)
+        folder = tmp_path / f"run-{run}"
+        folder.mkdir()
+        out = folder / "out.parquet"
+        result = CliRunner().invoke(main, ["export", str(source), str(out)])
+        assert result.exit_code == 0, result.output
+        assert [p.name for p in folder.iterdir()] == ["out.parquet"]
+        tables[run] = pq.read_table(out)
+    memory, spilled = tables.values()
+    assert spilled.to_pylist() == memory.to_pylist() and len(memory) > 2000
+    keys = [mercantile.quadkey(*map(int, t.split("-"))) for t in spilled["tile"].to_pylist()]
+    assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("suffix", ["geojson", "parquet", "fgb"])
+def test_a_line_break_far_into_the_file_starts_again_row_by_row(tmp_path, suffix):
+    """The fast reader finds the line break blocks after the first were written: the export
+    starts again with the row reader and reports the bad row's physical line."""
+    rows = [f'{i % 1000}-{i // 1000}-12,"[0.25, 0.75]"' for i in range(40_000)]  # > 1 MB
+    rows[-2] = '1-1-12,"[0.25,\n 0.75]"'
+    rows[-1] = '2-2-12,"[0.25, x]"'
+    source = tmp_path / "results.csv"
+    source.write_text("tile,output\n" + "\n".join(rows) + "\n")
+    out = tmp_path / f"out.{suffix}"
+    result = CliRunner().invoke(main, ["export", str(source), str(out)])
+    assert result.exit_code == 1
+    assert "results.csv:40002: " in result.stderr  # header, 39,999 rows, one of two lines
+    assert "Read 40,000 rows, kept 39,999, bad 1" in result.output
+    if suffix == "geojson":
+        assert len(json.loads(out.read_text())["features"]) == 39_999
+    else:
+        assert len(pyogrio.read_dataframe(out) if suffix == "fgb" else pq.read_table(out)) == 39_999
