@@ -41,6 +41,13 @@ def atomic_path(path: Path, keep_suffix: bool = False) -> Iterator[Path]:
         raise
 
 
+def scratch_path(path: Path, tag: str) -> Path:
+    """A second temporary name beside ``path`` for this process (``tag`` tells it from the
+    first): its owner removes it; if killed, the next write beside it does."""
+    partial = _partial(path)
+    return partial.with_name(f"{partial.name}.{tag}")
+
+
 def _partial(path: Path, keep_suffix: bool = False) -> Path:
     """This process's temporary name for ``path``; what a killed writer left beside it (its
     process gone) is removed first, so a kill -9 leaves litter until the next write only."""

@@ -384,6 +384,8 @@ def test_a_view_killed_while_reading_leaves_no_index_and_its_leftovers_are_clear
     process = run_view([str(source), "--port", "0"], tmp_path)
     url = process.stdout.readline().strip()
     assert requests.get(url + "api/summary", timeout=5).json()["total"] == 200_000
+    # A tile's scores: answered once the tiles table is written (the map is drawn before).
+    assert requests.get(url + "api/tile", params={"id": "64000-48000-17"}, timeout=30).ok
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=10)
     assert len(list(cache.glob("*.db"))) == 1 and not list(cache.glob(".*partial*"))
@@ -520,3 +522,88 @@ def test_the_columnar_index_is_the_row_readers(tmp_path, monkeypatch):
     assert (fast.zooms, fast.classes, fast.duplicates, list(fast.scores), fast.bounds) == (
         slow.zooms, slow.classes, slow.duplicates, list(slow.scores), slow.bounds)
     assert (fast.report.read, fast.report.bad) == (slow.report.read, slow.report.bad)
+
+
+def _gated_builds(monkeypatch):
+    """Hold every background tiles write until the returned event is set."""
+    import threading
+
+    from cnsq.view import index as ix
+
+    gate = threading.Event()
+    start_build = ix._start_build
+
+    def gated(*args, **kwargs):
+        index, write_tiles = start_build(*args, **kwargs)
+
+        def later(cancel):
+            while not gate.wait(0.01):
+                if cancel is not None and cancel.is_set():
+                    break
+            write_tiles(cancel)
+
+        return index, later
+
+    monkeypatch.setattr(ix, "_start_build", gated)
+    monkeypatch.setattr(ix, "EARLY_BYTES", 1)
+    return gate
+
+
+def test_a_large_file_is_drawn_while_its_tiles_are_written(tmp_path, monkeypatch):
+    """The map's first view of a large area needs only parents: the view answers it before the
+    tiles table is written; a request that reads tiles waits for it, then is right; the index
+    ends in the cache under its own name, the parents' copy removed."""
+    pytest.importorskip("pyarrow")
+    import threading
+
+    from cnsq.view.server import Viewed
+
+    source = tmp_path / "results.csv"
+    scores = write_results(source, 3000)
+    reference = build(source, tmp_path / "reference.db", 1)
+    gate = _gated_builds(monkeypatch)
+    cache = tmp_path / "cache"
+    index, cached = open_index(source, 1, cache, tmp_path, early=True)
+    assert not cached and not index.tiles_ready and index.total == 3000
+    assert index.bounds == reference.bounds and list(index.scores) == list(reference.scores)
+    running = start(Viewed(index, "results.csv", 0.5, None), 0)
+    try:
+        whole = viewport(mercantile.LngLat(*mercantile.ul(64_027, 48_027, 17)), 10)
+        params = {"zoom": 10, "west": whole.west, "south": whole.south, "east": whole.east,
+                  "north": whole.north}
+        answer = requests.get(running.url + "api/features", params=params, timeout=5).json()
+        with reference.connect() as conn:
+            assert answer == json.loads(json.dumps(features(reference, conn, 10, whole)))
+        assert answer["parents"] and not index.tiles_ready  # drawn from the parents alone
+        tile = next(iter(scores))
+        got = {}
+        asking = threading.Thread(target=lambda: got.update(requests.get(
+            running.url + "api/tile", params={"id": f"{tile[0]}-{tile[1]}-{tile[2]}"},
+            timeout=10).json()))
+        asking.start()
+        asking.join(0.3)
+        assert asking.is_alive()  # waits for the tiles
+        gate.set()
+        asking.join(10)
+        assert got["scores"][1] == scores[tile]
+    finally:
+        running.close()
+    assert index.tiles_ready and index.path.parent == cache and index.path.is_file()
+    assert [p.name for p in cache.iterdir()] == [index.path.name]
+    index.release()
+    again, cached = open_index(source, 1, cache, tmp_path, early=True)
+    assert cached and again.total == 3000
+
+
+def test_a_view_stopped_while_its_tiles_are_written_leaves_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    source = tmp_path / "results.csv"
+    write_results(source, 500)
+    _gated_builds(monkeypatch)  # never opened
+    cache = tmp_path / "cache"
+    index, _ = open_index(source, 1, cache, tmp_path, early=True)
+    assert not index.tiles_ready
+    index.close()
+    with pytest.raises(CnsqError, match="stopping"):
+        index.connect(tiles=True)
+    assert list(cache.iterdir()) == []

@@ -82,6 +82,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
     imagery = open_imagery(tile_endpoint, token)
     running = bind(port)
     workdir = Path(tempfile.mkdtemp(prefix="cnsq-view-"))
+    viewed = None
     try:
         admin = None if results or database_url else _admin(None, settings)
         if not (results or database_url or admin) and settings.config.exists():
@@ -91,7 +92,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
         progress = _row_progress(f"Reading {name}")
         began = time.monotonic()
         viewed, cached = prepare(source, name, workdir, thresh_ind, thresh, imagery,
-                                 default_cache(), progress)
+                                 default_cache(), progress, early=True)
         if progress:
             click.echo("", err=True)
         index = viewed.index
@@ -102,6 +103,8 @@ def view(settings: Settings, results: str | None, database_url: str | None,
                        f"{line}: {reason})", err=True)
         running.serve(viewed)
         how = " (its index, cached)" if cached else ""
+        if not index.tiles_ready:
+            how = " (its tiles are still being indexed: the closest zooms wait for them)"
         click.echo(f"Read {index.total:,} tiles from {name}{how} in "
                    f"{time.monotonic() - began:.1f}s "
                    f"({index.above(thresh):,} scoring ≥ {thresh:g}); imagery: "
@@ -117,4 +120,6 @@ def view(settings: Settings, results: str | None, database_url: str | None,
         _wait_forever("cnsq view")
     finally:
         running.close()
+        if viewed is not None:
+            viewed.index.close()  # stops writing its tiles, if it still was
         shutil.rmtree(workdir, ignore_errors=True)

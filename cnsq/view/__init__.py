@@ -62,10 +62,12 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
 
 
 def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: float, imagery,
-            cache: Path | None, progress: Callable[[int], None] | None = None):
+            cache: Path | None, progress: Callable[[int], None] | None = None,
+            early: bool = False):
     """Read ``source`` into an index (kept in ``cache`` for the next view of the same file; an
     export into ``workdir`` is read once, its index kept there); what the server shows, and
-    whether the index came from the cache.
+    whether the index came from the cache. ``early``: a large file's tiles table is written
+    while the server already answers (see :func:`~cnsq.view.index.open_index`).
 
     Raises:
         CnsqError: ``thresh_ind`` does not fit the scores, or no row could be read (with the
@@ -79,7 +81,7 @@ def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: flo
         check_thresh_ind(handle, source, thresh_ind)
     if source.is_relative_to(workdir):
         cache = None
-    index, cached = open_index(source, thresh_ind, cache, workdir, progress)
+    index, cached = open_index(source, thresh_ind, cache, workdir, progress, early)
     if not index.total and index.report.bad:
         line, reason = index.report.bad[0]
         raise CnsqError(f"no result in {name} could be read (line {line}: {reason})")

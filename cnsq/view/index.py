@@ -12,7 +12,9 @@ above a threshold bisects the sorted scores, held as one array of doubles (8 byt
 from __future__ import annotations
 
 import csv
+import shutil
 import sqlite3
+import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
@@ -23,7 +25,8 @@ from typing import Any
 
 import mercantile
 
-from ..files import abandoned_partials, atomic_path
+from ..errors import CnsqError
+from ..files import abandoned_partials, atomic_path, scratch_path
 from ..geojson import Report, read_result
 from ..tiles import tile_id
 
@@ -38,6 +41,7 @@ BATCH = 20_000  # rows per insert
 PROGRESS_EVERY = 100_000
 FORMAT = 1  # of the index file: a cached index of another format is rebuilt
 KEEP = 4  # indexes kept in the cache
+EARLY_BYTES = 4 << 20  # a results CSV this large is drawn before its tiles table is written
 
 # The tiles table gets its index after the rows are in: appending then sorting once is several
 # times faster than inserting a million rows in key order into a B-tree.
@@ -79,6 +83,8 @@ class Index:
     report: Report = field(default_factory=Report)
     duplicates: int = 0
     _held: Any = field(default=None, repr=False, compare=False)
+    _building: _Building | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -101,9 +107,42 @@ class Index:
         cuts = [0, *cuts, len(self.scores)]
         return {"edges": edges, "counts": [cuts[i + 1] - cuts[i] for i in range(bins)]}
 
-    def connect(self) -> sqlite3.Connection:
-        """A read-only connection (one per thread: the server answers requests in threads)."""
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+    def connect(self, tiles: bool = True) -> sqlite3.Connection:
+        """A read-only connection (one per request: the server answers in threads). ``tiles``:
+        the query reads the tiles table, so wait until it is written (see :func:`open_index`);
+        the parents and the summary are there from the start."""
+        if tiles:
+            self.wait_tiles()
+        with self._lock:  # the path moves once, when the tiles are written
+            path = self.path
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    @property
+    def tiles_ready(self) -> bool:
+        return self._building is None or self._building.done.is_set()
+
+    def wait_tiles(self) -> None:
+        """Block until the tiles table is written.
+
+        Raises:
+            CnsqError: writing it failed (a full disk) or the view is stopping.
+        """
+        if self._building is None:
+            return
+        self._building.done.wait()
+        if self._building.error is not None:
+            raise CnsqError(f"the map's index could not be finished: {self._building.error}")
+
+    def close(self) -> None:
+        """Stop writing the tiles if that is still under way (what was written is removed: a
+        half index is of no use), then :meth:`release`."""
+        building = self._building
+        if building is not None:
+            building.cancel.set()
+            building.thread.join(timeout=10)
+            if building.early is not None:
+                building.early.unlink(missing_ok=True)
+        self.release()
 
     def hold(self) -> None:
         """Mark the index in use for as long as this view lives (a shared lock on its file,
@@ -141,14 +180,37 @@ def build(source: Path, target: Path, thresh_ind: int,
 
     A tile listed twice keeps its last row, as the results table's upsert would.
     """
+    index, finish = _start_build(source, target, thresh_ind, progress)
+    finish(None)
+    return index
+
+
+class _Cancelled(Exception):
+    """The view stopped while its tiles were being written."""
+
+
+def _start_build(source: Path, target: Path, thresh_ind: int,
+                 progress: Callable[[int], None] | None
+                 ) -> tuple[Index, Callable[[threading.Event | None], None]]:
+    """Everything the summary and the parents need, written and committed at ``target``; and
+    the function that writes the tiles table (the bulk of the time: a million rows inserted and
+    indexed) and closes the file. With the row reader (no pyarrow) the tiles are the source of
+    the parents, so they are written first and the function only closes."""
     target.unlink(missing_ok=True)
-    conn = sqlite3.connect(target)
-    conn.executescript("PRAGMA journal_mode=MEMORY; PRAGMA synchronous=OFF;" + SCHEMA)
-    if _columnar():
-        try:
-            return _build_columnar(source, target, conn, thresh_ind, progress)
-        finally:
-            conn.close()
+    conn = sqlite3.connect(target, check_same_thread=False)
+    try:
+        conn.executescript("PRAGMA journal_mode=MEMORY; PRAGMA synchronous=OFF;" + SCHEMA)
+        if _columnar():
+            return _build_columnar(source, conn, target, thresh_ind, progress)
+        index = _build_rows(source, conn, target, thresh_ind, progress)
+    except BaseException:
+        conn.close()
+        raise
+    return index, lambda cancel: conn.close()
+
+
+def _build_rows(source: Path, conn: sqlite3.Connection, target: Path, thresh_ind: int,
+                progress: Callable[[int], None] | None) -> Index:
     report = Report()
     classes = 0
     inserted = 0
@@ -165,10 +227,11 @@ def build(source: Path, target: Path, thresh_ind: int,
         for level in range(max(zooms, default=0) - 1, -1, -1):
             conn.execute(PARENTS_SQL, {"z": level})
         scores = array("d", (s for (s,) in conn.execute("SELECT score FROM tiles ORDER BY score")))
-        index = Index(target, thresh_ind, zooms, scores, classes, _bounds(conn, zooms), report,
+        extents = [conn.execute("SELECT ?, min(x), max(x), min(y), max(y) FROM tiles "
+                                "WHERE z = ?", (z, z)).fetchone() for z in zooms]
+        index = Index(target, thresh_ind, zooms, scores, classes, _bounds(extents), report,
                       duplicates=inserted - len(scores))
         _save_meta(conn, index)
-    conn.close()
     return index
 
 
@@ -181,9 +244,10 @@ def _columnar() -> bool:
     return True
 
 
-def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh_ind: int,
-                    progress: Callable[[int], None] | None) -> Index:
-    """:func:`build` with the CSV read column-wise (``cnsq[geo]``'s pyarrow: the reader
+def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh_ind: int,
+                    progress: Callable[[int], None] | None
+                    ) -> tuple[Index, Callable[[threading.Event | None], None]]:
+    """:func:`_start_build` with the CSV read column-wise (``cnsq[geo]``'s pyarrow: the reader
     ``cnsq export`` uses, with the same per-row reports) and the parents computed level by level
     in numpy; the same tables and answers, several times sooner."""
     import numpy as np
@@ -193,8 +257,6 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
     report = Report()
     c = read_columns(source, None, None, report, raw=True)
     if c.scores.shape[1] and not -c.scores.shape[1] <= thresh_ind < c.scores.shape[1]:
-        from ..errors import CnsqError
-
         raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has "
                         f"{c.scores.shape[1]} class scores per tile")
     classes = c.scores.shape[1]
@@ -230,23 +292,35 @@ def _build_columnar(source: Path, target: Path, conn: sqlite3.Connection, thresh
     keep = keep[np.argsort(line[keep], kind="stable")]
     z, x, y, score = z[keep], x[keep], y[keep], score[keep]
     texts = texts.take(_arrow(keep))
+    zooms = sorted(set(z.tolist()))
+    extents = [(level, int(x[at].min()), int(x[at].max()), int(y[at].min()), int(y[at].max()))
+               for level in zooms for at in [z == level]]
+    scores = array("d")
+    scores.frombytes(np.sort(score).astype(np.float64).tobytes())
+    index = Index(target, thresh_ind, zooms, scores, classes, _bounds(extents), report,
+                  duplicates=inserted - len(z))
     with conn:
-        for start in range(0, len(z), BATCH):
-            end = start + BATCH
-            conn.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?)", zip(
-                z[start:end].tolist(), x[start:end].tolist(), y[start:end].tolist(),
-                score[start:end].tolist(), texts.slice(start, BATCH).to_pylist(), strict=True))
-            if progress and end // PROGRESS_EVERY != start // PROGRESS_EVERY:
-                progress(min(end, len(z)))
-        conn.execute("CREATE UNIQUE INDEX tiles_zxy ON tiles (z, x, y)")
-        zooms = sorted(set(z.tolist()))
         _parents(conn, z, x, y, score, max(zooms, default=0))
-        scores = array("d")
-        scores.frombytes(np.sort(score).astype(np.float64).tobytes())
-        index = Index(target, thresh_ind, zooms, scores, classes, _bounds(conn, zooms), report,
-                      duplicates=inserted - len(z))
         _save_meta(conn, index)
-    return index
+
+    def write_tiles(cancel: threading.Event | None) -> None:
+        try:
+            with conn:
+                for start in range(0, len(z), BATCH):
+                    if cancel is not None and cancel.is_set():
+                        raise _Cancelled
+                    end = start + BATCH
+                    conn.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?)", zip(
+                        z[start:end].tolist(), x[start:end].tolist(), y[start:end].tolist(),
+                        score[start:end].tolist(), texts.slice(start, BATCH).to_pylist(),
+                        strict=True))
+                    if progress and end // PROGRESS_EVERY != start // PROGRESS_EVERY:
+                        progress(min(end, len(z)))
+                conn.execute("CREATE UNIQUE INDEX tiles_zxy ON tiles (z, x, y)")
+        finally:
+            conn.close()
+
+    return index, write_tiles
 
 
 def _parents(conn: sqlite3.Connection, z, x, y, score, deepest: int) -> None:
@@ -323,39 +397,105 @@ def load(path: Path) -> Index:
 
 
 def open_index(source: Path, thresh_ind: int, cache: Path | None, workdir: Path,
-               progress: Callable[[int], None] | None = None) -> tuple[Index, bool]:
+               progress: Callable[[int], None] | None = None,
+               early: bool = False) -> tuple[Index, bool]:
     """The index of ``source``: from ``cache`` when this file (same path, size and modification
     time) was read before with this ``thresh_ind``, else built (into ``cache``, or ``workdir``
     when there is none). Returns (index, whether it came from the cache).
 
     The cache keeps the ``KEEP`` most recently used indexes; a new one is written under a
     temporary name and renamed, so a killed ``cnsq view`` never leaves a half index behind.
+
+    ``early``: for a file of ``EARLY_BYTES`` or more, return as soon as the summary and the
+    parents are written; the tiles table is written in a background thread, and what reads it
+    waits (:meth:`Index.connect`). The map's first view of a large area needs only parents, so
+    it is drawn while a million rows are still being inserted.
     """
     import hashlib
     import os
 
     if cache is None:
-        return build(source, workdir / "index.db", thresh_ind, progress), False
-    stat = source.stat()
-    key = hashlib.sha256(f"{FORMAT}|{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
-                         f"{thresh_ind}".encode()).hexdigest()[:24]
-    target = cache / f"{key}.db"
-    if target.is_file():
-        try:
-            index = load(target)
-            index.hold()
-            os.utime(target)  # most recently used
-            _prune(cache)
-            return index, True
-        except (sqlite3.Error, ValueError, KeyError, TypeError):
-            target.unlink(missing_ok=True)
-    cache.mkdir(parents=True, exist_ok=True)
+        target = workdir / "index.db"
+    else:
+        stat = source.stat()
+        key = hashlib.sha256(f"{FORMAT}|{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
+                             f"{thresh_ind}".encode()).hexdigest()[:24]
+        target = cache / f"{key}.db"
+        if target.is_file():
+            try:
+                index = load(target)
+                index.hold()
+                os.utime(target)  # most recently used
+                _prune(cache)
+                return index, True
+            except (sqlite3.Error, ValueError, KeyError, TypeError):
+                target.unlink(missing_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+    if early and _columnar() and source.stat().st_size >= EARLY_BYTES:
+        return _build_early(source, target, thresh_ind, cache), False
     with atomic_path(target) as partial:
         index = build(source, partial, thresh_ind, progress)
     index.path = target
     index.hold()
-    _prune(cache)
+    if cache is not None:
+        _prune(cache)
     return index, False
+
+
+@dataclass
+class _Building:
+    """The tiles table being written in the background (see :func:`open_index`)."""
+
+    thread: threading.Thread
+    done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    early: Path | None = None  # the copy of the parents served meanwhile
+
+
+def _build_early(source: Path, target: Path, thresh_ind: int, cache: Path | None) -> Index:
+    """The whole build runs in one thread, inside the same atomic write as a plain build; this
+    thread waits only for its first half. The parents are served from a copy (SQLite would
+    keep readers waiting while the writer holds its file); once the tiles are in, the index is
+    renamed into place and the copy removed."""
+    started = threading.Event()
+    found: dict[str, Any] = {}
+
+    def work() -> None:
+        building = found["building"]
+        index = None
+        try:
+            with atomic_path(target) as partial:
+                index, write_tiles = _start_build(source, partial, thresh_ind, None)
+                building.early = scratch_path(target, "early")
+                shutil.copyfile(partial, building.early)
+                index.path = building.early
+                index._building = building
+                found["index"] = index
+                started.set()
+                write_tiles(building.cancel)
+            with index._lock:
+                index.path = target
+            building.early.unlink(missing_ok=True)
+            building.early = None
+            index.hold()
+            if cache is not None:
+                _prune(cache)
+        except BaseException as exc:  # noqa: BLE001 - given to the waiting threads
+            building.error = exc if not isinstance(exc, _Cancelled) else CnsqError(
+                "cnsq view is stopping")
+        finally:
+            building.done.set()
+            started.set()
+
+    thread = threading.Thread(target=work, name="cnsq-view-index", daemon=True)
+    found["building"] = _Building(thread)
+    thread.start()
+    started.wait()
+    if "index" not in found:
+        thread.join()
+        raise found["building"].error
+    return found["index"]
 
 
 def _prune(cache: Path) -> None:
@@ -406,11 +546,10 @@ def _index_tiles(conn: sqlite3.Connection) -> None:
         conn.execute("CREATE UNIQUE INDEX tiles_zxy ON tiles (z, x, y)")
 
 
-def _bounds(conn: sqlite3.Connection, zooms: list[int]) -> Bbox | None:
+def _bounds(extents: list[tuple[int, int, int, int, int]]) -> Bbox | None:
+    """The area the tiles cover, from each zoom's (z, min x, max x, min y, max y)."""
     boxes = []
-    for z in zooms:
-        x0, x1, y0, y1 = conn.execute("SELECT min(x), max(x), min(y), max(y) FROM tiles "
-                                      "WHERE z = ?", (z,)).fetchone()
+    for z, x0, x1, y0, y1 in extents:
         nw, se = mercantile.bounds(x0, y0, z), mercantile.bounds(x1, y1, z)
         boxes.append(Bbox(nw.west, se.south, se.east, nw.north))
     if not boxes:
@@ -428,6 +567,11 @@ def _ranges(bbox: Bbox, z: int) -> tuple[int, int, int, int]:
     top_left = mercantile.tile(west, north, z)
     bottom_right = mercantile.tile(east, south, z)
     return top_left.x, bottom_right.x, top_left.y, bottom_right.y
+
+
+def needs_tiles(index: Index, zoom: int) -> bool:
+    """Whether :func:`features` at ``zoom`` reads the tiles table (else only parents)."""
+    return any(z <= max(zoom + DETAIL, 0) for z in index.zooms)
 
 
 def features(index: Index, conn: sqlite3.Connection, zoom: int, bbox: Bbox) -> dict:

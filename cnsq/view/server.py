@@ -15,6 +15,7 @@ Endpoints (all GET):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -70,12 +71,12 @@ def _number(query: dict, name: str) -> float:
 
 
 def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
-    local = threading.local()
+    index = viewed.index
 
-    def conn():
-        if not hasattr(local, "conn"):
-            local.conn = viewed.index.connect()
-        return local.conn
+    def conn(tiles: bool = True) -> contextlib.closing:
+        """A connection for one request; ``tiles``: it reads the tiles table (which a large
+        file's view may still be writing: the request waits for it)."""
+        return contextlib.closing(index.connect(tiles))
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cnsq-view"
@@ -132,6 +133,8 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                 self.route(parts.path, query)
             except ValueError as exc:
                 self.send_json({"error": str(exc)}, 400)
+            except CnsqError as exc:  # the index could not be finished
+                self.send_json({"error": str(exc)}, 503)
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
@@ -150,13 +153,15 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                 zoom = int(_number(query, "zoom"))
                 if not 0 <= zoom <= 30:
                     raise ValueError("zoom must be between 0 and 30")
-                self.send_json(view_index.features(viewed.index, conn(), zoom, bbox))
+                with conn(view_index.needs_tiles(index, zoom)) as c:
+                    self.send_json(view_index.features(index, c, zoom, bbox))
             elif path == "/api/count":
                 thresh = _number(query, "thresh")
                 self.send_json({"thresh": thresh, "above": viewed.index.above(thresh),
                                 "total": viewed.index.total})
             elif path == "/api/tile":
-                found = view_index.tile_scores(conn(), (query.get("id") or [""])[0])
+                with conn() as c:
+                    found = view_index.tile_scores(c, (query.get("id") or [""])[0])
                 if found is None:
                     self.send_json({"error": "no result for that tile"}, 404)
                 else:
@@ -201,7 +206,8 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                              f'attachment; filename="cnsq-above-{thresh:g}.geojson"')
             self.end_headers()
             out = io.TextIOWrapper(self.wfile, encoding="utf-8", newline="", write_through=True)
-            write_features(view_index.features_above(conn(), thresh), out)
+            with conn() as c:
+                write_features(view_index.features_above(c, thresh), out)
             out.flush()
             out.detach()
 
