@@ -41,42 +41,10 @@ def geojson_of(tmp_path: Path, source: Path) -> dict[str, dict]:
     return {f["properties"]["tile"]: f for f in json.loads(out.read_text())["features"]}
 
 
-# The rules of GeoParquet 1.1's JSON schema (format-specs/schema.json of
-# opengeospatial/geoparquet), restated: required keys, WKB, the geometry type names, planar or
-# spherical edges, counterclockwise, a 4- or 6-number bbox, and a covering bbox whose four
-# entries name a column and its xmin/ymin/xmax/ymax field.
-def _covering_entry(name: str) -> dict:
-    return {"type": "array", "items": [{"type": "string"}, {"const": name}],
-            "additionalItems": False}
-
-
-GEOPARQUET_1_1 = {
-    "$schema": "http://json-schema.org/draft-07/schema#",
-    "type": "object", "required": ["version", "primary_column", "columns"],
-    "properties": {
-        "version": {"const": "1.1.0"},
-        "primary_column": {"type": "string", "minLength": 1},
-        "columns": {"type": "object", "minProperties": 1, "additionalProperties": {
-            "type": "object", "required": ["encoding", "geometry_types"],
-            "properties": {
-                "encoding": {"const": "WKB"},
-                "geometry_types": {"type": "array", "uniqueItems": True, "items": {
-                    "type": "string",
-                    "pattern": "^(GeometryCollection|(Multi)?(Point|LineString|Polygon))( Z)?$"}},
-                "crs": {"type": ["object", "null"]},
-                "edges": {"enum": ["planar", "spherical"]},
-                "orientation": {"const": "counterclockwise"},
-                "bbox": {"type": "array", "items": {"type": "number"},
-                         "oneOf": [{"minItems": 4, "maxItems": 4},
-                                   {"minItems": 6, "maxItems": 6}]},
-                "epoch": {"type": "number"},
-                "covering": {"type": "object", "minProperties": 1, "properties": {"bbox": {
-                    "type": "object", "required": ["xmin", "xmax", "ymin", "ymax"],
-                    "properties": {k: _covering_entry(k)
-                                   for k in ("xmin", "xmax", "ymin", "ymax")}}}},
-            }}},
-    },
-}
+# GeoParquet 1.1's JSON schema as the standard publishes it: format-specs/schema.json of
+# opengeospatial/geoparquet at tag v1.1.0 (Apache License 2.0), unchanged.
+GEOPARQUET_1_1 = json.loads((Path(__file__).parent / "data" / "geoparquet-1.1.0-schema.json")
+                            .read_text())
 
 
 def test_geoparquet_is_geoparquet_1_1_and_matches_the_geojson(tmp_path):
@@ -97,8 +65,12 @@ def test_geoparquet_is_geoparquet_1_1_and_matches_the_geojson(tmp_path):
     import jsonschema
 
     jsonschema.validate(geo, GEOPARQUET_1_1)
-    with pytest.raises(jsonschema.ValidationError):  # the schema can fail
-        jsonschema.validate({**geo, "version": "1.0.0-beta"}, GEOPARQUET_1_1)
+    column = geo["columns"]["geometry"]
+    for spoiled in ({**geo, "version": "1.0.0-beta"},  # the schema can fail
+                    {**geo, "columns": {"geometry": {**column, "orientation": "clockwise"}}},
+                    {**geo, "columns": {"geometry": {**column, "bbox": [0, 0, 1]}}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(spoiled, GEOPARQUET_1_1)
     assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
     column = geo["columns"]["geometry"]
     assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
