@@ -261,14 +261,16 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
                         f"{c.scores.shape[1]} class scores per tile")
     classes = c.scores.shape[1]
     z, x, y, line = c.z, c.x, c.y, c.line
-    score = c.scores[:, thresh_ind] if classes else np.zeros(0)
+    score = c.scores[:, thresh_ind].copy() if classes else np.zeros(0)  # not a view: see del
     import pyarrow as pa
 
     texts = c.outputs  # kept in Arrow (not a million Python strings) until inserted
     # Rows of another score count (kept by the row reader too): appended as they are.
-    others = [(row, text) for row, text in c.others or []
+    all_others = c.others or []
+    others = [(row, text) for row, text in all_others
               if -len(row.scores) <= thresh_ind < len(row.scores)]
-    for row, _ in c.others or []:
+    del c  # the other scores: the memory is the arrays
+    for row, _ in all_others:
         if not -len(row.scores) <= thresh_ind < len(row.scores):
             report.kept -= 1
             report.add_bad(row.line, f"--thresh_ind {thresh_ind} is out of range for "
@@ -288,11 +290,14 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
     if len(z):
         zs, xs, ys = z[order], x[order], y[order]
         last[:-1] = (zs[1:] != zs[:-1]) | (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
-    keep = np.sort(order[last]) if len(z) else order
-    keep = keep[np.argsort(line[keep], kind="stable")]
-    z, x, y, score = z[keep], x[keep], y[keep], score[keep]
-    texts = texts.take(_arrow(keep))
-    zooms = sorted(set(z.tolist()))
+        del zs, xs, ys
+    if not last.all() or others:  # else the rows stay as they are (no copy of the texts)
+        keep = np.sort(order[last])
+        keep = keep[np.argsort(line[keep], kind="stable")]
+        z, x, y, score = z[keep], x[keep], y[keep], score[keep]
+        texts = texts.take(_arrow(keep))
+    del order
+    zooms = [int(level) for level in np.unique(z)]
     extents = [(level, int(x[at].min()), int(x[at].max()), int(y[at].min()), int(y[at].max()))
                for level in zooms for at in [z == level]]
     scores = array("d")
@@ -352,9 +357,12 @@ def _parents(conn: sqlite3.Connection, z, x, y, score, deepest: int) -> None:
         counts = np.bincount(inverse, weights=np.concatenate(pn),
                              minlength=len(unique)).astype(np.int64)
         ux, uy = unique >> 32, unique & 0xFFFFFFFF
-        conn.executemany("INSERT INTO parents VALUES (?, ?, ?, ?, ?, ?)",
-                         zip([level] * len(unique), ux.tolist(), uy.tolist(), maxes.tolist(),
-                             sums.tolist(), counts.tolist(), strict=True))
+        for start in range(0, len(unique), BATCH):  # as Python numbers a batch at a time
+            end = start + BATCH
+            conn.executemany("INSERT INTO parents VALUES (?, ?, ?, ?, ?, ?)", zip(
+                [level] * len(ux[start:end]), ux[start:end].tolist(), uy[start:end].tolist(),
+                maxes[start:end].tolist(), sums[start:end].tolist(), counts[start:end].tolist(),
+                strict=True))
         below = (ux, uy, maxes, sums, counts)
 
 
