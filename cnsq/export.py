@@ -320,9 +320,8 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     import pyarrow.compute as pc
 
     n = len(tiles)
-    if pc.any(pc.match_substring(outputs, "\n")).as_py() or \
-            pc.any(pc.match_substring(tiles, "\n")).as_py():
-        raise _LineBreaks
+    # Neither pattern lets a line break through (``$`` is the end of the value; spaces are
+    # [ \t]), so a value holding one is among the rows read alone below, which notice it.
     good = _numpy(pc.match_substring_regex(tiles, TILE_ID))
     parts = pc.split_pattern(pc.if_else(_arrow(good), tiles, _scalar("0-0-0")), "-")
     xyz = _numpy(pc.list_flatten(parts).cast(pa.int64())).reshape(n, 3)
@@ -335,7 +334,7 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
                        if ok and _plain(o)), None)
         width = len(sample) if isinstance(sample, list) and sample else None
     if width:
-        pattern = r"^\[\s*" + NUMBER + (r"\s*,\s*" + NUMBER) * (width - 1) + r"\s*\]$"
+        pattern = r"^\[[ \t]*" + NUMBER + (r"[ \t]*,[ \t]*" + NUMBER) * (width - 1) + r"[ \t]*\]$"
         good &= _numpy(pc.match_substring_regex(outputs, pattern))
         zeros = _scalar("[" + ",".join(["0"] * width) + "]")
         inner = pc.utf8_trim(pc.if_else(_arrow(good), outputs, zeros), "[] \t")
@@ -353,8 +352,11 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     extra_texts: list[str] = []
     others: list = []
     for i in np.flatnonzero(~good):
+        tile_text, output_text = tiles[int(i)].as_py(), outputs[int(i)].as_py()
+        if any(brk in value for value in (tile_text, output_text) for brk in "\r\n"):
+            raise _LineBreaks  # a row of two lines or more: the line numbers no longer follow
         text = io.StringIO()
-        csv.writer(text).writerow([tiles[int(i)].as_py(), outputs[int(i)].as_py()])
+        csv.writer(text).writerow([tile_text, output_text])
         text.seek(0)
         one = Report()
         rows = list(read_rows(text, thresh_ind, thresh, one))
@@ -362,10 +364,9 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
             report.add_bad(int(lines[i]), one.bad[0][1])
         elif rows and width is not None and len(rows[0].scores) == width:
             extra.append(Row(int(lines[i]), rows[0].tile, rows[0].scores))
-            extra_texts.append(outputs[int(i)].as_py())
+            extra_texts.append(output_text)
         elif rows and raw:
-            others.append((Row(int(lines[i]), rows[0].tile, rows[0].scores),
-                           outputs[int(i)].as_py()))
+            others.append((Row(int(lines[i]), rows[0].tile, rows[0].scores), output_text))
         elif rows:
             report.add_bad(int(lines[i]), f"{len(rows[0].scores)} scores where the file's rows "
                                           f"hold {width or 0}")

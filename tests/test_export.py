@@ -191,15 +191,21 @@ def test_the_columnar_reader_reports_what_the_row_reader_does(tmp_path, header):
                       strict=True)) == sorted((r.line, r.tile.x, r.scores[1]) for r in rows)
 
 
-def test_a_value_holding_a_line_break_is_read_row_by_row(tmp_path):
+@pytest.mark.parametrize("brk", ["\n", "\r", "\r\n"])
+@pytest.mark.parametrize("where", ["output", "tile"])
+def test_a_value_holding_a_line_break_is_read_row_by_row(tmp_path, brk, where):
+    """A quoted line break (\\n, a bare \\r, or both) makes a row two lines: the bad row after
+    it is reported at its physical line, as the row reader counts them."""
     from cnsq.export import read_columns
     from cnsq.geojson import Report
 
     source = tmp_path / "multiline.csv"
-    source.write_text('tile,output\n1-1-2,"[0.1,\n 0.9]"\n2-1-2,"[0.1, 0.9]"\n3-1-2,"[0.2, x]"\n')
+    first = f'1-1-2,"[0.1,{brk} 0.9]"' if where == "output" else f'"1-1{brk}-2","[0.1, 0.9]"'
+    source.write_bytes(f'tile,output\n{first}\n2-1-2,"[0.1, 0.9]"\n3-1-2,"[0.2, x]"\n'.encode())
     report = Report()
     columns = read_columns(source, None, None, report)
-    assert columns.x.tolist() == [1, 2] and report.bad[0][0] == 5  # its physical line
+    assert report.bad[-1][0] == 5, report.bad  # its physical line
+    assert columns.x.tolist() == ([1, 2] if where == "output" else [2])
 
 
 def test_geopandas_reads_both_files_as_the_geojson_says(tmp_path):
