@@ -663,9 +663,12 @@ def _features_text(part: Columns) -> memoryview:
     n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
     s = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))))
     ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), _scalar("-"))
-    pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', w, ",", s,
-              "],[", e, ",", s, "],[", e, ",", n, "],[", w, ",", n, "],[", w, ",", s,
-              ']]]},"properties":{"tile":"', ids, '"']
+    comma = _scalar(",")
+    # The ring's four corners once each (joining fewer, longer pieces is the cheaper join).
+    ws, es, en, wn = (pc.binary_join_element_wise(a, b, comma)
+                      for a, b in ((w, s), (e, s), (e, n), (w, n)))
+    pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', ws, "],[", es,
+              "],[", en, "],[", wn, "],[", ws, ']]]},"properties":{"tile":"', ids, '"']
     for i in range(width):
         pieces += [f',"p{i}":', text(part.scores[:, i])]
     pieces.append("}}")
