@@ -331,3 +331,26 @@ def test_a_line_break_far_into_the_file_starts_again_row_by_row(tmp_path, suffix
         assert len(json.loads(out.read_text())["features"]) == 39_999
     else:
         assert len(pyogrio.read_dataframe(out) if suffix == "fgb" else pq.read_table(out)) == 39_999
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "fgb", "geojson", "csv"])
+def test_bad_rows_fail_alone_in_every_format(tmp_path, suffix):
+    """A non-numeric score, NaN, a bad id and a 100,000-bracket output: each named with its
+    line, exit 1, and every good row in the file."""
+    source = tmp_path / "results.csv"
+    rows = results_csv(source)
+    out = tmp_path / f"out.{suffix}"
+    result = CliRunner().invoke(main, ["export", str(source), str(out)])
+    assert result.exit_code == 1
+    first_bad = len(rows) + 2
+    named = [line for line in range(first_bad, first_bad + 4)
+             if f"results.csv:{line}: " in result.stderr]
+    assert named == list(range(first_bad, first_bad + 4)), result.stderr
+    if suffix == "geojson":
+        tiles = [f["properties"]["tile"] for f in json.loads(out.read_text())["features"]]
+    elif suffix == "csv":
+        tiles = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    else:
+        tiles = (pyogrio.read_arrow(out)[1] if suffix == "fgb" else pq.read_table(out)).column(
+            "tile").to_pylist()
+    assert sorted(tiles) == sorted(rows)
