@@ -104,7 +104,9 @@ def _from_rows(rows: list[Row], width: int) -> Columns:
 
 
 class _LineBreaks(Exception):
-    """A value holds a line break: rows and physical lines no longer match one to one."""
+    """Rows and physical lines may no longer match one to one, or a report would differ: a
+    value holds a line break, or a line is blank (pyarrow gives it as a row of two empty values,
+    as it does a bare ","; the row reader tells them apart and reports each as it should)."""
 
 
 def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
@@ -229,7 +231,10 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     import pyarrow.csv as pacsv
 
     with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        header = handle.readline().strip().split(",")[:2] == ["tile", "output"]
+        first = handle.readline()
+    if not first:  # nothing (or a byte order mark alone): Arrow calls that an error
+        return
+    header = first.strip().split(",")[:2] == ["tile", "output"]
     invalid: list = []
 
     def on_invalid(row) -> str:
@@ -240,7 +245,9 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
         source,
         read_options=pacsv.ReadOptions(column_names=["tile", "output"], block_size=BLOCK,
                                        skip_rows=1 if header else 0, use_threads=False),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+        # Blank lines are rows here (as the row reader counts them), so lines stay in step.
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False,
+                                         invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(column_types={"tile": pa.string(),
                                                            "output": pa.string()},
                                              strings_can_be_null=False))
@@ -355,6 +362,8 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         tile_text, output_text = tiles[int(i)].as_py(), outputs[int(i)].as_py()
         if any(brk in value for value in (tile_text, output_text) for brk in "\r\n"):
             raise _LineBreaks  # a row of two lines or more: the line numbers no longer follow
+        if not tile_text and not output_text:
+            raise _LineBreaks  # a blank line or a bare ",": only the row reader tells which
         text = io.StringIO()
         csv.writer(text).writerow([tile_text, output_text])
         text.seek(0)

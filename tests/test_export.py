@@ -354,3 +354,42 @@ def test_bad_rows_fail_alone_in_every_format(tmp_path, suffix):
         tiles = (pyogrio.read_arrow(out)[1] if suffix == "fgb" else pq.read_table(out)).column(
             "tile").to_pylist()
     assert sorted(tiles) == sorted(rows)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"tile,output\n"])
+@pytest.mark.parametrize("suffix", ["parquet", "fgb", "geojson", "csv"])
+def test_an_empty_file_gives_an_empty_file(tmp_path, suffix, content):
+    """A zero-byte CSV (a run that wrote nothing) was Arrow's 'Empty CSV file' error."""
+    source = tmp_path / "results.csv"
+    source.write_bytes(content)
+    out = tmp_path / f"out.{suffix}"
+    result = CliRunner().invoke(main, ["export", str(source), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Read 0 rows, kept 0, bad 0" in result.output
+    if suffix == "geojson":
+        assert json.loads(out.read_text())["features"] == []
+    elif suffix == "parquet":
+        assert pq.read_table(out).num_rows == 0
+    elif suffix == "fgb":
+        assert len(pyogrio.read_dataframe(out)) == 0
+
+
+@pytest.mark.parametrize("text", [
+    'tile,output\n1-1-2,"[0.1, 0.9]"\n\n2-1-2,"[0.1, x]"\n',  # a blank line between rows
+    'tile,output\r\n1-1-2,"[0.1, 0.9]"\r\n\r\n2-1-2,"[0.1, x]"\r\n',
+    '\ntile,output\n2-1-2,"[0.1, x]"\n',  # first
+    'tile,output\n2-1-2,"[0.1, x]"\n\n',  # last
+])
+def test_blank_lines_are_counted_as_the_row_reader_counts_them(tmp_path, text):
+    """pyarrow skips blank lines, so every row after one was reported a line early; the row
+    reader counts them (and reports each as a row of no columns)."""
+    from cnsq.export import read_columns, read_rows
+    from cnsq.geojson import Report
+
+    source = tmp_path / "blank.csv"
+    source.write_bytes(text.encode())
+    fast, slow = Report(), Report()
+    read_columns(source, None, None, fast)
+    with source.open(newline="") as handle:
+        list(read_rows(handle, None, None, slow))
+    assert (fast.read, fast.kept, fast.bad) == (slow.read, slow.kept, slow.bad)
