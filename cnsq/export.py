@@ -22,8 +22,9 @@ import io
 import json
 import math
 import os
+import re
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ class Columns:
 
 NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 TILE_ID = r"^[0-9]{1,10}-[0-9]{1,10}-[0-9]{1,2}$"
+TILE_PATTERN = re.compile(TILE_ID[1:-1])
 
 
 def _from_rows(rows: list[Row], width: int) -> Columns:
@@ -133,14 +135,21 @@ def row_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     if not rows:
         return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)),
                        _texts([]) if raw else None, [] if raw else None)
+    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        width = _width_of((row[0], row[1]) for row in csv.reader(handle)
+                          if len(row) == 2) or len(rows[0].scores)
+    same = [r for r in rows if len(r.scores) == width]
     if raw:  # every row kept, whatever its score count
-        width = len(rows[0].scores)
-        same = [r for r in rows if len(r.scores) == width]
         columns = _from_rows(same, width)
         columns.outputs = _texts([json.dumps(r.scores) for r in same])
         columns.others = [(r, json.dumps(r.scores)) for r in rows if len(r.scores) != width]
         return columns
-    return _from_rows(rows, _score_width(rows, source))
+    for r in rows:  # a typed table holds one count: the others fail alone, as in iter_columns
+        if len(r.scores) != width:
+            report.kept -= 1
+            report.add_bad(r.line, f"{len(r.scores)} scores where the file's rows hold {width}")
+    report.bad.sort()
+    return _from_rows(same, width)
 
 
 def _concat(blocks: list[Columns], raw: bool) -> Columns:
@@ -336,10 +345,9 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     good &= (z <= 30) & (x < np.left_shift(1, np.minimum(z, 62))) & (
         y < np.left_shift(1, np.minimum(z, 62)))
     if width is None:
-        sample = next((json.loads(o) for o, ok in zip(outputs.slice(0, 1000).to_pylist(),
-                                                       good[:1000], strict=False)
-                       if ok and _plain(o)), None)
-        width = len(sample) if isinstance(sample, list) and sample else None
+        width = _width_of((t, o) for start in range(0, n, 1000) for t, o in zip(
+            tiles.slice(start, 1000).to_pylist(), outputs.slice(start, 1000).to_pylist(),
+            strict=True))
     if width:
         pattern = r"^\[[ \t]*" + NUMBER + (r"[ \t]*,[ \t]*" + NUMBER) * (width - 1) + r"[ \t]*\]$"
         good &= _numpy(pc.match_substring_regex(outputs, pattern))
@@ -404,13 +412,24 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     return columns, width
 
 
-def _plain(text: str) -> bool:
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(value, list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+def _width_of(pairs: Iterable[tuple[str, str]]) -> int | None:
+    """The score count a file's rows hold: that of its first row (in file order) whose tile id
+    is well formed and whose output is a list of one number or more; None if none is. Both
+    readers ask this, so that the rows of another count fail alone, and alike."""
+    for tile, output in pairs:
+        if not TILE_PATTERN.fullmatch(tile):
+            continue
+        x, y, z = (int(part) for part in tile.split("-"))
+        if z > 30 or x >= 1 << z or y >= 1 << z:
+            continue
+        try:
+            value = json.loads(output)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, list) and value and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return len(value)
+    return None
 
 
 def _reorder(c: Columns, order) -> None:
@@ -474,14 +493,6 @@ def _require_geo(fmt: str) -> None:
             import pyogrio  # noqa: F401
     except ImportError:
         raise CnsqError(f"--format {fmt} needs pyarrow and pyogrio: {GEO_EXTRA}") from None
-
-
-def _score_width(rows: list[Row], source: Path) -> int:
-    widths = {len(r.scores) for r in rows}
-    if len(widths) > 1:
-        raise CnsqError(f"{source}: the rows hold {sorted(widths)} scores; a typed table needs "
-                        "one count (export them to GeoJSON, which keeps each row's own)")
-    return widths.pop() if widths else 0
 
 
 def geo_metadata(bbox: tuple[float, float, float, float]) -> dict:

@@ -7,6 +7,7 @@ thresholding, so 0.949 passed 0.95). Rings are counterclockwise, as RFC 7946 ask
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -34,9 +35,13 @@ class Report:
     bad_count: int = 0
 
     def add_bad(self, line: int, reason: str) -> None:
+        """Count a bad row; list the 50 with the lowest line numbers, in order (a reader that
+        reports rows out of order, as the columnar one does, lists what a row reader would)."""
         self.bad_count += 1
-        if len(self.bad) < 50:
-            self.bad.append((line, reason))
+        if len(self.bad) >= 50 and line >= self.bad[-1][0]:
+            return
+        bisect.insort(self.bad, (line, reason))
+        del self.bad[50:]
 
 
 def tile_ring(tile: mercantile.Tile) -> list[list[float]]:

@@ -393,3 +393,78 @@ def test_blank_lines_are_counted_as_the_row_reader_counts_them(tmp_path, text):
     with source.open(newline="") as handle:
         list(read_rows(handle, None, None, slow))
     assert (fast.read, fast.kept, fast.bad) == (slow.read, slow.kept, slow.bad)
+
+
+PIECES = ["0.5", "1", "0", "-0", "01", "1.", ".5", "+1", "1e5", "1E-3", "2.5e+2", "NaN",
+          "Infinity", "-Infinity", "1e400", "true", "null", '"0.5"', "[0.5]", "0x10", " 0.5",
+          "0.5 ", "\t0.5", "٣", "1_000", "9" * 30]
+
+
+def _random_row(rng: random.Random, whole: bool = False) -> str:
+    z = rng.choice([0, 1, 12, 30, 31])
+    x, y = rng.randrange(2 ** min(z, 30) + 1), rng.randrange(2 ** min(z, 30) + 1)
+    tile = rng.choice([f"{x}-{y}-{z}"] * 6 + [f"{x}-{y}", f"{x}--{y}-{z}", f" {x}-{y}-{z}",
+                                               f"{x}-{y}-{z} ", "", "a-b-c", f"{x}-{y}-0{z}"])
+    scores = ", ".join(rng.choice(PIECES[:3] * 8 + PIECES) for _ in range(rng.choice([2] * 8 + [1, 3])))
+    output = rng.choice([f"[{scores}]"] * 8 + [scores, f"[{scores}", f"{{{scores}}}", "[]", ""])
+    if whole and not tile and not output:  # as a blank line reads (see below)
+        tile = "1-1-1"
+    row = f'{tile},"{output}"'
+    odd = [f"{row},extra", tile or "1-2-3", f'{tile},"{output}"""']
+    if not whole:  # a blank line and a stray quote: rows no longer one a line (read by rows)
+        odd += ['"', ""]
+    return rng.choice([row] * 20 + odd)
+
+
+def _first_width(source: Path) -> int:
+    """The score count of the first row whose id is x-y-z (digits, in range) and whose output
+    is a list of one number or more."""
+    import csv
+    import re
+
+    with source.open(newline="") as handle:
+        for row in csv.reader(handle):
+            if len(row) != 2 or not re.fullmatch(r"[0-9]{1,10}-[0-9]{1,10}-[0-9]{1,2}", row[0]):
+                continue
+            x, y, z = map(int, row[0].split("-"))
+            try:
+                value = json.loads(row[1])
+            except ValueError:
+                continue
+            if z <= 30 and x < 2**z and y < 2**z and isinstance(value, list) and value and all(
+                    type(v) in (int, float) for v in value):
+                return len(value)
+    raise AssertionError("no row gives the width")
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_columnar_reader_agrees_with_the_row_reader_on_random_rows(tmp_path, seed, whole):
+    """Rows drawn at random from good and poison pieces (JSON's number grammar at its edges,
+    wrong widths and ids, stray quotes and columns, blank lines): the same rows kept, the same
+    reports at the same lines."""
+    from cnsq.export import iter_columns, read_columns, read_rows
+    from cnsq.geojson import Report
+
+    rng = random.Random(seed)
+    source = tmp_path / "random.csv"
+    source.write_text("tile,output\n" + "\n".join(_random_row(rng, whole) for _ in range(3000))
+                      + "\n")
+    fast, slow = Report(), Report()
+    if whole:  # one row a line: the columnar path itself, not its fallback
+        list(iter_columns(source, 1, 0.25, Report()))
+    columns = read_columns(source, 1, 0.25, fast)
+    with source.open(encoding="utf-8-sig", newline="") as handle:
+        rows = list(read_rows(handle, 1, 0.25, slow))
+    width = _first_width(source)  # the file's score count, by the documented rule
+    assert columns.scores.shape[1] == width
+    wide = [(r.line, len(r.scores)) for r in rows if len(r.scores) != width]
+    assert (fast.read, fast.bad_count) == (slow.read, slow.bad_count + len(wide))
+    # Each lists its 50 first bad rows: the fast one also lists the rows of another width.
+    reported, expected = dict(fast.bad), dict(slow.bad)
+    expected.update((line, f"{n} scores where the file's rows hold {width}") for line, n in wide)
+    last = fast.bad[-1][0] if len(fast.bad) == 50 else float("inf")
+    assert reported == {line: r for line, r in expected.items() if line <= last}
+    kept = [(r.line, r.tile.x, r.tile.y, r.tile.z, r.scores) for r in rows if len(r.scores) == width]
+    assert list(zip(columns.line.tolist(), columns.x.tolist(), columns.y.tolist(),
+                    columns.z.tolist(), columns.scores.tolist(), strict=True)) == kept
