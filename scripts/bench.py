@@ -334,11 +334,11 @@ def bench_export(db: Database, args) -> list[Result]:
             for i in range(rows):
                 p = rng.random()
                 out.write(f'{i % 262144}-{i // 262144}-18,"[{1 - p}, {p}]"\n')
-    def median_of_3(command: list[str]) -> tuple[float, float]:
-        runs = [_run_measured(command) for _ in range(3)]
+    def median_of_5(command: list[str]) -> tuple[float, float]:
+        runs = [_run_measured(command) for _ in range(5)]
         return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
-    floor, _ = median_of_3([sys.executable, "-c", "import pyarrow.csv as c, sys\n"
+    floor, _ = median_of_5([sys.executable, "-c", "import pyarrow.csv as c, sys\n"
                             f"c.read_csv({str(big)!r})"])
     results = []
     for fmt, suffix in (("geojson", "geojson"), ("geoparquet", "parquet"), ("flatgeobuf", "fgb")):
@@ -346,7 +346,7 @@ def bench_export(db: Database, args) -> list[Result]:
         for source in (big, bigger):
             command = [sys.executable, "-m", "cnsq.cli", "export", str(source),
                        str(work / f"out.{suffix}"), "--thresh_ind", "1", "--thresh", "0.5"]
-            seconds, peak = median_of_3(command) if source == big else _run_measured(command)
+            seconds, peak = median_of_5(command) if source == big else _run_measured(command)
             peaks.append(peak)
             if source == big:
                 size = (work / f"out.{suffix}").stat().st_size
