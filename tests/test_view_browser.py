@@ -184,3 +184,48 @@ def test_the_page_works_under_its_content_security_policy(session):
     """The page's policy allows its own scripts and server only; nothing it does is refused."""
     refused = [m for m in session["console"] if "Content Security Policy" in m]
     assert refused == []
+
+
+def test_a_large_file_is_drawn_then_its_tiles_at_their_zoom(tmp_path):
+    """Past 4 MB the index's tiles are written while the page is already served: the page
+    paints from parents, and zoomed in to the tiles it gets each tile (its request waits for
+    them if need be), and a click on one shows its scores."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    source = tmp_path / "results.csv"
+    side = 400  # 160,000 results at zoom 17: about 5 MB
+    with source.open("w") as out:
+        out.write("tile,output\n")
+        for i in range(side * side):
+            p = (i * 7919 % 1000) / 1000
+            out.write(f'{64000 + i % side}-{48000 + i // side}-17,"[{1 - p:.3f}, {p:.3f}]"\n')
+    assert source.stat().st_size > 4 << 20
+    view = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "view", str(source), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        url = view.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), view.stderr.read()
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
+            page.goto(url)
+            wait_for(page, "window.cnsqView && cnsqView.painted")
+            assert page.evaluate("cnsqView.parents") > 0 and page.evaluate("cnsqView.drawn") == 0
+            x, y = 64000 + side // 2, 48000 + side // 2
+            centre = mercantile.ul(x + 0.5, y + 0.5, 17)
+            page.evaluate("([lat, lng]) => { cnsqView.map.setView([lat, lng], 16); }",
+                          [centre.lat, centre.lng])
+            wait_for(page, "cnsqView.drawn > 0")
+            at = page.evaluate(
+                "([lat, lng]) => { const p = cnsqView.map.latLngToContainerPoint([lat, lng]);"
+                " return [p.x, p.y]; }", [centre.lat, centre.lng])
+            page.mouse.click(at[0], at[1])
+            wait_for(page, f"document.querySelector('#info').innerText.includes('{x}-{y}-17')")
+            browser.close()
+    finally:
+        view.terminate()
+        _, err = view.communicate(timeout=10)
+    assert "Traceback" not in err, err
+    assert len(list((tmp_path / "cache").rglob("*.db"))) == 1  # written whole, in the cache
