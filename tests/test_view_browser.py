@@ -79,7 +79,7 @@ def session(tmp_path_factory):
         wait_for(page, "window.cnsqView && cnsqView.painted && cnsqView.above !== null")
         page.wait_for_load_state("networkidle")
         yield {"page": page, "seen": seen, "demo": demo, "tiles": tiles, "url": url, "view": view,
-               "console": console}
+               "console": console, "browser": browser}
         browser.close()
     view.terminate()
     view.communicate(timeout=10)
@@ -186,13 +186,10 @@ def test_the_page_works_under_its_content_security_policy(session):
     assert refused == []
 
 
-def test_a_large_file_is_drawn_then_its_tiles_at_their_zoom(tmp_path):
+def test_a_large_file_is_drawn_then_its_tiles_at_their_zoom(session, tmp_path):
     """Past 4 MB the index's tiles are written while the page is already served: the page
     paints from parents, and zoomed in to the tiles it gets each tile (its request waits for
     them if need be), and a click on one shows its scores."""
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
     source = tmp_path / "results.csv"
     side = 400  # 160,000 results at zoom 17: about 5 MB
     with source.open("w") as out:
@@ -207,9 +204,8 @@ def test_a_large_file_is_drawn_then_its_tiles_at_their_zoom(tmp_path):
     try:
         url = view.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), view.stderr.read()
-        with sync_playwright() as playwright:
-            browser = launch(playwright)
-            page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
+        page = session["browser"].new_page(viewport={"width": WIDTH, "height": HEIGHT})
+        try:
             page.goto(url)
             wait_for(page, "window.cnsqView && cnsqView.painted")
             assert page.evaluate("cnsqView.parents") > 0 and page.evaluate("cnsqView.drawn") == 0
@@ -223,7 +219,8 @@ def test_a_large_file_is_drawn_then_its_tiles_at_their_zoom(tmp_path):
                 " return [p.x, p.y]; }", [centre.lat, centre.lng])
             page.mouse.click(at[0], at[1])
             wait_for(page, f"document.querySelector('#info').innerText.includes('{x}-{y}-17')")
-            browser.close()
+        finally:
+            page.close()
     finally:
         view.terminate()
         _, err = view.communicate(timeout=10)
