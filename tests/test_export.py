@@ -468,3 +468,49 @@ def test_the_columnar_reader_agrees_with_the_row_reader_on_random_rows(tmp_path,
     kept = [(r.line, r.tile.x, r.tile.y, r.tile.z, r.scores) for r in rows if len(r.scores) == width]
     assert list(zip(columns.line.tolist(), columns.x.tolist(), columns.y.tolist(),
                     columns.z.tolist(), columns.scores.tolist(), strict=True)) == kept
+
+
+def test_duckdb_reads_the_geoparquet_and_can_skip_its_row_groups(tmp_path, monkeypatch):
+    """DuckDB, a reader of its own: the geometry typed from the `geo` metadata (lon/lat), the rows
+    of convert-geojson's output, and row groups whose bbox statistics cover small areas, so a
+    window query reads few of them."""
+    duckdb = pytest.importorskip("duckdb")
+    from cnsq import export as export_module
+
+    monkeypatch.setattr(export_module, "ROW_GROUP", 50)  # several groups from a small file
+    source = tmp_path / "results.csv"
+    results_csv(source, count=2000, bad=False)
+    header, *lines = source.read_text().splitlines()
+    random.Random(4).shuffle(lines)  # the file's order says nothing of where tiles are
+    source.write_text("\n".join([header, *lines]) + "\n")
+    reference = geojson_of(tmp_path, source)
+    out = tmp_path / "water.parquet"
+    assert CliRunner().invoke(main, ["export", str(source), str(out), "--thresh_ind", "1",
+                                     "--thresh", "0.5"]).exit_code == 0
+    con = duckdb.connect()
+    types = dict((name, kind) for name, kind, *_ in con.execute(
+        f"DESCRIBE SELECT * FROM '{out}'").fetchall())
+    assert types["geometry"].startswith("GEOMETRY") and "CRS84" in types["geometry"]
+    rows = con.execute(f"SELECT tile, p1, bbox.xmin, bbox.ymax FROM '{out}'").fetchall()
+    assert {tile: p1 for tile, p1, _, _ in rows} == {
+        t: f["properties"]["p1"] for t, f in reference.items()}
+    for tile, _, west, north in rows:
+        ring = reference[tile]["geometry"]["coordinates"][0]
+        assert abs(west - ring[0][0]) < 1e-9 and abs(north - ring[2][1]) < 1e-9
+    stats: dict[int, dict[str, tuple[float, float]]] = {}
+    for group, column, low, high in con.execute(
+            f"SELECT row_group_id, path_in_schema, stats_min, stats_max FROM "
+            f"parquet_metadata('{out}') WHERE path_in_schema LIKE 'bbox, %'").fetchall():
+        stats.setdefault(group, {})[column.split(", ")[1]] = (float(low), float(high))
+    boxes = [(s["xmin"][0], s["ymin"][0], s["xmax"][1], s["ymax"][1]) for s in stats.values()]
+    assert len(boxes) > 10
+    west, south = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    east, north = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    areas = sorted((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
+    assert areas[len(areas) // 2] < (east - west) * (north - south) / 4  # compact groups
+    # A window of a tenth of the area (its south-west corner): by their statistics alone a
+    # reader keeps only the groups that may hold it.
+    window = (west, south, west + (east - west) / 3, south + (north - south) / 3)
+    kept = [b for b in boxes if b[0] <= window[2] and b[2] >= window[0]
+            and b[1] <= window[3] and b[3] >= window[1]]
+    assert 0 < len(kept) <= len(boxes) / 2
