@@ -34,7 +34,7 @@ import mercantile
 
 from .errors import CnsqError
 from .files import atomic_path
-from .geojson import Report, check_thresh_ind, csv_rows, read_result
+from .geojson import PROGRESS_EVERY, Report, check_thresh_ind, csv_rows, read_result
 from .tiles import tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
@@ -52,10 +52,10 @@ class Row:
 
 
 def read_rows(source: IO[str], thresh_ind: int | None, thresh: float | None,
-              report: Report) -> Iterator[Row]:
+              report: Report, progress: Callable[[Report], None] | None = None) -> Iterator[Row]:
     """The kept rows of a ``tile,output`` CSV: a bad row is reported with its line and skipped;
     with ``thresh_ind``/``thresh`` only tiles scoring at least ``thresh`` there are kept."""
-    for line, row in csv_rows(source, report):
+    for line, row in csv_rows(source, report, progress):
         try:
             tile, scores, value = read_result(row, thresh_ind if thresh_ind is not None else 0)
         except ValueError as exc:
@@ -122,14 +122,15 @@ def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
 
 
 def row_columns(source: Path, thresh_ind: int | None, thresh: float | None,
-                report: Report, raw: bool = False) -> Columns:
+                report: Report, raw: bool = False,
+                progress: Callable[[Report], None] | None = None) -> Columns:
     """The kept rows as arrays, read row by row (``report`` is reset): for a file whose values
     hold line breaks, where only a row reader keeps the line numbers exact."""
     import numpy as np
 
     fresh = Report()
     with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        rows = list(read_rows(handle, thresh_ind, thresh, fresh))
+        rows = list(read_rows(handle, thresh_ind, thresh, fresh, progress))
     report.read, report.kept, report.bad, report.bad_count = (
         fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
     if not rows:
@@ -223,7 +224,8 @@ def _arrow(values):
 
 
 def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
-                 report: Report, raw: bool = False) -> Iterator[Columns]:
+                 report: Report, raw: bool = False,
+                 progress: Callable[[Report], None] | None = None) -> Iterator[Columns]:
     """The kept rows as arrays, a block at a time in file order, parsed column-wise by pyarrow
     (memory: a few blocks, whatever the file's size). Ids and scores are checked and converted
     for a block at once; a row the fast checks refuse is read alone by
@@ -288,6 +290,9 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
             j = np.arange(seen, seen + len(batch), dtype=np.int64) + start
             lines = j + np.searchsorted(u, j, side="right")
             seen += len(batch)
+            shown, report.read = report.read, seen + len(invalid)
+            if progress and report.read // PROGRESS_EVERY != shown // PROGRESS_EVERY:
+                progress(report)
             for row in invalid[reported:]:
                 report.add_bad(row.number,
                                f"expected 2 columns (tile,output), got {row.actual_columns}")
@@ -721,7 +726,8 @@ def _write(fmt: str, blocks: Iterator[Columns], target: Path) -> None:
 def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh: float | None,
            progress: Callable[[Report], None] | None = None) -> Report:
     """Export ``source`` (a results CSV) to ``target`` in ``fmt``; the file appears whole or not
-    at all (written under a temporary name, then renamed)."""
+    at all (written under a temporary name, then renamed). ``progress(report)`` is called as
+    every ``PROGRESS_EVERY`` rows are read."""
     if fmt not in FORMATS:
         raise CnsqError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if (thresh_ind is None) != (thresh is None):
@@ -742,7 +748,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
             check_thresh_ind(handle, source, thresh_ind)
         if fmt == "csv" or (fmt == "geojson" and not _has_geo()):
             with partial.open("w", encoding="utf-8", newline="") as out:
-                rows = read_rows(handle, thresh_ind, thresh, report)
+                rows = read_rows(handle, thresh_ind, thresh, report, progress)
                 if fmt == "geojson":
                     from .geojson import feature, write_features
 
@@ -753,8 +759,10 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                     writer.writerows([tile_id(r.tile), json.dumps(r.scores)] for r in rows)
         else:
             try:
-                _write(fmt, iter_columns(source, thresh_ind, thresh, report), partial)
+                _write(fmt, iter_columns(source, thresh_ind, thresh, report, progress=progress),
+                       partial)
             except _LineBreaks:  # start again, row by row: its line numbers are exact
                 partial.unlink(missing_ok=True)
-                _write(fmt, iter([row_columns(source, thresh_ind, thresh, report)]), partial)
+                _write(fmt, iter([row_columns(source, thresh_ind, thresh, report,
+                                              progress=progress)]), partial)
     return report

@@ -514,3 +514,20 @@ def test_duckdb_reads_the_geoparquet_and_can_skip_its_row_groups(tmp_path, monke
     kept = [b for b in boxes if b[0] <= window[2] and b[2] >= window[0]
             and b[1] <= window[3] and b[3] >= window[1]]
     assert 0 < len(kept) <= len(boxes) / 2
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "geojson", "csv"])
+def test_a_long_export_says_how_far_it_has_read(tmp_path, suffix):
+    from cnsq.export import export
+    from cnsq.geojson import PROGRESS_EVERY
+
+    source = tmp_path / "results.csv"
+    count = PROGRESS_EVERY * 2 + 10
+    source.write_text("tile,output\n" + "".join(
+        f'{i % 4096}-{i // 4096}-12,"[0.5, 0.5]"\n' for i in range(count)))
+    seen: list[int] = []
+    fmt = {"parquet": "geoparquet"}.get(suffix, suffix)
+    report = export(source, tmp_path / f"out.{suffix}", fmt, None, None,
+                    lambda r: seen.append(r.read))
+    assert report.read == count
+    assert len(seen) >= 2 and seen == sorted(seen) and PROGRESS_EVERY <= seen[-1] <= count

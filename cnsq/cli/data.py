@@ -239,6 +239,7 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
                  thresh: float | None, label: str | None = None) -> None:
     from ..errors import CnsqError
     from ..export import export
+    from ..geojson import PROGRESS_EVERY
 
     by_suffix = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".fgb": "flatgeobuf",
                  ".geojson": "geojson", ".json": "geojson", ".csv": "csv"}
@@ -246,7 +247,13 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
     if fmt is None:
         raise CnsqError(f"{target}: say --format (geoparquet, flatgeobuf, geojson or csv), or "
                         "name the file .parquet, .fgb, .geojson or .csv")
-    report = export(source, target, fmt, thresh_ind, thresh)
+    def progress(report) -> None:
+        click.echo(f"\rread {report.read:,} rows", nl=False, err=True)
+
+    on_tty = sys.stderr.isatty()
+    report = export(source, target, fmt, thresh_ind, thresh, progress if on_tty else None)
+    if on_tty and report.read >= PROGRESS_EVERY:
+        click.echo("", err=True)
     _say_rows(report, label or source, f"; wrote {target} ({fmt})")
 
 
