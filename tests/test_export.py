@@ -508,7 +508,7 @@ def test_duckdb_reads_the_geoparquet_and_can_skip_its_row_groups(tmp_path, monke
     east, north = max(b[2] for b in boxes), max(b[3] for b in boxes)
     areas = sorted((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
     assert areas[len(areas) // 2] < (east - west) * (north - south) / 4  # compact groups
-    # A window of a tenth of the area (its south-west corner): by their statistics alone a
+    # A window of a ninth of the area (its south-west corner): by their statistics alone a
     # reader keeps only the groups that may hold it.
     window = (west, south, west + (east - west) / 3, south + (north - south) / 3)
     kept = [b for b in boxes if b[0] <= window[2] and b[2] >= window[0]

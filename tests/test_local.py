@@ -557,3 +557,16 @@ def test_the_model_server_says_how_busy_it_was(server):
     requests.post(server.endpoint, json={"instances": [b64(png(WATER))]}, timeout=10)
     stats = requests.get(server.endpoint.split("/v1/")[0] + "/cnsq/stats", timeout=5).json()
     assert stats["busy_seconds"] > 0 and stats["calls"] == 1
+
+
+def test_ctrl_c_as_soon_as_the_tileserver_says_it_serves_stops_it_cleanly(tmp_path):
+    """Its "Serving …" line came before Ctrl-C was handled (see cnsq view's like test)."""
+    (tmp_path / "tiles").mkdir()
+    for _ in range(4):
+        process = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "tileserver",
+                                    str(tmp_path / "tiles"), "--port", "0"],
+                                   stderr=subprocess.PIPE, text=True)
+        assert process.stderr.readline().startswith("Serving ")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        assert process.returncode == 0 and "Stopped the tile server." in err, err

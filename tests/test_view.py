@@ -607,3 +607,17 @@ def test_a_view_stopped_while_its_tiles_are_written_leaves_nothing(tmp_path, mon
     with pytest.raises(CnsqError, match="stopping"):
         index.connect(tiles=True)
     assert list(cache.iterdir()) == []
+
+
+def test_ctrl_c_the_moment_the_url_is_printed_stops_cleanly(tmp_path):
+    """The URL was printed before Ctrl-C was handled: a Ctrl-C sent as soon as it was read
+    (as a script does) ended in "Interrupted." and 130 (seen once in CI)."""
+    source = tmp_path / "results.csv"
+    write_results(source, 20)
+    for _ in range(6):
+        process = run_view([str(source), "--port", "0"], tmp_path)
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        assert process.returncode == 0 and "Stopped cnsq view." in err, err

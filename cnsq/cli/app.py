@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -356,11 +357,17 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=int(text[:-1]) * units[text[-1]])
 
 
-def _wait_forever(what: str) -> None:
-    """Wait until Ctrl-C or SIGTERM (a server's end), then say what stopped."""
+def _wait_forever(what: str, announce: Callable[[], None] | None = None) -> None:
+    """Wait until Ctrl-C or SIGTERM (a server's end), then say what stopped.
+
+    ``announce`` says the server is ready (its URL): it is called once Ctrl-C is handled here,
+    so a Ctrl-C sent as soon as the URL is read stops the server cleanly (sent between the two,
+    it was the bare "Interrupted." and exit 130)."""
     from ..interrupt import Stop
 
     with Stop() as stop:
+        if announce is not None:
+            announce()
         while not stop.requested:
             time.sleep(0.2)
     click.echo(f"\nStopped {what}.", err=True)

@@ -64,9 +64,9 @@ def serve(model_path: Path | None, model_option: Path | None, port: int, host: s
                                   str(model_option) if model_option else None, "MODEL.onnx"))
     running = server.start(model_path, port, name, max_batch, batch_timeout_ms, host, batch_threads,
                            switch_interval=server.SWITCH_INTERVAL, warmup=warmup)
-    click.echo(f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
-               f"/v1/models/{name}:predict (Ctrl-C stops)", err=True)
-    _wait_forever("the model server")
+    _wait_forever("the model server", lambda: click.echo(
+        f"Serving {model_path} at http://{host}:{running.httpd.server_address[1]}"
+        f"/v1/models/{name}:predict (Ctrl-C stops)", err=True))
     running.close()
 
 
@@ -86,9 +86,9 @@ def tileserver(source: Path, port: int, host: str) -> None:
     from ..local import tileserver as tiles
 
     running = tiles.start(source, port, host)
-    click.echo(f"Serving {source} at http://{host}:{running.httpd.server_address[1]}"
-               "/{z}/{x}/{y}.png (Ctrl-C stops)", err=True)
-    _wait_forever("the tile server")
+    _wait_forever("the tile server", lambda: click.echo(
+        f"Serving {source} at http://{host}:{running.httpd.server_address[1]}"
+        "/{z}/{x}/{y}.png (Ctrl-C stops)", err=True))
     running.close()
 
 

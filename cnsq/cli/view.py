@@ -109,15 +109,18 @@ def view(settings: Settings, results: str | None, database_url: str | None,
                    f"{time.monotonic() - began:.1f}s "
                    f"({index.above(thresh):,} scoring ≥ {thresh:g}); imagery: "
                    f"{imagery.name if imagery else 'none (pass --tile-endpoint)'}.", err=True)
-        click.echo(f"Viewing at {running.url} (Ctrl-C to stop)", err=True)
-        click.echo(running.url)
-        sys.stdout.flush()
-        if open_browser:
-            import webbrowser
 
-            if not webbrowser.open(running.url):
-                click.echo("warning: no browser to open; open the URL above", err=True)
-        _wait_forever("cnsq view")
+        def announce() -> None:
+            click.echo(f"Viewing at {running.url} (Ctrl-C to stop)", err=True)
+            click.echo(running.url)
+            sys.stdout.flush()
+            if open_browser:
+                import webbrowser
+
+                if not webbrowser.open(running.url):
+                    click.echo("warning: no browser to open; open the URL above", err=True)
+
+        _wait_forever("cnsq view", announce)
     finally:
         running.close()
         if viewed is not None:
