@@ -12,7 +12,9 @@ counterclockwise), its id, x, y, z and every score as a typed column (``p0``, ``
   index; chosen as GDAL is what QGIS itself uses to read and write the format.
 
 pyarrow and pyogrio are the optional extra ``cnsq[geo]``; without it these two formats say what
-to install. GeoJSON is ``convert-geojson``'s writer (the same bytes); CSV keeps the kept rows.
+to install. GeoJSON holds convert-geojson's features (its own writer when pyarrow is missing;
+else built column-wise: the same values, a few numbers written differently, ``1`` for ``1.0``);
+CSV keeps the kept rows.
 """
 
 from __future__ import annotations
@@ -126,7 +128,6 @@ def row_columns(source: Path, thresh_ind: int | None, thresh: float | None,
                 progress: Callable[[Report], None] | None = None) -> Columns:
     """The kept rows as arrays, read row by row (``report`` is reset): for a file whose values
     hold line breaks, where only a row reader keeps the line numbers exact."""
-    import numpy as np
 
     fresh = Report()
     with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
@@ -134,8 +135,7 @@ def row_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     report.read, report.kept, report.bad, report.bad_count = (
         fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
     if not rows:
-        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, 0)),
-                       _texts([]) if raw else None, [] if raw else None)
+        return _empty(0, raw)
     with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         width = _width_of((row[0], row[1]) for row in csv.reader(handle)
                           if len(row) == 2) or len(rows[0].scores)
@@ -160,8 +160,7 @@ def _concat(blocks: list[Columns], raw: bool) -> Columns:
     width = max((b.scores.shape[1] for b in blocks if b.scores.ndim == 2), default=0)
     blocks = [b for b in blocks if len(b)] or blocks[:1]
     if not blocks:
-        return Columns(*(np.zeros(0, np.int64) for _ in range(4)), np.zeros((0, width)),
-                       _texts([]) if raw else None, [] if raw else None)
+        return _empty(width, raw)
     out = Columns(*(np.concatenate([getattr(b, f) for b in blocks]) for f in (
         "line", "x", "y", "z")), np.concatenate([b.scores.reshape(len(b), width) for b in blocks]))
     if raw:
@@ -233,9 +232,8 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     convert-geojson gives. ``report`` is complete once the blocks are all read.
 
     Raises:
-        _LineBreaks: a value holds a line break (perhaps after some blocks were given): rows
-            and lines no longer match one to one, so the caller starts again with
-            :func:`row_columns`.
+        _LineBreaks: a value holds a line break, or a line is blank (perhaps after some blocks
+            were given): the caller starts again with :func:`row_columns`.
     """
     import numpy as np
     import pyarrow as pa
@@ -444,20 +442,27 @@ def _reorder(c: Columns, order) -> None:
         setattr(c, name, getattr(c, name)[order])
 
 
-def _columns(c: Columns, width: int):
+def tile_bounds(x: Any, y: Any, z: Any) -> tuple[Any, Any, Any, Any]:
+    """West, south, east and north of each tile (numpy arrays of x, y, z), in degrees:
+    mercantile.bounds' formulas (Web Mercator tiles in lon/lat), vectorised."""
+    import numpy as np
+
+    size = np.exp2(z.astype(np.float64))
+    px, py = x.astype(np.float64), y.astype(np.float64)
+    return (px / size * 360.0 - 180.0,
+            np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))),
+            (px + 1) / size * 360.0 - 180.0,
+            np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
+
+
+def _columns(c: Columns, width: int) -> dict:
     """The arrays as Arrow columns: id, x, y, z, p0…, the WKB polygons and their bboxes."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = len(c)
-    x, y, z = c.x.astype(np.float64), c.y.astype(np.float64), c.z
-    # Tile bounds, vectorised (mercantile's formulas: Web Mercator tiles in lon/lat).
-    size = np.exp2(z.astype(np.float64))
-    west = x / size * 360.0 - 180.0
-    east = (x + 1) / size * 360.0 - 180.0
-    north = np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * y / size))))
-    south = np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (y + 1) / size))))
+    west, south, east, north = tile_bounds(c.x, c.y, c.z)
     # WKB Polygon, little endian: 1, type 3, one ring of five points (93 bytes each).
     record = np.dtype([("order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4"),
                        ("xy", "<f8", (10,))])
@@ -476,9 +481,7 @@ def _columns(c: Columns, width: int):
     columns.update((f"p{i}", _arrow(c.scores[:, i])) for i in range(width))
     columns["geometry"] = geometry
     columns["bbox"] = bbox
-    bounds = ((float(west.min()), float(south.min()), float(east.max()), float(north.max()))
-              if n else (0.0, 0.0, 0.0, 0.0))
-    return columns, bounds
+    return columns
 
 
 def _has_geo() -> bool:
@@ -517,17 +520,10 @@ def _slices(c: Columns, size: int = ROW_GROUP) -> Iterator[Columns]:
 
 
 def _overall_bounds(c: Columns) -> tuple[float, float, float, float]:
-    import numpy as np
-
     if not len(c):
         return (0.0, 0.0, 0.0, 0.0)
-    size = np.exp2(c.z.astype(np.float64))
-    x, y = c.x.astype(np.float64), c.y.astype(np.float64)
-    west = float((x / size).min()) * 360.0 - 180.0
-    east = float(((x + 1) / size).max()) * 360.0 - 180.0
-    north = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (y / size).min())))))
-    south = float(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * ((y + 1) / size).max())))))
-    return (west, south, east, north)
+    west, south, east, north = tile_bounds(c.x, c.y, c.z)
+    return (float(west.min()), float(south.min()), float(east.max()), float(north.max()))
 
 
 def _union(a: tuple | None, b: tuple) -> tuple:
@@ -546,11 +542,13 @@ def _width(blocks: Iterator[Columns]) -> tuple[int, Iterator[Columns]]:
     return 0, iter(held)
 
 
-def _empty(width: int) -> Columns:
+def _empty(width: int, raw: bool = False) -> Columns:
+    """No rows (with ``raw``, no output texts and no rows of other counts either)."""
     import numpy as np
 
     return Columns(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32),
-                   np.zeros(0, np.int8), np.zeros((0, width)))
+                   np.zeros(0, np.int8), np.zeros((0, width)), _texts([]) if raw else None,
+                   [] if raw else None)
 
 
 def _groups(records, size: int) -> Iterator[Columns]:
@@ -597,7 +595,7 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
         written = None
         try:
             for part in _chain([_empty(width)], _groups(order.sorted(), ROW_GROUP)):
-                table = pa.table(_columns(part, width)[0])
+                table = pa.table(_columns(part, width))
                 if writer is None:
                     # No dictionaries: ids and polygons are unique, and trying them cost a
                     # third of the write and made the file 40 % larger.
@@ -625,7 +623,7 @@ def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     width, blocks = _width(blocks)
 
     def batch(part: Columns) -> pa.RecordBatch:
-        columns = _columns(part, width)[0]
+        columns = _columns(part, width)
         columns.pop("bbox")
         return pa.record_batch(list(columns.values()), names=list(columns))
 
@@ -681,12 +679,7 @@ def _features_text(part: Columns) -> memoryview:
         return pc.cast(_arrow(values), pa.string())
 
     width = part.scores.shape[1]
-    size = np.exp2(part.z.astype(np.float64))
-    px, py = part.x.astype(np.float64), part.y.astype(np.float64)
-    w = text(px / size * 360.0 - 180.0)
-    e = text((px + 1) / size * 360.0 - 180.0)
-    n = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * py / size)))))
-    s = text(np.degrees(np.arctan(np.sinh(np.pi * (1 - 2 * (py + 1) / size)))))
+    w, s, e, n = (text(edge) for edge in tile_bounds(part.x, part.y, part.z))
     ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), _scalar("-"))
     comma = _scalar(",")
     # The ring's four corners once each (joining fewer, longer pieces is the cheaper join).

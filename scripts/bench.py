@@ -309,7 +309,7 @@ from cnsq.geojson import Report
 blocks = [b for b in iter_columns(Path(sys.argv[1]), 1, 0.5, Report()) if len(b)]
 batches = []
 for block in blocks:
-    columns = _columns(block, 2)[0]
+    columns = _columns(block, 2)
     columns.pop("bbox")
     batches.append(pa.record_batch(list(columns.values()), names=list(columns)))
 start = time.perf_counter()
