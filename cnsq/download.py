@@ -39,3 +39,28 @@ def download(store: Store, target: str, stdout: BinaryIO,
         return rows
     with atomic_write(writable_target(target), "wb") as handle:
         return store.export_csv(handle, progress)
+
+
+def table_csv(target: Path, database_url: str | None, admin=None,
+              progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """The results table as a CSV at ``target``: read from ``database_url``, else exported by
+    the stack's ``admin`` function (a private database). Returns the rows written and where
+    they came from (the URL with its password masked, or the export's S3 location).
+
+    Raises:
+        CnsqError: neither is given, or the database cannot be reached.
+    """
+    from .results import mask, open_store
+
+    if database_url:
+        store = open_store(database_url, create=False)
+        try:
+            rows = download(store, str(target), None, progress)
+        finally:
+            store.close()
+        return rows, mask(database_url)
+    if admin is None:
+        raise CnsqError("no results table: pass --database-url (or set DATABASE_URL), or "
+                        "--config for a deployed stack")
+    export = admin.download_export(str(target), progress)
+    return export["rows"], f"s3://{export['bucket']}/{export['key']}"

@@ -197,7 +197,6 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     """
     import tempfile
 
-
     if len(paths) > 2:
         raise click.UsageError("expected [IN.csv] OUT")
     target = paths[-1]
@@ -210,29 +209,17 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     folder = Path(tempfile.mkdtemp(prefix=".cnsq-export-", dir=target.parent or Path(".")))
     try:
         staged = folder / "results.csv"
-        rows = _results_csv(settings, database_url, staged)
+        from ..download import table_csv
+
+        admin = _admin(database_url, settings)  # else the URL given, or the stack's
+        url = None if admin else _database_url(database_url, settings)
+        rows, _ = table_csv(staged, url, admin)
         click.echo(f"Read {rows:,} rows from the results table.", err=True)
         _export_file(staged, target, fmt, thresh_ind, thresh, label="the results table")
     finally:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _results_csv(settings: Settings, database_url: str | None, out: Path) -> int:
-    """The results table as a CSV at ``out`` (the stack's through its admin function); the
-    rows written."""
-    admin = _admin(database_url, settings)
-    if admin is not None:
-        return admin.download_export(str(out), None)["rows"]
-    from ..download import download as run_download
-    from ..results import open_store
-
-    store = open_store(_database_url(database_url, settings), create=False)
-    try:
-        return run_download(store, str(out), sys.stdout.buffer, None)
-    finally:
-        store.close()
 
 
 def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | None,
@@ -247,6 +234,7 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
     if fmt is None:
         raise CnsqError(f"{target}: say --format (geoparquet, flatgeobuf, geojson or csv), or "
                         "name the file .parquet, .fgb, .geojson or .csv")
+
     def progress(report) -> None:
         click.echo(f"\rread {report.read:,} rows", nl=False, err=True)
 

@@ -34,8 +34,7 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
     Raises:
         CnsqError: nothing to read, a missing file, an unreachable database.
     """
-    from ..download import download
-    from ..results import mask, open_store
+    from ..download import table_csv
 
     if results and "://" not in results:
         path = Path(results)
@@ -46,19 +45,11 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
         database_url = f"sqlite:///{path.resolve()}"
     elif results:
         database_url = results
+    if not (database_url or admin):
+        raise CnsqError("nothing to view: name a results CSV or database, pass --database-url, or "
+                        "--config for a deployed stack")
     target = workdir / "results.csv"
-    if database_url:
-        store = open_store(database_url, create=False)
-        try:
-            download(store, str(target), None, progress)
-        finally:
-            store.close()
-        return target, mask(database_url)
-    if admin is not None:
-        export = admin.download_export(str(target), progress)
-        return target, f"s3://{export['bucket']}/{export['key']}"
-    raise CnsqError("nothing to view: name a results CSV or database, pass --database-url, or "
-                    "--config for a deployed stack")
+    return target, table_csv(target, database_url, admin, progress)[1]
 
 
 def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: float, imagery,
