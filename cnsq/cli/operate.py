@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import click
-from tabulate import tabulate
 
 from ..errors import CnsqError
 from .app import (
@@ -25,6 +24,7 @@ from .app import (
     config_options,
     json_option,
     main,
+    tabulate,
 )
 
 

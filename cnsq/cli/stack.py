@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tabulate import tabulate
 
 from ..errors import CnsqError
 from .app import (
@@ -21,6 +20,7 @@ from .app import (
     _stacks,
     config_options,
     main,
+    tabulate,
 )
 
 
