@@ -5,6 +5,7 @@ with convert-geojson's GeoJSON."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -271,10 +272,11 @@ def test_the_last_tile_of_zoom_30_and_the_world_tile(tmp_path):
         assert rows[tile]["x"] == int(tile.split("-")[0])
 
 
-@pytest.mark.parametrize("suffix", ["parquet", "geojson"])
+@pytest.mark.parametrize("suffix", ["parquet", "geojson", "fgb"])
 def test_export_does_not_load_pandas(tmp_path, suffix):
     """pyarrow imports pandas, when installed, the first time it is given a list or a numpy
-    array (0.2 s and some 60 MB): export builds its Arrow arrays from buffers instead."""
+    array (0.2 s and some 60 MB): export builds its Arrow arrays from buffers instead. pyogrio
+    imports GeoPandas and pandas when installed (0.3 s): export hides them while it loads."""
     import subprocess
     import sys
 
@@ -288,6 +290,8 @@ def test_export_does_not_load_pandas(tmp_path, suffix):
                           check=True)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
     assert (tmp_path / f"out.{suffix}").stat().st_size > 0
+    if suffix == "fgb":  # and what it wrote is whole
+        assert len(pyogrio.read_dataframe(tmp_path / "out.fgb")) == 50
 
 
 def test_a_sort_spilled_to_disk_writes_the_same_file(tmp_path, monkeypatch):
@@ -531,3 +535,20 @@ def test_a_long_export_says_how_far_it_has_read(tmp_path, suffix):
                     lambda r: seen.append(r.read))
     assert report.read == count
     assert len(seen) >= 2 and seen == sorted(seen) and PROGRESS_EVERY <= seen[-1] <= count
+
+
+def test_a_pyogrio_that_needs_pandas_is_loaded_as_usual(tmp_path):
+    """Were pyogrio to need pandas to load, export loads it again with pandas visible; what it
+    hid can be imported afterwards either way."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "pyogrio"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import pandas\nwrite_arrow = 'the fake one'\n")
+    script = ("import sys\nfrom cnsq.export import _pyogrio\n"
+              "print(_pyogrio().write_arrow, 'pandas' in sys.modules)\n"
+              "import geopandas, shapely, pyproj\nprint('imported')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.stdout.split("\n")[:2] == ["the fake one True", "imported"], done.stderr
