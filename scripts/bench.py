@@ -12,9 +12,11 @@ HTTP tile and model servers with fixed latencies, and cnsq's own code as a user 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +64,15 @@ class Result:
                 f"(target {self.target})")
 
 
+def work_dir(prefix: str) -> Path:
+    """A temporary folder for one benchmark, removed when the run ends: the export and view
+    benches write gigabytes (CSV files, their exports, caches), and runs that left them filled
+    this machine's disk."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 class Database:
     """A PostgreSQL server for the run: CNSQ_BENCH_DATABASE_URL or a throwaway cluster."""
 
@@ -69,7 +80,7 @@ class Database:
         self.cluster = None
         self.url = os.environ.get("CNSQ_BENCH_DATABASE_URL")
         if not self.url:
-            self.cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="cnsq-bench-pg-"))).start()
+            self.cluster = PostgresCluster(work_dir("cnsq-bench-pg-")).start()
             self.url = self.cluster.url
 
     def fresh(self) -> str:
@@ -195,7 +206,7 @@ def bench_download(db: Database, args) -> list[Result]:
                     "|| '-18', jsonb_build_array(random(), random()) FROM generate_series(0, %s) i",
                     (args.rows - 1,))
     conn.close()
-    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-dl-"))
+    work = work_dir("cnsq-bench-dl-")
     cnsq_times, psql_times, rss = [], [], []
     for _ in range(args.download_repeat):
         seconds, peak = _run_measured([sys.executable, "-m", "cnsq.cli", "download",
@@ -224,7 +235,7 @@ def bench_push(db: Database, args) -> list[Result]:
     import boto3
     import botocore.config
 
-    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-push-"))
+    work = work_dir("cnsq-bench-push-")
     tiles = [f"{i % 4096}-{i // 4096}-12" for i in range(args.tiles)]
     (work / "tiles.txt").write_text("\n".join(tiles) + "\n")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
@@ -270,7 +281,7 @@ def bench_push(db: Database, args) -> list[Result]:
 def bench_convert(db: Database, args) -> list[Result]:
     import random
 
-    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-geojson-"))
+    work = work_dir("cnsq-bench-geojson-")
     rng = random.Random(7)
 
     def make(path: Path, rows: int) -> None:
@@ -325,7 +336,7 @@ def bench_export(db: Database, args) -> list[Result]:
     its peak memory against the same export of three times the rows (flat: ratio ~1)."""
     import random
 
-    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-export-"))
+    work = work_dir("cnsq-bench-export-")
     rng = random.Random(7)
     big, bigger = work / "big.csv", work / "bigger.csv"
     for path, rows in ((big, args.rows), (bigger, args.rows * 3)):
@@ -425,7 +436,7 @@ def bench_serve(db: Database, args) -> list[Result]:
     from cnsq.local import serve
     from cnsq.local.models import benchmark_cnn
 
-    model = benchmark_cnn(Path(tempfile.mkdtemp(prefix="cnsq-bench-serve-")) / "cnn.onnx")
+    model = benchmark_cnn(work_dir("cnsq-bench-serve-") / "cnn.onnx")
     images = _tile_jpegs(64)
     payloads = [{"instances": [{"image_bytes": {"b64": base64.b64encode(images[i % 64]).decode()}}]}
                 for i in range(args.serve_requests)]
@@ -455,7 +466,7 @@ def bench_pipeline(db: Database, args) -> list[Result]:
     from cnsq.local import pipeline, serve
     from cnsq.local.models import benchmark_cnn
 
-    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-pipeline-"))
+    work = work_dir("cnsq-bench-pipeline-")
     model = benchmark_cnn(work / "cnn.onnx")
     images = _tile_jpegs(args.pipeline_tiles)
     names = []
@@ -592,7 +603,7 @@ def bench_view(db: Database, args) -> list[Result]:
 
     import mercantile
 
-    work = Path(tempfile.mkdtemp(prefix="cnsq-bench-view-"))
+    work = work_dir("cnsq-bench-view-")
     rng = random.Random(3)
     rows = args.view_rows
     side = int(rows ** 0.5) + 1
