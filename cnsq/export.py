@@ -36,7 +36,7 @@ import mercantile
 
 from .errors import CnsqError
 from .files import atomic_path
-from .geojson import PROGRESS_EVERY, Report, check_thresh_ind, csv_rows, read_result
+from .geojson import PROGRESS_EVERY, Report, check_thresh_ind, csv_rows, open_results, read_result
 from .tiles import tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
@@ -130,13 +130,13 @@ def row_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     hold line breaks, where only a row reader keeps the line numbers exact."""
 
     fresh = Report()
-    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with open_results(source) as handle:
         rows = list(read_rows(handle, thresh_ind, thresh, fresh, progress))
     report.read, report.kept, report.bad, report.bad_count = (
         fresh.read, fresh.kept, fresh.bad, fresh.bad_count)
     if not rows:
         return _empty(0, raw)
-    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with open_results(source) as handle:
         width = _width_of((row[0], row[1]) for row in csv.reader(handle)
                           if len(row) == 2) or len(rows[0].scores)
     same = [r for r in rows if len(r.scores) == width]
@@ -239,7 +239,7 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with open_results(source) as handle:
         first = handle.readline()
     if not first:  # nothing (or a byte order mark alone): Arrow calls that an error
         return
@@ -799,12 +799,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
         _require_geo(fmt)
     from .download import writable_target
 
-    writable_target(str(target))  # before any work
+    writable_target(str(target), source)  # before any work
 
-    try:
-        handle = source.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
-    except FileNotFoundError:
-        raise CnsqError(f"{source}: no such file") from None
+    handle = open_results(source)
     report = Report()
     with atomic_path(target, keep_suffix=True) as partial, handle:
         if thresh_ind is not None:

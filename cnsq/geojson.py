@@ -185,20 +185,30 @@ def check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
     handle.seek(0)
 
 
+def open_results(source: Path) -> IO[str]:
+    """A results CSV opened for reading: a byte order mark is not part of the header, and a
+    byte that is not UTF-8 spoils only its row.
+
+    Raises:
+        CnsqError: ``source`` does not exist, or is a folder.
+    """
+    from .errors import CnsqError
+
+    try:
+        return source.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+    except FileNotFoundError:
+        raise CnsqError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise CnsqError(f"{source}: is a folder; name a results CSV in it") from None
+
+
 def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Report:
     """Convert a file; the output goes to a temporary name and is renamed when complete."""
-    try:
-        # A byte order mark is not part of the header; a non-UTF-8 byte spoils only its row.
-        handle = source.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
-    except FileNotFoundError:
-        from .errors import CnsqError
-
-        raise CnsqError(f"{source}: no such file") from None
-    with handle:
+    with open_results(source) as handle:
         check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
             return convert(handle, stdout, **options)
         from .download import writable_target
 
-        with atomic_write(writable_target(target)) as out:
+        with atomic_write(writable_target(target, source)) as out:
             return convert(handle, out, **options)

@@ -157,6 +157,40 @@ def test_bad_requests_are_clear(tmp_path):
     assert nowhere.exit_code == 1 and "folder" in nowhere.stderr and "partial" not in nowhere.stderr
 
 
+
+@pytest.mark.parametrize("how", ["same name", "symlink", "hard link"])
+@pytest.mark.parametrize("command", ["export", "convert-geojson"])
+def test_an_output_that_is_the_input_is_refused_and_the_results_kept(tmp_path, how, command):
+    """A typo of OUT for IN.csv would replace the results with their filtered copy (export
+    --format csv) or with GeoJSON: refused before anything is read, the file unchanged."""
+    source = tmp_path / "results.csv"
+    results_csv(source, count=20, bad=False)
+    before = source.read_bytes()
+    target = {"same name": source, "symlink": tmp_path / "link.csv",
+              "hard link": tmp_path / "hard.csv"}[how]
+    if how == "symlink":
+        target.symlink_to(source)
+    elif how == "hard link":
+        target.hardlink_to(source)
+    extra = ["--format", "csv"] if command == "export" else []
+    result = CliRunner().invoke(main, [command, str(source), str(target), "--thresh_ind", "1",
+                                       "--thresh", "0.5", *extra])
+    assert result.exit_code != 0
+    assert "is the file being read" in result.stderr and str(target) in result.stderr
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"results.csv", target.name})  # no partial left either
+
+
+@pytest.mark.parametrize("command", ["export", "convert-geojson"])
+def test_a_folder_or_a_missing_file_as_the_input_is_named(tmp_path, command):
+    for source, said in ((tmp_path, "is a folder"), (tmp_path / "nope.csv", "no such file")):
+        result = CliRunner().invoke(main, [command, str(source), str(tmp_path / "o.geojson"),
+                                           "--thresh_ind", "1", "--thresh", "0.5"])
+        assert result.exit_code == 1, result.output
+        assert f"{source}: {said}" in result.stderr
+    assert not (tmp_path / "o.geojson").exists()
+
 POISON = [
     '1-2-3,"[0.1, 0.9]"',
     '1-2-3,"[0.1, 0.9]",extra',        # three columns

@@ -132,6 +132,8 @@ def test_nothing_readable_or_a_thresh_ind_out_of_range_is_an_error_naming_the_li
         prepare(source, "results.csv", tmp_path, 2, 0.5, None, None)
     with pytest.raises(CnsqError, match="no such file"):
         results_csv(str(tmp_path / "missing.csv"), None, tmp_path)
+    with pytest.raises(CnsqError, match="is a folder; name a results CSV"):
+        results_csv(str(tmp_path), None, tmp_path)
     source.write_text("tile,output\n")
     with pytest.raises(CnsqError, match="holds no results"):
         prepare(source, "results.csv", tmp_path, 1, 0.5, None, None)

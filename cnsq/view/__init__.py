@@ -38,6 +38,8 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
 
     if results and "://" not in results:
         path = Path(results)
+        if path.is_dir():
+            raise CnsqError(f"{results}: is a folder; name a results CSV or SQLite database in it")
         if not path.is_file():
             raise CnsqError(f"{results}: no such file (a results CSV or SQLite database)")
         if not is_sqlite_file(path):
@@ -64,11 +66,11 @@ def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: flo
         CnsqError: ``thresh_ind`` does not fit the scores, or no row could be read (with the
             first reason and its line).
     """
-    from ..geojson import check_thresh_ind
+    from ..geojson import check_thresh_ind, open_results
     from .index import open_index
     from .server import Viewed
 
-    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with open_results(source) as handle:
         check_thresh_ind(handle, source, thresh_ind)
     if source.is_relative_to(workdir):
         cache = None

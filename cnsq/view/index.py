@@ -27,7 +27,7 @@ import mercantile
 
 from ..errors import CnsqError
 from ..files import abandoned_partials, atomic_path, scratch_path
-from ..geojson import Report, read_result
+from ..geojson import Report, open_results, read_result
 from ..tiles import tile_id
 
 try:  # advisory locks mark the indexes live views hold (POSIX)
@@ -160,7 +160,7 @@ class Index:
 def read_rows(path: Path, thresh_ind: int, report: Report) -> Iterator[tuple]:
     """(z, x, y, score, output, classes) of every good row of a results CSV; bad rows go to
     ``report``."""
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with open_results(path) as handle:
         reader = csv.reader(handle)
         for row in reader:
             if reader.line_num == 1 and row[:2] == ["tile", "output"]:
