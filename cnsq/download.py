@@ -33,6 +33,13 @@ def writable_target(target: str, source: Path | None = None) -> Path:
     return path
 
 
+def database_file(url: str | None) -> Path | None:
+    """The file a ``sqlite:///`` URL names; None for PostgreSQL (or no URL)."""
+    from download_and_predict.schema import sqlite_path
+
+    return Path(sqlite_path(url)) if url and url.startswith("sqlite:") else None
+
+
 def download(store: Store, target: str, stdout: BinaryIO,
              progress: Callable[[int], None] | None = None) -> int:
     """Write ``tile,output`` rows to ``target`` (``-`` for stdout); returns the row count.
@@ -44,7 +51,7 @@ def download(store: Store, target: str, stdout: BinaryIO,
         rows = store.export_csv(stdout, progress)
         stdout.flush()
         return rows
-    with atomic_write(writable_target(target), "wb") as handle:
+    with atomic_write(writable_target(target, database_file(store.url)), "wb") as handle:
         return store.export_csv(handle, progress)
 
 

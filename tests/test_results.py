@@ -237,3 +237,19 @@ def test_setup_adopts_a_table_the_original_created_keeping_every_row(pg_url, ddl
     assert exported == {"16047-12355-15": "[0.1, 0.9]",
                         "1-2-3": "[0.3, 0.7]" if "id serial" in ddl else "[0.2, 0.8]",
                         "5-6-7": "[1.0, 0.0]"}
+
+
+@pytest.mark.parametrize("command", ["download", "export"])
+def test_an_output_that_is_the_sqlite_database_read_is_refused(tmp_path, monkeypatch, command):
+    """'cnsq download results.db --database-url sqlite:///results.db' replaced the database
+    with its CSV: refused, the database unchanged (and so for export from the table)."""
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///results.db"
+    _fill(url, 5)
+    before = (tmp_path / "results.db").read_bytes()
+    extra = ["--format", "csv"] if command == "export" else []
+    result = cnsq(command, "results.db", "--database-url", url, *extra)
+    assert result.exit_code == 1, result.output
+    assert "is the file being read" in result.stderr
+    assert (tmp_path / "results.db").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.db"]

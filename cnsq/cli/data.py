@@ -209,10 +209,11 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     folder = Path(tempfile.mkdtemp(prefix=".cnsq-export-", dir=target.parent or Path(".")))
     try:
         staged = folder / "results.csv"
-        from ..download import table_csv
+        from ..download import database_file, table_csv
 
         admin = _admin(database_url, settings)  # else the URL given, or the stack's
         url = None if admin else _database_url(database_url, settings)
+        writable_target(str(target), database_file(url))
         rows, _ = table_csv(staged, url, admin)
         click.echo(f"Read {rows:,} rows from the results table.", err=True)
         _export_file(staged, target, fmt, thresh_ind, thresh, label="the results table")
