@@ -8,29 +8,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import CnsqError
-from .files import atomic_write
+from .files import atomic_write, writable_target
 from .results import Store
-
-
-def writable_target(target: str, source: Path | None = None) -> Path:
-    """``target`` as a path that a file can be written to, checked before any work is done.
-
-    Parameters:
-        source: the file the command reads, if any: the output must not be it (by any name),
-            as writing it would replace the results being read.
-
-    Raises:
-        CnsqError: its folder does not exist, it is a folder, or it is ``source``.
-    """
-    path = Path(target)
-    if path.is_dir():
-        raise CnsqError(f"{target} is a folder; name a file in it (for example {path / 'results.csv'})")
-    if not path.parent.is_dir():
-        raise CnsqError(f"cannot write {target}: folder {path.parent} does not exist")
-    if source is not None and path.exists() and source.exists() and path.samefile(source):
-        raise CnsqError(f"{target} is the file being read ({source}): name another output "
-                        "(writing it would replace the results)")
-    return path
 
 
 def database_file(url: str | None) -> Path | None:

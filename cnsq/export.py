@@ -797,7 +797,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
         raise CnsqError("--thresh_ind and --thresh go together (or neither: every tile)")
     if fmt in ("geoparquet", "flatgeobuf"):
         _require_geo(fmt)
-    from .download import writable_target
+    from .files import writable_target
 
     writable_target(str(target), source)  # before any work
 

@@ -1,5 +1,6 @@
 """Writing a file so that its name never holds a partial one: the one helper for downloads,
-GeoJSON, Lambda zips, checkpoints, journals and `cnsq view`'s cached indexes."""
+GeoJSON, Lambda zips, checkpoints, journals and `cnsq view`'s cached indexes; and the check of
+an output named by a user, before any work."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from .errors import CnsqError
 
 
 @contextmanager
@@ -71,3 +74,24 @@ def abandoned_partials(folder: Path) -> Iterator[Path]:
             yield partial
         except PermissionError:  # another user's live process
             continue
+
+
+def writable_target(target: str, source: Path | None = None) -> Path:
+    """``target`` as a path that a file can be written to, checked before any work is done.
+
+    Parameters:
+        source: the file the command reads, if any: the output must not be it (by any name),
+            as writing it would replace the results being read.
+
+    Raises:
+        CnsqError: its folder does not exist, it is a folder, or it is ``source``.
+    """
+    path = Path(target)
+    if path.is_dir():
+        raise CnsqError(f"{target} is a folder; name a file in it (for example {path / 'results.csv'})")
+    if not path.parent.is_dir():
+        raise CnsqError(f"cannot write {target}: folder {path.parent} does not exist")
+    if source is not None and path.exists() and source.exists() and path.samefile(source):
+        raise CnsqError(f"{target} is the file being read ({source}): name another output "
+                        "(writing it would replace the results)")
+    return path

@@ -208,7 +208,7 @@ def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Repor
         check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
             return convert(handle, stdout, **options)
-        from .download import writable_target
+        from .files import writable_target
 
         with atomic_write(writable_target(target, source)) as out:
             return convert(handle, out, **options)

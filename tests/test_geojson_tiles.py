@@ -132,6 +132,18 @@ def test_tiles_of_a_known_polygon(tmp_path):
     assert len(lines) == len(set(lines)) == 99 and set(lines) == expected
 
 
+
+def test_tiles_refuses_to_write_over_its_area_or_into_nowhere(tmp_path):
+    """'-o area.geojson' replaced the area with its tile list: refused, the area kept."""
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps(polygon(-3.71, 40.38, -3.62, 40.46)))
+    before = aoi.read_bytes()
+    for output, said in ((aoi, "is the file being read"), (tmp_path, "is a folder"),
+                         (tmp_path / "no" / "t.txt", "does not exist")):
+        result = CliRunner().invoke(main, ["tiles", str(aoi), "--zoom", "15", "-o", str(output)])
+        assert result.exit_code == 1 and said in result.stderr, result.output
+    assert aoi.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["aoi.geojson"]
+
 def test_a_tile_shaped_polygon_covers_exactly_its_tiles():
     b = mercantile.bounds(300, 400, 10)
     assert cover(polygon(b.west, b.south, b.east, b.north), 10) == [mercantile.Tile(300, 400, 10)]

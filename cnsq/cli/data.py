@@ -92,7 +92,7 @@ def download(settings: Settings, out: str | None, output: str | None,
         raise click.UsageError("--json prints to stdout: write the CSV to a file")
     admin = _admin(database_url, settings) if out != "-" else None
     if admin is not None:
-        from ..download import writable_target
+        from ..files import writable_target
 
         writable_target(out)
         show = None
@@ -108,7 +108,7 @@ def download(settings: Settings, out: str | None, output: str | None,
             _print_json({"output": out, "rows": export["rows"],
                          "export": f"s3://{export['bucket']}/{export['key']}"})
         return
-    from ..download import writable_target
+    from ..files import writable_target
 
     if out != "-":
         writable_target(out)  # before an export that may take minutes
@@ -200,7 +200,7 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     if len(paths) > 2:
         raise click.UsageError("expected [IN.csv] OUT")
     target = paths[-1]
-    from ..download import writable_target
+    from ..files import writable_target
 
     writable_target(str(target))  # before a download that may take minutes
     if len(paths) == 2:
@@ -272,14 +272,15 @@ def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
     Example:
       cnsq tiles area.geojson --zoom 17 -o tiles.txt
     """
-    from ..files import atomic_write
+    from ..files import atomic_write, writable_target
     from ..tiles import iter_cover, load_geojson, write_tiles
 
+    target = writable_target(output, aoi) if output != "-" else None
     found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written
-    if output == "-":
+    if target is None:
         count = write_tiles(found, sys.stdout)
     else:
-        with atomic_write(Path(output)) as handle:
+        with atomic_write(target) as handle:
             count = write_tiles(found, handle)
     click.echo(f"{count:,} tiles at zoom {zoom}" + ("" if output == "-" else f" written to {output}")
                + ".", err=True)

@@ -257,7 +257,7 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
             click.echo(f"\r{report.tiles:,}{of} tiles, {report.rate:,.1f} tiles/s, "
                        f"{len(report.failed):,} failed{eta}   ", nl=False, err=True)
 
-    from ..download import writable_target
+    from ..files import writable_target
 
     writable_target(str(out))
     if str(tiles) == "-":  # stdin, as push reads it: kept in a file beside the output
