@@ -419,6 +419,20 @@ def test_run_stops_at_once_on_a_dead_tile_endpoint(tmp_path, model_path, monkeyp
     assert not (tmp_path / "results.db").exists()  # a failed run left an empty database
 
 
+
+def test_run_refuses_an_output_that_is_its_tile_list(tmp_path, model_path, monkeypatch):
+    """'--out tiles.txt' would replace the tile list with the results: refused at once."""
+    from conftest import free_port
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiles.txt").write_text("1-7-10\n")
+    endpoint = f"http://127.0.0.1:{free_port()}/{{z}}/{{x}}/{{y}}.png"
+    result = CliRunner().invoke(main, ["run", "tiles.txt", "--tile-endpoint", endpoint,
+                                       "--model", str(model_path), "--out", "tiles.txt"])
+    assert result.exit_code == 1 and "is the file being read" in result.stderr, result.output
+    assert (tmp_path / "tiles.txt").read_text() == "1-7-10\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiles.txt"]
+
 def test_run_collapses_repeated_failures_into_counts(tmp_path, model_path, monkeypatch):
     from servers import TileServer
 

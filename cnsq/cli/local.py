@@ -259,7 +259,7 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
 
     from ..files import writable_target
 
-    writable_target(str(out))
+    writable_target(str(out), None if str(tiles) == "-" else tiles)
     if str(tiles) == "-":  # stdin, as push reads it: kept in a file beside the output
         tiles = out.with_suffix(".tiles.txt")
         tiles.write_text(sys.stdin.read().removeprefix("\ufeff"), encoding="utf-8")
