@@ -92,6 +92,7 @@ def writable_target(target: str, source: Path | None = None) -> Path:
     if not path.parent.is_dir():
         raise CnsqError(f"cannot write {target}: folder {path.parent} does not exist")
     if source is not None and path.exists() and source.exists() and path.samefile(source):
-        raise CnsqError(f"{target} is the file being read ({source}): name another output "
-                        "(writing it would replace the results)")
+        same = "" if Path(target) == source else f" ({source})"
+        raise CnsqError(f"{target} is the file being read{same}: name another output "
+                        "(writing it would replace it)")
     return path
