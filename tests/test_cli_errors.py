@@ -53,3 +53,32 @@ def test_no_failure_prints_a_traceback(tmp_path, busy_port):
 def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(main, ["--debug", "demo", "--dir", "/proc/cnsq-nope/demo"])
     assert isinstance(result.exception, OSError)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_that_a_library_turns_into_another_error_is_still_an_interruption(signame):
+    """A Ctrl-C landing while numpy ran Python code inside C (an isinstance check in
+    ``ndarray.tofile``) reached the CLI as a TypeError: 'Error: TypeError: expected str, bytes
+    or os.PathLike object, not BufferedRandom' and 1, seen once in a GeoParquet export. A
+    signal received means 'Interrupted.' and 130, whatever the error it turned into."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, time
+from cnsq.cli import main
+
+@main.command("swallow")
+def swallow():
+    try:
+        os.kill(os.getpid(), signal.{signame})
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise TypeError("expected str, bytes or os.PathLike object, not BufferedRandom")
+
+main(["swallow"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "Interrupted."

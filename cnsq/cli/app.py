@@ -202,7 +202,11 @@ def _describe(exc: BaseException) -> str:
             "(run `cnsq --debug …` for the traceback)")
 
 
+_signalled: list[int] = []  # the signals this command received
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _signalled.append(signum)
     raise KeyboardInterrupt
 
 
@@ -213,10 +217,16 @@ class CnsqGroup(click.Group):
         import signal
         import threading
 
-        previous = None
+        previous = {}
         if threading.current_thread() is threading.main_thread():
             # SIGTERM as Ctrl-C: the long commands stop cleanly on either (cnsq.interrupt).
-            previous = signal.signal(signal.SIGTERM, _terminate)
+            # Both are noted as they arrive (Python's own Ctrl-C handler is replaced, not a
+            # calling program's), so that one a library turned into another error still reads
+            # as an interruption below.
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, _terminate)
+        _signalled.clear()
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -236,14 +246,17 @@ class CnsqGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - one line each; --debug shows the traceback
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if _signalled:  # e.g. numpy's tofile made a TypeError of a Ctrl-C
+                click.echo("\nInterrupted.", err=True)
+                sys.exit(130)
             from ..aws import explain  # imported here: boto3 costs every command 0.2 s to load
 
             message = explain(exc) or _describe(exc)
             click.echo(f"Error: {_mask(message)}", err=True)
             sys.exit(1)
         finally:
-            if previous is not None:  # as it was (a program that calls cnsq keeps its own)
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():  # as they were (a calling program's stay)
+                signal.signal(sig, handler)
 
 
 @click.group(cls=CnsqGroup, context_settings={"help_option_names": ["-h", "--help"]})
