@@ -90,7 +90,9 @@ class ZOrder:
         records = self._sorted_buffer()
         if self._file is None:
             self._file = tempfile.TemporaryFile(dir=self.spill_dir, prefix=".cnsq-sort-")
-        records.tofile(self._file)
+        # Through the file object: numpy's tofile/fromfile run an isinstance check in C that
+        # turns a Ctrl-C arriving meanwhile into a TypeError.
+        self._file.write(records.data)
         self._runs.append((self._spilled, len(records)))
         self._spilled += len(records)
 
@@ -99,7 +101,9 @@ class ZOrder:
 
         assert self._file is not None
         self._file.seek(first * self.type.itemsize)
-        return np.fromfile(self._file, self.type, count)
+        records = np.empty(count, self.type)
+        self._file.readinto(memoryview(records).cast("B"))
+        return records
 
     def sorted(self) -> Iterator[Any]:
         """The rows in (key, zoom, line) order, as record arrays of up to a few chunks each; the spill
