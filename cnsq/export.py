@@ -653,28 +653,52 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
     writer = None
     # A group is encoded and compressed in a thread (pyarrow releases the GIL) while the next
     # is merged and built: one group in flight, so the groups stay in order.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        written = None
+    pool = ThreadPoolExecutor(max_workers=1)
+    written = None
+    try:
+        for part in _chain([_empty(width)], _groups(order.sorted(), ROW_GROUP)):
+            table = pa.table(_columns(part, width))
+            if writer is None:
+                # No dictionaries: ids and polygons are unique, and trying them cost a third
+                # of the write and made the file 40 % larger.
+                writer = pq.ParquetWriter(target, table.schema.with_metadata(metadata),
+                                          compression="zstd", use_dictionary=False,
+                                          write_statistics=True)
+            if len(part):
+                if written is not None:
+                    written.result()
+                written = pool.submit(writer.write_table, table, row_group_size=ROW_GROUP)
+        if written is not None:
+            written.result()
+    finally:
+        # Every write ends before the file is closed, even one submitted as a Ctrl-C came
+        # (``written`` may not name it yet): closing it under a write crashed the process.
+        _join(pool)
+        if writer is not None:
+            writer.close()
+
+
+def _join(pool: ThreadPoolExecutor) -> None:
+    """Wait for every task given to ``pool`` (of one worker), however many Ctrl-Cs come
+    meanwhile; the last is raised after.
+
+    Why not ``pool.shutdown(wait=True)``: a Ctrl-C that interrupts a thread's join leaves the
+    thread marked as ended (Python 3.11), so a second join returns at once. One worker runs its
+    tasks in order: an empty task put last ends after them all.
+    """
+    interrupted = None
+    last = None
+    while True:
         try:
-            for part in _chain([_empty(width)], _groups(order.sorted(), ROW_GROUP)):
-                table = pa.table(_columns(part, width))
-                if writer is None:
-                    # No dictionaries: ids and polygons are unique, and trying them cost a
-                    # third of the write and made the file 40 % larger.
-                    writer = pq.ParquetWriter(target, table.schema.with_metadata(metadata),
-                                              compression="zstd", use_dictionary=False,
-                                              write_statistics=True)
-                if len(part):
-                    if written is not None:
-                        written.result()
-                    written = pool.submit(writer.write_table, table, row_group_size=ROW_GROUP)
-            if written is not None:
-                written.result()
-        finally:
-            if written is not None:
-                written.exception()  # let it end before the file is closed
-            if writer is not None:
-                writer.close()
+            if last is None:
+                last = pool.submit(int)
+            last.result()
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    pool.shutdown(wait=False)
+    if interrupted is not None:
+        raise interrupted
 
 
 def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
