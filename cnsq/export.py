@@ -8,12 +8,12 @@ counterclockwise), its id, x, y, z and every score as a typed column (``p0``, ``
   a ``bbox`` covering column, rows sorted along a Z-order curve of the tiles (the order of their
   quadkeys) in row groups of :data:`ROW_GROUP` rows, so a reader skips the groups outside its
   window by their statistics.
-- **FlatGeobuf** (written with pyogrio, GDAL's FlatGeobuf driver): its packed Hilbert R-tree
-  index; chosen as GDAL is what QGIS itself uses to read and write the format.
+- **FlatGeobuf** (written by :mod:`cnsq.flatgeobuf`, read back by GDAL in the tests): its
+  packed R-tree index over the same Z-order, built as the features stream.
 
-pyarrow and pyogrio are the optional extra ``cnsq[geo]``; without it these two formats say what
-to install. GeoJSON holds convert-geojson's features (its own writer when pyarrow is missing;
-else built column-wise: the same values, a few numbers written differently, ``1`` for ``1.0``);
+pyarrow is the optional extra ``cnsq[geo]``; without it these two formats say what to install.
+GeoJSON holds convert-geojson's features (its own writer when pyarrow is missing; else built
+column-wise: the same values, a few numbers written differently, ``1`` for ``1.0``);
 CSV keeps the kept rows.
 """
 
@@ -43,7 +43,7 @@ FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 ROW_GROUP = 16_384
 CHUNK = 16_384  # features turned into GeoJSON text at a time
 WORKERS = min(4, os.cpu_count() or 1)  # threads checking blocks of rows
-GEO_EXTRA = "pip install 'cnsq[geo]' (pyarrow and pyogrio)"
+GEO_EXTRA = "pip install 'cnsq[geo]' (pyarrow)"
 
 
 @dataclass(frozen=True)
@@ -491,7 +491,6 @@ def _columns(c: Columns, width: int) -> dict:
     """The arrays as Arrow columns: id, x, y, z, p0…, the WKB polygons and their bboxes."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     n = len(c)
     west, south, east, north = tile_bounds(c.x, c.y, c.z)
@@ -507,13 +506,21 @@ def _columns(c: Columns, width: int) -> dict:
     bbox = pa.StructArray.from_arrays([_arrow(west), _arrow(south), _arrow(east),
                                        _arrow(north)], ["xmin", "ymin", "xmax", "ymax"])
     ix, iy, iz = (_arrow(a.astype(np.int64)) for a in (c.x, c.y, c.z))
-    ids = pc.binary_join_element_wise(pc.cast(ix, pa.string()), pc.cast(iy, pa.string()),
-                                      pc.cast(iz, pa.string()), _scalar("-"))
-    columns = {"tile": ids, "x": ix, "y": iy, "z": iz}
+    columns = {"tile": _ids(c), "x": ix, "y": iy, "z": iz}
     columns.update((f"p{i}", _arrow(c.scores[:, i])) for i in range(width))
     columns["geometry"] = geometry
     columns["bbox"] = bbox
     return columns
+
+
+def _ids(c: Columns):
+    """The tiles' ids (``x-y-z``, as :func:`cnsq.tiles.tile_id` writes them), an Arrow string
+    array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(*(pc.cast(_arrow(a), pa.string()) for a in (c.x, c.y, c.z)),
+                                       _scalar("-"))
 
 
 def _has_geo() -> bool:
@@ -525,44 +532,9 @@ def _has_geo() -> bool:
 
 
 def _require_geo(fmt: str) -> None:
-    """pyarrow for both formats, pyogrio (GDAL: ~80 MB once loaded) for FlatGeobuf only."""
-    try:
-        import pyarrow  # noqa: F401
-
-        if fmt == "flatgeobuf":
-            _pyogrio()
-    except ImportError:
-        raise CnsqError(f"--format {fmt} needs pyarrow and pyogrio: {GEO_EXTRA}") from None
-
-
-# Installed, pyogrio imports them all for its dataframe functions, which export does not use.
-_PYOGRIO_OPTIONAL = ("geopandas", "pandas", "shapely", "pyproj")
-
-
-def _pyogrio() -> Any:
-    """pyogrio, loaded with GeoPandas, pandas, shapely and pyproj hidden when they are not
-    loaded yet: where GeoPandas is installed (as GIS users' machines have it), importing pyogrio
-    took 0.44 s and 155 MB, hiding them 0.15 s and 88 MB. Should pyogrio fail to load without
-    them, it is loaded again as usual.
-    """
-    import importlib
-    import sys
-
-    if "pyogrio" in sys.modules:
-        return sys.modules["pyogrio"]
-    hidden = [name for name in _PYOGRIO_OPTIONAL if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment] - an import of it fails at once
-    try:
-        return importlib.import_module("pyogrio")
-    except ImportError:
-        for name in [m for m in sys.modules if m.split(".")[0] == "pyogrio"]:
-            del sys.modules[name]
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
-    return importlib.import_module("pyogrio")
+    """pyarrow (which brings numpy) for both formats."""
+    if not _has_geo():
+        raise CnsqError(f"--format {fmt} needs pyarrow: {GEO_EXTRA}")
 
 
 def geo_metadata(bbox: tuple[float, float, float, float]) -> dict:
@@ -633,6 +605,33 @@ def _from_records(r) -> Columns:
     return Columns(r["line"], r["x"], r["y"], r["z"], r["scores"])
 
 
+@dataclass
+class _Kept:
+    """Every kept row, sorted along the Z-order curve, and what a header says of them."""
+
+    width: int  # scores a row
+    order: Any  # a cnsq.tile_order.ZOrder holding the rows
+    count: int = 0
+    bounds: tuple[float, float, float, float] | None = None
+    largest: tuple[int, int, int] = (0, 0, 0)  # the largest x, y and z
+
+
+def _collect(blocks: Iterator[Columns], spill_dir: Path) -> _Kept:
+    """Read every block into a Z-order sort (spilled to ``spill_dir`` past a run)."""
+    from .tile_order import ZOrder
+
+    width, blocks = _width(blocks)
+    kept = _Kept(width, ZOrder(width, spill_dir))
+    for block in blocks:
+        if len(block):
+            kept.order.add(block.line, block.x, block.y, block.z, block.scores)
+            kept.count += len(block)
+            kept.bounds = _union(kept.bounds, _overall_bounds(block))
+            kept.largest = tuple(max(a, int(b.max())) for a, b in  # type: ignore[assignment]
+                                 zip(kept.largest, (block.x, block.y, block.z), strict=True))
+    return kept
+
+
 def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
     """Sorted along the Z-order curve in runs spilled next to ``target`` (see
     :mod:`cnsq.tile_order`), then written a row group at a time: memory is a run and a group,
@@ -640,23 +639,16 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .tile_order import ZOrder
-
-    width, blocks = _width(blocks)
-    order = ZOrder(width, target.parent)
-    bounds = None
-    for block in blocks:
-        if len(block):
-            order.add(block.line, block.x, block.y, block.z, block.scores)
-            bounds = _union(bounds, _overall_bounds(block))
-    metadata = {b"geo": json.dumps(geo_metadata(bounds or (0.0, 0.0, 0.0, 0.0))).encode()}
+    kept = _collect(blocks, target.parent)
+    width = kept.width
+    metadata = {b"geo": json.dumps(geo_metadata(kept.bounds or (0.0, 0.0, 0.0, 0.0))).encode()}
     writer = None
     # A group is encoded and compressed in a thread (pyarrow releases the GIL) while the next
     # is merged and built: one group in flight, so the groups stay in order.
     pool = ThreadPoolExecutor(max_workers=1)
     written = None
     try:
-        for part in _chain([_empty(width)], _groups(order.sorted(), ROW_GROUP)):
+        for part in _chain([_empty(width)], _groups(kept.order.sorted(), ROW_GROUP)):
             table = pa.table(_columns(part, width))
             if writer is None:
                 # No dictionaries: ids and polygons are unique, and trying them cost a third
@@ -702,36 +694,44 @@ def _join(pool: ThreadPoolExecutor) -> None:
 
 
 def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
-    """Streamed to GDAL a batch at a time; GDAL builds the packed R-tree at the end."""
-    import pyarrow as pa
+    """Sorted as GeoParquet is (the index's leaves in the file's order), then written a group at
+    a time with :class:`cnsq.flatgeobuf.Writer`: memory is a run, a group and a sixteenth of the
+    index, whatever the file's size."""
+    from .flatgeobuf import DOUBLE, LONG, STRING, Column, Writer
 
-    write_arrow = _pyogrio().write_arrow
-    width, blocks = _width(blocks)
+    kept = _collect(blocks, target.parent)
+    columns = [Column("tile", STRING), Column("x", LONG), Column("y", LONG), Column("z", LONG)]
+    columns += [Column(f"p{i}", DOUBLE) for i in range(kept.width)]
+    # The longest id the kept tiles can have: the widest x, y and z, and two dashes.
+    widest = sum(len(str(v)) for v in kept.largest) + 2
+    writer = Writer(target, "tiles", columns, kept.count, kept.bounds or (0.0, 0.0, 0.0, 0.0),
+                    widest)
+    # As for GeoParquet: a batch is built and written in a thread while the next is merged.
+    pool = ThreadPoolExecutor(max_workers=1)
+    written = None
+    try:
+        for records in kept.order.sorted():
+            part = _from_records(records)
+            if written is not None:
+                written.result()
+            written = pool.submit(writer.add, tile_bounds(part.x, part.y, part.z),
+                                  [_id_bytes(part), part.x, part.y, part.z,
+                                   *(part.scores[:, i] for i in range(kept.width))])
+        if written is not None:
+            written.result()
+    finally:
+        _join(pool)  # no batch written as the file closes (see write_geoparquet)
+        writer.close()
 
-    def batch(part: Columns) -> pa.RecordBatch:
-        columns = _columns(part, width)
-        columns.pop("bbox")
-        return pa.record_batch(list(columns.values()), names=list(columns))
 
-    failure: list[BaseException] = []
+def _id_bytes(c: Columns) -> tuple[Any, Any]:
+    """The tiles' ids as UTF-8 bytes one after another, and each one's length."""
+    import numpy as np
 
-    def stream() -> Iterator[pa.RecordBatch]:
-        # GDAL pulls the batches; an error raised here would reach the caller as GDAL's own,
-        # so it is kept, the stream ends, and it is raised again once GDAL has returned.
-        try:
-            for block in blocks:
-                for part in _slices(block):
-                    yield batch(part)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            failure.append(exc)
-
-    first = batch(_empty(width))
-    reader = pa.RecordBatchReader.from_batches(first.schema, _chain([first], stream()))
-    write_arrow(reader, str(target), driver="FlatGeobuf", geometry_name="geometry",
-                geometry_type="Polygon", crs="EPSG:4326", layer="tiles",
-                layer_options={"SPATIAL_INDEX": "YES"})
-    if failure:
-        raise failure[0]
+    ids = _ids(c)
+    data = ids.buffers()
+    offsets = np.frombuffer(data[1], dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4)
+    return memoryview(data[2])[offsets[0]:offsets[-1]], np.diff(offsets)
 
 
 def write_geojson(blocks: Iterator[Columns], out: IO[bytes]) -> None:
@@ -776,7 +776,7 @@ def _features_text(part: Columns) -> memoryview:
     width = part.scores.shape[1]
     west, south, east, north = tile_bounds(part.x, part.y, part.z)
     (w, e), (s, n) = texts(west, east), texts(south, north)
-    ids = pc.binary_join_element_wise(text(part.x), text(part.y), text(part.z), _scalar("-"))
+    ids = _ids(part)
     comma = _scalar(",")
     # The ring's four corners once each (joining fewer, longer pieces is the cheaper join).
     ws, es, en, wn = (pc.binary_join_element_wise(a, b, comma)
@@ -827,7 +827,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
 
     handle = open_results(source)
     report = Report()
-    with atomic_path(target, keep_suffix=True) as partial, handle:
+    with atomic_path(target) as partial, handle:
         if thresh_ind is not None:
             check_thresh_ind(handle, source, thresh_ind)
         if fmt == "csv" or (fmt == "geojson" and not _has_geo()):

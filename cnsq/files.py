@@ -31,11 +31,10 @@ def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
 
 
 @contextmanager
-def atomic_path(path: Path, keep_suffix: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``path`` for a writer that opens files itself (SQLite); renamed
-    over ``path`` on success, removed on any failure. ``keep_suffix``: the temporary name ends
-    in ``path``'s extension too."""
-    partial = _partial(path, keep_suffix)
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that opens files itself (SQLite, Parquet);
+    renamed over ``path`` on success, removed on any failure."""
+    partial = _partial(path)
     try:
         yield partial
         partial.replace(path)
@@ -51,22 +50,20 @@ def scratch_path(path: Path, tag: str) -> Path:
     return partial.with_name(f"{partial.name}.{tag}")
 
 
-def _partial(path: Path, keep_suffix: bool = False) -> Path:
+def _partial(path: Path) -> Path:
     """This process's temporary name for ``path``; what a killed writer left beside it (its
     process gone) is removed first, so a kill -9 leaves litter until the next write only."""
     if path.parent.is_dir():
         for abandoned in abandoned_partials(path.parent):
             abandoned.unlink(missing_ok=True)
-    # keep_suffix: for a writer that picks its format by the extension (GDAL writes a
-    # FlatGeobuf *folder* at a path that does not end in .fgb).
-    return path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix if keep_suffix else ''}")
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
 def abandoned_partials(folder: Path) -> Iterator[Path]:
     """The temporary files in ``folder`` whose writer is gone (killed before its rename)."""
     for partial in folder.glob(".*.partial-*"):
         try:
-            # (A writer may add an extension of its own: .NAME.partial-PID.fgb.)
+            # (Exports of cnsq 0.1 through GDAL added an extension: .NAME.partial-PID.fgb.)
             os.kill(int(partial.name.split(".partial-", 1)[1].split(".", 1)[0]), 0)
         except ValueError:
             continue

@@ -280,7 +280,7 @@ def test_a_killed_writers_partial_file_is_removed_by_the_next_run(tmp_path):
     dead.wait()  # a process id that no longer runs
     abandoned = tmp_path / f".out.geojson.partial-{dead.pid}"
     abandoned.write_text('{"type": "FeatureCollection", "features": [')
-    with_suffix = tmp_path / f".out.fgb.partial-{dead.pid}.fgb"  # an export's, named for GDAL
+    with_suffix = tmp_path / f".out.fgb.partial-{dead.pid}.fgb"  # an earlier export's (GDAL's)
     with_suffix.write_bytes(b"fgb")
     mine = tmp_path / f".other.partial-{__import__('os').getpid()}"  # a live writer's: kept
     mine.write_text("in progress")
