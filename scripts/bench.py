@@ -339,14 +339,20 @@ def _settled(command: list[str]) -> tuple[float, float]:
     return _run_measured(command)
 
 
+EXPORT_PAIRS = 9  # five left the medians 0.1 s apart from one run of the bench to the next
+
+
 def bench_export(db: Database, args) -> list[Result]:
     """cnsq export, each format, against reading the same CSV with pyarrow (issue #26's yardstick);
     its peak memory against the same export of three times the rows (flat: ratio ~1).
 
-    Each format's five runs alternate with five of the baseline, each after the disk has
-    settled, and each ratio is of the two medians: measured once at the start, the baseline
-    drifted from 0.18 to 0.23 s between runs of this bench on the same machine, moving the
-    ratios more than the exports moved."""
+    Each format's runs alternate with as many of the baseline (:data:`EXPORT_PAIRS`), each
+    after the disk has settled, and each ratio is of the two medians: measured once at the
+    start, the baseline drifted from 0.18 to 0.23 s between runs of this bench on the same
+    machine, moving the ratios more than the exports moved.
+
+    "GDAL alone" is pyogrio writing the same features, already built, to FlatGeobuf with its
+    index: the writer export used before its own (:mod:`cnsq.flatgeobuf`), for comparison."""
     import random
 
     work = work_dir("cnsq-bench-export-")
@@ -366,7 +372,7 @@ def bench_export(db: Database, args) -> list[Result]:
         run_big, run_bigger = ([sys.executable, "-m", "cnsq.cli", "export", str(source), str(out),
                                 "--thresh_ind", "1", "--thresh", "0.5"] for source in (big, bigger))
         _run_measured(run_big)  # warm, as the baseline is
-        pairs = [(_settled(run_big), _settled(baseline)) for _ in range(5)]
+        pairs = [(_settled(run_big), _settled(baseline)) for _ in range(EXPORT_PAIRS)]
         seconds = statistics.median(run[0] for run, _ in pairs)
         floor = statistics.median(base[0] for _, base in pairs)
         floors.append(floor)

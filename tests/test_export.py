@@ -304,14 +304,25 @@ def test_the_results_table_is_exported_as_download_reads_it(tmp_path, kind, requ
     assert "Read 200 rows from the results table." in result.stderr
 
 
-def test_the_last_tile_of_zoom_30_and_the_world_tile(tmp_path):
-    """x and y are kept in 32 bits: the bounds of the last tile of zoom 30 must not overflow."""
+@pytest.mark.parametrize("suffix", ["parquet", "fgb"])
+def test_the_last_tile_of_zoom_30_and_the_world_tile(tmp_path, suffix):
+    """x and y are kept in 32 bits: the bounds of the last tile of zoom 30 must not overflow,
+    nor its id (the longest there is) its room in a FlatGeobuf feature."""
     source = tmp_path / "edges.csv"
     last = 2**30 - 1
     source.write_text(f'tile,output\n{last}-{last}-30,"[0.1, 0.9]"\n0-0-0,"[0.2, 0.8]"\n')
-    out = tmp_path / "edges.parquet"
+    out = tmp_path / f"edges.{suffix}"
     assert CliRunner().invoke(main, ["export", str(source), str(out)]).exit_code == 0
-    rows = {r["tile"]: r for r in pq.read_table(out).to_pylist()}
+    if suffix == "parquet":
+        rows = {r["tile"]: r for r in pq.read_table(out).to_pylist()}
+    else:
+        _, table = pyogrio.read_arrow(out)
+        rows = {}
+        for r in table.to_pylist():
+            west, south, east, north = shapely.from_wkb(r.pop("wkb_geometry")).bounds
+            rows[r["tile"]] = {**r, "bbox": {"xmin": west, "ymin": south, "xmax": east,
+                                             "ymax": north}}
+    assert set(rows) == {f"{last}-{last}-30", "0-0-0"}
     for tile in (f"{last}-{last}-30", "0-0-0"):
         b = mercantile.bounds(mercantile.Tile(*map(int, tile.split("-"))))
         box = rows[tile]["bbox"]
