@@ -336,14 +336,15 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     count the file's rows hold (from its first good row)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
+    from pyarrow._compute import CastOptions, MatchSubstringOptions, TrimOptions
 
     n = len(tiles)
     # Neither pattern lets a line break through (``$`` is the end of the value; spaces are
     # [ \t]), so a value holding one is among the rows read alone below, which notice it.
-    good = _numpy(pc.match_substring_regex(tiles, TILE_ID))
+    good = _numpy(_call("match_substring_regex", tiles, options=MatchSubstringOptions(TILE_ID)))
     # Pieces "x", "-y", "-z": the separator leads each piece after the first.
-    xyz = _numpy(_pieces(_where(good, tiles, "0-0-0"), "-", 3).cast(pa.int64())).reshape(n, 3)
+    xyz = _numpy(_call("cast", _pieces(_where(good, tiles, "0-0-0"), "-", 3),
+                       options=CastOptions(pa.int64()))).reshape(n, 3)
     x, y, z = xyz[:, 0], -xyz[:, 1], -xyz[:, 2]
     good &= (z <= 30) & (x < np.left_shift(1, np.minimum(z, 62))) & (
         y < np.left_shift(1, np.minimum(z, 62)))
@@ -353,11 +354,12 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
             strict=True))
     if width:
         pattern = r"^\[[ \t]*" + NUMBER + (r"[ \t]*,[ \t]*" + NUMBER) * (width - 1) + r"[ \t]*\]$"
-        good &= _numpy(pc.match_substring_regex(outputs, pattern))
+        good &= _numpy(_call("match_substring_regex", outputs,
+                             options=MatchSubstringOptions(pattern)))
         checked = _where(good, outputs, "[" + ",".join(["0"] * width) + "]")
         # Pieces "[a", ", b", …, ", c]": trimmed, each is a JSON number the cast reads.
-        scores = pc.ascii_trim(_pieces(checked, ",", width), "[], \t")
-        scores = _numpy(scores.cast(pa.float64())).reshape(n, width)
+        scores = _call("ascii_trim", _pieces(checked, ",", width), options=TrimOptions("[], \t"))
+        scores = _numpy(_call("cast", scores, options=CastOptions(pa.float64()))).reshape(n, width)
         good &= np.isfinite(scores).all(axis=1)
         if thresh_ind is not None and not -width <= thresh_ind < width:
             raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has {width} "
@@ -398,7 +400,7 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     columns = Columns(lines[index], x[index].astype(np.int32), y[index].astype(np.int32),
                       z[index].astype(np.int8), scores[index])
     if raw:
-        columns.outputs = pc.take(outputs, _arrow(index))
+        columns.outputs = _call("take", outputs, _arrow(index))
         if isinstance(columns.outputs, pa.ChunkedArray):
             columns.outputs = columns.outputs.combine_chunks()
         columns.others = others
@@ -410,16 +412,14 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         order = np.argsort(columns.line, kind="stable")  # the rows read alone, in their places
         _reorder(columns, order)
         if raw:
-            texts = pa.concat_arrays([texts, _texts(extra_texts)]).take(_arrow(order))
+            texts = _call("take", pa.concat_arrays([texts, _texts(extra_texts)]), _arrow(order))
             columns.outputs, columns.others = texts, others
     return columns, width
 
 
 def _where(good, texts, instead: str):
     """``texts``, with ``instead`` where ``good`` is false (no copy when all are good)."""
-    import pyarrow.compute as pc
-
-    return texts if good.all() else pc.if_else(_arrow(good), texts, _scalar(instead))
+    return texts if good.all() else _call("if_else", _arrow(good), texts, _scalar(instead))
 
 
 def _pieces(texts, separator: str, width: int):
@@ -516,11 +516,26 @@ def _columns(c: Columns, width: int) -> dict:
 def _ids(c: Columns):
     """The tiles' ids (``x-y-z``, as :func:`cnsq.tiles.tile_id` writes them), an Arrow string
     array."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    return _call("binary_join_element_wise", *(_text(a) for a in (c.x, c.y, c.z)), _scalar("-"))
 
-    return pc.binary_join_element_wise(*(pc.cast(_arrow(a), pa.string()) for a in (c.x, c.y, c.z)),
-                                       _scalar("-"))
+
+def _text(values):
+    """Numbers (a numpy array) as an Arrow string array of their shortest round-trip texts."""
+    import pyarrow as pa
+    from pyarrow._compute import CastOptions
+
+    return _call("cast", _arrow(values), options=CastOptions(pa.string()))
+
+
+def _call(name: str, *args, options=None):
+    """The Arrow compute function ``name`` over ``args``.
+
+    Why not ``pyarrow.compute``: importing it builds a Python wrapper, with its docstring, for
+    each of Arrow's hundreds of functions (20-30 ms of every export); ``Array.cast`` and
+    ``Array.take`` import it too."""
+    from pyarrow._compute import call_function
+
+    return call_function(name, list(args), options)
 
 
 def _has_geo() -> bool:
@@ -758,11 +773,6 @@ def write_geojson(blocks: Iterator[Columns], out: IO[bytes]) -> None:
 def _features_text(part: Columns) -> memoryview:
     """The GeoJSON Features of ``part``, joined by ",\\n"."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    def text(values):
-        return pc.cast(_arrow(values), pa.string())
 
     def texts(first, second):
         # Neighbouring tiles share edges (a tile's east is the next one's west) and a run of
@@ -770,7 +780,7 @@ def _features_text(part: Columns) -> memoryview:
         # (Compared as bits, so that no two numbers with different texts are merged.)
         bits = np.concatenate([first, second]).view(np.int64)
         distinct, where = np.unique(bits, return_inverse=True)
-        both = pc.take(text(distinct.view(np.float64)), _arrow(where.astype(np.int64)))
+        both = _call("take", _text(distinct.view(np.float64)), _arrow(where.astype(np.int64)))
         return both.slice(0, len(first)), both.slice(len(first))
 
     width = part.scores.shape[1]
@@ -779,15 +789,15 @@ def _features_text(part: Columns) -> memoryview:
     ids = _ids(part)
     comma = _scalar(",")
     # The ring's four corners once each (joining fewer, longer pieces is the cheaper join).
-    ws, es, en, wn = (pc.binary_join_element_wise(a, b, comma)
+    ws, es, en, wn = (_call("binary_join_element_wise", a, b, comma)
                       for a, b in ((w, s), (e, s), (e, n), (w, n)))
     pieces = ['{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[', ws, "],[", es,
               "],[", en, "],[", wn, "],[", ws, ']]]},"properties":{"tile":"', ids, '"']
     for i in range(width):
-        pieces += [f',"p{i}":', text(part.scores[:, i])]
+        pieces += [f',"p{i}":', _text(part.scores[:, i])]
     pieces.append("}},\n")
-    joined = pc.binary_join_element_wise(
-        *(_scalar(p) if isinstance(p, str) else p for p in pieces), _scalar(""))
+    joined = _call("binary_join_element_wise",
+                   *(_scalar(p) if isinstance(p, str) else p for p in pieces), _scalar(""))
     data = joined.buffers()
     offsets = np.frombuffer(data[1], dtype=np.int32, count=len(joined) + 1,
                             offset=joined.offset * 4)

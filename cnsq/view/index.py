@@ -252,7 +252,7 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
     in numpy; the same tables and answers, several times sooner."""
     import numpy as np
 
-    from ..export import _arrow, _texts, read_columns
+    from ..export import _arrow, _call, _texts, read_columns
 
     report = Report()
     c = read_columns(source, None, None, report, raw=True)
@@ -295,7 +295,7 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
         keep = np.sort(order[last])
         keep = keep[np.argsort(line[keep], kind="stable")]
         z, x, y, score = z[keep], x[keep], y[keep], score[keep]
-        texts = texts.take(_arrow(keep))
+        texts = _call("take", texts, _arrow(keep))
     del order
     zooms = [int(level) for level in np.unique(z)]
     extents = [(level, int(x[at].min()), int(x[at].max()), int(y[at].min()), int(y[at].max()))
