@@ -724,6 +724,7 @@ def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     # As for GeoParquet: a batch is built and written in a thread while the next is merged.
     pool = ThreadPoolExecutor(max_workers=1)
     written = None
+    whole = False
     try:
         for records in kept.order.sorted():
             part = _from_records(records)
@@ -734,9 +735,13 @@ def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
                                    *(part.scores[:, i] for i in range(kept.width))])
         if written is not None:
             written.result()
+        whole = True
     finally:
         _join(pool)  # no batch written as the file closes (see write_geoparquet)
-        writer.close()
+        if whole:
+            writer.close()
+        else:  # the error stands (a full disk, a Ctrl-C), not the writer's count check
+            writer.abandon()
 
 
 def _id_bytes(c: Columns) -> tuple[Any, Any]:

@@ -321,10 +321,25 @@ class Writer:
         finally:
             self._close_files()
 
+    def abandon(self) -> None:
+        """Close the file as it is, unfinished, after an error (which stands: a failure to
+        flush what is buffered is not raised over it); the caller removes the file."""
+        try:
+            self._close_files()
+        except OSError:
+            pass
+
     def _close_files(self) -> None:
+        """Close both handles, even when closing the first fails (its error raised after)."""
+        failure = None
         for handle in (self._data, self._index):
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 def _enclosing(boxes: Any) -> Any:

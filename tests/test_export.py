@@ -623,3 +623,29 @@ def test_the_geoparquet_writer_waits_for_its_write_through_ctrl_c():
     with pytest.raises(KeyboardInterrupt):
         _join(pool)
     assert ended and time.monotonic() >= ended[0]  # returned after the write, not before
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "fgb", "geojson", "csv"])
+def test_a_full_disk_is_reported_as_such_and_leaves_nothing(tmp_path, suffix):
+    """A write that fails (here the file-size limit, as a full disk would: EFBIG instead of
+    ENOSPC) is named as the system names it, exit 1, and no partial file is left; the
+    FlatGeobuf writer's own count check must not hide it."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    source = tmp_path / "results.csv"
+    results_csv(source, count=3000, bad=False)
+    out = tmp_path / f"out.{suffix}"
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    done = subprocess.run([sys.executable, "-m", "cnsq.cli", "export", str(source), str(out)],
+                          capture_output=True, text=True, preexec_fn=limited)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "File too large" in done.stderr, done.stderr
+    assert "features written" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
