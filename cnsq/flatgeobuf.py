@@ -40,6 +40,11 @@ class Column:
     name: str
     type: int
 
+    def __post_init__(self) -> None:
+        if self.type not in (LONG, DOUBLE, STRING):
+            raise ValueError(f"column {self.name}: type {self.type} is not one this writer "
+                             f"writes (LONG, DOUBLE or STRING)")
+
 
 def level_bounds(count: int, node_size: int = NODE_SIZE) -> list[tuple[int, int]]:
     """Where each level of a packed R-tree of ``count`` items lies, in nodes from the start of
@@ -165,8 +170,8 @@ _PROPERTIES = 132
 
 
 def feature_type(columns: Sequence[Column], text_width: int) -> Any:
-    """The numpy record of one feature whose string column (at most one, written last) holds
-    up to ``text_width`` bytes."""
+    """The numpy record of one feature of ``columns``; string columns come last in its
+    properties (their lengths vary), each with room for ``text_width`` bytes."""
     import numpy as np
 
     text_width = max(text_width, 1)

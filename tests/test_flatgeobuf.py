@@ -131,6 +131,11 @@ def test_a_writer_given_too_few_or_too_many_features_says_so(tmp_path):
         writer.close()
 
 
+def test_a_column_type_it_does_not_write_is_refused():
+    with pytest.raises(ValueError, match="type 1 is not one this writer writes"):
+        Column("flag", 1)
+
+
 def test_a_text_longer_than_its_room_is_refused(tmp_path):
     bounds, _ = boxes(2)
     writer = Writer(tmp_path / "t.fgb", "x", COLUMNS[:1], 2, (0, 0, 1, 1), 3)
