@@ -505,8 +505,10 @@ def _columns(c: Columns, width: int) -> dict:
                                                              pa.py_buffer(wkb.tobytes())])
     bbox = pa.StructArray.from_arrays([_arrow(west), _arrow(south), _arrow(east),
                                        _arrow(north)], ["xmin", "ymin", "xmax", "ymax"])
-    ix, iy, iz = (_arrow(a.astype(np.int64)) for a in (c.x, c.y, c.z))
-    columns = {"tile": _ids(c), "x": ix, "y": iy, "z": iz}
+    # In 32 bits (a zoom-30 column or row fits), as FlatGeobuf's columns are.
+    columns = {"tile": _ids(c)}
+    columns.update((name, _arrow(v.astype(np.int32))) for name, v in (("x", c.x), ("y", c.y),
+                                                                      ("z", c.z)))
     columns.update((f"p{i}", _arrow(c.scores[:, i])) for i in range(width))
     columns["geometry"] = geometry
     columns["bbox"] = bbox
@@ -712,10 +714,10 @@ def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     """Sorted as GeoParquet is (the index's leaves in the file's order), then written a group at
     a time with :class:`cnsq.flatgeobuf.Writer`: memory is a run, a group and a sixteenth of the
     index, whatever the file's size."""
-    from .flatgeobuf import DOUBLE, LONG, STRING, Column, Writer
+    from .flatgeobuf import DOUBLE, INT, STRING, Column, Writer
 
     kept = _collect(blocks, target.parent)
-    columns = [Column("tile", STRING), Column("x", LONG), Column("y", LONG), Column("z", LONG)]
+    columns = [Column("tile", STRING), Column("x", INT), Column("y", INT), Column("z", INT)]
     columns += [Column(f"p{i}", DOUBLE) for i in range(kept.width)]
     # The longest id the kept tiles can have: the widest x, y and z, and two dashes.
     widest = sum(len(str(v)) for v in kept.largest) + 2

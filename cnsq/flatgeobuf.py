@@ -28,22 +28,25 @@ from typing import IO, Any
 MAGIC = b"fgb\x03fgb\x01"  # format 3, patch level 1
 NODE_SIZE = 16
 POLYGON = 3  # GeometryType
-# ColumnType values this writer uses, and each one's bytes in a feature's properties.
-LONG, DOUBLE, STRING = 7, 10, 11
+# ColumnType values this writer uses, and each fixed-size one's value in a feature's properties.
+# (Only those GDAL reads back as written: it read a Byte column's values as 4 bytes.)
+INT, LONG, DOUBLE, STRING = 5, 7, 10, 11
+_VALUES = {INT: "<i4", LONG: "<i8", DOUBLE: "<f8"}
 NODE = (("minx", "<f8"), ("miny", "<f8"), ("maxx", "<f8"), ("maxy", "<f8"), ("offset", "<u8"))
 
 
 @dataclass(frozen=True)
 class Column:
-    """One attribute column: its name and type (:data:`LONG`, :data:`DOUBLE` or :data:`STRING`)."""
+    """One attribute column: its name and type (:data:`INT`, :data:`LONG`, :data:`DOUBLE` or
+    :data:`STRING`)."""
 
     name: str
     type: int
 
     def __post_init__(self) -> None:
-        if self.type not in (LONG, DOUBLE, STRING):
+        if self.type not in (*_VALUES, STRING):
             raise ValueError(f"column {self.name}: type {self.type} is not one this writer "
-                             f"writes (LONG, DOUBLE or STRING)")
+                             f"writes (INT, LONG, DOUBLE or STRING)")
 
 
 def level_bounds(count: int, node_size: int = NODE_SIZE) -> list[tuple[int, int]]:
@@ -190,9 +193,9 @@ def feature_type(columns: Sequence[Column], text_width: int) -> Any:
             at += 6 + text_width
         else:
             names.append(f"v{index}")
-            formats.append("<i8" if column.type == LONG else "<f8")
+            formats.append(_VALUES[column.type])
             offsets.append(at + 2)
-            at += 10
+            at += 2 + np.dtype(_VALUES[column.type]).itemsize
     return np.dtype({"names": names, "formats": formats, "offsets": offsets,
                      "itemsize": at + -at % 8})
 
@@ -219,7 +222,7 @@ def features(columns: Sequence[Column], text_width: int, bounds: tuple[Any, Any,
     ring[:, 0], ring[:, 1], ring[:, 2], ring[:, 3] = west, south, east, south
     ring[:, 4], ring[:, 5], ring[:, 6], ring[:, 7] = east, north, west, north
     ring[:, 8], ring[:, 9] = west, south
-    fixed = sum(10 for c in columns if c.type != STRING)
+    fixed = sum(2 + np.dtype(_VALUES[c.type]).itemsize for c in columns if c.type != STRING)
     length = np.full(n, fixed, np.uint32)
     for index, (column, value) in enumerate(zip(columns, values, strict=True)):
         records[f"i{index}"] = index

@@ -76,7 +76,8 @@ def test_geoparquet_is_geoparquet_1_1_and_matches_the_geojson(tmp_path):
     assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
     assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
     assert column["orientation"] == "counterclockwise"
-    assert table.schema.field("p1").type == "double" and table.schema.field("z").type == "int64"
+    assert table.schema.field("p1").type == "double" and table.schema.field("z").type == "int32"
+    assert table.schema.field("x").type == table.schema.field("y").type == "int32"
     rows = table.to_pylist()
     assert {r["tile"] for r in rows} == set(reference)
     for r in rows:

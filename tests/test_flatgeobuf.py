@@ -8,12 +8,12 @@ import struct
 
 import pytest
 
-from cnsq.flatgeobuf import DOUBLE, LONG, MAGIC, STRING, Column, Writer, level_bounds
+from cnsq.flatgeobuf import DOUBLE, INT, LONG, MAGIC, STRING, Column, Writer, level_bounds
 
 np = pytest.importorskip("numpy")
 pyogrio = pytest.importorskip("pyogrio")
 
-COLUMNS = [Column("name", STRING), Column("n", LONG), Column("v", DOUBLE)]
+COLUMNS = [Column("name", STRING), Column("n", LONG), Column("v", DOUBLE), Column("i", INT)]
 
 
 def test_level_bounds_are_the_specs():
@@ -51,7 +51,8 @@ def write(path, count: int, batches: list[int], seed: int = 1):
         part = slice(first, first + size)
         writer.add(tuple(b[part] for b in bounds),
                    [(b"".join(data[part]), np.array([len(d) for d in data[part]])),
-                    np.arange(count)[part] * 3, np.linspace(0, 1, count)[part]])
+                    np.arange(count)[part] * 3, np.linspace(0, 1, count)[part],
+                    (np.arange(count)[part] - 2**31).astype(np.int32)])
         first += size
     writer.close()
     return bounds, names
@@ -65,12 +66,13 @@ def test_gdal_reads_every_feature_and_searches_the_index(tmp_path, count, batche
     info = pyogrio.read_info(out)
     assert info["features"] == count and info["layer_name"] == "things"
     assert info["capabilities"]["fast_spatial_filter"] is True
-    assert list(info["fields"]) == ["name", "n", "v"]
-    assert info["ogr_types"] == ["OFTString", "OFTInteger64", "OFTReal"]
+    assert list(info["fields"]) == ["name", "n", "v", "i"]
+    assert info["ogr_types"] == ["OFTString", "OFTInteger64", "OFTReal", "OFTInteger"]
     _, table = pyogrio.read_arrow(out)
     assert table.column("name").to_pylist() == names
     assert table.column("n").to_pylist() == [3 * i for i in range(count)]
     assert table.column("v").to_pylist() == np.linspace(0, 1, count).tolist()
+    assert table.column("i").to_pylist() == [i - 2**31 for i in range(count)]
     rng = random.Random(count)
     west, south, east, north = bounds
     for _ in range(40):
@@ -115,7 +117,7 @@ def test_an_empty_file_has_no_index(tmp_path):
     out = tmp_path / "none.fgb"
     write(out, 0, [])
     info = pyogrio.read_info(out)
-    assert list(info["fields"]) == ["name", "n", "v"]
+    assert list(info["fields"]) == ["name", "n", "v", "i"]
     assert info["capabilities"]["fast_spatial_filter"] is False
     assert len(pyogrio.read_dataframe(out)) == 0
 
@@ -124,7 +126,7 @@ def test_a_writer_given_too_few_or_too_many_features_says_so(tmp_path):
     with pytest.raises(ValueError, match="3 features written, the header announced 5"):
         write(tmp_path / "short.fgb", 5, [3])
     bounds, _ = boxes(3)
-    writer = Writer(tmp_path / "long.fgb", "x", COLUMNS[1:], 2, (0, 0, 1, 1), 1)
+    writer = Writer(tmp_path / "long.fgb", "x", COLUMNS[1:3], 2, (0, 0, 1, 1), 1)
     with pytest.raises(ValueError, match="more than the 2 features"):
         writer.add(bounds, [np.arange(3), np.zeros(3)])
     with pytest.raises(ValueError, match="0 features written"):
@@ -132,8 +134,8 @@ def test_a_writer_given_too_few_or_too_many_features_says_so(tmp_path):
 
 
 def test_a_column_type_it_does_not_write_is_refused():
-    with pytest.raises(ValueError, match="type 1 is not one this writer writes"):
-        Column("flag", 1)
+    with pytest.raises(ValueError, match="type 0 is not one this writer writes"):
+        Column("flag", 0)  # Byte
 
 
 def test_a_text_longer_than_its_room_is_refused(tmp_path):
