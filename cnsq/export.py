@@ -434,8 +434,7 @@ def _pieces(texts, separator: str, width: int):
     import pyarrow as pa
 
     n = len(texts)
-    _, offsets, data = texts.buffers()
-    offsets = np.frombuffer(offsets, np.int32, n + 1, texts.offset * 4)
+    offsets, data = _string_buffers(texts)
     found = np.flatnonzero(np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]]
                            == ord(separator)).astype(np.int32) + offsets[0]
     if len(found) != n * (width - 1):
@@ -750,10 +749,17 @@ def _id_bytes(c: Columns) -> tuple[Any, Any]:
     """The tiles' ids as UTF-8 bytes one after another, and each one's length."""
     import numpy as np
 
-    ids = _ids(c)
-    data = ids.buffers()
-    offsets = np.frombuffer(data[1], dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4)
-    return memoryview(data[2])[offsets[0]:offsets[-1]], np.diff(offsets)
+    offsets, data = _string_buffers(_ids(c))
+    return memoryview(data)[offsets[0]:offsets[-1]], np.diff(offsets)
+
+
+def _string_buffers(texts) -> tuple[Any, Any]:
+    """An Arrow string array's offsets (numpy, one past its last text; a slice's are not from
+    0) and the buffer of its bytes."""
+    import numpy as np
+
+    _, offsets, data = texts.buffers()
+    return np.frombuffer(offsets, np.int32, len(texts) + 1, texts.offset * 4), data
 
 
 def write_geojson(blocks: Iterator[Columns], out: IO[bytes]) -> None:
@@ -805,10 +811,8 @@ def _features_text(part: Columns) -> memoryview:
     pieces.append("}},\n")
     joined = _call("binary_join_element_wise",
                    *(_scalar(p) if isinstance(p, str) else p for p in pieces), _scalar(""))
-    data = joined.buffers()
-    offsets = np.frombuffer(data[1], dtype=np.int32, count=len(joined) + 1,
-                            offset=joined.offset * 4)
-    body = memoryview(data[2])[offsets[0]:offsets[-1]]
+    offsets, data = _string_buffers(joined)
+    body = memoryview(data)[offsets[0]:offsets[-1]]
     return body[:len(body) - 2]  # the last feature's ",\n" comes before the next part
 
 
