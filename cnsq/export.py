@@ -40,6 +40,10 @@ from .geojson import PROGRESS_EVERY, Report, check_thresh_ind, csv_rows, open_re
 from .tiles import tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
+# GeoParquet's codecs. Snappy is the default of pyarrow, GeoPandas and GDAL, and the fastest
+# here; zstd makes a tile export about 40 % smaller and its write about twice as long
+# (docs/performance.md).
+COMPRESSIONS = ("snappy", "zstd", "none")
 ROW_GROUP = 16_384
 CHUNK = 16_384  # features turned into GeoJSON text at a time
 WORKERS = min(4, os.cpu_count() or 1)  # threads checking blocks of rows
@@ -648,10 +652,12 @@ def _collect(blocks: Iterator[Columns], spill_dir: Path) -> _Kept:
     return kept
 
 
-def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
+def write_geoparquet(blocks: Iterator[Columns], target: Path,
+                     compression: str = COMPRESSIONS[0]) -> None:
     """Sorted along the Z-order curve in runs spilled next to ``target`` (see
-    :mod:`cnsq.tile_order`), then written a row group at a time: memory is a run and a group,
-    whatever the file's size."""
+    :mod:`cnsq.tile_order`), then written a row group at a time, each column compressed with
+    ``compression`` (one of :data:`COMPRESSIONS`): memory is a run and a group, whatever the
+    file's size."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -670,7 +676,7 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path) -> None:
                 # No dictionaries: ids and polygons are unique, and trying them cost a third
                 # of the write and made the file 40 % larger.
                 writer = pq.ParquetWriter(target, table.schema.with_metadata(metadata),
-                                          compression="zstd", use_dictionary=False,
+                                          compression=compression, use_dictionary=False,
                                           write_statistics=True)
             if len(part):
                 if written is not None:
@@ -821,23 +827,31 @@ def _chain(held, rest):
     yield from rest
 
 
-def _write(fmt: str, blocks: Iterator[Columns], target: Path) -> None:
+def _write(fmt: str, blocks: Iterator[Columns], target: Path, compression: str | None) -> None:
     if fmt == "geojson":
         with target.open("wb") as binary:
             write_geojson(blocks, binary)
     elif fmt == "geoparquet":
-        write_geoparquet(blocks, target)
+        write_geoparquet(blocks, target, compression or COMPRESSIONS[0])
     else:
         write_flatgeobuf(blocks, target)
 
 
 def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh: float | None,
-           progress: Callable[[Report], None] | None = None) -> Report:
+           progress: Callable[[Report], None] | None = None,
+           compression: str | None = None) -> Report:
     """Export ``source`` (a results CSV) to ``target`` in ``fmt``; the file appears whole or not
     at all (written under a temporary name, then renamed). ``progress(report)`` is called as
-    every ``PROGRESS_EVERY`` rows are read."""
+    every ``PROGRESS_EVERY`` rows are read. ``compression``: GeoParquet's codec (one of
+    :data:`COMPRESSIONS`, the first by default); the other formats refuse one."""
     if fmt not in FORMATS:
         raise CnsqError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if compression is not None and fmt != "geoparquet":
+        raise CnsqError(f"--compression is for --format geoparquet; {fmt} is written as its "
+                        "format defines it")
+    if compression is not None and compression not in COMPRESSIONS:
+        raise CnsqError(f"--compression {compression}: expected one of "
+                        f"{', '.join(COMPRESSIONS)}")
     if (thresh_ind is None) != (thresh is None):
         raise CnsqError("--thresh_ind and --thresh go together (or neither: every tile)")
     if fmt in ("geoparquet", "flatgeobuf"):
@@ -865,9 +879,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
         else:
             try:
                 _write(fmt, iter_columns(source, thresh_ind, thresh, report, progress=progress),
-                       partial)
+                       partial, compression)
             except _LineBreaks:  # start again, row by row: its line numbers are exact
                 partial.unlink(missing_ok=True)
                 _write(fmt, iter([row_columns(source, thresh_ind, thresh, report,
-                                              progress=progress)]), partial)
+                                              progress=progress)]), partial, compression)
     return report

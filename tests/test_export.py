@@ -173,6 +173,31 @@ def test_bad_requests_are_clear(tmp_path):
 
 
 
+def test_geoparquet_is_snappy_as_geopandas_writes_it_or_as_asked(tmp_path):
+    """Snappy by default (pyarrow's, GeoPandas' and GDAL's default); --compression zstd for a
+    smaller file, none for none; the values are the same whichever. Other formats refuse it."""
+    source = tmp_path / "results.csv"
+    results_csv(source, count=50, bad=False)
+    tables = {}
+    for asked, codec in ((None, "SNAPPY"), ("zstd", "ZSTD"), ("none", "UNCOMPRESSED")):
+        out = tmp_path / f"{asked}.parquet"
+        result = CliRunner().invoke(main, ["export", str(source), str(out)]
+                                    + (["--compression", asked] if asked else []))
+        assert result.exit_code == 0, result.stderr
+        group = pq.ParquetFile(out).metadata.row_group(0)
+        assert {group.column(i).compression for i in range(group.num_columns)} == {codec}
+        tables[asked] = pq.read_table(out)
+    assert tables[None].equals(tables["zstd"]) and tables[None].equals(tables["none"])
+    for suffix in ("fgb", "geojson", "csv"):
+        refused = CliRunner().invoke(main, ["export", str(source), str(tmp_path / f"x.{suffix}"),
+                                            "--compression", "zstd"])
+        assert refused.exit_code != 0 and "--compression" in refused.stderr
+        assert "geoparquet" in refused.stderr and not (tmp_path / f"x.{suffix}").exists()
+    unknown = CliRunner().invoke(main, ["export", str(source), str(tmp_path / "x.parquet"),
+                                        "--compression", "gzip2"])
+    assert unknown.exit_code == 2 and "gzip2" in unknown.stderr
+
+
 @pytest.mark.parametrize("how", ["same name", "symlink", "hard link"])
 @pytest.mark.parametrize("command", ["export", "convert-geojson"])
 def test_an_output_that_is_the_input_is_refused_and_the_results_kept(tmp_path, how, command):

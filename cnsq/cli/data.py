@@ -170,12 +170,16 @@ def convert_geojson(source: Path, target: str | None, output: str | None, thresh
               help="Index of the class score to threshold on (with --thresh; neither: every tile).")
 @click.option("--thresh", type=float, callback=lambda ctx, param, value: _finite(value)
               if value is not None else None, help="Keep tiles whose score is >= this.")
+@click.option("--compression", type=click.Choice(["snappy", "zstd", "none"]),
+              help="GeoParquet's codec [default: snappy, as GeoPandas and GDAL write; zstd: "
+                   "about 40% smaller, slower to write].")
 @click.option("--database-url", envvar="DATABASE_URL",
               help="Without IN.csv: the results table to read (SQLite or PostgreSQL) "
                    "[default: DATABASE_URL, else the stack's, as download reads it].")
 @config_options
 def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
-               thresh_ind: int | None, thresh: float | None, database_url: str | None) -> None:
+               thresh_ind: int | None, thresh: float | None, compression: str | None,
+               database_url: str | None) -> None:
     """Export a results CSV (tile,output) as GeoParquet, FlatGeobuf, GeoJSON or CSV.
 
     Each tile is a polygon of its bounds (lon/lat, WGS 84) with its id, x, y, z and every
@@ -192,6 +196,7 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     Examples:
       cnsq export results.csv buildings.parquet --thresh_ind 1 --thresh 0.95
       cnsq export results.csv all-tiles.fgb
+      cnsq export results.csv small.parquet --compression zstd
       cnsq export buildings.fgb --config config/config.yml --thresh_ind 1 --thresh 0.95
       cnsq export water.parquet --database-url sqlite:///results.db
     """
@@ -204,7 +209,7 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
 
     writable_target(str(target))  # before a download that may take minutes
     if len(paths) == 2:
-        _export_file(paths[0], target, fmt, thresh_ind, thresh)
+        _export_file(paths[0], target, fmt, thresh_ind, thresh, compression)
         return
     folder = Path(tempfile.mkdtemp(prefix=".cnsq-export-", dir=target.parent or Path(".")))
     try:
@@ -216,7 +221,8 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
         writable_target(str(target), database_file(url))
         rows, _ = table_csv(staged, url, admin)
         click.echo(f"Read {rows:,} rows from the results table.", err=True)
-        _export_file(staged, target, fmt, thresh_ind, thresh, label="the results table")
+        _export_file(staged, target, fmt, thresh_ind, thresh, compression,
+                     label="the results table")
     finally:
         import shutil
 
@@ -224,7 +230,8 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
 
 
 def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | None,
-                 thresh: float | None, label: str | None = None) -> None:
+                 thresh: float | None, compression: str | None,
+                 label: str | None = None) -> None:
     from ..errors import CnsqError
     from ..export import export
     from ..geojson import PROGRESS_EVERY
@@ -240,7 +247,8 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
         click.echo(f"\rread {report.read:,} rows", nl=False, err=True)
 
     on_tty = sys.stderr.isatty()
-    report = export(source, target, fmt, thresh_ind, thresh, progress if on_tty else None)
+    report = export(source, target, fmt, thresh_ind, thresh, progress if on_tty else None,
+                    compression)
     if on_tty and report.read >= PROGRESS_EVERY:
         click.echo("", err=True)
     _say_rows(report, label or source, f"; wrote {target} ({fmt})")
