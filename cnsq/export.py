@@ -25,9 +25,10 @@ import json
 import math
 import os
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -574,10 +575,25 @@ def _slices(c: Columns, size: int = ROW_GROUP) -> Iterator[Columns]:
 
 
 def _overall_bounds(c: Columns) -> tuple[float, float, float, float]:
+    """West, south, east and north of all of ``c``'s tiles: at each zoom, those of its
+    extreme columns and rows (the bounds are monotonic in them), not of every tile."""
+    import numpy as np
+
     if not len(c):
         return (0.0, 0.0, 0.0, 0.0)
-    west, south, east, north = tile_bounds(c.x, c.y, c.z)
-    return (float(west.min()), float(south.min()), float(east.max()), float(north.max()))
+    zooms = [int(c.z[0])] if c.z.min() == c.z.max() else np.unique(c.z).tolist()
+    found = None
+    for zoom in zooms:
+        x, y = (c.x, c.y) if len(zooms) == 1 else (c.x[c.z == zoom], c.y[c.z == zoom])
+        # The tile of the smallest column and largest row gives west and south; the other,
+        # east and north.
+        west, south, east, north = tile_bounds(np.array([x.min(), x.max()]),
+                                               np.array([y.max(), y.min()]),
+                                               np.array([zoom, zoom]))
+        found = _union(found, (float(west[0]), float(south[0]), float(east[1]),
+                               float(north[1])))
+    assert found is not None
+    return found
 
 
 def _union(a: tuple | None, b: tuple) -> tuple:
@@ -664,32 +680,52 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path,
     kept = _collect(blocks, target.parent)
     width = kept.width
     metadata = {b"geo": json.dumps(geo_metadata(kept.bounds or (0.0, 0.0, 0.0, 0.0))).encode()}
-    writer = None
-    # A group is encoded and compressed in a thread (pyarrow releases the GIL) while the next
-    # is merged and built: one group in flight, so the groups stay in order.
-    pool = ThreadPoolExecutor(max_workers=1)
-    written = None
+    schema = pa.table(_columns(_empty(width), width)).schema.with_metadata(metadata)
+    # No dictionaries: ids and polygons are unique, and trying them cost a third of the write
+    # and made the file 40 % larger.
+    writer = pq.ParquetWriter(target, schema, compression=compression, use_dictionary=False,
+                              write_statistics=True)
     try:
-        for part in _chain([_empty(width)], _groups(kept.order.sorted(), ROW_GROUP)):
-            table = pa.table(_columns(part, width))
-            if writer is None:
-                # No dictionaries: ids and polygons are unique, and trying them cost a third
-                # of the write and made the file 40 % larger.
-                writer = pq.ParquetWriter(target, table.schema.with_metadata(metadata),
-                                          compression=compression, use_dictionary=False,
-                                          write_statistics=True)
-            if len(part):
-                if written is not None:
-                    written.result()
-                written = pool.submit(writer.write_table, table, row_group_size=ROW_GROUP)
-        if written is not None:
-            written.result()
+        _build_and_write(_groups(kept.order.sorted(), ROW_GROUP),
+                         lambda part: pa.table(_columns(part, width)),
+                         lambda table: writer.write_table(table, row_group_size=ROW_GROUP))
     finally:
-        # Every write ends before the file is closed, even one submitted as a Ctrl-C came
-        # (``written`` may not name it yet): closing it under a write crashed the process.
-        _join(pool)
-        if writer is not None:
-            writer.close()
+        writer.close()
+
+
+IN_FLIGHT = 2  # groups built or being written while the next is merged
+
+
+def _build_and_write(parts: Iterator[Any], build: Callable[[Any], Any],
+                     write: Callable[[Any], object]) -> None:
+    """``write(build(part))`` for each part, in order, in two threads: one builds a part's
+    columns while the other writes the part before and the caller's thread merges the next
+    (numpy, Arrow and the writers release the GIL). At most :data:`IN_FLIGHT` parts wait, so
+    memory is a few groups. Every task has ended when this returns or raises, however many
+    Ctrl-Cs came: a file closed under a write crashed the process."""
+    builder, writer = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
+    pending: deque = deque()
+    stopped = threading.Event()  # after an error or a Ctrl-C: nothing more is written
+
+    def write_built(built: Future) -> None:
+        if not stopped.is_set():
+            write(built.result())
+
+    try:
+        for part in parts:
+            pending.append(writer.submit(write_built, builder.submit(build, part)))
+            if len(pending) > IN_FLIGHT:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+    except BaseException:
+        stopped.set()
+        raise
+    finally:
+        try:
+            _join(builder)
+        finally:
+            _join(writer)
 
 
 def _join(pool: ThreadPoolExecutor) -> None:
@@ -728,23 +764,16 @@ def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     widest = sum(len(str(v)) for v in kept.largest) + 2
     writer = Writer(target, "tiles", columns, kept.count, kept.bounds or (0.0, 0.0, 0.0, 0.0),
                     widest)
-    # As for GeoParquet: a batch is built and written in a thread while the next is merged.
-    pool = ThreadPoolExecutor(max_workers=1)
-    written = None
     whole = False
     try:
-        for records in kept.order.sorted():
-            part = _from_records(records)
-            if written is not None:
-                written.result()
-            written = pool.submit(writer.add, tile_bounds(part.x, part.y, part.z),
-                                  [_id_bytes(part), part.x, part.y, part.z,
-                                   *(part.scores[:, i] for i in range(kept.width))])
-        if written is not None:
-            written.result()
+        _build_and_write(
+            (_from_records(records) for records in kept.order.sorted()),
+            lambda part: (tile_bounds(part.x, part.y, part.z),
+                          [_id_bytes(part), part.x, part.y, part.z,
+                           *(part.scores[:, i] for i in range(kept.width))]),
+            lambda built: writer.add(*built))
         whole = True
     finally:
-        _join(pool)  # no batch written as the file closes (see write_geoparquet)
         if whole:
             writer.close()
         else:  # the error stands (a full disk, a Ctrl-C), not the writer's count check

@@ -159,6 +159,21 @@ def test_geojson_and_csv_formats_and_every_tile_without_a_threshold(tmp_path):
     assert set(reference) < set(rows)
 
 
+def test_the_overall_bounds_are_those_of_every_tile_at_every_zoom():
+    """The file's bbox (GeoParquet's metadata, FlatGeobuf's header) comes from each zoom's
+    extreme columns and rows: the same as the union of every tile's bounds."""
+    np = pytest.importorskip("numpy")
+    from cnsq.export import Columns, _overall_bounds, tile_bounds
+
+    rng = np.random.default_rng(11)
+    for zooms in ([13], [0, 5, 13, 30], [2, 30]):
+        z = rng.choice(zooms, 500).astype(np.int8)
+        x = (rng.random(500) * np.exp2(z.astype(float))).astype(np.int32)
+        y = (rng.random(500) * np.exp2(z.astype(float))).astype(np.int32)
+        west, south, east, north = tile_bounds(x, y, z)
+        block = Columns(np.arange(500), x, y, z, np.zeros((500, 1)))
+        assert _overall_bounds(block) == (west.min(), south.min(), east.max(), north.max())
+
 def test_bad_requests_are_clear(tmp_path):
     source = tmp_path / "results.csv"
     results_csv(source, count=5, bad=False)
@@ -390,8 +405,8 @@ def test_a_sort_spilled_to_disk_writes_the_same_file(tmp_path, monkeypatch, suff
     source = tmp_path / "results.csv"
     results_csv(source, count=3000, bad=False)
     tables, files = {}, {}
-    for run in (tile_order.RUN, 100):
-        monkeypatch.setattr(tile_order, "RUN", run)
+    for run in (tile_order.RUN_BYTES, 100 * tile_order.record_type(2).itemsize):
+        monkeypatch.setattr(tile_order, "RUN_BYTES", run)
         folder = tmp_path / f"run-{run}"
         folder.mkdir()
         out = folder / f"out.{suffix}"
@@ -401,11 +416,12 @@ def test_a_sort_spilled_to_disk_writes_the_same_file(tmp_path, monkeypatch, suff
         tables[run] = pq.read_table(out) if suffix == "parquet" else pyogrio.read_arrow(out)[1]
         files[run] = out.read_bytes()
     memory, spilled = tables.values()
+    smallest = 100 * tile_order.record_type(2).itemsize
     assert spilled.to_pylist() == memory.to_pylist() and len(memory) > 2000
     keys = [mercantile.quadkey(*map(int, t.split("-"))) for t in spilled["tile"].to_pylist()]
     assert keys == sorted(keys)
     if suffix == "fgb":
-        assert files[100] == files[tile_order.RUN]
+        assert files[smallest] == files[tile_order.RUN_BYTES]
 
 
 @pytest.mark.parametrize("suffix", ["geojson", "parquet", "fgb"])

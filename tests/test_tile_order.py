@@ -30,11 +30,33 @@ def tiles(count: int, seed: int = 5):
 def test_keys_follow_the_quadkeys():
     line, x, y, z, _ = tiles(2000)
     keys = zorder_keys(x, y, z)
-    order = np.lexsort((z, keys))
+    order = np.argsort(keys, kind="stable")
     quadkeys = [mercantile.quadkey(int(x[i]), int(y[i]), int(z[i])) for i in order]
-    # Z-order is the quadkeys' order once each is padded to zoom 30 (a parent before its
-    # children, as a prefix sorts first).
-    assert quadkeys == sorted(quadkeys, key=lambda q: (q.ljust(30, "0"), len(q)))
+    # One key per tile: the quadkeys' order (a parent before its children, as a prefix sorts
+    # first), and the same key only for the same tile.
+    assert quadkeys == sorted(quadkeys)
+    assert len(set(keys.tolist())) == len(set(zip(x.tolist(), y.tolist(), z.tolist(),
+                                                  strict=True)))
+
+
+def test_the_keys_of_the_first_and_last_tiles_of_each_zoom():
+    """The key is the tile's place in a walk of the quadtree to zoom 30: the world is 0, its
+    first child 1; the last tile of zoom 30 is the last of (4**31 - 1) / 3 tiles."""
+    x = np.array([0, 0, 1, 0, 2**30 - 1, 2**29 - 1])
+    y = np.array([0, 0, 0, 1, 2**30 - 1, 2**29 - 1])
+    z = np.array([0, 1, 1, 1, 30, 29])
+    keys = zorder_keys(x, y, z).tolist()
+    assert keys[:4] == [0, 1, 1 + (4**30 - 1) // 3, 1 + 2 * (4**30 - 1) // 3]
+    assert keys[4] == (4**31 - 1) // 3 - 1 and keys[5] == keys[4] - 4  # its parent, 4 before
+
+
+def test_bits_are_counted_alike_on_numpy_1_and_2():
+    from cnsq.tile_order import _set_bits_by_halves, set_bits
+
+    values = np.array([0, 1, 2**32 - 1, 2**31, 0x55555555, 12345678] +
+                      list(np.random.default_rng(3).integers(0, 2**32, 1000)), dtype=np.uint64)
+    expected = [bin(int(v)).count("1") for v in values]
+    assert _set_bits_by_halves(values).tolist() == expected == set_bits(values).tolist()
 
 
 @pytest.mark.parametrize("run,chunk", [(10_000, 500), (300, 7), (1000, 1000), (64, 1)])
@@ -45,7 +67,7 @@ def test_runs_merge_into_one_order(tmp_path, run, chunk):
         end = start + 257
         order.add(line[start:end], x[start:end], y[start:end], z[start:end], scores[start:end])
     merged = np.concatenate(list(order.sorted()))
-    expected = np.lexsort((line, z, zorder_keys(x, y, z)))
+    expected = np.lexsort((line, zorder_keys(x, y, z)))
     assert merged["line"].tolist() == line[expected].tolist()
     assert (merged["scores"] == scores[expected]).all()
     assert list(tmp_path.iterdir()) == []  # the spill file is gone
