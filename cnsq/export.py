@@ -708,8 +708,13 @@ def _build_and_write(parts: Iterator[Any], build: Callable[[Any], Any],
     stopped = threading.Event()  # after an error or a Ctrl-C: nothing more is written
 
     def write_built(built: Future) -> None:
-        if not stopped.is_set():
+        if stopped.is_set():
+            return
+        try:
             write(built.result())
+        except BaseException:
+            stopped.set()  # before the next part's write, which this thread runs next
+            raise
 
     try:
         for part in parts:

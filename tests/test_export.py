@@ -667,6 +667,39 @@ def test_the_geoparquet_writer_waits_for_its_write_through_ctrl_c():
     assert ended and time.monotonic() >= ended[0]  # returned after the write, not before
 
 
+def test_groups_are_built_and_written_in_order_and_an_error_stops_the_writes():
+    """Built in one thread, written in another: in the parts' order whatever each takes; a
+    part that fails to build (or write) is raised, nothing after it is written, and no
+    thread is still writing when the call returns."""
+    import threading
+    import time
+
+    from cnsq.export import _build_and_write
+
+    written, threads = [], set()
+
+    def build(i):
+        time.sleep(0.01 * (i % 3))
+        if i == 7:
+            raise ValueError("part 7")
+        return i * 10
+
+    def write(value):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.005)
+        written.append(value)
+
+    _build_and_write(iter(range(6)), lambda i: i * 10 if i % 2 else (time.sleep(0.02), i * 10)[1],
+                     write)
+    assert written == [0, 10, 20, 30, 40, 50] and threading.current_thread().name not in threads
+    written.clear()
+    with pytest.raises(ValueError, match="part 7"):
+        _build_and_write(iter(range(20)), build, write)
+    done = list(written)
+    assert done == [i * 10 for i in range(7)]  # up to the failed part, in order
+    time.sleep(0.1)
+    assert written == done  # nothing written after the call returned
+
 @pytest.mark.parametrize("suffix", ["parquet", "fgb", "geojson", "csv"])
 def test_a_full_disk_is_reported_as_such_and_leaves_nothing(tmp_path, suffix):
     """A write that fails (here the file-size limit, as a full disk would: EFBIG instead of
