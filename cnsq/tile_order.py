@@ -19,6 +19,7 @@ from typing import IO, Any
 
 RUN_BYTES = 32 << 20  # rows sorted in memory at a time: 800,000 of 41 bytes (two scores)
 CHUNK = 16_384  # rows given, and read back from each run while merging, at a time
+MERGE_BYTES = 32 << 20  # at most (a row of each run at least) read back at a time, all runs
 
 
 def zorder_keys(x: Any, y: Any, z: Any) -> Any:
@@ -169,9 +170,12 @@ class ZOrder:
         import numpy as np
 
         runs = [[first, count] for first, count in self._runs]  # next record, records left
+        # Wide rows make short runs, so many: fewer rows of each, so the chunks held stay
+        # within MERGE_BYTES.
+        chunk = max(1, min(self.chunk, MERGE_BYTES // (self.type.itemsize * len(runs))))
         loaded = []
         for run in runs:
-            take = min(self.chunk, run[1])
+            take = min(chunk, run[1])
             loaded.append(self._read(run[0], take))
             run[0] += take
             run[1] -= take
@@ -187,7 +191,7 @@ class ZOrder:
                 taken.append(part[:count])
                 loaded[i] = part[count:]
                 if not len(loaded[i]) and runs[i][1]:
-                    take = min(self.chunk, runs[i][1])
+                    take = min(chunk, runs[i][1])
                     loaded[i] = self._read(runs[i][0], take)
                     runs[i][0] += take
                     runs[i][1] -= take
