@@ -686,9 +686,11 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path,
     writer = pq.ParquetWriter(target, schema, compression=compression, use_dictionary=False,
                               write_statistics=True)
     try:
-        _build_and_write(_groups(kept.order.sorted(), ROW_GROUP),
+        # Fewer rows a group where rows are wide, as the sort gives them.
+        size = min(ROW_GROUP, kept.order.chunk)
+        _build_and_write(_groups(kept.order.sorted(), size),
                          lambda part: pa.table(_columns(part, width)),
-                         lambda table: writer.write_table(table, row_group_size=ROW_GROUP))
+                         lambda table: writer.write_table(table, row_group_size=size))
     finally:
         writer.close()
 

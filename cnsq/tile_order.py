@@ -19,6 +19,7 @@ from typing import IO, Any
 
 RUN_BYTES = 32 << 20  # rows sorted in memory at a time: 800,000 of 41 bytes (two scores)
 CHUNK = 16_384  # rows given, and read back from each run while merging, at a time
+CHUNK_BYTES = 4 << 20  # ... or fewer rows where CHUNK of them would take more (wide rows)
 MERGE_BYTES = 32 << 20  # at most (a row of each run at least) read back at a time, all runs
 
 
@@ -85,11 +86,12 @@ class ZOrder:
 
     def __init__(self, width: int, spill_dir: Path, run: int | None = None,
                  chunk: int | None = None):
-        """``run``: rows a run holds (by default as many as :data:`RUN_BYTES` hold)."""
+        """``run``: rows a run holds (by default as many as :data:`RUN_BYTES` hold); ``chunk``:
+        rows given at a time (by default :data:`CHUNK`, within :data:`CHUNK_BYTES`)."""
         self.width, self.spill_dir = width, spill_dir
         self.type = record_type(width)
         self.run = run or max(1, RUN_BYTES // self.type.itemsize)
-        self.chunk = chunk or CHUNK
+        self.chunk = chunk or max(1, min(CHUNK, CHUNK_BYTES // self.type.itemsize))
         self._buffer: Any = None  # a run's records, allocated at the first row
         self._buffered = 0
         self._runs: list[tuple[int, int]] = []  # (first record, records) in the spill file

@@ -174,6 +174,30 @@ def test_the_overall_bounds_are_those_of_every_tile_at_every_zoom():
         block = Columns(np.arange(500), x, y, z, np.zeros((500, 1)))
         assert _overall_bounds(block) == (west.min(), south.min(), east.max(), north.max())
 
+def test_wide_rows_make_smaller_groups_of_the_same_rows(tmp_path, monkeypatch):
+    """Rows of hundreds of scores are written in groups of fewer rows (a group is bounded in
+    bytes, as the sort's chunks are), so memory stays a few groups; the rows are the same."""
+    from cnsq import tile_order
+
+    rng = random.Random(3)
+    source = tmp_path / "wide.csv"
+    tiles = sorted({(rng.randrange(2**12), rng.randrange(2**12)) for _ in range(600)})
+    rows = {f"{x}-{y}-12": [round(rng.random(), 3) for _ in range(300)] for x, y in tiles}
+    source.write_text("tile,output\n" + "".join(f'{t},"{json.dumps(v)}"\n'
+                                                for t, v in rows.items()))
+    monkeypatch.setattr(tile_order, "CHUNK_BYTES", 100 * tile_order.record_type(300).itemsize)
+    for suffix in ("parquet", "fgb"):
+        out = tmp_path / f"wide.{suffix}"
+        result = CliRunner().invoke(main, ["export", str(source), str(out)])
+        assert result.exit_code == 0, result.stderr
+        table = pq.read_table(out) if suffix == "parquet" else pyogrio.read_arrow(out)[1]
+        assert {t: [table[f"p{i}"][n].as_py() for i in (0, 299)]
+                for n, t in enumerate(table["tile"].to_pylist())} == {
+            t: [v[0], v[299]] for t, v in rows.items()}
+    groups = pq.ParquetFile(tmp_path / "wide.parquet").metadata
+    sizes = [groups.row_group(i).num_rows for i in range(groups.num_row_groups)]
+    assert sum(sizes) == len(rows) > 500 and set(sizes[:-1]) == {100} and sizes[-1] <= 100
+
 def test_bad_requests_are_clear(tmp_path):
     source = tmp_path / "results.csv"
     results_csv(source, count=5, bad=False)
