@@ -478,6 +478,9 @@ def _reorder(c: Columns, order) -> None:
         setattr(c, name, getattr(c, name)[order])
 
 
+WKB_HEADER = b"\x01" + b"".join(v.to_bytes(4, "little") for v in (3, 1, 5))  # polygon, 1 ring of 5
+
+
 def tile_bounds(x: Any, y: Any, z: Any) -> tuple[Any, Any, Any, Any]:
     """West, south, east and north of each tile (numpy arrays of x, y, z), in degrees:
     mercantile.bounds' formulas (Web Mercator tiles in lon/lat), vectorised."""
@@ -498,15 +501,15 @@ def _columns(c: Columns, width: int) -> dict:
 
     n = len(c)
     west, south, east, north = tile_bounds(c.x, c.y, c.z)
-    # WKB Polygon, little endian: 1, type 3, one ring of five points (93 bytes each).
-    record = np.dtype([("order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4"),
-                       ("xy", "<f8", (10,))])
-    wkb = np.zeros(n, record)
-    wkb["order"], wkb["type"], wkb["rings"], wkb["points"] = 1, 3, 1, 5
-    wkb["xy"] = np.stack([west, south, east, south, east, north, west, north, west, south], axis=1)
-    offsets = np.arange(0, (n + 1) * record.itemsize, record.itemsize, dtype=np.int32)
+    # WKB Polygon, little endian: 1, type 3, one ring of five points (93 bytes each), written
+    # as rows of bytes: two block copies (a record array's unaligned fields took twice as long).
+    points = np.stack([west, south, east, south, east, north, west, north, west, south], axis=1)
+    wkb = np.empty((n, len(WKB_HEADER) + 80), np.uint8)
+    wkb[:, :len(WKB_HEADER)] = np.frombuffer(WKB_HEADER, np.uint8)
+    wkb[:, len(WKB_HEADER):] = points.astype("<f8", copy=False).view(np.uint8).reshape(n, 80)
+    offsets = np.arange(0, (n + 1) * wkb.shape[1], wkb.shape[1], dtype=np.int32)
     geometry = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
-                                                             pa.py_buffer(wkb.tobytes())])
+                                                             pa.py_buffer(wkb)])
     bbox = pa.StructArray.from_arrays([_arrow(west), _arrow(south), _arrow(east),
                                        _arrow(north)], ["xmin", "ymin", "xmax", "ymax"])
     # In 32 bits (a zoom-30 column or row fits), as FlatGeobuf's columns are.
