@@ -630,12 +630,16 @@ def _groups(records, size: int) -> Iterator[Columns]:
 
     held, count = [], 0
     for part in records:
+        if not held and len(part) == size:  # as the sort gives them, in memory: no copy
+            yield _from_records(part)
+            continue
         held.append(part)
         count += len(part)
         while count >= size:
             joined = np.concatenate(held)
             yield _from_records(joined[:size])
-            held, count = [joined[size:]], count - size
+            count -= size
+            held = [joined[size:]] if count else []
     if count:
         yield _from_records(np.concatenate(held))
 

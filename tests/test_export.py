@@ -774,3 +774,21 @@ def test_a_full_disk_is_reported_as_such_and_leaves_nothing(tmp_path, suffix):
     assert "File too large" in done.stderr, done.stderr
     assert "features written" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+
+def test_groups_hold_the_rows_in_order_whatever_the_parts():
+    """The sort's parts (of any length, the size itself included) regrouped: every row once, in
+    order, every group full but the last."""
+    np = pytest.importorskip("numpy")
+    from cnsq.export import _groups
+    from cnsq.tile_order import record_type
+
+    rows = np.zeros(100, record_type(1))
+    rows["line"] = np.arange(100)
+    for lengths in ([10] * 10, [7, 10, 3, 10, 10, 25, 5, 30], [100], [1] * 100, [33, 67]):
+        bounds = np.cumsum([0, *lengths])
+        parts = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        groups = list(_groups(iter(parts), 10))
+        assert [len(g) for g in groups] == [10] * 10
+        assert np.concatenate([g.line for g in groups]).tolist() == list(range(100))
+    assert [len(g) for g in _groups(iter([rows[:15]]), 10)] == [10, 5]
