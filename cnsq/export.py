@@ -42,8 +42,8 @@ from .tiles import tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 # GeoParquet's codecs. Snappy is the default of pyarrow, GeoPandas and GDAL, and the fastest
-# here; zstd makes a tile export about 40 % smaller, its Parquet encoding 1.7 times as long
-# and the whole export about a fifth longer (docs/performance.md).
+# here; zstd makes a tile export about 40 % smaller and its Parquet encoding 1.7 times as
+# long, the whole export up to a fifth longer (docs/performance.md).
 COMPRESSIONS = ("snappy", "zstd", "none")
 ROW_GROUP = 16_384
 CHUNK = 16_384  # features turned into GeoJSON text at a time
