@@ -7,7 +7,8 @@ time into a buffer of :data:`RUN_BYTES`; each time it fills, its rows are sorted
 one anonymous temporary file (in the output's folder, where the user expects disk use; the
 system removes it even when the process is killed), and the runs are merged a chunk of each at
 a time. Kept rows that fit in one run (800,000 with two scores) never touch the disk: spilling
-and merging runs of 262,144 rows cost an export of 500,000 kept rows about a tenth of its time.
+and merging runs of 262,144 rows, sorted by three keys, cost an export of 500,000 kept rows
+about 7 % of its time (0.685 s against 0.766 s with the builder thread's 3 %, same run).
 """
 
 from __future__ import annotations
