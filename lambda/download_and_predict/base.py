@@ -100,6 +100,23 @@ class Outcome:
         for message_id in message_ids:
             self.failed.setdefault(message_id, reason)
 
+    def metric_line(self, namespace: str, function_name: str,
+                    now: float | None = None) -> dict[str, Any]:
+        """The record counts in CloudWatch's embedded metric format: CloudWatch Logs turns the
+        line into the metrics ``RecordsSucceeded`` and ``RecordsFailed`` (dimension
+        ``FunctionName``) with no API call. A failed record is a batch item failure, which
+        Lambda's own ``Errors`` never counts; the controller reads these instead."""
+        return {
+            "_aws": {"Timestamp": int((time.time() if now is None else now) * 1000),
+                     "CloudWatchMetrics": [{
+                         "Namespace": namespace, "Dimensions": [["FunctionName"]],
+                         "Metrics": [{"Name": "RecordsSucceeded", "Unit": "Count"},
+                                     {"Name": "RecordsFailed", "Unit": "Count"}]}]},
+            "FunctionName": function_name,
+            "RecordsSucceeded": self.records - len(self.failed),
+            "RecordsFailed": len(self.failed),
+        }
+
     def log_line(self) -> dict[str, Any]:
         return {
             "records": self.records,
@@ -376,6 +393,10 @@ class DownloadAndPredict:
                                    else deadline + self.settings.reserve / 2)
         self.save_results(predictions, outcome)
         LOG.info(json.dumps(outcome.log_line()))
+        if self.settings.metrics_namespace:
+            # Stdout, not the logger: an embedded-metric line must be the log event's whole text.
+            print(json.dumps(outcome.metric_line(self.settings.metrics_namespace,
+                                                 self.settings.function_name)), flush=True)
         return outcome
 
     def run(self, event: dict, context: Any = None) -> dict[str, Any]:

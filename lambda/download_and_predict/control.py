@@ -6,8 +6,8 @@ balancer's 5xx, the GPUs' utilisation, the tiles deleted — and applies the dec
 :mod:`download_and_predict.controller`:
 
 - the model service's desired count (:func:`~.controller.plan_tasks`): up with the backlog, in
-  whole hosts, down to the minimum after ``idleMinutes``; the autoscaling group is sized with it
-  (the capacity provider would follow a minute later; its own scale-in waits 15 minutes);
+  whole hosts, down to the minimum after ``idleMinutes``; the capacity provider's managed
+  scaling sizes the group from it (the controller never touches the group: ECS owns it);
 - the event source mapping: disabled while no target is healthy (scaled to zero, booting), so no
   tile is received only to fail into the dead letter queue; its ``MaximumConcurrency`` from
   :func:`~.controller.decide`, scaled with the healthy tasks.
@@ -42,6 +42,13 @@ from .controller import (
 
 WINDOW = 180  # seconds of metrics read each minute (CloudWatch reports a minute late)
 KEPT_DECISIONS = 30
+# A standard SSM parameter's value holds at most 4 KB (SSM's PutParameter reference: "Standard
+# parameters have a value limit of 4 KB"); the state is kept within it, counted in UTF-8 bytes.
+STATE_LIMIT = 4096
+LINE_LIMIT = 240  # characters of one kept decision line
+# The handler's record counts, published as embedded-metric log lines (handler.py).
+RECORD_METRICS = ("RecordsSucceeded", "RecordsFailed")
+GPU_METRIC = "nvidia_smi_utilization_gpu"
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,27 @@ class Where:
             idle_seconds=float(env["IDLE_SECONDS"]), max_concurrency=int(env["MAX_CONCURRENCY"]))
 
 
+def _finite(value: Any) -> float | None:
+    """A finite number, or None (a string, a bool, NaN, ±Infinity, 1e400 are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _count(value: Any, low: int = 0) -> int | None:
+    number = _finite(value)
+    if number is None or number != int(number) or number < low:
+        return None
+    return int(number)
+
+
 @dataclass
 class State:
+    """What one minute leaves the next. Read leniently: state written by another version of cnsq
+    (an extra key, a field of another type, a number JSON cannot hold) loses that field, never the
+    controller; no non-finite number is ever written back."""
+
     concurrency: int | None = None
     healthy_before: int = 0
     idle_since: float | None = None
@@ -91,12 +117,44 @@ class State:
     @classmethod
     def parse(cls, text: str) -> State:
         try:
-            raw = json.loads(text)
-        except ValueError:
+            # NaN and Infinity are not JSON: they become None, like any value out of range.
+            raw = json.loads(text, parse_constant=lambda _: None)
+        except (ValueError, RecursionError):
             return cls()
-        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__} if isinstance(
-            raw, dict) else {}
-        return cls(**known)
+        if not isinstance(raw, dict):
+            return cls()
+        probe = raw.get("probe")
+        if isinstance(probe, dict):
+            concurrency, hold = _count(probe.get("concurrency"), 1), _count(probe.get("hold", 0))
+            throughput = _finite(probe.get("throughput"))
+            probe = (None if concurrency is None or hold is None or throughput is None
+                     or throughput < 0 else
+                     {"concurrency": concurrency, "throughput": throughput, "hold": hold})
+        else:
+            probe = None
+        decisions = raw.get("decisions")
+        kept = [[d[0], d[1]] for d in decisions if isinstance(d, list) and len(d) == 2
+                and isinstance(d[0], str) and isinstance(d[1], str)
+                ] if isinstance(decisions, list) else []
+        idle_since = _finite(raw.get("idle_since"))
+        return cls(concurrency=_count(raw.get("concurrency"), 1),
+                   healthy_before=_count(raw.get("healthy_before")) or 0,
+                   idle_since=idle_since if idle_since is None or idle_since >= 0 else None,
+                   probe=probe, decisions=kept[-KEPT_DECISIONS:])
+
+    def text(self, limit: int = STATE_LIMIT) -> str:
+        """The state as JSON within ``limit`` UTF-8 bytes: the oldest decisions go first."""
+        decisions = [[when, line[:LINE_LIMIT]] for when, line in self.decisions][-KEPT_DECISIONS:]
+        while True:
+            text = json.dumps({**asdict(self), "decisions": decisions}, ensure_ascii=False,
+                              allow_nan=False)
+            if len(text.encode()) <= limit or not decisions:
+                return text
+            decisions = decisions[1:]
+
+
+def _error_code(exc: BaseException) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
 class Controller:
@@ -112,14 +170,20 @@ class Controller:
 
     def save(self, state: State) -> None:
         self.clients["ssm"].put_parameter(Name=self.where.state_parameter, Type="String",
-                                          Value=json.dumps(asdict(state)), Overwrite=True)
+                                          Value=state.text(), Overwrite=True)
 
-    def queue(self) -> tuple[int, int]:
+    def queue(self) -> tuple[int, int] | None:
+        """Tiles waiting and in flight, or None when SQS did not give both counts."""
         attrs = self.clients["sqs"].get_queue_attributes(
             QueueUrl=self.where.queue_url, AttributeNames=[
-                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        return int(attrs["ApproximateNumberOfMessages"]), int(
-            attrs["ApproximateNumberOfMessagesNotVisible"])
+                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        ).get("Attributes") or {}
+        try:
+            visible = int(attrs["ApproximateNumberOfMessages"])
+            in_flight = int(attrs["ApproximateNumberOfMessagesNotVisible"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return (visible, in_flight) if visible >= 0 and in_flight >= 0 else None
 
     def healthy_targets(self) -> int:
         answer = self.clients["elbv2"].describe_target_health(TargetGroupArn=self.where.target_group)
@@ -134,67 +198,92 @@ class Controller:
     def mapping(self) -> dict:
         return self.clients["lambda"].get_event_source_mapping(UUID=self.where.mapping_id)
 
-    def metrics(self, now: float) -> dict[str, list[float]]:
-        """The last :data:`WINDOW` seconds, per minute: calls, errors, p95, 5xx, deletions, GPUs."""
+    def queries(self) -> list[tuple[str, str, str, list[dict], str]]:
+        """(name, namespace, metric, dimensions, statistic) of everything read each minute: one
+        GetMetricData call, one permission. Every metric is named with its dimensions, never
+        found through ListMetrics, which shows a new metric only up to 15 minutes after it
+        first appears (CloudWatch's ListMetrics reference): each new GPU host would go unseen."""
         w = self.where
-        cloudwatch = self.clients["cloudwatch"]
         fn = [{"Name": "FunctionName", "Value": w.function_name}]
         queue = [{"Name": "QueueName", "Value": w.queue_url.rsplit("/", 1)[-1]}]
-        lb = [{"Name": "LoadBalancer", "Value": w.balancer}]
         wanted = [("calls", "AWS/Lambda", "Invocations", fn, "Sum"),
                   ("errors", "AWS/Lambda", "Errors", fn, "Sum"),
-                  ("deleted", "AWS/SQS", "NumberOfMessagesDeleted", queue, "Sum")]
+                  ("throttles", "AWS/Lambda", "Throttles", fn, "Sum"),
+                  ("p95", "AWS/Lambda", "Duration", fn, "p95"),
+                  ("deleted", "AWS/SQS", "NumberOfMessagesDeleted", queue, "Sum"),
+                  ("records_ok", w.gpu_namespace, RECORD_METRICS[0], fn, "Sum"),
+                  ("records_failed", w.gpu_namespace, RECORD_METRICS[1], fn, "Sum"),
+                  # The agent aggregates the hosts' GPUs by the group's name (the template).
+                  ("gpu", w.gpu_namespace, GPU_METRIC,
+                   [{"Name": "AutoScalingGroupName", "Value": w.group}], "Average")]
         if w.balancer:
+            lb = [{"Name": "LoadBalancer", "Value": w.balancer}]
             wanted += [("http5xx", "AWS/ApplicationELB", "HTTPCode_Target_5XX_Count", lb, "Sum"),
                        ("elb5xx", "AWS/ApplicationELB", "HTTPCode_ELB_5XX_Count", lb, "Sum")]
-        gpus = []
-        for page in cloudwatch.get_paginator("list_metrics").paginate(
-                Namespace=w.gpu_namespace, MetricName="nvidia_smi_utilization_gpu"):
-            gpus += [m for m in page.get("Metrics", [])
-                     if [d["Name"] for d in m.get("Dimensions", [])] == ["InstanceId"]]
+        return wanted
+
+    def metrics(self, now: float) -> dict[str, list[float]]:
+        """The last :data:`WINDOW` seconds, per minute. A value that is not a finite number is
+        missing data, as is a metric with no value."""
+        wanted = self.queries()
         queries = [{"Id": f"q{i}", "MetricStat": {
             "Metric": {"Namespace": ns, "MetricName": name, "Dimensions": dims},
             "Period": 60, "Stat": stat}} for i, (_, ns, name, dims, stat) in enumerate(wanted)]
-        queries += [{"Id": f"g{i}", "MetricStat": {"Metric": m, "Period": 60, "Stat": "Average"}}
-                    for i, m in enumerate(gpus)]
         values: dict[str, list[float]] = {}
         start = datetime.fromtimestamp(now - WINDOW, UTC)
         end = datetime.fromtimestamp(now, UTC)
-        for page in cloudwatch.get_paginator("get_metric_data").paginate(
+        for page in self.clients["cloudwatch"].get_paginator("get_metric_data").paginate(
                 StartTime=start, EndTime=end, MetricDataQueries=queries):
             for result in page.get("MetricDataResults", []):
-                key = result["Id"]
-                name = wanted[int(key[1:])][0] if key.startswith("q") else "gpu"
-                values.setdefault(name, []).extend(result.get("Values", []))
-        # Percentiles through GetMetricStatistics, as cnsq status reads them.
-        stats = cloudwatch.get_metric_statistics(
-            Namespace="AWS/Lambda", MetricName="Duration", Dimensions=fn, StartTime=start,
-            EndTime=end, Period=60, ExtendedStatistics=["p95"])
-        values["p95"] = [p["ExtendedStatistics"]["p95"] for p in stats.get("Datapoints", [])
-                         if "p95" in p.get("ExtendedStatistics", {})]
+                key = str(result.get("Id", ""))
+                if not key[1:].isdigit() or int(key[1:]) >= len(wanted):
+                    continue
+                finite = [v for v in map(_finite, result.get("Values") or []) if v is not None]
+                if finite:
+                    values.setdefault(wanted[int(key[1:])][0], []).extend(finite)
         return values
 
     def signals(self, now: float, visible: int, in_flight: int, healthy: int
                 ) -> tuple[Signals, float | None]:
         m = self.metrics(now)
         calls = int(sum(m.get("calls", [])))
-        errors = int(sum(m.get("errors", [])) + sum(m.get("http5xx", [])) + sum(m.get("elb5xx", [])))
+        throttles = int(sum(m.get("throttles", [])))
+        # A throttled call is one that could not run: a failure, like a 5xx from the model.
+        errors = int(sum(m.get("errors", [])) + sum(m.get("http5xx", [])) + sum(m.get("elb5xx", []))
+                     + throttles)
         p95 = max(m["p95"]) / 1000 if m.get("p95") else None
         busy = sum(m["gpu"]) / len(m["gpu"]) if m.get("gpu") else None
         deleted = sum(m.get("deleted", []))
         rate = deleted / WINDOW / healthy if healthy and m.get("deleted") else None
-        return Signals(healthy=healthy > 0, backlog=visible, in_flight=in_flight, calls=calls,
-                       model_errors=min(calls, errors), p95_seconds=p95,
-                       timeout_seconds=self.where.timeout, busy_percent=busy,
-                       throughput=rate), rate
+        records_ok = int(sum(m["records_ok"])) if m.get("records_ok") else None
+        records_failed = int(sum(m.get("records_failed", [])))
+        if records_ok is None and records_failed:
+            records_ok = 0
+        return Signals(healthy=healthy > 0, backlog=visible, in_flight=in_flight,
+                       calls=calls + throttles, model_errors=min(calls + throttles, errors),
+                       p95_seconds=p95, timeout_seconds=self.where.timeout, busy_percent=busy,
+                       throughput=rate, records_ok=records_ok,
+                       records_failed=records_failed), rate
 
     # -- deciding and applying ---------------------------------------------------------------
     def step(self) -> list[str]:
-        """Read, decide, apply; the decisions made, as lines (also logged and kept)."""
+        """Read, decide, record the decision, apply it; the decisions made, as lines (also
+        logged and kept).
+
+        The state is saved *before* anything is applied: a save that fails leaves nothing applied
+        that the next minute would take for a deploy's change and revert, and the idle clock
+        saved before stays as it was.
+        """
         w, now = self.where, self.clock()
         state = self.load()
         lines: list[str] = []
-        visible, in_flight = self.queue()
+        stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
+        counts = self.queue()
+        if counts is None:
+            line = "the queue's counts are missing: nothing changed this minute"
+            print(json.dumps({"cnsq_decision": line, "at": stamp}))
+            return [line]
+        visible, in_flight = counts
         healthy = self.healthy_targets()
         signals, rate = self.signals(now, visible, in_flight, healthy)
         work = visible + in_flight
@@ -208,16 +297,9 @@ class Controller:
             idle_seconds=w.idle_seconds,
             backlog_per_task=backlog_per_task(rate, w.horizon_seconds, 1000))
         desired = self.desired_tasks()
-        tasks, why = plan_tasks(work, desired, None if work else now - state.idle_since, capacity)
+        idle_for = None if work else max(0.0, now - state.idle_since) if state.idle_since else 0.0
+        tasks, why = plan_tasks(work, desired, idle_for, capacity, signals.succeeding)
         if tasks != desired:
-            self.clients["ecs"].update_service(cluster=w.cluster, service=w.service,
-                                               desiredCount=tasks)
-            hosts = math.ceil(tasks / max(1, w.tasks_per_instance))
-            # Growing: the hosts with the tasks. At the minimum: the idle hosts go now, not after
-            # the capacity provider's 15-minute scale-in alarm.
-            if tasks > desired or not work:
-                self.clients["autoscaling"].set_desired_capacity(
-                    AutoScalingGroupName=w.group, DesiredCapacity=hosts, HonorCooldown=False)
             lines.append(f"model tasks {desired} → {tasks}: {why}")
 
         mapping = self.mapping()
@@ -230,18 +312,35 @@ class Controller:
         probe = Probe(**state.probe) if state.probe else None
         decision = decide(signals, current, Limits(low=2, high=w.max_concurrency), probe)
         concurrency = max(2, min(w.max_concurrency, decision.concurrency))
-        if concurrency != applied or decision.receive != receiving:
-            self.clients["lambda"].update_event_source_mapping(
-                UUID=w.mapping_id, Enabled=decision.receive,
-                ScalingConfig={"MaximumConcurrency": concurrency})
+        update_mapping = concurrency != applied or decision.receive != receiving
         if decision.concurrency != current or decision.receive != receiving:
             lines.append(decision.line(current, receiving))
+        before = state.concurrency
         state.concurrency = concurrency
         state.healthy_before = healthy
         state.probe = asdict(decision.probe) if decision.probe else None
-        stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
         state.decisions = (state.decisions + [[stamp, line] for line in lines])[-KEPT_DECISIONS:]
         self.save(state)
+
+        if tasks != desired:
+            # The service's count only: the capacity provider's managed scaling sizes the group
+            # (ECS: do not change the desired capacity of a group it manages).
+            self.clients["ecs"].update_service(cluster=w.cluster, service=w.service,
+                                               desiredCount=tasks)
+        if update_mapping:
+            try:
+                self.clients["lambda"].update_event_source_mapping(
+                    UUID=w.mapping_id, Enabled=decision.receive,
+                    ScalingConfig={"MaximumConcurrency": concurrency})
+            except Exception as exc:
+                if _error_code(exc) != "ResourceInUseException":
+                    raise
+                # A deploy is updating the mapping: this minute's change waits for the next.
+                skipped = ("the mapping is being updated (a deploy?): its change waits a minute")
+                lines.append(skipped)
+                state.concurrency = before
+                state.decisions = (state.decisions + [[stamp, skipped]])[-KEPT_DECISIONS:]
+                self.save(state)
         for line in lines:
             print(json.dumps({"cnsq_decision": line, "at": stamp}))
         return lines
@@ -252,5 +351,5 @@ def handler(event: dict, context: Any = None) -> dict:
     import boto3
 
     clients = {name: boto3.client(name) for name in (
-        "ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch", "autoscaling")}
+        "ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch")}
     return {"decisions": Controller(Where.from_environment(), clients).step()}

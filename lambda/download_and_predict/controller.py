@@ -43,6 +43,28 @@ class Signals:
     timeout_seconds: float  # what a call may take (the Lambda's timeout)
     busy_percent: float | None  # the model's utilisation (GPU busy; the server's busy share)
     throughput: float | None = None  # tiles written per second per model task
+    # Records (tiles) the handler reported in the interval. A record that fails is a batch item
+    # failure: the invocation itself succeeds, so ``model_errors`` (failed calls) never sees it.
+    records_ok: int | None = None
+    records_failed: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        """The larger of the failed calls' share and the failed records' share."""
+        rate = self.model_errors / self.calls if self.calls else 0.0
+        records = (self.records_ok or 0) + self.records_failed
+        if records:
+            rate = max(rate, self.records_failed / records)
+        return rate
+
+    @property
+    def succeeding(self) -> bool:
+        """False when work was done in the interval and none of it succeeded: every record
+        failed, or tiles were processed at a measured rate of zero. More tasks or more calls
+        would only fail faster (and burn receive counts into the dead letter queue)."""
+        if self.records_ok == 0 and self.records_failed > 0:
+            return False
+        return not (self.calls > 0 and self.throughput == 0)
 
 
 @dataclass(frozen=True)
@@ -113,10 +135,10 @@ def decide(s: Signals, current: int, limits: Limits = Limits(),
         return Decision(current, False, 0, "no model answers: no tile is taken to fail")
     if s.backlog == 0 and s.in_flight == 0:
         return Decision(current, True, 0, "no work")
-    if s.calls == 0:
+    if s.calls == 0 and not s.records_failed:
         return Decision(current, True, 0, "no call finished yet")
     t = THRESHOLDS
-    error_rate = s.model_errors / s.calls
+    error_rate = s.error_rate
     load = s.p95_seconds / s.timeout_seconds if s.p95_seconds is not None else None
     busy = s.busy_percent
     why = _evidence(s, error_rate)
@@ -163,7 +185,8 @@ def backlog_per_task(tiles_per_second: float | None, horizon_seconds: float, def
     return max(1, int(tiles_per_second * horizon_seconds))
 
 
-def plan_tasks(work: int, desired: int, idle_for: float | None, c: Capacity) -> tuple[int, str]:
+def plan_tasks(work: int, desired: int, idle_for: float | None, c: Capacity,
+               succeeding: bool = True) -> tuple[int, str]:
     """The model tasks for the next minute, and why.
 
     ``work``: tiles waiting or in flight; ``desired``: the tasks asked for now; ``idle_for``: seconds
@@ -172,8 +195,12 @@ def plan_tasks(work: int, desired: int, idle_for: float | None, c: Capacity) -> 
     With work, the count rises to what the backlog justifies, in whole hosts, up to the maximum,
     and never falls: a task stopped mid-run fails the calls it holds, and a job's tail is short.
     Without work, the tasks stay ``idle_seconds`` (a new batch of tiles finds them warm), then go
-    to the minimum.
+    to the minimum. ``succeeding`` False (see :attr:`Signals.succeeding`): no task is added while
+    nothing succeeds, beyond the first one that shows whether anything can.
     """
+    if work > 0 and not succeeding:
+        kept = max(desired, c.min_tasks, 1)
+        return kept, f"{work} tiles waiting but none succeeds: {kept} model tasks, none added"
     if work > 0:
         wanted = max(1, c.min_tasks, math.ceil(work / max(1, c.backlog_per_task)))
         per = max(1, c.tasks_per_instance)

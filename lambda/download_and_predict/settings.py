@@ -43,6 +43,10 @@ class Settings:
     download_workers: int = 16
     proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see http.py
     ca_bundle: str | bool = True  # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE; True: certifi's
+    # The stack's namespace (METRICS_NAMESPACE): each invocation's record counts are written as
+    # an embedded-metric log line for the controller. None: no such line.
+    metrics_namespace: str | None = None
+    function_name: str = ""  # AWS_LAMBDA_FUNCTION_NAME, set by Lambda
 
     REQUIRED = ("TILE_ENDPOINT", "PREDICTION_ENDPOINT")
 
@@ -76,6 +80,8 @@ class Settings:
                 download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
                 proxies=proxies_from_env(env),
                 ca_bundle=ca_bundle_from_env(env),
+                metrics_namespace=env.get("METRICS_NAMESPACE") or None,
+                function_name=env.get("AWS_LAMBDA_FUNCTION_NAME", ""),
             )
         except ValueError as exc:
             raise SettingsError(f"malformed numeric environment variable: {exc}") from None
