@@ -45,8 +45,10 @@ class World:
         self.env = controller_environment(max_tasks=max_tasks)
         self.where = Where.from_environment(self.env)
         self.rules = AwsRules(moto_url)
-        role = role_of_function("cnsq-dev-controller")
-        keys = credentials_for_role(role)
+        # Each function's role, as credentials (made before IAM is enforced).
+        self.keys = {fn: credentials_for_role(role_of_function(fn)) for fn in (
+            "cnsq-dev-controller", "cnsq-dev-DownloadAndPredict", "cnsq-dev-admin")}
+        keys = self.keys["cnsq-dev-controller"]
         self.admin_keys = admin_credentials()
         self.moto_url = moto_url
         self.now = datetime.now(UTC).timestamp()
@@ -345,3 +347,69 @@ def test_a_queue_without_its_counts_changes_nothing():
     assert controller.step() == ["the queue's counts are missing: nothing changed this minute"]
     for stub in stubs.values():
         stub.assert_no_pending_responses()
+
+
+# -- the worker and the admin function, under the role that runs them --------------------------
+
+def _function_environment(admin, name: str) -> dict[str, str]:
+    return admin("lambda").get_function_configuration(FunctionName=name)[
+        "Environment"]["Variables"]
+
+
+def test_the_worker_reads_its_secrets_under_its_role(world, monkeypatch):
+    """At cold start the worker reads the tile token's secret and, through the instance, the
+    database's RDS-managed secret: boto3's default credentials (the role's, on AWS)."""
+    from conftest import SECRETS
+
+    from download_and_predict.handler import database_url, resolve_secret_envs
+    from download_and_predict.settings import Settings
+
+    w = world
+    env = _function_environment(w.admin, "cnsq-dev-DownloadAndPredict")
+    keys = w.keys["cnsq-dev-DownloadAndPredict"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # as a cold start: the role's keys
+    assert "TILE_ACCESS_TOKEN" not in env  # a secret, not a setting
+    # The template makes a secret of the token and sets TILE_ACCESS_TOKEN_SECRET_ARN to it;
+    # moto's CloudFormation creates no AWS::SecretsManager::Secret, so the test makes it.
+    env.setdefault("TILE_ACCESS_TOKEN_SECRET_ARN", w.admin("secretsmanager").create_secret(
+        Name="DownloadAndPredictTILEACCESSTOKENSecret-test",
+        SecretString=SECRETS["TILE_ACCESS_TOKEN"])["ARN"])
+    # Nor does it pass ManageMasterUserPassword on: the test turns it on, as the template does.
+    w.admin("rds").modify_db_instance(DBInstanceIdentifier=env["DATABASE_INSTANCE"],
+                                      ManageMasterUserPassword=True, ApplyImmediately=True)
+    resolved = resolve_secret_envs(env)
+    assert resolved["TILE_ACCESS_TOKEN"] == SECRETS["TILE_ACCESS_TOKEN"]
+    url = database_url(Settings.from_env(resolved))
+    assert url.startswith("postgresql://") and f"@{env['DATABASE_HOST']}:" in url
+
+
+def test_the_admin_function_exports_under_its_role(world, postgres_url):
+    """The CSV export goes to the stack's own prefix of the artifact bucket; moto checks S3's
+    resource ARNs, so the role's prefix is enforced too."""
+    import psycopg2
+    from servers import fresh_database
+
+    from download_and_predict.admin import export
+    from download_and_predict.schema import migrate_postgres
+
+    w = world
+    env = _function_environment(w.admin, "cnsq-dev-admin")
+    keys = w.keys["cnsq-dev-admin"]
+    conn = psycopg2.connect(fresh_database(postgres_url))
+    try:
+        migrate_postgres(conn)
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO results (tile, output) VALUES ('1-2-3', '[0.5]')")
+        conn.commit()
+        s3 = signed_client("s3", w.moto_url, keys)
+        answer = export(conn, env, s3)
+        assert answer["rows"] == 1 and answer["key"].startswith("cnsq-dev/exports/")
+        # Anywhere else in the bucket: refused, as on AWS.
+        with pytest.raises(Exception, match="AccessDenied|403"):
+            export(conn, {**env, "EXPORT_PREFIX": "elsewhere/"}, s3)
+    finally:
+        conn.close()
