@@ -39,6 +39,28 @@ class Aws:
     _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Creating a boto3 client is not thread-safe; preflight's checks ask for theirs in parallel.
     _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
+    _reached: bool = field(default=False, init=False, repr=False)
+
+    def _reach(self) -> None:
+        """One quick call before the first client: with no network, the clients' adaptive
+        retries (ten attempts, backing off up to 20 s each) took a minute or more to fail.
+
+        Raises:
+            AwsError: AWS (or AWS_ENDPOINT_URL) did not answer within seconds.
+        """
+        try:
+            sts = self.session.client("sts", config=botocore.config.Config(
+                connect_timeout=5, read_timeout=10,
+                retries={"mode": "standard", "total_max_attempts": 2}))
+            sts.get_caller_identity()
+        except (botocore.exceptions.EndpointConnectionError,
+                botocore.exceptions.ConnectTimeoutError,
+                botocore.exceptions.ReadTimeoutError) as exc:
+            raise AwsError(f"cannot reach AWS ({exc}): check your network, a proxy, or "
+                           "AWS_ENDPOINT_URL") from None
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            pass  # no region, no credentials, denied: the command's own call says so
+        self._reached = True
 
     @property
     def session(self) -> boto3.Session:
@@ -57,6 +79,8 @@ class Aws:
         (e.g. ``max_pool_connections`` for many calls in flight)."""
         key = service + repr(sorted(config.items()))
         with self._lock:
+            if not self._reached:
+                self._reach()
             if key not in self._clients:
                 try:
                     merged = RETRIES.merge(botocore.config.Config(**config)) if config else RETRIES

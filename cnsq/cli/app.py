@@ -83,6 +83,13 @@ class Settings:
         if self._aws is None:
             from ..aws import Aws
 
+            # The config's `region` counts for every command that has a config: load it first.
+            if self._loaded is None and self.config.exists():
+                try:
+                    self.load()
+                except Exception:  # noqa: BLE001 - the command that needs it reports it
+                    pass
+
             self._aws = Aws(self.profile, self.region_and_source()[0])
         return self._aws
 
