@@ -53,13 +53,12 @@ class Aws:
                 connect_timeout=5, read_timeout=10,
                 retries={"mode": "standard", "total_max_attempts": 2}))
             sts.get_caller_identity()
-        except (botocore.exceptions.EndpointConnectionError,
-                botocore.exceptions.ConnectTimeoutError,
+        except (botocore.exceptions.ConnectionError,  # refused, timed out, a dead proxy
                 botocore.exceptions.ReadTimeoutError) as exc:
             raise AwsError(f"cannot reach AWS ({exc}): check your network, a proxy, or "
                            "AWS_ENDPOINT_URL") from None
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-            pass  # no region, no credentials, denied: the command's own call says so
+        except Exception:  # noqa: BLE001 - no region, no credentials, denied, an endpoint that
+            pass  # speaks another service only: the command's own call says what is wrong
         self._reached = True
 
     @property

@@ -461,7 +461,10 @@ class SqsServer(_Server):
 
         def do_POST(self) -> None:
             server: SqsServer = self.server.owner
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            try:
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            except ValueError:  # not SQS's JSON protocol (cnsq's first call asks STS who it is)
+                return self.error(400, "InvalidAction", "this server speaks SQS's JSON only")
             action = self.headers.get("X-Amz-Target", "").split(".")[-1]
             if server.delay:
                 time.sleep(server.delay)
