@@ -16,12 +16,7 @@ from pathlib import Path
 
 from .aws import Client, collect
 from .errors import CnsqError
-
-BATCHING = """max_batch_size { value: 64 }
-batch_timeout_micros { value: 5000 }
-max_enqueued_batches { value: 1000 }
-num_batch_threads { value: 4 }
-"""
+from .layout import batching_parameters
 
 
 class ModelError(CnsqError):
@@ -116,7 +111,7 @@ def write_context(model_dir: Path, out: Path, name: str, use_gpu: bool) -> Conte
     else:
         shutil.copytree(model_dir, target / "1")
         names = ["1"]
-    (out / "batching_parameters.txt").write_text(BATCHING)
+    (out / "batching_parameters.txt").write_text(batching_parameters())
     base = "tensorflow/serving:latest-gpu" if use_gpu else "tensorflow/serving:latest"
     (out / "Dockerfile").write_text(
         f"# Built by `cnsq model`: TF Serving with {name} baked in and request batching on.\n"

@@ -45,6 +45,7 @@ from download_and_predict.controller import (
 )
 
 from .cost import Bill, Prices, Usage, bill, run_usage
+from .layout import BATCHING
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class World:
     db_write_s: float = 0.03
     gpu_fixed_s: float = 0.015
     gpu_per_tile_s: float = 0.008
-    gpu_max_batch: int = 64
+    gpu_max_batch: int = BATCHING["max_batch_size"]
     host_boot_s: float = 180.0
     task_start_s: float = 90.0
     healthy_s: float = 30.0

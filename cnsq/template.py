@@ -154,6 +154,7 @@ def render(config: Config, template_dir: Path, code: dict[str, CodeLocation],
     """
     context = dict(config.values)
     context["existing"] = existing or adopt.NOTHING
+    context["batchingParameters"] = layout.batching_parameters()
     context["lambdas"] = {}
     for name, spec in config.values["lambdas"].items():
         location = code.get(name)

@@ -105,3 +105,23 @@ def test_a_group_with_a_minimum_is_created_empty_and_protected(tmp_path):
 def test_bad_scaling_values_name_their_key(tmp_path, ecs, lambdas, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load(tmp_path, ecs=ecs, lambdas=lambdas)
+
+
+def test_the_model_task_runs_with_the_stacks_batching(tmp_path):
+    """`Command: [--enable_batching=true]` replaced the image's command and its batching file:
+    TF Serving's defaults applied, not what the stack and its simulation assume. The task now
+    writes the one home's parameters and passes them, whatever the image's own command."""
+    from cnsq import layout
+    from cnsq.simulation import World
+
+    _, template = compiled(tmp_path)
+    container = template["Resources"]["cnsqdevTaskDefinition"]["Properties"][
+        "ContainerDefinitions"][0]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["CNSQ_BATCHING_PARAMETERS"] == layout.batching_parameters()
+    assert "max_batch_size { value: 64 }" in env["CNSQ_BATCHING_PARAMETERS"]
+    command = container["EntryPoint"] + container["Command"]
+    assert command[:2] == ["/bin/sh", "-c"]
+    assert "--batching_parameters_file=/tmp/batching_parameters.txt" in command[2]
+    assert "--enable_batching=true" in command[2]
+    assert World().gpu_max_batch == layout.BATCHING["max_batch_size"]

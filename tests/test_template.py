@@ -132,7 +132,7 @@ def test_gpu_launch_template_and_prediction_endpoint(compiled):
     assert data["Parameters"]["AmiId"]["Default"].endswith("/gpu/recommended/image_id")
     task = resources["cnsqdevTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     assert task["ResourceRequirements"] == [{"Type": "GPU", "Value": "1"}]
-    assert "--enable_batching=true" in task["Command"]
+    assert "--enable_batching=true" in task["Command"][0]
     assert resources["cnsqdevTargetGroup"]["Properties"]["HealthCheckPath"] == "/v1/models/your_model"
     env = resources["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"]["Variables"]
     assert env["PREDICTION_ENDPOINT"] == {
