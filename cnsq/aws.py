@@ -18,7 +18,7 @@ import botocore.config
 import botocore.exceptions
 
 from . import __version__
-from .errors import AwsError
+from .errors import AwsError, AwsUnreachable
 
 # What every function that calls AWS takes: a botocore client (of any service).
 Client = botocore.client.BaseClient
@@ -55,8 +55,8 @@ class Aws:
             sts.get_caller_identity()
         except (botocore.exceptions.ConnectionError,  # refused, timed out, a dead proxy
                 botocore.exceptions.ReadTimeoutError) as exc:
-            raise AwsError(f"cannot reach AWS ({exc}): check your network, a proxy, or "
-                           "AWS_ENDPOINT_URL") from None
+            raise AwsUnreachable(f"cannot reach AWS ({exc}): check your network, a proxy, or "
+                                 "AWS_ENDPOINT_URL", str(exc)) from None
         except Exception:  # noqa: BLE001 - no region, no credentials, denied, an endpoint that
             pass  # speaks another service only: the command's own call says what is wrong
         self._reached = True

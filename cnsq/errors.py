@@ -23,6 +23,14 @@ class AwsError(CnsqError):
     """An AWS call failed; the message says why and how to fix it."""
 
 
+class AwsUnreachable(AwsError):
+    """Nothing answered: no network, a dead proxy or endpoint. ``reason``: botocore's words."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
 class DeployError(CnsqError):
     """A deploy or delete did not reach its goal (failed stack, refused change)."""
 

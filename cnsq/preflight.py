@@ -19,6 +19,7 @@ from typing import Any
 
 from .aws import collect, pages
 from .config import Config
+from .errors import AwsUnreachable
 
 OK, PROBLEM, WARNING = "ok", "problem", "warning"
 # The account needs this much unreserved Lambda concurrency left (AWS refuses less).
@@ -353,29 +354,48 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
+def reserved_concurrency(values: dict) -> dict[str, tuple[str, int]]:
+    """Function name → (config key, executions) the template reserves for it: with
+    ``ecs.minInstances`` (the stack scales itself) the worker reserves ``maxConcurrent`` and the
+    controller 1; otherwise each function its ``concurrent``. (tests/test_preflight.py compares
+    this with the compiled template.)"""
+    scaling = values["ecs"].get("minInstances") is not None
+    reserved: dict[str, tuple[str, int]] = {}
+    for name, spec in values["lambdas"].items():
+        key = f"lambdas.{name}"
+        if scaling and spec.get("queueTrigger"):
+            if spec.get("maxConcurrent"):
+                reserved[spec["fullName"]] = (f"{key}.maxConcurrent", int(spec["maxConcurrent"]))
+        elif spec.get("concurrent"):
+            reserved[spec["fullName"]] = (f"{key}.concurrent", int(spec["concurrent"]))
+    if scaling:
+        reserved[f"{values['stackName']}-controller"] = ("ecs.minInstances", 1)
+    return reserved
+
+
 def check_concurrency(config: Config, client, region: str) -> list[Finding]:
-    """Reserved concurrency must leave 100 unreserved in the account (new accounts have 10)."""
-    wanted = {name: spec["concurrent"] for name, spec in config.values["lambdas"].items()
-              if spec["concurrent"]}
+    """What the template reserves must leave 100 unreserved in the account (new accounts may
+    have a quota of 10 in all): checked before a deploy that would fail minutes in."""
+    wanted = reserved_concurrency(config.values)
     if not wanted:
         return []
     lam = client("lambda")
     limit = lam.get_account_settings()["AccountLimit"]
     unreserved = limit["UnreservedConcurrentExecutions"]
     already = 0
-    for name in wanted:
+    for function in wanted:
         try:  # a deployed function's reservation is already out of the unreserved pool
-            already += lam.get_function_concurrency(
-                FunctionName=config.values["lambdas"][name]["fullName"]).get(
+            already += lam.get_function_concurrency(FunctionName=function).get(
                 "ReservedConcurrentExecutions", 0)
         except Exception as exc:
             if _code(exc) != "ResourceNotFoundException":
                 raise
-    left = unreserved + already - sum(wanted.values())
-    key = f"lambdas.{next(iter(wanted))}.concurrent"
+    total = sum(count for _, count in wanted.values())
+    left = unreserved + already - total
+    key = max(wanted.values(), key=lambda kc: kc[1])[0]
     if left < MIN_UNRESERVED:
         return [Finding("concurrency", PROBLEM, key,
-                        f"reserving {sum(wanted.values())} would leave {left} unreserved of the "
+                        f"reserving {total} would leave {left} unreserved of the "
                         f"account's {limit['ConcurrentExecutions']}; AWS keeps at least "
                         f"{MIN_UNRESERVED}: lower it, or request a higher concurrency quota")]
     return [Finding("concurrency", OK, key, f"{left} unreserved left after this deploy")]
@@ -487,6 +507,8 @@ def caller(client: Callable[..., Any]) -> dict[str, str]:
                      retries={"mode": "standard", "total_max_attempts": 2})
     except TypeError:  # a factory that takes no botocore options (tests' stubs)
         sts = client("sts")
+    except AwsUnreachable as exc:  # the clients' own first call found no answer
+        raise Unreachable(exc.reason) from None
     try:
         return sts.get_caller_identity()
     except ClientError as exc:  # answered, though not as asked: the checks say more

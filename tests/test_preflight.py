@@ -176,7 +176,8 @@ def test_an_unreachable_account_is_not_a_pass(project, monkeypatch):
     assert "Account not checked: AWS did not answer (Could not connect" in result.stdout
     assert "check(s) passed" not in result.output
     deploy = CliRunner().invoke(main, ["deploy"], catch_exceptions=False)
-    assert deploy.exit_code == 1 and "Pass --skip-preflight to deploy anyway" in deploy.stderr
+    # Deploy's first call finds nothing answers: said at once (its preflight comes later).
+    assert deploy.exit_code == 1 and "cannot reach AWS (Could not connect" in deploy.stderr
 
 
 class _DenyAll(_Quiet):
@@ -245,10 +246,38 @@ def test_reserved_concurrency_that_leaves_under_100_stubbed(project):
         "ConcurrentExecutions": 10, "UnreservedConcurrentExecutions": 10}})
     stub.add_client_error("get_function_concurrency", "ResourceNotFoundException")
     stub.activate()
+    edit("    minInstances: 0\n", "")  # a fixed size: the worker reserves `concurrent`
     config = load_config(Path("config/config.yml"))
     [finding] = preflight.check_concurrency(config, _clients(**{"lambda": lam}), "us-east-1")
     assert finding.status == preflight.PROBLEM and finding.key == "lambdas.DownloadAndPredict.concurrent"
     assert "would leave 5 unreserved of the account's 10" in finding.message
+
+
+def test_scaling_mode_checks_what_the_template_reserves(project):
+    """The check read `concurrent` while the template reserves maxConcurrent + 1 (the
+    controller): an account at its default quota failed at deploy, minutes in."""
+    edit("      concurrent: 5 #", "      maxConcurrent: 950\n      concurrent: 5 #")
+    config = load_config(Path("config/config.yml"))
+    reserved = preflight.reserved_concurrency(config.values)
+    template = json.loads(json.dumps(
+        __import__("cnsq.template", fromlist=["load_cfn_yaml"]).load_cfn_yaml(
+            render(config, REPO / "templates", {}))))
+    in_template = {r["Properties"]["FunctionName"]: r["Properties"]["ReservedConcurrentExecutions"]
+                   for r in template["Resources"].values()
+                   if r["Type"] == "AWS::Lambda::Function"
+                   and "ReservedConcurrentExecutions" in r["Properties"]}
+    assert {name: count for name, (_, count) in reserved.items()} == in_template == {
+        "cnsq-dev-DownloadAndPredict": 950, "cnsq-dev-controller": 1}
+    lam, stub = _stub("lambda")
+    stub.add_response("get_account_settings", {"AccountLimit": {
+        "ConcurrentExecutions": 1000, "UnreservedConcurrentExecutions": 1000}})
+    stub.add_client_error("get_function_concurrency", "ResourceNotFoundException")
+    stub.add_client_error("get_function_concurrency", "ResourceNotFoundException")
+    stub.activate()
+    [finding] = preflight.check_concurrency(config, _clients(**{"lambda": lam}), "us-east-1")
+    assert finding.status == preflight.PROBLEM
+    assert finding.key == "lambdas.DownloadAndPredict.maxConcurrent"
+    assert "reserving 951 would leave 49 unreserved of the account's 1000" in finding.message
 
 
 def _orderable(*versions: str) -> list[dict]:
