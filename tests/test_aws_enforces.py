@@ -244,6 +244,19 @@ def test_failed_records_are_failures_no_host_is_added_while_nothing_succeeds(wor
     assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 2  # halved, to the floor
 
 
+def test_throttled_calls_are_failures(world):
+    """An account whose concurrency runs out throttles the worker: those calls count against
+    the concurrency, which is lowered, not raised."""
+    w = world
+    w.tiles(10)
+    w.controller.step()
+    w.healthy_target()
+    w.metrics(calls=40, errors=0, throttles=60, gpu=30, ok=400, deleted=400)
+    w.now += 60
+    w.controller.step()
+    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] < 5
+
+
 def test_the_gpu_metric_of_a_new_host_is_read_at_once(world):
     """One metric named by the group, read through GetMetricData: a host whose per-instance
     metric ListMetrics does not show yet still counts."""

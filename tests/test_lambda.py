@@ -734,3 +734,25 @@ def test_a_locked_results_table_fails_the_write_in_time(make_app, db_url):
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_each_invocation_writes_its_record_counts_as_an_embedded_metric_line(make_app, capsys):
+    """A record that fails is a batch item failure: the invocation succeeds and Lambda's Errors
+    stays 0. With METRICS_NAMESPACE (the scaling stack sets it) the handler writes its counts
+    in CloudWatch's embedded metric format on stdout, one line, for the controller."""
+    app = make_app(METRICS_NAMESPACE="cnsq/cnsq-dev", AWS_LAMBDA_FUNCTION_NAME="cnsq-dev-worker")
+    capsys.readouterr()
+    app.run(sqs_event(["not a tile"] + [body(*t) for t in GOOD]))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    [line] = [x for x in lines if "_aws" in x]
+    directive = line["_aws"]["CloudWatchMetrics"][0]
+    assert directive["Namespace"] == "cnsq/cnsq-dev"
+    assert directive["Dimensions"] == [["FunctionName"]]
+    assert {m["Name"] for m in directive["Metrics"]} == {"RecordsSucceeded", "RecordsFailed"}
+    assert (line["FunctionName"], line["RecordsSucceeded"], line["RecordsFailed"]) == (
+        "cnsq-dev-worker", 3, 1)
+    assert isinstance(line["_aws"]["Timestamp"], int)
+    # Without the namespace (one machine, a fixed stack), no such line.
+    make_app().run(sqs_event([body(*GOOD[0])]))
+    assert "_aws" not in capsys.readouterr().out
