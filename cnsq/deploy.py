@@ -317,6 +317,12 @@ def destroy(stack_name: str, stacks: Stacks, ui: UI, assume_yes: bool, interacti
         answer = ui.prompt(f"Type the stack name ({stack_name}) to delete it")
         if answer.strip() != stack_name:
             raise DeployError("the name did not match; nothing was deleted")
+    for _, rtype, group in resources:
+        if rtype == "AWS::AutoScaling::AutoScalingGroup" and group:
+            lifted = stacks.lift_scale_in_protection(group)
+            if lifted:
+                ui.echo(f"Lifted scale-in protection from {lifted} GPU host(s) of {group}, so "
+                        "the group can empty.")
     started = datetime.now(UTC) - timedelta(seconds=5)
     stacks.delete(stack_name)
 

@@ -77,9 +77,10 @@ class Stacks:
     """CloudFormation operations on behalf of one session."""
 
     def __init__(self, cloudformation: Client, s3: Client, poll_seconds: float = 5.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, autoscaling: Client | None = None):
         self.cfn = cloudformation
         self.s3 = s3
+        self.autoscaling = autoscaling
         self.poll_seconds = poll_seconds
         self.sleep = sleep
 
@@ -283,3 +284,21 @@ class Stacks:
 
     def delete(self, name: str) -> None:
         self.cfn.delete_stack(StackName=name)
+
+    def lift_scale_in_protection(self, group: str) -> int:
+        """Lift scale-in protection from every host of ``group`` (a self-scaling stack protects
+        new hosts, and ECS lifts it only from hosts without tasks); returns how many.
+
+        A delete sets the group's size to zero: protected hosts would stay. SetInstanceProtection
+        takes at most 50 instances a call (the EC2 Auto Scaling API reference)."""
+        if self.autoscaling is None:
+            return 0
+        protected = [i["InstanceId"] for page in self.autoscaling.get_paginator(
+                         "describe_auto_scaling_groups").paginate(AutoScalingGroupNames=[group])
+                     for found in page.get("AutoScalingGroups", [])
+                     for i in found.get("Instances", []) if i.get("ProtectedFromScaleIn")]
+        for start in range(0, len(protected), 50):
+            self.autoscaling.set_instance_protection(
+                AutoScalingGroupName=group, InstanceIds=protected[start:start + 50],
+                ProtectedFromScaleIn=False)
+        return len(protected)

@@ -426,3 +426,27 @@ def test_the_admin_function_exports_under_its_role(world, postgres_url):
             export(conn, {**env, "EXPORT_PREFIX": "elsewhere/"}, s3)
     finally:
         conn.close()
+
+
+def test_delete_empties_a_group_whose_hosts_are_protected(project):
+    """The group protects new hosts from scale-in (ECS lifts it from hosts without tasks only): a
+    delete that set the size to zero would leave protected hosts running. `cnsq delete` lifts the
+    protection first."""
+    from conftest import client
+
+    deploy_scaling(max_instances=2)
+    autoscaling = client("autoscaling")
+    group = autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"][0]
+    assert group["NewInstancesProtectedFromScaleIn"] is True
+    name = group["AutoScalingGroupName"]
+    autoscaling.set_desired_capacity(AutoScalingGroupName=name, DesiredCapacity=2)
+    instances = [i["InstanceId"] for i in autoscaling.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"]]
+    assert len(instances) == 2
+    autoscaling.set_instance_protection(AutoScalingGroupName=name, InstanceIds=instances,
+                                        ProtectedFromScaleIn=True)
+    result = CliRunner().invoke(main, ["delete", "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"Lifted scale-in protection from 2 GPU host(s) of {name}" in result.output
+    assert autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])[
+        "AutoScalingGroups"] == []

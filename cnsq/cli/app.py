@@ -183,7 +183,8 @@ def _paths(config):
 def _stacks(aws, poll: float = 5.0):
     from ..stack import Stacks
 
-    return Stacks(aws.client("cloudformation"), aws.client("s3"), poll_seconds=poll)
+    return Stacks(aws.client("cloudformation"), aws.client("s3"), poll_seconds=poll,
+                  autoscaling=aws.client("autoscaling"))
 
 
 def _mask(text: str) -> str:
