@@ -103,8 +103,42 @@ def check_lint(path: Path, region: str, lambdas: list[str] | None = None) -> lis
     return findings
 
 
+def pinned_ami(config: Config, stacks: Stacks, current: dict | None, update_ami: bool,
+               ui: UI) -> str:
+    """The AMI the hosts run after this deploy: the stack's own (``ResolvedValue`` where an
+    older cnsq passed the SSM parameter itself) unless ``update_ami``, else the public
+    parameter's value now. A newer AMI is announced, never rolled out unasked: each host would be
+    replaced, one at a time, while tiles wait.
+
+    Raises:
+        DeployError: the parameter does not exist in the region.
+    """
+    name = config.values["ecs"]["amiParameter"]
+    deployed = None
+    for parameter in (current or {}).get("Parameters", []):
+        if parameter.get("ParameterKey") == "AmiId":
+            value = parameter.get("ResolvedValue") or parameter.get("ParameterValue", "")
+            deployed = value if value.startswith("ami-") else None
+    if deployed and not update_ami:
+        latest = stacks.public_parameter(name)
+        if latest and latest != deployed:
+            ui.echo(f"GPU AMI: {deployed} kept; {latest} is newer ({name}): "
+                    "`cnsq deploy --update-ami` replaces the hosts with it, one at a time.")
+        return deployed
+    latest = stacks.public_parameter(name)
+    if not latest:
+        raise DeployError(f"ecs.amiParameter: SSM parameter {name} does not exist in this region")
+    if deployed and deployed != latest:
+        ui.echo(f"GPU AMI: {deployed} → {latest} (--update-ami): the hosts are replaced one at a "
+                "time.")
+    elif not deployed:
+        ui.echo(f"GPU AMI: {latest} ({name}), pinned until `cnsq deploy --update-ami`.")
+    return latest
+
+
 def plan(
-    config: Config, paths: Paths, stacks: Stacks, pip: package.PipRunner, ui: UI, region: str
+    config: Config, paths: Paths, stacks: Stacks, pip: package.PipRunner, ui: UI, region: str,
+    update_ami: bool = False,
 ) -> Plan:
     """Package → compile → lint → upload the template → create and read a change set."""
     current = stacks.describe(config.stack_name)
@@ -142,8 +176,9 @@ def plan(
     if not stacks.object_exists(config.bucket, key):
         stacks.upload(config.bucket, key, body)
     url = stacks.template_url(config.bucket, key, region)
+    ami = pinned_ami(config, stacks, current if kind == "UPDATE" else None, update_ami, ui)
     arn = stacks.create_change_set(
-        config.stack_name, kind, url, config.secret_parameters(),
+        config.stack_name, kind, url, {**config.secret_parameters(), "AmiId": ami},
         config.values["capabilities"], {"Project": config.values["projectTag"]},
     )
     result.change_set = stacks.wait_change_set(arn, kind)

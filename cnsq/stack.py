@@ -77,10 +77,12 @@ class Stacks:
     """CloudFormation operations on behalf of one session."""
 
     def __init__(self, cloudformation: Client, s3: Client, poll_seconds: float = 5.0,
-                 sleep: Callable[[float], None] = time.sleep, autoscaling: Client | None = None):
+                 sleep: Callable[[float], None] = time.sleep, autoscaling: Client | None = None,
+                 ssm: Client | None = None):
         self.cfn = cloudformation
         self.s3 = s3
         self.autoscaling = autoscaling
+        self.ssm = ssm
         self.poll_seconds = poll_seconds
         self.sleep = sleep
 
@@ -284,6 +286,14 @@ class Stacks:
 
     def delete(self, name: str) -> None:
         self.cfn.delete_stack(StackName=name)
+
+    def public_parameter(self, name: str) -> str | None:
+        """The value of an SSM parameter (AWS's public ones: the ECS AMIs), None if missing."""
+        if self.ssm is None:
+            raise AwsError("no SSM client to resolve the AMI's parameter")
+        answer = self.ssm.get_parameters(Names=[name])
+        found = answer.get("Parameters", [])
+        return found[0]["Value"] if found else None
 
     def lift_scale_in_protection(self, group: str) -> int:
         """Lift scale-in protection from every host of ``group`` (a self-scaling stack protects

@@ -450,3 +450,39 @@ def test_delete_empties_a_group_whose_hosts_are_protected(project):
     assert f"Lifted scale-in protection from 2 GPU host(s) of {name}" in result.output
     assert autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])[
         "AutoScalingGroups"] == []
+
+
+def test_the_gpu_ami_is_pinned_until_the_user_moves_it(project):
+    """The AMI was an SSM-typed parameter, resolved again at every update: a new AMI release made
+    any deploy roll every host. It is resolved at creation and kept; a newer one is announced
+    and taken with --update-ami, its change shown in the change set."""
+    from conftest import client
+
+    ec2, ssm = client("ec2"), client("ssm")
+    first, second = [i["ImageId"] for i in ec2.describe_images(Owners=["amazon"])["Images"][:2]]
+    ssm.put_parameter(Name="/test/gpu-ami", Value=first, Type="String")
+    path = Path("config/config.yml")
+    text = path.read_text()
+    assert "  ecs:\n" in text
+    path.write_text(text.replace("  ecs:\n", "  ecs:\n    amiParameter: /test/gpu-ami\n", 1))
+
+    def deployed_ami() -> str:
+        stack = client("cloudformation").describe_stacks(StackName="cnsq-dev")["Stacks"][0]
+        return {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}["AmiId"]
+
+    result = CliRunner().invoke(main, ["deploy"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"GPU AMI: {first} (/test/gpu-ami), pinned until `cnsq deploy --update-ami`" in result.output
+    assert deployed_ami() == first
+
+    ssm.put_parameter(Name="/test/gpu-ami", Value=second, Type="String", Overwrite=True)
+    result = CliRunner().invoke(main, ["deploy"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"GPU AMI: {first} kept; {second} is newer" in result.output
+    assert "No changes" in result.output and deployed_ami() == first
+
+    result = CliRunner().invoke(main, ["deploy", "--update-ami", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"GPU AMI: {first} → {second} (--update-ami)" in result.stderr
+    # (moto lists no change for a parameter alone; AWS lists the launch template's Modify.)
+    assert deployed_ami() == second

@@ -129,7 +129,7 @@ def test_gpu_launch_template_and_prediction_endpoint(compiled):
     _, data = compiled
     resources = data["Resources"]
     assert "AWS::AutoScaling::LaunchConfiguration" not in json.dumps(resources)
-    assert data["Parameters"]["AmiId"]["Default"].endswith("/gpu/recommended/image_id")
+    assert data["Parameters"]["AmiId"]["Description"].endswith("/gpu/recommended/image_id")
     task = resources["cnsqdevTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     assert task["ResourceRequirements"] == [{"Type": "GPU", "Value": "1"}]
     assert "--enable_batching=true" in task["Command"][0]

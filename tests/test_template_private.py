@@ -132,7 +132,8 @@ def test_opening_the_database_and_the_model_is_an_opt_in(tmp_path):
 def test_current_aws_values_that_do_not_rot(tmp_path):
     _, _, data = compile_example(tmp_path)
     resources = data["Resources"]
-    assert data["Parameters"]["AmiId"]["Default"] == (
+    assert data["Parameters"]["AmiId"]["Type"] == "AWS::EC2::Image::Id"  # pinned by deploy
+    assert data["Parameters"]["AmiId"]["Description"].endswith(
         "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id")
     user_data = resources["cnsqdevLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"][
         "Fn::Base64"]["Fn::Sub"]
@@ -163,7 +164,7 @@ def test_a_cpu_model_server_asks_for_no_gpu(tmp_path):
         "instanceType: g4dn.xlarge", "instanceType: c6i.xlarge").replace("gpus: 1", "gpus: 0"))
     task = data["Resources"]["cnsqdevTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     assert "ResourceRequirements" not in task
-    assert data["Parameters"]["AmiId"]["Default"] == (
+    assert data["Parameters"]["AmiId"]["Description"].endswith(
         "/aws/service/ecs/optimized-ami/amazon-linux-2023/recommended/image_id")
 
 

@@ -184,7 +184,7 @@ def _stacks(aws, poll: float = 5.0):
     from ..stack import Stacks
 
     return Stacks(aws.client("cloudformation"), aws.client("s3"), poll_seconds=poll,
-                  autoscaling=aws.client("autoscaling"))
+                  autoscaling=aws.client("autoscaling"), ssm=aws.client("ssm"))
 
 
 def _mask(text: str) -> str:

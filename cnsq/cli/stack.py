@@ -191,8 +191,11 @@ def package_cmd(settings: Settings, upload: bool) -> None:
 @click.option("--fail-on-empty", is_flag=True, help="Exit 1 when there is nothing to deploy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the change set and outputs as JSON.")
 @click.option("--skip-preflight", is_flag=True, help="Do not check the account first.")
+@click.option("--update-ami", is_flag=True,
+              help="Move the GPU hosts to the newest AMI of ecs.amiParameter (they are replaced "
+                   "one at a time). Without it the hosts keep the AMI they were deployed with.")
 def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
-           as_json: bool, skip_preflight: bool) -> None:
+           as_json: bool, skip_preflight: bool, update_ami: bool) -> None:
     """Package, compile, lint and deploy the stack through a change set.
 
     Shows what will change before anything does, streams stack events, and prints the outputs
@@ -202,6 +205,7 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
     Example:
       cnsq deploy --config config/config.yml --deployment prod
       cnsq deploy --config config/config.yml --no-execute   # only show the changes
+      cnsq deploy --update-ami   # the GPU hosts move to the newest ECS GPU AMI
     """
     from .. import deploy as flow
     from ..config import placeholders
@@ -224,7 +228,8 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
         if report.problems:
             raise CnsqError(f"preflight found {len(report.problems)} problem(s); nothing was "
                             "deployed (fix them, or pass --skip-preflight)")
-    plan = flow.plan(config, _paths(config), stacks, SubprocessPip(), ui, aws.region_name)
+    plan = flow.plan(config, _paths(config), stacks, SubprocessPip(), ui, aws.region_name,
+                     update_ami)
     result: dict[str, Any] = {"stack": plan.stack_name, "changeSetArn": plan.change_set.arn,
                               "uploaded": plan.uploaded, "changes": [], "outputs": {}}
     if plan.empty:
