@@ -486,3 +486,26 @@ def test_the_gpu_ami_is_pinned_until_the_user_moves_it(project):
     assert f"GPU AMI: {first} → {second} (--update-ami)" in result.stderr
     # (moto lists no change for a parameter alone; AWS lists the launch template's Modify.)
     assert deployed_ami() == second
+
+
+def test_cnsq_deploy_runs_with_exactly_the_deployers_permission_list(project, moto_url,
+                                                                       monkeypatch):
+    """The calls `cnsq deploy` itself makes (preflight, packaging, the change set, the events,
+    the outputs) are allowed by templates/deployer-permissions.yml: moto checks each one. (The
+    resources CloudFormation creates are checked against the same list in test_preflight.)"""
+    from aws_rules import _widened, user_with
+
+    from cnsq import preflight
+    from cnsq.config import load_config
+
+    actions = sorted(preflight.deployer_actions(load_config(Path("config/config.yml"))))
+    keys = user_with([_widened({"Effect": "Allow", "Action": actions, "Resource": "*"})])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+    with iam_enforced(moto_url):
+        result = CliRunner().invoke(main, ["deploy"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    denied = [line for line in result.output.splitlines()
+              if "may not" in line or "answered 403" in line or "access denied" in line.lower()
+              or "AccessDenied" in line]
+    assert denied == [], "\n".join(denied)
