@@ -90,7 +90,11 @@ class TileServer(_Server):
     500, or slow (sleeps). ``delay`` applies to every request."""
 
     def __init__(self, delay: float = 0.0, content: dict[str, bytes] | None = None, tls=None,
-                 only_content: bool = False):
+                 only_content: bool = False, close_connections: bool = False):
+        # Connection: close on every answer (as Python's http.server and HTTP/1.0 servers do):
+        # http.client hands the socket to the response and forgets it on the connection.
+        self.close_connections = close_connections
+        self.chunked: set[str] = set()  # x-y-z answered with Transfer-Encoding: chunked
         self.content = content or {}  # real images by x-y-z, instead of tile_image()
         self.only_content = only_content  # 404 for a tile not in content
         self.missing: set[str] = set()
@@ -141,6 +145,9 @@ class TileServer(_Server):
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")
                 self.send_header("Content-Length", str(len(body)))
+                if server.close_connections:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 try:
                     for byte in body:
@@ -149,6 +156,28 @@ class TileServer(_Server):
                         time.sleep(server.trickle[key])
                 except OSError:
                     pass
+                return None
+            if key in server.chunked:  # no Content-Length: the size is known only once read
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for start in range(0, len(body), 65536):
+                        part = body[start:start + 65536]
+                        self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass
+                return None
+            if server.close_connections:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
                 return None
             self.send(200, body, "image/jpeg")
 

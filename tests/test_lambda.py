@@ -683,9 +683,13 @@ def test_records_left_when_the_lambda_runs_out_of_time_are_batch_item_failures(m
     assert failures(result) == {"m0"}
 
 
-def test_slow_tiles_cost_their_own_records_and_nothing_after(make_app, tiles, db_url):
+@pytest.mark.parametrize("closing", [False, True], ids=["keep-alive", "connection-close"])
+def test_slow_tiles_cost_their_own_records_and_nothing_after(make_app, tiles, db_url, closing):
     """A deadline ends the read itself: once more slow tiles than download workers have failed,
-    the next invocation's healthy tiles are all written, at once."""
+    the next invocation's healthy tiles are all written, at once. With `Connection: close` (an
+    HTTP/1.0 server, Python's http.server) http.client gives the socket to the response and
+    the connection forgets it: the deadline must end that read too."""
+    tiles.close_connections = closing
     for x in range(4):
         tiles.trickle[f"{x}-9-5"] = 0.5  # a byte every half second: every read is quick
     app = make_app(TILE_TIMEOUT=2, TILE_DEADLINE=1, RETRIES=1, DOWNLOAD_WORKERS=2)
@@ -756,3 +760,27 @@ def test_each_invocation_writes_its_record_counts_as_an_embedded_metric_line(mak
     # Without the namespace (one machine, a fixed stack), no such line.
     make_app().run(sqs_event([body(*GOOD[0])]))
     assert "_aws" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_tile_over_its_size_fails_alone_and_is_never_held_whole(make_app, tiles, model, db_url,
+                                                                   declared):
+    """A 300 MB "tile" was read whole, base64-encoded and posted (1.8 GB resident; a 1 GB Lambda
+    is killed and the whole batch fails on every retry). Each body is capped while it is read
+    (MAX_TILE_BYTES); the tile fails alone, not retried."""
+    big = b"\xff\xd8\xff" + b"x" * (2 * 2**20)
+    tiles.content["1-2-3"] = big
+    if not declared:
+        tiles.chunked.add("1-2-3")
+    app = make_app(MAX_TILE_BYTES=2**20)
+    outcome = app.process(sqs_event([body(*t) for t in GOOD]))
+    assert outcome.failed == {"m0": "tile_too_large"}
+    assert tiles.requests["1-2-3"] == 1
+    assert rows(db_url) == expected(*GOOD[1:])
+
+
+def test_a_model_answer_over_its_size_fails_its_records(make_app, model, db_url):
+    app = make_app(MAX_PREDICTION_BYTES=20)  # the answer for three tiles is ~90 bytes
+    outcome = app.process(sqs_event([body(*t) for t in GOOD]))
+    assert set(outcome.failed.values()) == {"model_too_large"} and len(outcome.failed) == 3
+    assert model.batches == [3]  # asked once: the same answer would come again

@@ -22,7 +22,15 @@ from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .errors import BadEvent, BadRecord, HttpDeadline, HttpError, HttpTimeout, StepFailed
+from .errors import (
+    BadEvent,
+    BadRecord,
+    HttpDeadline,
+    HttpError,
+    HttpTimeout,
+    HttpTooLarge,
+    StepFailed,
+)
 from .http import Http
 
 # The names a subclass (lambda/examples/) and older code import from here; each has its own
@@ -178,7 +186,8 @@ class DownloadAndPredict:
         url = self.url_for(tile)
         response = self._with_retries(
             lambda: self.http.get(url, read_timeout=self.settings.tile_timeout,
-                                  deadline=self.request_deadline()),
+                                  deadline=self.request_deadline(),
+                                  max_bytes=self.settings.max_tile_bytes),
             f"tile {tile.id}", "tile")
         if response.status_code == 404:
             return None
@@ -264,7 +273,8 @@ class DownloadAndPredict:
         response = self._with_retries(
             lambda: self.http.post_json(endpoint, payload,
                                         read_timeout=self.settings.predict_timeout,
-                                        deadline=self.request_deadline()),
+                                        deadline=self.request_deadline(),
+                                        max_bytes=self.settings.max_prediction_bytes),
             "prediction", "model")
         if response.status_code != 200:
             raise StepFailed("model_error",
@@ -424,6 +434,8 @@ class DownloadAndPredict:
             last = attempt == attempts - 1
             try:
                 response = call()
+            except HttpTooLarge as exc:  # the same body again: no retry
+                raise StepFailed(f"{kind}_too_large", f"{what}: {exc}") from None
             except HttpDeadline:  # no time left for this request: no retry either
                 raise StepFailed("tile_deadline" if kind == "tile" else "deadline",
                                  f"{what}: not done by its deadline") from None

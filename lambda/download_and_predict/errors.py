@@ -40,5 +40,9 @@ class HttpDeadline(HttpTimeout):
     """The request's total deadline passed: its connection was closed, nothing reads on."""
 
 
+class HttpTooLarge(HttpError):
+    """The answer's body is over the size allowed (stopped while read, never held whole)."""
+
+
 class AdminError(HandlerError):
     """A request the admin function cannot carry out; its message is returned to the caller."""

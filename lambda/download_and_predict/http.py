@@ -25,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy, should_bypass_proxies
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import HttpDeadline, HttpError, HttpTimeout
+from .errors import HttpDeadline, HttpError, HttpTimeout, HttpTooLarge
 
 
 def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -115,7 +115,10 @@ class DeadlineWatch:
                     self._cancelled.discard(ticket)
                     continue
                 self._fired.add(ticket)
-            sock = getattr(connection, "sock", None)
+            # The socket the connection opened, even once it handed it to the response: with
+            # `Connection: close` (HTTP/1.0, Python's http.server) http.client sets the
+            # connection's ``sock`` to None and the response reads on alone.
+            sock = getattr(connection, "opened_socket", None) or getattr(connection, "sock", None)
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -123,11 +126,27 @@ class DeadlineWatch:
                     pass
 
 
+def _remembering(connection_class: type) -> type:
+    """A urllib3 connection class that keeps the socket it opened as ``opened_socket``: the
+    deadline can shut it down whoever reads from it."""
+
+    class Remembering(connection_class):  # type: ignore[misc, valid-type]
+        opened_socket: Any = None
+
+        def connect(self) -> None:
+            super().connect()
+            self.opened_socket = self.sock
+
+    return Remembering
+
+
 def _watched(pool_class: type, on_connection: Any) -> type:
     """A urllib3 pool class that reports each connection it hands out, in the requesting thread
     (where the request's deadline is known)."""
 
     class Watched(pool_class):  # type: ignore[misc, valid-type]
+        ConnectionCls = _remembering(pool_class.ConnectionCls)
+
         def _get_conn(self, timeout: float | None = None) -> Any:
             connection = super()._get_conn(timeout)
             on_connection(connection)
@@ -188,10 +207,13 @@ class Http:
 
     def request(self, method: str, url: str, connect_timeout: float = 3.05,
                 read_timeout: float = 10.0, deadline: float | None = None,
-                **kwargs: Any) -> requests.Response:
+                max_bytes: int | None = None, **kwargs: Any) -> requests.Response:
         """One request, its body read whole; raises HttpTimeout or HttpError when no HTTP
-        answer came back, and HttpDeadline when ``deadline`` (time.monotonic()) passed first:
-        the connection is closed then, so nothing keeps reading."""
+        answer came back, HttpDeadline when ``deadline`` (time.monotonic()) passed first (the
+        connection is closed then, so nothing keeps reading), and HttpTooLarge when the body is
+        over ``max_bytes``: it is read in chunks and dropped at the limit, never held whole."""
+        if max_bytes is not None:
+            kwargs["stream"] = True
         proxy = self.proxy_for(url)
         if deadline is not None:
             left = deadline - time.monotonic()
@@ -200,9 +222,14 @@ class Http:
             connect_timeout, read_timeout = min(connect_timeout, left), min(read_timeout, left)
         self._current.deadline, self._current.tickets = deadline, []
         try:
-            return self.session.request(
+            response = self.session.request(
                 method, url, timeout=(connect_timeout, read_timeout), verify=self.verify,
                 proxies={"http": proxy, "https": proxy} if proxy else {}, **kwargs)
+            if max_bytes is not None:
+                _read_at_most(response, max_bytes, urlsplit(url).netloc)
+            return response
+        except HttpTooLarge:
+            raise
         except requests.Timeout as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise HttpDeadline(f"{urlsplit(url).netloc}: not answered by its deadline") from None
@@ -219,15 +246,37 @@ class Http:
                 raise HttpDeadline(f"{urlsplit(url).netloc}: not answered by its deadline")
 
     def get(self, url: str, connect_timeout: float = 3.05, read_timeout: float = 10.0,
-            deadline: float | None = None) -> requests.Response:
-        return self.request("GET", url, connect_timeout, read_timeout, deadline)
+            deadline: float | None = None, max_bytes: int | None = None) -> requests.Response:
+        return self.request("GET", url, connect_timeout, read_timeout, deadline, max_bytes)
 
     def post_json(self, url: str, payload: Any, connect_timeout: float = 3.05,
-                  read_timeout: float = 60.0, deadline: float | None = None) -> requests.Response:
-        return self.request("POST", url, connect_timeout, read_timeout, deadline, json=payload)
+                  read_timeout: float = 60.0, deadline: float | None = None,
+                  max_bytes: int | None = None) -> requests.Response:
+        return self.request("POST", url, connect_timeout, read_timeout, deadline, max_bytes,
+                            json=payload)
 
     def close(self) -> None:
         self.session.close()
+
+
+def _read_at_most(response: requests.Response, limit: int, where: str) -> None:
+    """Read a streamed body into ``response.content``, refusing it past ``limit`` bytes (a
+    Content-Length over it is refused before a byte is read). The connection of a refused body
+    is closed, not pooled: the rest of the body is never read."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        response.close()
+        raise HttpTooLarge(f"{where}: the body is {int(declared):,} bytes, over the "
+                           f"{limit:,} allowed")
+    chunks, size = [], 0
+    for chunk in response.iter_content(65536):
+        size += len(chunk)
+        if size > limit:
+            response.close()
+            raise HttpTooLarge(f"{where}: the body is over the {limit:,} bytes allowed")
+        chunks.append(chunk)
+    # requests' own cache of the body: .content, .text and .json() read it from here.
+    response._content = b"".join(chunks)
 
 
 def _reason(exc: BaseException) -> str:

@@ -40,6 +40,10 @@ class Settings:
     database_timeout: float = 30.0
     retries: int = 3
     backoff: float = 0.2
+    # The largest body read: a tile (MAX_TILE_BYTES) and the model's answer to one request
+    # (MAX_PREDICTION_BYTES). A larger one fails its own records, never the invocation's memory.
+    max_tile_bytes: int = 8 * 2**20
+    max_prediction_bytes: int = 64 * 2**20
     download_workers: int = 16
     proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see http.py
     ca_bundle: str | bool = True  # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE; True: certifi's
@@ -77,6 +81,8 @@ class Settings:
                 predict_timeout=float(env.get("PREDICT_TIMEOUT", 60)),
                 retries=int(env.get("RETRIES", 3)),
                 backoff=float(env.get("RETRY_BACKOFF", 0.2)),
+                max_tile_bytes=int(env.get("MAX_TILE_BYTES", 8 * 2**20)),
+                max_prediction_bytes=int(env.get("MAX_PREDICTION_BYTES", 64 * 2**20)),
                 download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
                 proxies=proxies_from_env(env),
                 ca_bundle=ca_bundle_from_env(env),
