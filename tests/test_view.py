@@ -459,7 +459,8 @@ def test_the_proxy_passes_only_images(served):
     tiles.content["32003-24000-16"] = b"<html><script>alert(document.domain)</script></html>"
     answer = requests.get(url + "imagery/16/32003/24000", timeout=5)
     assert answer.status_code == 502 and answer.headers["Content-Type"] == "text/plain"
-    assert answer.text == "tile 32003-24000-16: the tile endpoint answered image/jpeg, not an image"
+    assert answer.text == ("tile 32003-24000-16: the tile endpoint answered image/jpeg, not a "
+                           "raster image")
     assert "<script>" not in answer.text
 
 
@@ -623,3 +624,45 @@ def test_ctrl_c_the_moment_the_url_is_printed_stops_cleanly(tmp_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=10)
         assert process.returncode == 0 and "Stopped cnsq view." in err, err
+
+
+def test_proxied_imagery_is_typed_from_its_bytes_and_cannot_run_script(served):
+    """A body with `ftyp` at bytes 4-8 passed as an image though it was SVG with a script; the
+    view forwarded `image/svg+xml`, and opened as a page it could read /api/*. The type comes
+    from the bytes (raster formats only), and every proxied body is sent with nosniff and a
+    policy that runs nothing."""
+    url, _, tiles = served
+    svg = b"<svgftyp xmlns='http://www.w3.org/2000/svg'><script>fetch('/api/summary')</script></svg>"
+    assert svg[4:8] == b"ftyp"
+    tiles.content["32003-24000-16"] = svg
+    spoof = requests.get(url + "imagery/16/32003/24000", timeout=5)
+    assert spoof.status_code == 502 and "svg" not in spoof.headers["Content-Type"]
+    good = requests.get(url + "imagery/16/32000/24000", timeout=5)
+    for answer in (spoof, good):
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Content-Security-Policy"] == "default-src 'none'"
+    assert good.headers["Content-Type"] == "image/jpeg"
+
+
+def test_imagery_has_a_deadline_and_a_size(tmp_path):
+    """A trickling imagery server held the browser's connections (the page's own API unanswered
+    after 60 s) and the view's threads for minutes; a 1.5 GB "PNG" was streamed whole. The
+    worker's total deadline and size bound apply here too."""
+    source = tmp_path / "results.csv"
+    write_results(source, 4)
+    tiles = TileServer(close_connections=True)
+    tiles.trickle["1-1-2"] = 0.5
+    tiles.content["2-1-2"] = b"\x89PNG" + b"x" * (9 * 2**20)
+    imagery = open_imagery(tiles.url + "/{z}/{x}/{y}.png", None)
+    imagery.timeout = 1.0
+    viewed, _ = prepare(source, "results.csv", tmp_path, 1, 0.5, imagery, None)
+    running = start(viewed, 0)
+    try:
+        started = time.monotonic()
+        slow = requests.get(running.url + "imagery/2/1/1", timeout=30)
+        assert slow.status_code == 502 and time.monotonic() - started < 5
+        big = requests.get(running.url + "imagery/2/2/1", timeout=30)
+        assert big.status_code == 502 and "over the" in big.text
+    finally:
+        running.close()
+        tiles.close()

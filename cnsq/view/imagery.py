@@ -8,15 +8,18 @@ the browser, its history, its cache or a screenshot of its network panel.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from download_and_predict.errors import SettingsError
+from download_and_predict.errors import HttpError, HttpTimeout, HttpTooLarge, SettingsError
+from download_and_predict.http import Http
 from download_and_predict.masking import mask, register_secret
-from download_and_predict.tiles import Tile, check_tile_endpoint, imagery_url, is_image
+from download_and_predict.settings import DEFAULT_MAX_TILE_BYTES
+from download_and_predict.tiles import Tile, check_tile_endpoint, imagery_url
 
 from ..errors import CnsqError
-from ..local.tileserver import FolderTiles, MBTiles, content_type, open_source
+from ..local.tileserver import FolderTiles, MBTiles, open_source
 
 
 class ImageryError(CnsqError):
@@ -29,45 +32,71 @@ class Image:
     kind: str
 
 
+def raster_type(data: bytes) -> str | None:
+    """The media type of a raster image a browser shows, decided from its bytes: PNG, JPEG,
+    WebP, GIF or AVIF (an ISO media file whose brand is ``avif``/``avis``, not any ``ftyp``).
+    None for anything else: SVG, HTML or a script is never passed on as an image."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "image/avif"
+    return None
+
+
 class RemoteImagery:
-    """Tiles from an XYZ endpoint, fetched with the token the page never sees."""
+    """Tiles from an XYZ endpoint, fetched with the token the page never sees, through the
+    worker's HTTP client: the same total deadline (``timeout``, whatever the server does) and
+    the same size bound (``max_bytes``)."""
 
-    def __init__(self, template: str, token: str | None, timeout: float = 15.0):
-        import requests
-
+    def __init__(self, template: str, token: str | None, timeout: float = 15.0,
+                 max_bytes: int = DEFAULT_MAX_TILE_BYTES):
         try:
             check_tile_endpoint(template)
         except SettingsError as exc:
             raise CnsqError(f"--tile-endpoint: {exc}") from None
         register_secret(token)
         self.template, self.token, self.timeout = template, token, timeout
-        self.session = requests.Session()
+        self.max_bytes = max_bytes
+        self.http = Http(16)
         self.zooms = (0, 22)
         self.name = mask(template.split("?", 1)[0])
 
     def get(self, z: int, x: int, y: int) -> Image | None:
-        import requests
-
         url = imagery_url(self.template, Tile(x, y, z), self.token)
         try:
-            response = self.session.get(url, timeout=self.timeout)
-        except requests.RequestException as exc:
+            response = self.http.get(url, read_timeout=self.timeout,
+                                     deadline=time.monotonic() + self.timeout,
+                                     max_bytes=self.max_bytes)
+        except HttpTooLarge:
+            raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint answered a body over the "
+                               f"{self.max_bytes:,} bytes allowed") from None
+        except HttpTimeout:
+            raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint did not answer within "
+                               f"{self.timeout:g} s") from None
+        except HttpError as exc:
             # The tile, never the URL: a URL carries the token, in forms no mask can foresee.
+            # (The client's message starts with requests' exception name.)
             raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint did not answer "
-                               f"({type(exc).__name__})") from None
+                               f"({str(exc).split(':', 1)[0]})") from None
         if response.status_code == 404:
             return None
         if response.status_code != 200:
             raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint answered "
                                f"{response.status_code}")
-        # Only an image is passed on: an HTML page served as a tile would run in the view's
-        # origin. What the bytes are decides, not what the endpoint says.
-        if not is_image(response.content):
+        # Only a raster image is passed on, typed from its bytes: an HTML page or an SVG served
+        # as a tile would run in the view's origin. What the bytes are decides, not the endpoint.
+        kind = raster_type(response.content)
+        if kind is None:
             raise ImageryError(f"tile {x}-{y}-{z}: the tile endpoint answered "
-                               f"{_kind(response.headers.get('Content-Type'))}, not an image")
-        kind = response.headers.get("Content-Type", "")
-        return Image(response.content, kind if kind.startswith("image/")
-                     else content_type(response.content))
+                               f"{_kind(response.headers.get('Content-Type'))}, not a raster "
+                               "image")
+        return Image(response.content, kind)
 
 
 def _kind(header: str | None) -> str:
@@ -97,7 +126,12 @@ class LocalImagery:
 
     def get(self, z: int, x: int, y: int) -> Image | None:
         data = self.source.get(z, x, y, "png")
-        return Image(data, content_type(data)) if data is not None else None
+        if data is None:
+            return None
+        kind = raster_type(data)
+        if kind is None:
+            raise ImageryError(f"tile {x}-{y}-{z}: {self.name} holds no raster image for it")
+        return Image(data, kind)
 
 
 def open_imagery(endpoint: str | None, token: str | None) -> RemoteImagery | LocalImagery | None:

@@ -186,15 +186,18 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             if viewed.imagery is None or z > 30 or x >= 2**z or y >= 2**z:
                 self.send(404, b"no imagery", "text/plain")
                 return
+            # Whatever comes back through the proxy runs nothing if opened as a page.
+            guarded = {"Content-Security-Policy": "default-src 'none'"}
             try:
                 image = viewed.imagery.get(z, x, y)
             except ImageryError as exc:
-                self.send(502, str(exc).encode(), "text/plain")
+                self.send(502, str(exc).encode(), "text/plain", guarded)
                 return
             if image is None:
-                self.send(404, b"no such tile", "text/plain")
+                self.send(404, b"no such tile", "text/plain", guarded)
                 return
-            self.send(200, image.data, image.kind, {"Cache-Control": "private, max-age=3600"})
+            self.send(200, image.data, image.kind,
+                      {"Cache-Control": "private, max-age=3600", **guarded})
 
         def geojson(self, thresh: float) -> None:
             from ..geojson import write_features

@@ -9,6 +9,9 @@ from .errors import SettingsError
 from .http import ca_bundle_from_env, proxies_from_env
 from .tiles import check_tile_endpoint
 
+# The largest tile body read (MAX_TILE_BYTES), by the worker and by `cnsq view`'s imagery.
+DEFAULT_MAX_TILE_BYTES = 8 * 2**20
+
 
 @dataclass
 class Settings:
@@ -42,7 +45,7 @@ class Settings:
     backoff: float = 0.2
     # The largest body read: a tile (MAX_TILE_BYTES) and the model's answer to one request
     # (MAX_PREDICTION_BYTES). A larger one fails its own records, never the invocation's memory.
-    max_tile_bytes: int = 8 * 2**20
+    max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES
     max_prediction_bytes: int = 64 * 2**20
     download_workers: int = 16
     proxies: dict[str, str] = field(default_factory=dict)  # from *_PROXY: see http.py
@@ -81,7 +84,7 @@ class Settings:
                 predict_timeout=float(env.get("PREDICT_TIMEOUT", 60)),
                 retries=int(env.get("RETRIES", 3)),
                 backoff=float(env.get("RETRY_BACKOFF", 0.2)),
-                max_tile_bytes=int(env.get("MAX_TILE_BYTES", 8 * 2**20)),
+                max_tile_bytes=int(env.get("MAX_TILE_BYTES", DEFAULT_MAX_TILE_BYTES)),
                 max_prediction_bytes=int(env.get("MAX_PREDICTION_BYTES", 64 * 2**20)),
                 download_workers=int(env.get("DOWNLOAD_WORKERS", 16)),
                 proxies=proxies_from_env(env),
