@@ -784,3 +784,30 @@ def test_a_model_answer_over_its_size_fails_its_records(make_app, model, db_url)
     outcome = app.process(sqs_event([body(*t) for t in GOOD]))
     assert set(outcome.failed.values()) == {"model_too_large"} and len(outcome.failed) == 3
     assert model.batches == [3]  # asked once: the same answer would come again
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254", "http://169.254.170.2",
+                                    "http://[fd00:ec2::254]", "http://[fe80::1]:8080"])
+def test_a_redirect_to_the_metadata_service_is_refused(make_app, db_url, target):
+    """An imagery server redirecting to a link-local or metadata address would have the Lambda
+    read credentials. Refused before it is followed. (A proxy on a dead local port catches any
+    request that would follow: nothing leaves this machine even if the refusal failed.)"""
+    from servers import Redirector
+
+    redirector = Redirector(target)
+    try:
+        app = make_app(TILE_ENDPOINT=redirector.url + "/{z}/{x}/{y}.jpg",
+                       HTTP_PROXY=f"http://127.0.0.1:{free_port()}", RETRIES=1)
+        outcome = app.process(sqs_event([body(1, 2, 3)]))
+    finally:
+        redirector.close()
+    assert outcome.failed == {"m0": "tile_refused"}
+
+
+def test_metadata_addresses_are_told_by_address_and_by_name():
+    from download_and_predict.http import metadata_address
+
+    assert metadata_address("169.254.169.254") == "169.254.169.254"
+    assert metadata_address("[fd00:ec2::254]") == "fd00:ec2::254"
+    assert metadata_address("127.0.0.1") is None and metadata_address("10.0.0.1") is None
+    assert metadata_address("localhost") is None

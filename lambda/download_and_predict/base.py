@@ -27,6 +27,7 @@ from .errors import (
     BadRecord,
     HttpDeadline,
     HttpError,
+    HttpRefused,
     HttpTimeout,
     HttpTooLarge,
     StepFailed,
@@ -436,6 +437,8 @@ class DownloadAndPredict:
                 response = call()
             except HttpTooLarge as exc:  # the same body again: no retry
                 raise StepFailed(f"{kind}_too_large", f"{what}: {exc}") from None
+            except HttpRefused as exc:
+                raise StepFailed(f"{kind}_refused", f"{what}: {exc}") from None
             except HttpDeadline:  # no time left for this request: no retry either
                 raise StepFailed("tile_deadline" if kind == "tile" else "deadline",
                                  f"{what}: not done by its deadline") from None

@@ -40,6 +40,10 @@ class HttpDeadline(HttpTimeout):
     """The request's total deadline passed: its connection was closed, nothing reads on."""
 
 
+class HttpRefused(HttpError):
+    """A redirect to an address no imagery lives at: link-local, the instance metadata service."""
+
+
 class HttpTooLarge(HttpError):
     """The answer's body is over the size allowed (stopped while read, never held whole)."""
 

@@ -18,14 +18,14 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy, should_bypass_proxies
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import HttpDeadline, HttpError, HttpTimeout, HttpTooLarge
+from .errors import HttpDeadline, HttpError, HttpRefused, HttpTimeout, HttpTooLarge
 
 
 def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -63,6 +63,43 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+# Where no imagery lives and credentials do: link-local addresses (the EC2 and ECS metadata
+# services at 169.254.169.254 and 169.254.170.2) and the metadata service's IPv6 address.
+METADATA_NETWORKS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"),
+                     ipaddress.ip_network("fd00:ec2::254/128"))
+
+
+def metadata_address(host: str) -> str | None:
+    """The link-local or metadata address ``host`` is or resolves to, or None. A name that does
+    not resolve is None here: the request fails on its own."""
+    try:
+        addresses = [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0])
+                         for info in socket.getaddrinfo(host, None)]
+        except (OSError, UnicodeError, ValueError):
+            return None
+    for address in addresses:
+        if any(address in network for network in METADATA_NETWORKS):
+            return str(address)
+    return None
+
+
+def _refuse_metadata_redirects(response: requests.Response, **_: Any) -> None:
+    """A response hook: a redirect towards a link-local or metadata address is refused before
+    it is followed (an imagery server must not make the Lambda or `cnsq view` read
+    credentials)."""
+    if not response.is_redirect:
+        return
+    target = urljoin(response.url, response.headers.get("location", ""))
+    found = metadata_address(urlsplit(target).hostname or "")
+    if found:
+        response.close()
+        raise HttpRefused(f"{urlsplit(response.url).netloc}: a redirect to {found} "
+                          "(link-local or instance metadata) was refused")
 
 
 class DeadlineWatch:
@@ -181,6 +218,7 @@ class Http:
                  verify: str | bool = True):
         self.session = requests.Session()
         self.session.trust_env = False  # the app's environment decides, not the process's
+        self.session.hooks["response"].append(_refuse_metadata_redirects)
         self.deadlines = DeadlineWatch()
         self._current = threading.local()  # the deadline of this thread's request, if any
         adapter = _Adapter(self._on_connection, pool_connections=8,
@@ -228,7 +266,7 @@ class Http:
             if max_bytes is not None:
                 _read_at_most(response, max_bytes, urlsplit(url).netloc)
             return response
-        except HttpTooLarge:
+        except (HttpTooLarge, HttpRefused):
             raise
         except requests.Timeout as exc:
             if deadline is not None and time.monotonic() >= deadline:
