@@ -4,6 +4,7 @@ the command as a user runs it. The page itself is tested in test_view_browser.py
 from __future__ import annotations
 
 import io
+import math
 import json
 import os
 import random
@@ -666,3 +667,28 @@ def test_imagery_has_a_deadline_and_a_size(tmp_path):
     finally:
         running.close()
         tiles.close()
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["numpy", "sql"])
+def test_huge_finite_scores_under_one_parent_do_not_overflow(tmp_path, early, monkeypatch):
+    """Two scores of 1.7e308 under one parent overflowed the parent's sum to infinity and
+    /api/features answered 400 for the zoomed-out map. The mean is aggregated as a weighted
+    mean, which stays within the scores' own range."""
+    import cnsq.view.index as index_module
+
+    source = tmp_path / "huge.csv"
+    source.write_text('tile,output\n0-0-12,"[0, 1.7e308]"\n1-0-12,"[0, 1.7e308]"\n'
+                      '2-0-12,"[0, 1.7e308]"\n3-0-12,"[0, -1.0]"\n')
+    if early:  # the parents as the SQL of a large file's early answer computes them
+        monkeypatch.setattr(index_module, "EARLY_BYTES", 0)
+    viewed, _ = prepare(source, "huge.csv", tmp_path, 1, 0.5, None, None)
+    running = start(viewed, 0)
+    try:
+        answer = requests.get(running.url + "api/features", params={
+            "zoom": 1, "west": -180, "south": -85, "east": 180, "north": 85}, timeout=10)
+    finally:
+        running.close()
+    assert answer.status_code == 200, answer.text
+    [parent] = answer.json()["parents"]
+    assert parent[3] == 1.7e308 and parent[5] == 4
+    assert parent[4] == pytest.approx(0.75 * 1.7e308)  # (3 x 1.7e308 - 1) / 4, never summed

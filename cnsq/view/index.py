@@ -39,7 +39,7 @@ DETAIL = 3  # zooms below a tile's own at which it is still drawn alone (4**3 = 
 LIMIT = 20_000  # items in one answer, whatever the view: a safety net, not the design
 BATCH = 20_000  # rows per insert
 PROGRESS_EVERY = 100_000
-FORMAT = 1  # of the index file: a cached index of another format is rebuilt
+FORMAT = 2  # of the index file: a cached index of another format is rebuilt (2: parents' mean)
 KEEP = 4  # indexes kept in the cache
 EARLY_BYTES = 4 << 20  # a results CSV this large is drawn before its tiles table is written
 
@@ -47,18 +47,23 @@ EARLY_BYTES = 4 << 20  # a results CSV this large is drawn before its tiles tabl
 # times faster than inserting a million rows in key order into a B-tree.
 SCHEMA = """
 CREATE TABLE tiles (z INTEGER, x INTEGER, y INTEGER, score REAL, output TEXT);
-CREATE TABLE parents (z INTEGER, x INTEGER, y INTEGER, max REAL, sum REAL, n INTEGER,
+CREATE TABLE parents (z INTEGER, x INTEGER, y INTEGER, max REAL, mean REAL, n INTEGER,
                       PRIMARY KEY (z, x, y)) WITHOUT ROWID;
 """
 
 # Level z from level z+1: its tiles and its parents (each parent holds the tiles deeper still).
+# The mean is a weighted mean of the children's means, each weighted by its share of the count:
+# a sum of scores overflows (two finite scores of 1.7e308 make infinity), a weighted mean stays
+# within the scores' own range.
 PARENTS_SQL = """
 INSERT INTO parents
-SELECT :z, x >> 1, y >> 1, max(max), sum(sum), sum(n) FROM (
-    SELECT x, y, score AS max, score AS sum, 1 AS n FROM tiles WHERE z = :z + 1
-    UNION ALL
-    SELECT x, y, max, sum, n FROM parents WHERE z = :z + 1
-) GROUP BY x >> 1, y >> 1
+SELECT :z, px, py, max(max), sum(mean * (n * 1.0 / total)), total FROM (
+    SELECT x >> 1 AS px, y >> 1 AS py, max, mean, n,
+           sum(n) OVER (PARTITION BY x >> 1, y >> 1) AS total FROM (
+        SELECT x, y, score AS max, score AS mean, 1 AS n FROM tiles WHERE z = :z + 1
+        UNION ALL
+        SELECT x, y, max, mean, n FROM parents WHERE z = :z + 1)
+) GROUP BY px, py
 """
 
 
@@ -330,10 +335,10 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
 
 def _parents(conn: sqlite3.Connection, z, x, y, score, deepest: int) -> None:
     """Every parent level from the tiles, as PARENTS_SQL computes it: level l holds, for each
-    (x >> 1, y >> 1) of level l + 1, the max, sum and count of the tiles under it."""
+    (x >> 1, y >> 1) of level l + 1, the max, mean and count of the tiles under it."""
     import numpy as np
 
-    below = None  # the parents of level l + 1: (x, y, max, sum, n)
+    below = None  # the parents of level l + 1: (x, y, max, mean, n)
     for level in range(deepest - 1, -1, -1):
         at = z == level + 1
         px = [x[at]]
@@ -353,9 +358,11 @@ def _parents(conn: sqlite3.Connection, z, x, y, score, deepest: int) -> None:
         unique, inverse = np.unique(keys, return_inverse=True)
         maxes = np.full(len(unique), -np.inf)
         np.maximum.at(maxes, inverse, np.concatenate(pmax))
-        sums = np.bincount(inverse, weights=np.concatenate(psum), minlength=len(unique))
-        counts = np.bincount(inverse, weights=np.concatenate(pn),
-                             minlength=len(unique)).astype(np.int64)
+        children = np.concatenate(pn)
+        counts = np.bincount(inverse, weights=children, minlength=len(unique)).astype(np.int64)
+        # Weighted by each child's share of its parent's count (see PARENTS_SQL): no overflow.
+        sums = np.bincount(inverse, weights=np.concatenate(psum) * (children / counts[inverse]),
+                           minlength=len(unique))
         ux, uy = unique >> 32, unique & 0xFFFFFFFF
         for start in range(0, len(unique), BATCH):  # as Python numbers a batch at a time
             end = start + BATCH
@@ -602,7 +609,7 @@ def features(index: Index, conn: sqlite3.Connection, zoom: int, bbox: Bbox) -> d
     if index.zooms and max(index.zooms) > level:
         x0, x1, y0, y1 = _ranges(bbox, level)
         parents = list(map(list, conn.execute(
-            "SELECT x, y, z, max, sum / n, n FROM parents WHERE z = ? AND x BETWEEN ? AND ? "
+            "SELECT x, y, z, max, mean, n FROM parents WHERE z = ? AND x BETWEEN ? AND ? "
             "AND y BETWEEN ? AND ? LIMIT ?", (level, x0, x1, y0, y1, LIMIT))))
     return {"level": level, "tiles": tiles, "parents": parents,
             "truncated": len(tiles) >= LIMIT or len(parents) >= LIMIT}
