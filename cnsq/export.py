@@ -898,6 +898,15 @@ def _write(fmt: str, blocks: Iterator[Columns], target: Path, compression: str |
         write_flatgeobuf(blocks, target)
 
 
+class NothingValid(CnsqError):
+    """Every row of the source was bad: nothing is written, and an existing target keeps what
+    it held. ``report`` lists the bad rows."""
+
+    def __init__(self, message: str, report: Report):
+        super().__init__(message)
+        self.report = report
+
+
 def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh: float | None,
            progress: Callable[[Report], None] | None = None,
            compression: str | None = None) -> Report:
@@ -945,4 +954,8 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                 partial.unlink(missing_ok=True)
                 _write(fmt, iter([row_columns(source, thresh_ind, thresh, report,
                                               progress=progress)]), partial, compression)
+        if report.bad_count and report.bad_count >= report.read:
+            # A failed export, not an empty result: the target is replaced only by a file
+            # that holds what the source holds (raised here, the partial file is removed).
+            raise NothingValid(f"no row of {source} is valid: {target} was not written", report)
     return report

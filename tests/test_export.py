@@ -792,3 +792,23 @@ def test_groups_hold_the_rows_in_order_whatever_the_parts():
         assert [len(g) for g in groups] == [10] * 10
         assert np.concatenate([g.line for g in groups]).tolist() == list(range(100))
     assert [len(g) for g in _groups(iter([rows[:15]]), 10)] == [10, 5]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".fgb", ".geojson", ".csv"])
+def test_a_failed_export_leaves_a_good_output_as_it_was(tmp_path, suffix):
+    """A source whose every row is bad replaced a good existing OUT with a 0-row file. OUT is
+    replaced only by a file that holds what the source holds; the bad rows are still listed."""
+    good = tmp_path / "good.csv"
+    good.write_text('tile,output\n1-2-3,"[0.1, 0.9]"\n4-5-6,"[0.8, 0.2]"\n')
+    out = tmp_path / f"out{suffix}"
+    first = CliRunner().invoke(main, ["export", str(good), str(out)])
+    assert first.exit_code == 0, first.output
+    before = out.read_bytes()
+    bad = tmp_path / "bad.csv"
+    bad.write_text('tile,output\n{1,2,3},"[0.1, 0.9]"\n7-8,"[1]"\n')
+    result = CliRunner().invoke(main, ["export", str(bad), str(out)])
+    assert result.exit_code == 1
+    assert f"{bad}:2:" in result.stderr and f"{bad}:3:" in result.stderr
+    assert "not written (it keeps what it held)" in result.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["good.csv", "bad.csv", out.name])

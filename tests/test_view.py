@@ -4,7 +4,6 @@ the command as a user runs it. The page itself is tested in test_view_browser.py
 from __future__ import annotations
 
 import io
-import math
 import json
 import os
 import random

@@ -233,7 +233,7 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
                  thresh: float | None, compression: str | None,
                  label: str | None = None) -> None:
     from ..errors import CnsqError
-    from ..export import export
+    from ..export import NothingValid, export
     from ..geojson import PROGRESS_EVERY
 
     by_suffix = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".fgb": "flatgeobuf",
@@ -247,8 +247,13 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
         click.echo(f"\rread {report.read:,} rows", nl=False, err=True)
 
     on_tty = sys.stderr.isatty()
-    report = export(source, target, fmt, thresh_ind, thresh, progress if on_tty else None,
-                    compression)
+    try:
+        report = export(source, target, fmt, thresh_ind, thresh, progress if on_tty else None,
+                        compression)
+    except NothingValid as exc:
+        kept = " (it keeps what it held)" if target.exists() else ""
+        _say_rows(exc.report, label or source, f"; nothing valid, {target} not written{kept}")
+        raise
     if on_tty and report.read >= PROGRESS_EVERY:
         click.echo("", err=True)
     _say_rows(report, label or source, f"; wrote {target} ({fmt})")
