@@ -14,12 +14,17 @@ from .errors import CnsqError
 
 
 @contextmanager
-def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8",
+                 permissions: int | None = None) -> Iterator[IO]:
     """Write to a temporary name beside ``path``; on success flush, fsync and rename it over
     ``path`` (atomic on one filesystem); on any failure, remove it. An interrupted write leaves
-    the previous file, or none, never a file that looks complete."""
+    the previous file, or none, never a file that looks complete. ``permissions`` (0o600 for a
+    secret): the file is created with them, never readable by others for a moment."""
     partial = _partial(path)
     try:
+        if permissions is not None:
+            partial.unlink(missing_ok=True)
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions))
         with partial.open(mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
@@ -28,6 +33,20 @@ def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def backup(path: Path) -> Path:
+    """Copy ``path`` (with its mode: a secret's copy stays private) to a backup name that holds
+    nothing yet — ``NAME.bak``, else ``NAME.bak.2``, ``.bak.3``… — so a backup never replaces an
+    older one; returns the copy's path."""
+    import shutil
+
+    candidate, number = path.with_name(path.name + ".bak"), 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.bak.{number}")
+    shutil.copy2(path, candidate)
+    return candidate
 
 
 @contextmanager

@@ -187,17 +187,20 @@ def render(example: str, answers: Answers) -> str:
 
 
 def write(directory: Path, example: str, answers: Answers, username: str = "postgres") -> list[Path]:
-    """``config/config.yml`` and ``config/.env`` (0600) from the answers."""
-    from .files import atomic_write
+    """``config/config.yml`` and ``config/.env`` (created 0600) from the answers; a file they
+    replace is kept first as a backup that never replaces an older one."""
+    from .files import atomic_write, backup
 
     config = directory / "config" / "config.yml"
     env = directory / "config" / ".env"
     config.parent.mkdir(parents=True, exist_ok=True)
+    for existing in (config, env):
+        if existing.exists():
+            backup(existing)
     with atomic_write(config) as handle:
         handle.write(render(example, answers))
     token = answers.token.replace("\\", "\\\\").replace('"', '\\"')
-    with atomic_write(env) as handle:
+    with atomic_write(env, permissions=0o600) as handle:
         handle.write("# Written by cnsq init --guided: secrets only, readable by you alone.\n"
                      f"RDS_USERNAME={username}\nTILE_ACCESS_TOKEN=\"{token}\"\n")
-    env.chmod(0o600)
     return [config, env]

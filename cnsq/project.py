@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CnsqError
+from .files import atomic_write, backup
 
 PACKAGE = Path(__file__).resolve().parent
 # Shipped files: in a wheel under cnsq/bundled/ (setup.cfg's package_dir), in a clone at the root.
@@ -102,12 +103,13 @@ def init(directory: Path, templates: bool = False, handler: bool = False,
     for source_path, target in named:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            backup = target.with_name(target.name + ".bak")
-            shutil.copy2(target, backup)  # with its mode: a .env's backup stays private
+            backup(target)  # never over an older backup; a .env's copy stays private
             result.replaced.append(target)
-        shutil.copyfile(source_path, target)
-        if target.name == ".env":
-            target.chmod(0o600)
+        if target.name == ".env":  # created readable by its owner only, never for a moment more
+            with atomic_write(target, "wb", permissions=0o600) as handle:
+                handle.write(source_path.read_bytes())
+        else:
+            shutil.copyfile(source_path, target)
         result.written.append(target)
     return result
 
@@ -129,8 +131,8 @@ def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
     existing = [t for t in targets if t.exists()]
     if existing and not force:
         raise CnsqError(f"{existing[0]} exists; nothing was asked (--force replaces it, keeping a .bak)")
-    for target in existing:
-        shutil.copy2(target, target.with_name(target.name + ".bak"))
+    # Nothing is backed up or replaced until every answer is in (guided.write): an aborted run
+    # leaves the project as it was.
 
     session = boto3.Session()
     client = None

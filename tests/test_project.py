@@ -114,3 +114,67 @@ def test_a_guided_init_checks_each_answer_and_writes_a_config_ready_to_deploy(aw
     assert placeholders(config) == []  # validate and deploy take it
     again = CliRunner().invoke(main, ["init", "proj", "--guided"], input="\n".join(answers) + "\n")
     assert again.exit_code == 1 and "exists; nothing was asked" in again.stderr
+
+
+def _guided_answers(tiles_url: str, token: str) -> list[str]:
+    return ["", "", "cnsq-artifacts", "", token, tiles_url + "/{z}/{x}/{y}.jpg?access_token={token}",
+            "", "/v1/models/water"]
+
+
+def test_guided_force_twice_the_second_aborted_keeps_the_original(aws, tmp_path, monkeypatch):
+    """`init --guided --force` twice, the second aborted: the .bak was overwritten before any
+    question, and the original config.yml and .env (with its secrets) were gone. Nothing is
+    backed up or replaced until every answer is in, and a backup never replaces an older one."""
+    import boto3
+    from servers import TileServer
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
+    monkeypatch.chdir(tmp_path)
+    CliRunner().invoke(main, ["init", "proj"])
+    env = tmp_path / "proj/config/.env"
+    env.write_text("TILE_ACCESS_TOKEN=the-original-secret\n")
+    original_config = (tmp_path / "proj/config/config.yml").read_text()
+    tiles = TileServer()
+    try:
+        first = CliRunner().invoke(main, ["init", "proj", "--guided", "--force"],
+                                   input="\n".join(_guided_answers(tiles.url, "tok-1")) + "\n")
+        assert first.exit_code == 0, first.output
+        # The second stops half-way (the input ends: as Ctrl-C or a closed terminal would).
+        second = CliRunner().invoke(main, ["init", "proj", "--guided", "--force"],
+                                    input="\n".join(_guided_answers(tiles.url, "tok-2")[:3]))
+        assert second.exit_code != 0
+    finally:
+        tiles.close()
+    config_dir = tmp_path / "proj/config"
+    assert (config_dir / ".env.bak").read_text() == "TILE_ACCESS_TOKEN=the-original-secret\n"
+    assert (config_dir / "config.yml.bak").read_text() == original_config
+    assert 'TILE_ACCESS_TOKEN="tok-1"' in env.read_text()  # the aborted run changed nothing
+    assert not (config_dir / ".env.bak.2").exists()
+    for secret in (env, config_dir / ".env.bak"):
+        assert secret.stat().st_mode & 0o777 == 0o600
+    third = CliRunner().invoke(main, ["init", "proj", "--force"])
+    assert third.exit_code == 0
+    assert 'TILE_ACCESS_TOKEN="tok-1"' in (config_dir / ".env.bak.2").read_text()
+    assert (config_dir / ".env.bak").read_text() == "TILE_ACCESS_TOKEN=the-original-secret\n"
+
+
+def test_the_env_file_is_created_private_not_made_private_after(tmp_path, monkeypatch):
+    """.env was written at 0644 with the token in it, then chmod'ed: created 0600 now."""
+    import os
+
+    from cnsq.files import atomic_write
+
+    seen = []
+    real_open = os.open
+
+    def watching_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if flags & os.O_CREAT:
+            seen.append(os.fstat(fd).st_mode & 0o777)
+        return fd
+
+    monkeypatch.setattr(os, "open", watching_open)
+    with atomic_write(tmp_path / ".env", permissions=0o600) as handle:
+        handle.write("TILE_ACCESS_TOKEN=x\n")
+    assert seen == [0o600]
+    assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
