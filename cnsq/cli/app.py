@@ -386,7 +386,7 @@ def _duration(text: str) -> timedelta:
 
 
 def _wait_forever(what: str, announce: Callable[[], None] | None = None) -> None:
-    """Wait until Ctrl-C or SIGTERM (a server's end), then say what stopped.
+    """Wait until Ctrl-C or SIGTERM (a server's end), say what stopped, and exit 130.
 
     ``announce`` says the server is ready (its URL): it is called once Ctrl-C is handled here,
     so a Ctrl-C sent as soon as the URL is read stops the server cleanly (sent between the two,
@@ -399,6 +399,8 @@ def _wait_forever(what: str, announce: Callable[[], None] | None = None) -> None
         while not stop.requested:
             time.sleep(0.2)
     click.echo(f"\nStopped {what}.", err=True)
+    # Interrupted, as every command says it (130): a script that stops a server sees why.
+    sys.exit(130)
 
 
 def _report_run(report, tiles: Path, out: Path | None, max_missing: float = 1.0,
