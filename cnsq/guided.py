@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from download_and_predict.masking import mask
 
 from .errors import CnsqError
 
@@ -24,12 +27,14 @@ from .errors import CnsqError
 IMAGE = re.compile(r"^(?:[\w.-]+(?::\d+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
                    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 PREDICTION_PATH = re.compile(r"^/v1/models/[A-Za-z0-9_.-]+$")
-STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
+# The project's name: each deployment's stack is NAME-STAGE (cnsq-dev, cnsq-prod), as the example
+# writes stackName, so `cnsq deploy -d prod` deploys its own stack.
+PROJECT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,99}$")
 
 
 @dataclass
 class Answers:
-    stack_name: str = "cnsq-dev"
+    project: str = "cnsq"
     region: str = "us-east-1"
     bucket: str = ""
     key_pair: str = ""
@@ -58,14 +63,34 @@ class Asker:
             self.say(f"  {problem}")
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _tile_id(text: str) -> bool:
+    from download_and_predict.tiles import parse_tile_id
+
+    try:
+        parse_tile_id(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _code(exc: BaseException) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
-def run(asker: Asker, client: Callable[[str, str], Any] | None, fetch: Callable[[str], bytes | None],
+def run(asker: Asker, client: Callable[[str, str], Any] | None,
+        fetch: Callable[[str], tuple[int | None, bytes | str]],
         sample_tile: str = "0-0-0") -> Answers:
     """Ask every question; ``client(service, region)`` reaches AWS (None: no credentials), and
-    ``fetch(url)`` gets a tile's bytes (None when it cannot)."""
+    ``fetch(url)`` gets a tile: ``(status, body)``, or ``(None, why)`` when nothing answered."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from download_and_predict.tiles import check_tile_endpoint, imagery_url, is_image, parse_tile_id
@@ -87,9 +112,10 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None, fetch: Callable[
             answers.unchecked.append(f"{what} ({type(exc).__name__})")
             return None
 
-    answers.stack_name = asker.until(
-        "Stack name", answers.stack_name,
-        lambda a: None if STACK_NAME.match(a) else "a letter, then up to 127 letters, digits or hyphens")
+    answers.project = asker.until(
+        "Project name (each deployment's stack is NAME-STAGE: cnsq-dev, cnsq-prod)", answers.project,
+        lambda a: None if PROJECT_NAME.match(a) else "a letter, then up to 99 letters, digits or "
+                                                     "hyphens")
     answers.region = asker.until(
         "AWS region", answers.region,
         lambda a: None if re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", a) else "a region such as us-east-1")
@@ -136,16 +162,54 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None, fetch: Callable[
             check_tile_endpoint(template)
         except ValueError as exc:
             return str(exc)
-        tile = parse_tile_id(sample_tile)
-        image = fetch(imagery_url(template, tile, answers.token))
-        if image is None:
-            return f"the endpoint did not answer tile {sample_tile}: check the URL and the token"
-        if not is_image(image):
-            return f"the endpoint answered tile {sample_tile} with something that is not an image"
         return None
 
-    answers.tile_endpoint = asker.until("Imagery URL template ({z}/{x}/{y}, {token})", "",
-                                        endpoint_problem)
+    def tile_problem(template: str, tile_text: str) -> str | None:
+        """None when the endpoint answers the tile with an image; else what it answered."""
+        tile = parse_tile_id(tile_text)
+        status, body = fetch(imagery_url(template, tile, answers.token))
+        if status is None:
+            return f"the endpoint did not answer tile {tile_text} ({body})"
+        if status != 200:
+            hint = {401: "the token?", 403: "the token?", 404: "a tile it does not cover?"}.get(
+                status, "")
+            return f"the endpoint answered HTTP {status} for tile {tile_text}" + (
+                f" ({hint})" if hint else "")
+        if not isinstance(body, bytes) or not is_image(body):
+            return f"the endpoint answered tile {tile_text} with something that is not an image"
+        return None
+
+    while True:
+        template = asker.until("Imagery URL template ({z}/{x}/{y}, {token})", "", endpoint_problem)
+        host = urlsplit(template.replace("{", "").replace("}", "")).hostname or ""
+        if host == "localhost" or host.endswith(".localhost") or _loopback(host):
+            asker.say(f"  {host} is the Lambda itself on AWS: a deployed stack can never reach a "
+                      "server there (`cnsq run` can).")
+            if asker.until("'url' to change it, or 'keep' for a local run only", "url",
+                           lambda a: None if a in ("keep", "url") else "url or keep") == "url":
+                continue
+        tile_text = sample_tile
+        while True:
+            problem = tile_problem(template, tile_text)
+            if problem is None:
+                answers.tile_endpoint = template
+                break
+            asker.say(f"  {problem}")
+            choice = asker.until(
+                "A tile the imagery covers (x-y-z), 'url' to change the URL, or 'keep' to go on "
+                "unchecked", "keep", lambda a: None if a in ("keep", "url") or _tile_id(a) else
+                "x-y-z (such as 4823-6160-14), url or keep")
+            if choice == "keep":
+                asker.say(f"  Kept {mask(template)} unchecked: `cnsq verify` checks it after the "
+                          "deploy.")
+                answers.tile_endpoint = template
+                answers.unchecked.append("the imagery endpoint")
+                break
+            if choice == "url":
+                break
+            tile_text = choice
+        if answers.tile_endpoint:
+            break
     answers.image = asker.until(
         "Model image (TF Serving, see `cnsq model`)", answers.image,
         lambda a: None if IMAGE.match(a) else "an image name such as 123456789012.dkr.ecr.us-east-1"
@@ -168,7 +232,9 @@ def render(example: str, answers: Answers) -> str:
         return json.dumps(value)  # JSON strings are YAML strings
 
     replacements = [
-        ("  stackName: 'cnsq-{{ stage }}'\n", f"  stackName: {quoted(answers.stack_name)}\n"),
+        # Templated with the stage, as the example: each deployment its own stack.
+        ("  stackName: 'cnsq-{{ stage }}'\n",
+         f"  stackName: {quoted(answers.project + '-{{ stage }}')}\n"),
         ("  # region: us-east-1", f"  region: {answers.region}"),
         ("internal: your-bucket", f"internal: {answers.bucket}"),
         ("TILE_ENDPOINT: 'https://example.com/{}/{}/{}.jpg?access_token={}'",

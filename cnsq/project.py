@@ -106,12 +106,24 @@ def init(directory: Path, templates: bool = False, handler: bool = False,
             backup(target)  # never over an older backup; a .env's copy stays private
             result.replaced.append(target)
         if target.name == ".env":  # created readable by its owner only, never for a moment more
-            with atomic_write(target, "wb", permissions=0o600) as handle:
-                handle.write(source_path.read_bytes())
+            with atomic_write(target, permissions=0o600) as handle:
+                handle.write(as_written(source_path.read_text()))
+        elif target.name == "config.yml":
+            with atomic_write(target) as handle:
+                handle.write(as_written(source_path.read_text()))
         else:
             shutil.copyfile(source_path, target)
         result.written.append(target)
     return result
+
+
+def as_written(example: str) -> str:
+    """An example file's text as ``init`` writes it into a project: its first line's "Copy to
+    config/…" is already done, so it says what was done instead."""
+    import re
+
+    return re.sub(r"Copy to config/[\w.]+\.", "Written by `cnsq init` from the example: fill it in.",
+                  example, count=1)
 
 
 def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
@@ -148,12 +160,12 @@ def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
         say("No AWS credentials: the bucket and the key pair cannot be checked now "
             "(`cnsq validate` checks them later).")
 
-    def fetch(url: str) -> bytes | None:
+    def fetch(url: str) -> tuple[int | None, bytes | str]:
         try:
             answer = requests.get(url, timeout=15)
-        except requests.RequestException:
-            return None
-        return answer.content if answer.status_code == 200 else None
+        except requests.RequestException as exc:
+            return None, type(exc).__name__  # never the URL: it carries the token
+        return answer.status_code, answer.content
 
     def ask(text: str, default: str, hide: bool) -> str:
         return prompt(text, default=default, hide_input=hide, show_default=bool(default) and not hide)
@@ -161,5 +173,5 @@ def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
     answers = guided.run(guided.Asker(ask, say), client, fetch)
     if answers.unchecked:
         say("Not checked against the account: " + "; ".join(answers.unchecked) + ".")
-    example = (shipped("config") / "config.example.yml").read_text()
+    example = as_written((shipped("config") / "config.example.yml").read_text())
     return guided.write(directory, example, answers)

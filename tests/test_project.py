@@ -8,14 +8,17 @@ from click.testing import CliRunner
 
 from cnsq.cli import main
 from cnsq.config import load_config, placeholders
-from cnsq.project import lambda_source, shipped, templates_dir
+from cnsq.project import as_written, lambda_source, shipped, templates_dir
 
 
 def test_init_writes_a_starter_project_and_refuses_to_overwrite(tmp_path):
     result = CliRunner().invoke(main, ["init", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "p/config/config.yml").read_text() == (
-        shipped("config") / "config.example.yml").read_text()
+    # The example, its first line saying what init did rather than "Copy to config/config.yml".
+    written = (tmp_path / "p/config/config.yml").read_text()
+    assert written == as_written((shipped("config") / "config.example.yml").read_text())
+    assert "Copy to config" not in written and "Written by `cnsq init`" in written
+    assert "Copy to config" not in (tmp_path / "p/config/.env").read_text()
     assert (tmp_path / "p/config/.env").exists()
     assert not (tmp_path / "p/templates").exists() and not (tmp_path / "p/lambda").exists()
     again = CliRunner().invoke(main, ["init", str(tmp_path / "p")])
@@ -93,6 +96,7 @@ def test_a_guided_init_checks_each_answer_and_writes_a_config_ready_to_deploy(aw
         "tok-guided-Zq81",       # the token (hidden)
         "ftp:/nowhere",          # not a URL template: asked again
         tiles.url + "/{z}/{x}/{y}.jpg?access_token={token}",
+        "keep",                  # 127.0.0.1: a stack cannot reach it; kept for this test
         "",                      # the default TF Serving image
         "/v1/models/water",
     ]
@@ -118,7 +122,7 @@ def test_a_guided_init_checks_each_answer_and_writes_a_config_ready_to_deploy(aw
 
 def _guided_answers(tiles_url: str, token: str) -> list[str]:
     return ["", "", "cnsq-artifacts", "", token, tiles_url + "/{z}/{x}/{y}.jpg?access_token={token}",
-            "", "/v1/models/water"]
+            "keep", "", "/v1/models/water"]
 
 
 def test_guided_force_twice_the_second_aborted_keeps_the_original(aws, tmp_path, monkeypatch):
@@ -178,3 +182,59 @@ def test_the_env_file_is_created_private_not_made_private_after(tmp_path, monkey
         handle.write("TILE_ACCESS_TOKEN=x\n")
     assert seen == [0o600]
     assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
+
+
+def test_guided_imagery_check_asks_for_a_covered_tile_and_says_the_status(aws, tmp_path,
+                                                                          monkeypatch):
+    """Imagery that does not cover tile 0-0-0 answered 404 and the question was asked forever,
+    the status hidden; a 127.0.0.1 endpoint was accepted; the stack name was written literally,
+    so `cnsq deploy -d prod` would have updated the dev stack."""
+    import boto3
+    from servers import TileServer
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
+    tiles = TileServer(content={"4823-6160-14": b"\x89PNG\r\n\x1a\n" + b"x" * 64},
+                       only_content=True)
+    monkeypatch.chdir(tmp_path)
+    answers = ["buildings", "", "cnsq-artifacts", "", "tok-guided-Zq81",
+               tiles.url + "/{z}/{x}/{y}.png?access_token={token}",
+               "keep",            # 127.0.0.1: warned, kept for this test
+               "9-9-9",           # not a tile: asked again
+               "3-3-2",           # another tile the imagery lacks: 404 again
+               "4823-6160-14",    # one it covers: taken
+               "", "/v1/models/water"]
+    try:
+        result = CliRunner().invoke(main, ["init", "proj", "--guided"],
+                                    input="\n".join(answers) + "\n")
+    finally:
+        tiles.close()
+    assert result.exit_code == 0, result.output
+    assert "127.0.0.1 is the Lambda itself on AWS" in result.output
+    assert "the endpoint answered HTTP 404 for tile 0-0-0 (a tile it does not cover?)" in result.output
+    assert "the endpoint answered HTTP 404 for tile 3-3-2" in result.output
+    assert "tok-guided-Zq81" not in result.output
+    text = (tmp_path / "proj/config/config.yml").read_text()
+    assert "stackName: \"buildings-{{ stage }}\"" in text
+    assert "Written by `cnsq init` from the example" in text and "Copy to config" not in text
+    config = load_config(tmp_path / "proj/config/config.yml")
+    assert config.stack_name == "buildings-dev"
+    prod = load_config(tmp_path / "proj/config/config.yml", "prod")
+    assert prod.stack_name == "buildings-prod"
+
+
+def test_guided_keeps_an_endpoint_that_answers_nothing_when_asked(aws, tmp_path, monkeypatch):
+    import boto3
+    from servers import TileServer
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
+    tiles = TileServer(only_content=True)
+    monkeypatch.chdir(tmp_path)
+    answers = ["", "", "cnsq-artifacts", "", "", tiles.url + "/{z}/{x}/{y}.png", "keep",
+               "keep", "", "/v1/models/water"]
+    try:
+        result = CliRunner().invoke(main, ["init", "proj", "--guided"],
+                                    input="\n".join(answers) + "\n")
+    finally:
+        tiles.close()
+    assert result.exit_code == 0, result.output
+    assert "unchecked: `cnsq verify` checks it after the deploy" in result.output

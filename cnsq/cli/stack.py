@@ -50,7 +50,13 @@ def init(directory: Path, templates: bool, handler: bool, force: bool, guided: b
     if guided:
         from ..project import guided_init
 
-        written = guided_init(directory, force, click.prompt, lambda text: click.echo(text, err=True))
+        try:
+            written = guided_init(directory, force, click.prompt,
+                                  lambda text: click.echo(text, err=True))
+        except click.exceptions.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C: 130, as elsewhere
+                raise KeyboardInterrupt from None
+            raise
         for path in written:
             click.echo(f"wrote {path}")
         click.echo(f"Next: cnsq validate --config {directory / 'config/config.yml'}")
