@@ -8,6 +8,7 @@ One home for the arithmetic: ``cnsq estimate``, ``cnsq status`` and the simulati
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -157,25 +158,52 @@ DATABASE_FILTERS = {"databaseEngine": "PostgreSQL", "deploymentOption": "Single-
 PRICING_REGION = "us-east-1"
 
 
+# What one price's query may read of the Price List API: its answers are a few pages; more, or
+# a NextToken longer than any AWS writes, is an endpoint not to be trusted (it can grow a token
+# on every page without end). The whole look-up has a total time too (prices_for).
+MAX_PAGES = 20
+MAX_TOKEN = 8192
+PRICES_SECONDS = 60.0
+
+
 def _usd(product: dict) -> float | None:
-    """The first non-zero on-demand USD price of a product (tiers: the first that costs)."""
+    """The first non-zero on-demand USD price of a product (tiers: the first that costs).
+
+    Raises:
+        CnsqError: a price that is not a finite, non-negative number (Infinity, NaN, text).
+    """
     for offer in product.get("terms", {}).get("OnDemand", {}).values():
         dimensions = sorted(offer.get("priceDimensions", {}).values(),
-                            key=lambda d: float(d.get("beginRange", "0") or 0))
+                            key=lambda d: _number(d.get("beginRange", "0") or 0))
         for dimension in dimensions:
-            price = float(dimension.get("pricePerUnit", {}).get("USD", "0") or 0)
+            price = _number(dimension.get("pricePerUnit", {}).get("USD", "0") or 0)
             if price > 0:
                 return price
     return None
 
 
+def _number(text: Any) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise CnsqError(f"the Price List API answered {str(text)[:40]!r} where a price belongs")
+    return value
+
+
 def _products(pricing: Any, service: str, filters: dict[str, str]) -> list[dict]:
     found = []
-    for page in pricing.get_paginator("get_products").paginate(
-            ServiceCode=service, FormatVersion="aws_v1",
-            Filters=[{"Type": "TERM_MATCH", "Field": k, "Value": v} for k, v in filters.items()]):
+    pages = pricing.get_paginator("get_products").paginate(
+        ServiceCode=service, FormatVersion="aws_v1",
+        Filters=[{"Type": "TERM_MATCH", "Field": k, "Value": v} for k, v in filters.items()])
+    for number, page in enumerate(pages, 1):
         found += [json.loads(item) if isinstance(item, str) else item
                   for item in page.get("PriceList", [])]
+        token = page.get("NextToken") or ""
+        if token and (number >= MAX_PAGES or len(token) > MAX_TOKEN):
+            raise CnsqError(f"the Price List API answered {service} in more than {number} pages "
+                            "or with a NextToken no AWS answer has: not read further")
     return found
 
 
@@ -222,17 +250,31 @@ def prices_for(session: Any | None, region: str, instance_type: str,
     """The region's prices from the API when it can be read; else the shipped ones, with a note
     saying so (and why)."""
     if session is not None:
-        try:
-            from botocore.config import Config
+        import threading
 
-            # One try, short timeouts: the shipped prices are a good answer too.
-            pricing = session.client("pricing", region_name=PRICING_REGION, config=Config(
-                connect_timeout=5, read_timeout=20, retries={"max_attempts": 1}))
-            return account_prices(pricing, region, instance_type, database_class), None
-        except CnsqError as error:
-            why = str(error)
-        except Exception as error:  # noqa: BLE001 - no credentials, denied, unreachable
-            why = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        from botocore.config import Config
+
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                # One try, short timeouts: the shipped prices are a good answer too.
+                pricing = session.client("pricing", region_name=PRICING_REGION, config=Config(
+                    connect_timeout=5, read_timeout=20, retries={"max_attempts": 1}))
+                answer["prices"] = account_prices(pricing, region, instance_type, database_class)
+            except CnsqError as error:
+                answer["why"] = str(error)
+            except Exception as error:  # noqa: BLE001 - no credentials, denied, unreachable
+                answer["why"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+        # A total time for the look-up: a read timeout bounds each read, and an endpoint that
+        # trickles a byte at a time never trips it. The thread left behind ends with the command.
+        asking = threading.Thread(target=ask, name="price-list", daemon=True)
+        asking.start()
+        asking.join(PRICES_SECONDS)
+        if "prices" in answer:
+            return answer["prices"], None
+        why = answer.get("why") or f"no answer within {PRICES_SECONDS:g} s"
     else:
         why = "--offline"
     shipped = shipped_prices()

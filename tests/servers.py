@@ -537,8 +537,11 @@ class PricingServer(_Server):
     (a JSON string with ``product.attributes`` and ``terms.OnDemand…pricePerUnit.USD``), with a
     free first tier as SQS and Lambda have. ``page`` products per page (NextToken)."""
 
-    def __init__(self, products: list[tuple[str, dict[str, str], float]], page: int = 2):
-        self.products, self.page, self.calls = products, page, []
+    def __init__(self, products: list[tuple[str, dict[str, str], float]], page: int = 2,
+                 hostile: str = ""):
+        # hostile: "growing-token" (a NextToken twice as long on every page, without end),
+        # "trickle" (a byte a second), "infinity" (every price "Infinity").
+        self.products, self.page, self.calls, self.hostile = products, page, [], hostile
         super().__init__(self._Handler)
 
     class _Handler(_Quiet):
@@ -557,8 +560,29 @@ class PricingServer(_Server):
                 for code, attrs, price in server.products
                 if code == request.get("ServiceCode") and all(
                     attrs.get(k) == v for k, v in wanted.items())]
+            if server.hostile == "infinity":
+                found = [text.replace('"0.0000000000"', '"Infinity"').replace(
+                    '"USD": "0.', '"USD": "Infinity", "x": "0.') for text in found]
+            if server.hostile == "growing-token":
+                token = request.get("NextToken") or "t"
+                body = {"FormatVersion": "aws_v1", "PriceList": [], "NextToken": token * 2}
+                return self.send(200, json.dumps(body).encode(), "application/x-amz-json-1.1")
             start = int(request.get("NextToken") or 0)
             body = {"FormatVersion": "aws_v1", "PriceList": found[start:start + server.page]}
             if start + server.page < len(found):
                 body["NextToken"] = str(start + server.page)
-            self.send(200, json.dumps(body).encode(), "application/x-amz-json-1.1")
+            data = json.dumps(body).encode()
+            if server.hostile == "trickle":  # each read quick, the whole answer never
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-amz-json-1.1")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(1)
+                except OSError:
+                    pass
+                return None
+            self.send(200, data, "application/x-amz-json-1.1")

@@ -4,6 +4,7 @@ region's prices from a Price List API endpoint on 127.0.0.1 (moto does not model
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -108,3 +109,63 @@ def test_an_instance_type_without_a_shipped_price_is_a_clear_error(project):
     result = CliRunner().invoke(main, ["estimate", "1000", "--offline"])
     assert result.exit_code == 1
     assert "No price for g6e.2xlarge in the prices shipped with cnsq" in result.output
+
+
+@pytest.mark.parametrize("hostile, why", [
+    ("growing-token", "or with a NextToken no AWS answer has: not read further"),
+    ("infinity", "answered 'Infinity' where a price belongs"),
+    ("trickle", "no answer within 3 s"),
+])
+def test_a_hostile_price_list_falls_back_to_the_shipped_prices(project, monkeypatch, hostile, why):
+    """A NextToken growing on every page reached 2 GB; a trickling answer hung over 200 s; a price
+    of Infinity printed $inf and exited 0. Pages, token and time are bounded, a price must be a
+    finite number, and the shipped prices answer instead, said so."""
+    from cnsq import cost
+
+    monkeypatch.setattr(cost, "PRICES_SECONDS", 3.0)
+    server = PricingServer(PRODUCTS, hostile=hostile)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
+    try:
+        result = CliRunner().invoke(main, ["estimate", "1000000", "--region", "eu-west-1",
+                                           "--json"], catch_exceptions=False)
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["prices"].startswith("the prices shipped with cnsq")
+    assert any(why in note for note in report["notes"]), report["notes"]
+    assert math.isfinite(report["total"]) and math.isfinite(report["perMillion"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--call-seconds", "nan"], "nan is not a finite number"),
+    (["--tiles-per-second", "inf"], "'--tiles-per-second'"),
+    (["--tile-kb", "nan"], "nan is not a finite number"),
+])
+def test_options_that_are_not_finite_are_usage_errors(project, args, message):
+    result = CliRunner().invoke(main, ["estimate", "1000", "--offline", "--json", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "NaN" not in result.stdout and "$nan" not in result.output
+
+
+def test_a_count_past_any_map_is_a_usage_error(project):
+    result = CliRunner().invoke(main, ["estimate", "1" + "0" * 40, "--offline"])
+    assert result.exit_code == 2 and "TILES" in result.output and "Traceback" not in result.output
+
+
+def test_estimate_from_a_clone_without_a_config_uses_the_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["estimate", "1000000", "--offline"])
+    assert result.exit_code == 0, result.output
+    assert "No config/config.yml: the example config's values (config.example.yml)." in result.stderr
+    assert "1,000,000 tiles on cnsq-dev" in result.stdout
+
+
+def test_estimate_into_a_closed_pipe_says_nothing_of_it(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m cnsq.cli estimate 1000000 --offline | head -1",
+                          shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.stdout.startswith("1,000,000 tiles on cnsq-dev")
+    assert "Broken pipe" not in done.stderr and "BrokenPipeError" not in done.stderr

@@ -170,7 +170,8 @@ def _print_json(data: Any) -> None:
             return dataclasses.asdict(value)
         return str(value)
 
-    click.echo(json.dumps(data, indent=2, default=default))
+    # allow_nan=False: NaN and Infinity are not JSON; a reader of --json would choke on them.
+    click.echo(json.dumps(data, indent=2, default=default, allow_nan=False))
 
 
 def _paths(config):
@@ -244,6 +245,13 @@ class CnsqGroup(click.Group):
                 raise
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`cnsq … | head`): stop quietly, as a command a closed pipe
+            # ends does, and let nothing flush into it again at exit.
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except (CnsqError, HandlerError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -16,6 +16,7 @@ from ..errors import CnsqError
 from .app import (
     Settings,
     _duration,
+    _finite,
     _model_url,
     _print_json,
     _queue_region,
@@ -397,16 +398,23 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
         time.sleep(30)
 
 
+def _finite_option(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    return _finite(value)
+
+
 @main.command()
-@click.argument("tiles", type=click.IntRange(1))
+# At most 10^13 tiles: the whole world at zoom 21 is 4.4 x 10^12.
+@click.argument("tiles", type=click.IntRange(1, 10**13))
 @config_options
 @click.option("--offline", is_flag=True, help="Use the prices shipped with cnsq; ask no API.")
-@click.option("--tiles-per-second", type=click.FloatRange(min=0.001), default=110.0,
-              show_default=True, help="One model task's (one GPU's) rate, measured or published.")
-@click.option("--call-seconds", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+@click.option("--tiles-per-second", type=click.FloatRange(min=0.001, max=1e6), default=110.0,
+              show_default=True, callback=_finite_option,
+              help="One model task's (one GPU's) rate, measured or published.")
+@click.option("--call-seconds", type=click.FloatRange(min=0.001, max=900), default=1.0,
+              show_default=True, callback=_finite_option,
               help="One worker call of sqs.batchSize tiles (downloads, prediction, write).")
-@click.option("--tile-kb", type=click.FloatRange(min=0.001), default=40.0, show_default=True,
-              help="One image's size.")
+@click.option("--tile-kb", type=click.FloatRange(min=0.001, max=1e6), default=40.0,
+              show_default=True, callback=_finite_option, help="One image's size.")
 @json_option
 def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: float,
              call_seconds: float, tile_kb: float, as_json: bool) -> None:
@@ -426,7 +434,17 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
     from ..estimate import PerTile
     from ..estimate import estimate as run_estimate
 
-    config = settings.load()
+    if settings.config.exists():
+        config = settings.load()
+    else:  # a clone without a project yet: what the example config would cost, said so
+        from ..config import load_config
+        from ..project import shipped
+
+        example = shipped("config") / "config.example.yml"
+        config = load_config(example, settings.deployment, env_file=example.with_name(
+            ".env.sample"), stack=settings.stack, environ={})
+        click.echo(f"No {settings.config}: the example config's values ({example.name}).",
+                   err=True)
     values = config.values
     session = None if offline else settings.aws().session
     region = settings.region_and_source()[0] or (session.region_name if session else None) \
