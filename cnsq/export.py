@@ -38,7 +38,7 @@ import mercantile
 from .errors import CnsqError
 from .files import atomic_path
 from .geojson import PROGRESS_EVERY, Report, check_thresh_ind, csv_rows, open_results, read_result
-from .tiles import tile_id
+from .tiles import parse_tile_id, tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 # GeoParquet's codecs. Snappy is the default of pyarrow, GeoPandas and GDAL, and the fastest
@@ -59,10 +59,12 @@ class Row:
 
 
 def read_rows(source: IO[str], thresh_ind: int | None, thresh: float | None,
-              report: Report, progress: Callable[[Report], None] | None = None) -> Iterator[Row]:
+              report: Report, progress: Callable[[Report], None] | None = None,
+              header: bool = True) -> Iterator[Row]:
     """The kept rows of a ``tile,output`` CSV: a bad row is reported with its line and skipped;
-    with ``thresh_ind``/``thresh`` only tiles scoring at least ``thresh`` there are kept."""
-    for line, row in csv_rows(source, report, progress):
+    with ``thresh_ind``/``thresh`` only tiles scoring at least ``thresh`` there are kept.
+    ``header``: a first row ``tile,output`` is the file's header (else a row like any)."""
+    for line, row in csv_rows(source, report, progress, header):
         try:
             tile, scores, value = read_result(row, thresh_ind if thresh_ind is not None else 0)
         except ValueError as exc:
@@ -98,6 +100,7 @@ class Columns:
 
 
 NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+MAX_PATTERN_SCORES = 1000  # scores per row the block check matches with one pattern
 TILE_ID = r"^[0-9]{1,10}-[0-9]{1,10}-[0-9]{1,2}$"
 TILE_PATTERN = re.compile(TILE_ID[1:-1])
 
@@ -113,9 +116,10 @@ def _from_rows(rows: list[Row], width: int) -> Columns:
 
 
 class _LineBreaks(Exception):
-    """Rows and physical lines may no longer match one to one, or a report would differ: a
-    value holds a line break, or a line is blank (pyarrow gives it as a row of two empty values,
-    as it does a bare ","; the row reader tells them apart and reports each as it should)."""
+    """Only the row reader reads this file as convert-geojson does: a value holds a line break,
+    a line is blank (pyarrow gives it as a row of two empty values, as it does a bare ","; the
+    row reader tells them apart), a value is longer than Arrow's block or not UTF-8, or rows hold
+    more scores than one pattern matches. The caller starts again with :func:`row_columns`."""
 
 
 def read_columns(source: Path, thresh_ind: int | None, thresh: float | None,
@@ -255,16 +259,19 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
         invalid.append(row)
         return "skip"
 
-    reader = pacsv.open_csv(
-        source,
-        read_options=pacsv.ReadOptions(column_names=["tile", "output"], block_size=BLOCK,
-                                       skip_rows=1 if header else 0, use_threads=False),
-        # Blank lines are rows here (as the row reader counts them), so lines stay in step.
-        parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False,
-                                         invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={"tile": pa.string(),
-                                                           "output": pa.string()},
-                                             strings_can_be_null=False))
+    try:  # the first block is read here: what Arrow refuses, the row reader reads (see below)
+        reader = pacsv.open_csv(
+            source,
+            read_options=pacsv.ReadOptions(column_names=["tile", "output"], block_size=BLOCK,
+                                           skip_rows=1 if header else 0, use_threads=False),
+            # Blank lines are rows here (as the row reader counts them), so lines stay in step.
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False,
+                                             invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={"tile": pa.string(),
+                                                               "output": pa.string()},
+                                                 strings_can_be_null=False))
+    except pa.ArrowException:
+        raise _LineBreaks from None
     start = 2 if header else 1
     seen = 0  # good-shaped rows so far
     width: int | None = None
@@ -282,7 +289,7 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
             _merge(report, local)
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for batch in reader:
+        for batch in _arrow_batches(reader, pa):
             if any(row.number is None for row in invalid):
                 raise _LineBreaks
             # The physical line of each row: the bad-shaped rows (reported with their lines, as
@@ -326,6 +333,16 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     report.bad.sort()  # the reader reports bad-shaped rows ahead of its blocks
 
 
+def _arrow_batches(reader: Any, pa: Any) -> Iterator[Any]:
+    """The reader's record batches; a file Arrow's CSV reader refuses where the row reader reads
+    on (a value longer than its block, a byte that is not UTF-8) is read row by row instead:
+    the same rows kept and reported as convert-geojson, never the whole export aborted."""
+    try:
+        yield from reader
+    except pa.ArrowException:
+        raise _LineBreaks from None
+
+
 def _merge(report: Report, local: Report) -> None:
     """A block's report into the file's: its bad rows in order, and the count of those past
     the listed ones."""
@@ -357,6 +374,10 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         width = _width_of((t, o) for start in range(0, n, 1000) for t, o in zip(
             tiles.slice(start, 1000).to_pylist(), outputs.slice(start, 1000).to_pylist(),
             strict=True))
+    if width and width > MAX_PATTERN_SCORES:
+        # One pattern of that many numbers is more than RE2 compiles (it logs thousands of
+        # lines, then fails): such rows are read row by row.
+        raise _LineBreaks
     if width:
         pattern = r"^\[[ \t]*" + NUMBER + (r"[ \t]*,[ \t]*" + NUMBER) * (width - 1) + r"[ \t]*\]$"
         good &= _numpy(_call("match_substring_regex", outputs,
@@ -386,7 +407,9 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         csv.writer(text).writerow([tile_text, output_text])
         text.seek(0)
         one = Report()
-        rows = list(read_rows(text, thresh_ind, thresh, one))
+        # header=False: a row "tile,output" here is a header in the middle of the file
+        # (CSVs joined), reported as convert-geojson reports it, not skipped.
+        rows = list(read_rows(text, thresh_ind, thresh, one, header=False))
         if one.bad:
             report.add_bad(int(lines[i]), one.bad[0][1])
         elif rows and width is not None and len(rows[0].scores) == width:
@@ -456,10 +479,9 @@ def _width_of(pairs: Iterable[tuple[str, str]]) -> int | None:
     is well formed and whose output is a list of one number or more; None if none is. Both
     readers ask this, so that the rows of another count fail alone, and alike."""
     for tile, output in pairs:
-        if not TILE_PATTERN.fullmatch(tile):
-            continue
-        x, y, z = (int(part) for part in tile.split("-"))
-        if z > 30 or x >= 1 << z or y >= 1 << z:
+        try:  # the one tile grammar (braced ids and spaces too, as convert-geojson reads them)
+            parse_tile_id(tile)
+        except ValueError:
             continue
         try:
             value = json.loads(output)

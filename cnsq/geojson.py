@@ -68,6 +68,8 @@ def read_result(row: list[str], thresh_ind: int) -> tuple[mercantile.Tile, list,
     """
     if len(row) != 2:
         raise ValueError(f"expected 2 columns (tile,output), got {len(row)}")
+    if row == ["tile", "output"]:
+        raise ValueError("a header row in the middle of the file (CSV files joined?)")
     text_id, output = row
     if len(output) > MAX_OUTPUT:
         raise ValueError(f"output is larger than {MAX_OUTPUT // 2**20} MiB ({len(output):,} characters)")
@@ -95,13 +97,15 @@ PROGRESS_EVERY = 50_000  # rows between progress updates
 
 
 def csv_rows(source: IO[str], report: Report,
-             progress: Callable[[Report], None] | None = None) -> Iterator[tuple[int, list[str]]]:
+             progress: Callable[[Report], None] | None = None,
+             header: bool = True) -> Iterator[tuple[int, list[str]]]:
     """(line number, row) of each row of a results CSV after its optional ``tile,output``
-    header, counted in ``report.read``."""
+    header (``header`` False: none is looked for), counted in ``report.read``. A header further
+    down is a row like any other (read_result reports it)."""
     reader = csv.reader(source)
     for row in reader:
         line = reader.line_num
-        if line == 1 and row[:2] == ["tile", "output"]:
+        if header and line == 1 and row[:2] == ["tile", "output"]:
             continue
         report.read += 1
         if progress and report.read % PROGRESS_EVERY == 0:

@@ -11,7 +11,6 @@ above a threshold bisects the sorted scores, held as one array of doubles (8 byt
 
 from __future__ import annotations
 
-import csv
 import shutil
 import sqlite3
 import threading
@@ -27,7 +26,7 @@ import mercantile
 
 from ..errors import CnsqError
 from ..files import abandoned_partials, atomic_path, scratch_path
-from ..geojson import Report, open_results, read_result
+from ..geojson import Report, csv_rows, open_results, read_result
 from ..tiles import tile_id
 
 try:  # advisory locks mark the indexes live views hold (POSIX)
@@ -166,15 +165,11 @@ def read_rows(path: Path, thresh_ind: int, report: Report) -> Iterator[tuple]:
     """(z, x, y, score, output, classes) of every good row of a results CSV; bad rows go to
     ``report``."""
     with open_results(path) as handle:
-        reader = csv.reader(handle)
-        for row in reader:
-            if reader.line_num == 1 and row[:2] == ["tile", "output"]:
-                continue
-            report.read += 1
+        for line, row in csv_rows(handle, report):  # convert-geojson's rows, one home
             try:
                 tile, scores, value = read_result(row, thresh_ind)
             except ValueError as exc:
-                report.add_bad(reader.line_num, str(exc))
+                report.add_bad(line, str(exc))
                 continue
             yield tile.z, tile.x, tile.y, value, row[1], len(scores)
 
