@@ -24,6 +24,18 @@ from browser import launch  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 
+def until(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll ``expression`` until it is true: Playwright's wait_for_function evaluates a string
+    with eval, which the page's Content-Security-Policy forbids, as it should."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(f"() => Boolean({expression})"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not true within {timeout:.0f} s: {expression}")
+        time.sleep(0.05)
+
+
 def main(target: Path) -> None:
     with tempfile.TemporaryDirectory() as work:
         cnsq = [sys.executable, "-m", "cnsq.cli"]
@@ -41,12 +53,12 @@ def main(target: Path) -> None:
                 browser = launch(playwright)
                 page = browser.new_page(viewport={"width": 1280, "height": 800})
                 page.goto(url)
-                page.wait_for_function("window.cnsqView && cnsqView.painted && cnsqView.above !== null")
+                until(page, "window.cnsqView && cnsqView.painted && cnsqView.above !== null")
                 page.wait_for_load_state("networkidle")
                 at = page.evaluate("([lat, lng]) => { const p = cnsqView.map.latLngToContainerPoint("
                                    "[lat, lng]); return [p.x, p.y]; }", [centre.lat, centre.lng])
                 page.mouse.click(*at)
-                page.wait_for_function("document.querySelector('#info table') !== null")
+                until(page, "document.querySelector('#info table') !== null")
                 page.screenshot(path=str(target))
                 browser.close()
             from PIL import Image
