@@ -957,9 +957,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
     with atomic_path(target) as partial, handle:
         if thresh_ind is not None:
             check_thresh_ind(handle, source, thresh_ind)
-        if fmt == "csv" or (fmt == "geojson" and not _has_geo()):
+        def by_rows(rows_from: IO[str]) -> None:
             with partial.open("w", encoding="utf-8", newline="") as out:
-                rows = read_rows(handle, thresh_ind, thresh, report, progress)
+                rows = read_rows(rows_from, thresh_ind, thresh, report, progress)
                 if fmt == "geojson":
                     from .geojson import feature, write_features
 
@@ -968,6 +968,9 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                     writer = csv.writer(out)
                     writer.writerow(["tile", "output"])
                     writer.writerows([tile_id(r.tile), json.dumps(r.scores)] for r in rows)
+
+        if fmt == "csv" or (fmt == "geojson" and not _has_geo()):
+            by_rows(handle)
         else:
             try:
                 _write(fmt, iter_columns(source, thresh_ind, thresh, report, progress=progress),
@@ -976,6 +979,15 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
                 partial.unlink(missing_ok=True)
                 _write(fmt, iter([row_columns(source, thresh_ind, thresh, report,
                                               progress=progress)]), partial, compression)
+            if fmt == "geojson" and report.bad_count:
+                # GeoJSON holds rows of any score count, as convert-geojson writes them: a file
+                # with a row the typed columns refused is written again row by row, so both
+                # keep and report the same rows.
+                partial.unlink(missing_ok=True)
+                report.read = report.kept = report.bad_count = 0
+                report.bad = []
+                with open_results(source) as again:
+                    by_rows(again)
         if report.bad_count and report.bad_count >= report.read:
             # A failed export, not an empty result: the target is replaced only by a file
             # that holds what the source holds (raised here, the partial file is removed).

@@ -27,7 +27,10 @@ CORPUS = {
     "a score that is text": "tile,output\n" + GOOD + '7-8-9,"[0.5, ""a""]"\n',
     "blank and short lines": "tile,output\n" + GOOD + "\n" + "7-8-9\n" + '8-8-9,"[0.5, 0.5]",x\n',
     "no header": GOOD,
+    # Typed columns hold one score count: GeoParquet and FlatGeobuf report the other rows.
+    "score counts that differ": "tile,output\n" + GOOD + '7-8-9,"[0.1, 0.2, 0.7]"\n',
 }
+TYPED = ("geoparquet", "flatgeobuf")
 
 
 def _write(path: Path, text: str) -> None:
@@ -62,6 +65,8 @@ def test_every_reader_accepts_and_reports_what_convert_geojson_does(tmp_path, na
     found = {fmt: exported(source, fmt, tmp_path) for fmt in (
         "csv", "geojson", "geoparquet", "flatgeobuf")}
     found["view"] = indexed(source, tmp_path)
+    if name == "score counts that differ":  # the one difference a typed table must make
+        assert {fmt: found.pop(fmt) for fmt in TYPED} == {fmt: (2, 1, [4]) for fmt in TYPED}
     assert found == {reader: expected for reader in found}, expected
 
 
