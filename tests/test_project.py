@@ -238,3 +238,28 @@ def test_guided_keeps_an_endpoint_that_answers_nothing_when_asked(aws, tmp_path,
         tiles.close()
     assert result.exit_code == 0, result.output
     assert "unchecked: `cnsq verify` checks it after the deploy" in result.output
+
+
+def test_ctrl_c_during_guided_init_exits_130_and_writes_nothing(tmp_path):
+    """Ctrl-C at a question exited 1 (click's "Aborted!"); every other command exits 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "init", "proj", "--guided"],
+                               cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**__import__("os").environ, "AWS_ACCESS_KEY_ID": "",
+                                    "AWS_SECRET_ACCESS_KEY": ""})
+    try:
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "Project name" not in seen and time.monotonic() < deadline:
+            seen += process.stdout.read(1) or ""
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Aborted!" not in err and not (tmp_path / "proj/config/config.yml").exists()
