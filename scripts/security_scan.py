@@ -74,14 +74,19 @@ def compile_variants(out: Path) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--allowlist", type=Path, default=ROOT / ".ci" / "checkov-allowlist.txt")
+    parser.add_argument("--checkov", default=None,
+                        help="the checkov program (CI installs it in an environment of its own: "
+                             "its pins would downgrade the libraries cnsq runs with); default: "
+                             "this Python's checkov module")
     args = parser.parse_args()
+    checkov = [args.checkov] if args.checkov else [sys.executable, "-m", "checkov.main"]
     allow = read_allowlist(args.allowlist)
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for template in compile_variants(Path(tmp)):
             variant = template.parent.parent.parent.name
             done = subprocess.run(
-                [sys.executable, "-m", "checkov.main", "--file", str(template),
+                [*checkov, "--file", str(template),
                  "--framework", "cloudformation", "--output", "json", "--compact"],
                 capture_output=True, text=True)
             try:
