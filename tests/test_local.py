@@ -243,12 +243,12 @@ def test_tileserver_keeps_connections_alive_and_closes_when_asked(tmp_path):
 
     folder = tmp_path / "3" / "1"
     folder.mkdir(parents=True)
-    (folder / "2.jpg").write_bytes(b"\xff\xd8 a jpeg")
+    (folder / "2.jpg").write_bytes(b"\xff\xd8\xff a jpeg")
     running = tileserver.start(tmp_path, port=0)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", running.httpd.server_address[1], timeout=10)
-        for path, status, body in (("/3/1/2.jpg", 200, b"\xff\xd8 a jpeg"), ("/3/1/9.jpg", 404, b"no such tile"),
-                                   ("/3/1/2.png", 200, b"\xff\xd8 a jpeg")):  # another extension is looked for
+        for path, status, body in (("/3/1/2.jpg", 200, b"\xff\xd8\xff a jpeg"), ("/3/1/9.jpg", 404, b"no such tile"),
+                                   ("/3/1/2.png", 200, b"\xff\xd8\xff a jpeg")):  # another extension is looked for
             conn.request("GET", path)
             answer = conn.getresponse()
             assert (answer.status, answer.read()) == (status, body)
@@ -256,7 +256,7 @@ def test_tileserver_keeps_connections_alive_and_closes_when_asked(tmp_path):
         conn.request("GET", "/3/1/2.jpg", headers={"Connection": "close"})
         answer = conn.getresponse()
         assert answer.getheader("Connection") == "close" and answer.getheader("Content-Type") == "image/jpeg"
-        assert answer.read() == b"\xff\xd8 a jpeg" and answer.will_close
+        assert answer.read() == b"\xff\xd8\xff a jpeg" and answer.will_close
         conn.close()
     finally:
         running.close()

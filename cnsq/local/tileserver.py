@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from download_and_predict.tiles import raster_type
+
 from ..errors import CnsqError
 
 EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -21,13 +23,8 @@ PATH = re.compile(r"^/(\d+)/(\d+)/(\d+)\.(png|jpg|jpeg|webp)(?:\?.*)?$")
 
 
 def content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
+    """The media type a browser is told: a raster image's, decided from its bytes."""
+    return raster_type(data) or "application/octet-stream"
 
 
 class FolderTiles:

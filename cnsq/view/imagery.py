@@ -16,7 +16,7 @@ from download_and_predict.errors import HttpError, HttpTimeout, HttpTooLarge, Se
 from download_and_predict.http import Http
 from download_and_predict.masking import mask, register_secret
 from download_and_predict.settings import DEFAULT_MAX_TILE_BYTES
-from download_and_predict.tiles import Tile, check_tile_endpoint, imagery_url
+from download_and_predict.tiles import Tile, check_tile_endpoint, imagery_url, raster_type
 
 from ..errors import CnsqError
 from ..local.tileserver import FolderTiles, MBTiles, open_source
@@ -30,23 +30,6 @@ class ImageryError(CnsqError):
 class Image:
     data: bytes
     kind: str
-
-
-def raster_type(data: bytes) -> str | None:
-    """The media type of a raster image a browser shows, decided from its bytes: PNG, JPEG,
-    WebP, GIF or AVIF (an ISO media file whose brand is ``avif``/``avis``, not any ``ftyp``).
-    None for anything else: SVG, HTML or a script is never passed on as an image."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
-        return "image/avif"
-    return None
 
 
 class RemoteImagery:

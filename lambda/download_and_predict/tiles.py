@@ -25,6 +25,23 @@ def is_image(data: bytes) -> bool:
     return data.startswith(IMAGE_MAGIC) or data[4:8] == b"ftyp"
 
 
+def raster_type(data: bytes) -> str | None:
+    """The media type of a raster image a browser shows, decided from its bytes: PNG, JPEG,
+    WebP, GIF or AVIF (an ISO media file whose brand is ``avif``/``avis``, not any ``ftyp``).
+    None for anything else: SVG, HTML or a script is never passed on as an image."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "image/avif"
+    return None
+
+
 def tile_id(tile: Any) -> str:
     """``x-y-z``, the id of a tile (anything with x, y and z: this Tile, a mercantile Tile) in
     the queue's tiles files, ``results.tile``, CSVs and GeoJSON — its one definition."""
