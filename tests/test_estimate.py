@@ -65,8 +65,8 @@ PRODUCTS = [
 ]
 
 
-def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
-    server = PricingServer(PRODUCTS)
+def _estimate_json(server, monkeypatch) -> dict:
+    """`cnsq estimate 1000000 --region eu-west-1 --json` against ``server`` (closed after)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
     try:
         result = CliRunner().invoke(main, ["estimate", "1000000", "--region", "eu-west-1",
@@ -74,7 +74,12 @@ def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
     finally:
         server.close()
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
+    server = PricingServer(PRODUCTS)
+    report = _estimate_json(server, monkeypatch)
     assert report["prices"] == "the AWS Price List API (eu-west-1)"
     price = {item["name"]: item["price"] for item in report["items"]}
     assert price["GPU hosts (g4dn.xlarge)"] == 0.587  # Linux, not the Windows price
@@ -123,15 +128,7 @@ def test_a_hostile_price_list_falls_back_to_the_shipped_prices(project, monkeypa
     from cnsq import cost
 
     monkeypatch.setattr(cost, "PRICES_SECONDS", 3.0)
-    server = PricingServer(PRODUCTS, hostile=hostile)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
-    try:
-        result = CliRunner().invoke(main, ["estimate", "1000000", "--region", "eu-west-1",
-                                           "--json"], catch_exceptions=False)
-    finally:
-        server.close()
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _estimate_json(PricingServer(PRODUCTS, hostile=hostile), monkeypatch)
     assert report["prices"].startswith("the prices shipped with cnsq")
     assert any(why in note for note in report["notes"]), report["notes"]
     assert math.isfinite(report["total"]) and math.isfinite(report["perMillion"])

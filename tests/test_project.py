@@ -184,31 +184,39 @@ def test_the_env_file_is_created_private_not_made_private_after(tmp_path, monkey
     assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
 
 
+def _guided_run(tmp_path, monkeypatch, tiles, answers):
+    """`cnsq init proj --guided` in tmp_path with ``answers(tile server URL)``, the bucket made;
+    the tile server is closed after. Returns the result (exit 0 asserted)."""
+    import boto3
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
+    monkeypatch.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(main, ["init", "proj", "--guided"],
+                                    input="\n".join(answers(tiles.url)) + "\n")
+    finally:
+        tiles.close()
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def test_guided_imagery_check_asks_for_a_covered_tile_and_says_the_status(aws, tmp_path,
                                                                           monkeypatch):
     """Imagery that does not cover tile 0-0-0 answered 404 and the question was asked forever,
     the status hidden; a 127.0.0.1 endpoint was accepted; the stack name was written literally,
     so `cnsq deploy -d prod` would have updated the dev stack."""
-    import boto3
     from servers import TileServer
 
-    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
     tiles = TileServer(content={"4823-6160-14": b"\x89PNG\r\n\x1a\n" + b"x" * 64},
                        only_content=True)
-    monkeypatch.chdir(tmp_path)
-    answers = ["buildings", "", "cnsq-artifacts", "", "tok-guided-Zq81",
-               tiles.url + "/{z}/{x}/{y}.png?access_token={token}",
-               "keep",            # 127.0.0.1: warned, kept for this test
-               "9-9-9",           # not a tile: asked again
-               "3-3-2",           # another tile the imagery lacks: 404 again
-               "4823-6160-14",    # one it covers: taken
-               "", "/v1/models/water"]
-    try:
-        result = CliRunner().invoke(main, ["init", "proj", "--guided"],
-                                    input="\n".join(answers) + "\n")
-    finally:
-        tiles.close()
-    assert result.exit_code == 0, result.output
+    result = _guided_run(tmp_path, monkeypatch, tiles, lambda url: [
+        "buildings", "", "cnsq-artifacts", "", "tok-guided-Zq81",
+        url + "/{z}/{x}/{y}.png?access_token={token}",
+        "keep",            # 127.0.0.1: warned, kept for this test
+        "9-9-9",           # not a tile: asked again
+        "3-3-2",           # another tile the imagery lacks: 404 again
+        "4823-6160-14",    # one it covers: taken
+        "", "/v1/models/water"])
     assert "127.0.0.1 is the Lambda itself on AWS" in result.output
     assert "the endpoint answered HTTP 404 for tile 0-0-0 (a tile it does not cover?)" in result.output
     assert "the endpoint answered HTTP 404 for tile 3-3-2" in result.output
@@ -223,20 +231,11 @@ def test_guided_imagery_check_asks_for_a_covered_tile_and_says_the_status(aws, t
 
 
 def test_guided_keeps_an_endpoint_that_answers_nothing_when_asked(aws, tmp_path, monkeypatch):
-    import boto3
     from servers import TileServer
 
-    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cnsq-artifacts")
-    tiles = TileServer(only_content=True)
-    monkeypatch.chdir(tmp_path)
-    answers = ["", "", "cnsq-artifacts", "", "", tiles.url + "/{z}/{x}/{y}.png", "keep",
-               "keep", "", "/v1/models/water"]
-    try:
-        result = CliRunner().invoke(main, ["init", "proj", "--guided"],
-                                    input="\n".join(answers) + "\n")
-    finally:
-        tiles.close()
-    assert result.exit_code == 0, result.output
+    result = _guided_run(tmp_path, monkeypatch, TileServer(only_content=True), lambda url: [
+        "", "", "cnsq-artifacts", "", "", url + "/{z}/{x}/{y}.png", "keep", "keep", "",
+        "/v1/models/water"])
     assert "unchecked: `cnsq verify` checks it after the deploy" in result.output
 
 
