@@ -42,8 +42,8 @@ from .tiles import parse_tile_id, tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 # GeoParquet's codecs. Snappy is the default of pyarrow, GeoPandas and GDAL, and the fastest
-# here; zstd makes a tile export about 40 % smaller and its Parquet encoding 1.7 times as
-# long, the whole export up to a fifth longer (docs/performance.md).
+# here; zstd makes a smaller file for a longer write (how much: docs/performance.md, "Design
+# choices, measured").
 COMPRESSIONS = ("snappy", "zstd", "none")
 ROW_GROUP = 16_384
 CHUNK = 16_384  # features turned into GeoJSON text at a time
@@ -725,11 +725,11 @@ def _parquet_writer(target: Path, schema: Any, compression: str) -> Any:
     what ``pyarrow.parquet.ParquetWriter`` gives it, so that it writes the same bytes (tested).
 
     Why not ``pyarrow.parquet``: importing it imports ``pyarrow.fs`` and with it every
-    filesystem pyarrow has (S3's, Azure's, ssl), to resolve a path given as a URI: 14 ms of
-    each export, 5 % of a million rows'. A pyarrow that refuses these arguments gets the
+    filesystem pyarrow has (S3's, Azure's, ssl), to resolve a path given as a URI: time every
+    export would pay (docs/performance.md). A pyarrow that refuses these arguments gets the
     public writer."""
-    # No dictionaries: ids and polygons are unique, and trying them cost a third of the write
-    # and made the file 40 % larger.
+    # No dictionaries: ids and polygons are unique, so trying them costs write time and makes
+    # the file larger (docs/performance.md).
     options = {"compression": compression, "use_dictionary": False, "write_statistics": True}
     try:
         from pyarrow._parquet import ParquetWriter

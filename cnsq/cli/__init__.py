@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import sys
 
-# pyarrow's default allocator (mimalloc) keeps the pages it frees for reuse: `cnsq export` of
-# a million rows to GeoParquet peaked near 200 MB with it, 160 MB with the system's allocator
-# and 146 MB with jemalloc (as fast), which pyarrow's Linux builds include (elsewhere naming it
-# would print a warning). pyarrow reads this when it first allocates (it is imported
+# pyarrow's default allocator (mimalloc) keeps the pages it frees for reuse, so an export's
+# peak memory is higher with it than with jemalloc, which is as fast (docs/performance.md) and
+# which pyarrow's Linux builds include (elsewhere naming it would print a warning). pyarrow reads this when it first allocates (it is imported
 # later, by the commands that need it); a user's own choice stands.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL",
                       "jemalloc" if sys.platform == "linux" else "system")

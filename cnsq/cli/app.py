@@ -265,7 +265,7 @@ class CnsqGroup(click.Group):
             if _signalled:  # e.g. numpy's tofile made a TypeError of a Ctrl-C
                 click.echo("\nInterrupted.", err=True)
                 sys.exit(130)
-            from ..aws import explain  # imported here: boto3 costs every command 0.2 s to load
+            from ..aws import explain  # imported here: boto3 is slow to load, and most commands need none
 
             message = explain(exc) or _describe(exc)
             click.echo(f"Error: {_mask(message)}", err=True)

@@ -160,8 +160,7 @@ class Batcher:
             size = len(first[0])
             # From the first request's arrival, as TF Serving's batch_timeout_micros: requests
             # that queued while the last batch ran have waited already, and waiting the whole
-            # timeout again left the model idle between batches (16 clients of one tile each:
-            # a 5 ms wait after every ~20 ms batch).
+            # timeout again left the model idle between batches.
             deadline = first[2] + self.timeout
             while size < self.max_batch:
                 left = deadline - time.monotonic()
@@ -334,9 +333,8 @@ def cores() -> int:
 
 # How soon a thread waiting for the GIL gets it (Python's default: 5 ms). The batch threads need
 # it only briefly, between inference calls, but queue behind the request threads decoding JSON and
-# images; sooner, they start the next batch sooner. Set for `cnsq serve`'s own process only.
-# `scripts/bench.py pipeline`, the server alone with 2 batch threads on 2 cores: about 425
-# tiles/s with 5 ms, 445-454 with 1 ms.
+# images; sooner, they start the next batch sooner (docs/performance.md). Set for `cnsq serve`'s
+# own process only.
 SWITCH_INTERVAL = 0.001
 
 

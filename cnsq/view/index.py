@@ -42,8 +42,8 @@ FORMAT = 2  # of the index file: a cached index of another format is rebuilt (2:
 KEEP = 4  # indexes kept in the cache
 EARLY_BYTES = 4 << 20  # a results CSV this large is drawn before its tiles table is written
 
-# The tiles table gets its index after the rows are in: appending then sorting once is several
-# times faster than inserting a million rows in key order into a B-tree.
+# The tiles table gets its index after the rows are in: appending then sorting once is faster
+# than inserting rows in key order into a B-tree (docs/performance.md).
 SCHEMA = """
 CREATE TABLE tiles (z INTEGER, x INTEGER, y INTEGER, score REAL, output TEXT);
 CREATE TABLE parents (z INTEGER, x INTEGER, y INTEGER, max REAL, mean REAL, n INTEGER,
