@@ -8,8 +8,9 @@ import sys
 
 # pyarrow's default allocator (mimalloc) keeps the pages it frees for reuse, so an export's
 # peak memory is higher with it than with jemalloc, which is as fast (docs/performance.md) and
-# which pyarrow's Linux builds include (elsewhere naming it would print a warning). pyarrow reads this when it first allocates (it is imported
-# later, by the commands that need it); a user's own choice stands.
+# which pyarrow's Linux builds include (elsewhere naming it would print a warning). pyarrow
+# reads this when it first allocates (it is imported later, by the commands that need it); a
+# user's own choice stands.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL",
                       "jemalloc" if sys.platform == "linux" else "system")
 

@@ -21,9 +21,7 @@ from ..tiles import Line
 
 # The model server `run` starts shares the CPU with the downloads and writes. Two batches at once,
 # each on half the cores, keep inference going while a handler thread takes a core: one batch on
-# all cores stalls at every operator whose other half was preempted. `scripts/bench.py pipeline`
-# measures both on the same tiles (2 cores): the server alone 394 tiles/s with one batch thread,
-# 419 with two.
+# all cores stalls at every operator whose other half was preempted (measured: docs/performance.md).
 MODEL_BATCH_THREADS = 2
 
 
