@@ -7,15 +7,15 @@ It checks the *action* of every request, but for most services against the resou
 (moto/core/responses.py ``call_action``): a statement naming an ARN never matches there, so
 AWS would allow what moto refuses. :func:`credentials_for_role` therefore gives a user the role's
 own statements — the same actions, effects and conditions — with the resource widened to ``*``
-where moto cannot check it (SQS and S3 it checks against the real ARN, so those keep theirs);
-:func:`resources_allowed` checks the ARNs themselves, against the unwidened policy.
+where moto cannot check it. SQS and S3 it checks against the real ARN, so those keep theirs (the
+admin function's export outside its prefix is refused); for the other services the tests check
+the actions a role allows, not its resource ARNs.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import fnmatch
 import hashlib
 import http.client
 import json
@@ -68,7 +68,7 @@ def _listed(value) -> list[str]:
 SIGNING_NAMES = {"cloudwatch": "monitoring"}
 
 
-def _widened(statement: dict) -> dict:
+def widened(statement: dict) -> dict:
     actions = _listed(statement.get("Action"))
     renamed = [f"{SIGNING_NAMES[a.split(':')[0]]}:{a.split(':', 1)[1]}" for a in actions
                if a.split(":")[0] in SIGNING_NAMES]
@@ -92,7 +92,7 @@ def user_with(statements: list[dict], name: str | None = None) -> dict[str, str]
 
 def credentials_for_role(role_name: str) -> dict[str, str]:
     """Keys of a user that may do what the role may (see the module's note on resources)."""
-    return user_with([_widened(s) for s in role_policies(role_name)])
+    return user_with([widened(s) for s in role_policies(role_name)])
 
 
 def admin_credentials() -> dict[str, str]:
@@ -132,19 +132,6 @@ def iam_enforced(moto_url: str):
     finally:
         requests.post(f"{moto_url}/moto-api/reset-auth", data=b"inf",
                       timeout=10).raise_for_status()
-
-
-def allows(statements: list[dict], action: str, resource: str) -> bool:
-    """Whether an Allow statement names ``action`` on ``resource`` (IAM's wildcards, no Deny in
-    our policies; conditions are not evaluated here)."""
-    for s in statements:
-        if s.get("Effect") != "Allow":
-            continue
-        if not any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _listed(s.get("Action"))):
-            continue
-        if any(fnmatch.fnmatchcase(resource, r) for r in _listed(s.get("Resource"))):
-            return True
-    return False
 
 
 class AwsRules(_Server):

@@ -493,13 +493,13 @@ def test_cnsq_deploy_runs_with_exactly_the_deployers_permission_list(project, mo
     """The calls `cnsq deploy` itself makes (preflight, packaging, the change set, the events,
     the outputs) are allowed by templates/deployer-permissions.yml: moto checks each one. (The
     resources CloudFormation creates are checked against the same list in test_preflight.)"""
-    from aws_rules import _widened, user_with
+    from aws_rules import user_with, widened
 
     from cnsq import preflight
     from cnsq.config import load_config
 
     actions = sorted(preflight.deployer_actions(load_config(Path("config/config.yml"))))
-    keys = user_with([_widened({"Effect": "Allow", "Action": actions, "Resource": "*"})])
+    keys = user_with([widened({"Effect": "Allow", "Action": actions, "Resource": "*"})])
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
     with iam_enforced(moto_url):
