@@ -17,8 +17,8 @@ import botocore.client
 import botocore.config
 import botocore.exceptions
 
-from . import __version__
-from .errors import AwsError, AwsUnreachable
+from cnsq import __version__
+from cnsq.errors import AwsError, AwsUnreachable
 
 # What every function that calls AWS takes: a botocore client (of any service).
 Client = botocore.client.BaseClient

@@ -28,7 +28,7 @@ import jinja2.meta
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
-from .errors import ConfigError
+from cnsq.errors import ConfigError
 
 REQUIRED = object()
 

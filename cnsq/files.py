@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .errors import CnsqError
+from cnsq.errors import CnsqError
 
 
 @contextmanager

@@ -11,8 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CnsqError
-from .files import atomic_write, backup
+from cnsq.errors import CnsqError
+from cnsq.files import atomic_write, backup
 
 PACKAGE = Path(__file__).resolve().parent
 # Shipped files: in a wheel under cnsq/bundled/ (setup.cfg's package_dir), in a clone at the root.
@@ -127,7 +127,7 @@ def as_written(example: str) -> str:
 
 
 def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
-    """``cnsq init --guided``: ask, check, and write config.yml and .env (see cnsq.guided).
+    """``cnsq init --guided``: ask, check, and write config.yml and .env (see cnsq.init.guided).
 
     ``prompt(text, default=…, hide_input=…, show_default=…)`` is click's.
 
@@ -137,7 +137,7 @@ def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
     import boto3
     import requests
 
-    from . import guided
+    from cnsq.init import guided
 
     targets = [directory / "config/config.yml", directory / "config/.env"]
     existing = [t for t in targets if t.exists()]

@@ -10,10 +10,9 @@ from typing import IO, Any, NamedTuple
 
 import mercantile
 
+from cnsq.errors import CnsqError
 from download_and_predict.tiles import MAX_ZOOM, tile_id
 from download_and_predict.tiles import parse_tile_id as parse_lambda_tile_id
-
-from .errors import CnsqError
 
 MAX_LAT = 85.0511287798066
 

@@ -85,7 +85,7 @@ class Database:
 
     def fresh(self) -> str:
         """A new empty database with the results table."""
-        from cnsq.results import open_store
+        from cnsq.results.store import open_store
 
         url = fresh_database(self.url, "bench")
         store = open_store(url)
@@ -315,8 +315,8 @@ import sys, time
 from pathlib import Path
 import pyarrow as pa
 from pyogrio import write_arrow
-from cnsq.export import _columns, iter_columns
-from cnsq.geojson import Report
+from cnsq.results.export import _columns, iter_columns
+from cnsq.results.geojson import Report
 blocks = [b for b in iter_columns(Path(sys.argv[1]), 1, 0.5, Report()) if len(b)]
 batches = []
 for block in blocks:
@@ -356,7 +356,7 @@ def bench_export(db: Database, args) -> list[Result]:
     machine, moving the ratios more than the exports moved.
 
     "GDAL alone" is pyogrio writing the same features, already built, to FlatGeobuf with its
-    index: the writer export used before its own (:mod:`cnsq.flatgeobuf`), for comparison.
+    index: the writer export used before its own (:mod:`cnsq.results.flatgeobuf`), for comparison.
     GeoParquet is measured in its default codec (snappy), then with ``--compression zstd``
     (smaller, for information)."""
     import random
@@ -464,7 +464,7 @@ def bench_serve(db: Database, args) -> list[Result]:
     import base64
 
     from cnsq.local import serve
-    from cnsq.local.models import benchmark_cnn
+    from cnsq.local.demo_models import benchmark_cnn
 
     model = benchmark_cnn(work_dir("cnsq-bench-serve-") / "cnn.onnx")
     images = _tile_jpegs(64)
@@ -494,7 +494,7 @@ def bench_pipeline(db: Database, args) -> list[Result]:
     import base64
 
     from cnsq.local import pipeline, serve
-    from cnsq.local.models import benchmark_cnn
+    from cnsq.local.demo_models import benchmark_cnn
 
     work = work_dir("cnsq-bench-pipeline-")
     model = benchmark_cnn(work / "cnn.onnx")
@@ -679,11 +679,11 @@ def bench_view(db: Database, args) -> list[Result]:
 
 
 def bench_tune(db: Database, args) -> list[Result]:
-    """The stack's controller in the simulation (cnsq.simulation), N tiles from zero hosts,
+    """The stack's controller in the simulation (simulation), N tiles from zero hosts,
     against a grid of fixed setups (1..maxInstances hosts × concurrency) in the same simulator,
     and the original's defaults (one host, concurrency 5)."""
-    from cnsq.cost import shipped_prices
-    from cnsq.simulation import Setup, World, simulate, tune
+    from cnsq.ops.pricing import shipped_prices
+    from simulation import Setup, World, simulate, tune
 
     prices = shipped_prices()
     setup = Setup(max_instances=args.tune_hosts)

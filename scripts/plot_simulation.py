@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plot a simulated run of the stack that scales itself (cnsq.simulation): backlog, hosts, Lambda
+"""Plot a simulated run of the stack that scales itself (simulation): backlog, hosts, Lambda
 concurrency and GPU use over time, with the original's fixed setup for comparison.
 
     python scripts/plot_simulation.py                       # docs/img/simulation.png
@@ -30,8 +30,8 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnsq.cost import shipped_prices
-    from cnsq.simulation import Setup, simulate
+    from cnsq.ops.pricing import shipped_prices
+    from simulation import Setup, simulate
 
     prices = shipped_prices()
     auto = simulate(Setup(max_instances=args.hosts), args.tiles, prices)

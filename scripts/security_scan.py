@@ -51,7 +51,7 @@ def read_allowlist(path: Path) -> list[tuple[str, str, str]]:
 def compile_variants(out: Path) -> list[Path]:
     sys.path.insert(0, str(ROOT))
     from cnsq.config import load_config
-    from cnsq.template import CodeLocation, compile_template
+    from cnsq.deploy.template import CodeLocation, compile_template
 
     example = (ROOT / "config" / "config.example.yml").read_text()
     commented = "".join("  # " + line[2:] if line.strip() else line

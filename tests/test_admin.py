@@ -20,10 +20,10 @@ from botocore.stub import Stubber
 from click.testing import CliRunner
 from servers import fresh_database
 
-from cnsq.admin import AdminFunction, AdminUnavailable
 from cnsq.cli import main
-from cnsq.deploy import migrate
+from cnsq.deploy.plan import migrate
 from cnsq.errors import CnsqError
+from cnsq.stack.admin import AdminFunction, AdminUnavailable
 from download_and_predict import admin
 
 

@@ -495,8 +495,8 @@ def test_cnsq_deploy_runs_with_exactly_the_deployers_permission_list(project, mo
     resources CloudFormation creates are checked against the same list in test_preflight.)"""
     from aws_rules import user_with, widened
 
-    from cnsq import preflight
     from cnsq.config import load_config
+    from cnsq.deploy import preflight
 
     actions = sorted(preflight.deployer_actions(load_config(Path("config/config.yml"))))
     keys = user_with([widened({"Effect": "Allow", "Action": actions, "Resource": "*"})])

@@ -1,11 +1,11 @@
-"""The concurrency decision (download_and_predict.controller.decide): a pure function, tested on its own, and on
+"""The concurrency decision (download_and_predict.scaling.decide): a pure function, tested on its own, and on
 a small closed-form plant: calls queue at a model that holds ``capacity`` at once."""
 
 from __future__ import annotations
 
 import pytest
 
-from download_and_predict.controller import Decision, Limits, Signals, decide
+from download_and_predict.scaling import Decision, Limits, Signals, decide
 
 
 def signals(**changes) -> Signals:
@@ -127,7 +127,7 @@ def test_auto_concurrency_raises_the_calls_until_the_model_is_busy():
 # The model tasks' count (the stack's controller; the simulation runs the same function).
 
 def capacity(**changes):
-    from download_and_predict.controller import Capacity
+    from download_and_predict.scaling import Capacity
 
     base = dict(min_tasks=0, max_tasks=8, tasks_per_instance=1, idle_seconds=900,
                 backlog_per_task=6000)
@@ -135,7 +135,7 @@ def capacity(**changes):
 
 
 def test_a_backlog_from_zero_asks_for_the_tasks_it_needs_up_to_the_maximum():
-    from download_and_predict.controller import plan_tasks
+    from download_and_predict.scaling import plan_tasks
 
     assert plan_tasks(work=1_000_000, desired=0, idle_for=None, c=capacity()) == (
         8, "1000000 tiles waiting: 8 model tasks (up to 8)")
@@ -144,7 +144,7 @@ def test_a_backlog_from_zero_asks_for_the_tasks_it_needs_up_to_the_maximum():
 
 
 def test_tasks_fill_whole_hosts_and_never_shrink_while_work_remains():
-    from download_and_predict.controller import plan_tasks
+    from download_and_predict.scaling import plan_tasks
 
     four_gpus = capacity(tasks_per_instance=4, max_tasks=16)
     assert plan_tasks(work=7000, desired=0, idle_for=None, c=four_gpus)[0] == 4
@@ -152,7 +152,7 @@ def test_tasks_fill_whole_hosts_and_never_shrink_while_work_remains():
 
 
 def test_idle_tasks_wait_idle_minutes_then_go_to_the_minimum():
-    from download_and_predict.controller import plan_tasks
+    from download_and_predict.scaling import plan_tasks
 
     assert plan_tasks(work=0, desired=8, idle_for=600, c=capacity()) == (8, "idle 10 min of 15: kept")
     assert plan_tasks(work=0, desired=8, idle_for=900, c=capacity()) == (
@@ -161,7 +161,7 @@ def test_idle_tasks_wait_idle_minutes_then_go_to_the_minimum():
 
 
 def test_concurrency_follows_the_model_tasks():
-    from download_and_predict.controller import follow_tasks
+    from download_and_predict.scaling import follow_tasks
 
     assert follow_tasks(current=10, tasks_before=1, tasks_now=4, limits=Limits()) == 40
     assert follow_tasks(current=40, tasks_before=4, tasks_now=0, limits=Limits()) == 40  # paused instead
@@ -174,7 +174,7 @@ def test_concurrency_follows_the_model_tasks():
 # per second per task rose.
 
 def test_a_busy_model_with_short_calls_is_probed_higher_and_the_gain_kept():
-    from download_and_predict.controller import Probe
+    from download_and_predict.scaling import Probe
 
     first = decide(signals(busy_percent=95.0, p95_seconds=2.0, throughput=80.0), 20)
     assert (first.concurrency, first.scenario) == (25, 4)
@@ -185,7 +185,7 @@ def test_a_busy_model_with_short_calls_is_probed_higher_and_the_gain_kept():
 
 
 def test_a_probe_that_gained_nothing_goes_back_and_holds():
-    from download_and_predict.controller import Probe
+    from download_and_predict.scaling import Probe
 
     back = decide(signals(busy_percent=99.0, p95_seconds=3.0, throughput=81.0), 25,
                   probe=Probe(concurrency=20, throughput=80.0, hold=0))

@@ -12,9 +12,9 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from cnsq.deploy import Plan, apply, next_steps, plan, show_changes
+from cnsq.deploy.cloudformation import ChangeSet, Stacks
+from cnsq.deploy.plan import Plan, apply, next_steps, plan, show_changes
 from cnsq.errors import DeployError
-from cnsq.stack import ChangeSet, Stacks
 
 STACK_ID = "arn:aws:cloudformation:us-east-1:123456789012:stack/cnsq-dev/abc"
 CS_ARN = "arn:aws:cloudformation:us-east-1:123456789012:changeSet/cnsq-1/def"

@@ -17,7 +17,7 @@ from servers import TileServer, fresh_database
 
 from cnsq.cli import main
 from cnsq.local import serve
-from cnsq.local.models import water_classifier
+from cnsq.local.demo_models import water_classifier
 
 
 def png(color) -> bytes:
@@ -195,7 +195,7 @@ def test_work_decides_its_concurrency_by_default(aws, postgres_url, tmp_path, mo
         assert worked.exit_code == 0, worked.output
         assert "succeeded, 0 failed." in worked.stderr  # (SQS may deliver a message twice)
         assert "concurrency: raised concurrency 4 → " in worked.stderr, worked.stderr
-        from cnsq.results import open_store
+        from cnsq.results.store import open_store
 
         store = open_store(database)
         assert store.count() == 600

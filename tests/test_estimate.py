@@ -12,8 +12,8 @@ from servers import PricingServer
 
 from cnsq.cli import main
 from cnsq.config import load_config
-from cnsq.cost import shipped_prices
-from cnsq.estimate import PerTile, estimate
+from cnsq.ops.estimate import PerTile, estimate
+from cnsq.ops.pricing import shipped_prices
 
 
 def test_a_million_tiles_by_hand(project):
@@ -125,9 +125,9 @@ def test_a_hostile_price_list_falls_back_to_the_shipped_prices(project, monkeypa
     """A NextToken growing on every page reached 2 GB; a trickling answer hung over 200 s; a price
     of Infinity printed $inf and exited 0. Pages, token and time are bounded, a price must be a
     finite number, and the shipped prices answer instead, said so."""
-    from cnsq import cost
+    from cnsq.ops import pricing
 
-    monkeypatch.setattr(cost, "PRICES_SECONDS", 3.0)
+    monkeypatch.setattr(pricing, "PRICES_SECONDS", 3.0)
     report = _estimate_json(PricingServer(PRODUCTS, hostile=hostile), monkeypatch)
     assert report["prices"].startswith("the prices shipped with cnsq")
     assert any(why in note for note in report["notes"]), report["notes"]

@@ -163,7 +163,7 @@ def test_the_overall_bounds_are_those_of_every_tile_at_every_zoom():
     """The file's bbox (GeoParquet's metadata, FlatGeobuf's header) comes from each zoom's
     extreme columns and rows: the same as the union of every tile's bounds."""
     np = pytest.importorskip("numpy")
-    from cnsq.export import Columns, _overall_bounds, tile_bounds
+    from cnsq.results.export import Columns, _overall_bounds, tile_bounds
 
     rng = np.random.default_rng(11)
     for zooms in ([13], [0, 5, 13, 30], [2, 30]):
@@ -177,7 +177,7 @@ def test_the_overall_bounds_are_those_of_every_tile_at_every_zoom():
 def test_wide_rows_make_smaller_groups_of_the_same_rows(tmp_path, monkeypatch):
     """Rows of hundreds of scores are written in groups of fewer rows (a group is bounded in
     bytes, as the sort's chunks are), so memory stays a few groups; the rows are the same."""
-    from cnsq import tile_order
+    from cnsq.results import tile_order
 
     rng = random.Random(3)
     source = tmp_path / "wide.csv"
@@ -315,8 +315,8 @@ POISON = [
 
 @pytest.mark.parametrize("header", [True, False])
 def test_the_columnar_reader_reports_what_the_row_reader_does(tmp_path, header):
-    from cnsq.export import read_columns, read_rows
-    from cnsq.geojson import Report
+    from cnsq.results.export import read_columns, read_rows
+    from cnsq.results.geojson import Report
 
     source = tmp_path / "poison.csv"
     source.write_text(("tile,output\n" if header else "") + "\n".join(POISON) + "\n")
@@ -336,8 +336,8 @@ def test_the_columnar_reader_reports_what_the_row_reader_does(tmp_path, header):
 def test_a_value_holding_a_line_break_is_read_row_by_row(tmp_path, brk, where):
     """A quoted line break (\\n, a bare \\r, or both) makes a row two lines: the bad row after
     it is reported at its physical line, as the row reader counts them."""
-    from cnsq.export import read_columns
-    from cnsq.geojson import Report
+    from cnsq.results.export import read_columns
+    from cnsq.results.geojson import Report
 
     source = tmp_path / "multiline.csv"
     first = f'1-1-2,"[0.1,{brk} 0.9]"' if where == "output" else f'"1-1{brk}-2","[0.1, 0.9]"'
@@ -372,7 +372,7 @@ def test_geopandas_reads_both_files_as_the_geojson_says(tmp_path):
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_the_results_table_is_exported_as_download_reads_it(tmp_path, kind, request):
-    from cnsq.results import open_store
+    from cnsq.results.store import open_store
 
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'results.db'}"
@@ -450,7 +450,7 @@ def test_a_sort_spilled_to_disk_writes_the_same_file(tmp_path, monkeypatch, suff
     """Past a run of rows, the Z-order sort spills sorted runs and merges them: the rows (and
     GeoParquet's groups, FlatGeobuf's index) are those of a sort in memory, and nothing is left
     beside the output."""
-    from cnsq import tile_order
+    from cnsq.results import tile_order
 
     source = tmp_path / "results.csv"
     results_csv(source, count=3000, bad=False)
@@ -544,8 +544,8 @@ def test_an_empty_file_gives_an_empty_file(tmp_path, suffix, content):
 def test_blank_lines_are_counted_as_the_row_reader_counts_them(tmp_path, text):
     """pyarrow skips blank lines, so every row after one was reported a line early; the row
     reader counts them (and reports each as a row of no columns)."""
-    from cnsq.export import read_columns, read_rows
-    from cnsq.geojson import Report
+    from cnsq.results.export import read_columns, read_rows
+    from cnsq.results.geojson import Report
 
     source = tmp_path / "blank.csv"
     source.write_bytes(text.encode())
@@ -604,8 +604,8 @@ def test_the_columnar_reader_agrees_with_the_row_reader_on_random_rows(tmp_path,
     """Rows drawn at random from good and poison pieces (JSON's number grammar at its edges,
     wrong widths and ids, stray quotes and columns, blank lines): the same rows kept, the same
     reports at the same lines."""
-    from cnsq.export import iter_columns, read_columns, read_rows
-    from cnsq.geojson import Report
+    from cnsq.results.export import iter_columns, read_columns, read_rows
+    from cnsq.results.geojson import Report
 
     rng = random.Random(seed)
     source = tmp_path / "random.csv"
@@ -636,7 +636,7 @@ def test_duckdb_reads_the_geoparquet_and_can_skip_its_row_groups(tmp_path, monke
     of convert-geojson's output, and row groups whose bbox statistics cover small areas, so a
     window query reads few of them."""
     duckdb = pytest.importorskip("duckdb")
-    from cnsq import export as export_module
+    from cnsq.results import export as export_module
 
     monkeypatch.setattr(export_module, "ROW_GROUP", 50)  # several groups from a small file
     source = tmp_path / "results.csv"
@@ -679,8 +679,8 @@ def test_duckdb_reads_the_geoparquet_and_can_skip_its_row_groups(tmp_path, monke
 
 @pytest.mark.parametrize("suffix", ["parquet", "geojson", "csv"])
 def test_a_long_export_says_how_far_it_has_read(tmp_path, suffix):
-    from cnsq.export import export
-    from cnsq.geojson import PROGRESS_EVERY
+    from cnsq.results.export import export
+    from cnsq.results.geojson import PROGRESS_EVERY
 
     source = tmp_path / "results.csv"
     count = PROGRESS_EVERY * 2 + 10
@@ -704,7 +704,7 @@ def test_the_geoparquet_writer_waits_for_its_write_through_ctrl_c():
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnsq.export import _join
+    from cnsq.results.export import _join
 
     ended = []
     pool = ThreadPoolExecutor(max_workers=1)
@@ -724,7 +724,7 @@ def test_groups_are_built_and_written_in_order_and_an_error_stops_the_writes():
     import threading
     import time
 
-    from cnsq.export import _build_and_write
+    from cnsq.results.export import _build_and_write
 
     written, threads = [], set()
 
@@ -780,8 +780,8 @@ def test_groups_hold_the_rows_in_order_whatever_the_parts():
     """The sort's parts (of any length, the size itself included) regrouped: every row once, in
     order, every group full but the last."""
     np = pytest.importorskip("numpy")
-    from cnsq.export import _groups
-    from cnsq.tile_order import record_type
+    from cnsq.results.export import _groups
+    from cnsq.results.tile_order import record_type
 
     rows = np.zeros(100, record_type(1))
     rows["line"] = np.arange(100)

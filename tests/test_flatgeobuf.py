@@ -1,4 +1,4 @@
-"""cnsq.flatgeobuf: files read back by GDAL (through pyogrio), its index searched by GDAL, and
+"""cnsq.results.flatgeobuf: files read back by GDAL (through pyogrio), its index searched by GDAL, and
 the layout checked against the format's rules (8-byte alignment, the tree's level bounds)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from cnsq.flatgeobuf import DOUBLE, INT, LONG, MAGIC, STRING, Column, Writer, level_bounds
+from cnsq.results.flatgeobuf import DOUBLE, INT, LONG, MAGIC, STRING, Column, Writer, level_bounds
 
 np = pytest.importorskip("numpy")
 pyogrio = pytest.importorskip("pyogrio")

@@ -204,7 +204,7 @@ def test_cover_rejects_a_bad_zoom():
 def test_progress_is_reported_on_long_input(tmp_path):
     import io
 
-    from cnsq import geojson
+    from cnsq.results import geojson
 
     rows = [(f"{i % 512}-{i // 512}-12", "[0.5, 0.5]") for i in range(120_000)]
     src = write_csv(tmp_path / "r.csv", rows)
@@ -235,7 +235,7 @@ def test_options_are_checked_before_anything_is_written(tmp_path):
 def test_a_non_finite_score_never_reaches_the_geojson(tmp_path):
     import json
 
-    from cnsq.geojson import convert_file
+    from cnsq.results.geojson import convert_file
 
     source = tmp_path / "results.csv"
     source.write_text('tile,output\n1-2-3,"[NaN, 0.9]"\n4-5-6,"[0.1, 0.95]"\n')
@@ -248,7 +248,7 @@ def test_a_non_finite_score_never_reaches_the_geojson(tmp_path):
 
 
 def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
-    from cnsq.geojson import convert_file
+    from cnsq.results.geojson import convert_file
 
     source = tmp_path / "results.csv"
     source.write_bytes(b'\xef\xbb\xbftile,output\n1-2-3,"[0.1, 0.9]"\n')
@@ -259,7 +259,7 @@ def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
 def test_tile_ids_the_original_lambda_wrote_are_read(tmp_path):
     import json
 
-    from cnsq.geojson import convert_file
+    from cnsq.results.geojson import convert_file
 
     source = tmp_path / "results.csv"
     source.write_text('tile,output\n"{16047,12355,15}","[0.1, 0.9]"\n')

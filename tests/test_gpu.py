@@ -15,9 +15,9 @@ from conftest import client
 from cnsq.aws import Aws
 from cnsq.cli import main
 from cnsq.config import load_config
-from cnsq.deployed import Deployed
-from cnsq.gpu import GpuError, Instance, discover, gpu_rows, parse_nvidia_smi
-from cnsq.stack import Stacks
+from cnsq.deploy.cloudformation import Stacks
+from cnsq.ops.gpu import GpuError, Instance, discover, gpu_rows, parse_nvidia_smi
+from cnsq.stack.deployed import Deployed
 
 
 class LocalRunner:

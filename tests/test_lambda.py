@@ -29,15 +29,9 @@ from servers import (
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "lambda"))
 
-from cnsq.results import open_store  # noqa: E402
+from cnsq.results.store import open_store  # noqa: E402
 from download_and_predict import handler as handler_module  # noqa: E402
-from download_and_predict.base import (  # noqa: E402
-    BadRecord,
-    Settings,
-    Tile,
-    imagery_url,
-    parse_tile,
-)
+from download_and_predict.base import BadRecord, Settings, Tile, imagery_url, parse_tile  # noqa: E402
 from download_and_predict.http import Http, proxies_from_env  # noqa: E402
 
 

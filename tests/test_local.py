@@ -22,7 +22,7 @@ from PIL import Image
 
 from cnsq.cli import main
 from cnsq.local import serve, tileserver
-from cnsq.local.models import water_classifier
+from cnsq.local.demo_models import water_classifier
 
 
 def png(color: tuple[int, int, int], size: int = 256) -> bytes:

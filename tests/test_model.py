@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cnsq.cli import main
-from cnsq.model import ensure_repository
+from cnsq.ops.model_image import ensure_repository
 
 
 def saved_model(path: Path) -> Path:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cnsq.deploy.package import SubprocessPip, build
 from cnsq.errors import PackageError
-from cnsq.package import SubprocessPip, build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,7 +144,7 @@ class _Pip:
 def test_the_same_code_gives_the_same_zip_from_any_environment(tmp_path):
     """Two virtual environments hashed the same code differently: bin/ scripts carry the
     builder's interpreter path."""
-    from cnsq.package import build
+    from cnsq.deploy.package import build
 
     source = tmp_path / "src"
     (source / "handler").mkdir(parents=True)

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from conftest import REPO, client, free_port
 from servers import _Quiet, _Server
 
-from cnsq import preflight
 from cnsq.cli import main
 from cnsq.config import load_config
-from cnsq.template import render
+from cnsq.deploy import preflight
+from cnsq.deploy.template import render
 
 
 def validate(*args: str):
@@ -260,7 +260,7 @@ def test_scaling_mode_checks_what_the_template_reserves(project):
     config = load_config(Path("config/config.yml"))
     reserved = preflight.reserved_concurrency(config.values)
     template = json.loads(json.dumps(
-        __import__("cnsq.template", fromlist=["load_cfn_yaml"]).load_cfn_yaml(
+        __import__("cnsq.deploy.template", fromlist=["load_cfn_yaml"]).load_cfn_yaml(
             render(config, REPO / "templates", {}))))
     in_template = {r["Properties"]["FunctionName"]: r["Properties"]["ReservedConcurrentExecutions"]
                    for r in template["Resources"].values()
@@ -510,7 +510,7 @@ def test_the_permission_list_covers_every_resource_of_the_template(project, netw
         lines = [line for line in text.splitlines() if not line.startswith(("  vpc:", "  subnets:", "    - subnet-"))]
         Path("config/config.yml").write_text("\n".join(lines) + "\n")
     config = load_config(Path("config/config.yml"))
-    from cnsq.template import load_cfn_yaml
+    from cnsq.deploy.template import load_cfn_yaml
     types = {r["Type"] for r in load_cfn_yaml(render(config, REPO / "templates", {}))["Resources"].values()}
     unknown = types - set(CREATE_ACTION)
     assert not unknown, f"say in deployer-permissions.yml what creating {unknown} needs"

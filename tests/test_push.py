@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from servers import SqsServer
 
 from cnsq.cli import main
-from cnsq.push import BatchSender, Checkpoint, push
+from cnsq.ops.push import BatchSender, Checkpoint, push
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cnsq.cli import main
-from cnsq.redrive import Journal
+from cnsq.ops.redrive import Journal
 
 SIZE = 120
 FULL = pytest.param(500, marks=pytest.mark.slow, id="500")

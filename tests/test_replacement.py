@@ -12,9 +12,9 @@ from conftest import REPO, make_project
 from replacement import name_properties, replaced
 from test_upgrade import original_template
 
-from cnsq import adopt
 from cnsq.config import load_config
-from cnsq.template import load_cfn_yaml, render
+from cnsq.deploy import adopt
+from cnsq.deploy.template import load_cfn_yaml, render
 
 SERVICE_ARN_2019 = "arn:aws:ecs:us-east-1:123456789012:service/cnsqdev-ECSService-1ABC"
 SERVICE_ARN_2026 = "arn:aws:ecs:us-east-1:123456789012:service/cnsqdevCluster/cnsqdev-ECSService-1ABC"

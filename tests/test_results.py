@@ -15,7 +15,7 @@ from conftest import free_port
 from servers import fresh_database
 
 from cnsq.cli import main
-from cnsq.results import DatabaseError, open_store
+from cnsq.results.store import DatabaseError, open_store
 
 
 def cnsq(*args: str, env: dict | None = None):

@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore import xform_name
 
-from cnsq.template import compile_template, load_cfn_yaml
+from cnsq.deploy.template import compile_template, load_cfn_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "lambda" / "download_and_predict"

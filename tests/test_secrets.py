@@ -13,7 +13,7 @@ from conftest import free_port
 from servers import ModelServer
 
 from cnsq.cli import main
-from cnsq.verify import Target, run_checks
+from cnsq.ops.verify import Target, run_checks
 from download_and_predict import handler as handler_module
 from download_and_predict.base import mask
 

@@ -1,6 +1,6 @@
-"""The controller judged in the discrete-event simulation of the stack (cnsq.simulation), against
+"""The controller judged in the discrete-event simulation of the stack (simulation), against
 the best fixed configurations a grid search finds in the same simulator. The figures the simulation
-runs on are documented in cnsq.simulation.World; these tests check behaviour, bench.py tune prints
+runs on are documented in simulation.World; these tests check behaviour, bench.py tune prints
 the report."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("simpy")
 
-from cnsq.cost import shipped_prices  # noqa: E402
-from cnsq.simulation import Setup, World, simulate, tune  # noqa: E402
+from cnsq.ops.pricing import shipped_prices  # noqa: E402
+from simulation import Setup, World, simulate, tune  # noqa: E402
 
 PRICES = shipped_prices()
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import client
 
 from cnsq.cli import main
-from cnsq.status import Metrics, diagnose
+from cnsq.ops.status import Metrics, diagnose
 
 
 def put(namespace: str, name: str, dims: dict, values: list[float]) -> None:
@@ -112,7 +112,7 @@ def test_diagnosis_uses_p95_when_cloudwatch_has_it():
 
 
 def test_results_rows_are_counted_when_the_database_is_reachable(deployed, tmp_path):
-    from cnsq.results import open_store
+    from cnsq.results.store import open_store
 
     url = f"sqlite:///{tmp_path}/results.db"
     store = open_store(url)

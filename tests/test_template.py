@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cnsq.config import load_config
+from cnsq.deploy.template import CodeLocation, compile_template, lint, load_cfn_yaml, render
 from cnsq.errors import TemplateError
-from cnsq.template import CodeLocation, compile_template, lint, load_cfn_yaml, render
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
@@ -218,7 +218,7 @@ def test_a_token_that_is_an_ordinary_word_is_not_a_leak(tmp_path, token):
 
 
 def test_a_template_that_writes_a_secret_value_is_refused_naming_the_key(config, tmp_path):
-    from cnsq.template import assert_no_secrets
+    from cnsq.deploy.template import assert_no_secrets
 
     secret = config.secrets["lambdas.DownloadAndPredict.envs.TILE_ACCESS_TOKEN"]
     text = render(config, TEMPLATES, CODE) + f"\\n# {secret.value}\\n"

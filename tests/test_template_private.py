@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cnsq.config import load_config
-from cnsq.template import CodeLocation, compile_template, lint
+from cnsq.deploy.template import CodeLocation, compile_template, lint
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"

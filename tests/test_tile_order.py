@@ -10,7 +10,7 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
-from cnsq.tile_order import ZOrder, zorder_keys  # noqa: E402
+from cnsq.results.tile_order import ZOrder, zorder_keys  # noqa: E402
 
 
 def tiles(count: int, seed: int = 5):
@@ -51,7 +51,7 @@ def test_the_keys_of_the_first_and_last_tiles_of_each_zoom():
 
 
 def test_bits_are_counted_alike_on_numpy_1_and_2():
-    from cnsq.tile_order import _set_bits_by_halves, set_bits
+    from cnsq.results.tile_order import _set_bits_by_halves, set_bits
 
     values = np.array([0, 1, 2**32 - 1, 2**31, 0x55555555, 12345678] +
                       list(np.random.default_rng(3).integers(0, 2**32, 1000)), dtype=np.uint64)
@@ -82,7 +82,7 @@ def test_the_merge_holds_a_bounded_number_of_bytes_however_wide_the_rows(tmp_pat
     """Rows of many scores make short runs, so many of them: the merge reads fewer rows of
     each (at least one), not a full chunk of every run (239 runs of 1,000 scores held 7.6 GB
     in chunks of 4,181 rows)."""
-    from cnsq import tile_order
+    from cnsq.results import tile_order
 
     width = 200
     monkeypatch.setattr(tile_order, "MERGE_BYTES", 64 * tile_order.record_type(width).itemsize)

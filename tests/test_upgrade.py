@@ -17,7 +17,7 @@ from conftest import client
 from replacement import replaced
 
 from cnsq.cli import main
-from cnsq.template import dump, load_cfn_yaml
+from cnsq.deploy.template import dump, load_cfn_yaml
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from servers import ModelServer, TileServer, fresh_database
 
 from cnsq.cli import main
-from cnsq.results import open_store
+from cnsq.results.store import open_store
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from conftest import SECRETS
 from servers import TileServer, free_port, fresh_database
 
 from cnsq.errors import CnsqError
-from cnsq.geojson import convert
+from cnsq.results.geojson import convert
 from cnsq.view import prepare, results_csv
 from cnsq.view.imagery import open_imagery
 from cnsq.view.index import DETAIL, LIMIT, Bbox, build, features, open_index
@@ -294,7 +294,7 @@ def test_a_request_for_another_host_name_is_refused(served):
 
 
 def test_a_results_database_is_viewed_as_download_exports_it(tmp_path, postgres_url):
-    from cnsq.results import open_store
+    from cnsq.results.store import open_store
 
     rows = [(f"{x}-7-5", [1 - x / 32, x / 32]) for x in range(32)]
     sqlite = tmp_path / "results.db"
@@ -400,7 +400,7 @@ def test_the_stacks_results_are_viewed_through_its_admin_functions_export(aws, t
     from botocore.response import StreamingBody
     from botocore.stub import Stubber
 
-    from cnsq.admin import AdminFunction
+    from cnsq.stack.admin import AdminFunction
 
     body = b'tile,output\n1-2-3,"[0.2, 0.8]"\n2-2-3,"[0.9, 0.1]"\n'
     s3 = boto3.client("s3", region_name="us-east-1")

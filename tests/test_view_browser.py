@@ -23,7 +23,7 @@ from browser import launch, require_browser
 from conftest import SECRETS
 from servers import TileServer
 
-from cnsq.geojson import convert
+from cnsq.results.geojson import convert
 
 TOKEN = SECRETS["TILE_ACCESS_TOKEN"]
 WIDTH, HEIGHT, PANEL = 1280, 800, 320

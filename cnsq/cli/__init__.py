@@ -14,8 +14,8 @@ import sys
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL",
                       "jemalloc" if sys.platform == "linux" else "system")
 
-from . import data, local, operate, stack, view  # noqa: E402,F401 - registers the commands
-from .app import _model_url, _predict_url, _queue_region, main  # noqa: E402
+from cnsq.cli import data, local, operate, stack, view  # noqa: E402,F401 - registers the commands
+from cnsq.cli.app import _model_url, _predict_url, _queue_region, main  # noqa: E402
 
 __all__ = ["main", "run", "_model_url", "_predict_url", "_queue_region"]
 

@@ -1,5 +1,5 @@
 """``python -m cnsq.cli``."""
 
-from . import run
+from cnsq.cli import run
 
 run()

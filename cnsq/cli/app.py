@@ -15,14 +15,13 @@ from typing import Any
 
 import click
 
+from cnsq import __version__
+from cnsq.errors import CnsqError
 from download_and_predict.errors import HandlerError
-
-from .. import __version__
-from ..errors import CnsqError
 
 
 class ClickUI:
-    """The deploy UI on a terminal (see :class:`cnsq.deploy.UI`)."""
+    """The deploy UI on a terminal (see :class:`cnsq.deploy.plan.UI`)."""
 
     def __init__(self, to_stderr: bool = False):
         # With --json, stdout carries only the JSON document; people read stderr.
@@ -67,9 +66,8 @@ class Settings:
     def load(self):
         """The validated config (its warnings said once)."""
         if self._loaded is None:
+            from cnsq.config import load_config
             from download_and_predict.masking import register_secret
-
-            from ..config import load_config
 
             loaded = load_config(self.config, self.deployment, self.env_file, self.stack)
             for secret in loaded.secrets.values():  # hidden from every message from here on
@@ -81,7 +79,7 @@ class Settings:
 
     def aws(self):
         if self._aws is None:
-            from ..aws import Aws
+            from cnsq.aws import Aws
 
             # The config's `region` counts for every command that has a config: load it first.
             if self._loaded is None and self.config.exists():
@@ -108,7 +106,7 @@ class Settings:
         return None, "the AWS profile"
 
     def deployed(self, why: str = "the deployed stack"):
-        """Where the stack's parts are (:class:`cnsq.deployed.Deployed`).
+        """Where the stack's parts are (:class:`cnsq.stack.deployed.Deployed`).
 
         Raises:
             CnsqError: there is no config to find the stack by (``why`` says what was wanted).
@@ -116,7 +114,7 @@ class Settings:
         if self._deployed is None:
             if not self.config.exists():
                 raise CnsqError(f"{why}: {self.config} does not exist (pass --config)")
-            from ..deployed import Deployed
+            from cnsq.stack.deployed import Deployed
 
             aws = self.aws()
             self._deployed = Deployed(self.load(), aws, _stacks(aws))
@@ -175,14 +173,14 @@ def _print_json(data: Any) -> None:
 
 
 def _paths(config):
-    from ..deploy import Paths
-    from ..project import templates_dir
+    from cnsq.deploy.plan import Paths
+    from cnsq.project import templates_dir
 
     return Paths(templates=templates_dir(config.project_dir), build=Path(".cnsq"))
 
 
 def _stacks(aws, poll: float = 5.0):
-    from ..stack import Stacks
+    from cnsq.deploy.cloudformation import Stacks
 
     return Stacks(aws.client("cloudformation"), aws.client("s3"), poll_seconds=poll,
                   autoscaling=aws.client("autoscaling"), ssm=aws.client("ssm"))
@@ -265,7 +263,7 @@ class CnsqGroup(click.Group):
             if _signalled:  # e.g. numpy's tofile made a TypeError of a Ctrl-C
                 click.echo("\nInterrupted.", err=True)
                 sys.exit(130)
-            from ..aws import explain  # imported here: boto3 is slow to load, and most commands need none
+            from cnsq.aws import explain  # imported here: boto3 is slow to load, and most commands need none
 
             message = explain(exc) or _describe(exc)
             click.echo(f"Error: {_mask(message)}", err=True)
@@ -399,7 +397,7 @@ def _wait_forever(what: str, announce: Callable[[], None] | None = None) -> None
     ``announce`` says the server is ready (its URL): it is called once Ctrl-C is handled here,
     so a Ctrl-C sent as soon as the URL is read stops the server cleanly (sent between the two,
     it was the bare "Interrupted." and exit 130)."""
-    from ..interrupt import Stop
+    from cnsq.interrupt import Stop
 
     with Stop() as stop:
         if announce is not None:

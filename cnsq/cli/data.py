@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .app import (
+from cnsq.cli.app import (
     Settings,
     _admin,
     _database_url,
@@ -40,7 +40,7 @@ def setup(settings: Settings, db_string: str | None, database_url: str | None) -
       cnsq setup --config config/config.yml
       cnsq setup postgresql://postgres:secret@localhost:5432/results
     """
-    from ..results import mask, open_store
+    from cnsq.results.store import mask, open_store
 
     db_string = db_string or database_url
     admin = _admin(db_string, settings)
@@ -84,15 +84,15 @@ def download(settings: Settings, out: str | None, output: str | None,
       DATABASE_URL=postgresql://user:pass@host:5432/ResultsDB cnsq download results.csv
       cnsq download - --database-url sqlite:///results.db | head
     """
-    from ..download import download as run_download
-    from ..results import open_store
+    from cnsq.results.download import download as run_download
+    from cnsq.results.store import open_store
 
     out = _one_output(out, output, "OUT.csv")
     if as_json and out == "-":
         raise click.UsageError("--json prints to stdout: write the CSV to a file")
     admin = _admin(database_url, settings) if out != "-" else None
     if admin is not None:
-        from ..files import writable_target
+        from cnsq.files import writable_target
 
         writable_target(out)
         show = None
@@ -108,7 +108,7 @@ def download(settings: Settings, out: str | None, output: str | None,
             _print_json({"output": out, "rows": export["rows"],
                          "export": f"s3://{export['bucket']}/{export['key']}"})
         return
-    from ..files import writable_target
+    from cnsq.files import writable_target
 
     if out != "-":
         writable_target(out)  # before an export that may take minutes
@@ -146,7 +146,7 @@ def convert_geojson(source: Path, target: str | None, output: str | None, thresh
     Example (keep tiles whose class-1 score is at least 0.95):
       cnsq convert-geojson results.csv buildings.geojson --thresh_ind 1 --thresh 0.95
     """
-    from ..geojson import convert_file
+    from cnsq.results.geojson import convert_file
 
     target = _one_output(target, output, "OUT.geojson")
 
@@ -205,7 +205,7 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     if len(paths) > 2:
         raise click.UsageError("expected [IN.csv] OUT")
     target = paths[-1]
-    from ..files import writable_target
+    from cnsq.files import writable_target
 
     writable_target(str(target))  # before a download that may take minutes
     if len(paths) == 2:
@@ -214,7 +214,7 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
     folder = Path(tempfile.mkdtemp(prefix=".cnsq-export-", dir=target.parent or Path(".")))
     try:
         staged = folder / "results.csv"
-        from ..download import database_file, table_csv
+        from cnsq.results.download import database_file, table_csv
 
         admin = _admin(database_url, settings)  # else the URL given, or the stack's
         url = None if admin else _database_url(database_url, settings)
@@ -232,9 +232,9 @@ def export_cmd(settings: Settings, paths: tuple[Path, ...], fmt: str | None,
 def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | None,
                  thresh: float | None, compression: str | None,
                  label: str | None = None) -> None:
-    from ..errors import CnsqError
-    from ..export import NothingValid, export
-    from ..geojson import PROGRESS_EVERY
+    from cnsq.errors import CnsqError
+    from cnsq.results.export import NothingValid, export
+    from cnsq.results.geojson import PROGRESS_EVERY
 
     by_suffix = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".fgb": "flatgeobuf",
                  ".geojson": "geojson", ".json": "geojson", ".csv": "csv"}
@@ -285,8 +285,8 @@ def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
     Example:
       cnsq tiles area.geojson --zoom 17 -o tiles.txt
     """
-    from ..files import atomic_write, writable_target
-    from ..tiles import iter_cover, load_geojson, write_tiles
+    from cnsq.files import atomic_write, writable_target
+    from cnsq.tiles import iter_cover, load_geojson, write_tiles
 
     target = writable_target(output, aoi) if output != "-" else None
     found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import CnsqError
-from .app import (
+from cnsq.cli.app import (
     Settings,
     _clock,
     _one_output,
@@ -26,6 +25,7 @@ from .app import (
     json_option,
     main,
 )
+from cnsq.errors import CnsqError
 
 
 @main.command()
@@ -58,7 +58,7 @@ def serve(model_path: Path | None, model_option: Path | None, port: int, host: s
       cnsq serve model.onnx --port 8501 --name buildings
       curl localhost:8501/v1/models/buildings
     """
-    from ..local import serve as server
+    from cnsq.local import serve as server
 
     model_path = Path(_one_output(str(model_path) if model_path else None,
                                   str(model_option) if model_option else None, "MODEL.onnx"))
@@ -83,7 +83,7 @@ def tileserver(source: Path, port: int, host: str) -> None:
       cnsq tileserver ./tiles --port 8000
       cnsq run tiles.txt --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png' --model m.onnx
     """
-    from ..local import tileserver as tiles
+    from cnsq.local import tileserver as tiles
 
     running = tiles.start(source, port, host)
     _wait_forever("the tile server", lambda: click.echo(
@@ -144,11 +144,10 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
     """
     import os
 
+    from cnsq.aws import Aws
+    from cnsq.local.worker import work as run_work
+    from cnsq.results.store import open_store
     from download_and_predict.handler import build
-
-    from ..aws import Aws
-    from ..local.worker import work as run_work
-    from ..results import open_store
 
     queue_url = queue_url or _stack_queue_url(settings)
     token = None
@@ -171,7 +170,7 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
     app = build(env)
     auto = None
     if concurrency is None:
-        from ..local.pipeline import AUTO_MOST, AutoConcurrency, _stats_reader
+        from cnsq.local.pipeline import AUTO_MOST, AutoConcurrency, _stats_reader
 
         stats = _stats_reader(_predict_url(model_endpoint))
         auto = AutoConcurrency(stats, 0, start=4, high=AUTO_MOST,
@@ -242,7 +241,7 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
       cnsq run tiles.txt --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.png' \\
         --model buildings.onnx --out results.csv
     """
-    from ..local.pipeline import run
+    from cnsq.local.pipeline import run
 
     total = 0
     if sys.stderr.isatty() and str(tiles) != "-":
@@ -257,7 +256,7 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
             click.echo(f"\r{report.tiles:,}{of} tiles, {report.rate:,.1f} tiles/s, "
                        f"{len(report.failed):,} failed{eta}   ", nl=False, err=True)
 
-    from ..files import writable_target
+    from cnsq.files import writable_target
 
     writable_target(str(out), None if str(tiles) == "-" else tiles)
     if str(tiles) == "-":  # stdin, as push reads it: kept in a file beside the output
@@ -309,7 +308,7 @@ def demo(directory: Path, concurrency: int) -> None:
     Example:
       cnsq demo --dir ./cnsq-demo
     """
-    from ..local.demo import run_demo
+    from cnsq.local.demo import run_demo
 
     result = run_demo(directory, concurrency=concurrency)
     click.echo(f"Wrote {directory}/results.csv, {directory}/water.geojson and "

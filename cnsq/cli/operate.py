@@ -12,8 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import CnsqError
-from .app import (
+from cnsq.cli.app import (
     Settings,
     _duration,
     _finite,
@@ -27,6 +26,7 @@ from .app import (
     main,
     tabulate,
 )
+from cnsq.errors import CnsqError
 
 
 @main.command()
@@ -61,8 +61,8 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
       cnsq push tiles.txt https://sqs.us-east-1.amazonaws.com/123456789012/cnsqdevTileQueue
       PROMISE_THRESHOLD=64 cnsq push tiles.txt --config config/config.yml --deployment prod
     """
-    from ..aws import Aws
-    from ..push import check_source, default_concurrency, run_push
+    from cnsq.aws import Aws
+    from cnsq.ops.push import check_source, default_concurrency, run_push
 
     check_source(tiles)  # the user's own input before the environment
     if queue_url is not None and not queue_url.strip():
@@ -116,10 +116,9 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
         --model-endpoint http://127.0.0.1:8501/v1/models/water \
         --tile-endpoint 'http://127.0.0.1:8000/{z}/{x}/{y}.png'
     """
+    from cnsq.ops.verify import Target, build_target, run_checks, tile_url_from_template
+    from cnsq.tiles import parse_tile_id
     from download_and_predict.masking import register_secret
-
-    from ..tiles import parse_tile_id
-    from ..verify import Target, build_target, run_checks, tile_url_from_template
 
     try:
         parse_tile_id(tile_id)
@@ -166,7 +165,7 @@ def tag_logs(settings: Settings, as_json: bool) -> None:
     Example:
       cnsq tag-logs --config config/config.yml
     """
-    from ..logs import log_group_names, tag_log_groups
+    from cnsq.ops.tag_logs import log_group_names, tag_log_groups
 
     config = settings.load()
     aws = settings.aws()
@@ -202,7 +201,7 @@ def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool, as_j
       cnsq gpu-util ~/.ssh/my-key.pem --config config/config.yml
       cnsq gpu-util --ssm --config config/config.yml
     """
-    from ..gpu import SshRunner, SsmRunner, discover, gpu_rows
+    from cnsq.ops.gpu import SshRunner, SsmRunner, discover, gpu_rows
 
     if not ssm and not ssh_key:
         raise CnsqError("pass SSH_KEY (a .pem file) or --ssm")
@@ -250,12 +249,12 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
       cnsq model ./export/buildings --use-gpu --push
       cnsq model s3://my-models/buildings --context-only build/
     """
-    from .. import model as image
+    from cnsq.ops import model_image as image
 
     image.check_source(source)  # the user's own input before Docker and AWS
     aws = None
     if source.startswith("s3://") or push_:
-        from ..aws import Aws
+        from cnsq.aws import Aws
 
         aws = Aws(profile, region)
     import shutil
@@ -307,8 +306,8 @@ def redrive(settings: Settings, limit: int | None, dry_run: bool, queue_url: str
     """
     import dataclasses
 
-    from ..redrive import Journal, sample
-    from ..redrive import redrive as move
+    from cnsq.ops.redrive import Journal, sample
+    from cnsq.ops.redrive import redrive as move
 
     aws = settings.aws()
     if not (queue_url and dlq_url):
@@ -361,15 +360,15 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
 
     Queues, Lambda invocations/errors/throttles/duration/concurrency, the model endpoint's
     requests/latency/5xx, GPU utilisation per instance, the results rows, the time for the queue
-    to drain, and the diagnosis (thresholds in `cnsq.status.THRESHOLDS`, see docs/operating.md).
+    to drain, and the diagnosis (thresholds in `cnsq.ops.status.THRESHOLDS`, see docs/operating.md).
 
     \b
     Example:
       cnsq status --config config/config.yml --since 30m --watch
     """
 
-    from ..cost import prices_for
-    from ..status import as_dict, collect, diagnose, render, window_cost
+    from cnsq.ops.pricing import prices_for
+    from cnsq.ops.status import as_dict, collect, diagnose, render, window_cost
 
     window = _duration(since)
     deployed = settings.deployed()
@@ -430,15 +429,15 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
       cnsq estimate 1000000 --config config/config.yml
       cnsq estimate 250000 --config config/config.yml --tiles-per-second 60 --offline
     """
-    from ..cost import prices_for
-    from ..estimate import PerTile
-    from ..estimate import estimate as run_estimate
+    from cnsq.ops.estimate import PerTile
+    from cnsq.ops.estimate import estimate as run_estimate
+    from cnsq.ops.pricing import prices_for
 
     if settings.config.exists():
         config = settings.load()
     else:  # a clone without a project yet: what the example config would cost, said so
-        from ..config import load_config
-        from ..project import shipped
+        from cnsq.config import load_config
+        from cnsq.project import shipped
 
         example = shipped("config") / "config.example.yml"
         config = load_config(example, settings.deployment, env_file=example.with_name(

@@ -11,17 +11,8 @@ from typing import Any
 
 import click
 
-from ..errors import CnsqError
-from .app import (
-    ClickUI,
-    Settings,
-    _finish,
-    _paths,
-    _stacks,
-    config_options,
-    main,
-    tabulate,
-)
+from cnsq.cli.app import ClickUI, Settings, _finish, _paths, _stacks, config_options, main, tabulate
+from cnsq.errors import CnsqError
 
 
 @main.command()
@@ -48,7 +39,7 @@ def init(directory: Path, templates: bool, handler: bool, force: bool, guided: b
       cnsq init . --templates --lambda
     """
     if guided:
-        from ..project import guided_init
+        from cnsq.project import guided_init
 
         try:
             written = guided_init(directory, force, click.prompt,
@@ -61,7 +52,7 @@ def init(directory: Path, templates: bool, handler: bool, force: bool, guided: b
             click.echo(f"wrote {path}")
         click.echo(f"Next: cnsq validate --config {directory / 'config/config.yml'}")
         return
-    from ..project import init as write
+    from cnsq.project import init as write
 
     done = write(directory, templates, handler, force)
     for path in done.kept:
@@ -82,7 +73,7 @@ def compile_cmd(settings: Settings) -> None:
     Example:
       cnsq compile --config config/config.yml --deployment prod
     """
-    from ..deploy import compile_only
+    from cnsq.deploy.plan import compile_only
 
     config = settings.load()
     click.echo(str(compile_only(config, _paths(config))))
@@ -107,9 +98,9 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
       cnsq validate --config config/config.yml
       cnsq validate --config config/config.yml --offline   # the template and the config alone
     """
-    from ..config import placeholders, scaling_summary
-    from ..deploy import compile_only, preflight_report
-    from ..template import lint
+    from cnsq.config import placeholders, scaling_summary
+    from cnsq.deploy.plan import compile_only, preflight_report
+    from cnsq.deploy.template import lint
 
     config = settings.load()
     path = compile_only(config, _paths(config))
@@ -166,12 +157,12 @@ def package_cmd(settings: Settings, upload: bool) -> None:
     Example:
       cnsq package --config config/config.yml --upload
     """
-    from .. import package
+    from cnsq.deploy import package
 
     config = settings.load()
     paths = _paths(config)
     if upload:
-        from ..deploy import package_lambdas
+        from cnsq.deploy.plan import package_lambdas
 
         code, uploaded, skipped = package_lambdas(
             config, paths, _stacks(settings.aws()), package.SubprocessPip(), ClickUI())
@@ -179,7 +170,7 @@ def package_cmd(settings: Settings, upload: bool) -> None:
             state = "uploaded" if location.key in uploaded else "already in S3"
             click.echo(f"{name}: s3://{location.bucket}/{location.key} ({state})")
         return
-    from ..project import lambda_source
+    from cnsq.project import lambda_source
 
     for name, spec in config.values["lambdas"].items():
         source = Path(spec["source"])
@@ -213,9 +204,9 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
       cnsq deploy --config config/config.yml --no-execute   # only show the changes
       cnsq deploy --update-ami   # the GPU hosts move to the newest ECS GPU AMI
     """
-    from .. import deploy as flow
-    from ..config import placeholders
-    from ..package import SubprocessPip
+    from cnsq.config import placeholders
+    from cnsq.deploy import plan as flow
+    from cnsq.deploy.package import SubprocessPip
 
     ui = ClickUI(to_stderr=as_json)
     config = settings.load()
@@ -287,7 +278,7 @@ def delete(settings: Settings, yes: bool) -> None:
     Example:
       cnsq delete --config config/config.yml
     """
-    from ..deploy import destroy
+    from cnsq.deploy.plan import destroy
 
     config = settings.load()
     destroy(config.stack_name, _stacks(settings.aws()), ClickUI(), yes, sys.stdin.isatty())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .app import (
+from cnsq.cli.app import (
     Settings,
     _admin,
     _database_url,
@@ -63,10 +63,10 @@ def view(settings: Settings, results: str | None, database_url: str | None,
         --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.jpg?access_token={token}'
       cnsq view --config config/config.yml --thresh_ind 1 --thresh 0.9
     """
-    from ..view import prepare, results_csv
-    from ..view.imagery import open_imagery
-    from ..view.index import default_cache
-    from ..view.server import bind
+    from cnsq.view import prepare, results_csv
+    from cnsq.view.imagery import open_imagery
+    from cnsq.view.index import default_cache
+    from cnsq.view.server import bind
 
     token = os.environ.get("TILE_ACCESS_TOKEN") or None
     if not (results or database_url or settings.config.exists()) and Path("results.csv").is_file():

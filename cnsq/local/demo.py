@@ -2,7 +2,7 @@
 
 Synthetic XYZ tiles over a small area: land texture with lakes (ellipses) drawn in, so every
 tile's water share is known exactly. The model is a rule written in ONNX (share of blue pixels,
-see :func:`cnsq.local.models.water_classifier`), not a trained network. The run goes tiles →
+see :func:`cnsq.local.demo_models.water_classifier`), not a trained network. The run goes tiles →
 tile server → the Lambda's handler → model server → SQLite → CSV → GeoJSON → PNG preview, and
 scores the predicted water tiles against the ground truth.
 """
@@ -119,11 +119,11 @@ def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predic
 
 def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.70,
              lat: float = 40.42, zoom: int = 15, concurrency: int = 8) -> DemoResult:
-    from ..errors import Interrupted
-    from ..geojson import convert_file
-    from . import tileserver
-    from .models import water_classifier
-    from .pipeline import run
+    from cnsq.errors import Interrupted
+    from cnsq.local import tileserver
+    from cnsq.local.demo_models import water_classifier
+    from cnsq.local.pipeline import run
+    from cnsq.results.geojson import convert_file
 
     directory.mkdir(parents=True, exist_ok=True)
     origin = mercantile.tile(lon, lat, zoom)

@@ -368,7 +368,7 @@ def _warm_up(model: OnnxModel, batcher: Batcher) -> None:
     Raises:
         CnsqError: the model cannot run a full batch of its own input shape.
     """
-    from ..errors import CnsqError
+    from cnsq.errors import CnsqError
 
     try:
         sample = model.decode(_blank_image(model), 0)
@@ -434,7 +434,7 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
 
     import requests
 
-    from ..errors import CnsqError
+    from cnsq.errors import CnsqError
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from cnsq.errors import CnsqError
 from download_and_predict.tiles import raster_type
-
-from ..errors import CnsqError
 
 EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 PATH = re.compile(r"^/(\d+)/(\d+)/(\d+)\.(png|jpg|jpeg|webp)(?:\?.*)?$")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..aws import Client
+from cnsq.aws import Client
 
 
 @dataclass
@@ -117,7 +117,7 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
             if progress:
                 progress(report)
 
-    from ..interrupt import Stop
+    from cnsq.interrupt import Stop
 
     threads = [threading.Thread(target=poll, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in threads:

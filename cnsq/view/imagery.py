@@ -12,14 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnsq.errors import CnsqError
+from cnsq.local.tileserver import FolderTiles, MBTiles, open_source
 from download_and_predict.errors import HttpError, HttpTimeout, HttpTooLarge, SettingsError
 from download_and_predict.http import Http
 from download_and_predict.masking import mask, register_secret
 from download_and_predict.settings import DEFAULT_MAX_TILE_BYTES
 from download_and_predict.tiles import Tile, check_tile_endpoint, imagery_url, raster_type
-
-from ..errors import CnsqError
-from ..local.tileserver import FolderTiles, MBTiles, open_source
 
 
 class ImageryError(CnsqError):

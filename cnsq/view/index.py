@@ -24,10 +24,10 @@ from typing import Any
 
 import mercantile
 
-from ..errors import CnsqError
-from ..files import abandoned_partials, atomic_path, scratch_path
-from ..geojson import Report, csv_rows, open_results, read_result
-from ..tiles import tile_id
+from cnsq.errors import CnsqError
+from cnsq.files import abandoned_partials, atomic_path, scratch_path
+from cnsq.results.geojson import Report, csv_rows, open_results, read_result
+from cnsq.tiles import tile_id
 
 try:  # advisory locks mark the indexes live views hold (POSIX)
     import fcntl
@@ -252,7 +252,7 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
     in numpy; the same tables and answers, several times sooner."""
     import numpy as np
 
-    from ..export import _arrow, _call, _texts, read_columns
+    from cnsq.results.export import _arrow, _call, _texts, read_columns
 
     report = Report()
     c = read_columns(source, None, None, report, raw=True)
@@ -616,7 +616,7 @@ def features_above(conn: sqlite3.Connection, thresh: float) -> Iterator[str]:
     changed since the map was drawn)."""
     import json
 
-    from ..geojson import feature
+    from cnsq.results.geojson import feature
 
     query = "SELECT z, x, y, output FROM tiles WHERE score >= ? ORDER BY rowid"
     for z, x, y, output in conn.execute(query, (thresh,)):
@@ -627,7 +627,7 @@ def tile_scores(conn: sqlite3.Connection, text_id: str) -> dict | None:
     """The id and every score of one tile, or None when it has no result."""
     import json
 
-    from ..tiles import parse_tile_id
+    from cnsq.tiles import parse_tile_id
 
     tile = parse_tile_id(text_id)
     row = conn.execute("SELECT output FROM tiles WHERE z = ? AND x = ? AND y = ?",

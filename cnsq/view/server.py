@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from cnsq.errors import CnsqError
+from cnsq.view import index as view_index
+from cnsq.view.imagery import ImageryError, LocalImagery, RemoteImagery
 from download_and_predict.masking import mask
-
-from ..errors import CnsqError
-from . import index as view_index
-from .imagery import ImageryError, LocalImagery, RemoteImagery
 
 STATIC = resources.files("cnsq.view") / "static"
 # The page runs its own scripts only and talks to this server only; Leaflet sets styles.
@@ -200,7 +199,7 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                       {"Cache-Control": "private, max-age=3600", **guarded})
 
         def geojson(self, thresh: float) -> None:
-            from ..geojson import write_features
+            from cnsq.results.geojson import write_features
 
             # Streamed, without a length: HTTP/1.0 ends the body by closing the connection.
             self.send_response(200)

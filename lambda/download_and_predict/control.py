@@ -3,7 +3,7 @@
 A scheduled function (``ecs.minInstances`` set) that reads what ``cnsq status`` reads — the queue,
 the target group's healthy targets, the worker's calls, errors and p95 duration, the load
 balancer's 5xx, the GPUs' utilisation, the tiles deleted — and applies the decisions of
-:mod:`download_and_predict.controller`:
+:mod:`download_and_predict.scaling`:
 
 - the model service's desired count (:func:`~.controller.plan_tasks`): up with the backlog, in
   whole hosts, down to the minimum after ``idleMinutes``; the capacity provider's managed
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .controller import (
+from .scaling import (
     Capacity,
     Limits,
     Probe,

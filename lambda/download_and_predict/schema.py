@@ -68,7 +68,7 @@ def sqlite_path(url: str) -> str:
     return unquote(url.removeprefix("sqlite:///"))
 # The original declared tile varchar(255): as good as text for the handler.
 SAME_TYPE = {"character varying": "text"}
-# One CopyData message per row, the header first: see cnsq.results._CopySink.
+# One CopyData message per row, the header first: see cnsq.results.store._CopySink.
 EXPORT_SQL = "COPY (SELECT tile, output FROM results) TO STDOUT WITH (FORMAT csv, HEADER true)"
 
 

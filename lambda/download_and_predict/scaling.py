@@ -23,7 +23,7 @@ THRESHOLDS = {
     "slow": 0.8,  # p95 duration / timeout: Lambdas are timing out
     "busy_duration": 0.5,  # p95 duration / timeout: Lambdas wait on the model
     # % utilisation of a well-fed GPU. 90, not the original README's ~80: in the simulation
-    # (cnsq.simulation), GPUs kept at 80-87 % left a fifth of the throughput unused while calls
+    # (simulation), GPUs kept at 80-87 % left a fifth of the throughput unused while calls
     # were still short; TF Serving's batching turns queued calls into fuller GPU batches.
     "gpu_busy": 90.0,
     "gpu_aim": 97.0,  # what a raise aims at: concurrency × gpu_aim / busy

@@ -5,7 +5,7 @@ and concurrency, the load balancer's requests, latency and 5xx, GPU utilisation 
 (published by the CloudWatch agent the stack installs), and the results row count when the
 database is reachable. Missing metrics are shown as missing, never as zero.
 
-The diagnosis uses these thresholds (``THRESHOLDS``, the controller's: download_and_predict.controller):
+The diagnosis uses these thresholds (``THRESHOLDS``, the controller's: download_and_predict.scaling):
 
 1. much higher than GPU capacity — error rate > 5 % and p95 duration ≥ 80 % of the timeout
    (Lambdas time out waiting for the model): lower the concurrency or add GPUs;
@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from download_and_predict.controller import THRESHOLDS
-
-from . import aws as _aws
-from . import layout
-from .aws import Client
-from .cost import Bill, Prices, bill, run_usage
+from cnsq import aws as _aws
+from cnsq.aws import Client
+from cnsq.ops.pricing import Bill, Prices, bill, run_usage
+from cnsq.stack import logical_ids
+from download_and_predict.scaling import THRESHOLDS
 
 
 @dataclass
@@ -153,7 +152,7 @@ def _sum_or_none(values: list[float], how: str) -> float | None:
 
 
 def collect(deployed: Any, since: timedelta, database_url: str | None = None) -> Metrics:
-    """Read the metrics of the deployed stack (a :class:`cnsq.deployed.Deployed`) over the last
+    """Read the metrics of the deployed stack (a :class:`cnsq.stack.deployed.Deployed`) over the last
     ``since``."""
     aws, config = deployed.aws, deployed.config
     now = datetime.now(UTC)
@@ -182,7 +181,7 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
     if queue_url:
         queries.append(("deleted", "AWS/SQS", "NumberOfMessagesDeleted",
                         [{"Name": "QueueName", "Value": queue_url.rsplit("/", 1)[-1]}], "Sum"))
-    balancer = deployed.resources.get(layout.load_balancer(n), ("", ""))[1]
+    balancer = deployed.resources.get(logical_ids.load_balancer(n), ("", ""))[1]
     if "loadbalancer/" in balancer:
         dims = [{"Name": "LoadBalancer", "Value": balancer.split("loadbalancer/", 1)[1]}]
         queries += [("requests", "AWS/ApplicationELB", "RequestCount", dims, "Sum"),
@@ -226,7 +225,7 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
             value = _sum_or_none(values, "Average")
             if value is not None:
                 metrics.gpu[metric["Dimensions"][0]["Value"]] = value
-    group = deployed.resources.get(layout.autoscaling_group(n), ("", ""))[1]
+    group = deployed.resources.get(logical_ids.autoscaling_group(n), ("", ""))[1]
     if group:
         groups = _aws.collect(aws.client("autoscaling"), "describe_auto_scaling_groups",
                               "AutoScalingGroups", AutoScalingGroupNames=[group])
@@ -235,7 +234,7 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
                                 if i.get("LifecycleState") == "InService")
     metrics.scaling = config.values["ecs"]["minInstances"] is not None
     if metrics.scaling:
-        metrics.decisions = _decisions(aws.client("ssm"), layout.controller_state(config.stack_name))
+        metrics.decisions = _decisions(aws.client("ssm"), logical_ids.controller_state(config.stack_name))
     if database_url is None:
         # A private database: the stack's admin function counts inside the VPC.
         admin = deployed.admin
@@ -244,7 +243,7 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
         except Exception:  # noqa: BLE001 - the function cannot run: shown as missing
             metrics.rows = None
     elif database_url:
-        from .results import open_store
+        from cnsq.results.store import open_store
 
         try:
             store = open_store(database_url)
@@ -270,7 +269,7 @@ def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float =
     """What the window cost, from what it measured: the hosts in service (now) over the window,
     the worker's GB-seconds and calls, the queue's requests, the NAT's hours and the tiles'
     bytes (``tile_kb`` each, estimate's default), the database and load balancer hours."""
-    from .layout import worker_lambda
+    from cnsq.stack.logical_ids import worker_lambda
 
     window = metrics.window_seconds
     deleted = metrics.deleted or 0.0

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import PackageError
-from .files import atomic_write
+from cnsq.errors import PackageError
+from cnsq.files import atomic_write
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", "examples", "tests"}

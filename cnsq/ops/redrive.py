@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .aws import Client
-from .files import atomic_write
+from cnsq.aws import Client
+from cnsq.files import atomic_write
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Any
 
 import botocore.exceptions
 
-from .aws import Client, pages
-from .errors import AwsError, DeployError
+from cnsq.aws import Client, pages
+from cnsq.errors import AwsError, DeployError
 
 SUCCESS = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "DELETE_COMPLETE", "IMPORT_COMPLETE"}
 FAILURE = {
@@ -269,7 +269,7 @@ class Stacks:
 
     def template(self, name: str) -> dict[str, Any]:
         """The stack's template as it was deployed (the Original stage), parsed."""
-        from .template import load_cfn_yaml
+        from cnsq.deploy.template import load_cfn_yaml
 
         body = self.cfn.get_template(StackName=name, TemplateStage="Original")["TemplateBody"]
         # boto3 hands a JSON body over already parsed; YAML comes as text.

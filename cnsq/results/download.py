@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import CnsqError
-from .files import atomic_write, writable_target
-from .results import Store
+from cnsq.errors import CnsqError
+from cnsq.files import atomic_write, writable_target
+from cnsq.results.store import Store
 
 
 def database_file(url: str | None) -> Path | None:
@@ -43,7 +43,7 @@ def table_csv(target: Path, database_url: str | None, admin=None,
     Raises:
         CnsqError: neither is given, or the database cannot be reached.
     """
-    from .results import mask, open_store
+    from cnsq.results.store import mask, open_store
 
     if database_url:
         store = open_store(database_url, create=False)

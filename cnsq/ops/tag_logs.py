@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .aws import Client, collect
-from .errors import DeployError
+from cnsq.aws import Client, collect
+from cnsq.errors import DeployError
 
 
 @dataclass

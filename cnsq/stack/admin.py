@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import layout
-from .aws import Client
-from .errors import CnsqError
-from .files import atomic_write
+from cnsq.aws import Client
+from cnsq.errors import CnsqError
+from cnsq.files import atomic_write
+from cnsq.stack import logical_ids
 
-OUTPUT = layout.ADMIN_FUNCTION
+OUTPUT = logical_ids.ADMIN_FUNCTION
 
 
 class AdminUnavailable(CnsqError):

@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import adopt, layout, package, template
-from .config import Config
-from .errors import DeployError, TemplateError
-from .stack import ChangeSet, Event, Stacks
+from cnsq.config import Config
+from cnsq.deploy import adopt, package, template
+from cnsq.deploy.cloudformation import ChangeSet, Event, Stacks
+from cnsq.errors import DeployError, TemplateError
+from cnsq.stack import logical_ids
 
 
 class UI(Protocol):
@@ -62,7 +63,7 @@ def package_lambdas(
     code: dict[str, template.CodeLocation] = {}
     uploaded: list[str] = []
     skipped: list[str] = []
-    from .project import lambda_source
+    from cnsq.project import lambda_source
 
     for name, spec in config.values["lambdas"].items():
         source = Path(spec["source"])
@@ -256,7 +257,7 @@ def preflight_report(config: Config, aws: Any, ui: UI) -> tuple[Any, str]:
     credentials to ask with, AWS did not answer, or no check could run. Callers treat None as a
     failure unless the user chose not to check.
     """
-    from . import preflight
+    from cnsq.deploy import preflight
 
     if aws.session.get_credentials() is None:
         message = "Account not checked: no AWS credentials (see `aws configure`)."
@@ -290,8 +291,8 @@ def migrate(aws: Any, outputs: dict[str, str], ui: UI, setup_command: str) -> bo
     Returns whether they were applied. Where the function cannot run (an emulator without a
     Lambda runtime, a missing permission), says so and how to apply them; the deploy stands.
     """
-    from .admin import AdminFunction, AdminUnavailable
-    from .errors import CnsqError
+    from cnsq.errors import CnsqError
+    from cnsq.stack.admin import AdminFunction, AdminUnavailable
 
     admin = AdminFunction.of_stack(aws, outputs)
     if admin is None:
@@ -315,9 +316,9 @@ def next_steps(stack_name: str, outputs: dict[str, str], setup_command: str, ui:
                migrated: bool = False) -> None:
     """What the original printed after a deploy: where things are, and the next step."""
     ui.echo(f"The stack {stack_name} is deployed or updated.")
-    for key, text in ((layout.DB_CONNECTION, "- The database is available at: {}"),
-                      (layout.QUEUE_URL, "- The queue is available at {}"),
-                      (layout.MODEL_ENDPOINT, "- The model endpoint is {}")):
+    for key, text in ((logical_ids.DB_CONNECTION, "- The database is available at: {}"),
+                      (logical_ids.QUEUE_URL, "- The queue is available at {}"),
+                      (logical_ids.MODEL_ENDPOINT, "- The model endpoint is {}")):
         if key in outputs:
             ui.echo(text.format(outputs[key]))
     if not outputs:

@@ -13,11 +13,10 @@ from typing import Any
 
 import requests
 
+from cnsq.aws import Client
+from cnsq.errors import CnsqError
+from cnsq.stack import logical_ids
 from download_and_predict.tiles import is_image  # one definition, the Lambda's
-
-from . import layout
-from .aws import Client
-from .errors import CnsqError
 
 
 class CheckFailed(CnsqError):
@@ -83,7 +82,7 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
         return run
 
     def results() -> str:
-        from .results import open_store
+        from cnsq.results.store import open_store
 
         if target.admin is not None and target.database_url is None:
             answer = target.admin.call("count")
@@ -153,9 +152,8 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
 
 def tile_url_from_template(template: str, tile_id: str, token: str | None = None) -> str:
     """The sample tile's URL, filled in as the Lambda fills it (both template forms, {s})."""
+    from cnsq.tiles import parse_tile_id
     from download_and_predict.tiles import Tile, imagery_url
-
-    from .tiles import parse_tile_id
 
     tile = parse_tile_id(tile_id)
     return imagery_url(template, Tile(tile.x, tile.y, tile.z), token)
@@ -163,9 +161,9 @@ def tile_url_from_template(template: str, tile_id: str, token: str | None = None
 
 def build_target(deployed, *, database_url: str | None, model_endpoint: str | None,
                  tile_endpoint: str | None, tile_id: str) -> Target:
-    """What to check of a deployed stack (a :class:`cnsq.deployed.Deployed`); the options
+    """What to check of a deployed stack (a :class:`cnsq.stack.deployed.Deployed`); the options
     replace its parts."""
-    from .tiles import parse_tile_id
+    from cnsq.tiles import parse_tile_id
 
     parse_tile_id(tile_id)  # a malformed id fails here, before any request
     template, token = deployed.tile_endpoint
@@ -173,10 +171,10 @@ def build_target(deployed, *, database_url: str | None, model_endpoint: str | No
     return Target(
         stack_name=deployed.stack_name,
         stack_status=deployed.status,
-        queue_url=deployed.outputs.get(layout.QUEUE_URL),
-        dead_letter_url=deployed.outputs.get(layout.DEAD_LETTER_URL),
+        queue_url=deployed.outputs.get(logical_ids.QUEUE_URL),
+        dead_letter_url=deployed.outputs.get(logical_ids.DEAD_LETTER_URL),
         database_url=(lambda: database_url or deployed.database_url())
-        if (database_url or layout.DB_SECRET_ARN in deployed.outputs) else None,
+        if (database_url or logical_ids.DB_SECRET_ARN in deployed.outputs) else None,
         admin=None if database_url else deployed.admin,
         model_endpoint=model_endpoint or deployed.model_endpoint,
         tile_url=tile_url_from_template(template, tile_id, token) if template else None,

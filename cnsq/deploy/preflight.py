@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .aws import collect, pages
-from .config import Config
-from .errors import AwsUnreachable
+from cnsq.aws import collect, pages
+from cnsq.config import Config
+from cnsq.errors import AwsUnreachable
 
 OK, PROBLEM, WARNING = "ok", "problem", "warning"
 # The account needs this much unreserved Lambda concurrency left (AWS refuses less).
@@ -406,7 +406,7 @@ def deployer_actions(config: Config) -> dict[str, str]:
     deployer-permissions.yml beside the template (its one home)."""
     import yaml
 
-    from .project import shipped, templates_dir
+    from cnsq.project import shipped, templates_dir
 
     own = templates_dir(config.project_dir) / PERMISSIONS_FILE
     path = own if own.is_file() else shipped("templates") / PERMISSIONS_FILE

@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .aws import Client, collect
-from .errors import CnsqError
-from .layout import batching_parameters
+from cnsq.aws import Client, collect
+from cnsq.errors import CnsqError
+from cnsq.stack.logical_ids import batching_parameters
 
 
 class ModelError(CnsqError):

@@ -1,8 +1,8 @@
 """``cnsq estimate``: the time and the cost of N tiles for a config, item by item.
 
 The figures a run depends on that the config does not hold (:class:`PerTile`) have documented
-defaults — the ones the simulation runs on (:class:`cnsq.simulation.World`) — and options to give
-measured ones. The arithmetic of the bill is :func:`cnsq.cost.bill`'s.
+defaults — the ones the simulation runs on (:class:`simulation.World`) — and options to give
+measured ones. The arithmetic of the bill is :func:`cnsq.ops.pricing.bill`'s.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .cost import Bill, Prices, Usage, bill, run_usage
+from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
 
 HOST_START_SECONDS = 300.0  # a GPU host's boot, registration, image pull and model load
 

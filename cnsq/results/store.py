@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+from cnsq.errors import CnsqError
 from download_and_predict.masking import mask, register_connection_string
 from download_and_predict.schema import (
     EXPORT_SQL,
@@ -30,8 +31,6 @@ from download_and_predict.schema import (
     schema_problems,
     sqlite_path,
 )
-
-from .errors import CnsqError
 
 
 class DatabaseError(CnsqError):

@@ -19,9 +19,10 @@ from typing import Any
 import jinja2
 import yaml
 
-from . import adopt, layout
-from .config import Config, Secret
-from .errors import TemplateError
+from cnsq.config import Config, Secret
+from cnsq.deploy import adopt
+from cnsq.errors import TemplateError
+from cnsq.stack import logical_ids
 
 TEMPLATE_NAME = "cloudformation.template.yml"
 
@@ -147,14 +148,14 @@ class CodeLocation:
 def render(config: Config, template_dir: Path, code: dict[str, CodeLocation],
            existing: dict[str, Any] | None = None) -> str:
     """Render the Jinja2 template with the config; ``code`` maps Lambda name → its zip in S3;
-    ``existing`` is what a deployed stack holds that must be kept (:mod:`cnsq.adopt`).
+    ``existing`` is what a deployed stack holds that must be kept (:mod:`cnsq.deploy.adopt`).
 
     Raises:
         TemplateError: an undefined variable or a template error, with file:line.
     """
     context = dict(config.values)
     context["existing"] = existing or adopt.NOTHING
-    context["batchingParameters"] = layout.batching_parameters()
+    context["batchingParameters"] = logical_ids.batching_parameters()
     context["lambdas"] = {}
     for name, spec in config.values["lambdas"].items():
         location = code.get(name)
@@ -169,7 +170,7 @@ def render(config: Config, template_dir: Path, code: dict[str, CodeLocation],
     context["secret_resources"] = {s.path: secret_resource(s.path) for s in secrets}
     context["secrets"] = [{"param": s.param, "path": s.path, "resource": secret_resource(s.path)}
                           for s in secrets]
-    worker = layout.worker_lambda(config.values["lambdas"])  # the admin function's zip
+    worker = logical_ids.worker_lambda(config.values["lambdas"])  # the admin function's zip
     context["admin"] = context["lambdas"][worker] if worker else {
         "bucket": config.bucket, "remote": "", "runtime": "python3.12", "architecture": "x86_64"}
     path = template_dir / TEMPLATE_NAME

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
+from cnsq.stack import logical_ids
 
 # What the template sees for a new stack, or for one whose resources are all cnsq's.
 NOTHING = {"database": None, "untaggableService": False}
@@ -61,7 +61,7 @@ def from_stack(template: dict[str, Any], resources: list[tuple[str, str, str]],
     """The facts to keep, from a deployed stack's template and its (logical id, type, physical
     id) resources."""
     existing = Existing()
-    db_id = layout.results_db(stack_no_dash)
+    db_id = logical_ids.results_db(stack_no_dash)
     deployed = template.get("Resources", {}).get(db_id)
     if deployed and "DBSubnetGroupName" not in deployed.get("Properties", {}):
         if restore_snapshot:

@@ -20,7 +20,7 @@ What is simulated, each part with the figure it runs on (:class:`World`, cited t
   task for 15 minutes (its scale-in alarm); the controller also lowers the group's size when it
   scales the tasks down to the minimum.
 - **The controller** (``fixed=None``): every minute, the functions the stack's controller runs
-  (:mod:`download_and_predict.controller`) over the signals CloudWatch would give.
+  (:mod:`download_and_predict.scaling`) over the signals CloudWatch would give.
 
 Not simulated: account limits (EC2 vCPU quotas, Lambda's account concurrency), Spot, failures of
 hosts, cross-zone latency, the database's own limits (writes are a fixed time), SQS's
@@ -34,7 +34,9 @@ import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from download_and_predict.controller import (
+from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
+from cnsq.stack.logical_ids import BATCHING
+from download_and_predict.scaling import (
     Capacity,
     Limits,
     Signals,
@@ -43,9 +45,6 @@ from download_and_predict.controller import (
     follow_tasks,
     plan_tasks,
 )
-
-from .cost import Bill, Prices, Usage, bill, run_usage
-from .layout import BATCHING
 
 
 @dataclass(frozen=True)

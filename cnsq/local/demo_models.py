@@ -19,7 +19,7 @@ def _onnx():
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:  # pragma: no cover - the local extra is missing
-        from ..errors import CnsqError
+        from cnsq.errors import CnsqError
 
         raise CnsqError("the one-machine pipeline needs its extra: pip install 'cnsq[local]'") \
             from exc

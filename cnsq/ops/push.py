@@ -24,11 +24,11 @@ from typing import IO
 
 import botocore.exceptions
 
-from .aws import Client
-from .errors import CnsqError
-from .files import atomic_write
-from .interrupt import Stop
-from .tiles import Line, read_lines, tile_id
+from cnsq.aws import Client
+from cnsq.errors import CnsqError
+from cnsq.files import atomic_write
+from cnsq.interrupt import Stop
+from cnsq.tiles import Line, read_lines, tile_id
 
 BATCH = 10
 FATAL_CODES = {"QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "AccessDenied",

@@ -2,7 +2,7 @@
 package) and a usage (host hours, Lambda GB-seconds …) make a bill, item by item.
 
 One home for the arithmetic: ``cnsq estimate``, ``cnsq status`` and the simulation
-(:mod:`cnsq.simulation`) all call :func:`bill`.
+(:mod:`simulation`) all call :func:`bill`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from .errors import CnsqError
+from cnsq.errors import CnsqError
 
 SHIPPED_REGION = "us-east-1"
 

@@ -8,7 +8,7 @@ counterclockwise), its id, x, y, z and every score as a typed column (``p0``, ``
   a ``bbox`` covering column, rows sorted along a Z-order curve of the tiles (the order of their
   quadkeys) in row groups of :data:`ROW_GROUP` rows, so a reader skips the groups outside its
   window by their statistics.
-- **FlatGeobuf** (written by :mod:`cnsq.flatgeobuf`, read back by GDAL in the tests): its
+- **FlatGeobuf** (written by :mod:`cnsq.results.flatgeobuf`, read back by GDAL in the tests): its
   packed R-tree index over the same Z-order, built as the features stream.
 
 pyarrow is the optional extra ``cnsq[geo]``; without it these two formats say what to install.
@@ -35,10 +35,17 @@ from typing import IO, Any
 
 import mercantile
 
-from .errors import CnsqError
-from .files import atomic_path
-from .geojson import PROGRESS_EVERY, Report, check_thresh_ind, csv_rows, open_results, read_result
-from .tiles import parse_tile_id, tile_id
+from cnsq.errors import CnsqError
+from cnsq.files import atomic_path
+from cnsq.results.geojson import (
+    PROGRESS_EVERY,
+    Report,
+    check_thresh_ind,
+    csv_rows,
+    open_results,
+    read_result,
+)
+from cnsq.tiles import parse_tile_id, tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
 # GeoParquet's codecs. Snappy is the default of pyarrow, GeoPandas and GDAL, and the fastest
@@ -237,7 +244,7 @@ def iter_columns(source: Path, thresh_ind: int | None, thresh: float | None,
     """The kept rows as arrays, a block at a time in file order, parsed column-wise by pyarrow
     (memory: a few blocks, whatever the file's size). Ids and scores are checked and converted
     for a block at once; a row the fast checks refuse is read alone by
-    :func:`~cnsq.geojson.read_result`, so its report (and line number) is the one
+    :func:`~cnsq.results.geojson.read_result`, so its report (and line number) is the one
     convert-geojson gives. ``report`` is complete once the blocks are all read.
 
     Raises:
@@ -675,7 +682,7 @@ class _Kept:
     """Every kept row, sorted along the Z-order curve, and what a header says of them."""
 
     width: int  # scores a row
-    order: Any  # a cnsq.tile_order.ZOrder holding the rows
+    order: Any  # a cnsq.results.tile_order.ZOrder holding the rows
     count: int = 0
     bounds: tuple[float, float, float, float] | None = None
     largest: tuple[int, int, int] = (0, 0, 0)  # the largest x, y and z
@@ -683,7 +690,7 @@ class _Kept:
 
 def _collect(blocks: Iterator[Columns], spill_dir: Path) -> _Kept:
     """Read every block into a Z-order sort (spilled to ``spill_dir`` past a run)."""
-    from .tile_order import ZOrder
+    from cnsq.results.tile_order import ZOrder
 
     width, blocks = _width(blocks)
     kept = _Kept(width, ZOrder(width, spill_dir))
@@ -700,7 +707,7 @@ def _collect(blocks: Iterator[Columns], spill_dir: Path) -> _Kept:
 def write_geoparquet(blocks: Iterator[Columns], target: Path,
                      compression: str = COMPRESSIONS[0]) -> None:
     """Sorted along the Z-order curve in runs spilled next to ``target`` (see
-    :mod:`cnsq.tile_order`), then written a row group at a time, each column compressed with
+    :mod:`cnsq.results.tile_order`), then written a row group at a time, each column compressed with
     ``compression`` (one of :data:`COMPRESSIONS`): memory is a run and a group, whatever the
     file's size."""
     import pyarrow as pa
@@ -807,9 +814,9 @@ def _join(pool: ThreadPoolExecutor) -> None:
 
 def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     """Sorted as GeoParquet is (the index's leaves in the file's order), then written a group at
-    a time with :class:`cnsq.flatgeobuf.Writer`: memory is a run, a group and a sixteenth of the
+    a time with :class:`cnsq.results.flatgeobuf.Writer`: memory is a run, a group and a sixteenth of the
     index, whatever the file's size."""
-    from .flatgeobuf import DOUBLE, INT, STRING, Column, Writer
+    from cnsq.results.flatgeobuf import DOUBLE, INT, STRING, Column, Writer
 
     kept = _collect(blocks, target.parent)
     columns = [Column("tile", STRING), Column("x", INT), Column("y", INT), Column("z", INT)]
@@ -948,7 +955,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
         raise CnsqError("--thresh_ind and --thresh go together (or neither: every tile)")
     if fmt in ("geoparquet", "flatgeobuf"):
         _require_geo(fmt)
-    from .files import writable_target
+    from cnsq.files import writable_target
 
     writable_target(str(target), source)  # before any work
 
@@ -961,7 +968,7 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
             with partial.open("w", encoding="utf-8", newline="") as out:
                 rows = read_rows(rows_from, thresh_ind, thresh, report, progress)
                 if fmt == "geojson":
-                    from .geojson import feature, write_features
+                    from cnsq.results.geojson import feature, write_features
 
                     write_features((feature(r.tile, r.scores) for r in rows), out)
                 else:

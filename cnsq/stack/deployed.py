@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
-from .aws import collect
-from .config import Config, Secret
-from .errors import CnsqError
+from cnsq.aws import collect
+from cnsq.config import Config, Secret
+from cnsq.errors import CnsqError
+from cnsq.stack import logical_ids
 
 
 @dataclass
@@ -75,13 +75,13 @@ class Deployed:
 
     @property
     def queue_url(self) -> str | None:
-        return self._output_or_resource(layout.QUEUE_URL,
-                                        layout.tile_queue(self.config.values["stackNoDash"]))
+        return self._output_or_resource(logical_ids.QUEUE_URL,
+                                        logical_ids.tile_queue(self.config.values["stackNoDash"]))
 
     @property
     def dead_letter_url(self) -> str | None:
-        return self._output_or_resource(layout.DEAD_LETTER_URL,
-                                        layout.dead_letter_queue(self.config.values["stackNoDash"]))
+        return self._output_or_resource(logical_ids.DEAD_LETTER_URL,
+                                        logical_ids.dead_letter_queue(self.config.values["stackNoDash"]))
 
     def require_queue_url(self) -> str:
         """The tile queue's URL; raises CnsqError naming what is missing."""
@@ -94,13 +94,13 @@ class Deployed:
     @property
     def model_endpoint(self) -> str | None:
         """``…/v1/models/NAME`` on the internal load balancer (reachable inside the VPC)."""
-        return self.outputs.get(layout.MODEL_ENDPOINT)
+        return self.outputs.get(logical_ids.MODEL_ENDPOINT)
 
     @property
     def cluster(self) -> str:
         """The ECS cluster's name; raises CnsqError when the stack has none."""
-        if self.outputs.get(layout.ECS_CLUSTER):
-            return self.outputs[layout.ECS_CLUSTER].rsplit("/", 1)[-1]
+        if self.outputs.get(logical_ids.ECS_CLUSTER):
+            return self.outputs[logical_ids.ECS_CLUSTER].rsplit("/", 1)[-1]
         for kind, physical in self.resources.values():
             if kind == "AWS::ECS::Cluster" and physical:
                 return physical.rsplit("/", 1)[-1]
@@ -109,7 +109,7 @@ class Deployed:
     @property
     def worker(self) -> dict[str, Any] | None:
         """The config of the Lambda that works the queue (its ``fullName``, ``timeout`` …)."""
-        name = layout.worker_lambda(self.config.values["lambdas"])
+        name = logical_ids.worker_lambda(self.config.values["lambdas"])
         return self.config.values["lambdas"][name] if name else None
 
     @property
@@ -138,14 +138,14 @@ class Deployed:
     def admin(self):
         """The stack's admin function (migrations, counts and exports inside the VPC), or None
         for a stack deployed before it."""
-        from .admin import AdminFunction
+        from cnsq.stack.admin import AdminFunction
 
         return AdminFunction.of_stack(self.aws, self.outputs)
 
     @property
     def has_database_url(self) -> bool:
         """Whether :meth:`database_url` can answer (a database reachable from here)."""
-        return layout.DB_SECRET_ARN in self.outputs or layout.DB_INSTANCE in self.outputs
+        return logical_ids.DB_SECRET_ARN in self.outputs or logical_ids.DB_INSTANCE in self.outputs
 
     def database_url(self) -> str:
         """The results database's URL, with the credentials of RDS's own secret for the
@@ -160,12 +160,11 @@ class Deployed:
         return self._database_url
 
     def _read_database_url(self) -> str:
+        from cnsq.stack.credentials import url_from_secret
         from download_and_predict.writer import managed_secret_arn
 
-        from .credentials import url_from_secret
-
         outputs = self.outputs
-        instance, arn = outputs.get(layout.DB_INSTANCE), outputs.get(layout.DB_SECRET_ARN)
+        instance, arn = outputs.get(logical_ids.DB_INSTANCE), outputs.get(logical_ids.DB_SECRET_ARN)
         if not instance and not arn:
             raise CnsqError(f"stack {self.stack_name} has no dbInstanceIdentifier output; pass "
                             "the database URL explicitly")

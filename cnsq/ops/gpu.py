@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from .aws import Client, collect
-from .errors import CnsqError
+from cnsq.aws import Client, collect
+from cnsq.errors import CnsqError
 
 QUERY = ("nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total "
          "--format=csv,noheader,nounits")

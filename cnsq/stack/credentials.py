@@ -1,9 +1,9 @@
 """A database URL from an RDS Secrets Manager secret (the deployed stack's is read by
-cnsq.deployed; a private database is reached through the admin function, cnsq/admin.py)."""
+cnsq.stack.deployed; a private database is reached through the admin function, cnsq/stack/admin.py)."""
 
 from __future__ import annotations
 
-from .errors import CnsqError
+from cnsq.errors import CnsqError
 
 
 def url_from_secret(secret: dict) -> str:

@@ -1,0 +1,2 @@
+"""`cnsq init`: a starter project written from the shipped files, and the guided questions
+(`guided`) that fill its config."""
