@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from cnsq.cli import main
 from cnsq.config import load_config, placeholders
-from cnsq.project import as_written, lambda_source, shipped, templates_dir
+from cnsq.init.project import as_written
+from cnsq.shipped import lambda_source, shipped, templates_dir
 
 
 def test_init_writes_a_starter_project_and_refuses_to_overwrite(tmp_path):

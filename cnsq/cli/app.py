@@ -174,7 +174,7 @@ def _print_json(data: Any) -> None:
 
 def _paths(config):
     from cnsq.deploy.plan import Paths
-    from cnsq.project import templates_dir
+    from cnsq.shipped import templates_dir
 
     return Paths(templates=templates_dir(config.project_dir), build=Path(".cnsq"))
 

@@ -78,7 +78,9 @@ def push(settings: Settings, tiles: str, queue_url: str | None, concurrency: int
                      retries={"mode": "standard", "max_attempts": 4})
     report = run_push(tiles, queue_url, sqs, concurrency=concurrency, strict=strict,
                       resume=resume, restart=restart, failed_file=failed_file,
-                      state_dir=Path(".cnsq"), tty=sys.stderr.isatty())
+                      state_dir=Path(".cnsq"), tty=sys.stderr.isatty(),
+                      say=lambda line: click.echo(line, err=True),
+                      show=lambda line: click.echo(line, nl=False, err=True))
     if as_json:
         _print_json({"queue": queue_url, "sent": report.sent, "skipped": report.skipped,
                      "resumedFrom": report.resumed_from, "interrupted": report.interrupted,
@@ -437,7 +439,7 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
         config = settings.load()
     else:  # a clone without a project yet: what the example config would cost, said so
         from cnsq.config import load_config
-        from cnsq.project import shipped
+        from cnsq.shipped import shipped
 
         example = shipped("config") / "config.example.yml"
         config = load_config(example, settings.deployment, env_file=example.with_name(

@@ -39,7 +39,7 @@ def init(directory: Path, templates: bool, handler: bool, force: bool, guided: b
       cnsq init . --templates --lambda
     """
     if guided:
-        from cnsq.project import guided_init
+        from cnsq.init.project import guided_init
 
         try:
             written = guided_init(directory, force, click.prompt,
@@ -52,7 +52,7 @@ def init(directory: Path, templates: bool, handler: bool, force: bool, guided: b
             click.echo(f"wrote {path}")
         click.echo(f"Next: cnsq validate --config {directory / 'config/config.yml'}")
         return
-    from cnsq.project import init as write
+    from cnsq.init.project import init as write
 
     done = write(directory, templates, handler, force)
     for path in done.kept:
@@ -170,7 +170,7 @@ def package_cmd(settings: Settings, upload: bool) -> None:
             state = "uploaded" if location.key in uploaded else "already in S3"
             click.echo(f"{name}: s3://{location.bucket}/{location.key} ({state})")
         return
-    from cnsq.project import lambda_source
+    from cnsq.shipped import lambda_source
 
     for name, spec in config.values["lambdas"].items():
         source = Path(spec["source"])

@@ -13,6 +13,7 @@ from typing import Any
 import botocore.exceptions
 
 from cnsq.aws import Client, pages
+from cnsq.deploy.template import load_cfn_yaml
 from cnsq.errors import AwsError, DeployError
 
 SUCCESS = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "DELETE_COMPLETE", "IMPORT_COMPLETE"}
@@ -269,7 +270,6 @@ class Stacks:
 
     def template(self, name: str) -> dict[str, Any]:
         """The stack's template as it was deployed (the Original stage), parsed."""
-        from cnsq.deploy.template import load_cfn_yaml
 
         body = self.cfn.get_template(StackName=name, TemplateStage="Original")["TemplateBody"]
         # boto3 hands a JSON body over already parsed; YAML comes as text.

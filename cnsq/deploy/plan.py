@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cnsq.config import Config
-from cnsq.deploy import adopt, package, template
+from cnsq.deploy import adopt, package, preflight, template
 from cnsq.deploy.cloudformation import ChangeSet, Event, Stacks
-from cnsq.errors import DeployError, TemplateError
+from cnsq.errors import CnsqError, DeployError, TemplateError
+from cnsq.shipped import lambda_source
 from cnsq.stack import logical_ids
+from cnsq.stack.admin import AdminFunction, AdminUnavailable
 
 
 class UI(Protocol):
@@ -63,7 +65,6 @@ def package_lambdas(
     code: dict[str, template.CodeLocation] = {}
     uploaded: list[str] = []
     skipped: list[str] = []
-    from cnsq.project import lambda_source
 
     for name, spec in config.values["lambdas"].items():
         source = Path(spec["source"])
@@ -257,7 +258,6 @@ def preflight_report(config: Config, aws: Any, ui: UI) -> tuple[Any, str]:
     credentials to ask with, AWS did not answer, or no check could run. Callers treat None as a
     failure unless the user chose not to check.
     """
-    from cnsq.deploy import preflight
 
     if aws.session.get_credentials() is None:
         message = "Account not checked: no AWS credentials (see `aws configure`)."
@@ -291,8 +291,6 @@ def migrate(aws: Any, outputs: dict[str, str], ui: UI, setup_command: str) -> bo
     Returns whether they were applied. Where the function cannot run (an emulator without a
     Lambda runtime, a missing permission), says so and how to apply them; the deploy stands.
     """
-    from cnsq.errors import CnsqError
-    from cnsq.stack.admin import AdminFunction, AdminUnavailable
 
     admin = AdminFunction.of_stack(aws, outputs)
     if admin is None:

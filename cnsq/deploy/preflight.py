@@ -20,6 +20,7 @@ from typing import Any
 from cnsq.aws import collect, pages
 from cnsq.config import Config
 from cnsq.errors import AwsUnreachable
+from cnsq.shipped import shipped, templates_dir
 
 OK, PROBLEM, WARNING = "ok", "problem", "warning"
 # The account needs this much unreserved Lambda concurrency left (AWS refuses less).
@@ -406,7 +407,6 @@ def deployer_actions(config: Config) -> dict[str, str]:
     deployer-permissions.yml beside the template (its one home)."""
     import yaml
 
-    from cnsq.project import shipped, templates_dir
 
     own = templates_dir(config.project_dir) / PERMISSIONS_FILE
     path = own if own.is_file() else shipped("templates") / PERMISSIONS_FILE

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cnsq.deploy.preflight import bucket_region, key_pair_exists
 from cnsq.errors import CnsqError
+from cnsq.files import atomic_write, backup
 from download_and_predict.masking import mask
+from download_and_predict.tiles import check_tile_endpoint, imagery_url, is_image, parse_tile_id
 
 # A Docker image reference: [registry/]name[:tag][@digest], lower-case name components.
 IMAGE = re.compile(r"^(?:[\w.-]+(?::\d+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
@@ -72,8 +75,6 @@ def _loopback(host: str) -> bool:
 
 
 def _tile_id(text: str) -> bool:
-    from download_and_predict.tiles import parse_tile_id
-
     try:
         parse_tile_id(text)
     except ValueError:
@@ -92,8 +93,6 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None,
     ``fetch(url)`` gets a tile: ``(status, body)``, or ``(None, why)`` when nothing answered."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from cnsq.deploy.preflight import bucket_region, key_pair_exists
-    from download_and_predict.tiles import check_tile_endpoint, imagery_url, is_image, parse_tile_id
 
     answers = Answers()
 
@@ -253,7 +252,6 @@ def render(example: str, answers: Answers) -> str:
 def write(directory: Path, example: str, answers: Answers, username: str = "postgres") -> list[Path]:
     """``config/config.yml`` and ``config/.env`` (created 0600) from the answers; a file they
     replace is kept first as a backup that never replaces an older one."""
-    from cnsq.files import atomic_write, backup
 
     config = directory / "config" / "config.yml"
     env = directory / "config" / ".env"

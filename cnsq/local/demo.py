@@ -16,6 +16,11 @@ from pathlib import Path
 import mercantile
 import numpy as np
 
+from cnsq.errors import Interrupted
+from cnsq.local import tileserver
+from cnsq.local.demo_models import water_classifier
+from cnsq.local.pipeline import run
+from cnsq.results.geojson import convert_file
 from download_and_predict.tiles import Tile, tile_id
 
 TILE = 256
@@ -119,12 +124,6 @@ def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predic
 
 def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.70,
              lat: float = 40.42, zoom: int = 15, concurrency: int = 8) -> DemoResult:
-    from cnsq.errors import Interrupted
-    from cnsq.local import tileserver
-    from cnsq.local.demo_models import water_classifier
-    from cnsq.local.pipeline import run
-    from cnsq.results.geojson import convert_file
-
     directory.mkdir(parents=True, exist_ok=True)
     origin = mercantile.tile(lon, lat, zoom)
     shares = make_imagery(directory / "tiles", origin, columns, rows)

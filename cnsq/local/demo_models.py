@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cnsq.errors import CnsqError
+
 
 def _onnx():
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:  # pragma: no cover - the local extra is missing
-        from cnsq.errors import CnsqError
 
         raise CnsqError("the one-machine pipeline needs its extra: pip install 'cnsq[local]'") \
             from exc

@@ -15,8 +15,19 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnsq.tiles import Line
-from download_and_predict.tiles import Tile, tile_id
+from cnsq.errors import CnsqError
+from cnsq.interrupt import Stop
+from cnsq.local import serve
+from cnsq.local.serve import STATS_PATH
+from cnsq.results.download import download
+from cnsq.results.store import open_store
+from cnsq.tiles import Line, read_lines
+from download_and_predict.errors import StepFailed
+from download_and_predict.handler import build
+from download_and_predict.masking import mask
+from download_and_predict.scaling import Limits, Signals, decide
+from download_and_predict.schema import sqlite_path
+from download_and_predict.tiles import Tile, is_image, tile_id
 
 # The model server `run` starts shares the CPU with the downloads and writes. Two batches at once,
 # each on half the cores, keep inference going while a handler thread takes a core: one batch on
@@ -73,7 +84,6 @@ class AutoConcurrency:
                  needs_stats: bool = True):
         """``needs_stats``: the model's stats path answering is how it is known to be up
         (cnsq serve); False for a server without one (TF Serving): its failures tell instead."""
-        from download_and_predict.scaling import Limits
 
         self.needs_stats = needs_stats
         self.busy, self.total, self.limit = busy, total_tiles, start
@@ -95,7 +105,6 @@ class AutoConcurrency:
     def tick(self, submitted_tiles: int, in_flight_tiles: int, backlog: int | None = None) -> None:
         """``backlog``: tiles waiting, when known directly (a queue's count); else the total
         less those submitted."""
-        from download_and_predict.scaling import Signals, decide
 
         now = time.monotonic()
         if now - self.last < self.interval:
@@ -157,7 +166,6 @@ def run_pipeline(lines: Iterable[Line], app, concurrency: int = 16, batch_size: 
                     report.failed.append((int(record["messageId"]),
                                           tile_id(Tile(**tile)), reason))
 
-    from cnsq.interrupt import Stop
 
     with Stop() as stop, ThreadPoolExecutor(max_workers=concurrency) as pool:
         for event in events(lines, batch_size, report):
@@ -196,10 +204,6 @@ def probe(app, tile) -> None:
     Raises:
         CnsqError: the tile could not be fetched, is not an image, or the model refused it.
     """
-    from cnsq.errors import CnsqError
-    from download_and_predict.errors import StepFailed
-    from download_and_predict.masking import mask
-    from download_and_predict.tiles import Tile, is_image
 
     where = f"the first tile, {tile_id(tile)}"
     try:
@@ -232,12 +236,6 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
 
     ``concurrency`` None: decided as the run goes (:class:`AutoConcurrency`); each change is
     told to ``decisions``."""
-    from cnsq.local import serve
-    from cnsq.results.download import download
-    from cnsq.results.store import open_store
-    from cnsq.tiles import read_lines
-    from download_and_predict.handler import build
-    from download_and_predict.schema import sqlite_path
 
     own = Path(sqlite_path(database_url)) if database_url.startswith("sqlite:") else None
     new_file = own is not None and not own.exists()
@@ -287,7 +285,6 @@ def _stats_reader(endpoint: str) -> Callable[[], tuple[float, int] | None]:
     its stats path; None when it does not answer."""
     import requests
 
-    from cnsq.local.serve import STATS_PATH
 
     url = endpoint.split("/v1/", 1)[0] + STATS_PATH
     session = requests.Session()

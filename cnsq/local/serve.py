@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnsq.errors import CnsqError
+
 # The largest image an instance may be (a tile is 256 to 1024 pixels a side): a compressed
 # image of a few hundred kilobytes can decode to gigabytes.
 MAX_PIXELS = 4096 * 4096
@@ -368,7 +370,6 @@ def _warm_up(model: OnnxModel, batcher: Batcher) -> None:
     Raises:
         CnsqError: the model cannot run a full batch of its own input shape.
     """
-    from cnsq.errors import CnsqError
 
     try:
         sample = model.decode(_blank_image(model), 0)
@@ -434,7 +435,6 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
 
     import requests
 
-    from cnsq.errors import CnsqError
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnsq.aws import Client
+from cnsq.interrupt import Stop
+from download_and_predict.masking import mask
 
 
 @dataclass
@@ -77,7 +79,6 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
         try:
             poll_until_stopped(index)
         except Exception as exc:  # noqa: BLE001 - reported by the caller, which exits non-zero
-            from download_and_predict.masking import mask
 
             text = mask(str(exc)).splitlines()[0] if str(exc) else ""
             with report.lock:
@@ -117,7 +118,6 @@ def work(sqs: Client, queue_url: str, app: Any, *, concurrency: int = 4, batch_s
             if progress:
                 progress(report)
 
-    from cnsq.interrupt import Stop
 
     threads = [threading.Thread(target=poll, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in threads:

@@ -12,9 +12,11 @@ checkpoint is written, so an interrupted push resumes without sending a tile twi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -382,18 +384,17 @@ def check_source(tiles: str) -> None:
 
 def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, strict: bool,
              resume: bool, restart: bool, failed_file: Path | None, state_dir: Path,
-             tty: bool) -> Report:
+             tty: bool, say: Callable[[str], None], show: Callable[[str], None]) -> Report:
     """The `cnsq push` command: checkpoint policy, progress line, summary; returns the report
-    (everything went when it has no invalid line, no failure and no interruption)."""
-    import sys
+    (everything went when it has no invalid line, no failure and no interruption).
 
-    import click
+    ``say`` writes a line for the user; ``show`` rewrites the progress line in place (the CLI
+    gives both, to stderr)."""
 
     if tiles == "-":
         if resume:
             raise PushError("--resume needs a file: a push from stdin cannot be resumed")
         lines = sys.stdin.read().removeprefix("\ufeff").splitlines(keepends=True)  # read once
-        import io
 
         def opener() -> IO[str]:
             return io.StringIO("".join(lines))
@@ -424,14 +425,14 @@ def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, stric
                 checkpoint = previous
                 checkpoint.fingerprint = fingerprint
                 state = "complete" if previous.complete else f"{previous.sent:,} tiles sent"
-                click.echo(f"Resuming after line {previous.watermark:,} ({state}).", err=True)
+                say(f"Resuming after line {previous.watermark:,} ({state}).")
             elif not previous.complete:
                 raise PushError(
                     f"an interrupted push of {tiles} to this queue exists ({previous.sent:,} tiles "
                     f"sent, up to line {previous.watermark:,}); pass --resume to continue it or "
                     "--restart to send everything again")
         elif resume:
-            click.echo("No earlier push of this file to this queue: starting from the top.", err=True)
+            say("No earlier push of this file to this queue: starting from the top.")
     if failed_path.exists() and not (resume and checkpoint and checkpoint.sent):
         failed_path.unlink()  # a fresh push starts a fresh list of failures
 
@@ -445,18 +446,17 @@ def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, stric
         rate = (report.sent - sent_before) / elapsed
         left = max(total - lines_read, 0)
         eta = f", ETA {int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else ""
-        click.echo(f"\rsent {report.sent:,} tiles ({rate:,.0f}/s), line {lines_read:,}/{total:,}, "
-                   f"invalid {len(report.invalid):,}, failed {len(report.failed):,}{eta}   ",
-                   nl=False, err=True)
+        show(f"\rsent {report.sent:,} tiles ({rate:,.0f}/s), line {lines_read:,}/{total:,}, "
+             f"invalid {len(report.invalid):,}, failed {len(report.failed):,}{eta}   ")
 
     report = push(opener, tiles, queue_url, sqs, concurrency=concurrency, strict=strict,
                   checkpoint=checkpoint, failed_path=failed_path, progress=progress)
     if tty:
-        click.echo("", err=True)
+        say("")
     for number, error in report.invalid[:20]:
-        click.echo(f"{tiles}:{number}: {error}", err=True)
+        say(f"{tiles}:{number}: {error}")
     if len(report.invalid) > 20:
-        click.echo(f"… and {len(report.invalid) - 20:,} more invalid lines", err=True)
+        say(f"… and {len(report.invalid) - 20:,} more invalid lines")
     elapsed = time.monotonic() - started
     rate = (report.sent - sent_before) / elapsed if elapsed else 0.0
     summary = (f"Sent {report.sent - sent_before:,} tiles in {elapsed:.1f}s ({rate:,.0f} tiles/s)"
@@ -466,5 +466,5 @@ def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, stric
         summary += f" (written to {failed_path}: push them again with `cnsq push {failed_path} …`)"
     if report.interrupted:
         summary += f". Interrupted: continue with `cnsq push {tiles} {queue_url} --resume`"
-    click.echo(summary + ".", err=True)
+    say(summary + ".")
     return report

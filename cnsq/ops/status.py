@@ -26,7 +26,9 @@ from typing import Any
 from cnsq import aws as _aws
 from cnsq.aws import Client
 from cnsq.ops.pricing import Bill, Prices, bill, run_usage
+from cnsq.results.store import open_store
 from cnsq.stack import logical_ids
+from cnsq.stack.logical_ids import worker_lambda
 from download_and_predict.scaling import THRESHOLDS
 
 
@@ -243,7 +245,6 @@ def collect(deployed: Any, since: timedelta, database_url: str | None = None) ->
         except Exception:  # noqa: BLE001 - the function cannot run: shown as missing
             metrics.rows = None
     elif database_url:
-        from cnsq.results.store import open_store
 
         try:
             store = open_store(database_url)
@@ -269,7 +270,6 @@ def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float =
     """What the window cost, from what it measured: the hosts in service (now) over the window,
     the worker's GB-seconds and calls, the queue's requests, the NAT's hours and the tiles'
     bytes (``tile_kb`` each, estimate's default), the database and load balancer hours."""
-    from cnsq.stack.logical_ids import worker_lambda
 
     window = metrics.window_seconds
     deleted = metrics.deleted or 0.0

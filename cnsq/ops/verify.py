@@ -15,8 +15,15 @@ import requests
 
 from cnsq.aws import Client
 from cnsq.errors import CnsqError
+from cnsq.results.store import open_store
 from cnsq.stack import logical_ids
-from download_and_predict.tiles import is_image  # one definition, the Lambda's
+from cnsq.tiles import parse_tile_id
+from download_and_predict.masking import mask
+from download_and_predict.tiles import (
+    Tile,
+    imagery_url,
+    is_image,  # one definition, the Lambda's
+)
 
 
 class CheckFailed(CnsqError):
@@ -46,8 +53,6 @@ class Target:
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:
-    from download_and_predict.masking import mask
-
     try:
         return Check(name, True, mask(fn()))
     except Exception as exc:  # noqa: BLE001 - any failure is this check's ✗
@@ -82,8 +87,6 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
         return run
 
     def results() -> str:
-        from cnsq.results.store import open_store
-
         if target.admin is not None and target.database_url is None:
             answer = target.admin.call("count")
             if answer["problems"]:
@@ -152,8 +155,6 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
 
 def tile_url_from_template(template: str, tile_id: str, token: str | None = None) -> str:
     """The sample tile's URL, filled in as the Lambda fills it (both template forms, {s})."""
-    from cnsq.tiles import parse_tile_id
-    from download_and_predict.tiles import Tile, imagery_url
 
     tile = parse_tile_id(tile_id)
     return imagery_url(template, Tile(tile.x, tile.y, tile.z), token)
@@ -163,7 +164,6 @@ def build_target(deployed, *, database_url: str | None, model_endpoint: str | No
                  tile_endpoint: str | None, tile_id: str) -> Target:
     """What to check of a deployed stack (a :class:`cnsq.stack.deployed.Deployed`); the options
     replace its parts."""
-    from cnsq.tiles import parse_tile_id
 
     parse_tile_id(tile_id)  # a malformed id fails here, before any request
     template, token = deployed.tile_endpoint

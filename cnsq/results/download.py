@@ -9,12 +9,12 @@ from typing import BinaryIO
 
 from cnsq.errors import CnsqError
 from cnsq.files import atomic_write, writable_target
-from cnsq.results.store import Store
+from cnsq.results.store import Store, mask, open_store
+from download_and_predict.schema import sqlite_path
 
 
 def database_file(url: str | None) -> Path | None:
     """The file a ``sqlite:///`` URL names; None for PostgreSQL (or no URL)."""
-    from download_and_predict.schema import sqlite_path
 
     return Path(sqlite_path(url)) if url and url.startswith("sqlite:") else None
 
@@ -43,7 +43,6 @@ def table_csv(target: Path, database_url: str | None, admin=None,
     Raises:
         CnsqError: neither is given, or the database cannot be reached.
     """
-    from cnsq.results.store import mask, open_store
 
     if database_url:
         store = open_store(database_url, create=False)

@@ -36,15 +36,19 @@ from typing import IO, Any
 import mercantile
 
 from cnsq.errors import CnsqError
-from cnsq.files import atomic_path
+from cnsq.files import atomic_path, writable_target
+from cnsq.results.flatgeobuf import DOUBLE, INT, STRING, Column, Writer
 from cnsq.results.geojson import (
     PROGRESS_EVERY,
     Report,
     check_thresh_ind,
     csv_rows,
+    feature,
     open_results,
     read_result,
+    write_features,
 )
+from cnsq.results.tile_order import ZOrder
 from cnsq.tiles import parse_tile_id, tile_id
 
 FORMATS = ("geoparquet", "flatgeobuf", "geojson", "csv")
@@ -690,7 +694,6 @@ class _Kept:
 
 def _collect(blocks: Iterator[Columns], spill_dir: Path) -> _Kept:
     """Read every block into a Z-order sort (spilled to ``spill_dir`` past a run)."""
-    from cnsq.results.tile_order import ZOrder
 
     width, blocks = _width(blocks)
     kept = _Kept(width, ZOrder(width, spill_dir))
@@ -816,7 +819,6 @@ def write_flatgeobuf(blocks: Iterator[Columns], target: Path) -> None:
     """Sorted as GeoParquet is (the index's leaves in the file's order), then written a group at
     a time with :class:`cnsq.results.flatgeobuf.Writer`: memory is a run, a group and a sixteenth of the
     index, whatever the file's size."""
-    from cnsq.results.flatgeobuf import DOUBLE, INT, STRING, Column, Writer
 
     kept = _collect(blocks, target.parent)
     columns = [Column("tile", STRING), Column("x", INT), Column("y", INT), Column("z", INT)]
@@ -955,7 +957,6 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
         raise CnsqError("--thresh_ind and --thresh go together (or neither: every tile)")
     if fmt in ("geoparquet", "flatgeobuf"):
         _require_geo(fmt)
-    from cnsq.files import writable_target
 
     writable_target(str(target), source)  # before any work
 
@@ -968,7 +969,6 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
             with partial.open("w", encoding="utf-8", newline="") as out:
                 rows = read_rows(rows_from, thresh_ind, thresh, report, progress)
                 if fmt == "geojson":
-                    from cnsq.results.geojson import feature, write_features
 
                     write_features((feature(r.tile, r.scores) for r in rows), out)
                 else:

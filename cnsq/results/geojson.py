@@ -18,7 +18,8 @@ from typing import IO
 
 import mercantile
 
-from cnsq.files import atomic_write
+from cnsq.errors import CnsqError
+from cnsq.files import atomic_write, writable_target
 from cnsq.tiles import parse_tile_id, tile_id
 
 # One output may be a long JSON document. The csv module's own limit would refuse the whole
@@ -172,7 +173,6 @@ def write_features(features: Iterable[str], out: IO[str], seq: bool = False) -> 
 
 def check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
     """Refuse, before writing anything, a --thresh_ind the first result row cannot have."""
-    from cnsq.errors import CnsqError
 
     for row in csv.reader(handle):
         if row[:2] == ["tile", "output"] or len(row) != 2:
@@ -196,7 +196,6 @@ def open_results(source: Path) -> IO[str]:
     Raises:
         CnsqError: ``source`` does not exist, or is a folder.
     """
-    from cnsq.errors import CnsqError
 
     try:
         return source.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
@@ -212,7 +211,6 @@ def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Repor
         check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
             return convert(handle, stdout, **options)
-        from cnsq.files import writable_target
 
         with atomic_write(writable_target(target, source)) as out:
             return convert(handle, out, **options)

@@ -4,11 +4,11 @@ cnsq.stack.deployed; a private database is reached through the admin function, c
 from __future__ import annotations
 
 from cnsq.errors import CnsqError
+from download_and_predict.writer import secret_to_url
 
 
 def url_from_secret(secret: dict) -> str:
     """An RDS Secrets Manager secret (username, password, host, port, dbname) → a libpq URL."""
-    from download_and_predict.writer import secret_to_url  # the Lambda reads it the same way
 
     missing = [k for k in ("username", "password", "host") if k not in secret]
     if missing:

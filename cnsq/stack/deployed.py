@@ -17,6 +17,10 @@ from cnsq.aws import collect
 from cnsq.config import Config, Secret
 from cnsq.errors import CnsqError
 from cnsq.stack import logical_ids
+from cnsq.stack.admin import AdminFunction
+from cnsq.stack.credentials import url_from_secret
+from download_and_predict.masking import register_secret
+from download_and_predict.writer import managed_secret_arn
 
 
 @dataclass
@@ -121,7 +125,6 @@ class Deployed:
     def tile_endpoint(self) -> tuple[str | None, str | None]:
         """The worker's TILE_ENDPOINT and TILE_ACCESS_TOKEN in the config (the token registered
         as a secret, so no message shows it)."""
-        from download_and_predict.masking import register_secret
 
         template, token = None, None
         for spec in self.config.values["lambdas"].values():
@@ -138,7 +141,6 @@ class Deployed:
     def admin(self):
         """The stack's admin function (migrations, counts and exports inside the VPC), or None
         for a stack deployed before it."""
-        from cnsq.stack.admin import AdminFunction
 
         return AdminFunction.of_stack(self.aws, self.outputs)
 
@@ -160,9 +162,6 @@ class Deployed:
         return self._database_url
 
     def _read_database_url(self) -> str:
-        from cnsq.stack.credentials import url_from_secret
-        from download_and_predict.writer import managed_secret_arn
-
         outputs = self.outputs
         instance, arn = outputs.get(logical_ids.DB_INSTANCE), outputs.get(logical_ids.DB_SECRET_ARN)
         if not instance and not arn:

@@ -11,6 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnsq.errors import CnsqError
+from cnsq.results.download import table_csv
+from cnsq.results.geojson import check_thresh_ind, open_results
+from cnsq.view.index import open_index
+from cnsq.view.server import Viewed
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -34,7 +38,6 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
     Raises:
         CnsqError: nothing to read, a missing file, an unreachable database.
     """
-    from cnsq.results.download import table_csv
 
     if results and "://" not in results:
         path = Path(results)
@@ -66,9 +69,6 @@ def prepare(source: Path, name: str, workdir: Path, thresh_ind: int, thresh: flo
         CnsqError: ``thresh_ind`` does not fit the scores, or no row could be read (with the
             first reason and its line).
     """
-    from cnsq.results.geojson import check_thresh_ind, open_results
-    from cnsq.view.index import open_index
-    from cnsq.view.server import Viewed
 
     with open_results(source) as handle:
         check_thresh_ind(handle, source, thresh_ind)

@@ -26,8 +26,9 @@ import mercantile
 
 from cnsq.errors import CnsqError
 from cnsq.files import abandoned_partials, atomic_path, scratch_path
-from cnsq.results.geojson import Report, csv_rows, open_results, read_result
-from cnsq.tiles import tile_id
+from cnsq.results.export import _arrow, _call, _texts, read_columns
+from cnsq.results.geojson import Report, csv_rows, feature, open_results, read_result
+from cnsq.tiles import parse_tile_id, tile_id
 
 try:  # advisory locks mark the indexes live views hold (POSIX)
     import fcntl
@@ -252,7 +253,6 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
     in numpy; the same tables and answers, several times sooner."""
     import numpy as np
 
-    from cnsq.results.export import _arrow, _call, _texts, read_columns
 
     report = Report()
     c = read_columns(source, None, None, report, raw=True)
@@ -616,7 +616,6 @@ def features_above(conn: sqlite3.Connection, thresh: float) -> Iterator[str]:
     changed since the map was drawn)."""
     import json
 
-    from cnsq.results.geojson import feature
 
     query = "SELECT z, x, y, output FROM tiles WHERE score >= ? ORDER BY rowid"
     for z, x, y, output in conn.execute(query, (thresh,)):
@@ -627,7 +626,6 @@ def tile_scores(conn: sqlite3.Connection, text_id: str) -> dict | None:
     """The id and every score of one tile, or None when it has no result."""
     import json
 
-    from cnsq.tiles import parse_tile_id
 
     tile = parse_tile_id(text_id)
     row = conn.execute("SELECT output FROM tiles WHERE z = ? AND x = ? AND y = ?",

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cnsq.errors import CnsqError
+from cnsq.results.geojson import write_features
 from cnsq.view import index as view_index
 from cnsq.view.imagery import ImageryError, LocalImagery, RemoteImagery
 from download_and_predict.masking import mask
@@ -199,8 +200,6 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                       {"Cache-Control": "private, max-age=3600", **guarded})
 
         def geojson(self, thresh: float) -> None:
-            from cnsq.results.geojson import write_features
-
             # Streamed, without a length: HTTP/1.0 ends the body by closing the connection.
             self.send_response(200)
             self.send_header("Content-Type", "application/geo+json")

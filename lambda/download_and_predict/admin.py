@@ -20,8 +20,9 @@ import tempfile
 import time
 from typing import Any
 
-from .base import Settings, database_fields
+from .base import Settings, database_fields, mask
 from .errors import AdminError
+from .handler import database_url
 from .schema import EXPORT_SQL, migrate_postgres, postgres_columns, schema_problems
 
 ACTIONS = ("migrate", "count", "export")
@@ -29,8 +30,6 @@ ACTIONS = ("migrate", "count", "export")
 
 def connect(env: dict[str, str]) -> Any:
     import psycopg2
-
-    from .handler import database_url
 
     settings = Settings(tile_endpoint="", prediction_endpoint="", **database_fields(env))
     return psycopg2.connect(database_url(settings), connect_timeout=10)
@@ -87,8 +86,6 @@ def run(event: dict[str, Any], env: dict[str, str], s3: Any = None) -> dict[str,
 
 def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Lambda entry point. Errors come back as ``{"error": message}`` (never a credential)."""
-    from .base import mask
-
     try:
         return run(event, dict(os.environ))
     except AdminError as exc:

@@ -1,56 +1,21 @@
-"""Where a command finds the template, the Lambda and the example config: the project's own
-copies when it has them (a kes-style project, or one `cnsq init --templates --lambda` wrote),
-else those that ship with cnsq — so `pip install cnsq` can deploy without a clone.
-
-`cnsq init` writes a starter project from the shipped files.
-"""
+"""`cnsq init`: a starter project written from the shipped files (cnsq.shipped), plainly or by
+asking (``guided_init``, whose questions and checks are cnsq.init.guided)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
+import requests
+
+import download_and_predict
 from cnsq.errors import CnsqError
 from cnsq.files import atomic_write, backup
-
-PACKAGE = Path(__file__).resolve().parent
-# Shipped files: in a wheel under cnsq/bundled/ (setup.cfg's package_dir), in a clone at the root.
-_SHIPPED = {"templates": "templates", "config": "config", "lambda_extra": "lambda"}
-
-
-def shipped(kind: str) -> Path:
-    """The folder of shipped ``templates``, ``config`` or ``lambda_extra`` files.
-
-    Raises:
-        CnsqError: the installation has no such files (a broken install).
-    """
-    for candidate in (PACKAGE / "bundled" / kind, PACKAGE.parent / _SHIPPED[kind]):
-        if candidate.is_dir():
-            return candidate
-    raise CnsqError(f"this cnsq installation has no {kind} files; reinstall cnsq")
-
-
-def templates_dir(project_dir: Path) -> Path:
-    """The project's templates/ if it has one, else the shipped template."""
-    own = project_dir / "templates"
-    return own if own.is_dir() else shipped("templates")
-
-
-def lambda_source(source: Path, build_dir: Path) -> Path:
-    """``source`` if it exists; the default ``lambda`` folder, when the project has none, is
-    assembled from the installed handler package and the shipped requirements."""
-    if source.exists() or source.name != "lambda":
-        return source
-    import download_and_predict
-
-    bundle = build_dir / "shipped-lambda"
-    shutil.rmtree(bundle, ignore_errors=True)
-    bundle.mkdir(parents=True)
-    shutil.copytree(Path(download_and_predict.__file__).parent, bundle / "download_and_predict",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy(shipped("lambda_extra") / "requirements.txt", bundle / "requirements.txt")
-    return bundle
+from cnsq.init import guided
+from cnsq.shipped import shipped
 
 
 @dataclass
@@ -75,8 +40,6 @@ def init(directory: Path, templates: bool = False, handler: bool = False,
     Raises:
         CnsqError: a file it names exists, without ``force``; nothing was written.
     """
-    import download_and_predict
-
     config = shipped("config")
     config_plan = [(config / "config.example.yml", directory / "config/config.yml"),
                    (config / ".env.sample", directory / "config/.env")]
@@ -120,8 +83,6 @@ def init(directory: Path, templates: bool = False, handler: bool = False,
 def as_written(example: str) -> str:
     """An example file's text as ``init`` writes it into a project: its first line's "Copy to
     config/…" is already done, so it says what was done instead."""
-    import re
-
     return re.sub(r"Copy to config/[\w.]+\.", "Written by `cnsq init` from the example: fill it in.",
                   example, count=1)
 
@@ -134,11 +95,6 @@ def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
     Raises:
         CnsqError: the config exists, without ``force``.
     """
-    import boto3
-    import requests
-
-    from cnsq.init import guided
-
     targets = [directory / "config/config.yml", directory / "config/.env"]
     existing = [t for t in targets if t.exists()]
     if existing and not force:
