@@ -28,6 +28,7 @@ import jinja2.meta
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
+from cnsq.compat.dotenv_lines import bindings
 from cnsq.errors import ConfigError
 
 REQUIRED = object()
@@ -278,16 +279,12 @@ def parse_dotenv(path: Path) -> dict[str, str]:
         ConfigError: a line is not ``KEY=value`` (with file:line, never the line itself: it may
             hold a secret; its first word names the key).
     """
-    import io
-
-    from dotenv.parser import parse_stream
-
     values: dict[str, str] = {}
-    for binding in parse_stream(io.StringIO(path.read_text(encoding="utf-8"))):
+    for binding in bindings(path.read_text(encoding="utf-8")):
         if binding.error:
-            line = binding.original.string.strip()
+            line = binding.text.strip()
             start = re.match(r"(?:export\s+)?([^\s=:]*)", line).group(1)[:40]
-            raise ConfigError(f"{path}:{binding.original.line}: expected KEY=value"
+            raise ConfigError(f"{path}:{binding.line}: expected KEY=value"
                               + (f" (the line starts with {start!r})" if start else ""))
         if binding.key is not None:
             values[binding.key] = binding.value or ""

@@ -28,7 +28,7 @@ def test_init_writes_a_starter_project_and_refuses_to_overwrite(tmp_path):
     assert full.exit_code == 0, full.output
     assert (tmp_path / "p/templates/cloudformation.template.yml").exists()
     assert (tmp_path / "p/lambda/download_and_predict/handler.py").exists()
-    assert (tmp_path / "p/lambda/requirements.txt").read_text().startswith("requests")
+    assert "\nrequests>=2.31" in (tmp_path / "p/lambda/requirements.txt").read_text()
 
 
 def test_a_project_without_templates_or_lambda_uses_the_shipped_ones(tmp_path, monkeypatch):

@@ -369,7 +369,8 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     count the file's rows hold (from its first good row)."""
     import numpy as np
     import pyarrow as pa
-    from pyarrow._compute import CastOptions, MatchSubstringOptions, TrimOptions
+
+    from cnsq.compat.arrow_compute import CastOptions, MatchSubstringOptions, TrimOptions
 
     n = len(tiles)
     # Neither pattern lets a line break through (``$`` is the end of the value; spaces are
@@ -564,20 +565,19 @@ def _ids(c: Columns):
 def _text(values):
     """Numbers (a numpy array) as an Arrow string array of their shortest round-trip texts."""
     import pyarrow as pa
-    from pyarrow._compute import CastOptions
+
+    from cnsq.compat.arrow_compute import CastOptions
 
     return _call("cast", _arrow(values), options=CastOptions(pa.string()))
 
 
 def _call(name: str, *args, options=None):
-    """The Arrow compute function ``name`` over ``args``.
+    """The Arrow compute function ``name`` over ``args`` (cnsq.compat.arrow_compute says why
+    not through ``pyarrow.compute``; ``Array.cast`` and ``Array.take`` import it too).
+    Imported here: pyarrow is an extra, and the CSV export needs none."""
+    from cnsq.compat.arrow_compute import call
 
-    Why not ``pyarrow.compute``: importing it builds a Python wrapper, with its docstring, for
-    each of Arrow's hundreds of functions (20-30 ms of every export); ``Array.cast`` and
-    ``Array.take`` import it too."""
-    from pyarrow._compute import call_function
-
-    return call_function(name, list(args), options)
+    return call(name, *args, options=options)
 
 
 def _has_geo() -> bool:
@@ -731,25 +731,14 @@ def write_geoparquet(blocks: Iterator[Columns], target: Path,
 
 
 def _parquet_writer(target: Path, schema: Any, compression: str) -> Any:
-    """A Parquet writer of ``schema`` to ``target``: pyarrow's own (``pyarrow._parquet``), given
-    what ``pyarrow.parquet.ParquetWriter`` gives it, so that it writes the same bytes (tested).
+    """A Parquet writer of ``schema`` to ``target`` (cnsq.compat.arrow_parquet: pyarrow's own,
+    without importing ``pyarrow.parquet``)."""
+    from cnsq.compat.arrow_parquet import parquet_writer
 
-    Why not ``pyarrow.parquet``: importing it imports ``pyarrow.fs`` and with it every
-    filesystem pyarrow has (S3's, Azure's, ssl), to resolve a path given as a URI: time every
-    export would pay (docs/performance.md). A pyarrow that refuses these arguments gets the
-    public writer."""
     # No dictionaries: ids and polygons are unique, so trying them costs write time and makes
     # the file larger (docs/performance.md).
-    options = {"compression": compression, "use_dictionary": False, "write_statistics": True}
-    try:
-        from pyarrow._parquet import ParquetWriter
-
-        return ParquetWriter(str(target), schema, version="2.6", writer_engine_version="V2",
-                             **options)
-    except (ImportError, TypeError, ValueError):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetWriter(target, schema, **options)
+    return parquet_writer(target, schema, compression=compression, use_dictionary=False,
+                          write_statistics=True)
 
 
 IN_FLIGHT = 2  # groups built or being written while the next is merged

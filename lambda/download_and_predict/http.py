@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy, should_bypass_proxies
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from .compat import keep_body, watched_pool
 from .errors import HttpDeadline, HttpError, HttpRefused, HttpTimeout, HttpTooLarge
 
 
@@ -180,16 +181,7 @@ def _remembering(connection_class: type) -> type:
 def _watched(pool_class: type, on_connection: Any) -> type:
     """A urllib3 pool class that reports each connection it hands out, in the requesting thread
     (where the request's deadline is known)."""
-
-    class Watched(pool_class):  # type: ignore[misc, valid-type]
-        ConnectionCls = _remembering(pool_class.ConnectionCls)
-
-        def _get_conn(self, timeout: float | None = None) -> Any:
-            connection = super()._get_conn(timeout)
-            on_connection(connection)
-            return connection
-
-    return Watched
+    return watched_pool(pool_class, _remembering(pool_class.ConnectionCls), on_connection)
 
 
 class _Adapter(HTTPAdapter):
@@ -313,8 +305,7 @@ def _read_at_most(response: requests.Response, limit: int, where: str) -> None:
             response.close()
             raise HttpTooLarge(f"{where}: the body is over the {limit:,} bytes allowed")
         chunks.append(chunk)
-    # requests' own cache of the body: .content, .text and .json() read it from here.
-    response._content = b"".join(chunks)
+    keep_body(response, b"".join(chunks))
 
 
 def _reason(exc: BaseException) -> str:
