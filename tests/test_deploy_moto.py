@@ -111,9 +111,22 @@ def test_no_execute_shows_changes_and_changes_nothing(project):
     assert "not executed (--no-execute)" in result.stdout
     assert stack_status() == "REVIEW_IN_PROGRESS"
     assert client("sqs").list_queues().get("QueueUrls", []) == []
-    # The next deploy creates the stack from there.
+    reviewed = client("cloudformation").describe_stacks(StackName="cnsq-dev")["Stacks"][0]
+
+    def statuses() -> dict[str, str]:
+        summaries = client("cloudformation").list_stacks()["StackSummaries"]
+        return {s["StackId"]: s["StackStatus"] for s in summaries}
+
+    # Planning again deletes nothing: the reviewed stack stays as it was.
+    assert cnsq("deploy", "--no-execute").exit_code == 0
+    assert statuses()[reviewed["StackId"]] == "REVIEW_IN_PROGRESS"
+    assert "DELETE_COMPLETE" not in statuses().values()
+    # The next deploy creates the stack from there. (AWS executes the change set on the
+    # reviewed stack itself; moto gives each CREATE change set a stack of its own, so the
+    # created one is found by its status.)
     assert cnsq("deploy").exit_code == 0
-    assert stack_status() == "CREATE_COMPLETE"
+    assert "CREATE_COMPLETE" in statuses().values()
+    assert client("sqs").list_queues().get("QueueUrls", []) != []
 
 
 def test_failed_creation_exits_1_and_says_why(project):

@@ -154,11 +154,9 @@ def plan(
         raise DeployError(
             f"stack {config.stack_name} is busy ({status}); wait for it to finish and deploy again"
         )
-    if status == "REVIEW_IN_PROGRESS":
-        # Only reviewed (an earlier --no-execute): it has no resources, just stale change sets.
-        ui.echo(f"Discarding the unexecuted change sets of {config.stack_name} (never created).")
-        stacks.delete(current["StackId"])
-        stacks.follow(current["StackId"], datetime.now(UTC), lambda event: None)
+    # A stack only reviewed (an earlier --no-execute) has no resources, just change sets: a
+    # CREATE change set joins them (the CreateChangeSet API; aws-cli's `cloudformation deploy`
+    # does the same), and executing one removes the others. The plan deletes nothing.
     kind = "CREATE" if status in (None, "REVIEW_IN_PROGRESS") else "UPDATE"
 
     existing = adopt.Existing()
