@@ -18,7 +18,7 @@ import botocore.config
 import botocore.exceptions
 
 from cnsq import __version__
-from cnsq.errors import AwsError, AwsUnreachable
+from cnsq.errors import AwsError, AwsUnreachable, option
 
 # What every function that calls AWS takes: a botocore client (of any service).
 Client = botocore.client.BaseClient
@@ -86,7 +86,7 @@ class Aws:
                     self._clients[key] = self.session.client(service, config=merged)
                 except botocore.exceptions.NoRegionError:
                     raise AwsError(
-                        "no AWS region: pass --region, set AWS_REGION, or write region in "
+                        f"no AWS region: pass {option('region')}, set AWS_REGION, or write region in "
                         "config.yml (or a region in your profile)") from None
             return self._clients[key]
 
@@ -100,7 +100,7 @@ def pages(client: Client, operation: str, **params: Any) -> Iterator[dict[str, A
     more).
 
     Every call cnsq makes to an operation botocore can paginate goes through here or through
-    ``get_paginator`` (tests/test_pagination.py fails on a direct call): AWS answers in pages
+    ``get_paginator`` (tests/unit/test_pagination.py fails on a direct call): AWS answers in pages
     (RDS 100 rows by default, EC2 up to 1,000, CloudFormation 100 events), and reading the first
     alone gives a wrong answer that looks right.
     """

@@ -31,7 +31,8 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "lambda"), str(REPO)]
 
 import psycopg2  # noqa: E402
 import requests  # noqa: E402
-from servers import (  # noqa: E402
+
+from support.servers import (  # noqa: E402
     ModelServer,
     PostgresCluster,
     SqsServer,
@@ -585,8 +586,9 @@ def _view_once(source: Path, cache: Path, viewports: list[dict]) -> dict:
     import contextlib
 
     try:
-        from browser import chromium_path, launch
         from playwright.sync_api import sync_playwright
+
+        from support.browser import chromium_path, launch
         have_browser = chromium_path() is not None
     except ImportError:
         have_browser = False

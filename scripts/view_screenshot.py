@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests")]
 
 import mercantile  # noqa: E402
-from browser import launch  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
+
+from support.browser import launch  # noqa: E402
 
 
 def until(page, expression: str, timeout: float = 30.0) -> None:

@@ -217,6 +217,25 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def flags_of(command: click.Command | None) -> Callable[[str], str]:
+    """How the CLI names a library function's parameter in a message: the command's flag for
+    it (its long form), else the parameter's own name (library errors never name flags)."""
+    params = {param.name: param for param in (command.params if command else [])}
+
+    def name_of(parameter: str) -> str:
+        param = params.get(parameter)
+        negative = params.get(parameter.removeprefix("no_"))
+        if param is None and isinstance(negative, click.Option) and negative.secondary_opts:
+            return negative.secondary_opts[0]  # "no_warmup": --warmup/--no-warmup's second
+        if isinstance(param, click.Option):
+            return next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if isinstance(param, click.Argument):
+            return param.human_readable_name
+        return parameter
+
+    return name_of
+
+
 class CnsqGroup(click.Group):
     """Turns CnsqError and AWS errors into one line on stderr and exit 1 (--debug: traceback)."""
 
@@ -253,7 +272,9 @@ class CnsqGroup(click.Group):
         except (CnsqError, HandlerError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {_mask(str(exc))}", err=True)
+            said = exc.worded(flags_of(self.commands.get(ctx.invoked_subcommand or ""))) \
+                if isinstance(exc, CnsqError) else str(exc)
+            click.echo(f"Error: {_mask(said)}", err=True)
             sys.exit(getattr(exc, "exit_code", 1))
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise

@@ -22,6 +22,7 @@ from cnsq.cli.app import (
     _stack_queue_url,
     _stacks,
     config_options,
+    flags_of,
     json_option,
     main,
     tabulate,
@@ -135,13 +136,14 @@ def verify(settings: Settings, database_url: str | None, model_endpoint: str | N
                         database_url=lambda: database_url, model_endpoint=model_endpoint,
                         tile_url=tile_url_from_template(tile_endpoint, tile_id, token),
                         tile_id=tile_id)
-        checks = run_checks(target, sqs=None)
+        checks = run_checks(target, sqs=None, name_of=flags_of(click.get_current_context().command))
     else:
         deployed = settings.deployed()
         target = build_target(deployed, database_url=database_url,
                               model_endpoint=model_endpoint, tile_endpoint=tile_endpoint,
                               tile_id=tile_id)
-        checks = run_checks(target, deployed.aws.client("sqs"))
+        checks = run_checks(target, deployed.aws.client("sqs"),
+                            name_of=flags_of(click.get_current_context().command))
     failed = [c.name for c in checks if not c.ok]
     if as_json:
         _print_json({"passed": not failed, "checks": checks})

@@ -3,7 +3,7 @@
 Why: importing ``pyarrow.parquet`` imports ``pyarrow.fs`` and with it every filesystem pyarrow
 has (S3's, Azure's, ssl) to resolve a path given as a URI, time every export would pay
 (docs/performance.md). ``pyarrow._parquet.ParquetWriter`` is the writer the public class wraps;
-given what the public class gives it, it writes the same bytes (tests/test_export.py). A pyarrow
+given what the public class gives it, it writes the same bytes (tests/services/test_export.py). A pyarrow
 that moved or changed it gets the public writer.
 """
 

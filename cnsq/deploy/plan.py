@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from cnsq.config import Config
 from cnsq.deploy import adopt, package, preflight, template
 from cnsq.deploy.cloudformation import ChangeSet, Event, Stacks
-from cnsq.errors import CnsqError, DeployError, TemplateError
+from cnsq.errors import CnsqError, DeployError, TemplateError, option
 from cnsq.shipped import lambda_source
 from cnsq.stack import logical_ids
 from cnsq.stack.admin import AdminFunction, AdminUnavailable
@@ -222,7 +222,7 @@ def apply(
             stacks.delete_change_set(cs.arn)
             raise DeployError(
                 f"this deploy would replace {names}, losing its data; "
-                "run again with --yes to accept (nothing was changed)"
+                f"run again with {option('yes')} to accept (nothing was changed)"
             )
         if not ui.confirm(f"This deploy REPLACES {names}; their data will be lost. Continue?"):
             stacks.delete_change_set(cs.arn)
@@ -345,7 +345,7 @@ def destroy(stack_name: str, stacks: Stacks, ui: UI, assume_yes: bool, interacti
             "snapshot, but download your results first: cnsq download results.csv --config …")
     if not assume_yes:
         if not interactive:
-            raise DeployError("refusing to delete without confirmation: pass --yes")
+            raise DeployError(f"refusing to delete without confirmation: pass {option('yes')}")
         answer = ui.prompt(f"Type the stack name ({stack_name}) to delete it")
         if answer.strip() != stack_name:
             raise DeployError("the name did not match; nothing was deleted")

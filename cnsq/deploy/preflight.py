@@ -358,7 +358,7 @@ def _version_key(version: str) -> tuple[int, ...]:
 def reserved_concurrency(values: dict) -> dict[str, tuple[str, int]]:
     """Function name → (config key, executions) the template reserves for it: with
     ``ecs.minInstances`` (the stack scales itself) the worker reserves ``maxConcurrent`` and the
-    controller 1; otherwise each function its ``concurrent``. (tests/test_preflight.py compares
+    controller 1; otherwise each function its ``concurrent``. (tests/services/test_preflight.py compares
     this with the compiled template.)"""
     scaling = values["ecs"].get("minInstances") is not None
     reserved: dict[str, tuple[str, int]] = {}

@@ -12,7 +12,7 @@ import boto3
 import requests
 
 import download_and_predict
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.files import atomic_write, backup
 from cnsq.init import guided
 from cnsq.shipped import shipped
@@ -61,8 +61,8 @@ def init(directory: Path, templates: bool = False, handler: bool = False,
         named = config_plan
     existing = [target for _, target in named if target.exists()]
     if existing and not force:
-        raise CnsqError(f"{existing[0]} exists; nothing was written (--force overwrites it, "
-                        "keeping a .bak)")
+        raise CnsqError(f"{existing[0]} exists; nothing was written ({option('force')} "
+                          "overwrites it, keeping a .bak)")
     for source_path, target in named:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
@@ -98,7 +98,8 @@ def guided_init(directory: Path, force: bool, prompt, say) -> list[Path]:
     targets = [directory / "config/config.yml", directory / "config/.env"]
     existing = [t for t in targets if t.exists()]
     if existing and not force:
-        raise CnsqError(f"{existing[0]} exists; nothing was asked (--force replaces it, keeping a .bak)")
+        raise CnsqError(f"{existing[0]} exists; nothing was asked ({option('force')} replaces it, "
+                          "keeping a .bak)")
     # Nothing is backed up or replaced until every answer is in (guided.write): an aborted run
     # leaves the project as it was.
 

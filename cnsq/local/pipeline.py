@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.interrupt import Stop
 from cnsq.local import serve
 from cnsq.local.serve import STATS_PATH
@@ -210,7 +210,7 @@ def probe(app, tile) -> None:
         image = app.get_image(Tile(tile.x, tile.y, tile.z))
     except StepFailed as exc:
         raise CnsqError(f"the tile endpoint failed for {where}: {mask(str(exc))}; nothing was "
-                        "run (check --tile-endpoint)") from None
+                        f"run (check {option('tile_endpoint')})") from None
     if image is None:
         return
     if not is_image(image):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 
 # The largest image an instance may be (a tile is 256 to 1024 pixels a side): a compressed
 # image of a few hundred kilobytes can decode to gigabytes.
@@ -384,7 +384,7 @@ def _warm_up(model: OnnxModel, batcher: Batcher) -> None:
         batcher.close()
         raise CnsqError(f"warming up the model failed on a batch of {batcher.max_batch} blank "
                         f"inputs of shape {list(model.item_shape)}: {' '.join(str(exc).split())[:300]} "
-                        "(--no-warmup skips the warm-up)") from None
+                        f"({option('no_warmup')} skips the warm-up)") from None
 
 
 def _blank_image(model: OnnxModel) -> dict:

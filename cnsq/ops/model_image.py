@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnsq.aws import Client, collect
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.stack.logical_ids import batching_parameters
 
 
@@ -137,8 +137,8 @@ def docker_available() -> str | None:
 def build_image(context: Path, tag: str) -> None:
     problem = docker_available()
     if problem:
-        raise ModelError(f"{problem}; write the build context with --context-only DIR and build "
-                         "it where Docker runs (docker build -t IMAGE DIR)")
+        raise ModelError(f"{problem}; write the build context with {option('context_only')} DIR "
+                         "and build it where Docker runs (docker build -t IMAGE DIR)")
     done = subprocess.run(["docker", "build", "-t", tag, str(context)], check=False)
     if done.returncode != 0:
         raise ModelError(f"docker build failed (exit {done.returncode})")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 
 SHIPPED_REGION = "us-east-1"
 
@@ -41,7 +41,7 @@ class Prices:
         except KeyError:
             raise CnsqError(
                 f"No price for {instance_type} in {self.source}: run `cnsq estimate` with AWS "
-                f"credentials (pricing:GetProducts) or pass --instance-price") from None
+                f"credentials (pricing:GetProducts) or pass {option('instance_price')}") from None
 
     def database(self, instance_class: str) -> float:
         try:
@@ -49,7 +49,7 @@ class Prices:
         except KeyError:
             raise CnsqError(
                 f"No price for {instance_class} in {self.source}: run `cnsq estimate` with AWS "
-                f"credentials (pricing:GetProducts) or pass --database-price") from None
+                f"credentials (pricing:GetProducts) or pass {option('database_price')}") from None
 
 
 def shipped_prices() -> Prices:

@@ -27,7 +27,7 @@ from typing import IO
 import botocore.exceptions
 
 from cnsq.aws import Client
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.files import atomic_write
 from cnsq.interrupt import Stop
 from cnsq.tiles import Line, read_lines, tile_id
@@ -238,7 +238,7 @@ def push(
         if bad:
             report.invalid = bad
             raise PushError(f"{len(bad)} invalid line(s) in {source} (first: line {bad[0][0]}: "
-                            f"{bad[0][1]}); --strict sent nothing")
+                            f"{bad[0][1]}); {option('strict')} sent nothing")
     start_after, skip = 0, set()
     if checkpoint:
         start_after, skip = checkpoint.watermark, set(checkpoint.settled)
@@ -393,7 +393,7 @@ def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, stric
 
     if tiles == "-":
         if resume:
-            raise PushError("--resume needs a file: a push from stdin cannot be resumed")
+            raise PushError(f"{option('resume')} needs a file: a push from stdin cannot be resumed")
         lines = sys.stdin.read().removeprefix("\ufeff").splitlines(keepends=True)  # read once
 
         def opener() -> IO[str]:
@@ -419,7 +419,7 @@ def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, stric
                 raise PushError(
                     f"{tiles} changed since the interrupted push ({previous.sent:,} tiles sent, "
                     f"up to line {previous.watermark:,}): its line numbers no longer name the "
-                    "same tiles, so resuming could skip or repeat some; pass --restart to send "
+                    f"same tiles, so resuming could skip or repeat some; pass {option('restart')} to send "
                     "the whole file again, or restore the file as it was")
             if resume:
                 checkpoint = previous
@@ -429,8 +429,8 @@ def run_push(tiles: str, queue_url: str, sqs: Client, *, concurrency: int, stric
             elif not previous.complete:
                 raise PushError(
                     f"an interrupted push of {tiles} to this queue exists ({previous.sent:,} tiles "
-                    f"sent, up to line {previous.watermark:,}); pass --resume to continue it or "
-                    "--restart to send everything again")
+                    f"sent, up to line {previous.watermark:,}); pass {option('resume')} to continue it "
+                    f"or {option('restart')} to send everything again")
         elif resume:
             say("No earlier push of this file to this queue: starting from the top.")
     if failed_path.exists() and not (resume and checkpoint and checkpoint.sent):

@@ -14,7 +14,7 @@ from typing import Any
 import requests
 
 from cnsq.aws import Client
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.results.store import open_store
 from cnsq.stack import logical_ids
 from cnsq.tiles import parse_tile_id
@@ -52,16 +52,20 @@ class Target:
     admin: Any = None  # the stack's AdminFunction: counts rows of a private database in the VPC
 
 
-def _check(name: str, fn: Callable[[], str]) -> Check:
+def _check(name: str, fn: Callable[[], str], name_of: Callable[[str], str]) -> Check:
     try:
         return Check(name, True, mask(fn()))
     except Exception as exc:  # noqa: BLE001 - any failure is this check's ✗
-        text = mask(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        said = exc.worded(name_of) if isinstance(exc, CnsqError) else str(exc)
+        text = mask(said).splitlines()[0] if said else type(exc).__name__
         return Check(name, False, text)
 
 
 def run_checks(target: Target, sqs: Client, session: requests.Session | None = None,
-               timeout: float = 20.0) -> list[Check]:
+               timeout: float = 20.0, name_of: Callable[[str], str] = lambda name: name
+               ) -> list[Check]:
+    """Each check of ``target`` in turn. ``name_of`` words the parameters a failure names
+    (the CLI gives its flags)."""
     session = session or requests.Session()
     checks: list[Check] = []
 
@@ -93,7 +97,7 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
                 raise CheckFailed("; ".join(answer["problems"]))
             return f"results(tile, output) exists with {answer['rows']:,} rows (via {target.admin.name})"
         if target.database_url is None:
-            raise CheckFailed("no database (stack output missing; pass --database-url)")
+            raise CheckFailed(f"no database (stack output missing; pass {option('database_url')})")
         store = open_store(target.database_url())
         try:
             problems = store.check_schema()
@@ -116,7 +120,7 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
 
     def imagery() -> str:
         if not target.tile_url:
-            raise CheckFailed("no TILE_ENDPOINT in the config (pass --tile-endpoint)")
+            raise CheckFailed(f"no TILE_ENDPOINT in the config (pass {option('tile_endpoint')})")
         response = session.get(target.tile_url, timeout=timeout)
         if response.status_code != 200:
             raise CheckFailed(f"tile {target.tile_id} answered HTTP {response.status_code}")
@@ -143,13 +147,14 @@ def run_checks(target: Target, sqs: Client, session: requests.Session | None = N
         return f"tile {target.tile_id} → {str(predictions[0])[:80]}"
 
     if target.stack_name is not None:  # None: a local setup, no stack to check
-        checks.append(_check("stack", stack))
-        checks.append(_check("tile queue", queue(target.queue_url, "tile queue")))
-        checks.append(_check("dead letter queue", queue(target.dead_letter_url, "dead letter queue")))
-    checks.append(_check("results table", results))
-    checks.append(_check("model status", model))
-    checks.append(_check("imagery", imagery))
-    checks.append(_check("prediction", prediction))
+        checks.append(_check("stack", stack, name_of))
+        checks.append(_check("tile queue", queue(target.queue_url, "tile queue"), name_of))
+        checks.append(_check("dead letter queue", queue(target.dead_letter_url, "dead letter queue"),
+                             name_of))
+    checks.append(_check("results table", results, name_of))
+    checks.append(_check("model status", model, name_of))
+    checks.append(_check("imagery", imagery, name_of))
+    checks.append(_check("prediction", prediction, name_of))
     return checks
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.files import atomic_write, writable_target
 from cnsq.results.store import Store, mask, open_store
 from download_and_predict.schema import sqlite_path
@@ -52,7 +52,7 @@ def table_csv(target: Path, database_url: str | None, admin=None,
             store.close()
         return rows, mask(database_url)
     if admin is None:
-        raise CnsqError("no results table: pass --database-url (or set DATABASE_URL), or "
-                        "--config for a deployed stack")
+        raise CnsqError(f"no results table: pass {option('database_url')} (or set DATABASE_URL), "
+                        f"or {option('config')} for a deployed stack")
     export = admin.download_export(str(target), progress)
     return export["rows"], f"s3://{export['bucket']}/{export['key']}"

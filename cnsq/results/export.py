@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import mercantile
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.files import atomic_path, writable_target
 from cnsq.results.flatgeobuf import DOUBLE, INT, STRING, Column, Writer
 from cnsq.results.geojson import (
@@ -400,8 +400,8 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
         scores = _numpy(_call("cast", scores, options=CastOptions(pa.float64()))).reshape(n, width)
         good &= np.isfinite(scores).all(axis=1)
         if thresh_ind is not None and not -width <= thresh_ind < width:
-            raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has {width} "
-                            f"class scores per tile (0 to {width - 1})")
+            raise CnsqError(f"{option('thresh_ind')} {thresh_ind} is out of range: {source} has "
+                              f"{width} class scores per tile (0 to {width - 1})")
     else:
         good[:] = False
         scores = np.zeros((n, 0))
@@ -591,7 +591,7 @@ def _has_geo() -> bool:
 def _require_geo(fmt: str) -> None:
     """pyarrow (which brings numpy) for both formats."""
     if not _has_geo():
-        raise CnsqError(f"--format {fmt} needs pyarrow: {GEO_EXTRA}")
+        raise CnsqError(f"{option('fmt')} {fmt} needs pyarrow: {GEO_EXTRA}")
 
 
 def geo_metadata(bbox: tuple[float, float, float, float]) -> dict:
@@ -935,15 +935,16 @@ def export(source: Path, target: Path, fmt: str, thresh_ind: int | None, thresh:
     every ``PROGRESS_EVERY`` rows are read. ``compression``: GeoParquet's codec (one of
     :data:`COMPRESSIONS`, the first by default); the other formats refuse one."""
     if fmt not in FORMATS:
-        raise CnsqError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+        raise CnsqError(f"{option('fmt')} {fmt}: expected one of {', '.join(FORMATS)}")
     if compression is not None and fmt != "geoparquet":
-        raise CnsqError(f"--compression is for --format geoparquet; {fmt} is written as its "
-                        "format defines it")
+        raise CnsqError(f"{option('compression')} is for {option('fmt')} geoparquet; {fmt} is "
+                          "written as its format defines it")
     if compression is not None and compression not in COMPRESSIONS:
-        raise CnsqError(f"--compression {compression}: expected one of "
-                        f"{', '.join(COMPRESSIONS)}")
+        raise CnsqError(f"{option('compression')} {compression}: expected one of "
+                          f"{', '.join(COMPRESSIONS)}")
     if (thresh_ind is None) != (thresh is None):
-        raise CnsqError("--thresh_ind and --thresh go together (or neither: every tile)")
+        raise CnsqError(f"{option('thresh_ind')} and {option('thresh')} go together (or "
+                          "neither: every tile)")
     if fmt in ("geoparquet", "flatgeobuf"):
         _require_geo(fmt)
 

@@ -18,7 +18,7 @@ from typing import IO
 
 import mercantile
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.files import atomic_write, writable_target
 from cnsq.tiles import parse_tile_id, tile_id
 
@@ -87,7 +87,7 @@ def read_result(row: list[str], thresh_ind: int) -> tuple[mercantile.Tile, list,
     if not isinstance(scores, list):
         raise ValueError("output is not a list of class scores")
     if not -len(scores) <= thresh_ind < len(scores):
-        raise ValueError(f"--thresh_ind {thresh_ind} is out of range for {len(scores)} scores")
+        raise ValueError(f"thresh_ind {thresh_ind} is out of range for {len(scores)} scores")
     value = scores[thresh_ind]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"score {thresh_ind} is not a number: {value!r}")
@@ -183,8 +183,8 @@ def check_thresh_ind(handle: IO[str], source: Path, thresh_ind: int) -> None:
             break
         if isinstance(scores, list) and not -len(scores) <= thresh_ind < len(scores):
             handle.seek(0)
-            raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has "
-                            f"{len(scores)} class scores per tile (0 to {len(scores) - 1})")
+            raise CnsqError(f"{option('thresh_ind')} {thresh_ind} is out of range: {source} "
+                              f"has {len(scores)} class scores per tile (0 to {len(scores) - 1})")
         break
     handle.seek(0)
 

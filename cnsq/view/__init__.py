@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.results.download import table_csv
 from cnsq.results.geojson import check_thresh_ind, open_results
 from cnsq.view.index import open_index
@@ -51,8 +51,8 @@ def results_csv(results: str | None, database_url: str | None, workdir: Path, ad
     elif results:
         database_url = results
     if not (database_url or admin):
-        raise CnsqError("nothing to view: name a results CSV or database, pass --database-url, or "
-                        "--config for a deployed stack")
+        raise CnsqError("nothing to view: name a results CSV or database, pass "
+                        f"{option('database_url')}, or {option('config')} for a deployed stack")
     target = workdir / "results.csv"
     return target, table_csv(target, database_url, admin, progress)[1]
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.local.tileserver import FolderTiles, MBTiles, open_source
 from download_and_predict.errors import HttpError, HttpTimeout, HttpTooLarge, SettingsError
 from download_and_predict.http import Http
@@ -41,7 +41,7 @@ class RemoteImagery:
         try:
             check_tile_endpoint(template)
         except SettingsError as exc:
-            raise CnsqError(f"--tile-endpoint: {exc}") from None
+            raise CnsqError(f"{option('tile_endpoint')}: {exc}") from None
         register_secret(token)
         self.template, self.token, self.timeout = template, token, timeout
         self.max_bytes = max_bytes

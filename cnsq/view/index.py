@@ -24,7 +24,7 @@ from typing import Any
 
 import mercantile
 
-from cnsq.errors import CnsqError
+from cnsq.errors import CnsqError, option
 from cnsq.files import abandoned_partials, atomic_path, scratch_path
 from cnsq.results.export import _arrow, _call, _texts, read_columns
 from cnsq.results.geojson import Report, csv_rows, feature, open_results, read_result
@@ -257,7 +257,7 @@ def _build_columnar(source: Path, conn: sqlite3.Connection, target: Path, thresh
     report = Report()
     c = read_columns(source, None, None, report, raw=True)
     if c.scores.shape[1] and not -c.scores.shape[1] <= thresh_ind < c.scores.shape[1]:
-        raise CnsqError(f"--thresh_ind {thresh_ind} is out of range: {source} has "
+        raise CnsqError(f"{option('thresh_ind')} {thresh_ind} is out of range: {source} has "
                         f"{c.scores.shape[1]} class scores per tile")
     classes = c.scores.shape[1]
     z, x, y, line = c.z, c.x, c.y, c.line

@@ -8,7 +8,7 @@ public path as its fallback (requirements.txt bounds both libraries below their 
 - ``Response._content``: requests' cache of the body, filled from a read that counted its bytes,
   so that ``.content``, ``.text`` and ``.json()`` work as on any response (the handler's
   override surface uses them). requests has no public way to set it; it has kept this name
-  since its first release, and tests/test_lambda.py fails if it stops working.
+  since its first release, and tests/services/test_lambda.py fails if it stops working.
 """
 
 from __future__ import annotations

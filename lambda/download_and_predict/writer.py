@@ -44,7 +44,7 @@ def managed_secret_arn(rds: Any, instance: str) -> str:
     Raises:
         LookupError: the instance has no RDS-managed secret.
     """
-    # Pageable: through its paginator, as every pageable call (tests/test_pagination.py).
+    # Pageable: through its paginator, as every pageable call (tests/unit/test_pagination.py).
     pages = rds.get_paginator("describe_db_instances").paginate(DBInstanceIdentifier=instance)
     found = next(iter(pages))["DBInstances"][0]
     arn = (found.get("MasterUserSecret") or {}).get("SecretArn")

@@ -1,0 +1,168 @@
+"""cnsq estimate: checked against a hand computation from the shipped prices, and reading the
+region's prices from a Price List API endpoint on 127.0.0.1 (moto does not model it)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from cnsq.cli import main
+from cnsq.config import load_config
+from cnsq.ops.estimate import PerTile, estimate
+from cnsq.ops.pricing import shipped_prices
+from support.servers import PricingServer
+
+
+def test_a_million_tiles_by_hand(project):
+    values = load_config("config/config.yml").values  # the example: 1 g4dn.xlarge, scaling
+    result = estimate(1_000_000, values, shipped_prices(), PerTile(100.0, 1.5, 50.0))
+    # By hand: 1,000,000 / 100 tiles/s = 10,000 s, + 300 s of host start = 10,300 s.
+    hours = 10_300 / 3600
+    expected = {
+        "GPU hosts (g4dn.xlarge)": hours * 0.526,
+        "Lambda compute": 100_000 * 1.5 * 1.0 * 0.0000166667,  # calls × s × GB
+        "Lambda requests": 100_000 * 0.0000002,
+        "SQS requests": (100_000 + 2 * 100_000) * 0.0000004,  # batches of 10, receive, delete
+        "NAT gateway hours": hours * 0.045,
+        "NAT data processed": 50.0 * 0.045,  # 1,000,000 × 50 KB
+        "Load balancer hours": hours * 0.0225,
+        "Load balancer capacity": 50.0 * 4 / 3 * 0.008,
+        "Database (db.t3.medium)": hours * 0.072,
+    }
+    got = {item.name: item.cost for item in result.bill.items}
+    assert got == pytest.approx(expected)
+    assert result.bill.total == pytest.approx(sum(expected.values()))
+    assert result.seconds == 10_300 and result.hosts == 1
+    assert result.idle.total == pytest.approx(0.25 * 0.526)  # idleMinutes 15 of one host
+
+
+PRODUCTS = [
+    ("AmazonEC2", {"instanceType": "g4dn.xlarge", "regionCode": "eu-west-1",
+                   "operatingSystem": "Linux", "tenancy": "Shared", "preInstalledSw": "NA",
+                   "capacitystatus": "Used", "usagetype": "EU-BoxUsage:g4dn.xlarge"}, 0.587),
+    # A Windows price the filters must leave out.
+    ("AmazonEC2", {"instanceType": "g4dn.xlarge", "regionCode": "eu-west-1",
+                   "operatingSystem": "Windows", "tenancy": "Shared", "preInstalledSw": "NA",
+                   "capacitystatus": "Used", "usagetype": "EU-BoxUsage:g4dn.xlarge"}, 0.771),
+    ("AmazonEC2", {"productFamily": "NAT Gateway", "regionCode": "eu-west-1",
+                   "usagetype": "EU-NatGateway-Hours"}, 0.048),
+    ("AmazonEC2", {"productFamily": "NAT Gateway", "regionCode": "eu-west-1",
+                   "usagetype": "EU-NatGateway-Bytes"}, 0.048),
+    ("AmazonRDS", {"instanceType": "db.t3.medium", "regionCode": "eu-west-1",
+                   "databaseEngine": "PostgreSQL", "deploymentOption": "Single-AZ",
+                   "usagetype": "EU-InstanceUsage:db.t3.medium"}, 0.078),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-GB-Second-ARM"}, 0.0000133334),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-GB-Second"}, 0.0000166667),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Request"}, 0.0000002),
+    ("AWSQueueService", {"regionCode": "eu-west-1", "usagetype": "EU-Requests-Tier1"}, 0.0000004),
+    ("AWSELB", {"productFamily": "Load Balancer-Application", "regionCode": "eu-west-1",
+                "usagetype": "EU-LoadBalancerUsage"}, 0.0252),
+    ("AWSELB", {"productFamily": "Load Balancer-Application", "regionCode": "eu-west-1",
+                "usagetype": "EU-LCUUsage"}, 0.008),
+]
+
+
+def _estimate_json(server, monkeypatch) -> dict:
+    """`cnsq estimate 1000000 --region eu-west-1 --json` against ``server`` (closed after)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
+    try:
+        result = CliRunner().invoke(main, ["estimate", "1000000", "--region", "eu-west-1",
+                                           "--json"], catch_exceptions=False)
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
+    server = PricingServer(PRODUCTS)
+    report = _estimate_json(server, monkeypatch)
+    assert report["prices"] == "the AWS Price List API (eu-west-1)"
+    price = {item["name"]: item["price"] for item in report["items"]}
+    assert price["GPU hosts (g4dn.xlarge)"] == 0.587  # Linux, not the Windows price
+    assert price["Lambda compute"] == 0.0000166667  # x86, not ARM; the paid tier
+    assert price["Database (db.t3.medium)"] == 0.078
+    assert price["NAT data processed"] == 0.048
+    assert not [n for n in report["notes"] if n.startswith("Prices:")]
+    assert all(c["FormatVersion"] == "aws_v1" for c in server.calls)
+
+
+def test_without_the_api_the_shipped_prices_are_used_and_said(project, monkeypatch):
+    server = PricingServer(PRODUCTS[:1])  # no NAT, database … prices: the API cannot answer
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", server.url)
+    try:
+        result = CliRunner().invoke(main, ["estimate", "1000", "--region", "eu-west-1"],
+                                    catch_exceptions=False)
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    assert ("Prices: the prices shipped with cnsq (us-east-1, 2026-12-01), not the Price List API "
+            "(the Price List API has no lambda gb second for eu-west-1); eu-west-1's prices may "
+            "differ") in result.stdout
+    offline = CliRunner().invoke(main, ["estimate", "1000", "--offline"], catch_exceptions=False)
+    assert "not the Price List API (--offline)" in offline.stdout
+
+
+def test_an_instance_type_without_a_shipped_price_is_a_clear_error(project):
+    from pathlib import Path
+
+    path = Path("config/config.yml")
+    path.write_text(path.read_text().replace("instanceType: g4dn.xlarge", "instanceType: g6e.2xlarge"))
+    result = CliRunner().invoke(main, ["estimate", "1000", "--offline"])
+    assert result.exit_code == 1
+    assert "No price for g6e.2xlarge in the prices shipped with cnsq" in result.output
+
+
+@pytest.mark.parametrize("hostile, why", [
+    ("growing-token", "or with a NextToken no AWS answer has: not read further"),
+    ("infinity", "answered 'Infinity' where a price belongs"),
+    ("trickle", "no answer within 3 s"),
+])
+def test_a_hostile_price_list_falls_back_to_the_shipped_prices(project, monkeypatch, hostile, why):
+    """A NextToken growing on every page reached 2 GB; a trickling answer hung over 200 s; a price
+    of Infinity printed $inf and exited 0. Pages, token and time are bounded, a price must be a
+    finite number, and the shipped prices answer instead, said so."""
+    from cnsq.ops import pricing
+
+    monkeypatch.setattr(pricing, "PRICES_SECONDS", 3.0)
+    report = _estimate_json(PricingServer(PRODUCTS, hostile=hostile), monkeypatch)
+    assert report["prices"].startswith("the prices shipped with cnsq")
+    assert any(why in note for note in report["notes"]), report["notes"]
+    assert math.isfinite(report["total"]) and math.isfinite(report["perMillion"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--call-seconds", "nan"], "nan is not a finite number"),
+    (["--tiles-per-second", "inf"], "'--tiles-per-second'"),
+    (["--tile-kb", "nan"], "nan is not a finite number"),
+])
+def test_options_that_are_not_finite_are_usage_errors(project, args, message):
+    result = CliRunner().invoke(main, ["estimate", "1000", "--offline", "--json", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "NaN" not in result.stdout and "$nan" not in result.output
+
+
+def test_a_count_past_any_map_is_a_usage_error(project):
+    result = CliRunner().invoke(main, ["estimate", "1" + "0" * 40, "--offline"])
+    assert result.exit_code == 2 and "TILES" in result.output and "Traceback" not in result.output
+
+
+def test_estimate_from_a_clone_without_a_config_uses_the_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["estimate", "1000000", "--offline"])
+    assert result.exit_code == 0, result.output
+    assert "No config/config.yml: the example config's values (config.example.yml)." in result.stderr
+    assert "1,000,000 tiles on cnsq-dev" in result.stdout
+
+
+def test_estimate_into_a_closed_pipe_says_nothing_of_it(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m cnsq.cli estimate 1000000 --offline | head -1",
+                          shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.stdout.startswith("1,000,000 tiles on cnsq-dev")
+    assert "Broken pipe" not in done.stderr and "BrokenPipeError" not in done.stderr

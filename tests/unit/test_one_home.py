@@ -1,0 +1,33 @@
+"""Each fact has one home: the x-y-z tile id, URL redaction and the write-to-a-temporary-name-
+then-rename are defined once (the first two in the Lambda package, which cnsq imports)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = sorted([*(REPO / "cnsq").rglob("*.py"), *(REPO / "lambda").rglob("*.py")])
+
+
+def _offenders(pattern: str, home: str) -> list[str]:
+    found = []
+    for path in SOURCES:
+        relative = path.relative_to(REPO).as_posix()
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if re.search(pattern, line) and relative != home:
+                found.append(f"{relative}:{number}: {line.strip()}")
+    return found
+
+
+def test_the_tile_id_is_formatted_in_one_place():
+    pattern = r'f"\{[^}]*x[^}]*\}-\{[^}]*y[^}]*\}-\{[^}]*z[^}]*\}'
+    assert _offenders(pattern, "lambda/download_and_predict/tiles.py") == []
+
+
+def test_urls_are_masked_in_one_place():
+    assert _offenders(r"re\.(sub|compile)\(r?[\"'].*//", "lambda/download_and_predict/masking.py") == []
+
+
+def test_files_are_replaced_atomically_in_one_place():
+    assert _offenders(r"\.partial|\.replace\((path|target|self\.path)\)", "cnsq/files.py") == []
