@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import boto3
 import botocore.client
@@ -21,7 +21,7 @@ from cnsq import __version__
 from cnsq.errors import AwsError, AwsUnreachable, option
 
 # What every function that calls AWS takes: a botocore client (of any service).
-Client = botocore.client.BaseClient
+Client: TypeAlias = botocore.client.BaseClient
 
 RETRIES = botocore.config.Config(
     retries={"mode": "adaptive", "max_attempts": 10},

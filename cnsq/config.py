@@ -283,7 +283,8 @@ def parse_dotenv(path: Path) -> dict[str, str]:
     for binding in bindings(path.read_text(encoding="utf-8")):
         if binding.error:
             line = binding.text.strip()
-            start = re.match(r"(?:export\s+)?([^\s=:]*)", line).group(1)[:40]
+            first = re.match(r"(?:export\s+)?([^\s=:]*)", line)
+            start = first.group(1)[:40] if first else ""
             raise ConfigError(f"{path}:{binding.line}: expected KEY=value"
                               + (f" (the line starts with {start!r})" if start else ""))
         if binding.key is not None:
@@ -377,7 +378,9 @@ class _Resolver:
         self.active.append(path)
         try:
             template = self.jenv.from_string(text)
-            context = template.new_context(_Root(self), shared=True)
+            # Jinja reads a context's names through the mapping's methods: _Root renders each
+            # value when it is first asked for.
+            context = template.new_context(_Root(self), shared=True)  # type: ignore[arg-type]
             rendered = self.jenv.concat(template.root_render_func(context))  # type: ignore[attr-defined]
         except jinja2.UndefinedError as exc:
             self.errors.append(f"{key}: undefined variable: {exc.message} (set it in "
@@ -560,7 +563,8 @@ class _Validator:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list"}.get(type(value), repr(value))
+    kinds: dict[type, str] = {dict: "a mapping", list: "a list"}
+    return kinds.get(type(value), repr(value))
 
 
 def _check_values(values: dict, where, guessed: set[str]) -> list[str]:

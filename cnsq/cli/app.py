@@ -164,7 +164,7 @@ def _print_json(data: Any) -> None:
     import dataclasses
 
     def default(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return dataclasses.asdict(value)
         return str(value)
 

@@ -4,6 +4,7 @@ Each parses its options and delegates."""
 
 from __future__ import annotations
 
+import collections.abc
 import sys
 from pathlib import Path
 
@@ -95,12 +96,12 @@ def download(settings: Settings, out: str | None, output: str | None,
         from cnsq.files import writable_target
 
         writable_target(out)
-        show = None
+        show: collections.abc.Callable[[int], None] | None = None
         if sys.stderr.isatty():
             def show(done: int) -> None:
                 click.echo(f"\rCopying the export to {out}: {done / 1e6:,.1f} MB", nl=False, err=True)
         export = admin.download_export(out, show)
-        if show:
+        if show is not None:
             click.echo("", err=True)
         click.echo(f"Wrote {export['rows']:,} rows to {out} (exported to "
                    f"s3://{export['bucket']}/{export['key']}).", err=True)

@@ -157,9 +157,10 @@ def work(settings: Settings, queue_url: str | None, database_url: str,
         if not tile_endpoint:
             tile_endpoint, token = deployed.tile_endpoint
         batch_size = batch_size or min(deployed.batch_size, 10)
-    for value, option in ((model_endpoint, "--model-endpoint"), (tile_endpoint, "--tile-endpoint")):
-        if not value:
-            raise click.UsageError(f"missing {option} (or --config for a deployed stack's)")
+    if not model_endpoint:
+        raise click.UsageError("missing --model-endpoint (or --config for a deployed stack's)")
+    if not tile_endpoint:
+        raise click.UsageError("missing --tile-endpoint (or --config for a deployed stack's)")
     store = open_store(database_url)
     store.migrate()
     store.close()

@@ -218,7 +218,7 @@ def gpu_util(settings: Settings, ssh_key: str | None, user: str, ssm: bool, as_j
             return
         click.echo("The cluster has no container instances (is ecs.desiredInstances 0?).")
         return
-    runner = SsmRunner(aws.client("ssm")) if ssm else SshRunner(ssh_key, user)
+    runner = SsmRunner(aws.client("ssm")) if ssm else SshRunner(ssh_key or "", user)
     rows = gpu_rows(instances, runner)
     if as_json:
         _print_json({"instances": rows})
@@ -280,7 +280,7 @@ def model(source: str, name: str | None, use_gpu: bool, tag: str, context_only: 
             click.echo(f"Build it with: docker build -t {image_name} {context.path}")
         else:
             image.build_image(context.path, image_name)
-            if push_:
+            if push_ and aws is not None:  # push_ made aws above
                 repository = image.ensure_repository(aws.client("ecr"), name)
                 image_name = image.push_image(aws.client("ecr"), f"{name}:{tag}", repository, tag)
             click.echo(f"Built {image_name}")
@@ -401,7 +401,7 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
         time.sleep(30)
 
 
-def _finite_option(ctx: click.Context, param: click.Parameter, value: float) -> float:
+def _finite_option(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     return _finite(value)
 
 

@@ -107,7 +107,8 @@ def validate(settings: Settings, offline: bool, as_json: bool) -> None:
     region, source = settings.region_and_source()
     findings = lint(path, [region or settings.aws().region_name], list(config.values["lambdas"]))
     errors = sum(f.severity == "error" for f in findings)
-    out = {"template": str(path), "lint": [f.__dict__ for f in findings], "preflight": None}
+    out: dict[str, Any] = {"template": str(path), "lint": [f.__dict__ for f in findings],
+                           "preflight": None}
     if findings and not as_json:
         click.echo(tabulate([[f.severity, f.rule, f.config_key or "-", f"{path}:{f.line}",
                               f.message] for f in findings],
@@ -227,23 +228,26 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
                             "deployed (fix them, or pass --skip-preflight)")
     plan = flow.plan(config, _paths(config), stacks, SubprocessPip(), ui, aws.region_name,
                      update_ami)
-    result: dict[str, Any] = {"stack": plan.stack_name, "changeSetArn": plan.change_set.arn,
+    change_set = plan.change_set
+    if change_set is None:  # plan() returns with one or raises
+        raise CnsqError("no change set was created")
+    result: dict[str, Any] = {"stack": plan.stack_name, "changeSetArn": change_set.arn,
                               "uploaded": plan.uploaded, "changes": [], "outputs": {}}
     if plan.empty:
-        stacks.delete_change_set(plan.change_set.arn)
+        stacks.delete_change_set(change_set.arn)
         ui.echo(f"No changes: {plan.stack_name} is up to date, nothing to deploy.")
         result["changeSetArn"] = None
         _finish(result, as_json)
         sys.exit(1 if fail_on_empty else 0)
     result["changes"] = [c.__dict__ | {"properties": list(c.properties)}
-                         for c in plan.change_set.changes]
-    flow.show_changes(plan.change_set, ui)
+                         for c in change_set.changes]
+    flow.show_changes(change_set, ui)
     if no_execute:
-        ui.echo(f"Change set {plan.change_set.arn} created and not executed (--no-execute).")
+        ui.echo(f"Change set {change_set.arn} created and not executed (--no-execute).")
         _finish(result, as_json)
         return
     flow.apply(plan, stacks, ui, yes, sys.stdin.isatty())
-    result["outputs"] = stacks.outputs(plan.change_set.stack_id or plan.stack_name)
+    result["outputs"] = stacks.outputs(change_set.stack_id or plan.stack_name)
     result["migrated"] = flow.migrate(aws, result["outputs"], ui, settings.command("setup"))
     flow.next_steps(plan.stack_name, result["outputs"], settings.command("setup"), ui,
                     migrated=result["migrated"])

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from cnsq.aws import collect, pages
@@ -528,7 +529,7 @@ def run(config: Config, client: Callable[..., Any], region: str) -> Report:
     chosen = [c for c in CHECKS if c[0] != "network" or config.values["vpc"]]
     with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
         futures = [pool.submit(_guard, name, _key(key, config), permission,
-                               lambda fn=fn: fn(config, client, region))
+                               partial(fn, config, client, region))
                    for name, key, permission, fn in chosen]
         findings = [f for future in futures for f in future.result()]
     return Report(findings, time.monotonic() - started)

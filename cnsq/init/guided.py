@@ -96,6 +96,12 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None,
 
     answers = Answers()
 
+    def aws(service: str) -> Any:
+        """The client (only called where ``client`` is known to be there)."""
+        if client is None:
+            raise RuntimeError("no AWS client")
+        return client(service, answers.region)
+
     def aws_says(what: str, call: Callable[[], str | None]) -> str | None:
         if client is None:
             answers.unchecked.append(what)
@@ -122,7 +128,7 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None,
             return "an S3 bucket name: 3 to 63 lower-case letters, digits, dots or hyphens"
 
         def check() -> str | None:
-            where = bucket_region(client("s3", answers.region), name)
+            where = bucket_region(aws("s3"), name)
             if where is None:
                 return (f"bucket {name} does not exist: create it (aws s3 mb s3://{name} "
                         f"--region {answers.region}) or name another")
@@ -139,7 +145,7 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None,
             return None
 
         def check() -> str | None:
-            if key_pair_exists(client("ec2", answers.region), name):
+            if key_pair_exists(aws("ec2"), name):
                 return None
             return f"key pair {name} does not exist in {answers.region}: name another, or none"
 
@@ -166,7 +172,7 @@ def run(asker: Asker, client: Callable[[str, str], Any] | None,
         tile = parse_tile_id(tile_text)
         status, body = fetch(imagery_url(template, tile, answers.token))
         if status is None:
-            return f"the endpoint did not answer tile {tile_text} ({body})"
+            return f"the endpoint did not answer tile {tile_text} ({body!s})"
         if status != 200:
             hint = {401: "the token?", 403: "the token?", 404: "a tile it does not cover?"}.get(
                 status, "")

@@ -25,7 +25,7 @@ from cnsq.tiles import Line, read_lines
 from download_and_predict.errors import StepFailed
 from download_and_predict.handler import build
 from download_and_predict.masking import mask
-from download_and_predict.scaling import Limits, Signals, decide
+from download_and_predict.scaling import Limits, Probe, Signals, decide
 from download_and_predict.schema import sqlite_path
 from download_and_predict.tiles import Tile, is_image, tile_id
 
@@ -92,7 +92,8 @@ class AutoConcurrency:
         self.durations: list[float] = []
         self.failures = 0
         self.tiles_done = 0
-        self.probe = None  # the controller's probe of a busy model, kept between decisions
+        # The controller's probe of a busy model, kept between decisions.
+        self.probe: Probe | None = None
         self.last = time.monotonic()
         self.last_busy = busy()
         self.decisions: list[str] = []
@@ -264,14 +265,15 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         if auto is not None and decisions is not None:
             for line in auto.decisions:
                 decisions(line)
-        app.writer.close()
+        if app.writer is not None:
+            app.writer.close()
         app.http.close()
         if out_csv is not None:
-            download(store, str(out_csv), stdout=None)  # type: ignore[arg-type] - a file target
+            download(store, str(out_csv), stdout=None)  # a file target: no stdout
         store.close()
     except BaseException:
         # A run that failed or was stopped before any result leaves no empty database behind.
-        if new_file and own.exists() and not _has_results(own):
+        if new_file and own is not None and own.exists() and not _has_results(own):
             for leftover in (own, own.with_name(own.name + "-journal")):
                 leftover.unlink(missing_ok=True)
         raise

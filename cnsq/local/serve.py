@@ -92,7 +92,7 @@ class OnnxModel:
             except (binascii.Error, ValueError):
                 raise BadInstance(f"instance {number}: image_bytes.b64 is not base64") from None
             try:
-                image = Image.open(io.BytesIO(raw))  # reads the header only
+                image: Image.Image = Image.open(io.BytesIO(raw))  # reads the header only
                 width, height = image.size
                 if width * height > MAX_PIXELS:  # a few hundred KB can claim gigabytes
                     raise BadInstance(f"instance {number}: {width}x{height} pixels is more than "
@@ -255,7 +255,7 @@ class Server(_Addresses):
     name: str
 
     @property
-    def port(self) -> int:  # type: ignore[override] - read from the bound socket
+    def port(self) -> int:  # type: ignore[override]  # read from the bound socket
         return self.httpd.server_address[1]
 
     def close(self) -> None:
@@ -455,7 +455,8 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
-            lines = popen.stderr.read().strip().splitlines() or ["(no message)"]
+            said = popen.stderr.read() if popen.stderr else ""
+            lines = said.strip().splitlines() or ["(no message)"]
             raise CnsqError(f"the model server stopped: {lines[-1].removeprefix('Error: ')}")
         try:
             if requests.get(f"{handle.url}/v1/models/{name}", timeout=1).status_code == 200:

@@ -222,7 +222,7 @@ def account_prices(pricing: Any, region: str, instance_type: str,
     """This region's prices from the Price List API (``pricing:GetProducts``); raises
     :class:`CnsqError` naming the price it could not find."""
     where = {"regionCode": region}
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     for name, (service, filters, ending) in PRICE_QUERIES.items():
         price = _pick(_products(pricing, service, {**filters, **where}), ending)
         if price is None:

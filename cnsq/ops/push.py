@@ -134,6 +134,8 @@ class Checkpoint:
 
 def message_body(line: Line) -> str:
     tile = line.tile
+    if tile is None:
+        raise ValueError(f"line {line.number} holds no tile: {line.error}")
     return json.dumps({"x": tile.x, "y": tile.y, "z": tile.z}, separators=(",", ":"))
 
 

@@ -96,7 +96,7 @@ def diagnose(m: Metrics, timeout_s: int, concurrent: int | None,
     load = p95 / (timeout_s * 1000) if p95 is not None else None
     gpu = m.gpu_mean
     evidence = [f"error rate {error_rate:.1%}"]
-    if load is not None:
+    if load is not None and p95 is not None:
         evidence.append(f"p95 duration {p95 / 1000:.1f}s = {load:.0%} of the {timeout_s}s timeout")
     if gpu is not None:
         evidence.append(f"GPU utilisation {gpu:.0f}% (mean of {len(m.gpu)} instances)")

@@ -19,7 +19,7 @@ def database_file(url: str | None) -> Path | None:
     return Path(sqlite_path(url)) if url and url.startswith("sqlite:") else None
 
 
-def download(store: Store, target: str, stdout: BinaryIO,
+def download(store: Store, target: str, stdout: BinaryIO | None,
              progress: Callable[[int], None] | None = None) -> int:
     """Write ``tile,output`` rows to ``target`` (``-`` for stdout); returns the row count.
 
@@ -27,6 +27,8 @@ def download(store: Store, target: str, stdout: BinaryIO,
     download leaves no file that looks complete.
     """
     if target == "-":
+        if stdout is None:
+            raise ValueError("target '-' needs a stdout to write to")
         rows = store.export_csv(stdout, progress)
         stdout.flush()
         return rows

@@ -181,11 +181,11 @@ def _concat(blocks: list[Columns], raw: bool) -> Columns:
     blocks = [b for b in blocks if len(b)] or blocks[:1]
     if not blocks:
         return _empty(width, raw)
-    out = Columns(*(np.concatenate([getattr(b, f) for b in blocks]) for f in (
-        "line", "x", "y", "z")), np.concatenate([b.scores.reshape(len(b), width) for b in blocks]))
+    line, x, y, z = (np.concatenate([getattr(b, f) for b in blocks]) for f in ("line", "x", "y", "z"))
+    out = Columns(line, x, y, z, np.concatenate([b.scores.reshape(len(b), width) for b in blocks]))
     if raw:
         out.outputs = pa.concat_arrays([b.outputs for b in blocks])
-        out.others = [pair for b in blocks for pair in b.others]
+        out.others = [pair for b in blocks for pair in (b.others or [])]
     return out
 
 
@@ -447,8 +447,9 @@ def _block(tiles, outputs, lines, width: int | None, thresh_ind: int | None,
     if extra:
         more = _from_rows(extra, width or 0)
         texts = columns.outputs
-        columns = Columns(*(np.concatenate([getattr(columns, f), getattr(more, f)])
-                            for f in ("line", "x", "y", "z", "scores")))
+        line, x, y, z, scores = (np.concatenate([getattr(columns, f), getattr(more, f)])
+                                 for f in ("line", "x", "y", "z", "scores"))
+        columns = Columns(line, x, y, z, scores)
         order = np.argsort(columns.line, kind="stable")  # the rows read alone, in their places
         _reorder(columns, order)
         if raw:
@@ -661,7 +662,8 @@ def _groups(records, size: int) -> Iterator[Columns]:
     """Sorted record arrays regrouped in ``size`` rows (the last group the rest)."""
     import numpy as np
 
-    held, count = [], 0
+    held: list[Any] = []
+    count = 0
     for part in records:
         if not held and len(part) == size:  # as the sort gives them, in memory: no copy
             yield _from_records(part)

@@ -205,11 +205,13 @@ def open_results(source: Path) -> IO[str]:
         raise CnsqError(f"{source}: is a folder; name a results CSV in it") from None
 
 
-def convert_file(source: Path, target: str, stdout: IO[str], **options) -> Report:
+def convert_file(source: Path, target: str, stdout: IO[str] | None, **options) -> Report:
     """Convert a file; the output goes to a temporary name and is renamed when complete."""
     with open_results(source) as handle:
         check_thresh_ind(handle, source, options["thresh_ind"])
         if target == "-":
+            if stdout is None:
+                raise ValueError("target '-' needs a stdout to write to")
             return convert(handle, stdout, **options)
 
         with atomic_write(writable_target(target, source)) as out:

@@ -69,7 +69,8 @@ def open_store(url: str, create: bool = True) -> Store:
         return SqliteStore(url, create)
     if scheme in ("postgres", "postgresql"):
         # user:pa/ss@host — libpq reads "user" as the host and "pa" as its port.
-        first = re.match(r"^[^:]+://([^/?#\s]*)", url).group(1)
+        match = re.match(r"^[^:]+://([^/?#\s]*)", url)
+        first = match.group(1) if match else ""
         rest = url.split("://", 1)[1]
         userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
         if "@" in userinfo and ":" in userinfo and "/" not in userinfo:
@@ -94,16 +95,21 @@ class Store:
 
     url: str
 
-    def migrate(self) -> list[Migration]: ...
+    def migrate(self) -> list[Migration]:
+        raise NotImplementedError
 
-    def check_schema(self) -> list[str]: ...
+    def check_schema(self) -> list[str]:
+        raise NotImplementedError
 
-    def count(self) -> int: ...
+    def count(self) -> int:
+        raise NotImplementedError
 
-    def upsert(self, rows: list[tuple[str, Any]]) -> None: ...
+    def upsert(self, rows: list[tuple[str, Any]]) -> None:
+        raise NotImplementedError
 
     def export_csv(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> int:
         """Write ``tile,output`` CSV (output as JSON) to a binary stream; returns the row count."""
+        raise NotImplementedError
 
     def close(self) -> None: ...
 
@@ -134,7 +140,8 @@ class PostgresStore(Store):
     def count(self) -> int:
         with self.conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM results")
-            value = cur.fetchone()[0]
+            row = cur.fetchone()
+            value = row[0] if row else 0
         self.conn.rollback()
         return value
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 RUN_BYTES = 32 << 20  # rows sorted in memory at a time: 800,000 of 41 bytes (two scores)
 CHUNK = 16_384  # rows given, and read back from each run while merging, at a time
@@ -97,7 +97,7 @@ class ZOrder:
         self._buffered = 0
         self._runs: list[tuple[int, int]] = []  # (first record, records) in the spill file
         self._spilled = 0
-        self._file: IO[bytes] | None = None
+        self._file: BinaryIO | None = None
 
     def add(self, line: Any, x: Any, y: Any, z: Any, scores: Any) -> None:
         """Rows of one block (numpy arrays of the same length; ``scores`` rows × width), in the
@@ -143,7 +143,7 @@ class ZOrder:
         assert self._file is not None
         self._file.seek(first * self.type.itemsize)
         records = np.empty(count, self.type)
-        self._file.readinto(memoryview(records).cast("B"))
+        self._file.readinto(records.data.cast("B"))  # type: ignore[attr-defined]  # a binary file
         return records
 
     def sorted(self) -> Iterator[Any]:
@@ -223,5 +223,6 @@ def _count_upto(part: Any, run: int, limit: tuple[int, int]) -> int:
     import numpy as np
 
     key, last_run = limit
-    side = "right" if run <= last_run else "left"
-    return int(np.searchsorted(part["key"], np.uint64(key), side=side))
+    if run <= last_run:
+        return int(np.searchsorted(part["key"], np.uint64(key), side="right"))
+    return int(np.searchsorted(part["key"], np.uint64(key), side="left"))

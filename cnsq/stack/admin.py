@@ -83,6 +83,8 @@ class AdminFunction:
             if progress:
                 progress(done[0])
 
+        if self.s3 is None:
+            raise CnsqError(f"the admin function {self.name} was given no S3 client to copy its export")
         with atomic_write(Path(target), "wb") as handle:
             self.s3.download_fileobj(export["bucket"], export["key"], handle, Callback=count)
         return export

@@ -68,4 +68,5 @@ def worker_lambda(lambdas: dict[str, Any]) -> str | None:
     The admin function runs from its zip; status reads its metrics."""
     names = list(lambdas)
     triggered = [n for n in names if lambdas[n].get("queueTrigger")]
-    return (triggered or names or [None])[0]
+    chosen = triggered or names
+    return chosen[0] if chosen else None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qs, urlsplit
 
 from cnsq.errors import CnsqError
@@ -206,7 +206,8 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Disposition",
                              f'attachment; filename="cnsq-above-{thresh:g}.geojson"')
             self.end_headers()
-            out = io.TextIOWrapper(self.wfile, encoding="utf-8", newline="", write_through=True)
+            out = io.TextIOWrapper(cast(BinaryIO, self.wfile), encoding="utf-8", newline="",
+                                   write_through=True)
             with conn() as c:
                 write_features(view_index.features_above(c, thresh), out)
             out.flush()

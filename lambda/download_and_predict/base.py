@@ -294,7 +294,7 @@ class DownloadAndPredict:
         """One request per chunk of at most MAX_INSTANCES instances; chunks that would start past
         the deadline fail (``deadline``) so the Lambda answers before it is killed."""
         started = time.perf_counter()
-        results = []
+        results: list[tuple[Record, Any]] = []
         size = max(1, self.settings.max_instances)
         for start in range(0, len(images), size):
             chunk = images[start:start + size]
@@ -372,6 +372,8 @@ class DownloadAndPredict:
         for tile, text in rows.items():
             ids = [record.message_id for record, _ in predictions if record.tile.id == tile]
             try:
+                if self.writer is None:
+                    raise StepFailed("database", "no database connection")
                 self.writer.upsert([(tile, text)])
                 outcome.written += 1
             except Exception as exc:  # noqa: BLE001 - this row's failure is this row's

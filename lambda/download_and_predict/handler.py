@@ -22,6 +22,7 @@ from .base import (
     register_secret,
     secret_to_url,
 )
+from .errors import SettingsError
 
 LOG = logging.getLogger("download_and_predict")
 LOG.setLevel(logging.INFO)
@@ -38,8 +39,11 @@ def database_url(settings: Settings) -> str:
         return settings.database_url
     import boto3  # provided by the Lambda runtime
 
+    if not (settings.database_secret_arn or settings.database_instance):
+        raise SettingsError("no DATABASE_URL, DATABASE_SECRET_ARN or DB_INSTANCE: nowhere to "
+                            "write results")
     arn = settings.database_secret_arn or managed_secret_arn(
-        boto3.client("rds"), settings.database_instance)
+        boto3.client("rds"), settings.database_instance or "")
     secret = json.loads(
         boto3.client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"])
     register_secret(str(secret.get("password", "")))

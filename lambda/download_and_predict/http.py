@@ -79,7 +79,7 @@ def metadata_address(host: str) -> str | None:
         addresses = [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:
         try:
-            addresses = [ipaddress.ip_address(info[4][0].split("%")[0])
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0])
                          for info in socket.getaddrinfo(host, None)]
         except (OSError, UnicodeError, ValueError):
             return None
@@ -178,7 +178,7 @@ def _remembering(connection_class: type) -> type:
     return Remembering
 
 
-def _watched(pool_class: type, on_connection: Any) -> type:
+def _watched(pool_class: type[HTTPConnectionPool], on_connection: Any) -> type:
     """A urllib3 pool class that reports each connection it hands out, in the requesting thread
     (where the request's deadline is known)."""
     return watched_pool(pool_class, _remembering(pool_class.ConnectionCls), on_connection)
@@ -311,7 +311,7 @@ def _read_at_most(response: requests.Response, limit: int, where: str) -> None:
 def _reason(exc: BaseException) -> str:
     """requests' message, without the urllib3 wrapping around its cause."""
     text = str(exc)
-    cause = exc.__context__ or exc.__cause__
+    cause: Any = exc.__context__ or exc.__cause__
     while cause is not None and getattr(cause, "reason", None) is not None:
         cause = cause.reason  # MaxRetryError → NewConnectionError / SSLError …
     if cause is not None and not isinstance(cause, str) and str(cause):

@@ -153,8 +153,13 @@ def test_warm_up_runs_full_batches_before_the_port_opens(tmp_path):
     one = mean_model(tmp_path / "one.onnx")
     # A full batch of 4 cannot run on this model: the warm-up finds out before any request does.
     with pytest.raises(CnsqError, match=r"warming up the model failed on a batch of 4 blank inputs "
-                                        r"of shape \[8, 8, 3\]: .*\(--no-warmup skips the warm-up\)"):
+                                        r"of shape \[8, 8, 3\]: .*\(no_warmup skips the warm-up\)") as failed:
         serve.start(one, port=0, name="m", max_batch=4)
+    # The library names the parameter; `cnsq serve` says its flag.
+    from cnsq.cli import main
+    from cnsq.cli.app import flags_of
+
+    assert "(--no-warmup skips the warm-up)" in failed.value.worded(flags_of(main.commands["serve"]))
     running = serve.start(one, port=0, name="m", max_batch=4, warmup=False)
     try:
         answer = requests.post(running.endpoint, json={"instances": [b64(png(WATER, 8))]}, timeout=10)

@@ -173,8 +173,12 @@ def test_stubbed_replacing_the_database_needs_yes(cfn):
     change_set = stacks.wait_change_set(CS_ARN, "UPDATE")
     result = a_plan(change_set.changes)
     stub.add_response("delete_change_set", {}, {"ChangeSetName": CS_ARN})
-    with pytest.raises(DeployError, match=r"would replace cnsqdevResultsDB .*--yes"):
+    with pytest.raises(DeployError, match=r"would replace cnsqdevResultsDB .*again with yes") as refused:
         apply(result, stacks, RecordingUI(), assume_yes=False, interactive=False)
+    from cnsq.cli import main
+    from cnsq.cli.app import flags_of
+
+    assert "run again with --yes to accept" in refused.value.worded(flags_of(main.commands["deploy"]))
 
     # Asked on a terminal, "no" cancels and deletes the change set.
     stub.add_response("delete_change_set", {}, {"ChangeSetName": CS_ARN})
