@@ -22,6 +22,7 @@ from cnsq.cli.app import (
     json_option,
     main,
 )
+from download_and_predict.tiles import MAX_ZOOM
 
 
 @main.command()
@@ -235,7 +236,7 @@ def _export_file(source: Path, target: Path, fmt: str | None, thresh_ind: int | 
                  label: str | None = None) -> None:
     from cnsq.errors import CnsqError
     from cnsq.results.export import NothingValid, export
-    from cnsq.results.geojson import PROGRESS_EVERY
+    from cnsq.results.reader import PROGRESS_EVERY
 
     by_suffix = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".fgb": "flatgeobuf",
                  ".geojson": "geojson", ".json": "geojson", ".csv": "csv"}
@@ -274,7 +275,8 @@ def _say_rows(report, where, wrote: str) -> None:
 
 @main.command("tiles")
 @click.argument("aoi", metavar="AOI.geojson", type=click.Path(path_type=Path))
-@click.option("--zoom", "-z", type=click.IntRange(0, 30), required=True, help="Tile zoom level.")
+@click.option("--zoom", "-z", type=click.IntRange(0, MAX_ZOOM), required=True,
+              help="Tile zoom level.")
 @click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
 def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
     """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cnsq.errors import CnsqError, option
 from cnsq.results.download import table_csv
-from cnsq.results.geojson import check_thresh_ind, open_results
+from cnsq.results.reader import check_thresh_ind, open_results
 from cnsq.view.index import open_index
 from cnsq.view.server import Viewed
 

@@ -26,8 +26,9 @@ import mercantile
 
 from cnsq.errors import CnsqError, option
 from cnsq.files import abandoned_partials, atomic_path, scratch_path
-from cnsq.results.export import _arrow, _call, _texts, read_columns
-from cnsq.results.geojson import Report, csv_rows, feature, open_results, read_result
+from cnsq.results.columns import _arrow, _call, _texts, read_columns
+from cnsq.results.geojson import feature
+from cnsq.results.reader import Report, open_results, results
 from cnsq.tiles import parse_tile_id, tile_id
 
 try:  # advisory locks mark the indexes live views hold (POSIX)
@@ -162,17 +163,12 @@ class Index:
             self._held = None
 
 
-def read_rows(path: Path, thresh_ind: int, report: Report) -> Iterator[tuple]:
-    """(z, x, y, score, output, classes) of every good row of a results CSV; bad rows go to
-    ``report``."""
+def _index_rows(path: Path, thresh_ind: int, report: Report) -> Iterator[tuple]:
+    """(z, x, y, score, output, classes) of every good row of a results CSV (the one reader,
+    cnsq.results.reader); bad rows go to ``report``."""
     with open_results(path) as handle:
-        for line, row in csv_rows(handle, report):  # convert-geojson's rows, one home
-            try:
-                tile, scores, value = read_result(row, thresh_ind)
-            except ValueError as exc:
-                report.add_bad(line, str(exc))
-                continue
-            yield tile.z, tile.x, tile.y, value, row[1], len(scores)
+        for r in results(handle, thresh_ind, report):
+            yield r.tile.z, r.tile.x, r.tile.y, r.value, r.output, len(r.scores)
 
 
 def build(source: Path, target: Path, thresh_ind: int,
@@ -216,7 +212,7 @@ def _build_rows(source: Path, conn: sqlite3.Connection, target: Path, thresh_ind
     classes = 0
     inserted = 0
     with conn:
-        rows = read_rows(source, thresh_ind, report)
+        rows = _index_rows(source, thresh_ind, report)
         while batch := list(islice(rows, BATCH)):
             classes = classes or batch[0][5]
             conn.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?)", [row[:5] for row in batch])

@@ -33,6 +33,7 @@ from cnsq.results.geojson import write_features
 from cnsq.view import index as view_index
 from cnsq.view.imagery import ImageryError, LocalImagery, RemoteImagery
 from download_and_predict.masking import mask
+from download_and_predict.tiles import MAX_ZOOM
 
 STATIC = resources.files("cnsq.view") / "static"
 # The page runs its own scripts only and talks to this server only; Leaflet sets styles.
@@ -151,8 +152,8 @@ def make_handler(viewed: Viewed) -> type[BaseHTTPRequestHandler]:
                 bbox = view_index.Bbox(*(_number(query, k) for k in ("west", "south", "east",
                                                                       "north")))
                 zoom = int(_number(query, "zoom"))
-                if not 0 <= zoom <= 30:
-                    raise ValueError("zoom must be between 0 and 30")
+                if not 0 <= zoom <= MAX_ZOOM:
+                    raise ValueError(f"zoom must be between 0 and {MAX_ZOOM}")
                 with conn(view_index.needs_tiles(index, zoom)) as c:
                     self.send_json(view_index.features(index, c, zoom, bbox))
             elif path == "/api/count":

@@ -10,6 +10,11 @@ from typing import Any, NamedTuple
 from .errors import BadRecord, SettingsError
 
 MAX_ZOOM = 30
+# The tile id as a results file holds it, for readers that match many at once with a regular
+# expression (Arrow's): x-y-z, digits only, no spaces, no braces. A value not of this form is read
+# alone by parse_tile_id, which also takes the original's {x,y,z} and spaces around; the zoom
+# still has to be checked against MAX_ZOOM.
+TILE_ID_STRICT = r"[0-9]{1,10}-[0-9]{1,10}-[0-9]{1,2}"
 
 
 # The first bytes of the image formats imagery endpoints serve: PNG, JPEG, WebP (RIFF), TIFF

@@ -163,7 +163,8 @@ def test_the_overall_bounds_are_those_of_every_tile_at_every_zoom():
     """The file's bbox (GeoParquet's metadata, FlatGeobuf's header) comes from each zoom's
     extreme columns and rows: the same as the union of every tile's bounds."""
     np = pytest.importorskip("numpy")
-    from cnsq.results.export import Columns, _overall_bounds, tile_bounds
+    from cnsq.results.columns import Columns
+    from cnsq.results.export import _overall_bounds, tile_bounds
 
     rng = np.random.default_rng(11)
     for zooms in ([13], [0, 5, 13, 30], [2, 30]):
@@ -315,8 +316,8 @@ POISON = [
 
 @pytest.mark.parametrize("header", [True, False])
 def test_the_columnar_reader_reports_what_the_row_reader_does(tmp_path, header):
-    from cnsq.results.export import read_columns, read_rows
-    from cnsq.results.geojson import Report
+    from cnsq.results.columns import read_columns
+    from cnsq.results.reader import Report, read_rows
 
     source = tmp_path / "poison.csv"
     source.write_text(("tile,output\n" if header else "") + "\n".join(POISON) + "\n")
@@ -336,8 +337,8 @@ def test_the_columnar_reader_reports_what_the_row_reader_does(tmp_path, header):
 def test_a_value_holding_a_line_break_is_read_row_by_row(tmp_path, brk, where):
     """A quoted line break (\\n, a bare \\r, or both) makes a row two lines: the bad row after
     it is reported at its physical line, as the row reader counts them."""
-    from cnsq.results.export import read_columns
-    from cnsq.results.geojson import Report
+    from cnsq.results.columns import read_columns
+    from cnsq.results.reader import Report
 
     source = tmp_path / "multiline.csv"
     first = f'1-1-2,"[0.1,{brk} 0.9]"' if where == "output" else f'"1-1{brk}-2","[0.1, 0.9]"'
@@ -544,8 +545,8 @@ def test_an_empty_file_gives_an_empty_file(tmp_path, suffix, content):
 def test_blank_lines_are_counted_as_the_row_reader_counts_them(tmp_path, text):
     """pyarrow skips blank lines, so every row after one was reported a line early; the row
     reader counts them (and reports each as a row of no columns)."""
-    from cnsq.results.export import read_columns, read_rows
-    from cnsq.results.geojson import Report
+    from cnsq.results.columns import read_columns
+    from cnsq.results.reader import Report, read_rows
 
     source = tmp_path / "blank.csv"
     source.write_bytes(text.encode())
@@ -604,8 +605,8 @@ def test_the_columnar_reader_agrees_with_the_row_reader_on_random_rows(tmp_path,
     """Rows drawn at random from good and poison pieces (JSON's number grammar at its edges,
     wrong widths and ids, stray quotes and columns, blank lines): the same rows kept, the same
     reports at the same lines."""
-    from cnsq.results.export import iter_columns, read_columns, read_rows
-    from cnsq.results.geojson import Report
+    from cnsq.results.columns import iter_columns, read_columns
+    from cnsq.results.reader import Report, read_rows
 
     rng = random.Random(seed)
     source = tmp_path / "random.csv"
@@ -680,7 +681,7 @@ def test_duckdb_reads_the_geoparquet_and_can_skip_its_row_groups(tmp_path, monke
 @pytest.mark.parametrize("suffix", ["parquet", "geojson", "csv"])
 def test_a_long_export_says_how_far_it_has_read(tmp_path, suffix):
     from cnsq.results.export import export
-    from cnsq.results.geojson import PROGRESS_EVERY
+    from cnsq.results.reader import PROGRESS_EVERY
 
     source = tmp_path / "results.csv"
     count = PROGRESS_EVERY * 2 + 10

@@ -31,3 +31,9 @@ def test_urls_are_masked_in_one_place():
 
 def test_files_are_replaced_atomically_in_one_place():
     assert _offenders(r"\.partial|\.replace\((path|target|self\.path)\)", "cnsq/files.py") == []
+
+
+def test_the_tile_id_grammar_and_its_zoom_limit_have_one_home():
+    """The strict form bulk readers match, and the zoom limit, are download_and_predict.tiles'
+    (export once kept its own pattern and a literal 30 twice)."""
+    assert _offenders(r"\[0-9\]\{1,\d+\}-|<= ?30\b|Range\(0, ?30\)", "lambda/download_and_predict/tiles.py") == []

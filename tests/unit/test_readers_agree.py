@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cnsq.results.export import export
-from cnsq.results.geojson import convert, open_results
+from cnsq.results.geojson import convert
+from cnsq.results.reader import open_results
 
 GOOD = '1-2-3,"[0.1, 0.9]"\n4-5-6,"[0.8, 0.2]"\n'
 CORPUS = {
