@@ -228,3 +228,15 @@ def test_a_flag_in_a_library_error_is_found(tmp_path):
                    'raise CnsqError("pass --thresh_ind")')
     assert flags_in_library_errors(roots[0]) == [
         f"{tmp_path / 'cnsq' / 'results' / 'export.py'}:{line}: --thresh_ind"]
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """setup.cfg lists packages one by one: a new subpackage missing there installs from a
+    clone (editable) and is absent from the wheel (as cnsq.compat once was)."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    listed = set(parser["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "cnsq").rglob("__init__.py")}
+    assert found - listed == set()
