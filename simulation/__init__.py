@@ -36,15 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
 from cnsq.stack.logical_ids import BATCHING
-from download_and_predict.scaling import (
-    Capacity,
-    Limits,
-    Signals,
-    backlog_per_task,
-    decide,
-    follow_tasks,
-    plan_tasks,
-)
+from download_and_predict.scaling import Bounds, Memory, Observed, Signals, step
 
 
 @dataclass(frozen=True)
@@ -393,52 +385,42 @@ class _Sim:
         self.receiving = True
 
     def controller(self):
+        """The stack's controller's own step (download_and_predict.scaling.step) every minute,
+        with the deployed bounds (concurrency from the mapping's least, 2, to the reserved),
+        fed this simulation's readings; what it decides is applied here as ECS and Lambda would."""
         s, w = self.setup, self.world
-        capacity = Capacity(
-            min_tasks=s.min_instances * s.tasks_per_instance,
-            max_tasks=s.max_instances * s.tasks_per_instance,
-            tasks_per_instance=s.tasks_per_instance, idle_seconds=s.idle_minutes * 60,
-            backlog_per_task=1000)
-        horizon = 2 * (w.host_boot_s + w.task_start_s + w.healthy_s)
-        healthy_before = 0
-        idle_since: float | None = None
+        bounds = Bounds(low=2, high=min(1000, s.reserved),
+                        min_tasks=s.min_instances * s.tasks_per_instance,
+                        max_tasks=s.max_instances * s.tasks_per_instance,
+                        tasks_per_instance=s.tasks_per_instance, idle_seconds=s.idle_minutes * 60,
+                        horizon_seconds=2 * (w.host_boot_s + w.task_start_s + w.healthy_s))
+        memory = Memory()
         busy_before = {}
-        probe = None
         while True:
             yield self.env.timeout(60)
             signals, healthy_now, busy = self.signals(busy_before)
             busy_before = {id(t): t.busy for t in self.tasks()}
             rate = (self.written_in_interval / 60 / healthy_now) if healthy_now else None
             self.written_in_interval = 0
-            capacity = replace(capacity, backlog_per_task=backlog_per_task(rate, horizon, 1000))
+            signals = replace(signals, throughput=rate)
+            memory, actions = step(memory, Observed(
+                self.env.now, signals, healthy_now, self.desired_tasks, self.concurrency,
+                self.receiving), bounds)
+            self.decisions.extend((self.env.now, line) for line in actions.lines)
             work = signals.backlog + signals.in_flight
-            if work:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = self.env.now
-            tasks, why = plan_tasks(work, self.desired_tasks, None if work else
-                                    self.env.now - idle_since, capacity)
+            tasks = actions.tasks
             if tasks != self.desired_tasks:
-                self.decisions.append((self.env.now, f"model tasks {self.desired_tasks} → {tasks}: {why}"))
                 grow = tasks > self.desired_tasks
                 self.desired_tasks = tasks
                 if grow:  # hosts with the tasks, not a minute later from the capacity provider
                     hosts = min(s.max_instances, math.ceil(tasks / s.tasks_per_instance))
                     self.launch(max(0, hosts - len(self.live_hosts())))
                 self.place_tasks()
-                if not work and tasks == capacity.min_tasks:
+                if not work and tasks == bounds.min_tasks:
                     self.shrink_group(math.ceil(tasks / s.tasks_per_instance))
-            current = follow_tasks(self.concurrency, healthy_before, healthy_now, Limits())
-            healthy_before = healthy_now
-            signals = replace(signals, throughput=rate)
-            decision = decide(signals, current, Limits(high=min(1000, s.reserved)), probe)
-            probe = decision.probe
-            if decision.concurrency != self.concurrency or decision.receive != self.receiving:
-                self.decisions.append((self.env.now, decision.line(self.concurrency,
-                                                                    self.receiving)))
-            self.concurrency = decision.concurrency
-            self.receiving = decision.receive or not s.pause_without_model
-            self.scenario = decision.scenario
+            self.concurrency = actions.concurrency
+            self.receiving = actions.receive or not s.pause_without_model
+            self.scenario = actions.scenario
 
     def signals(self, busy_before: dict) -> tuple[Signals, int, float | None]:
         calls, self.calls = self.calls, []

@@ -25,7 +25,7 @@ from cnsq.tiles import Line, read_lines
 from download_and_predict.errors import StepFailed
 from download_and_predict.handler import build
 from download_and_predict.masking import mask
-from download_and_predict.scaling import Limits, Probe, Signals, decide
+from download_and_predict.scaling import Bounds, Memory, Observed, Signals, step
 from download_and_predict.schema import sqlite_path
 from download_and_predict.tiles import Tile, is_image, tile_id
 
@@ -73,8 +73,8 @@ MODEL_FAILURES = {"model_error", "model_timeout", "model_connection", "deadline"
 
 
 class AutoConcurrency:
-    """``--concurrency auto``: every ``interval`` seconds the controller
-    (download_and_predict.scaling.decide) reads this run's own measurements — calls finished
+    """``--concurrency auto``: every ``interval`` seconds the stack's controller's step
+    (download_and_predict.scaling.step) reads this run's own measurements — calls finished
     and their durations, model failures, the tiles left, and how busy the model server was
     (``busy()``: its batch threads' busy seconds, and how many) — and sets how many handler
     calls run at once."""
@@ -87,13 +87,14 @@ class AutoConcurrency:
 
         self.needs_stats = needs_stats
         self.busy, self.total, self.limit = busy, total_tiles, start
-        self.limits = Limits(low=1, high=high)
+        # One model server: one task, whatever the work; calls from one up.
+        self.bounds = Bounds(low=1, high=high)
         self.interval, self.timeout = interval, timeout
         self.durations: list[float] = []
         self.failures = 0
         self.tiles_done = 0
-        # The controller's probe of a busy model, kept between decisions.
-        self.probe: Probe | None = None
+        self.memory = Memory()  # what the controller's step keeps between intervals
+        self.receiving = True
         self.last = time.monotonic()
         self.last_busy = busy()
         self.decisions: list[str] = []
@@ -123,10 +124,14 @@ class AutoConcurrency:
                           model_errors=self.failures, p95_seconds=p95,
                           timeout_seconds=self.timeout, busy_percent=busy_percent,
                           throughput=self.tiles_done / (now - self.last))
-        decision = decide(signals, self.limit, self.limits, self.probe)
-        if decision.concurrency != self.limit:
-            self.decisions.append(decision.line(self.limit))
-        self.limit, self.probe = decision.concurrency, decision.probe
+        # The stack's controller's own step (download_and_predict.scaling.step), fed this run's
+        # readings: the same decisions as on AWS, with one model task.
+        self.memory, actions = step(self.memory, Observed(
+            now, signals, healthy_tasks=int(signals.healthy), desired_tasks=1,
+            applied=self.limit, receiving=self.receiving), self.bounds)
+        if actions.concurrency != self.limit:
+            self.decisions.extend(actions.lines)
+        self.limit, self.receiving = actions.concurrency, actions.receive
         self.last, self.last_busy = now, busy_now
         self.durations, self.failures, self.tiles_done = [], 0, 0
 

@@ -29,16 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .scaling import (
-    Capacity,
-    Limits,
-    Probe,
-    Signals,
-    backlog_per_task,
-    decide,
-    follow_tasks,
-    plan_tasks,
-)
+from .scaling import Bounds, Memory, Observed, Probe, Signals, step
 
 WINDOW = 180  # seconds of metrics read each minute (CloudWatch reports a minute late)
 KEPT_DECISIONS = 30
@@ -285,40 +276,27 @@ class Controller:
             return [line]
         visible, in_flight = counts
         healthy = self.healthy_targets()
-        signals, rate = self.signals(now, visible, in_flight, healthy)
-        work = visible + in_flight
-
-        if work:
-            state.idle_since = None
-        elif state.idle_since is None:
-            state.idle_since = now
-        capacity = Capacity(
-            min_tasks=w.min_tasks, max_tasks=w.max_tasks, tasks_per_instance=w.tasks_per_instance,
-            idle_seconds=w.idle_seconds,
-            backlog_per_task=backlog_per_task(rate, w.horizon_seconds, 1000))
+        signals, _ = self.signals(now, visible, in_flight, healthy)
         desired = self.desired_tasks()
-        idle_for = None if work else max(0.0, now - state.idle_since) if state.idle_since else 0.0
-        tasks, why = plan_tasks(work, desired, idle_for, capacity, signals.succeeding)
-        if tasks != desired:
-            lines.append(f"model tasks {desired} → {tasks}: {why}")
-
         mapping = self.mapping()
         applied = int(mapping.get("ScalingConfig", {}).get("MaximumConcurrency") or 2)
         receiving = mapping.get("State") in ("Enabled", "Enabling", "Updating")
-        current = state.concurrency or applied
-        if state.concurrency and applied != state.concurrency:
-            lines.append(f"re-applied concurrency {state.concurrency} (a deploy set {applied})")
-        current = follow_tasks(current, state.healthy_before, healthy, Limits())
-        probe = Probe(**state.probe) if state.probe else None
-        decision = decide(signals, current, Limits(low=2, high=w.max_concurrency), probe)
-        concurrency = max(2, min(w.max_concurrency, decision.concurrency))
-        update_mapping = concurrency != applied or decision.receive != receiving
-        if decision.concurrency != current or decision.receive != receiving:
-            lines.append(decision.line(current, receiving))
+        memory = Memory(concurrency=state.concurrency, healthy_before=state.healthy_before,
+                        idle_since=state.idle_since,
+                        probe=Probe(**state.probe) if state.probe else None)
+        # The mapping's least maximum concurrency is 2 (Lambda's ScalingConfig).
+        bounds = Bounds(low=2, high=w.max_concurrency, min_tasks=w.min_tasks,
+                        max_tasks=w.max_tasks, tasks_per_instance=w.tasks_per_instance,
+                        idle_seconds=w.idle_seconds, horizon_seconds=w.horizon_seconds)
+        memory, actions = step(memory, Observed(now, signals, healthy, desired, applied, receiving),
+                               bounds)
+        tasks, concurrency, lines = actions.tasks, actions.concurrency, list(actions.lines)
+        update_mapping = concurrency != applied or actions.receive != receiving
         before = state.concurrency
-        state.concurrency = concurrency
-        state.healthy_before = healthy
-        state.probe = asdict(decision.probe) if decision.probe else None
+        state.concurrency = memory.concurrency
+        state.healthy_before = memory.healthy_before
+        state.idle_since = memory.idle_since
+        state.probe = asdict(memory.probe) if memory.probe else None
         state.decisions = (state.decisions + [[stamp, line] for line in lines])[-KEPT_DECISIONS:]
         self.save(state)
 
@@ -330,7 +308,7 @@ class Controller:
         if update_mapping:
             try:
                 self.clients["lambda"].update_event_source_mapping(
-                    UUID=w.mapping_id, Enabled=decision.receive,
+                    UUID=w.mapping_id, Enabled=actions.receive,
                     ScalingConfig={"MaximumConcurrency": concurrency})
             except Exception as exc:
                 if _error_code(exc) != "ResourceInUseException":

@@ -248,3 +248,87 @@ def _probe(s: Signals, current: int, limits: Limits, probe: Probe | None, why: s
         return Decision(current, True, 4, why, probe)
     return Decision(target, True, 4, f"probing: {why}, {s.throughput:.0f} tiles/s per task",
                     Probe(current, s.throughput, 0))
+
+
+# -- one step of the controller --------------------------------------------------------------
+# The stack's controller (control.py, every minute), the simulation (simulation/) and `cnsq run
+# --concurrency auto` each read their own world and apply the result their own way; what they
+# decide is this one function, so that what is judged in the simulation is what runs on AWS.
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a controller may set. ``low``/``high``: the concurrency's range (on AWS 2, the
+    event source mapping's least, to the reserved concurrency); the model tasks' range and
+    grouping, how long an idle stack keeps them, and ``horizon_seconds``, how long a new host
+    takes to help (see :func:`backlog_per_task`). One machine has one model server: one task."""
+
+    low: int = 1
+    high: int = 1000
+    min_tasks: int = 1
+    max_tasks: int = 1
+    tasks_per_instance: int = 1
+    idle_seconds: float = 0.0
+    horizon_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What one step leaves the next (the stack keeps it in a parameter, the others in memory)."""
+
+    concurrency: int | None = None  # what this controller set last (None: never)
+    healthy_before: int = 0  # model tasks answering at the last step
+    idle_since: float | None = None  # when the queue emptied, with nothing in flight
+    probe: Probe | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One interval's readings. ``signals.throughput``: tiles written per second per task."""
+
+    now: float  # seconds (any epoch; only differences count)
+    signals: Signals
+    healthy_tasks: int  # model tasks answering now
+    desired_tasks: int  # model tasks asked for now
+    applied: int  # the concurrency in force
+    receiving: bool  # whether work is being received
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What to apply: the model tasks to ask for (``tasks``; the same as asked: no change), the
+    concurrency and whether to receive work, and each change as a line for the log."""
+
+    tasks: int
+    concurrency: int
+    receive: bool
+    scenario: int
+    lines: tuple[str, ...]
+
+
+def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Actions]:
+    """One interval of the controller: the model tasks (:func:`plan_tasks`), the concurrency
+    scaled with the tasks that answer (:func:`follow_tasks`), then :func:`decide` over it.
+    Pure: the same readings give the same actions, wherever they were read."""
+    s = seen.signals
+    work = s.backlog + s.in_flight
+    idle_since = None if work else (memory.idle_since if memory.idle_since is not None else seen.now)
+    capacity = Capacity(
+        min_tasks=bounds.min_tasks, max_tasks=bounds.max_tasks,
+        tasks_per_instance=bounds.tasks_per_instance, idle_seconds=bounds.idle_seconds,
+        backlog_per_task=backlog_per_task(s.throughput, bounds.horizon_seconds, 1000))
+    idle_for = None if idle_since is None else max(0.0, seen.now - idle_since)
+    tasks, why = plan_tasks(work, seen.desired_tasks, idle_for, capacity, s.succeeding)
+    lines = []
+    if tasks != seen.desired_tasks:
+        lines.append(f"model tasks {seen.desired_tasks} → {tasks}: {why}")
+    current = memory.concurrency or seen.applied
+    if memory.concurrency and seen.applied != memory.concurrency:
+        lines.append(f"re-applied concurrency {memory.concurrency} (a deploy set {seen.applied})")
+    current = follow_tasks(current, memory.healthy_before, seen.healthy_tasks, Limits())
+    decision = decide(s, current, Limits(low=bounds.low, high=bounds.high), memory.probe)
+    concurrency = max(bounds.low, min(bounds.high, decision.concurrency))
+    if decision.concurrency != current or decision.receive != seen.receiving:
+        lines.append(decision.line(current, seen.receiving))
+    return (Memory(concurrency, seen.healthy_tasks, idle_since, decision.probe),
+            Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines)))

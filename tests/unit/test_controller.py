@@ -193,3 +193,35 @@ def test_a_probe_that_gained_nothing_goes_back_and_holds():
     assert "gained 1.2 %" in back.line(25)
     held = decide(signals(busy_percent=95.0, p95_seconds=2.0, throughput=80.0), 20, probe=back.probe)
     assert held.concurrency == 20 and held.probe.hold == 9
+
+
+def test_one_step_keeps_the_idle_clock_and_goes_down_after_the_idle_time():
+    from download_and_predict.scaling import Bounds, Memory, Observed, step
+
+    bounds = Bounds(low=2, high=100, min_tasks=0, max_tasks=8, tasks_per_instance=2,
+                    idle_seconds=900, horizon_seconds=600)
+    idle = signals(backlog=0, in_flight=0, calls=0)
+    memory, actions = step(Memory(concurrency=20, healthy_before=4),
+                           Observed(1000.0, idle, 4, 4, 20, True), bounds)
+    assert (memory.idle_since, actions.tasks, actions.concurrency) == (1000.0, 4, 20)
+    memory, actions = step(memory, Observed(1000.0 + 899, idle, 4, 4, 20, True), bounds)
+    assert actions.tasks == 4 and memory.idle_since == 1000.0  # not yet
+    memory, actions = step(memory, Observed(1000.0 + 900, idle, 4, 4, 20, True), bounds)
+    assert actions.tasks == 0 and actions.lines[0].startswith("model tasks 4 → 0: idle 15 min")
+    # Work again: the clock stops, tasks come back by the backlog.
+    memory, actions = step(memory, Observed(2000.0, signals(backlog=5000, throughput=1.0), 0, 0,
+                                            20, True), bounds)
+    assert memory.idle_since is None and actions.tasks == 8
+
+
+def test_one_step_reapplies_its_concurrency_over_a_deploys_and_clamps_to_the_bounds():
+    from download_and_predict.scaling import Bounds, Memory, Observed, step
+
+    bounds = Bounds(low=2, high=30, max_tasks=4)
+    memory, actions = step(Memory(concurrency=24, healthy_before=1),
+                           Observed(0.0, signals(busy_percent=30.0), 1, 1, 5, True), bounds)
+    assert "re-applied concurrency 24 (a deploy set 5)" in actions.lines
+    assert actions.concurrency == 30 == memory.concurrency  # raised, within the reserved 30
+    _, low = step(Memory(concurrency=2), Observed(0.0, signals(
+        p95_seconds=110.0, model_errors=10, busy_percent=100.0), 1, 1, 2, True), bounds)
+    assert low.concurrency == 2  # halved, but never under the mapping's least

@@ -37,3 +37,21 @@ def test_the_tile_id_grammar_and_its_zoom_limit_have_one_home():
     """The strict form bulk readers match, and the zoom limit, are download_and_predict.tiles'
     (export once kept its own pattern and a literal 30 twice)."""
     assert _offenders(r"\[0-9\]\{1,\d+\}-|<= ?30\b|Range\(0, ?30\)", "lambda/download_and_predict/tiles.py") == []
+
+
+def test_the_controller_decides_in_one_step():
+    """The stack's controller, the simulation and `cnsq run --concurrency auto` apply what
+    download_and_predict.scaling.step decides; none calls the rules under it on its own."""
+    sources = sorted([*SOURCES, *(REPO / "simulation").rglob("*.py")])
+    found = []
+    for path in sources:
+        relative = path.relative_to(REPO).as_posix()
+        if relative == "lambda/download_and_predict/scaling.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if re.search(r"(?<![.\w])(decide|plan_tasks|follow_tasks)\(", line) and " def " not in f" {line}":
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert found == []
+    for user in ("lambda/download_and_predict/control.py", "simulation/__init__.py",
+                 "cnsq/local/pipeline.py"):
+        assert re.search(r"\bstep\(", (REPO / user).read_text()), user
