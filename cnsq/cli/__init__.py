@@ -25,8 +25,8 @@ def run() -> None:
     without the interpreter's last garbage collection.
 
     Why: at exit Python collects every object it still tracks (pyarrow's, numpy's, click's:
-    tens of thousands), 25-30 ms of every command, measured on ``cnsq export``, whose target is
-    three times a 0.2 s read. Frozen, they are left to the system, which frees the process's
+    tens of thousands), a share of a short command's time that counts (docs/performance.md,
+    "Design choices, measured"). Frozen, they are left to the system, which frees the process's
     memory anyway; every file a command writes is closed (and renamed into place) before it
     returns. (Only here: a program that imports :func:`main` keeps its own exit.)
     """

@@ -206,6 +206,7 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
       cnsq deploy --update-ami   # the GPU hosts move to the newest ECS GPU AMI
     """
     from cnsq.config import placeholders
+    from cnsq.deploy import apply as applying
     from cnsq.deploy import plan as flow
     from cnsq.deploy.package import SubprocessPip
 
@@ -246,10 +247,10 @@ def deploy(settings: Settings, no_execute: bool, yes: bool, fail_on_empty: bool,
         ui.echo(f"Change set {change_set.arn} created and not executed (--no-execute).")
         _finish(result, as_json)
         return
-    flow.apply(plan, stacks, ui, yes, sys.stdin.isatty())
+    applying.apply(plan, stacks, ui, yes, sys.stdin.isatty())
     result["outputs"] = stacks.outputs(change_set.stack_id or plan.stack_name)
-    result["migrated"] = flow.migrate(aws, result["outputs"], ui, settings.command("setup"))
-    flow.next_steps(plan.stack_name, result["outputs"], settings.command("setup"), ui,
+    result["migrated"] = applying.migrate(aws, result["outputs"], ui, settings.command("setup"))
+    applying.next_steps(plan.stack_name, result["outputs"], settings.command("setup"), ui,
                     migrated=result["migrated"])
     _finish(result, as_json)
 
@@ -282,7 +283,7 @@ def delete(settings: Settings, yes: bool) -> None:
     Example:
       cnsq delete --config config/config.yml
     """
-    from cnsq.deploy.plan import destroy
+    from cnsq.deploy.apply import destroy
 
     config = settings.load()
     destroy(config.stack_name, _stacks(settings.aws()), ClickUI(), yes, sys.stdin.isatty())

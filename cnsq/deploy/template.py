@@ -22,7 +22,7 @@ import yaml
 from cnsq.config import Config, Secret
 from cnsq.deploy import adopt
 from cnsq.errors import TemplateError
-from cnsq.stack import logical_ids
+from cnsq.stack import logical_ids, model_batching
 
 TEMPLATE_NAME = "cloudformation.template.yml"
 
@@ -158,7 +158,7 @@ def render(config: Config, template_dir: Path, code: dict[str, CodeLocation],
     """
     context = dict(config.values)
     context["existing"] = existing or adopt.NOTHING
-    context["batchingParameters"] = logical_ids.batching_parameters()
+    context["batchingParameters"] = model_batching.batching_parameters()
     context["lambdas"] = {}
     for name, spec in config.values["lambdas"].items():
         location = code.get(name)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cnsq.aws import Client, collect
 from cnsq.errors import CnsqError, option
-from cnsq.stack.logical_ids import batching_parameters
+from cnsq.stack.model_batching import batching_parameters
 
 
 class ModelError(CnsqError):

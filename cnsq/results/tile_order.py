@@ -6,9 +6,8 @@ row at once would hold them all, so this is an external merge sort: rows arrive 
 time into a buffer of :data:`RUN_BYTES`; each time it fills, its rows are sorted and spilled to
 one anonymous temporary file (in the output's folder, where the user expects disk use; the
 system removes it even when the process is killed), and the runs are merged a chunk of each at
-a time. Kept rows that fit in one run (800,000 with two scores) never touch the disk: spilling
-and merging runs of 262,144 rows, sorted by three keys, cost an export of 500,000 kept rows
-about 7 % of its time (0.685 s against 0.766 s with the builder thread's 3 %, same run).
+a time. Kept rows that fit in one run (800,000 with two scores) never touch the disk; what
+spilling and merging cost an export is in docs/performance.md ("Design choices, measured").
 """
 
 from __future__ import annotations
@@ -205,8 +204,8 @@ class ZOrder:
 
 def _order(keys: Any) -> Any:
     """Positions of ``keys`` in ascending order, equal keys (a tile listed twice) in their
-    positions' order. Numpy's default sort (vectorised) is five times as fast as its stable one
-    on keys in no order; the stable one runs only when a key repeats."""
+    positions' order. Numpy's default sort (vectorised) is much faster than its stable one on
+    keys in no order (docs/performance.md); the stable one runs only when a key repeats."""
     import numpy as np
 
     order = np.argsort(keys)

@@ -1,5 +1,6 @@
-"""The stack's layout, as templates/cloudformation.template.yml writes it: logical ids, output
-keys and which Lambda is the worker. The one place cnsq's commands learn them from."""
+"""The stack's logical ids, output keys and parameter names, as
+templates/cloudformation.template.yml writes them, and which Lambda is the worker: the one place
+cnsq's commands learn them from."""
 
 from __future__ import annotations
 
@@ -15,18 +16,6 @@ DEAD_LETTER_URL = "deadLetterQueueURL"
 MODEL_ENDPOINT = "modelEndpoint"
 ECS_CLUSTER = "ecsCluster"
 DOCKER_LOG_GROUP = "dockerLogGroup"
-
-
-# TF Serving's request batching as the stack runs it: one home for the model task (the template
-# writes this file in the container), the image `cnsq model` builds, and the simulation
-# (``gpu_max_batch``).
-BATCHING = {"max_batch_size": 64, "batch_timeout_micros": 5000, "max_enqueued_batches": 1000,
-            "num_batch_threads": 4}
-
-
-def batching_parameters(settings: dict[str, int] = BATCHING) -> str:
-    """TF Serving's ``--batching_parameters_file`` text for ``settings``."""
-    return "".join(f"{key} {{ value: {value} }}\n" for key, value in settings.items())
 
 
 def tile_queue(stack_no_dash: str) -> str:

@@ -20,7 +20,7 @@ from botocore.stub import Stubber
 from click.testing import CliRunner
 
 from cnsq.cli import main
-from cnsq.deploy.plan import migrate
+from cnsq.deploy.apply import migrate
 from cnsq.errors import CnsqError
 from cnsq.stack.admin import AdminFunction, AdminUnavailable
 from download_and_predict import admin

@@ -12,8 +12,9 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from cnsq.deploy.apply import apply, next_steps
 from cnsq.deploy.cloudformation import ChangeSet, Stacks
-from cnsq.deploy.plan import Plan, apply, next_steps, plan, show_changes
+from cnsq.deploy.plan import Plan, plan, show_changes
 from cnsq.errors import DeployError
 
 STACK_ID = "arn:aws:cloudformation:us-east-1:123456789012:stack/cnsq-dev/abc"

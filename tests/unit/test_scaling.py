@@ -10,6 +10,7 @@ import pytest
 from cnsq.config import load_config, scaling_summary
 from cnsq.deploy.template import CodeLocation, compile_template, lint, load_cfn_yaml
 from cnsq.errors import ConfigError
+from cnsq.stack import model_batching
 
 REPO = Path(__file__).resolve().parents[2]
 CODE = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
@@ -111,17 +112,16 @@ def test_the_model_task_runs_with_the_stacks_batching(tmp_path):
     """`Command: [--enable_batching=true]` replaced the image's command and its batching file:
     TF Serving's defaults applied, not what the stack and its simulation assume. The task now
     writes the one home's parameters and passes them, whatever the image's own command."""
-    from cnsq.stack import logical_ids
     from simulation import World
 
     _, template = compiled(tmp_path)
     container = template["Resources"]["cnsqdevTaskDefinition"]["Properties"][
         "ContainerDefinitions"][0]
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
-    assert env["CNSQ_BATCHING_PARAMETERS"] == logical_ids.batching_parameters()
+    assert env["CNSQ_BATCHING_PARAMETERS"] == model_batching.batching_parameters()
     assert "max_batch_size { value: 64 }" in env["CNSQ_BATCHING_PARAMETERS"]
     command = container["EntryPoint"] + container["Command"]
     assert command[:2] == ["/bin/sh", "-c"]
     assert "--batching_parameters_file=/tmp/batching_parameters.txt" in command[2]
     assert "--enable_batching=true" in command[2]
-    assert World().gpu_max_batch == logical_ids.BATCHING["max_batch_size"]
+    assert World().gpu_max_batch == model_batching.BATCHING["max_batch_size"]
