@@ -34,14 +34,19 @@ def moto_url():
     wait_for(lambda: requests.get(f"{url}/moto-api/", timeout=1).ok, what="moto server")
     yield url
     process.terminate()
-    process.wait(10)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:  # busy with a worker's last requests: stop it
+        process.kill()
+        process.wait(10)
     log.close()
 
 
 @pytest.fixture
 def aws(moto_url, monkeypatch):
     """A clean moto account, with the process environment pointing boto3 at it."""
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
+    # Resetting waits for what moto still does for the test before (a load test's last calls).
+    requests.post(f"{moto_url}/moto-api/reset", timeout=60).raise_for_status()
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)

@@ -175,6 +175,7 @@ def test_work_takes_the_stacks_queue_model_and_tiles_from_the_config(project, tm
 
 
 @pytest.mark.slow  # 30 s: 600 tiles through moto's SQS with a slow tile server
+@pytest.mark.alone  # its concurrency decisions read its own timings: nothing beside it
 def test_work_decides_its_concurrency_by_default(aws, postgres_url, tmp_path, monkeypatch):
     """cnsq work without --concurrency: the controller's rules over its own measurements raise
     the pollers from 4 while the model is idle and calls are short; every tile is written."""

@@ -60,7 +60,8 @@ def drain_moto(queue_url: str) -> list[str]:
 @pytest.mark.parametrize("concurrency, count", [
     ("1", 200), ("64", 200),
     # Full size: ~2 minutes, as moto's SQS slows with the queue's depth.
-    pytest.param("64", 2000, marks=pytest.mark.slow, id="64-2000")])
+    # A load test of moto itself: alone, with no worker beside it to slow moto down.
+    pytest.param("64", 2000, marks=[pytest.mark.slow, pytest.mark.alone], id="64-2000")])
 def test_moto_every_tile_arrives_exactly_once(aws, tmp_path, monkeypatch, concurrency, count):
     monkeypatch.chdir(tmp_path)
     queue_url = boto3.client("sqs", region_name="us-east-1").create_queue(QueueName="tiles")["QueueUrl"]
