@@ -29,14 +29,18 @@ at-least-once duplicates, and Lambda environments expiring while idle.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
-from cnsq.stack.logical_ids import BATCHING
-from download_and_predict.scaling import Bounds, Memory, Observed, Signals, step
+from cnsq.stack.model_batching import BATCHING
+from download_and_predict.control import GPU_METRIC, RECORD_METRICS, Controller, Where
+from simulation.aws import CloudWatch, Ecs, Elb, Mapping, Metrics, Sqs, Ssm
+
+NAMESPACE = "CNSQ"  # the agent's and the handler's metrics (the template's GpuNamespace)
 
 
 @dataclass(frozen=True)
@@ -215,8 +219,9 @@ class _Sim:
         self.running = 0
         self.warm = 0
         self.rr = 0
-        self.calls: list[tuple[float, bool]] = []  # duration, failed by the model
-        self.written_in_interval = 0
+        # What CloudWatch and SQS will report to the controller (simulation.aws).
+        self.metrics = Metrics()
+        self.sqs_client = Sqs(lambda: (self.backlog, self.invisible_tiles), lambda: self.env.now)
         self.samples: list[Sample] = []
         self.decisions: list[tuple[float, str]] = []
         self.drained_at: float | None = None
@@ -284,7 +289,14 @@ class _Sim:
         if ok:
             yield self.env.timeout(w.db_write_s)
         duration = self.env.now - start
-        self.calls.append((duration, not ok))
+        # The handler's metrics: the call (AWS/Lambda), and its records as embedded-metric lines.
+        # A record the model failed is a batch item failure: the call itself succeeds.
+        fn = self.metrics.put
+        fn("AWS/Lambda", "Invocations", self.env.now, 1)
+        fn("AWS/Lambda", "Duration", self.env.now, duration * 1000)
+        fn(NAMESPACE, RECORD_METRICS[0] if ok else RECORD_METRICS[1], self.env.now, n)
+        if ok:
+            fn("AWS/SQS", "NumberOfMessagesDeleted", self.env.now, n)
         self.usage.lambda_requests += 1
         self.usage.lambda_gb_seconds += duration * s.lambda_memory_mb / 1024
         self.usage.nat_gb += n * w.tile_kb / 1e6
@@ -293,7 +305,6 @@ class _Sim:
         if ok:
             self.invisible_tiles -= n
             self.written += n
-            self.written_in_interval += n
             self.sqs_requests += 1  # DeleteMessageBatch
             if self.written >= self.tiles - self.dead and self.drained_at is None:
                 self.drained_at = self.env.now
@@ -384,60 +395,42 @@ class _Sim:
         self.push()  # the deploy has ended: the user pushes the tiles
         self.receiving = True
 
+    def set_desired_tasks(self, tasks: int) -> None:
+        """ECS's UpdateService: the scheduler places what fits now; the capacity provider
+        launches hosts for the rest and ends empty ones (:meth:`capacity_provider`)."""
+        self.desired_tasks = tasks
+        self.place_tasks()
+
+    def apply_mapping(self, concurrency: int, enabled: bool) -> None:
+        self.concurrency = concurrency
+        self.receiving = enabled or not self.setup.pause_without_model
+
     def controller(self):
-        """The stack's controller's own step (download_and_predict.scaling.step) every minute,
-        with the deployed bounds (concurrency from the mapping's least, 2, to the reserved),
-        fed this simulation's readings; what it decides is applied here as ECS and Lambda would."""
+        """The stack's controller itself (download_and_predict.control.Controller), every
+        minute, against simulated AWS clients with AWS's semantics (simulation.aws)."""
         s, w = self.setup, self.world
-        bounds = Bounds(low=2, high=min(1000, s.reserved),
-                        min_tasks=s.min_instances * s.tasks_per_instance,
-                        max_tasks=s.max_instances * s.tasks_per_instance,
-                        tasks_per_instance=s.tasks_per_instance, idle_seconds=s.idle_minutes * 60,
-                        horizon_seconds=2 * (w.host_boot_s + w.task_start_s + w.healthy_s))
-        memory = Memory()
-        busy_before = {}
+        clock = lambda: self.env.now  # noqa: E731
+        where = Where(
+            queue_url="https://sqs.simulated/000000000000/tiles", function_name="worker",
+            mapping_id="mapping", cluster="cluster", service="model", group="gpu-hosts",
+            target_group="targets", gpu_namespace=NAMESPACE, state_parameter="/cnsq/sim/controller",
+            balancer="", timeout=s.lambda_timeout, min_tasks=s.min_instances * s.tasks_per_instance,
+            max_tasks=s.max_instances * s.tasks_per_instance, tasks_per_instance=s.tasks_per_instance,
+            idle_seconds=s.idle_minutes * 60, max_concurrency=min(1000, s.reserved),
+            horizon_seconds=2 * (w.host_boot_s + w.task_start_s + w.healthy_s))
+        self.mapping = Mapping(max(2, self.concurrency), self.receiving, self.apply_mapping)
+        clients = {"ssm": Ssm(), "sqs": self.sqs_client, "lambda": self.mapping,
+                   "elbv2": Elb(lambda: sum(1 for t in self.tasks() if t.healthy)),
+                   "ecs": Ecs(lambda: self.desired_tasks, self.set_desired_tasks),
+                   "cloudwatch": CloudWatch(self.metrics, clock)}
+        controller = Controller(where, clients, clock=clock,
+                                log=lambda line: self.decisions.append(
+                                    (self.env.now, json.loads(line)["cnsq_decision"])))
         while True:
             yield self.env.timeout(60)
-            signals, healthy_now, busy = self.signals(busy_before)
-            busy_before = {id(t): t.busy for t in self.tasks()}
-            rate = (self.written_in_interval / 60 / healthy_now) if healthy_now else None
-            self.written_in_interval = 0
-            signals = replace(signals, throughput=rate)
-            memory, actions = step(memory, Observed(
-                self.env.now, signals, healthy_now, self.desired_tasks, self.concurrency,
-                self.receiving), bounds)
-            self.decisions.extend((self.env.now, line) for line in actions.lines)
-            work = signals.backlog + signals.in_flight
-            tasks = actions.tasks
-            if tasks != self.desired_tasks:
-                grow = tasks > self.desired_tasks
-                self.desired_tasks = tasks
-                if grow:  # hosts with the tasks, not a minute later from the capacity provider
-                    hosts = min(s.max_instances, math.ceil(tasks / s.tasks_per_instance))
-                    self.launch(max(0, hosts - len(self.live_hosts())))
-                self.place_tasks()
-                if not work and tasks == bounds.min_tasks:
-                    self.shrink_group(math.ceil(tasks / s.tasks_per_instance))
-            self.concurrency = actions.concurrency
-            self.receiving = actions.receive or not s.pause_without_model
-            self.scenario = actions.scenario
-
-    def signals(self, busy_before: dict) -> tuple[Signals, int, float | None]:
-        calls, self.calls = self.calls, []
-        durations = sorted(d for d, _ in calls)
-        p95 = durations[min(len(durations) - 1, int(0.95 * len(durations)))] if durations else None
-        healthy = [t for t in self.tasks() if t.healthy]
-        if healthy:
-            spent = sum(t.busy - busy_before.get(id(t), 0.0) for t in healthy)
-            window = sum(min(60.0, self.env.now - t.healthy_since) for t in healthy)
-            busy = 100.0 * min(1.0, spent / window) if window else None
-        else:
-            busy = None
-        return Signals(
-            healthy=bool(healthy), backlog=self.backlog, in_flight=self.invisible_tiles,
-            calls=len(calls), model_errors=sum(1 for _, failed in calls if failed),
-            p95_seconds=p95, timeout_seconds=self.setup.lambda_timeout, busy_percent=busy,
-        ), len(healthy), busy
+            controller.step()
+            if controller.actions is not None:
+                self.scenario = controller.actions.scenario
 
     def observer(self):
         """Every 10 s: GPU use while there is work; every minute a sample for the plot."""
@@ -445,6 +438,7 @@ class _Sim:
         minute: dict[int, float] = {}
         while True:
             yield self.env.timeout(10)
+            self.sqs_client.sample()
             healthy = [t for t in self.tasks() if t.healthy]
             work = self.pushed and (self.backlog or self.invisible_tiles)
             for t in healthy:
@@ -459,6 +453,8 @@ class _Sim:
                     gpu = 100.0 * sum(min(1.0, (t.busy - minute.get(id(t), t.busy)) / 60.0)
                                       for t in healthy) / len(healthy)
                 minute = {id(t): t.busy for t in healthy}
+                if gpu is not None:  # the agent's datapoint for the minute that just ended
+                    self.metrics.put(NAMESPACE, GPU_METRIC, self.env.now - 1, gpu)
                 waiting = self.backlog + self.invisible_tiles if self.pushed else self.tiles
                 self.samples.append(Sample(
                     self.env.now, waiting, len(self.live_hosts()),

@@ -25,11 +25,12 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .scaling import Bounds, Memory, Observed, Probe, Signals, step
+from .scaling import Actions, Bounds, Memory, Observed, Probe, Signals, step
 
 WINDOW = 180  # seconds of metrics read each minute (CloudWatch reports a minute late)
 KEPT_DECISIONS = 30
@@ -151,8 +152,12 @@ def _error_code(exc: BaseException) -> str:
 class Controller:
     """One minute's decisions. ``clients``: boto3 clients by service name."""
 
-    def __init__(self, where: Where, clients: dict[str, Any], clock=time.time):
-        self.where, self.clients, self.clock = where, clients, clock
+    def __init__(self, where: Where, clients: dict[str, Any], clock=time.time,
+                 log: Callable[[str], None] = print):
+        """``log``: where each decision's JSON line goes (CloudWatch Logs through stdout on
+        Lambda; the simulation keeps them)."""
+        self.where, self.clients, self.clock, self.log = where, clients, clock, log
+        self.actions: Actions | None = None  # the last step's, for whoever runs the loop
 
     # -- reading -----------------------------------------------------------------------------
     def load(self) -> State:
@@ -272,7 +277,7 @@ class Controller:
         counts = self.queue()
         if counts is None:
             line = "the queue's counts are missing: nothing changed this minute"
-            print(json.dumps({"cnsq_decision": line, "at": stamp}))
+            self.log(json.dumps({"cnsq_decision": line, "at": stamp}))
             return [line]
         visible, in_flight = counts
         healthy = self.healthy_targets()
@@ -290,6 +295,7 @@ class Controller:
                         idle_seconds=w.idle_seconds, horizon_seconds=w.horizon_seconds)
         memory, actions = step(memory, Observed(now, signals, healthy, desired, applied, receiving),
                                bounds)
+        self.actions = actions
         tasks, concurrency, lines = actions.tasks, actions.concurrency, list(actions.lines)
         update_mapping = concurrency != applied or actions.receive != receiving
         before = state.concurrency
@@ -320,7 +326,7 @@ class Controller:
                 state.decisions = (state.decisions + [[stamp, skipped]])[-KEPT_DECISIONS:]
                 self.save(state)
         for line in lines:
-            print(json.dumps({"cnsq_decision": line, "at": stamp}))
+            self.log(json.dumps({"cnsq_decision": line, "at": stamp}))
         return lines
 
 

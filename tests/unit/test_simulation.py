@@ -25,23 +25,28 @@ def test_a_million_tiles_from_zero_hosts_against_the_best_fixed_setups():
     assert ratios["time"] <= 1.10, (ratios, tuned.fastest[0])
     assert ratios["cost"] <= 1.10, (ratios, tuned.cheapest[0])
     assert auto.hosts_at_minimum_after is not None
-    assert auto.hosts_at_minimum_after <= (15 + 5) * 60
+    # idleMinutes (15), then the capacity provider's scale-in of an empty host (15 one-minute
+    # datapoints): the controller lowers the service, never the group.
+    assert auto.hosts_at_minimum_after <= (15 + 15 + 5) * 60
     assert all(o.written == 1_000_000 for o in tuned.fixed.values())
 
 
-def test_from_scenario_1_to_scenario_4_within_ten_minutes():
-    """Concurrency 40 on one GPU host whose model takes 0.2 s a tile: calls time out (scenario 1)."""
+def test_from_scenario_1_to_scenario_4_within_twelve_minutes():
+    """Concurrency 40 on one GPU host whose model takes 0.2 s a tile: calls time out (scenario 1).
+    The deployed controller reads CloudWatch's minutes, which trail by up to two (the newest is
+    not yet reported): ten minutes of cutting, as with exact minutes, plus that delay."""
     heavy = World(gpu_fixed_s=0.05, gpu_per_tile_s=0.2)
     setup = Setup(max_instances=1, warm_instances=1, concurrency=40, lambda_timeout=60,
                   visibility_timeout=360)
     outcome = simulate(setup, 20_000, PRICES, heavy)
     scenarios = [(s.t, s.scenario) for s in outcome.samples]
-    assert any(scenario == 1 for _, scenario in scenarios[:3]), scenarios[:5]
+    assert any(scenario == 1 for _, scenario in scenarios[:4]), scenarios[:5]
     reached = next(t for t, scenario in scenarios if scenario == 4)
-    assert reached <= 600, scenarios[:12]
+    assert reached <= 720, scenarios[:14]
+    at_four = next(s for s in outcome.samples if s.scenario == 4)
+    assert at_four.concurrency < 40  # it got there by lowering, not by luck
     assert outcome.dead_letter == 0 and outcome.written == 20_000
-    assert any(line.startswith("lowered concurrency 40 →") or "→" in line
-               for _, line in outcome.decisions[:3])
+    assert any(line.startswith("lowered concurrency") for _, line in outcome.decisions[:4])
 
 
 def test_no_tile_is_lost_while_the_hosts_boot_and_would_be_without_the_pause():
