@@ -706,8 +706,10 @@ def bench_tune(db: Database, args) -> list[Result]:
           f"simulated in {took:.0f} s; controller GPU use while there was work "
           f"{auto.gpu_utilisation:.1%}, dead letter {auto.dead_letter} tiles, hosts at the "
           f"minimum {auto.hosts_at_minimum_after / minutes:.1f} min after the drain "
-          f"(target ≤ {setup.idle_minutes + 5:.0f}), scenario 1 → 4 in {to_four / minutes:.0f} "
-          f"min (target ≤ 10); its idle tail costs ${auto.tail.total:.2f}", flush=True)
+          f"(target ≤ {setup.idle_minutes + 15 + 5:.0f}: idleMinutes, then the capacity "
+          f"provider's 15-minute scale-in), scenario 1 → 4 in {to_four / minutes:.0f} min (target "
+          f"≤ 12: CloudWatch's minutes trail by two); its idle tail costs ${auto.tail.total:.2f}",
+          flush=True)
     return [
         Result("tune: controller drain (min)", auto.drained_at / minutes, "min",
                f"fastest fixed: {fh} hosts × {fc} calls", fastest.drained_at / minutes, "≤ 1.10"),
