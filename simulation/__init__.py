@@ -29,11 +29,14 @@ at-least-once duplicates, and Lambda environments expiring while idle.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 
 from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
 from cnsq.stack.model_batching import BATCHING
@@ -45,42 +48,68 @@ NAMESPACE = "CNSQ"  # the agent's and the handler's metrics (the template's GpuN
 
 @dataclass(frozen=True)
 class World:
-    """The figures the simulation runs on; each is measured or documented, not chosen to flatter.
+    """The figures the simulation runs on. Each says where it comes from: **[source]** a fact of
+    AWS's, of TF Serving's or of this project's code (named), or **[assumption]** a figure chosen
+    without a measurement of the real thing; the evaluation (:mod:`simulation.evaluation`) varies
+    the assumptions the controller depends on.
 
-    - ``tile_median_s``/``tile_sigma``: a tile from an XYZ endpoint through a NAT, lognormal;
-      median 120 ms with a long tail (sigma 0.5 puts p99 at ~0.4 s).
-    - ``tile_kb``: a 256×256 JPEG of imagery is 20–60 KB; 40 KB.
-    - ``cold_start_s``: a Python Lambda's init with boto3, requests and psycopg2 in a VPC: 0.8 s.
-    - ``call_overhead_s``: SQS to Lambda handing over a batch, JSON, the handler's bookkeeping.
-    - ``db_write_s``: one multi-row upsert of a batch into PostgreSQL in the same VPC.
-    - ``gpu_fixed_s``/``gpu_per_tile_s``: one TF Serving batch on one GPU: 15 ms + 8 ms a tile, i.e.
-      ~110 tiles/s with full batches, which puts the original's example (one g4dn.xlarge) near the
-      maintainers' figure of about $10 per million tiles once hosts wait and calls queue.
-    - ``gpu_max_batch``: TF Serving's ``max_batch_size`` for the batching the stack enables.
-    - ``host_boot_s``: an ECS GPU AMI instance from launch to the agent's registration: ~3 minutes.
-    - ``task_start_s``: pulling tensorflow/serving:latest-gpu (~2.5 GB) and loading the model.
-    - ``healthy_s``: the target group's checks (2 × 15 s) before the first request.
-    - ``alb_timeout_s``: the load balancer's idle timeout (60 s default).
-    - ``poller_ramp``: Lambda adds at most 300 concurrent calls per minute for an SQS mapping.
-    - ``capacity_scale_in_s``: the capacity provider's scale-in alarm (15 one-minute datapoints).
+    - ``tile_median_s``/``tile_sigma``: [assumption] a tile from an XYZ endpoint through a NAT,
+      lognormal, median 120 ms with a long tail (sigma 0.5 puts p99 at ~0.4 s).
+    - ``tile_kb``: [assumption] a 256×256 JPEG of imagery is 20–60 KB; 40 KB.
+    - ``download_workers``: [source] the handler's ``DOWNLOAD_WORKERS`` default (16): a call
+      downloads that many tiles at once.
+    - ``cold_start_s``: [assumption] a Python Lambda's init with boto3, requests and psycopg2 in a
+      VPC: 0.8 s.
+    - ``call_overhead_s``: [assumption] SQS handing a batch to Lambda, JSON, the handler's
+      bookkeeping.
+    - ``db_write_s``: [assumption] one multi-row upsert of a batch into PostgreSQL in the VPC.
+    - ``gpu_fixed_s``/``gpu_per_tile_s``: [assumption] one TF Serving batch on one GPU, request
+      decoding included: 15 ms + 8 ms a tile (~110 tiles/s in full batches). Chosen so the
+      original's example (one g4dn.xlarge, concurrency 5) costs about what its maintainers report,
+      $10 per million tiles (the original README), once hosts wait and calls queue.
+    - ``gpu_max_batch``/``batch_timeout_s``: [source] the batching file the stack gives TF
+      Serving (:data:`cnsq.stack.model_batching.BATCHING`): a batch takes up to 64 tiles and
+      waits up to 5 ms to fill.
+    - ``model_failure_rate``: [source: the model] the share of prediction requests the model
+      answers with an error (0 for the reference model).
+    - ``host_boot_s``: [assumption] an ECS GPU AMI instance from launch to the agent's
+      registration: ~3 minutes.
+    - ``task_start_s``: [assumption] pulling tensorflow/serving:latest-gpu (~2.5 GB) and loading
+      the model.
+    - ``healthy_s``: [source] the target group's checks before the first request: the template's
+      ``HealthyThresholdCount`` (3) × ``HealthCheckIntervalSeconds`` (30 s).
+    - ``alb_timeout_s``: [source] the load balancer's idle timeout (ALB's default, 60 s).
+    - ``poller_ramp``: [source] Lambda's SQS event source starts with five concurrent calls and
+      adds at most 300 a minute (Lambda's SQS scaling documentation).
+    - ``capacity_scale_in_s``: [source] ECS managed scaling ends an empty host after its scale-in
+      alarm's 15 one-minute datapoints.
+    - ``retries``/``retry_backoff_s``: [source] the handler's ``RETRIES`` (3 attempts) and
+      ``RETRY_BACKOFF`` (0.2 s, doubling) for a 5xx or a connection error from the model.
+    - ``deadline_margin_s``: [source] the handler's prediction deadline: the Lambda's time left
+      less half its ``DEADLINE_RESERVE`` (5 s).
     """
 
     tile_median_s: float = 0.12
     tile_sigma: float = 0.5
     tile_kb: float = 40.0
+    download_workers: int = 16
     cold_start_s: float = 0.8
     call_overhead_s: float = 0.03
     db_write_s: float = 0.03
     gpu_fixed_s: float = 0.015
     gpu_per_tile_s: float = 0.008
     gpu_max_batch: int = BATCHING["max_batch_size"]
+    batch_timeout_s: float = BATCHING["batch_timeout_micros"] / 1e6
+    model_failure_rate: float = 0.0
     host_boot_s: float = 180.0
     task_start_s: float = 90.0
-    healthy_s: float = 30.0
+    healthy_s: float = 90.0
     alb_timeout_s: float = 60.0
     poller_ramp: int = 300
     capacity_scale_in_s: float = 900.0
-    deadline_margin_s: float = 2.0
+    retries: int = 3
+    retry_backoff_s: float = 0.2
+    deadline_margin_s: float = 2.5
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,7 @@ class Outcome:
     tiles: int
     written: int
     dead_letter: int
-    drained_at: float | None  # seconds from the start to the last tile written
+    drained_at: float | None  # seconds from the start to the last tile written (or dead)
     hosts_at_minimum_after: float | None  # seconds after the drain until hosts reached the minimum
     gpu_utilisation: float  # busy share of healthy task time while there was work
     usage: Usage
@@ -134,6 +163,7 @@ class Outcome:
     tail: Bill  # what the idle time after the drain costs (the controller's idleMinutes)
     samples: list[Sample] = field(default_factory=list)
     decisions: list[tuple[float, str]] = field(default_factory=list)
+    jobs: list[tuple[float | None, float | None]] = field(default_factory=list)  # pushed, drained
 
     @property
     def per_million(self) -> float:
@@ -158,15 +188,25 @@ class _Task:
             self.healthy_since = self.env.now
             self.env.process(self._serve())
 
+    def _gather(self, batch: list, tiles: int):
+        """Take the waiting requests that fit in the batch."""
+        limit = self.sim.world.gpu_max_batch
+        while self.requests.items and tiles + self.requests.items[0][0] <= limit:
+            item = yield self.requests.get()
+            batch.append(item)
+            tiles += item[0]
+        return tiles
+
     def _serve(self):
         w = self.sim.world
         while not self.stopped:
             first = yield self.requests.get()
             batch, tiles = [first], first[0]
-            while self.requests.items and tiles + self.requests.items[0][0] <= w.gpu_max_batch:
-                item = yield self.requests.get()
-                batch.append(item)
-                tiles += item[0]
+            tiles = yield from self._gather(batch, tiles)
+            if not self.requests.items and tiles < w.gpu_max_batch and w.batch_timeout_s > 0:
+                # TF Serving waits up to batch_timeout_micros for a batch that is not full
+                yield self.env.timeout(w.batch_timeout_s)
+                tiles = yield from self._gather(batch, tiles)
             service = w.gpu_fixed_s + w.gpu_per_tile_s * tiles
             yield self.env.timeout(service)
             self.busy += service
@@ -195,15 +235,25 @@ class _Host:
 
 
 class _Sim:
-    def __init__(self, setup: Setup, world: World, tiles: int, seed: int, prices: Prices):
+    def __init__(self, setup: Setup, world: World, jobs: Sequence[int], seed: int, prices: Prices,
+                 gap_s: float):
         import simpy
 
         self.setup, self.world, self.prices = setup, world, prices
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
-        self.tiles = tiles
-        size = setup.batch_size
+        self.jobs, self.gap_s = list(jobs), gap_s
+        self.tiles = sum(self.jobs)
+        # Per job: when its tiles were pushed, how many are settled (written or dead), when the
+        # last one was.
+        self.job_pushed: list[float | None] = [None] * len(self.jobs)
+        self.job_settled = [0] * len(self.jobs)
+        self.job_drained: list[float | None] = [None] * len(self.jobs)
+        # A group of messages as a call receives them: [tiles, receives, job, its number].
         self.visible: deque[list[int]] = deque()
+        self.visible_tiles = 0
+        self.groups = 0
+        self.seed = seed
         self.invisible_tiles = 0
         self.written = 0
         self.dead = 0
@@ -229,30 +279,54 @@ class _Sim:
         self.work_time_busy = 0.0
         self.work_time_total = 0.0
         self.scenario = 0
-        self.sqs_requests = math.ceil(tiles / 10)  # SendMessageBatch, 10 a request
+        self.sqs_requests = sum(math.ceil(t / 10) for t in self.jobs)  # SendMessageBatch: 10
         self.pushed = False
-        self._pending = (tiles, size)
+        self.unpushed = self.tiles
+        self._normal = NormalDist()
 
     # -- SQS ---------------------------------------------------------------------------------
-    def push(self):
-        tiles, size = self._pending
+    def push(self, job: int = 0):
+        tiles, size = self.jobs[job], self.setup.batch_size
         full, rest = divmod(tiles, size)
-        self.visible.extend([size, 0] for _ in range(full))
+        first = self.groups
+        self.visible.extend([size, 0, job, first + i] for i in range(full))
         if rest:
-            self.visible.append([rest, 0])
+            self.visible.append([rest, 0, job, first + full])
+        self.groups += full + (1 if rest else 0)
+        self.visible_tiles += tiles
+        self.unpushed -= tiles
+        self.job_pushed[job] = self.env.now
         self.pushed = True
+
+    def _push_later(self, job: int):
+        yield self.env.timeout(self.gap_s)
+        self.push(job)
 
     @property
     def backlog(self) -> int:
-        return sum(group[0] for group in self.visible)
+        return self.visible_tiles
+
+    def _settle(self, group: list[int]) -> None:
+        """``group``'s tiles are written or dead: its job may be drained, the next one follows
+        ``gap_s`` later."""
+        job = group[2]
+        self.job_settled[job] += group[0]
+        if self.job_settled[job] >= self.jobs[job] and self.job_drained[job] is None:
+            self.job_drained[job] = self.env.now
+            if job + 1 < len(self.jobs):
+                self.env.process(self._push_later(job + 1))
+            elif all(t is not None for t in self.job_drained):
+                self.drained_at = self.env.now
 
     def _return_later(self, group: list[int]):
         yield self.env.timeout(self.setup.visibility_timeout)
         self.invisible_tiles -= group[0]
         if group[1] >= self.setup.max_receive_count:
             self.dead += group[0]
+            self._settle(group)
         else:
             self.visible.append(group)
+            self.visible_tiles += group[0]
 
     # -- Lambda ------------------------------------------------------------------------------
     def poller(self):
@@ -260,6 +334,7 @@ class _Sim:
             limit = min(self.concurrency, self.setup.reserved, self.allowed)
             while self.receiving and self.visible and self.running < limit:
                 group = self.visible.popleft()
+                self.visible_tiles -= group[0]
                 group[1] += 1
                 self.invisible_tiles += group[0]
                 self.running += 1
@@ -280,12 +355,9 @@ class _Sim:
             self.warm -= 1
         else:
             took += w.cold_start_s
-        yield self.env.timeout(took)
         n = group[0]
-        download = max(self.rng.lognormvariate(math.log(w.tile_median_s), w.tile_sigma)
-                       for _ in range(n))
-        yield self.env.timeout(download)
-        ok = yield from self.predict(n, start)
+        yield self.env.timeout(took + self.download_time(n))  # one event: nothing between them
+        ok = yield from self.predict(n, start, group)
         if ok:
             yield self.env.timeout(w.db_write_s)
         duration = self.env.now - start
@@ -306,25 +378,60 @@ class _Sim:
             self.invisible_tiles -= n
             self.written += n
             self.sqs_requests += 1  # DeleteMessageBatch
-            if self.written >= self.tiles - self.dead and self.drained_at is None:
-                self.drained_at = self.env.now
+            self._settle(group)
         else:
             self.env.process(self._return_later(group))
 
-    def predict(self, n: int, start: float):
+    def download_time(self, n: int) -> float:
+        """``n`` tiles fetched by ``download_workers`` threads: the time until the last arrives."""
+        w = self.world
+        mu = math.log(w.tile_median_s)
+        if n <= w.download_workers:
+            # The slowest of n lognormal downloads, drawn at once: its CDF is F(x)^n, so
+            # F^-1(U^(1/n)) has its distribution (one draw where n would cost n).
+            p = min(max(self.rng.random() ** (1.0 / n), 1e-12), 1.0 - 1e-12)
+            return math.exp(mu + w.tile_sigma * self._normal.inv_cdf(p))
+        free = [0.0] * w.download_workers
+        for _ in range(n):
+            heapq.heappush(free, heapq.heappop(free) + self.rng.lognormvariate(mu, w.tile_sigma))
+        return max(free)
+
+    def model_fails(self, group: list[int], attempt: int) -> bool:
+        """Whether the model answers this group's ``attempt`` (of its current receive) with an
+        error: drawn from the group's identity, not the run's random stream, so that every setup
+        compared in a world meets the same failures (common random numbers)."""
+        rate = self.world.model_failure_rate
+        if not rate:
+            return False
+        return random.Random(f"{self.seed}:{group[3]}:{group[1]}:{attempt}").random() < rate
+
+    def predict(self, n: int, start: float, group: list[int]):
+        """The handler's prediction request: retried after a 5xx (503 without a healthy target,
+        504 past the load balancer's idle timeout, the model's own errors) while time is left;
+        abandoned at the handler's deadline."""
         w, s = self.world, self.setup
-        healthy = [t for t in self.tasks() if t.healthy and not t.stopped]
-        if not healthy:
-            yield self.env.timeout(0.005)
-            return False  # 503: no target
-        self.rr = (self.rr + 1) % len(healthy)
-        task = healthy[self.rr]
-        done = self.env.event()
-        task.requests.put((n, done))
-        left = s.lambda_timeout - (self.env.now - start) - w.deadline_margin_s
-        limit = max(0.0, min(left, w.alb_timeout_s))
-        result = yield done | self.env.timeout(limit)
-        return done in result
+        for attempt in range(w.retries):
+            if attempt:
+                yield self.env.timeout(w.retry_backoff_s * 2 ** (attempt - 1))
+            left = s.lambda_timeout - (self.env.now - start) - w.deadline_margin_s
+            if left <= 0:
+                return False
+            healthy = [t for t in self.tasks() if t.healthy and not t.stopped]
+            if not healthy:
+                yield self.env.timeout(0.005)
+                continue  # 503: no target
+            self.rr = (self.rr + 1) % len(healthy)
+            task = healthy[self.rr]
+            done = self.env.event()
+            task.requests.put((n, done))
+            result = yield done | self.env.timeout(max(0.0, min(left, w.alb_timeout_s)))
+            if done not in result:
+                if left <= w.alb_timeout_s:
+                    return False  # the handler's deadline: no retry
+                continue  # 504 from the load balancer
+            if not self.model_fails(group, attempt):
+                return True
+        return False
 
     # -- hosts and tasks ---------------------------------------------------------------------
     def live_hosts(self) -> list[_Host]:
@@ -392,7 +499,7 @@ class _Sim:
         while not self.tasks() or not all(t.healthy for t in self.tasks()) or \
                 len(self.tasks()) < self.desired_tasks:
             yield self.env.timeout(1)
-        self.push()  # the deploy has ended: the user pushes the tiles
+        self.push()  # the deploy has ended: the user pushes the first job's tiles
         self.receiving = True
 
     def set_desired_tasks(self, tasks: int) -> None:
@@ -455,7 +562,7 @@ class _Sim:
                 minute = {id(t): t.busy for t in healthy}
                 if gpu is not None:  # the agent's datapoint for the minute that just ended
                     self.metrics.put(NAMESPACE, GPU_METRIC, self.env.now - 1, gpu)
-                waiting = self.backlog + self.invisible_tiles if self.pushed else self.tiles
+                waiting = self.backlog + self.invisible_tiles + self.unpushed
                 self.samples.append(Sample(
                     self.env.now, waiting, len(self.live_hosts()),
                     len(healthy), self.concurrency, self.receiving, gpu, self.scenario))
@@ -465,12 +572,15 @@ class _Sim:
                 self.at_minimum_at = self.env.now
 
 
-def simulate(setup: Setup, tiles: int, prices: Prices, world: World = World(), seed: int = 1,
-             horizon_s: float = 48 * 3600) -> Outcome:
-    """Run ``tiles`` through the simulated stack; the bill counts until the last tile is written,
-    ``tail`` what the hosts cost after that until they reach the minimum (the controller's
-    ``idleMinutes``; a fixed stack's hosts are counted as deleted at once, the best case)."""
-    sim = _Sim(setup, world, tiles, seed, prices)
+def simulate(setup: Setup, tiles: int | Sequence[int], prices: Prices, world: World = World(),
+             seed: int = 1, horizon_s: float = 48 * 3600, gap_s: float = 2 * 3600) -> Outcome:
+    """Run ``tiles`` through the simulated stack: a job of that many tiles, or several jobs, each
+    pushed ``gap_s`` after the one before it is drained (a fixed stack stays up between them).
+    The bill counts until the last tile is settled, ``tail`` what the hosts cost after that until
+    they reach the minimum (the controller's ``idleMinutes``; a fixed stack's hosts are counted
+    as deleted at once, the best case)."""
+    jobs = [tiles] if isinstance(tiles, int) else list(tiles)
+    sim = _Sim(setup, world, jobs, seed, prices, gap_s)
     env = sim.env
     env.process(sim.poller())
     env.process(sim.ramp())
@@ -488,7 +598,7 @@ def simulate(setup: Setup, tiles: int, prices: Prices, world: World = World(), s
     env.run(until=env.timeout(0))
     while env.now < horizon_s:
         env.run(until=env.now + 60)
-        done = sim.drained_at is not None or (sim.written + sim.dead >= tiles and sim.pushed)
+        done = sim.drained_at is not None
         if done and (setup.fixed is not None or sim.at_minimum_at is not None):
             break
     drained = sim.drained_at
@@ -497,13 +607,14 @@ def simulate(setup: Setup, tiles: int, prices: Prices, world: World = World(), s
     total = bill(usage, prices, setup.instance_type, setup.database_class)
     tail_usage = Usage(instance_seconds=_host_seconds(sim, env.now) - usage.instance_seconds)
     return Outcome(
-        tiles=tiles, written=sim.written, dead_letter=sim.dead, drained_at=drained,
+        tiles=sim.tiles, written=sim.written, dead_letter=sim.dead, drained_at=drained,
         hosts_at_minimum_after=(sim.at_minimum_at - drained) if (
             drained is not None and sim.at_minimum_at is not None) else None,
         gpu_utilisation=(sim.work_time_busy / sim.work_time_total) if sim.work_time_total else 0.0,
         usage=usage, bill=total,
         tail=bill(tail_usage, prices, setup.instance_type, None),
-        samples=sim.samples, decisions=sim.decisions)
+        samples=sim.samples, decisions=sim.decisions,
+        jobs=list(zip(sim.job_pushed, sim.job_drained, strict=True)))
 
 
 def _fixed_end(sim: _Sim):
