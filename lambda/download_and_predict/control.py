@@ -33,6 +33,9 @@ from typing import Any
 from .scaling import Actions, Bounds, Memory, Observed, Probe, Signals, step
 
 WINDOW = 180  # seconds of metrics read each minute (CloudWatch reports a minute late)
+# Minutes after a change of the concurrency before the window holds only minutes after it: the
+# minute of the change and the next are reported by the third (a minute late, as above).
+SETTLE = 3
 KEPT_DECISIONS = 30
 # A standard SSM parameter's value holds at most 4 KB (SSM's PutParameter reference: "Standard
 # parameters have a value limit of 4 KB"); the state is kept within it, counted in UTF-8 bytes.
@@ -104,6 +107,7 @@ class State:
     healthy_before: int = 0
     idle_since: float | None = None
     probe: dict | None = None
+    steady: int = 0  # minutes since the concurrency last changed
     decisions: list[list] = field(default_factory=list)  # [ISO time, line]
 
     @classmethod
@@ -132,7 +136,8 @@ class State:
         return cls(concurrency=_count(raw.get("concurrency"), 1),
                    healthy_before=_count(raw.get("healthy_before")) or 0,
                    idle_since=idle_since if idle_since is None or idle_since >= 0 else None,
-                   probe=probe, decisions=kept[-KEPT_DECISIONS:])
+                   probe=probe, steady=_count(raw.get("steady")) or 0,
+                   decisions=kept[-KEPT_DECISIONS:])
 
     def text(self, limit: int = STATE_LIMIT) -> str:
         """The state as JSON within ``limit`` UTF-8 bytes: the oldest decisions go first."""
@@ -249,8 +254,10 @@ class Controller:
                      + throttles)
         p95 = max(m["p95"]) / 1000 if m.get("p95") else None
         busy = sum(m["gpu"]) / len(m["gpu"]) if m.get("gpu") else None
-        deleted = sum(m.get("deleted", []))
-        rate = deleted / WINDOW / healthy if healthy and m.get("deleted") else None
+        deleted = m.get("deleted", [])
+        # Per reported minute: the window's newest minute is not reported yet, so dividing by
+        # the whole window would understate the rate by a third.
+        rate = sum(deleted) / (60 * len(deleted)) / healthy if healthy and deleted else None
         records_ok = int(sum(m["records_ok"])) if m.get("records_ok") else None
         records_failed = int(sum(m.get("records_failed", [])))
         if records_ok is None and records_failed:
@@ -288,11 +295,13 @@ class Controller:
         receiving = mapping.get("State") in ("Enabled", "Enabling", "Updating")
         memory = Memory(concurrency=state.concurrency, healthy_before=state.healthy_before,
                         idle_since=state.idle_since,
-                        probe=Probe(**state.probe) if state.probe else None)
+                        probe=Probe(**state.probe) if state.probe else None,
+                        steady=state.steady)
         # The mapping's least maximum concurrency is 2 (Lambda's ScalingConfig).
         bounds = Bounds(low=2, high=w.max_concurrency, min_tasks=w.min_tasks,
                         max_tasks=w.max_tasks, tasks_per_instance=w.tasks_per_instance,
-                        idle_seconds=w.idle_seconds, horizon_seconds=w.horizon_seconds)
+                        idle_seconds=w.idle_seconds, horizon_seconds=w.horizon_seconds,
+                        settle=SETTLE)
         memory, actions = step(memory, Observed(now, signals, healthy, desired, applied, receiving),
                                bounds)
         self.actions = actions
@@ -303,6 +312,7 @@ class Controller:
         state.healthy_before = memory.healthy_before
         state.idle_since = memory.idle_since
         state.probe = asdict(memory.probe) if memory.probe else None
+        state.steady = memory.steady
         state.decisions = (state.decisions + [[stamp, line] for line in lines])[-KEPT_DECISIONS:]
         self.save(state)
 

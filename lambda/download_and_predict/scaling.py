@@ -87,6 +87,8 @@ class Limits:
     hysteresis: float = 0.1
     probe_step: float = 1.25  # a probe of a busy model: this much more concurrency
     probe_gain: float = 0.03  # kept when tiles per second per task rose by this share
+    # A probe that gained this much (the model far from full): the next one steps by step_up.
+    probe_far: float = 0.10
     probe_hold: int = 10  # intervals without a probe after one that gained nothing
 
 
@@ -123,13 +125,17 @@ def _evidence(s: Signals, error_rate: float) -> str:
 
 
 def decide(s: Signals, current: int, limits: Limits = Limits(),
-           probe: Probe | None = None) -> Decision:
+           probe: Probe | None = None, settled: bool = True) -> Decision:
     """The concurrency for the next interval, and whether to receive work at all.
 
     ``probe``: the previous decision's :attr:`Decision.probe`. A busy model (scenario 4) with
     short calls is not yet a full one — TF Serving's batches fill as more calls queue — so the
     concurrency is raised by ``probe_step`` and kept only while the tiles per second per task rise
     by ``probe_gain``; a probe that gained less goes back and waits ``probe_hold`` intervals.
+
+    ``settled``: False while the signals may still describe the concurrency before the last
+    change (CloudWatch reports minutes late): nothing is raised, and a probe is not judged, on
+    them; a lowering (scenarios 1 and 2) is made at once.
     """
     if not s.healthy:
         return Decision(current, False, 0, "no model answers: no tile is taken to fail")
@@ -147,6 +153,8 @@ def decide(s: Signals, current: int, limits: Limits = Limits(),
     elif load is not None and load >= t["busy_duration"] and (busy is None or busy >= t["gpu_busy"]):
         scenario, factor = 2, 0.8
     elif busy is not None and busy >= t["gpu_busy"] and error_rate <= t["errors_low"]:
+        if not settled:
+            return Decision(current, True, 4, why, probe)
         return _probe(s, current, limits, probe, why)
     elif error_rate > t["errors_high"]:
         scenario, factor = 0, 0.8  # failing, though not for time: do not add to it
@@ -154,7 +162,15 @@ def decide(s: Signals, current: int, limits: Limits = Limits(),
         # No utilisation to read: short calls without errors mean room to grow, carefully.
         scenario, factor = 3, 1.25 if (load is None or load < t["busy_duration"]) else 1.0
     else:
-        scenario, factor = 3, min(limits.step_up, t["gpu_aim"] / max(busy, 1.0))
+        # Under-used: at least a probe's step (a GPU whose batches wait on TF Serving's batch
+        # timeout never reads 90 % busy, and a smaller raise is within the hysteresis), judged
+        # like a probe by the tiles per second it gains.
+        scenario = 3
+        factor = min(limits.step_up, max(limits.probe_step, t["gpu_aim"] / max(busy, 1.0)))
+        if settled and s.throughput is not None:
+            return _probe(s, current, limits, probe, why, scenario, factor)
+    if factor > 1 and not settled:
+        factor = 1.0
     wanted = current * factor
     target = math.ceil(wanted) if factor > 1 else math.floor(wanted)
     target = max(limits.low, min(limits.high, target))
@@ -229,24 +245,29 @@ def follow_tasks(current: int, tasks_before: int, tasks_now: int, limits: Limits
     return max(limits.low, min(limits.high, math.ceil(current * tasks_now / tasks_before)))
 
 
-def _probe(s: Signals, current: int, limits: Limits, probe: Probe | None, why: str) -> Decision:
-    """Scenario 4: keep, or try more concurrency and judge it by tiles per second per task."""
+def _probe(s: Signals, current: int, limits: Limits, probe: Probe | None, why: str,
+           scenario: int = 4, step: float | None = None) -> Decision:
+    """Keep, or try more concurrency (``step``; a probe's by default) and judge the last raise by
+    the tiles per second per task it gained: scenario 4, and scenario 3 once throughput is read."""
     if s.throughput is None or (s.p95_seconds is not None and
                                 s.p95_seconds >= THRESHOLDS["busy_duration"] * s.timeout_seconds / 2):
-        return Decision(current, True, 4, why, probe)
+        return Decision(current, True, scenario, why, probe)
+    step = step or limits.probe_step
     if probe is not None and probe.concurrency < current and probe.throughput > 0:
         gain = s.throughput / probe.throughput - 1
+        if gain >= limits.probe_far:
+            step = max(step, limits.step_up)
         if gain < limits.probe_gain:
             why = f"{current} calls gained {gain * 100:.1f} % tiles/s over {probe.concurrency}"
-            return Decision(probe.concurrency, True, 4, why,
+            return Decision(probe.concurrency, True, scenario, why,
                             Probe(probe.concurrency, probe.throughput, limits.probe_hold))
     elif probe is not None and probe.hold > 0:
-        return Decision(current, True, 4, why, Probe(probe.concurrency, probe.throughput,
-                                                      probe.hold - 1))
-    target = min(limits.high, max(current + 1, math.ceil(current * limits.probe_step)))
+        return Decision(current, True, scenario, why, Probe(probe.concurrency, probe.throughput,
+                                                             probe.hold - 1))
+    target = min(limits.high, max(current + 1, math.ceil(current * step)))
     if target <= current:
-        return Decision(current, True, 4, why, probe)
-    return Decision(target, True, 4, f"probing: {why}, {s.throughput:.0f} tiles/s per task",
+        return Decision(current, True, scenario, why, probe)
+    return Decision(target, True, scenario, f"probing: {why}, {s.throughput:.0f} tiles/s per task",
                     Probe(current, s.throughput, 0))
 
 
@@ -261,7 +282,9 @@ class Bounds:
     """What a controller may set. ``low``/``high``: the concurrency's range (on AWS 2, the
     event source mapping's least, to the reserved concurrency); the model tasks' range and
     grouping, how long an idle stack keeps them, and ``horizon_seconds``, how long a new host
-    takes to help (see :func:`backlog_per_task`). One machine has one model server: one task."""
+    takes to help (see :func:`backlog_per_task`). One machine has one model server: one task.
+    ``settle``: intervals after a change of the concurrency before its signals describe it (the
+    stack reads CloudWatch, whose minutes arrive late; one machine reads its own, at once)."""
 
     low: int = 1
     high: int = 1000
@@ -270,6 +293,7 @@ class Bounds:
     tasks_per_instance: int = 1
     idle_seconds: float = 0.0
     horizon_seconds: float = 0.0
+    settle: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,9 +301,10 @@ class Memory:
     """What one step leaves the next (the stack keeps it in a parameter, the others in memory)."""
 
     concurrency: int | None = None  # what this controller set last (None: never)
-    healthy_before: int = 0  # model tasks answering at the last step
+    healthy_before: int = 0  # model tasks answering at the last step that had any
     idle_since: float | None = None  # when the queue emptied, with nothing in flight
     probe: Probe | None = None
+    steady: int = 0  # steps since the one that last changed the concurrency
 
 
 @dataclass(frozen=True)
@@ -325,10 +350,16 @@ def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Action
     current = memory.concurrency or seen.applied
     if memory.concurrency and seen.applied != memory.concurrency:
         lines.append(f"re-applied concurrency {memory.concurrency} (a deploy set {seen.applied})")
-    current = follow_tasks(current, memory.healthy_before, seen.healthy_tasks, Limits())
-    decision = decide(s, current, Limits(low=bounds.low, high=bounds.high), memory.probe)
+    followed = follow_tasks(current, memory.healthy_before, seen.healthy_tasks, Limits())
+    steady = 0 if followed != current else memory.steady + 1  # this step counted
+    decision = decide(s, followed, Limits(low=bounds.low, high=bounds.high), memory.probe,
+                      settled=steady >= bounds.settle)
     concurrency = max(bounds.low, min(bounds.high, decision.concurrency))
-    if decision.concurrency != current or decision.receive != seen.receiving:
-        lines.append(decision.line(current, seen.receiving))
-    return (Memory(concurrency, seen.healthy_tasks, idle_since, decision.probe),
+    if decision.concurrency != followed or decision.receive != seen.receiving:
+        lines.append(decision.line(followed, seen.receiving))
+    steady = 0 if concurrency != followed else steady
+    # With no task answering, the concurrency stays the one chosen for the tasks that last did:
+    # remember their count, or the next job's first tasks would multiply it again.
+    answering = seen.healthy_tasks or memory.healthy_before
+    return (Memory(concurrency, answering, idle_since, decision.probe, steady),
             Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines)))
