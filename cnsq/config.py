@@ -123,7 +123,7 @@ SCHEMA: dict[str, Any] = {
         # Set: the stack scales the hosts with the backlog, from this many up to maxInstances,
         # and its controller sets the Lambda concurrency. Unset: the original's fixed size.
         "minInstances": ("int", None),
-        "idleMinutes": ("int", 15),
+        "idleMinutes": ("int", 2),
         "keyPairName": ("str", None),
         "instanceType": ("str", "p3.2xlarge"),
         "image": ("str", "tensorflow/serving:latest-gpu"),

@@ -35,7 +35,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
@@ -122,14 +122,14 @@ class Setup:
     tasks_per_instance: int = 1
     min_instances: int = 0
     max_instances: int = 4
-    idle_minutes: float = 15.0
+    idle_minutes: float = 2.0
     batch_size: int = 10
     lambda_timeout: float = 120.0
     lambda_memory_mb: int = 1024
     visibility_timeout: float = 720.0
     max_receive_count: int = 5
-    concurrency: int = 5
-    reserved: int = 1000
+    concurrency: int = 10  # the controller's start, per GPU (config.example.yml's `concurrent`)
+    reserved: int = 200  # maxConcurrent, as config.example.yml suggests
     database_class: str | None = "db.t3.medium"
     fixed: int | None = None
     # A healthy host (or hosts) already running at the start, as in a stack deployed earlier.
@@ -557,7 +557,8 @@ class _Sim:
             if int(self.env.now) % 60 == 0:
                 gpu = None
                 if healthy:
-                    gpu = 100.0 * sum(min(1.0, (t.busy - minute.get(id(t), t.busy)) / 60.0)
+                    # A task first seen this minute has been busy since it started (from 0).
+                    gpu = 100.0 * sum(min(1.0, (t.busy - minute.get(id(t), 0.0)) / 60.0)
                                       for t in healthy) / len(healthy)
                 minute = {id(t): t.busy for t in healthy}
                 if gpu is not None:  # the agent's datapoint for the minute that just ended
@@ -635,53 +636,3 @@ def _usage_until(sim: _Sim, end: float) -> Usage:
     u = sim.usage
     return run_usage(end, _host_seconds(sim, end), u.lambda_gb_seconds, u.lambda_requests,
                      sim.sqs_requests, u.nat_gb)
-
-
-@dataclass
-class Tuned:
-    """The controller's run against every fixed configuration of a grid, in the same simulator."""
-
-    controller: Outcome
-    fixed: dict[tuple[int, int], Outcome]  # (hosts, concurrency) → outcome
-
-    def best(self, key) -> tuple[tuple[int, int], Outcome]:
-        done = {k: o for k, o in self.fixed.items() if o.drained_at is not None and not o.dead_letter}
-        return min(done.items(), key=lambda item: key(item[1]))
-
-    @property
-    def fastest(self) -> tuple[tuple[int, int], Outcome]:
-        return self.best(lambda o: o.drained_at)
-
-    @property
-    def cheapest(self) -> tuple[tuple[int, int], Outcome]:
-        return self.best(lambda o: o.per_million)
-
-    def ratios(self) -> dict[str, float]:
-        """The controller's drain time over the fastest fixed one's, its cost over the cheapest's."""
-        c = self.controller
-        return {"time": c.drained_at / self.fastest[1].drained_at if c.drained_at else math.inf,
-                "cost": c.per_million / self.cheapest[1].per_million}
-
-
-def _fixed_run(args) -> tuple[tuple[int, int], Outcome]:
-    setup, world, tiles, prices, seed = args
-    outcome = simulate(setup, tiles, prices, world, seed)
-    outcome.samples, outcome.decisions = [], []
-    return (setup.fixed, setup.concurrency), outcome
-
-
-def tune(setup: Setup, tiles: int, prices: Prices, world: World = World(),
-         concurrencies: tuple[int, ...] = (5, 10, 20, 40, 80, 160), seed: int = 1,
-         workers: int = 1) -> Tuned:
-    """The controller (``setup`` as given, from ``min_instances``) and a grid of fixed setups:
-    1 … ``max_instances`` hosts × ``concurrencies``, each run in the same simulator."""
-    grid = [(replace(setup, fixed=hosts, concurrency=c), world, tiles, prices, seed)
-            for hosts in range(1, setup.max_instances + 1) for c in concurrencies]
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as pool:
-            fixed = dict(pool.map(_fixed_run, grid))
-    else:
-        fixed = dict(map(_fixed_run, grid))
-    return Tuned(simulate(replace(setup, fixed=None), tiles, prices, world, seed), fixed)

@@ -351,13 +351,16 @@ def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Action
     if memory.concurrency and seen.applied != memory.concurrency:
         lines.append(f"re-applied concurrency {memory.concurrency} (a deploy set {seen.applied})")
     followed = follow_tasks(current, memory.healthy_before, seen.healthy_tasks, Limits())
-    steady = 0 if followed != current else memory.steady + 1  # this step counted
+    # Steps since the concurrency last changed or receiving resumed, this one counted (a new
+    # controller counts from its first step: its window may hold a part of a minute).
+    steady = 0 if followed != current else memory.steady + 1
     decision = decide(s, followed, Limits(low=bounds.low, high=bounds.high), memory.probe,
                       settled=steady >= bounds.settle)
     concurrency = max(bounds.low, min(bounds.high, decision.concurrency))
     if decision.concurrency != followed or decision.receive != seen.receiving:
         lines.append(decision.line(followed, seen.receiving))
-    steady = 0 if concurrency != followed else steady
+    resumed = decision.receive and not seen.receiving
+    steady = 0 if concurrency != followed or resumed else steady
     # With no task answering, the concurrency stays the one chosen for the tasks that last did:
     # remember their count, or the next job's first tasks would multiply it again.
     answering = seen.healthy_tasks or memory.healthy_before

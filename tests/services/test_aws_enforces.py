@@ -142,7 +142,7 @@ def test_the_controller_runs_under_its_compiled_role(world):
     """Every call the controller makes is one its role allows (moto's IAM checks on): on AWS a
     missing permission refuses every run, the mapping stays disabled and no host ever starts."""
     w = world
-    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 5
+    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 10
     w.tiles(30)
     lines = w.controller.step()
     assert lines == ["model tasks 0 → 1: 30 tiles waiting: 1 model tasks (up to 1)"]
@@ -154,15 +154,25 @@ def test_the_controller_runs_under_its_compiled_role(world):
     w.metrics(calls=40, errors=0, gpu=41, ok=400, failed=0, deleted=400)
     w.now += 60
     lines = w.controller.step()
-    assert lines == ["resumed receiving at concurrency 8: a model answers"], lines
+    assert lines == ["resumed receiving at concurrency 10: a model answers"], lines
     assert w.mapping()["State"] == "Enabled"
-    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 8
+    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 10
+    # CloudWatch's minutes come late: the window describes the resumed calls from the third.
+    for _ in range(2):
+        w.metrics(calls=40, errors=0, gpu=41, ok=400, failed=0, deleted=400)
+        w.now += 60
+        assert w.controller.step() == []
+    w.metrics(calls=40, errors=0, gpu=41, ok=400, failed=0, deleted=400)
+    w.now += 60
+    [line] = w.controller.step()
+    assert line.startswith("raised concurrency 10 → 15: probing: model 41 % busy"), line
+    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 15
 
     # A deploy resets the mapping to the template's start: the controller re-applies its own.
     w.admin("lambda").update_event_source_mapping(UUID=w.where.mapping_id,
-                                                  ScalingConfig={"MaximumConcurrency": 5})
+                                                  ScalingConfig={"MaximumConcurrency": 10})
     w.now += 60
-    assert w.controller.step()[0] == "re-applied concurrency 8 (a deploy set 5)"
+    assert w.controller.step()[0] == "re-applied concurrency 15 (a deploy set 10)"
 
     # The queue empties: after idleMinutes the tasks go to the minimum.
     w.admin("sqs").purge_queue(QueueUrl=w.where.queue_url)
@@ -182,7 +192,7 @@ def test_the_state_stays_within_a_standard_parameter(world):
     old = [[f"2026-12-06T00:{i:02d}:00+00:00", f"{long_line} {i}"] for i in range(30)]
     # As an older cnsq left it (written straight to moto, which keeps no limit).
     w.admin("ssm").put_parameter(Name=w.where.state_parameter, Type="String", Overwrite=True,
-                                 Value=json.dumps({"concurrency": 5, "decisions": old}))
+                                 Value=json.dumps({"concurrency": 10, "decisions": old}))
     w.tiles(5)
     lines = w.controller.step()
     assert lines == ["model tasks 0 → 1: 5 tiles waiting: 1 model tasks (up to 1)"]
@@ -218,7 +228,7 @@ def test_a_mapping_busy_with_a_deploy_waits_a_minute(world):
     lines = w.controller.step()
     assert lines[-1] == "the mapping is being updated (a deploy?): its change waits a minute"
     assert w.mapping()["State"] == "Disabled"
-    assert w.state()["concurrency"] == 5  # what is applied: the decision waits
+    assert w.state()["concurrency"] == 10  # what is applied: the decision waits
     w.rules.busy_mappings.clear()
     w.now += 60
     lines = w.controller.step()
@@ -240,7 +250,7 @@ def test_failed_records_are_failures_no_host_is_added_while_nothing_succeeds(wor
         lines = w.controller.step()
         assert w.desired_tasks() == 1, lines
         concurrency = w.mapping()["ScalingConfig"]["MaximumConcurrency"]
-        assert concurrency <= 5, lines
+        assert concurrency <= 10, lines
     assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 2  # halved, to the floor
 
 
@@ -254,7 +264,7 @@ def test_throttled_calls_are_failures(world):
     w.metrics(calls=40, errors=0, throttles=60, gpu=30, ok=400, deleted=400)
     w.now += 60
     w.controller.step()
-    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] < 5
+    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] < 10
 
 
 def test_the_gpu_metric_of_a_new_host_is_read_at_once(world):
@@ -264,11 +274,12 @@ def test_the_gpu_metric_of_a_new_host_is_read_at_once(world):
     w.tiles(10)
     w.controller.step()
     w.healthy_target()
-    w.metrics(calls=40, errors=0, gpu=30, ok=400, deleted=400)
-    w.now += 60
-    w.controller.step()
-    # 30 % busy: ×1.5 (GPUs unread, the step would be ×1.25: 7).
-    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 8
+    for _ in range(4):  # the resume, then three minutes until the window describes it
+        w.metrics(calls=40, errors=0, gpu=30, ok=400, deleted=400)
+        w.now += 60
+        w.controller.step()
+    # 30 % busy: ×1.5 (GPUs unread, the step would be ×1.25: 13).
+    assert w.mapping()["ScalingConfig"]["MaximumConcurrency"] == 15
 
 
 # -- the state, read as another version of cnsq may have written it ---------------------------

@@ -36,7 +36,7 @@ def test_a_million_tiles_by_hand(project):
     assert got == pytest.approx(expected)
     assert result.bill.total == pytest.approx(sum(expected.values()))
     assert result.seconds == 10_300 and result.hosts == 1
-    assert result.idle.total == pytest.approx(0.25 * 0.526)  # idleMinutes 15 of one host
+    assert result.idle.total == pytest.approx(2 / 60 * 0.526)  # idleMinutes 2 of one host
 
 
 PRODUCTS = [

@@ -244,20 +244,20 @@ def test_a_vcpu_quota_below_max_instances_stubbed(project):
 def test_reserved_concurrency_that_leaves_under_100_stubbed(project):
     lam, stub = _stub("lambda")
     stub.add_response("get_account_settings", {"AccountLimit": {
-        "ConcurrentExecutions": 10, "UnreservedConcurrentExecutions": 10}})
+        "ConcurrentExecutions": 15, "UnreservedConcurrentExecutions": 15}})
     stub.add_client_error("get_function_concurrency", "ResourceNotFoundException")
     stub.activate()
     edit("    minInstances: 0\n", "")  # a fixed size: the worker reserves `concurrent`
     config = load_config(Path("config/config.yml"))
     [finding] = preflight.check_concurrency(config, _clients(**{"lambda": lam}), "us-east-1")
     assert finding.status == preflight.PROBLEM and finding.key == "lambdas.DownloadAndPredict.concurrent"
-    assert "would leave 5 unreserved of the account's 10" in finding.message
+    assert "would leave 5 unreserved of the account's 15" in finding.message
 
 
 def test_scaling_mode_checks_what_the_template_reserves(project):
     """The check read `concurrent` while the template reserves maxConcurrent + 1 (the
     controller): an account at its default quota failed at deploy, minutes in."""
-    edit("      concurrent: 5 #", "      maxConcurrent: 950\n      concurrent: 5 #")
+    edit("      concurrent: 10 #", "      maxConcurrent: 950\n      concurrent: 10 #")
     config = load_config(Path("config/config.yml"))
     reserved = preflight.reserved_concurrency(config.values)
     template = json.loads(json.dumps(

@@ -59,11 +59,11 @@ def status_json() -> dict:
 
 @pytest.mark.parametrize("scenario, setup, advice", [
     (1, lambda: (lambda_metrics(100, 20, 115_000), gpu(99, 97)),
-     "lower lambdas.DownloadAndPredict.concurrent to 2, or raise ecs.desiredInstances to 2"),
+     "lower lambdas.DownloadAndPredict.concurrent to 5, or raise ecs.desiredInstances to 2"),
     (2, lambda: (lambda_metrics(100, 2, 70_000), gpu(95, 91)),
-     "lower lambdas.DownloadAndPredict.concurrent to 4, or raise ecs.desiredInstances to 2"),
+     "lower lambdas.DownloadAndPredict.concurrent to 8, or raise ecs.desiredInstances to 2"),
     (3, lambda: (lambda_metrics(100, 0, 20_000), gpu(30, 20)),
-     "raise lambdas.DownloadAndPredict.concurrent to 10"),
+     "raise lambdas.DownloadAndPredict.concurrent to 20"),
     (4, lambda: (lambda_metrics(100, 0, 20_000), gpu(92, 88)), "keep these settings"),
 ])
 def test_each_scenario_is_diagnosed(deployed, scenario, setup, advice):

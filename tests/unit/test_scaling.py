@@ -20,9 +20,9 @@ ENV = {"RDS_USERNAME": "resultsadmin", "TILE_ACCESS_TOKEN": "tok-8JmX-never-prin
 def load(tmp_path, ecs: str = "", lambdas: str = ""):
     text = (REPO / "config/config.example.yml").read_text()
     # The example asks for scaling; an old config does not (no minInstances).
-    text = text.replace("    minInstances: 0\n", "", 1).replace("    idleMinutes: 15\n", "", 1)
+    text = text.replace("    minInstances: 0\n", "", 1).replace("    idleMinutes: 2\n", "", 1)
     text = text.replace("    maxInstances: 1\n", "    maxInstances: 4\n" + ecs, 1)
-    text = text.replace("      concurrent: 5 #", lambdas + "      concurrent: 5 #", 1)
+    text = text.replace("      concurrent: 10 #", lambdas + "      concurrent: 10 #", 1)
     path = tmp_path / "config.yml"
     path.write_text(text)
     env = tmp_path / "test.env"
@@ -43,7 +43,7 @@ def test_an_old_config_keeps_its_fixed_size(tmp_path):
     service = resources["cnsqdevECSService"]["Properties"]
     assert service["LaunchType"] == "EC2" and service["DesiredCount"] == 1
     assert resources["DownloadAndPredictLambdaFunction"]["Properties"][
-        "ReservedConcurrentExecutions"] == 5
+        "ReservedConcurrentExecutions"] == 10
     assert scaling_summary(load(tmp_path).values).startswith("ecs: a fixed size of 1 instance(s)")
 
 
@@ -61,7 +61,7 @@ def test_min_instances_asks_for_a_stack_that_scales_itself(tmp_path):
     assert "DesiredCount" not in service and "LaunchType" not in service
     assert service["CapacityProviderStrategy"][0]["CapacityProvider"] == {"Ref": "cnsqdevCapacityProvider"}
     mapping = r["cnsqdevDownloadAndPredictLambdaEventSourceMapping"]["Properties"]
-    assert mapping["Enabled"] is False and mapping["ScalingConfig"] == {"MaximumConcurrency": 5}
+    assert mapping["Enabled"] is False and mapping["ScalingConfig"] == {"MaximumConcurrency": 10}
     assert r["DownloadAndPredictLambdaFunction"]["Properties"]["ReservedConcurrentExecutions"] == 200
     env = r["cnsqdevControllerFunction"]["Properties"]["Environment"]["Variables"]
     assert (env["MIN_TASKS"], env["MAX_TASKS"], env["IDLE_SECONDS"], env["MAX_CONCURRENCY"]) == (
@@ -69,7 +69,7 @@ def test_min_instances_asks_for_a_stack_that_scales_itself(tmp_path):
     assert r["cnsqdevControllerSchedule"]["Properties"]["ScheduleExpression"] == "rate(1 minute)"
     assert r["cnsqdevControllerFunction"]["Properties"]["VpcConfig"]["SubnetIds"]
     assert scaling_summary(load(tmp_path, ecs="    minInstances: 0\n").values).startswith(
-        "ecs: scales with the backlog, 0 to 4 instance(s), down to 0 after 15 idle minutes")
+        "ecs: scales with the backlog, 0 to 4 instance(s), down to 0 after 2 idle minutes")
 
 
 def test_a_group_with_a_minimum_is_created_empty_and_protected(tmp_path):

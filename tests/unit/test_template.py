@@ -104,7 +104,7 @@ def test_queue_event_source_reports_batch_item_failures(compiled):
     assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert mapping["BatchSize"] == 10
     # The example scales itself: the controller starts at 5 and enables the mapping.
-    assert mapping["ScalingConfig"] == {"MaximumConcurrency": 5} and mapping["Enabled"] is False
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": 10} and mapping["Enabled"] is False
     function = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]
     assert "ReservedConcurrentExecutions" not in function  # lambdas.*.maxConcurrent unset
     assert function["Runtime"] == "python3.12"
