@@ -176,7 +176,8 @@ def decide(s: Signals, current: int, limits: Limits = Limits(),
     target = max(limits.low, min(limits.high, target))
     if target != current and abs(target - current) < max(1.0, limits.hysteresis * current):
         target = current
-    return Decision(target, True, scenario, why)
+    # Kept: a probe under way is still judged when the signals settle; changed: it is over.
+    return Decision(target, True, scenario, why, probe if target == current else None)
 
 
 @dataclass(frozen=True)

@@ -265,3 +265,16 @@ def test_a_raise_waits_until_the_signals_describe_the_last_change():
     failing = signals(p95_seconds=110.0, model_errors=10, busy_percent=100.0)
     _, actions = step(memory, Observed(240.0, failing, 1, 1, 45, True), bounds)
     assert actions.concurrency == 22  # at once, though the raise was a minute ago
+
+
+def test_a_probe_survives_the_minutes_it_waits_for_its_signals():
+    """A probe raised from an under-used GPU (scenario 3) was dropped while the signals settled,
+    and judged as no probe: a gain of 14 % went unseen and the next raise was the small step."""
+    from download_and_predict.scaling import Probe
+
+    started = Probe(concurrency=40, throughput=189.0)
+    waiting = decide(signals(busy_percent=87.0, throughput=200.0), 50, probe=started, settled=False)
+    assert waiting.concurrency == 50 and waiting.probe == started
+    judged = decide(signals(busy_percent=94.0, p95_seconds=0.7, throughput=216.0), 50,
+                    probe=waiting.probe)
+    assert judged.concurrency == 75  # 14 % gained: far from full, the next step is 1.5
