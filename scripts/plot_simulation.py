@@ -37,6 +37,7 @@ def main() -> int:
     auto = simulate(Setup(max_instances=args.hosts), args.tiles, prices)
     fixed = simulate(Setup(max_instances=args.hosts, fixed=1, concurrency=5), args.tiles, prices)
     minutes = [s.t / 60 for s in auto.samples]
+    with_tail = (auto.bill.total + auto.tail.total) / auto.written * 1e6
     figure, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True)
     axes[0].plot(minutes, [s.backlog / 1000 for s in auto.samples], label="the controller")
     axes[0].plot([s.t / 60 for s in fixed.samples], [s.backlog / 1000 for s in fixed.samples],
@@ -55,7 +56,7 @@ def main() -> int:
     axes[3].set_xlim(0, max(minutes[-1], 1))
     figure.suptitle(
         f"{args.tiles:,} tiles from zero hosts (simulated): drained in "
-        f"{auto.drained_at / 60:.0f} min at ${auto.per_million:.2f} per million tiles;\n"
+        f"{auto.drained_at / 60:.0f} min at ${with_tail:.2f} per million tiles, idle tail in;\n"
         f"the original's default setup: {fixed.drained_at / 60:.0f} min at "
         f"${fixed.per_million:.2f} per million", fontsize=10)
     figure.tight_layout()
