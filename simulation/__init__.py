@@ -126,6 +126,7 @@ class Setup:
     batch_size: int = 10
     lambda_timeout: float = 120.0
     lambda_memory_mb: int = 1024
+    lambda_architecture: str = "x86_64"
     visibility_timeout: float = 720.0
     max_receive_count: int = 5
     concurrency: int = 10  # the controller's start, per GPU (config.example.yml's `concurrent`)
@@ -605,7 +606,8 @@ def simulate(setup: Setup, tiles: int | Sequence[int], prices: Prices, world: Wo
     drained = sim.drained_at
     end = drained if drained is not None else env.now
     usage = _usage_until(sim, end)
-    total = bill(usage, prices, setup.instance_type, setup.database_class)
+    total = bill(usage, prices, setup.instance_type, setup.database_class,
+                 setup.lambda_architecture)
     tail_usage = Usage(instance_seconds=_host_seconds(sim, env.now) - usage.instance_seconds)
     return Outcome(
         tiles=sim.tiles, written=sim.written, dead_letter=sim.dead, drained_at=drained,

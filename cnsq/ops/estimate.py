@@ -69,7 +69,7 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     usage = run_usage(seconds, hosts * seconds, calls * per.call_seconds * memory_gb, calls,
                       math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6)
     database = values["rds"]["instanceType"]
-    total = bill(usage, prices, ecs["instanceType"], database)
+    total = bill(usage, prices, ecs["instanceType"], database, lambdas[name]["architecture"])
     idle_seconds = ecs["idleMinutes"] * 60 if scaling else 0
     idle = bill(Usage(instance_seconds=hosts * idle_seconds), prices, ecs["instanceType"], None)
     day = 86400.0

@@ -28,6 +28,9 @@ class Prices:
     database_hour: dict[str, float]
     lambda_gb_second: float
     lambda_request: float
+    # Arm (Graviton) functions have prices of their own: the Price List's "-ARM" usage types.
+    lambda_gb_second_arm: float
+    lambda_request_arm: float
     sqs_request: float
     nat_hour: float
     nat_gb: float
@@ -114,15 +117,21 @@ class Bill:
                 for i in self.items]
 
 
-def bill(usage: Usage, prices: Prices, instance_type: str, database_class: str | None) -> Bill:
+def bill(usage: Usage, prices: Prices, instance_type: str, database_class: str | None,
+         architecture: str = "x86_64") -> Bill:
     """The items of a run, each quantity × its price. ``database_class`` None: no database
-    (an adopted or external one is not the stack's to bill)."""
+    (an adopted or external one is not the stack's to bill); ``architecture``: the worker
+    Lambda's (``lambdas.<Name>.architecture``), x86_64 or arm64, each at its own price."""
     hour = 3600.0
+    arm = architecture == "arm64"
+    what = " (arm64)" if arm else ""
     items = [
         Item(f"GPU hosts ({instance_type})", usage.instance_seconds / hour, "h",
              prices.instance(instance_type), 0.0),
-        Item("Lambda compute", usage.lambda_gb_seconds, "GB-s", prices.lambda_gb_second, 0.0),
-        Item("Lambda requests", usage.lambda_requests, "requests", prices.lambda_request, 0.0),
+        Item(f"Lambda compute{what}", usage.lambda_gb_seconds, "GB-s",
+             prices.lambda_gb_second_arm if arm else prices.lambda_gb_second, 0.0),
+        Item(f"Lambda requests{what}", usage.lambda_requests, "requests",
+             prices.lambda_request_arm if arm else prices.lambda_request, 0.0),
         Item("SQS requests", usage.sqs_requests, "requests", prices.sqs_request, 0.0),
         Item("NAT gateway hours", usage.nat_seconds / hour, "h", prices.nat_hour, 0.0),
         Item("NAT data processed", usage.nat_gb, "GB", prices.nat_gb, 0.0),
@@ -138,11 +147,15 @@ def bill(usage: Usage, prices: Prices, instance_type: str, database_class: str |
 
 
 # -- the AWS Price List API ------------------------------------------------------------------
-# Each price: the service code, the filters (TERM_MATCH), and the usage type's ending that picks
-# the product among those the filters leave (usage types carry a region prefix, e.g. USE1-).
+# Each price: the service code, the filters (TERM_MATCH), and the usage type that picks the
+# product among those the filters leave, after the region's prefix (USE1-, EU-; none in some of
+# us-east-1's). Matched whole: "Request" is not Lambda@Edge's "Lambda-Edge-Request", nor Arm's
+# "Request-ARM".
 PRICE_QUERIES: dict[str, tuple[str, dict[str, str], str]] = {
     "lambda_gb_second": ("AWSLambda", {}, "Lambda-GB-Second"),
     "lambda_request": ("AWSLambda", {}, "Request"),
+    "lambda_gb_second_arm": ("AWSLambda", {}, "Lambda-GB-Second-ARM"),
+    "lambda_request_arm": ("AWSLambda", {}, "Request-ARM"),
     "sqs_request": ("AWSQueueService", {}, "Requests-Tier1"),
     "nat_hour": ("AmazonEC2", {"productFamily": "NAT Gateway"}, "NatGateway-Hours"),
     "nat_gb": ("AmazonEC2", {"productFamily": "NAT Gateway"}, "NatGateway-Bytes"),
@@ -207,10 +220,18 @@ def _products(pricing: Any, service: str, filters: dict[str, str]) -> list[dict]
     return found
 
 
-def _pick(products: list[dict], usage_ending: str | None) -> float | None:
+def _usage_type(usage: str) -> str:
+    """A usage type without its region's prefix: ``USE1-Request`` → ``Request``. A prefix is
+    capitals and digits before the first hyphen (``EU-``, ``APS1-``); there may be none
+    (``NatGateway-Hours``, ``Lambda-Edge-Request`` are whole)."""
+    prefix, _, rest = usage.partition("-")
+    return rest if rest and prefix.isalnum() and prefix.isupper() else usage
+
+
+def _pick(products: list[dict], usage_type: str | None) -> float | None:
     for product in products:
         usage = product.get("product", {}).get("attributes", {}).get("usagetype", "")
-        if usage_ending is None or usage == usage_ending or usage.endswith("-" + usage_ending):
+        if usage_type is None or usage == usage_type or _usage_type(usage) == usage_type:
             price = _usd(product)
             if price is not None:
                 return price

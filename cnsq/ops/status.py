@@ -276,10 +276,12 @@ def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float =
     calls = metrics.invocations or 0.0
     name = worker_lambda(values["lambdas"])
     memory_gb = values["lambdas"][name]["memory"] / 1024 if name else 1.0
+    architecture = values["lambdas"][name]["architecture"] if name else "x86_64"
     usage = run_usage(window, (metrics.hosts or 0) * window,
                       (metrics.duration_sum_ms or 0.0) / 1000 * memory_gb, calls,
                       deleted / 10 + 2 * calls, deleted * tile_kb / 1e6)
-    return bill(usage, prices, values["ecs"]["instanceType"], values["rds"]["instanceType"])
+    return bill(usage, prices, values["ecs"]["instanceType"], values["rds"]["instanceType"],
+                architecture)
 
 
 def as_dict(metrics: Metrics, diagnosis: Diagnosis) -> dict:

@@ -56,6 +56,9 @@ PRODUCTS = [
                    "usagetype": "EU-InstanceUsage:db.t3.medium"}, 0.078),
     ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-GB-Second-ARM"}, 0.0000133334),
     ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-GB-Second"}, 0.0000166667),
+    # Lambda@Edge's request ends in "-Request" too; listed first, it was taken for the worker's.
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Lambda-Edge-Request"}, 0.0000006),
+    ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Request-ARM"}, 0.00000021),
     ("AWSLambda", {"regionCode": "eu-west-1", "usagetype": "EU-Request"}, 0.0000002),
     ("AWSQueueService", {"regionCode": "eu-west-1", "usagetype": "EU-Requests-Tier1"}, 0.0000004),
     ("AWSELB", {"productFamily": "Load Balancer-Application", "regionCode": "eu-west-1",
@@ -84,10 +87,28 @@ def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
     price = {item["name"]: item["price"] for item in report["items"]}
     assert price["GPU hosts (g4dn.xlarge)"] == 0.587  # Linux, not the Windows price
     assert price["Lambda compute"] == 0.0000166667  # x86, not ARM; the paid tier
+    assert price["Lambda requests"] == 0.0000002  # not Lambda@Edge's, not Arm's
     assert price["Database (db.t3.medium)"] == 0.078
     assert price["NAT data processed"] == 0.048
     assert not [n for n in report["notes"] if n.startswith("Prices:")]
     assert all(c["FormatVersion"] == "aws_v1" for c in server.calls)
+
+
+def test_an_arm64_worker_is_billed_at_arm64s_prices(project, monkeypatch):
+    """`lambdas.<Name>.architecture: arm64` was billed at x86's rate (a fifth dearer)."""
+    from pathlib import Path
+
+    path = Path("config/config.yml")
+    path.write_text(path.read_text().replace(
+        "      timeout: 120\n", "      timeout: 120\n      architecture: arm64\n", 1))
+    report = _estimate_json(PricingServer(PRODUCTS), monkeypatch)
+    price = {item["name"]: item["price"] for item in report["items"]}
+    assert price["Lambda compute (arm64)"] == 0.0000133334
+    assert price["Lambda requests (arm64)"] == 0.00000021
+    assert "Lambda compute" not in price
+    shipped = estimate(1_000_000, load_config(path).values, shipped_prices())
+    arm = next(i for i in shipped.bill.items if i.name == "Lambda compute (arm64)")
+    assert arm.price == 0.0000133334  # the shipped prices have Arm's too
 
 
 def test_without_the_api_the_shipped_prices_are_used_and_said(project, monkeypatch):
