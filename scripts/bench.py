@@ -705,6 +705,10 @@ def bench_tune(db: Database, args) -> list[Result]:
     worlds = cases(tiles=args.tune_tiles)
     if args.tune_worlds:
         wanted = {w.strip() for w in args.tune_worlds.split(",")}
+        unknown = wanted - {w.name for w in worlds}
+        if unknown:
+            raise SystemExit(f"bench.py tune: no world named {', '.join(sorted(unknown))}; the "
+                             f"worlds: {', '.join(w.name for w in worlds)}")
         worlds = [worlds[0]] + [w for w in worlds[1:] if w.name in wanted]
     started = time.perf_counter()
     judged = evaluate(setup, prices, worlds, workers=os.cpu_count() or 1, full=args.full_grid,
