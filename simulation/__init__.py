@@ -38,6 +38,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
+from cnsq.ops.estimate import (
+    HEALTHY_SECONDS,
+    HOST_BOOT_SECONDS,
+    MODEL_START_SECONDS,
+    SCALE_IN_SECONDS,
+)
 from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
 from cnsq.stack.model_batching import BATCHING
 from download_and_predict.control import GPU_METRIC, RECORD_METRICS, Controller, Where
@@ -101,12 +107,12 @@ class World:
     gpu_max_batch: int = BATCHING["max_batch_size"]
     batch_timeout_s: float = BATCHING["batch_timeout_micros"] / 1e6
     model_failure_rate: float = 0.0
-    host_boot_s: float = 180.0
-    task_start_s: float = 90.0
-    healthy_s: float = 90.0
+    host_boot_s: float = HOST_BOOT_SECONDS
+    task_start_s: float = MODEL_START_SECONDS
+    healthy_s: float = HEALTHY_SECONDS
     alb_timeout_s: float = 60.0
     poller_ramp: int = 300
-    capacity_scale_in_s: float = 900.0
+    capacity_scale_in_s: float = SCALE_IN_SECONDS
     retries: int = 3
     retry_backoff_s: float = 0.2
     deadline_margin_s: float = 2.5

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
 
-HOST_START_SECONDS = 300.0  # a GPU host's boot, registration, image pull and model load
+# A GPU host's start, in the figures the simulation runs on too (simulation.World reads them
+# here: one home). Boot and registration, and the model's image pull and load, are assumptions
+# (the ECS GPU AMI; tensorflow/serving:latest-gpu is ~2.5 GB); the health checks are the
+# template's target group: 3 healthy checks 30 s apart.
+HOST_BOOT_SECONDS = 180.0
+MODEL_START_SECONDS = 90.0
+HEALTHY_SECONDS = 3 * 30.0
+HOST_START_SECONDS = HOST_BOOT_SECONDS + MODEL_START_SECONDS + HEALTHY_SECONDS
+# ECS's managed scaling ends an emptied host when its scale-in alarm has seen 15 one-minute
+# datapoints: a stack that scales itself pays its hosts that long after idleMinutes.
+SCALE_IN_SECONDS = 15 * 60.0
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,8 @@ class Estimate:
     tasks: int
     seconds: float  # from the push to the last tile (hosts starting included)
     bill: Bill
-    idle: Bill  # a scaling stack's hosts kept idleMinutes after the work (not in ``bill``)
+    idle: Bill  # a scaling stack's hosts after the work: idleMinutes, then ECS's scale-in
+    # (not in ``bill``)
     standing_per_day: float  # NAT gateway, database and load balancer, while the stack exists
     notes: list[str]
 
@@ -70,7 +81,7 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
                       math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6)
     database = values["rds"]["instanceType"]
     total = bill(usage, prices, ecs["instanceType"], database, lambdas[name]["architecture"])
-    idle_seconds = ecs["idleMinutes"] * 60 if scaling else 0
+    idle_seconds = ecs["idleMinutes"] * 60 + SCALE_IN_SECONDS if scaling else 0
     idle = bill(Usage(instance_seconds=hosts * idle_seconds), prices, ecs["instanceType"], None)
     day = 86400.0
     standing = bill(Usage(nat_seconds=day, database_seconds=day, load_balancer_seconds=day,
@@ -79,8 +90,9 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
              f"{per.tiles_per_second:g} tiles/s per task, {per.call_seconds:g} s per call of "
              f"{sqs['batchSize']} tiles, {per.tile_kb:g} KB per tile"]
     if scaling:
-        notes.append(f"after the work the hosts wait ecs.idleMinutes ({ecs['idleMinutes']}) "
-                     f"before going to {ecs['minInstances']}: ${idle.total:,.2f} more")
+        notes.append(f"after the work the hosts wait ecs.idleMinutes ({ecs['idleMinutes']}), "
+                     f"then ECS's {SCALE_IN_SECONDS / 60:.0f}-minute scale-in, before going to "
+                     f"{ecs['minInstances']}: ${idle.total:,.2f} more")
     else:
         notes.append("a fixed size bills its hosts until the stack is deleted; counted here "
                      "until the last tile only")
