@@ -160,7 +160,18 @@ def bench_handler(db: Database, args) -> list[Result]:
     baseline = median_seconds(sequential, args.repeat)
     tiles.close()
     model.close()
+    # What the load balancer processes per tile (it bills by bytes: LCUs): TF Serving's REST
+    # body, JSON with each image base64-encoded, against the images' own bytes (imagery-like
+    # JPEG tiles, ~25 KB).
+    jpegs = _tile_jpegs(10)
+    body = len(json.dumps(app.build_payload(jpegs)).encode())
+    image_bytes = sum(len(image) for image in jpegs)
+    print(f"# handler: a predict body of {len(jpegs)} tiles is {body:,} bytes for {image_bytes:,} "
+          f"bytes of images ({body / image_bytes:.3f}×; estimate and the simulation count 4/3)",
+          flush=True)
     return [
+        Result("handler: body bytes per image byte", body / image_bytes, "×",
+               "base64's 4/3 (what the cost model counts)", 4 / 3, "information"),
         Result("handler: 10 records (median s)", cnsq, "s", "floor: 1 tile + 1 model latency",
                floor, "<= 1.5"),
         Result("handler: 10 records (median s)", cnsq, "s",
