@@ -14,7 +14,7 @@ The rules, stated once here and printed with the table (``scripts/bench.py tune`
 - **The user's setup** is the fixed setup a user would pick after a trial on the baseline world:
   the one with the lowest time × cost there (a minute and a dollar weigh the same, relatively),
   then used unchanged in every world.
-- **Goals** (every world the thresholds were not tuned on): no fixed setup better than the
+- **Goals** (every world that did not shape the controller): no fixed setup better than the
   controller by more than 5 % on both time and cost; the controller's time within 10 % of the
   fastest fixed setup's; a lower time × cost than the user's setup in at least 6 of 8 worlds;
   on the day of three jobs, a total cost at most 0.6 × the cheapest always-on fixed stack that
@@ -65,14 +65,20 @@ def _scaled(world: World, **factors: float) -> World:
 
 
 def cases(base: World | None = None, tiles: int = 1_000_000) -> list[Case]:
-    """The baseline and the eight held-out worlds of issue 37 (Spot interruptions come with
-    issue 38). ``base``: the baseline's figures (the simulation's own by default); ``tiles``: the
-    one-job worlds' size."""
+    """The baseline and the eight other worlds of issue 37 (Spot interruptions come with issue
+    38). ``base``: the baseline's figures (the simulation's own by default); ``tiles``: the
+    one-job worlds' size.
+
+    ``tuned_on`` marks the worlds that shaped the controller, three at most: the baseline (its
+    thresholds, its start of 10 calls per GPU, its 2 idle minutes), a GPU twice as fast (where an
+    under-used GPU sat at 89 % busy, never raised, and a probe was lost while it waited) and the
+    day of three jobs (where a job's tasks multiplied the last job's concurrency, and every job
+    started all the hosts). The six others are held out."""
     base = base or World()
     one = (tiles,)
     return [
         Case("baseline", base, one, tuned_on=True, note="the figures of simulation.World"),
-        Case("GPU ×0.5", _scaled(base, gpu_fixed_s=0.5, gpu_per_tile_s=0.5), one,
+        Case("GPU ×0.5", _scaled(base, gpu_fixed_s=0.5, gpu_per_tile_s=0.5), one, tuned_on=True,
              note="a model twice as fast"),
         Case("GPU ×1.5", _scaled(base, gpu_fixed_s=1.5, gpu_per_tile_s=1.5), one,
              note="a model 1.5 times as slow"),
@@ -86,8 +92,9 @@ def cases(base: World | None = None, tiles: int = 1_000_000) -> list[Case]:
              note="a heavier handler's init"),
         Case("model fails 2 %", replace(base, model_failure_rate=0.02), one,
              note="2 % of prediction requests answered 500 (the handler retries)"),
-        Case("day of three jobs", base, DAY_JOBS, note="200,000, 1,000,000 and 50,000 tiles, "
-             "each pushed two hours after the one before it drained"),
+        Case("day of three jobs", base, DAY_JOBS, tuned_on=True,
+             note="200,000, 1,000,000 and 50,000 tiles, each pushed two hours after the one "
+             "before it drained"),
     ]
 
 
@@ -265,10 +272,14 @@ def evaluate(setup: Setup, prices: Prices, worlds: Sequence[Case], seed: int = 1
 
 def summary(judged: Iterable[Judged]) -> dict[str, object]:
     """Across the held-out worlds: how many meet each goal, and whether all goals hold."""
+    judged = list(judged)
     held_out = [j for j in judged if not j.case.tuned_on]
     beats = sum(j.goals["beats the user's setup"] for j in held_out)
     failed = [(j.case.name, goal) for j in held_out for goal, ok in j.goals.items()
               if not ok and goal != "beats the user's setup"]
+    # The day's own goal is judged wherever the day is, tuned on or not.
+    failed += [(j.case.name, goal) for j in judged if j.case.tuned_on
+               for goal, ok in j.goals.items() if not ok and goal.startswith("day")]
     return {"held_out": len(held_out), "beats_user": beats,
             "beats_user_goal": beats >= BEATS_USER_IN * len(held_out) / 8,
             "failed": failed, "all": not failed and beats >= BEATS_USER_IN * len(held_out) / 8}

@@ -108,6 +108,7 @@ class State:
     idle_since: float | None = None
     probe: dict | None = None
     steady: int = 0  # minutes since the concurrency last changed
+    rate: float | None = None  # tiles per second per task under full load, last measured
     decisions: list[list] = field(default_factory=list)  # [ISO time, line]
 
     @classmethod
@@ -133,10 +134,12 @@ class State:
                 and isinstance(d[0], str) and isinstance(d[1], str)
                 ] if isinstance(decisions, list) else []
         idle_since = _finite(raw.get("idle_since"))
+        rate = _finite(raw.get("rate"))
         return cls(concurrency=_count(raw.get("concurrency"), 1),
                    healthy_before=_count(raw.get("healthy_before")) or 0,
                    idle_since=idle_since if idle_since is None or idle_since >= 0 else None,
                    probe=probe, steady=_count(raw.get("steady")) or 0,
+                   rate=rate if rate is not None and rate > 0 else None,
                    decisions=kept[-KEPT_DECISIONS:])
 
     def text(self, limit: int = STATE_LIMIT) -> str:
@@ -296,7 +299,7 @@ class Controller:
         memory = Memory(concurrency=state.concurrency, healthy_before=state.healthy_before,
                         idle_since=state.idle_since,
                         probe=Probe(**state.probe) if state.probe else None,
-                        steady=state.steady)
+                        steady=state.steady, rate=state.rate)
         # The mapping's least maximum concurrency is 2 (Lambda's ScalingConfig).
         bounds = Bounds(low=2, high=w.max_concurrency, min_tasks=w.min_tasks,
                         max_tasks=w.max_tasks, tasks_per_instance=w.tasks_per_instance,
@@ -313,6 +316,7 @@ class Controller:
         state.idle_since = memory.idle_since
         state.probe = asdict(memory.probe) if memory.probe else None
         state.steady = memory.steady
+        state.rate = memory.rate
         state.decisions = (state.decisions + [[stamp, line] for line in lines])[-KEPT_DECISIONS:]
         self.save(state)
 

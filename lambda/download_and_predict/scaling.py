@@ -306,6 +306,9 @@ class Memory:
     idle_since: float | None = None  # when the queue emptied, with nothing in flight
     probe: Probe | None = None
     steady: int = 0  # steps since the one that last changed the concurrency
+    # Tiles per second per task measured under full load (a backlog of a minute's work or more):
+    # a later job is sized by it before its own calls are measured.
+    rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -339,10 +342,13 @@ def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Action
     s = seen.signals
     work = s.backlog + s.in_flight
     idle_since = None if work else (memory.idle_since if memory.idle_since is not None else seen.now)
+    loaded = (s.throughput is not None and s.throughput > 0 and seen.healthy_tasks > 0
+              and s.backlog >= seen.healthy_tasks * s.throughput * 60)
+    rate = s.throughput if loaded else memory.rate
     capacity = Capacity(
         min_tasks=bounds.min_tasks, max_tasks=bounds.max_tasks,
         tasks_per_instance=bounds.tasks_per_instance, idle_seconds=bounds.idle_seconds,
-        backlog_per_task=backlog_per_task(s.throughput, bounds.horizon_seconds, 1000))
+        backlog_per_task=backlog_per_task(s.throughput or rate, bounds.horizon_seconds, 1000))
     idle_for = None if idle_since is None else max(0.0, seen.now - idle_since)
     tasks, why = plan_tasks(work, seen.desired_tasks, idle_for, capacity, s.succeeding)
     lines = []
@@ -365,5 +371,5 @@ def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Action
     # With no task answering, the concurrency stays the one chosen for the tasks that last did:
     # remember their count, or the next job's first tasks would multiply it again.
     answering = seen.healthy_tasks or memory.healthy_before
-    return (Memory(concurrency, answering, idle_since, decision.probe, steady),
+    return (Memory(concurrency, answering, idle_since, decision.probe, steady, rate),
             Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines)))

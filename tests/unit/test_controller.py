@@ -278,3 +278,26 @@ def test_a_probe_survives_the_minutes_it_waits_for_its_signals():
     judged = decide(signals(busy_percent=94.0, p95_seconds=0.7, throughput=216.0), 50,
                     probe=waiting.probe)
     assert judged.concurrency == 75  # 14 % gained: far from full, the next step is 1.5
+
+
+def test_a_later_job_is_sized_by_the_rate_measured_under_full_load():
+    """The day of three jobs: the 50,000-tile job started all four hosts, as any job did before
+    its own calls were measured (1,000 tiles a task by default). The rate measured while the
+    last job's backlog was a minute's work or more sizes the next: 50,000 tiles are cleared by
+    one task at 118 tiles/s before another host (12 minutes away) would help."""
+    from download_and_predict.scaling import Bounds, Memory, Observed, step
+
+    bounds = Bounds(low=2, high=200, min_tasks=0, max_tasks=4, horizon_seconds=720)
+    busy = signals(backlog=500_000, throughput=118.0, busy_percent=99.0, p95_seconds=1.0)
+    memory, _ = step(Memory(concurrency=50, healthy_before=4), Observed(0.0, busy, 4, 4, 50, True),
+                     bounds)
+    assert memory.rate == 118.0
+    tail = signals(backlog=2_000, throughput=40.0)  # the job's end: not full load, not kept
+    memory, _ = step(memory, Observed(60.0, tail, 4, 4, 50, True), bounds)
+    assert memory.rate == 118.0
+    fresh = Observed(7200.0, signals(backlog=50_000, in_flight=0, calls=0, throughput=None,
+                                     healthy=False), 0, 0, 50, False)
+    _, actions = step(memory, fresh, bounds)
+    assert actions.tasks == 1
+    _, unknown = step(Memory(), fresh, bounds)
+    assert unknown.tasks == 4  # never measured: 1,000 tiles a task, as before
