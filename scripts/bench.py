@@ -711,6 +711,9 @@ def bench_tune(db: Database, args) -> list[Result]:
         table,
     )
 
+    if args.tune_tiles < 1 or args.tune_hosts < 1 or args.tune_reserved < 5:
+        raise SystemExit("bench.py tune: --tune-tiles and --tune-hosts must be 1 or more, "
+                         "--tune-reserved 5 or more (the grid's first step)")
     prices = shipped_prices()
     setup = Setup(max_instances=args.tune_hosts, reserved=args.tune_reserved)
     worlds = cases(tiles=args.tune_tiles)

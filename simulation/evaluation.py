@@ -265,7 +265,10 @@ def evaluate(setup: Setup, prices: Prices, worlds: Sequence[Case], seed: int = 1
         if pool:
             pool.shutdown()
     baseline = grids[worlds[0].name]
-    user = min((k for k, r in baseline.items() if r.done), key=lambda k: (baseline[k].score, k))
+    done = [k for k, r in baseline.items() if r.done]
+    if not done:
+        raise ValueError(f"no fixed setup of {worlds[0].name!r} wrote every tile: no user's setup")
+    user = min(done, key=lambda k: (baseline[k].score, k))
     return [judge(Judged(case, c, grids[case.name], user))
             for case, c in zip(worlds, controllers, strict=True)]
 
