@@ -116,6 +116,10 @@ SCHEMA: dict[str, Any] = {
     # No vpc: the stack creates its own network (two zones, private subnets behind a NAT).
     "vpc": ("str", None),
     "subnets": ("strlist", []),
+    # Dual-stack: imagery that answers over IPv6 leaves through an egress-only internet gateway
+    # (free) instead of the NAT gateway ($0.045/GB). Unset: on for the network the stack creates,
+    # off for a given one (set true once its subnets have IPv6 blocks and a ::/0 route).
+    "ipv6": ("bool", None),
     "ecs": {
         "availabilityZone": ("str", None),
         "maxInstances": ("int", 1),

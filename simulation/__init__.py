@@ -44,7 +44,7 @@ from cnsq.ops.estimate import (
     MODEL_START_SECONDS,
     SCALE_IN_SECONDS,
 )
-from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
+from cnsq.ops.pricing import Bill, Parts, Prices, Usage, bill, run_usage
 from cnsq.stack.model_batching import BATCHING
 from download_and_predict.control import GPU_METRIC, RECORD_METRICS, Controller, Where
 from simulation.aws import CloudWatch, Ecs, Elb, Mapping, Metrics, Sqs, Ssm
@@ -143,6 +143,9 @@ class Setup:
     warm_instances: int = 0
     # False: the mapping keeps receiving with no model (what the stack did before the controller).
     pause_without_model: bool = True
+    # The standing parts and the imagery's way out, as cnsq.ops.estimate.parts makes them for the
+    # example config (the stack's own network, a secret token, scaling): the bill's one home.
+    parts: Parts = Parts()
 
 
 @dataclass
@@ -643,4 +646,4 @@ def _usage_until(sim: _Sim, end: float) -> Usage:
     """The run's usage up to ``end``."""
     u = sim.usage
     return run_usage(end, _host_seconds(sim, end), u.lambda_gb_seconds, u.lambda_requests,
-                     sim.sqs_requests, u.nat_gb)
+                     sim.sqs_requests, u.nat_gb, sim.setup.parts)

@@ -27,7 +27,9 @@ def moto_url():
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "w")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        # moto's server with the dual-stack network its CloudFormation lacks (support/moto_server.py).
+        [sys.executable, str(Path(__file__).parent / "support" / "moto_server.py"),
+         "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -418,9 +418,14 @@ def _finite_option(ctx: click.Context, param: click.Parameter, value: float | No
               help="One worker call of sqs.batchSize tiles (downloads, prediction, write).")
 @click.option("--tile-kb", type=click.FloatRange(min=0.001, max=1e6), default=40.0,
               show_default=True, callback=_finite_option, help="One image's size.")
+@click.option("--egress", type=click.Choice(["auto", "nat", "ipv6", "s3"]), default="auto",
+              show_default=True,
+              help="How the imagery leaves the stack's network: auto resolves TILE_ENDPOINT's "
+                   "host (S3 in the region: the gateway endpoint; IPv6 with a dual-stack "
+                   "network: the egress-only gateway; else the NAT, the only one billed per GB).")
 @json_option
 def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: float,
-             call_seconds: float, tile_kb: float, as_json: bool) -> None:
+             call_seconds: float, tile_kb: float, egress: str, as_json: bool) -> None:
     """The time and the cost of TILES tiles with this config, item by item.
 
     Prices are this region's from the AWS Price List API (pricing:GetProducts), or, offline or
@@ -432,8 +437,9 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
     Examples:
       cnsq estimate 1000000 --config config/config.yml
       cnsq estimate 250000 --config config/config.yml --tiles-per-second 60 --offline
+      cnsq estimate 1000000 --egress nat   # as if the imagery answered over IPv4 only
     """
-    from cnsq.ops.estimate import PerTile
+    from cnsq.ops.estimate import PerTile, imagery_way
     from cnsq.ops.estimate import estimate as run_estimate
     from cnsq.ops.pricing import prices_for
 
@@ -454,9 +460,13 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
         or "us-east-1"
     prices, note = prices_for(session, region, values["ecs"]["instanceType"],
                               values["rds"]["instanceType"])
-    result = run_estimate(tiles, values, prices, PerTile(tiles_per_second, call_seconds, tile_kb))
+    way, imagery = imagery_way(values, region, egress)
+    result = run_estimate(tiles, values, prices, PerTile(tiles_per_second, call_seconds, tile_kb),
+                          egress=way)
+    result.notes.insert(0, imagery)
     if as_json:
         _print_json({"tiles": tiles, "seconds": result.seconds, "hosts": result.hosts,
+                     "egress": way,
                      "total": result.bill.total, "perMillion": result.per_million,
                      "items": [i.__dict__ for i in result.bill.items], "idle": result.idle.total,
                      "standingPerDay": result.standing_per_day, "prices": prices.source,

@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
+from cnsq import egress
 from cnsq.aws import collect, pages
 from cnsq.config import Config
 from cnsq.errors import AwsUnreachable
+from cnsq.ops.estimate import PerTile
+from cnsq.ops.pricing import shipped_prices
 from cnsq.shipped import shipped, templates_dir
 
 OK, PROBLEM, WARNING = "ok", "problem", "warning"
@@ -219,6 +222,82 @@ def check_network(config: Config, client, region: str) -> list[Finding]:
     if not any(f.status == PROBLEM for f in findings):
         findings.append(Finding("network", OK, "subnets",
                                 f"{len(subnets)} private subnets in {len(zones)} zones behind a NAT"))
+    return findings
+
+
+def _route_tables(ec2, vpc: str, subnets: list[str]) -> dict[str, dict]:
+    """Each subnet's route table (its own association, else the VPC's main table)."""
+    tables = collect(ec2, "describe_route_tables", "RouteTables",
+                     Filters=[{"Name": "vpc-id", "Values": [vpc]}])
+    main: dict = next((t for t in tables if any(a.get("Main") for a in t.get("Associations", []))),
+                      {})
+    return {s: next((t for t in tables if any(a.get("SubnetId") == s
+                                               for a in t.get("Associations", []))), main)
+            for s in subnets}
+
+
+def check_egress(config: Config, client, region: str,
+                 resolve: egress.Resolver = egress.families) -> list[Finding]:
+    """Which way the imagery's bytes leave and what they cost per million tiles; with a given
+    network, what it lacks for the free ways (IPv6 blocks and a ::/0 route to an egress-only
+    internet gateway; an S3 gateway endpoint)."""
+    values = config.values
+    found = egress.for_config(values, region, resolve)
+    if found is None:
+        return [Finding("egress", WARNING, "TILE_ENDPOINT",
+                        "not checked: no TILE_ENDPOINT in the clear in the config")]
+    host, way = found
+    per = PerTile().tile_kb
+    cost = egress.per_million(per, shipped_prices().nat_gb, way.way)
+    said = f"{way.why} (${cost:.2f} per million tiles of {per:g} KB)"
+    findings = [Finding("egress", OK if way.way != egress.EGRESS_NAT else WARNING,
+                        "TILE_ENDPOINT", said)]
+    vpc, subnets = values["vpc"], values["subnets"]
+    if not vpc:
+        return findings
+    ec2 = client("ec2")
+    tables = _route_tables(ec2, vpc, subnets)
+    if egress.dual_stack(values):
+        found_subnets = collect(ec2, "describe_subnets", "Subnets", SubnetIds=subnets)
+        for subnet in found_subnets:
+            gone = ("disassociating", "disassociated", "failing", "failed")
+            blocks = [a for a in subnet.get("Ipv6CidrBlockAssociationSet", [])
+                      if a.get("Ipv6CidrBlockState", {}).get("State") not in gone]
+            if not blocks:
+                findings.append(Finding(
+                    "egress", PROBLEM, "ipv6",
+                    f"ipv6 is true but {subnet['SubnetId']} has no IPv6 block: add one (aws ec2 "
+                    f"associate-subnet-cidr-block --subnet-id {subnet['SubnetId']} "
+                    "--ipv6-cidr-block <a /64 of the VPC's block>), or set ipv6: false"))
+        for subnet, table in tables.items():
+            if not any(r.get("DestinationIpv6CidrBlock") == "::/0"
+                       and str(r.get("EgressOnlyInternetGatewayId", "")).startswith("eigw-")
+                       for r in table.get("Routes", [])):
+                findings.append(Finding(
+                    "egress", PROBLEM, "ipv6",
+                    f"ipv6 is true but {subnet} routes no ::/0 to an egress-only internet "
+                    "gateway: add one (aws ec2 create-egress-only-internet-gateway --vpc-id "
+                    f"{vpc}; aws ec2 create-route --route-table-id {table.get('RouteTableId', '?')}"
+                    " --destination-ipv6-cidr-block ::/0 --egress-only-internet-gateway-id "
+                    "<eigw-…>)"))
+    elif egress.s3_region(host) is None:
+        findings.append(Finding(
+            "egress", WARNING if way.way == egress.EGRESS_NAT else OK, "ipv6",
+            f"{vpc} is given and ipv6 is not set: to skip the NAT's per-GB charge for imagery "
+            "that answers over IPv6, add an Amazon-provided IPv6 block to the VPC and a /64 to "
+            "each subnet, an egress-only internet gateway with a ::/0 route in their route "
+            "tables, then set ipv6: true"))
+    if egress.s3_region(host) == region:
+        prefixed = all(any(r.get("DestinationPrefixListId") and
+                           str(r.get("GatewayId", "")).startswith("vpce-")
+                           for r in table.get("Routes", [])) for table in tables.values())
+        if not prefixed:
+            findings.append(Finding(
+                "egress", WARNING, "subnets",
+                f"{host} is S3 in {region} but the subnets' route tables have no gateway "
+                f"endpoint: add one (aws ec2 create-vpc-endpoint --vpc-id {vpc} --service-name "
+                f"com.amazonaws.{region}.s3 --route-table-ids …); without it the bytes pay the "
+                "NAT's per-GB charge"))
     return findings
 
 
@@ -481,6 +560,7 @@ CHECKS: list[tuple[str, str, str, Callable]] = [
     ("ami", "ecs.amiParameter", "ssm:GetParameter", check_ami),
     ("database", "rds.engineVersion", "rds:DescribeOrderableDBInstanceOptions", check_database),
     ("concurrency", "lambdas.<Name>.concurrent", "lambda:GetAccountSettings", check_concurrency),
+    ("egress", "TILE_ENDPOINT", "ec2:DescribeSubnets, DescribeRouteTables", check_egress),
     ("permissions", "deployer", "iam:SimulatePrincipalPolicy", check_permissions),
 ]
 

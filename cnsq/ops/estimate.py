@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cnsq.ops.pricing import Bill, Prices, Usage, bill, run_usage
+from cnsq import egress
+from cnsq.egress import EGRESS_NAT
+from cnsq.ops.pricing import Bill, Parts, Prices, Usage, bill, run_usage
 
 # A GPU host's start, in the figures the simulation runs on too (simulation.World reads them
 # here: one home). Boot and registration, and the model's image pull and load, are assumptions
@@ -36,6 +38,39 @@ class PerTile:
     tile_kb: float = 40.0
 
 
+def parts(values: dict, egress: str = EGRESS_NAT) -> Parts:
+    """The stack's standing parts for the config ``values`` (validated), the imagery leaving by
+    ``egress``: the NAT's address when the stack creates the network, the database's storage,
+    a secret per secret env and the database's password (RDS keeps it in Secrets Manager), the
+    controller's metrics when the stack scales itself (its GetMetricData reads 8, and 2 of the
+    load balancer's)."""
+    from cnsq.config import Secret
+
+    secrets = sum(isinstance(v, Secret) for spec in values["lambdas"].values()
+                  for v in spec["envs"].values())
+    scaling = values["ecs"]["minInstances"] is not None
+    return Parts(egress=egress, public_ipv4=0 if values["vpc"] else 1,
+                 storage_gb=float(values["rds"]["storage"]), secrets=secrets + 1,
+                 controller_metrics=10 if scaling else 0)
+
+
+def imagery_way(values: dict, region: str, choice: str = "auto",
+                resolve: egress.Resolver = egress.families) -> tuple[str, str]:
+    """The imagery's way out (``choice``, or with ``auto`` what the config's TILE_ENDPOINT
+    resolves to) and a note saying why."""
+    if choice != "auto":
+        return choice, f"imagery: counted as leaving by {WAYS[choice]} (--egress {choice})"
+    found = egress.for_config(values, region, resolve)
+    if found is None:
+        return egress.EGRESS_NAT, ("imagery: no TILE_ENDPOINT in the clear; counted through the "
+                                   "NAT gateway")
+    return found[1].way, f"imagery: {found[1].why}"
+
+
+WAYS = {egress.EGRESS_NAT: "the NAT gateway", egress.EGRESS_IPV6:
+        "the egress-only internet gateway (IPv6)", egress.EGRESS_S3: "the S3 gateway endpoint"}
+
+
 @dataclass(frozen=True)
 class Estimate:
     tiles: int
@@ -54,7 +89,7 @@ class Estimate:
 
 
 def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
-             worker: str | None = None) -> Estimate:
+             worker: str | None = None, egress: str = EGRESS_NAT) -> Estimate:
     """The estimate for ``tiles`` with the config ``values`` (validated) at ``prices``.
 
     The hosts are ``ecs.maxInstances`` when the stack scales itself (the controller takes it to
@@ -77,15 +112,19 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     memory_gb = lambdas[name]["memory"] / 1024
     calls = math.ceil(tiles / sqs["batchSize"])
     # SendMessageBatch (10 a request), a receive and a delete per call.
+    stack = parts(values, egress)
     usage = run_usage(seconds, hosts * seconds, calls * per.call_seconds * memory_gb, calls,
-                      math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6)
+                      math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6, stack)
     database = values["rds"]["instanceType"]
     total = bill(usage, prices, ecs["instanceType"], database, lambdas[name]["architecture"])
     idle_seconds = ecs["idleMinutes"] * 60 + SCALE_IN_SECONDS if scaling else 0
     idle = bill(Usage(instance_seconds=hosts * idle_seconds), prices, ecs["instanceType"], None)
     day = 86400.0
-    standing = bill(Usage(nat_seconds=day, database_seconds=day, load_balancer_seconds=day,
-                          load_balancer_lcu_hours=24), prices, ecs["instanceType"], database)
+    # Standing: a day of the stack with no work (the controller still reads its metrics each
+    # minute when the stack scales itself).
+    standing = bill(run_usage(day, 0.0, 0.0, 0, 0, 0.0, Parts(
+        egress, stack.public_ipv4, stack.storage_gb, stack.secrets, 0, 0,
+        stack.controller_metrics)), prices, ecs["instanceType"], database)
     notes = [f"{hosts} host(s) × {ecs['tasksPerInstance']} model task(s), "
              f"{per.tiles_per_second:g} tiles/s per task, {per.call_seconds:g} s per call of "
              f"{sqs['batchSize']} tiles, {per.tile_kb:g} KB per tile"]
@@ -96,6 +135,7 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     else:
         notes.append("a fixed size bills its hosts until the stack is deleted; counted here "
                      "until the last tile only")
-    notes.append(f"the stack's standing parts (NAT gateway, database, load balancer) cost "
-                 f"${standing.total:,.2f} a day while it exists, work or not")
+    notes.append(f"the stack's standing parts (NAT gateway, database, load balancer, secrets, "
+                 f"the controller's metric reads) cost ${standing.total:,.2f} a day while it "
+                 "exists, work or not")
     return Estimate(tiles, hosts, tasks, seconds, total, idle, standing.total, notes)

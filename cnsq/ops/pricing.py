@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from cnsq.egress import EGRESS_NAT
 from cnsq.errors import CnsqError, option
 
 SHIPPED_REGION = "us-east-1"
@@ -36,6 +37,12 @@ class Prices:
     nat_gb: float
     load_balancer_hour: float
     load_balancer_lcu_hour: float
+    # The stack's smaller standing parts, each prorated by the hour as AWS bills them.
+    public_ipv4_hour: float  # the NAT gateway's address (VPC pricing: every public IPv4)
+    database_storage_gb_month: float  # RDS gp3
+    secret_month: float  # Secrets Manager, per secret
+    custom_metric_month: float  # CloudWatch, per metric (the first tier)
+    metric_requested: float  # CloudWatch GetMetricData, per metric asked for
     date: str = ""
 
     def instance(self, instance_type: str) -> float:
@@ -64,6 +71,33 @@ def shipped_prices() -> Prices:
     return Prices(source=f"the prices shipped with cnsq ({SHIPPED_REGION}, {date})", date=date, **raw)
 
 
+# AWS prorates a monthly price by the hour over a 730-hour month (RDS storage, Secrets Manager,
+# CloudWatch metrics).
+MONTH_SECONDS = 730 * 3600.0
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the stack keeps besides its hosts and functions, from its config
+    (:func:`cnsq.ops.estimate.parts`): what a run's usage adds beyond the work itself.
+
+    ``egress``: the imagery's path: through the NAT gateway (billed per GB), the egress-only
+    internet gateway (IPv6) or the S3 gateway endpoint (neither billed per GB).
+    ``host_metrics``: custom metrics each GPU host's agent publishes (3 GPU measurements, by
+    themselves and by instance); ``stack_metrics``: those published while any host or call runs
+    (the 3 by group, the handler's 2 record counts); ``controller_metrics``: the metrics the
+    controller asks GetMetricData for each minute (0: the stack does not scale itself).
+    """
+
+    egress: str = EGRESS_NAT
+    public_ipv4: int = 1
+    storage_gb: float = 20.0
+    secrets: int = 2
+    host_metrics: int = 6
+    stack_metrics: int = 5
+    controller_metrics: int = 10
+
+
 @dataclass
 class Usage:
     """What a run used. Seconds for the things billed by the hour."""
@@ -77,19 +111,32 @@ class Usage:
     database_seconds: float = 0.0
     load_balancer_seconds: float = 0.0
     load_balancer_lcu_hours: float = 0.0
+    public_ipv4_seconds: float = 0.0
+    storage_gb_seconds: float = 0.0
+    secret_seconds: float = 0.0
+    metric_seconds: float = 0.0
+    metrics_requested: float = 0.0
 
 
 def run_usage(seconds: float, instance_seconds: float, lambda_gb_seconds: float, calls: float,
-              sqs_requests: float, downloaded_gb: float) -> Usage:
-    """A run's usage over ``seconds`` of the stack standing: the NAT gateway, database and load
-    balancer for that long; the images through the NAT once (``downloaded_gb``) and through the
-    load balancer base64-encoded (4/3 of it; 1 LCU processes 1 GB an hour, at least one LCU-hour
-    an hour). The one place estimate, status and the simulation turn a run into a usage."""
+              sqs_requests: float, downloaded_gb: float, parts: Parts = Parts()) -> Usage:
+    """A run's usage over ``seconds`` of the stack standing: the NAT gateway, its address, the
+    database and its storage, the secrets and the load balancer for that long; the images
+    through the NAT once (``downloaded_gb``) unless ``parts.egress`` is a path without a per-GB
+    charge, and through the load balancer base64-encoded (4/3 of it; 1 LCU processes 1 GB an
+    hour, at least one LCU-hour an hour); the custom metrics while hosts and the stack publish
+    them; the controller's GetMetricData each minute. The one place estimate, status and the
+    simulation turn a run into a usage."""
     return Usage(
         instance_seconds=instance_seconds, lambda_gb_seconds=lambda_gb_seconds,
         lambda_requests=calls, sqs_requests=sqs_requests, nat_seconds=seconds,
-        nat_gb=downloaded_gb, database_seconds=seconds, load_balancer_seconds=seconds,
-        load_balancer_lcu_hours=max(seconds / 3600, downloaded_gb * 4 / 3))
+        nat_gb=downloaded_gb if parts.egress == EGRESS_NAT else 0.0,
+        database_seconds=seconds, load_balancer_seconds=seconds,
+        load_balancer_lcu_hours=max(seconds / 3600, downloaded_gb * 4 / 3),
+        public_ipv4_seconds=parts.public_ipv4 * seconds,
+        storage_gb_seconds=parts.storage_gb * seconds, secret_seconds=parts.secrets * seconds,
+        metric_seconds=parts.host_metrics * instance_seconds + parts.stack_metrics * seconds,
+        metrics_requested=parts.controller_metrics * seconds / 60)
 
 
 @dataclass(frozen=True)
@@ -143,6 +190,19 @@ def bill(usage: Usage, prices: Prices, instance_type: str, database_class: str |
     if database_class:
         items.append(Item(f"Database ({database_class})", usage.database_seconds / hour, "h",
                           prices.database(database_class), 0.0))
+        items.append(Item("Database storage", usage.storage_gb_seconds / MONTH_SECONDS,
+                          "GB-month", prices.database_storage_gb_month, 0.0))
+    if usage.public_ipv4_seconds:  # none when the network (and its NAT) is the user's
+        items.append(Item("Public IPv4 address (NAT)", usage.public_ipv4_seconds / hour, "h",
+                          prices.public_ipv4_hour, 0.0))
+    items += [
+        Item("Secrets Manager secrets", usage.secret_seconds / MONTH_SECONDS, "secret-month",
+             prices.secret_month, 0.0),
+        Item("Custom metrics", usage.metric_seconds / MONTH_SECONDS, "metric-month",
+             prices.custom_metric_month, 0.0),
+        Item("Metrics read (GetMetricData)", usage.metrics_requested, "metrics",
+             prices.metric_requested, 0.0),
+    ]
     return Bill([Item(i.name, i.quantity, i.unit, i.price, i.quantity * i.price) for i in items])
 
 
@@ -163,6 +223,16 @@ PRICE_QUERIES: dict[str, tuple[str, dict[str, str], str]] = {
                            "LoadBalancerUsage"),
     "load_balancer_lcu_hour": ("AWSELB", {"productFamily": "Load Balancer-Application"},
                                "LCUUsage"),
+}
+# Smaller prices, each taken from the shipped file when the API has no product of that usage
+# type (said in the source): a few cents of a run should not cost the whole look-up.
+MINOR_PRICE_QUERIES: dict[str, tuple[str, dict[str, str], str]] = {
+    "public_ipv4_hour": ("AmazonVPC", {}, "PublicIPv4:InUseAddress"),
+    "database_storage_gb_month": ("AmazonRDS", {"productFamily": "Database Storage"},
+                                  "RDS:GP3-Storage"),
+    "secret_month": ("AWSSecretsManager", {}, "AWSSecretsManager-Secrets"),
+    "custom_metric_month": ("AmazonCloudWatch", {}, "CW:MetricMonitorUsage"),
+    "metric_requested": ("AmazonCloudWatch", {}, "CW:GMD-Metrics"),
 }
 INSTANCE_FILTERS = {"operatingSystem": "Linux", "tenancy": "Shared", "preInstalledSw": "NA",
                     "capacitystatus": "Used"}
@@ -249,6 +319,13 @@ def account_prices(pricing: Any, region: str, instance_type: str,
         if price is None:
             raise CnsqError(f"the Price List API has no {name.replace('_', ' ')} for {region}")
         values[name] = price
+    shipped, borrowed = shipped_prices(), []
+    for name, (service, filters, ending) in MINOR_PRICE_QUERIES.items():
+        price = _pick(_products(pricing, service, {**filters, **where}), ending)
+        if price is None:
+            price = getattr(shipped, name)
+            borrowed.append(name.replace("_", " "))
+        values[name] = price
     instance = _pick(_products(pricing, "AmazonEC2", {
         "instanceType": instance_type, **INSTANCE_FILTERS, **where}), None)
     if instance is None:
@@ -262,7 +339,10 @@ def account_prices(pricing: Any, region: str, instance_type: str,
             raise CnsqError(f"the Price List API has no PostgreSQL price for {database_class} "
                             f"in {region}")
         databases[database_class] = database
-    return Prices(region=region, source=f"the AWS Price List API ({region})",
+    source = f"the AWS Price List API ({region})"
+    if borrowed:
+        source += f"; {', '.join(borrowed)} from the prices shipped with cnsq ({shipped.date})"
+    return Prices(region=region, source=source,
                   instance_hour={instance_type: instance}, database_hour=databases, **values)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from cnsq import aws as _aws
 from cnsq.aws import Client
+from cnsq.egress import EGRESS_NAT
 from cnsq.ops.pricing import Bill, Prices, bill, run_usage
 from cnsq.results.store import open_store
 from cnsq.stack import logical_ids
@@ -266,10 +267,13 @@ def _decisions(ssm: Client, name: str) -> list[list[str]]:
         return []
 
 
-def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float = 40.0) -> Bill:
+def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float = 40.0,
+                egress: str = EGRESS_NAT) -> Bill:
     """What the window cost, from what it measured: the hosts in service (now) over the window,
     the worker's GB-seconds and calls, the queue's requests, the NAT's hours and the tiles'
-    bytes (``tile_kb`` each, estimate's default), the database and load balancer hours."""
+    bytes (``tile_kb`` each, estimate's default; through the NAT unless ``egress`` says
+    otherwise), the database and load balancer hours, the standing parts (estimate's)."""
+    from cnsq.ops.estimate import parts
 
     window = metrics.window_seconds
     deleted = metrics.deleted or 0.0
@@ -279,7 +283,7 @@ def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float =
     architecture = values["lambdas"][name]["architecture"] if name else "x86_64"
     usage = run_usage(window, (metrics.hosts or 0) * window,
                       (metrics.duration_sum_ms or 0.0) / 1000 * memory_gb, calls,
-                      deleted / 10 + 2 * calls, deleted * tile_kb / 1e6)
+                      deleted / 10 + 2 * calls, deleted * tile_kb / 1e6, parts(values, egress))
     return bill(usage, prices, values["ecs"]["instanceType"], values["rds"]["instanceType"],
                 architecture)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -240,6 +241,20 @@ def test_a_stack_that_creates_its_own_private_network(aws, tmp_path, monkeypatch
     assert len({s["AvailabilityZone"] for s in subnets}) == 2 and len(subnets) == 4
     function = client("lambda").get_function(FunctionName="cnsq-dev-DownloadAndPredict")
     assert function["Configuration"]["VpcConfig"]["SubnetIds"]
+    # Dual-stack: the Lambdas' subnets have /64s of the VPC's Amazon-provided block and route
+    # ::/0 to an egress-only internet gateway (imagery over IPv6 skips the NAT's per-GB charge).
+    assert function["Configuration"]["VpcConfig"]["Ipv6AllowedForDualStack"] is True
+    private = [s for s in subnets if s["SubnetId"] in function["Configuration"]["VpcConfig"]["SubnetIds"]]
+    blocks = [a["Ipv6CidrBlock"] for s in private for a in s.get("Ipv6CidrBlockAssociationSet", [])]
+    assert len(blocks) == 2 and all(b.endswith("/64") for b in blocks)
+    vpc_block = ec2.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]
+    assert all(ipaddress.ip_network(b).subnet_of(ipaddress.ip_network(vpc_block)) for b in blocks)
+    tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["RouteTables"]
+    # (moto lists no subnet associations made by its CloudFormation: the private table is the
+    # one with the NAT route.)
+    routes = next(t["Routes"] for t in tables if any(r.get("NatGatewayId") for r in t["Routes"]))
+    assert any(r.get("DestinationIpv6CidrBlock") == "::/0" and r.get("EgressOnlyInternetGatewayId", "").startswith("eigw-")
+               for r in routes)
     assert "TILE_ACCESS_TOKEN" not in function["Configuration"]["Environment"]["Variables"]
     db = client("rds").describe_db_instances()["DBInstances"][0]
     assert db["PubliclyAccessible"] is False

@@ -32,6 +32,13 @@ def test_a_million_tiles_by_hand(project):
         "Load balancer hours": hours * 0.0225,
         "Load balancer capacity": 50.0 * 4 / 3 * 0.008,
         "Database (db.t3.medium)": hours * 0.072,
+        # The smaller standing parts, prorated over a 730-hour month: 20 GB of gp3; two secrets
+        # (the tile token, RDS's password); 6 metrics per host and 5 of the stack; the
+        # controller's 10 metrics read a minute. (No NAT address: this project's VPC is given.)
+        "Database storage": 20 * hours / 730 * 0.115,
+        "Secrets Manager secrets": 2 * hours / 730 * 0.40,
+        "Custom metrics": (6 + 5) * hours / 730 * 0.30,
+        "Metrics read (GetMetricData)": 10 * 10_360 / 60 * 0.00001,
     }
     got = {item.name: item.cost for item in result.bill.items}
     assert got == pytest.approx(expected)
@@ -67,6 +74,12 @@ PRODUCTS = [
                 "usagetype": "EU-LoadBalancerUsage"}, 0.0252),
     ("AWSELB", {"productFamily": "Load Balancer-Application", "regionCode": "eu-west-1",
                 "usagetype": "EU-LCUUsage"}, 0.008),
+    ("AmazonRDS", {"productFamily": "Database Storage", "regionCode": "eu-west-1",
+                   "usagetype": "EU-RDS:GP3-Storage"}, 0.127),
+    ("AWSSecretsManager", {"regionCode": "eu-west-1", "usagetype": "EU-AWSSecretsManager-Secrets"}, 0.40),
+    ("AmazonCloudWatch", {"regionCode": "eu-west-1", "usagetype": "EU-CW:MetricMonitorUsage"}, 0.30),
+    ("AmazonCloudWatch", {"regionCode": "eu-west-1", "usagetype": "EU-CW:GMD-Metrics"}, 0.00001),
+    # (No public IPv4 price: taken from the shipped file, and said.)
 ]
 
 
@@ -85,13 +98,15 @@ def _estimate_json(server, monkeypatch) -> dict:
 def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
     server = PricingServer(PRODUCTS)
     report = _estimate_json(server, monkeypatch)
-    assert report["prices"] == "the AWS Price List API (eu-west-1)"
+    assert report["prices"] == ("the AWS Price List API (eu-west-1); public ipv4 hour from the "
+                                f"prices shipped with cnsq ({shipped_prices().date})")
     price = {item["name"]: item["price"] for item in report["items"]}
     assert price["GPU hosts (g4dn.xlarge)"] == 0.587  # Linux, not the Windows price
     assert price["Lambda compute"] == 0.0000166667  # x86, not ARM; the paid tier
     assert price["Lambda requests"] == 0.0000002  # not Lambda@Edge's, not Arm's
     assert price["Database (db.t3.medium)"] == 0.078
     assert price["NAT data processed"] == 0.048
+    assert price["Database storage"] == 0.127
     assert not [n for n in report["notes"] if n.startswith("Prices:")]
     assert all(c["FormatVersion"] == "aws_v1" for c in server.calls)
 

@@ -501,6 +501,8 @@ CREATE_ACTION = {
     "AWS::ECS::ClusterCapacityProviderAssociations": "ecs:PutClusterCapacityProviders",
     "AWS::SSM::Parameter": "ssm:PutParameter", "AWS::Events::Rule": "events:PutRule",
     "AWS::Lambda::Permission": "lambda:AddPermission",
+    "AWS::EC2::VPCCidrBlock": "ec2:AssociateVpcCidrBlock",
+    "AWS::EC2::EgressOnlyInternetGateway": "ec2:CreateEgressOnlyInternetGateway",
 }
 
 
@@ -533,3 +535,85 @@ def test_the_region_has_a_home_in_the_config(project, monkeypatch):
     assert result.exit_code == 0
     result = CliRunner().invoke(main, ["validate", "--region", "us-east-1"], catch_exceptions=False)
     assert "Region: us-east-1 (from --region or AWS_REGION)." in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The imagery's way out (cnsq/egress.py): a resolver passed in, so no test needs DNS.
+
+V6_HOST = lambda host: {__import__("socket").AF_INET, __import__("socket").AF_INET6}  # noqa: E731
+
+
+def _egress(resolve, region: str = "us-east-1") -> list[preflight.Finding]:
+    config = load_config(Path("config/config.yml"))
+    return preflight.check_egress(config, lambda service, **kw: client(service), region, resolve)
+
+
+def test_a_given_network_is_told_what_to_add_for_imagery_over_ipv6(project, account):
+    findings = _egress(V6_HOST)
+    lines = [f.line() for f in findings]
+    assert lines[0] == ("warning: TILE_ENDPOINT: tiles.test answers over IPv6, but the subnets "
+                        "are not dual-stack: its bytes go through the NAT gateway ($1.80 per "
+                        "million tiles of 40 KB)")
+    assert "add an Amazon-provided IPv6 block to the VPC" in lines[1] and "ipv6: true" in lines[1]
+    assert not [f for f in findings if f.status == preflight.PROBLEM]
+
+
+def test_ipv6_true_on_subnets_without_ipv6_names_each_missing_part(project, account):
+    edit("  ecs:\n", "  ipv6: true\n\n  ecs:\n")
+    problems_ = [f.line() for f in _egress(V6_HOST) if f.status == preflight.PROBLEM]
+    for subnet in account["subnets"]:
+        assert any(line.startswith(f"ipv6: ipv6 is true but {subnet} has no IPv6 block") for line in problems_)
+        assert any(line.startswith(f"ipv6: ipv6 is true but {subnet} routes no ::/0 to an "
+                                   "egress-only internet gateway") for line in problems_)
+    # validate fails on them, with the rest of preflight.
+    result = validate()
+    assert result.exit_code == 1
+    assert sum("has no IPv6 block" in line for line in problems(result)) == 2
+
+
+def test_ipv6_true_on_a_dual_stack_network_takes_the_free_way(project, account):
+    ec2 = client("ec2")
+    block = ec2.associate_vpc_cidr_block(VpcId=account["vpc"], AmazonProvidedIpv6CidrBlock=True)[
+        "Ipv6CidrBlockAssociation"]["Ipv6CidrBlock"]
+    import ipaddress
+
+    sixty_fours = ipaddress.ip_network(block).subnets(new_prefix=64)
+    for subnet in account["subnets"]:
+        ec2.associate_subnet_cidr_block(SubnetId=subnet, Ipv6CidrBlock=str(next(sixty_fours)))
+    gateway = ec2.create_egress_only_internet_gateway(VpcId=account["vpc"])[
+        "EgressOnlyInternetGateway"]["EgressOnlyInternetGatewayId"]
+    ec2.create_route(RouteTableId=account["private_table"], DestinationIpv6CidrBlock="::/0",
+                     EgressOnlyInternetGatewayId=gateway)
+    edit("  ecs:\n", "  ipv6: true\n\n  ecs:\n")
+    findings = _egress(V6_HOST)
+    assert [f.line() for f in findings] == [
+        "ok: TILE_ENDPOINT: tiles.test answers over IPv6: its bytes take the egress-only "
+        "internet gateway, no per-GB charge ($0.00 per million tiles of 40 KB)"]
+    # An IPv4-only imagery server still pays the NAT, and is told so.
+    [v4] = _egress(lambda host: {__import__("socket").AF_INET})
+    assert v4.status == preflight.WARNING and "answers over IPv4 only" in v4.message
+
+
+def test_imagery_on_s3_in_the_region_needs_a_gateway_endpoint(project, account):
+    edit("https://tiles.test/{}", "https://imagery.s3.us-east-1.amazonaws.com/{}")
+    lines = [f.line() for f in _egress(lambda host: set())]
+    assert lines[0].startswith("ok: TILE_ENDPOINT: imagery.s3.us-east-1.amazonaws.com is S3 in "
+                               "us-east-1: its bytes take the S3 gateway endpoint")
+    assert any("route tables have no gateway endpoint" in line for line in lines)
+    client("ec2").create_vpc_endpoint(VpcId=account["vpc"], VpcEndpointType="Gateway",
+                                      ServiceName="com.amazonaws.us-east-1.s3",
+                                      RouteTableIds=[account["private_table"]])
+    assert [f.status for f in _egress(lambda host: set())] == [preflight.OK]
+
+
+def test_the_created_network_needs_no_account_to_say_the_way(project):
+    text = Path("config/config.yml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith(("  vpc:", "  subnets:", "    - subnet-"))]
+    Path("config/config.yml").write_text("\n".join(lines) + "\n")
+    config = load_config(Path("config/config.yml"))
+
+    def no_client(service, **kw):
+        raise AssertionError(f"asked for {service}")
+
+    [finding] = preflight.check_egress(config, no_client, "us-east-1", V6_HOST)
+    assert finding.status == preflight.OK and "egress-only internet gateway" in finding.message

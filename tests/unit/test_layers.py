@@ -23,6 +23,7 @@ RANK = {"cli": 4, **{job: 3 for job in JOBS}, "stack": 2, "core": 1, "lambda": 0
 # What one job may use of another, and why.
 ACROSS = {
     ("init", "deploy"): "the guided init checks a bucket and a key pair with preflight's calls",
+    ("deploy", "ops"): "preflight prices the imagery's way out with the cost model's figures",
     ("ops", "results"): "status and verify read the results store",
     ("local", "results"): "a local run writes and downloads results as the stack's do",
     ("view", "results"): "the map reads the results CSV",

@@ -177,3 +177,18 @@ def test_an_ordinary_config_change_replaces_no_named_resource_nor_the_database(
     assert [f for f in found.values() if f.custom_named] == []
     assert "cnsqdevResultsDB" not in found
     assert set(found) <= {"cnsqdevTaskDefinition"}, found
+
+
+def test_a_created_network_becomes_dual_stack_in_place(tmp_path, monkeypatch):
+    """A stack deployed before IPv6 (or with `ipv6: false`) updates to dual-stack replacing
+    nothing: a subnet's Ipv6CidrBlock, a function's VpcConfig and a group's egress rules are
+    not create-only."""
+    path = make_project(tmp_path / "proj", vpc=None)
+    monkeypatch.chdir(tmp_path / "proj")
+    text = Path(path).read_text()
+    Path(path).write_text(text.replace("  ecs:\n", "  ipv6: false\n\n  ecs:\n", 1))
+    before = load_cfn_yaml(render(load_config(path), REPO / "templates", {}))
+    Path(path).write_text(text)
+    after = load_cfn_yaml(render(load_config(path), REPO / "templates", {}))
+    assert "PrivateIpv6Route" in after["Resources"] and "PrivateIpv6Route" not in before["Resources"]
+    assert replaced(before, after) == {}

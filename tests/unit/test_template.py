@@ -21,7 +21,7 @@ UNTAGGABLE = {"AWS::IAM::InstanceProfile", "AWS::Lambda::EventSourceMapping",
               "AWS::ElasticLoadBalancingV2::Listener", "AWS::EC2::LaunchTemplate",
               "AWS::EC2::VPCGatewayAttachment", "AWS::EC2::SubnetRouteTableAssociation",
               "AWS::EC2::Route", "AWS::EC2::VPCEndpoint", "AWS::Lambda::Permission",
-              "AWS::ECS::ClusterCapacityProviderAssociations"}
+              "AWS::ECS::ClusterCapacityProviderAssociations", "AWS::EC2::VPCCidrBlock"}
 
 
 @pytest.fixture

@@ -111,6 +111,49 @@ def test_an_existing_vpc_is_used_as_given(tmp_path):
         "subnet-0123456789abcdef0", "subnet-0fedcba9876543210"]
 
 
+def dual_stack(data: dict) -> dict:
+    """What makes imagery over IPv6 skip the NAT: per Lambda, its flag; the IPv6 egress rule."""
+    lambdas = of_type(data, "AWS::Lambda::Function")
+    egress = data["Resources"]["LambdaSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    return {"flags": {name: fn["Properties"]["VpcConfig"].get("Ipv6AllowedForDualStack", False)
+                      for name, fn in lambdas.items()},
+            "ipv6 egress": any(rule.get("CidrIpv6") == "::/0" for rule in egress),
+            "network": sorted(k for k in ("VPCIpv6Block", "EgressOnlyInternetGateway",
+                                          "PrivateIpv6Route") if k in data["Resources"])}
+
+
+def test_the_created_network_is_dual_stack_so_imagery_over_ipv6_skips_the_nat(tmp_path):
+    _, _, data = compile_example(tmp_path)
+    found = dual_stack(data)
+    assert all(found["flags"].values()) and found["ipv6 egress"]
+    assert found["network"] == ["EgressOnlyInternetGateway", "PrivateIpv6Route", "VPCIpv6Block"]
+    resources = data["Resources"]
+    route = resources["PrivateIpv6Route"]["Properties"]
+    assert route == {"RouteTableId": {"Ref": "PrivateRouteTable"}, "DestinationIpv6CidrBlock": "::/0",
+                     "EgressOnlyInternetGatewayId": {"Ref": "EgressOnlyInternetGateway"}}
+    for i in (1, 2):
+        subnet = resources[f"PrivateSubnet{i}"]
+        # A /64 each of the VPC's block, which exists only once the association is made.
+        assert subnet["DependsOn"] == "VPCIpv6Block"
+        assert subnet["Properties"]["Ipv6CidrBlock"] == {"Fn::Select": [i, {"Fn::Cidr": [
+            {"Fn::Select": [0, {"Fn::GetAtt": ["VPC", "Ipv6CidrBlocks"]}]}, 4, 64]}]}
+    # Nothing comes in over IPv6: an egress-only gateway, and no public subnet gets a block.
+    assert "Ipv6CidrBlock" not in resources["PublicSubnet1"]["Properties"]
+
+
+@pytest.mark.parametrize("ipv6, network, expected", [
+    (None, "given vpc", False), ("true", "given vpc", True), ("false", "created network", False)])
+def test_dual_stack_for_a_given_network_is_the_users_choice(tmp_path, ipv6, network, expected):
+    def edit(text: str) -> str:
+        text = given_vpc(text) if network == "given vpc" else text
+        return text if ipv6 is None else text.replace("  ecs:\n", f"  ipv6: {ipv6}\n\n  ecs:\n", 1)
+    _, _, data = compile_example(tmp_path, edit)
+    found = dual_stack(data)
+    assert set(found["flags"].values()) == {expected} and found["ipv6 egress"] is expected
+    # A given network's gateways and routes are its owner's: the stack adds none.
+    assert found["network"] == []
+
+
 def test_opening_the_database_and_the_model_is_an_opt_in(tmp_path):
     config, _, data = compile_example(tmp_path, lambda text: text.replace(
         "    # publiclyAccessible: true", "    publiclyAccessible: true").replace(
