@@ -138,6 +138,11 @@ SCHEMA: dict[str, Any] = {
         "batching": ("bool", True),
         "allowedCidr": ("str", ""),
         "tasksPerInstance": ("int", None),
+        # The share of GPU hosts on Spot, 0 to 100 (true: 100): a mixed-instances group over
+        # spotInstanceTypes (unset: the same size of g4dn, g5 and g6 when the type is one of
+        # theirs), price-capacity-optimized, drained by ECS on the interruption notice.
+        "spot": ("percent", 0),
+        "spotInstanceTypes": ("strlist", []),
     },
     "sqs": {
         "visibilityTimeout": ("int", 1800),
@@ -516,6 +521,17 @@ class _Validator:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
                 return value.lower() in ("true", "yes")
             raise ConfigError(f"{self.where(key)}: expected true or false, got {value!r}")
+        if kind == "percent":
+            if isinstance(value, bool):
+                return 100 if value else 0
+            if isinstance(value, int) and 0 <= value <= 100:
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+                return 100 if value.strip().lower() in ("true", "yes") else 0
+            if isinstance(value, str) and value.strip().isdigit() and int(value) <= 100:
+                return int(value)
+            raise ConfigError(f"{self.where(key)}: expected true, false or a percentage from 0 "
+                              f"to 100, got {value!r}")
         if kind == "strlist":
             if not isinstance(value, list):
                 raise ConfigError(f"{self.where(key)}: expected a list, got {_kind(value)}")
@@ -649,8 +665,48 @@ def _check_values(values: dict, where, guessed: set[str]) -> list[str]:
                     "above 10 without a batching window"
                 )
     _check_gpus(ecs, where, warnings, guessed)
+    _check_spot(ecs, where)
     _check_scaling(values, where)
     return warnings
+
+
+# Single-GPU sizes whose same size in another of these families has the same GPU count and
+# memory of at least the first's (T4, A10G, L4: one GPU each up to 16xlarge): the Spot group's
+# default types, so price-capacity-optimized has pools to choose from.
+SPOT_FAMILIES = ("g4dn", "g5", "g6")
+SPOT_SIZES = ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")
+
+
+def _gpus_of(itype: str) -> int | None:
+    family = itype.split(".")[0]
+    if family in MULTI_GPU_FAMILIES or family in SPOT_FAMILIES:
+        return MULTI_GPU.get(itype, 1)
+    return None
+
+
+def _check_spot(ecs: dict, where) -> None:
+    """Spot hosts: types with the instance type's GPU count (a task asks for GPUs by count)."""
+    itype = ecs["instanceType"]
+    if not ecs["spot"]:
+        return
+    if not ecs["spotInstanceTypes"]:
+        family, _, size = itype.partition(".")
+        siblings = [f"{f}.{size}" for f in SPOT_FAMILIES if f != family] \
+            if family in SPOT_FAMILIES and size in SPOT_SIZES else []
+        ecs["spotInstanceTypes"] = [itype, *siblings]
+    elif itype not in ecs["spotInstanceTypes"]:
+        ecs["spotInstanceTypes"] = [itype, *ecs["spotInstanceTypes"]]
+    if len(ecs["spotInstanceTypes"]) > 40:
+        raise ConfigError(f"{where('ecs.spotInstanceTypes')}: at most 40 types (a mixed-instances "
+                          "group's overrides)")
+    wanted = _gpus_of(itype)
+    for other in ecs["spotInstanceTypes"]:
+        found = _gpus_of(other)
+        if wanted is not None and found is not None and found != wanted:
+            raise ConfigError(
+                f"{where('ecs.spotInstanceTypes')}: {other} has {found} GPU(s) and {itype} "
+                f"{wanted}: the group's types need the same GPU count (each task asks for "
+                f"{ecs['gpus']})")
 
 
 def _check_scaling(values: dict, where) -> None:

@@ -180,6 +180,93 @@ def bench_handler(db: Database, args) -> list[Result]:
 
 
 # ---------------------------------------------------------------------------------------------
+# lambda: the worker's CPU and memory per call of 10 tiles, measured in a process of its own, and
+# the memory size they choose (Lambda gives CPU in proportion to memory: one vCPU at 1,769 MB)
+
+_LAMBDA_CHILD = """
+import json, os, resource, sys, time
+sys.path[:0] = [os.environ["LAMBDA_DIR"]]
+from download_and_predict.handler import build
+calls = int(os.environ["CALLS"])
+app = build({k: os.environ[k] for k in ("TILE_ENDPOINT", "PREDICTION_ENDPOINT", "DATABASE_URL")})
+# On AWS a cold start also reads the token and the database's password with boto3's clients.
+import boto3
+clients = [boto3.client(n, region_name="us-east-1") for n in ("secretsmanager", "rds")]
+init_cpu = time.process_time()
+rest = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def event(c):
+    return {"Records": [{"messageId": f"m{i}", "body": json.dumps({"x": c * 10 + i, "y": 7, "z": 12})}
+                        for i in range(10)]}
+for c in range(2):  # warm: the session, the connection, the imports a first call makes
+    assert app.run(event(c)) == {"batchItemFailures": []}
+cpu, wall = time.process_time(), time.perf_counter()
+for c in range(2, calls + 2):
+    assert app.run(event(c)) == {"batchItemFailures": []}
+cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"cpu": cpu / calls, "wall": wall / calls, "rest_mb": rest, "peak_mb": peak,
+                  "init_cpu": init_cpu}))
+"""
+def lambda_memory(cpu_s: float, wait_s: float, peak_mb: float,
+                  sizes=(128, 256, 512, 768, 1024, 1536, 1769)):
+    """Per memory size: a call's duration (the waiting, plus the CPU stretched by the share of a
+    vCPU the size gets) and its GB-seconds; the choice: the fewest GB-seconds among the sizes
+    at least twice the peak RSS (the Lambda runtime's own memory, larger tiles)."""
+    from cnsq.ops.estimate import VCPU_MB
+
+    rows = []
+    for mb in sizes:
+        duration = wait_s + cpu_s * VCPU_MB / min(mb, VCPU_MB)
+        rows.append((mb, duration, mb / 1024 * duration))
+    fits = [r for r in rows if r[0] >= 2 * peak_mb]
+    return rows, min(fits, key=lambda r: r[2]) if fits else rows[-1]
+
+
+def bench_lambda(db: Database, args) -> list[Result]:
+    import simulation
+    from cnsq.ops.estimate import VCPU_MB
+    from cnsq.ops.pricing import shipped_prices
+
+    jpegs = _tile_jpegs(10)
+    calls = max(20, args.repeat * 4)
+    content = {f"{c * 10 + i}-7-12": jpegs[i] for c in range(calls + 2) for i in range(10)}
+    tiles, model = TileServer(content=content, only_content=True), ModelServer()
+    env = {**os.environ, "LAMBDA_DIR": str(REPO / "lambda"), "CALLS": str(calls),
+           "TILE_ENDPOINT": tiles.url + "/{z}/{x}/{y}.jpg", "PREDICTION_ENDPOINT": model.endpoint,
+           "DATABASE_URL": db.fresh()}
+    out = subprocess.run([sys.executable, "-c", _LAMBDA_CHILD], env=env, capture_output=True,
+                         text=True, check=True)
+    tiles.close()
+    model.close()
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    # What a call waits for in the reference world (downloads, the model's queue, the write):
+    # the simulation's mean call at 1024 MB, less the CPU it takes there.
+    setup = simulation.Setup(lambda_memory_mb=1024)
+    outcome = simulation.simulate(setup, 200_000, shipped_prices())
+    mean_call = outcome.usage.lambda_gb_seconds / outcome.usage.lambda_requests
+    wait = max(0.0, mean_call - found["cpu"] * VCPU_MB / 1024)
+    rows, (choice, duration, gb_s) = lambda_memory(found["cpu"], wait, found["peak_mb"])
+    at_1024 = next(r for r in rows if r[0] == 1024)
+    print(f"# lambda: a call of 10 tiles of {sum(map(len, jpegs)) // 10:,} bytes: "
+          f"{found['cpu'] * 1000:.1f} ms of CPU, {found['wall'] * 1000:.0f} ms on 127.0.0.1; "
+          f"peak RSS {found['peak_mb']:.0f} MB ({found['rest_mb']:.0f} MB after the imports and "
+          f"boto3's clients); a cold start's imports take {found['init_cpu']:.2f} s of CPU; the "
+          f"reference world's call waits {wait:.2f} s", flush=True)
+    for mb, d, g in rows:
+        cold = found["init_cpu"] * VCPU_MB / min(mb, VCPU_MB)
+        print(f"#   {mb:>5} MB: a call {d:.3f} s, {g:.3f} GB-s, a cold start's imports {cold:.1f} s"
+              f"{'  <- chosen' if mb == choice else ''}", flush=True)
+    return [
+        Result("lambda: CPU per tile (ms)", found["cpu"] / 10 * 1000, "ms",
+               "the call's wall time per tile (ms)", found["wall"] / 10 * 1000, "information"),
+        Result("lambda: peak RSS (MB)", found["peak_mb"], "MB", "after the imports (MB)",
+               found["rest_mb"], "information"),
+        Result(f"lambda: GB-s per call at {choice} MB", gb_s, "GB-s", "at 1024 MB (the example's "
+               "before)", at_1024[2], "< 1 (the chosen size is cheaper)"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # download: N rows, `cnsq download` vs psql \copy, time and peak RSS
 
 
@@ -778,7 +865,7 @@ BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_d
                                    "push": bench_push, "convert-geojson": bench_convert,
                                    "serve": bench_serve, "pipeline": bench_pipeline,
                                    "view": bench_view, "tune": bench_tune,
-                                   "export": bench_export}
+                                   "export": bench_export, "lambda": bench_lambda}
 
 
 def main() -> int:

@@ -39,10 +39,12 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 from cnsq.ops.estimate import (
+    CALL_CPU_SECONDS,
     HEALTHY_SECONDS,
     HOST_BOOT_SECONDS,
     MODEL_START_SECONDS,
     SCALE_IN_SECONDS,
+    VCPU_MB,
 )
 from cnsq.ops.pricing import Bill, Parts, Prices, Usage, bill, run_usage
 from cnsq.stack.model_batching import BATCHING
@@ -64,10 +66,14 @@ class World:
     - ``tile_kb``: [assumption] a 256×256 JPEG of imagery is 20–60 KB; 40 KB.
     - ``download_workers``: [source] the handler's ``DOWNLOAD_WORKERS`` default (16): a call
       downloads that many tiles at once.
-    - ``cold_start_s``: [assumption] a Python Lambda's init with boto3, requests and psycopg2 in a
-      VPC: 0.8 s.
-    - ``call_overhead_s``: [assumption] SQS handing a batch to Lambda, JSON, the handler's
-      bookkeeping.
+    - ``cold_start_s``: a Python Lambda's init with boto3, requests and psycopg2 in a VPC at one
+      vCPU: [source: ``python scripts/bench.py lambda``] the imports and boto3's clients take
+      0.41 s of CPU, [assumption] plus 0.1 s of the runtime's own start: 0.5 s, stretched by the
+      share of a vCPU the memory gets (0.8 s at 1024 MB, 6 s at 128 MB).
+    - ``call_overhead_s``: [assumption] SQS handing a batch to Lambda.
+    - ``call_cpu_s``: [source: ``python scripts/bench.py lambda``] the handler's CPU for a call of
+      10 tiles at one vCPU (parsing the downloads, base64, JSON, the write): 14–17 ms (16 taken); stretched by
+      the share of a vCPU the function's memory gets (one at 1,769 MB, Lambda's documentation).
     - ``db_write_s``: [assumption] one multi-row upsert of a batch into PostgreSQL in the VPC.
     - ``gpu_fixed_s``/``gpu_per_tile_s``: [assumption] one TF Serving batch on one GPU, request
       decoding included: 15 ms + 8 ms a tile (~110 tiles/s in full batches). Chosen so the
@@ -93,14 +99,24 @@ class World:
       ``RETRY_BACKOFF`` (0.2 s, doubling) for a 5xx or a connection error from the model.
     - ``deadline_margin_s``: [source] the handler's prediction deadline: the Lambda's time left
       less half its ``DEADLINE_RESERVE`` (5 s).
+    - ``spot_interruptions_per_hour``: the chance a Spot host is reclaimed in an hour.
+      [source] The Spot Instance Advisor's worst bucket is "more than 20 %" of instances
+      interrupted in a month: 0.2 / 730 h ≈ 0.0003 an hour (:data:`SPOT_DOCUMENTED`);
+      [assumption] a pessimistic world takes 0.5 an hour (:data:`SPOT_PESSIMISTIC`), a
+      thousand times more, to show what interruptions do.
+    - ``spot_notice_s``: [source] EC2's Spot interruption notice comes two minutes before the
+      instance is reclaimed; ECS drains its tasks on the notice
+      (``ECS_ENABLE_SPOT_INSTANCE_DRAINING``), calls queued on them at the end fail (a reset
+      connection: the handler retries on another task).
     """
 
     tile_median_s: float = 0.12
     tile_sigma: float = 0.5
     tile_kb: float = 40.0
     download_workers: int = 16
-    cold_start_s: float = 0.8
+    cold_start_s: float = 0.5
     call_overhead_s: float = 0.03
+    call_cpu_s: float = CALL_CPU_SECONDS
     db_write_s: float = 0.03
     gpu_fixed_s: float = 0.015
     gpu_per_tile_s: float = 0.008
@@ -116,6 +132,12 @@ class World:
     retries: int = 3
     retry_backoff_s: float = 0.2
     deadline_margin_s: float = 2.5
+    spot_interruptions_per_hour: float = 0.0
+    spot_notice_s: float = 120.0
+
+
+SPOT_DOCUMENTED = 0.2 / 730
+SPOT_PESSIMISTIC = 0.5
 
 
 @dataclass(frozen=True)
@@ -131,8 +153,8 @@ class Setup:
     idle_minutes: float = 2.0
     batch_size: int = 10
     lambda_timeout: float = 120.0
-    lambda_memory_mb: int = 1024
-    lambda_architecture: str = "x86_64"
+    lambda_memory_mb: int = 128  # the example's, as `bench.py lambda` chose it
+    lambda_architecture: str = "arm64"
     visibility_timeout: float = 720.0
     max_receive_count: int = 5
     concurrency: int = 10  # the controller's start, per GPU (config.example.yml's `concurrent`)
@@ -146,6 +168,7 @@ class Setup:
     # The standing parts and the imagery's way out, as cnsq.ops.estimate.parts makes them for the
     # example config (the stack's own network, a secret token, scaling): the bill's one home.
     parts: Parts = Parts()
+    spot: int = 0  # ecs.spot: the share of hosts launched as Spot, in per cent
 
 
 @dataclass
@@ -174,6 +197,7 @@ class Outcome:
     samples: list[Sample] = field(default_factory=list)
     decisions: list[tuple[float, str]] = field(default_factory=list)
     jobs: list[tuple[float | None, float | None]] = field(default_factory=list)  # pushed, drained
+    interruptions: int = 0  # Spot hosts reclaimed
 
     @property
     def per_million(self) -> float:
@@ -209,7 +233,9 @@ class _Task:
 
     def _serve(self):
         w = self.sim.world
-        while not self.stopped:
+        # A stopped task (scale-in, a Spot notice) is deregistered: it gets no new request and
+        # answers those it has (the target group's deregistration delay).
+        while not self.stopped or self.requests.items:
             first = yield self.requests.get()
             batch, tiles = [first], first[0]
             tiles = yield from self._gather(batch, tiles)
@@ -220,9 +246,10 @@ class _Task:
             service = w.gpu_fixed_s + w.gpu_per_tile_s * tiles
             yield self.env.timeout(service)
             self.busy += service
+            gone = self.host.terminated  # reclaimed mid-batch: the connection is reset
             for _, done in batch:
                 if not done.triggered:
-                    done.succeed()
+                    done.succeed(not gone)
 
 
 class _Host:
@@ -234,6 +261,8 @@ class _Host:
         self.empty_since = env.now
         self.terminated = False
         self.stopped_at: float | None = None
+        self.spot = False
+        self.draining = False  # a Spot interruption notice came
         env.process(self._boot(ready_at))
 
     def _boot(self, ready_at):
@@ -293,6 +322,8 @@ class _Sim:
         self.pushed = False
         self.unpushed = self.tiles
         self._normal = NormalDist()
+        self.interruptions = 0
+        self.launched = 0
 
     # -- SQS ---------------------------------------------------------------------------------
     def push(self, job: int = 0):
@@ -360,11 +391,11 @@ class _Sim:
     def call(self, group: list[int]):
         w, s = self.world, self.setup
         start = self.env.now
-        took = w.call_overhead_s
+        took = w.call_overhead_s + w.call_cpu_s * VCPU_MB / min(s.lambda_memory_mb, VCPU_MB)
         if self.warm > 0:
             self.warm -= 1
         else:
-            took += w.cold_start_s
+            took += w.cold_start_s * VCPU_MB / min(s.lambda_memory_mb, VCPU_MB)
         n = group[0]
         yield self.env.timeout(took + self.download_time(n))  # one event: nothing between them
         ok = yield from self.predict(n, start, group)
@@ -439,6 +470,8 @@ class _Sim:
                 if left <= w.alb_timeout_s:
                     return False  # the handler's deadline: no retry
                 continue  # 504 from the load balancer
+            if done.value is False:
+                continue  # 502: the host went away (a Spot interruption) with the request
             if not self.model_fails(group, attempt):
                 return True
         return False
@@ -450,19 +483,55 @@ class _Sim:
     def tasks(self) -> list[_Task]:
         return [t for h in self.live_hosts() for t in h.tasks if not t.stopped]
 
+    def serving_hosts(self) -> list[_Host]:
+        """Live hosts without an interruption notice: where tasks are placed, what the capacity
+        provider counts (a draining host's tasks are replaced elsewhere at once)."""
+        return [h for h in self.live_hosts() if not h.draining]
+
     def launch(self, count: int, warm: bool = False):
-        """``warm``: hosts and tasks already running (a stack deployed earlier)."""
+        """``warm``: hosts and tasks already running (a stack deployed earlier). A mixed
+        group keeps ``100 - spot`` % of its hosts on demand, the rest Spot."""
         for _ in range(count):
             host = _Host(self.env, self, self.world.host_boot_s, warm)
+            serving = self.serving_hosts()
+            on_demand = sum(not h.spot for h in serving)
+            host.spot = on_demand >= math.ceil((len(serving) + 1) * (100 - self.setup.spot) / 100)
             self.hosts.append(host)
+            self.launched += 1
+            if host.spot and self.world.spot_interruptions_per_hour > 0:
+                self.env.process(self._interruption(host, self.launched))
             if warm:
                 host.tasks.extend(_Task(self.env, self, host, warm=True)
                                   for _ in range(self.setup.tasks_per_instance))
 
+    def _interruption(self, host: _Host, number: int):
+        """A Spot host's reclaim: exponential with the world's rate, drawn from the host's
+        number (every setup compared meets the same); the notice drains its tasks, the host
+        goes ``spot_notice_s`` later."""
+        w = self.world
+        draw = random.Random(f"{self.seed}:spot:{number}").expovariate(
+            w.spot_interruptions_per_hour / 3600)
+        yield self.env.timeout(draw)
+        if host.terminated:
+            return
+        self.interruptions += 1
+        host.draining = True
+        for task in host.tasks:
+            task.stopped = True
+            task.healthy = False
+        host.empty_since = self.env.now
+        self.place_tasks()
+        if self.setup.fixed is not None:
+            self.launch(1)  # a fixed group's desired capacity: the group replaces the host
+        yield self.env.timeout(w.spot_notice_s)
+        if not host.terminated:
+            self.terminate(host)
+            self.place_tasks()
+
     def place_tasks(self):
         per = self.setup.tasks_per_instance
         while len(self.tasks()) < self.desired_tasks:
-            room = [h for h in self.live_hosts() if h.registered and len(
+            room = [h for h in self.serving_hosts() if h.registered and len(
                 [t for t in h.tasks if not t.stopped]) < per]
             if not room:
                 return
@@ -479,7 +548,7 @@ class _Sim:
         while True:
             yield self.env.timeout(60)
             needed = min(self.setup.max_instances, math.ceil(self.desired_tasks / per))
-            live = self.live_hosts()
+            live = self.serving_hosts()
             if needed > len(live):
                 self.launch(needed - len(live))
             for host in live:
@@ -494,6 +563,11 @@ class _Sim:
         host.stopped_at = self.env.now
         for task in host.tasks:
             task.stopped = True
+            task.healthy = False
+            while task.requests.items:  # queued on a host that is gone: a reset connection
+                _, done = task.requests.items.pop()
+                if not done.triggered:
+                    done.succeed(False)
 
     def shrink_group(self, hosts: int):
         """The controller lowers the group's size at the minimum: empty hosts go first."""
@@ -617,7 +691,9 @@ def simulate(setup: Setup, tiles: int | Sequence[int], prices: Prices, world: Wo
     usage = _usage_until(sim, end)
     total = bill(usage, prices, setup.instance_type, setup.database_class,
                  setup.lambda_architecture)
-    tail_usage = Usage(instance_seconds=_host_seconds(sim, env.now) - usage.instance_seconds)
+    tail_usage = Usage(
+        instance_seconds=_host_seconds(sim, env.now, False) - usage.instance_seconds,
+        spot_instance_seconds=_host_seconds(sim, env.now, True) - usage.spot_instance_seconds)
     return Outcome(
         tiles=sim.tiles, written=sim.written, dead_letter=sim.dead, drained_at=drained,
         hosts_at_minimum_after=(sim.at_minimum_at - drained) if (
@@ -626,7 +702,8 @@ def simulate(setup: Setup, tiles: int | Sequence[int], prices: Prices, world: Wo
         usage=usage, bill=total,
         tail=bill(tail_usage, prices, setup.instance_type, None),
         samples=sim.samples, decisions=sim.decisions,
-        jobs=list(zip(sim.job_pushed, sim.job_drained, strict=True)))
+        jobs=list(zip(sim.job_pushed, sim.job_drained, strict=True)),
+        interruptions=sim.interruptions)
 
 
 def _fixed_end(sim: _Sim):
@@ -636,14 +713,16 @@ def _fixed_end(sim: _Sim):
         sim.terminate(host)  # the user deletes the stack as the last tile is written
 
 
-def _host_seconds(sim: _Sim, end: float) -> float:
-    """Host time up to ``end``: from launch to termination (or ``end``)."""
+def _host_seconds(sim: _Sim, end: float, spot: bool | None = None) -> float:
+    """Host time up to ``end``: from launch to termination (or ``end``); ``spot`` True or
+    False: of those hosts only."""
     return sum(max(0.0, min(end, h.stopped_at if h.stopped_at is not None else end) - h.launched)
-               for h in sim.hosts)
+               for h in sim.hosts if spot is None or h.spot == spot)
 
 
 def _usage_until(sim: _Sim, end: float) -> Usage:
     """The run's usage up to ``end``."""
     u = sim.usage
-    return run_usage(end, _host_seconds(sim, end), u.lambda_gb_seconds, u.lambda_requests,
-                     sim.sqs_requests, u.nat_gb, sim.setup.parts)
+    return run_usage(end, _host_seconds(sim, end, False), u.lambda_gb_seconds, u.lambda_requests,
+                     sim.sqs_requests, u.nat_gb, sim.setup.parts,
+                     spot_instance_seconds=_host_seconds(sim, end, True))

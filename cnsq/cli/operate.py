@@ -371,6 +371,7 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
       cnsq status --config config/config.yml --since 30m --watch
     """
 
+    from cnsq.ops.estimate import imagery_way
     from cnsq.ops.pricing import prices_for
     from cnsq.ops.status import as_dict, collect, diagnose, render, window_cost
 
@@ -381,11 +382,15 @@ def status(settings: Settings, since: str, watch: bool, as_json: bool,
     lam = deployed.worker or {"timeout": 300, "concurrent": None}
     ecs = config.values["ecs"]
     prices, note = prices_for(settings.aws().session, settings.aws().session.region_name or
-                              "us-east-1", ecs["instanceType"], config.values["rds"]["instanceType"])
+                              "us-east-1", ecs["instanceType"], config.values["rds"]["instanceType"],
+                              want_spot=ecs["spot"] > 0)
+    # The imagery's way out, as estimate and preflight see it (only the NAT bills per GB).
+    way, _ = imagery_way(config.values, settings.aws().session.region_name or "us-east-1")
     # Without --database-url, the stack's admin function counts the rows (see status.collect).
     while True:
         metrics = collect(deployed, window, database_url)
-        metrics.cost = {i.name: i.cost for i in window_cost(metrics, config.values, prices).items}
+        metrics.cost = {i.name: i.cost for i in window_cost(metrics, config.values, prices,
+                                                            egress=way).items}
         metrics.prices = note or f"Prices: {prices.source}."
         diagnosis = diagnose(metrics, lam["timeout"], lam["concurrent"],
                              config.values["ecs"]["desiredInstances"])
@@ -459,7 +464,7 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
     region = settings.region_and_source()[0] or (session.region_name if session else None) \
         or "us-east-1"
     prices, note = prices_for(session, region, values["ecs"]["instanceType"],
-                              values["rds"]["instanceType"])
+                              values["rds"]["instanceType"], want_spot=values["ecs"]["spot"] > 0)
     way, imagery = imagery_way(values, region, egress)
     result = run_estimate(tiles, values, prices, PerTile(tiles_per_second, call_seconds, tile_kb),
                           egress=way)

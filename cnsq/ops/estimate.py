@@ -25,6 +25,12 @@ HOST_START_SECONDS = HOST_BOOT_SECONDS + MODEL_START_SECONDS + HEALTHY_SECONDS
 # ECS's managed scaling ends an emptied host when its scale-in alarm has seen 15 one-minute
 # datapoints: a stack that scales itself pays its hosts that long after idleMinutes.
 SCALE_IN_SECONDS = 15 * 60.0
+# Lambda allocates CPU in proportion to memory: at 1,769 MB a function has the equivalent of one
+# vCPU (Lambda's "Configure Lambda function memory"). Below it, the handler's CPU time stretches.
+VCPU_MB = 1769
+# The worker's CPU for a call of 10 tiles at one vCPU (`python scripts/bench.py lambda`: parsing
+# the downloads, base64, JSON, the write; 14–17 ms in three runs on the 2-core VM of docs/performance.md).
+CALL_CPU_SECONDS = 0.016
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,17 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     calls = math.ceil(tiles / sqs["batchSize"])
     # SendMessageBatch (10 a request), a receive and a delete per call.
     stack = parts(values, egress)
-    usage = run_usage(seconds, hosts * seconds, calls * per.call_seconds * memory_gb, calls,
-                      math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6, stack)
+    spot = ecs["spot"] / 100
+    usage = run_usage(seconds, hosts * seconds * (1 - spot),
+                      calls * per.call_seconds * memory_gb, calls,
+                      math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6, stack,
+                      spot_instance_seconds=hosts * seconds * spot)
     database = values["rds"]["instanceType"]
     total = bill(usage, prices, ecs["instanceType"], database, lambdas[name]["architecture"])
     idle_seconds = ecs["idleMinutes"] * 60 + SCALE_IN_SECONDS if scaling else 0
-    idle = bill(Usage(instance_seconds=hosts * idle_seconds), prices, ecs["instanceType"], None)
+    idle = bill(Usage(instance_seconds=hosts * idle_seconds * (1 - spot),
+                      spot_instance_seconds=hosts * idle_seconds * spot), prices,
+                ecs["instanceType"], None)
     day = 86400.0
     # Standing: a day of the stack with no work (the controller still reads its metrics each
     # minute when the stack scales itself).
@@ -128,6 +139,10 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     notes = [f"{hosts} host(s) × {ecs['tasksPerInstance']} model task(s), "
              f"{per.tiles_per_second:g} tiles/s per task, {per.call_seconds:g} s per call of "
              f"{sqs['batchSize']} tiles, {per.tile_kb:g} KB per tile"]
+    if spot:
+        notes.append(f"{ecs['spot']} % of the host hours on Spot at {prices.spot_source}: "
+                     "an expectation (Spot prices move), and an interruption costs a host's "
+                     "restart (the simulation's Spot worlds)")
     if scaling:
         notes.append(f"after the work the hosts wait ecs.idleMinutes ({ecs['idleMinutes']}), "
                      f"then ECS's {SCALE_IN_SECONDS / 60:.0f}-minute scale-in, before going to "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -43,6 +43,10 @@ class Prices:
     secret_month: float  # Secrets Manager, per secret
     custom_metric_month: float  # CloudWatch, per metric (the first tier)
     metric_requested: float  # CloudWatch GetMetricData, per metric asked for
+    # Spot: an expectation, not a list price (it moves with supply and demand); the account's
+    # recent DescribeSpotPriceHistory when it can be read, else the shipped dated figures.
+    spot_hour: dict[str, float] = field(default_factory=dict)
+    spot_source: str = ""
     date: str = ""
 
     def instance(self, instance_type: str) -> float:
@@ -52,6 +56,14 @@ class Prices:
             raise CnsqError(
                 f"No price for {instance_type} in {self.source}: run `cnsq estimate` with AWS "
                 f"credentials (pricing:GetProducts) or pass {option('instance_price')}") from None
+
+    def spot(self, instance_type: str) -> float:
+        try:
+            return self.spot_hour[instance_type]
+        except KeyError:
+            raise CnsqError(
+                f"No Spot price for {instance_type} in {self.spot_source or self.source}: run "
+                "with AWS credentials (ec2:DescribeSpotPriceHistory)") from None
 
     def database(self, instance_class: str) -> float:
         try:
@@ -68,7 +80,10 @@ def shipped_prices() -> Prices:
     raw: dict[str, Any] = json.loads(text)
     date = raw.pop("date")
     raw.pop("source")
-    return Prices(source=f"the prices shipped with cnsq ({SHIPPED_REGION}, {date})", date=date, **raw)
+    spot_date = raw.pop("spot_date")
+    return Prices(source=f"the prices shipped with cnsq ({SHIPPED_REGION}, {date})", date=date,
+                  spot_source=f"the Spot prices shipped with cnsq ({SHIPPED_REGION}, "
+                              f"{spot_date}, an expectation)", **raw)
 
 
 # AWS prorates a monthly price by the hour over a 730-hour month (RDS storage, Secrets Manager,
@@ -102,7 +117,8 @@ class Parts:
 class Usage:
     """What a run used. Seconds for the things billed by the hour."""
 
-    instance_seconds: float = 0.0
+    instance_seconds: float = 0.0  # on demand
+    spot_instance_seconds: float = 0.0
     lambda_gb_seconds: float = 0.0
     lambda_requests: float = 0.0
     sqs_requests: float = 0.0
@@ -119,7 +135,8 @@ class Usage:
 
 
 def run_usage(seconds: float, instance_seconds: float, lambda_gb_seconds: float, calls: float,
-              sqs_requests: float, downloaded_gb: float, parts: Parts = Parts()) -> Usage:
+              sqs_requests: float, downloaded_gb: float, parts: Parts = Parts(),
+              spot_instance_seconds: float = 0.0) -> Usage:
     """A run's usage over ``seconds`` of the stack standing: the NAT gateway, its address, the
     database and its storage, the secrets and the load balancer for that long; the images
     through the NAT once (``downloaded_gb``) unless ``parts.egress`` is a path without a per-GB
@@ -128,14 +145,16 @@ def run_usage(seconds: float, instance_seconds: float, lambda_gb_seconds: float,
     them; the controller's GetMetricData each minute. The one place estimate, status and the
     simulation turn a run into a usage."""
     return Usage(
-        instance_seconds=instance_seconds, lambda_gb_seconds=lambda_gb_seconds,
+        instance_seconds=instance_seconds, spot_instance_seconds=spot_instance_seconds,
+        lambda_gb_seconds=lambda_gb_seconds,
         lambda_requests=calls, sqs_requests=sqs_requests, nat_seconds=seconds,
         nat_gb=downloaded_gb if parts.egress == EGRESS_NAT else 0.0,
         database_seconds=seconds, load_balancer_seconds=seconds,
         load_balancer_lcu_hours=max(seconds / 3600, downloaded_gb * 4 / 3),
         public_ipv4_seconds=parts.public_ipv4 * seconds,
         storage_gb_seconds=parts.storage_gb * seconds, secret_seconds=parts.secrets * seconds,
-        metric_seconds=parts.host_metrics * instance_seconds + parts.stack_metrics * seconds,
+        metric_seconds=parts.host_metrics * (instance_seconds + spot_instance_seconds)
+        + parts.stack_metrics * seconds,
         metrics_requested=parts.controller_metrics * seconds / 60)
 
 
@@ -172,9 +191,15 @@ def bill(usage: Usage, prices: Prices, instance_type: str, database_class: str |
     hour = 3600.0
     arm = architecture == "arm64"
     what = " (arm64)" if arm else ""
-    items = [
-        Item(f"GPU hosts ({instance_type})", usage.instance_seconds / hour, "h",
-             prices.instance(instance_type), 0.0),
+    items = []
+    if usage.instance_seconds or not usage.spot_instance_seconds:
+        items.append(Item(f"GPU hosts ({instance_type})", usage.instance_seconds / hour, "h",
+                          prices.instance(instance_type), 0.0))
+    if usage.spot_instance_seconds:
+        items.append(Item(f"GPU hosts, Spot ({instance_type}, expected)",
+                          usage.spot_instance_seconds / hour, "h", prices.spot(instance_type),
+                          0.0))
+    items += [
         Item(f"Lambda compute{what}", usage.lambda_gb_seconds, "GB-s",
              prices.lambda_gb_second_arm if arm else prices.lambda_gb_second, 0.0),
         Item(f"Lambda requests{what}", usage.lambda_requests, "requests",
@@ -342,14 +367,39 @@ def account_prices(pricing: Any, region: str, instance_type: str,
     source = f"the AWS Price List API ({region})"
     if borrowed:
         source += f"; {', '.join(borrowed)} from the prices shipped with cnsq ({shipped.date})"
-    return Prices(region=region, source=source,
+    return Prices(region=region, source=source, spot_hour=shipped.spot_hour,
+                  spot_source=shipped.spot_source,
                   instance_hour={instance_type: instance}, database_hour=databases, **values)
 
 
+def account_spot(ec2: Any, instance_type: str, now: float) -> float | None:
+    """The expected Spot price of ``instance_type``: the mean over the region's zones of each
+    zone's latest Linux price in the last day (ec2:DescribeSpotPriceHistory); None without any."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime.fromtimestamp(now, UTC) - timedelta(days=1)
+    latest: dict[str, tuple[Any, float]] = {}
+    pages = ec2.get_paginator("describe_spot_price_history").paginate(
+        InstanceTypes=[instance_type], ProductDescriptions=["Linux/UNIX"], StartTime=start)
+    for number, page in enumerate(pages, 1):
+        for entry in page.get("SpotPriceHistory", []):
+            zone, when = entry.get("AvailabilityZone", ""), entry.get("Timestamp")
+            price = _number(entry.get("SpotPrice", "nan"))
+            if zone not in latest or (when and latest[zone][0] and when > latest[zone][0]):
+                latest[zone] = (when, price)
+        if number >= MAX_PAGES:
+            break
+    if not latest:
+        return None
+    return sum(price for _, price in latest.values()) / len(latest)
+
+
 def prices_for(session: Any | None, region: str, instance_type: str,
-               database_class: str | None) -> tuple[Prices, str | None]:
+               database_class: str | None, want_spot: bool = False
+               ) -> tuple[Prices, str | None]:
     """The region's prices from the API when it can be read; else the shipped ones, with a note
-    saying so (and why)."""
+    saying so (and why). ``want_spot``: read the account's Spot price history too."""
+    spot: dict[str, Any] = {}
     if session is not None:
         import threading
 
@@ -370,15 +420,35 @@ def prices_for(session: Any | None, region: str, instance_type: str,
 
         # A total time for the look-up: a read timeout bounds each read, and an endpoint that
         # trickles a byte at a time never trips it. The thread left behind ends with the command.
+        def ask_spot() -> None:
+            import time
+
+            try:
+                ec2 = session.client("ec2", region_name=region, config=Config(
+                    connect_timeout=5, read_timeout=20, retries={"max_attempts": 1}))
+                answer["spot"] = account_spot(ec2, instance_type, time.time())
+            except Exception:  # noqa: BLE001 - denied or unreachable: the shipped expectation
+                answer["spot"] = None
+
         asking = threading.Thread(target=ask, name="price-list", daemon=True)
+        spotting = threading.Thread(target=ask_spot, name="spot-prices", daemon=True)
         asking.start()
+        if want_spot:
+            spotting.start()
         asking.join(PRICES_SECONDS)
+        if want_spot:
+            spotting.join(max(1.0, PRICES_SECONDS / 4))
+        if answer.get("spot") is not None:
+            found = {**shipped_prices().spot_hour, instance_type: answer["spot"]}
+            spot = {"spot_hour": found, "spot_source": (
+                f"the account's Spot price history ({region}, the last day's mean over its "
+                "zones, an expectation)")}
         if "prices" in answer:
-            return answer["prices"], None
+            return replace(answer["prices"], **spot), None
         why = answer.get("why") or f"no answer within {PRICES_SECONDS:g} s"
     else:
         why = "--offline"
-    shipped = shipped_prices()
+    shipped = replace(shipped_prices(), **spot)
     note = f"Prices: {shipped.source}, not the Price List API ({why})"
     if region != shipped.region:
         note += f"; {region}'s prices may differ"

@@ -281,9 +281,11 @@ def window_cost(metrics: Metrics, values: dict, prices: Prices, tile_kb: float =
     name = worker_lambda(values["lambdas"])
     memory_gb = values["lambdas"][name]["memory"] / 1024 if name else 1.0
     architecture = values["lambdas"][name]["architecture"] if name else "x86_64"
-    usage = run_usage(window, (metrics.hosts or 0) * window,
+    spot = values["ecs"]["spot"] / 100  # the group's share; which host is which is not read
+    usage = run_usage(window, (metrics.hosts or 0) * window * (1 - spot),
                       (metrics.duration_sum_ms or 0.0) / 1000 * memory_gb, calls,
-                      deleted / 10 + 2 * calls, deleted * tile_kb / 1e6, parts(values, egress))
+                      deleted / 10 + 2 * calls, deleted * tile_kb / 1e6, parts(values, egress),
+                      spot_instance_seconds=(metrics.hosts or 0) * window * spot)
     return bill(usage, prices, values["ecs"]["instanceType"], values["rds"]["instanceType"],
                 architecture)
 

@@ -270,3 +270,18 @@ def test_the_next_step_is_a_command_that_works_when_pasted(project):
     assert result.exit_code == 0, result.output
     hint = [line for line in result.stdout.splitlines() if line.strip().startswith("$ cnsq setup")]
     assert hint == ["  $ cnsq setup --config config/config.yml --deployment prod --stack cnsq-moto"]
+
+
+def test_spot_hosts_deploy_as_a_mixed_instances_group(project):
+    """`ecs.spot: true` on moto: the group the stack creates is a mixed-instances group over
+    the same-GPU types, all of it Spot."""
+    config = Path("config/config.yml")
+    config.write_text(config.read_text().replace("  ecs:\n", "  ecs:\n    spot: true\n", 1))
+    result = cnsq("deploy")
+    assert result.exit_code == 0, result.output
+    [group] = client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
+    policy = group["MixedInstancesPolicy"]
+    assert [o["InstanceType"] for o in policy["LaunchTemplate"]["Overrides"]] == [
+        "g4dn.xlarge", "g5.xlarge", "g6.xlarge"]
+    assert policy["InstancesDistribution"]["OnDemandPercentageAboveBaseCapacity"] == 0
+    assert policy["InstancesDistribution"]["SpotAllocationStrategy"] == "price-capacity-optimized"

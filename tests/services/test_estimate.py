@@ -24,8 +24,9 @@ def test_a_million_tiles_by_hand(project):
     hours = 10_360 / 3600
     expected = {
         "GPU hosts (g4dn.xlarge)": hours * 0.526,
-        "Lambda compute": 100_000 * 1.5 * 1.0 * 0.0000166667,  # calls × s × GB
-        "Lambda requests": 100_000 * 0.0000002,
+        # calls × s × GB: the example's 128 MB on arm64, at arm64's price
+        "Lambda compute (arm64)": 100_000 * 1.5 * 0.125 * 0.0000133334,
+        "Lambda requests (arm64)": 100_000 * 0.0000002,
         "SQS requests": (100_000 + 2 * 100_000) * 0.0000004,  # batches of 10, receive, delete
         "NAT gateway hours": hours * 0.045,
         "NAT data processed": 50.0 * 0.045,  # 1,000,000 × 50 KB
@@ -96,6 +97,10 @@ def _estimate_json(server, monkeypatch) -> dict:
 
 
 def test_the_regions_prices_come_from_the_price_list_api(project, monkeypatch):
+    from pathlib import Path
+
+    path = Path("config/config.yml")  # an x86 worker (the example's is arm64)
+    path.write_text(path.read_text().replace("      architecture: arm64\n", "      architecture: x86_64\n", 1))
     server = PricingServer(PRODUCTS)
     report = _estimate_json(server, monkeypatch)
     assert report["prices"] == ("the AWS Price List API (eu-west-1); public ipv4 hour from the "
@@ -116,8 +121,7 @@ def test_an_arm64_worker_is_billed_at_arm64s_prices(project, monkeypatch):
     from pathlib import Path
 
     path = Path("config/config.yml")
-    path.write_text(path.read_text().replace(
-        "      timeout: 120\n", "      timeout: 120\n      architecture: arm64\n", 1))
+    assert "      architecture: arm64\n" in path.read_text()  # the example's
     report = _estimate_json(PricingServer(PRODUCTS), monkeypatch)
     price = {item["name"]: item["price"] for item in report["items"]}
     assert price["Lambda compute (arm64)"] == 0.0000133334
@@ -204,3 +208,38 @@ def test_estimate_into_a_closed_pipe_says_nothing_of_it(tmp_path):
                           shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.stdout.startswith("1,000,000 tiles on cnsq-dev")
     assert "Broken pipe" not in done.stderr and "BrokenPipeError" not in done.stderr
+
+
+def test_spot_hosts_are_priced_at_the_expected_spot_price_and_said(project):
+    from pathlib import Path
+
+    path = Path("config/config.yml")
+    path.write_text(path.read_text().replace("  ecs:\n", "  ecs:\n    spot: 75\n", 1))
+    values = load_config(path).values
+    result = estimate(1_000_000, values, shipped_prices(), PerTile(100.0, 1.5, 50.0))
+    hours = 10_360 / 3600  # as by hand above: one host
+    cost = {item.name: item.cost for item in result.bill.items}
+    assert cost["GPU hosts (g4dn.xlarge)"] == pytest.approx(hours * 0.25 * 0.526)
+    assert cost["GPU hosts, Spot (g4dn.xlarge, expected)"] == pytest.approx(hours * 0.75 * 0.21)
+    assert any("75 % of the host hours on Spot at the Spot prices shipped with cnsq" in n
+               and "an expectation" in n for n in result.notes)
+    # the idle tail too: 17 minutes of one host, three quarters of it at Spot's price
+    assert result.idle.total == pytest.approx(17 / 60 * (0.25 * 0.526 + 0.75 * 0.21))
+
+
+def test_the_accounts_spot_history_is_the_expectation_when_it_can_be_read(project):
+    """moto answers DescribeSpotPriceHistory: the estimate takes the mean of each zone's latest
+    price, and says where it came from."""
+    import time
+
+    import boto3
+
+    from cnsq.ops.pricing import account_spot, prices_for
+
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    found = account_spot(ec2, "g4dn.xlarge", time.time())
+    assert found is not None and found > 0
+    prices, _ = prices_for(boto3.Session(region_name="us-east-1"), "us-east-1", "g4dn.xlarge",
+                           "db.t3.medium", want_spot=True)
+    assert prices.spot("g4dn.xlarge") == pytest.approx(found)
+    assert prices.spot_source.startswith("the account's Spot price history (us-east-1")

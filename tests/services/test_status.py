@@ -136,11 +136,12 @@ def test_a_scaling_stack_shows_its_controllers_decisions_and_the_windows_cost(de
     screen = CliRunner().invoke(main, ["status", "--since", "1h"], catch_exceptions=False).stdout
     assert "This stack scales itself" in screen
     assert "  2026-12-02T03:06:00+00:00  raised concurrency 20 → 30: model 41 % busy" in screen
-    # The window's cost from what it measured: Lambda 30 s of 1 GB (20 + 10 s of Duration), …
+    # The window's cost from what it measured: Lambda 30 s (20 + 10 s of Duration) of the
+    # example's 128 MB on arm64, at arm64's price, …
     report = status_json()
     cost = report["metrics"]["cost"]
-    assert cost["Lambda compute"] == pytest.approx(30.0 * 0.0000166667)
-    assert cost["Lambda requests"] == pytest.approx(100 * 0.0000002)
+    assert cost["Lambda compute (arm64)"] == pytest.approx(30.0 * 0.125 * 0.0000133334)
+    assert cost["Lambda requests (arm64)"] == pytest.approx(100 * 0.0000002)
     assert cost["NAT data processed"] == pytest.approx(90 * 40 / 1e6 * 0.045)
     assert "cost per million tiles (window)" in screen
     assert "Prices: the prices shipped with cnsq" in screen  # moto has no Price List API

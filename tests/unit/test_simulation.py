@@ -87,3 +87,32 @@ def test_the_bill_is_the_usage_at_the_shipped_prices():
     assert hosts.cost == pytest.approx(outcome.usage.instance_seconds / 3600 * 0.526)
     assert outcome.usage.instance_seconds == pytest.approx(outcome.drained_at)  # one host, from launch
     assert outcome.bill.total == pytest.approx(sum(i.cost for i in outcome.bill.items))
+
+
+def test_spot_interruptions_lose_nothing_and_spot_hours_are_billed_at_spots_price():
+    """Two Spot hosts reclaimed four times an hour each (a stress far beyond the Spot Instance
+    Advisor's worst bucket): calls queued on a reclaimed host fail and are retried on the other,
+    or come back through the queue; no tile is lost or dead-lettered."""
+    from simulation import SPOT_DOCUMENTED, SPOT_PESSIMISTIC
+
+    assert SPOT_DOCUMENTED < SPOT_PESSIMISTIC
+    setup = Setup(max_instances=2, spot=100)
+    stressed = simulate(setup, 200_000, PRICES, World(spot_interruptions_per_hour=4.0))
+    assert stressed.interruptions >= 3
+    assert stressed.written == 200_000 and stressed.dead_letter == 0
+    calm = simulate(setup, 200_000, PRICES)
+    assert calm.interruptions == 0 and calm.written == 200_000
+    assert stressed.drained_at > calm.drained_at  # each reclaim costs a host's restart
+    names = [item.name for item in calm.bill.items]
+    assert "GPU hosts, Spot (g4dn.xlarge, expected)" in names
+    assert "GPU hosts (g4dn.xlarge)" not in names  # all of it Spot
+    spot = next(i for i in calm.bill.items if i.name.startswith("GPU hosts, Spot"))
+    assert spot.price == PRICES.spot("g4dn.xlarge")
+    assert spot.quantity == pytest.approx(calm.usage.spot_instance_seconds / 3600)
+
+
+def test_a_spot_share_keeps_the_rest_of_the_hosts_on_demand():
+    outcome = simulate(Setup(max_instances=4, spot=50), 200_000, PRICES)
+    assert outcome.usage.instance_seconds > 0 and outcome.usage.spot_instance_seconds > 0
+    assert outcome.usage.instance_seconds == pytest.approx(outcome.usage.spot_instance_seconds,
+                                                           rel=0.25)
