@@ -49,7 +49,7 @@ from cnsq.ops.estimate import (
 from cnsq.ops.pricing import Bill, Parts, Prices, Usage, bill, run_usage
 from cnsq.stack.model_batching import BATCHING
 from download_and_predict.control import GPU_METRIC, RECORD_METRICS, Controller, Where
-from simulation.aws import CloudWatch, Ecs, Elb, Mapping, Metrics, Sqs, Ssm
+from simulation.aws import AutoScaling, CloudWatch, Ecs, Elb, Mapping, Metrics, Sqs, Ssm
 
 NAMESPACE = "CNSQ"  # the agent's and the handler's metrics (the template's GpuNamespace)
 
@@ -262,7 +262,8 @@ class _Host:
         self.terminated = False
         self.stopped_at: float | None = None
         self.spot = False
-        self.draining = False  # a Spot interruption notice came
+        self.draining = False  # a Spot interruption notice came, or the controller drained it
+        self.id = f"i-{len(sim.hosts):04d}"
         env.process(self._boot(ready_at))
 
     def _boot(self, ready_at):
@@ -569,11 +570,20 @@ class _Sim:
                 if not done.triggered:
                     done.succeed(False)
 
-    def shrink_group(self, hosts: int):
-        """The controller lowers the group's size at the minimum: empty hosts go first."""
-        live = sorted(self.live_hosts(), key=lambda h: any(not t.stopped for t in h.tasks))
-        for host in live[:max(0, len(live) - hosts)]:
-            self.terminate(host)
+    def container_instances(self) -> list[tuple[str, int, bool]]:
+        """ECS's view of the hosts: the registered live ones, their tasks, whether draining."""
+        return [(h.id, sum(not t.stopped for t in h.tasks), h.draining)
+                for h in self.live_hosts() if h.registered]
+
+    def drain_host(self, instance: str) -> None:
+        for host in self.live_hosts():
+            if host.id == instance:
+                host.draining = True
+
+    def end_host(self, instance: str) -> None:
+        for host in self.live_hosts():
+            if host.id == instance:
+                self.terminate(host)
 
     # -- the stack's controller (or the fixed setup's user) ------------------------------------
     def fixed_start(self):
@@ -612,8 +622,10 @@ class _Sim:
         self.mapping = Mapping(max(2, self.concurrency), self.receiving, self.apply_mapping)
         clients = {"ssm": Ssm(), "sqs": self.sqs_client, "lambda": self.mapping,
                    "elbv2": Elb(lambda: sum(1 for t in self.tasks() if t.healthy)),
-                   "ecs": Ecs(lambda: self.desired_tasks, self.set_desired_tasks),
-                   "cloudwatch": CloudWatch(self.metrics, clock)}
+                   "ecs": Ecs(lambda: self.desired_tasks, self.set_desired_tasks,
+                              self.container_instances, self.drain_host),
+                   "cloudwatch": CloudWatch(self.metrics, clock),
+                   "autoscaling": AutoScaling(self.end_host)}
         controller = Controller(where, clients, clock=clock,
                                 log=lambda line: self.decisions.append(
                                     (self.env.now, json.loads(line)["cnsq_decision"])))

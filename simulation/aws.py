@@ -169,8 +169,15 @@ class Mapping:
 
 
 class Ecs:
-    def __init__(self, desired: Callable[[], int], set_desired: Callable[[int], None]):
+    """The service's desired count, and the cluster's container instances: ``hosts()`` gives
+    (instance id, running tasks, draining) of each registered live host, ``drain(id)`` stops
+    placement on one (UpdateContainerInstancesState)."""
+
+    def __init__(self, desired: Callable[[], int], set_desired: Callable[[int], None],
+                 hosts: Callable[[], list[tuple[str, int, bool]]] = list,
+                 drain: Callable[[str], None] = lambda instance: None):
         self.desired, self.set_desired = desired, set_desired
+        self.hosts, self.drain = hosts, drain
 
     def describe_services(self, cluster: str, services: list[str]) -> dict:
         return {"services": [{"serviceName": services[0], "desiredCount": self.desired()}]}
@@ -178,6 +185,45 @@ class Ecs:
     def update_service(self, cluster: str, service: str, desiredCount: int) -> dict:  # noqa: N803
         self.set_desired(int(desiredCount))
         return {"service": {"serviceName": service, "desiredCount": desiredCount}}
+
+    def get_paginator(self, operation: str) -> _Pages:
+        assert operation == "list_container_instances", operation
+        return _Pages(lambda cluster, status: {"containerInstanceArns": [
+            f"arn:sim:container-instance/{cluster}/{i}" for i, _, draining in self.hosts()
+            if (status == "DRAINING") == draining]})
+
+    def _described(self, arns: list[str]) -> list[dict]:
+        wanted = {arn.rsplit("/", 1)[-1] for arn in arns}
+        return [{"containerInstanceArn": f"arn:sim:container-instance/cluster/{i}",
+                 "ec2InstanceId": i, "runningTasksCount": running, "pendingTasksCount": 0,
+                 "status": "DRAINING" if draining else "ACTIVE"}
+                for i, running, draining in self.hosts() if i in wanted]
+
+    def describe_container_instances(self, cluster: str,
+                                     containerInstances: list[str]) -> dict:  # noqa: N803
+        return {"containerInstances": self._described(containerInstances)}
+
+    def update_container_instances_state(self, cluster: str, containerInstances: list[str],  # noqa: N803
+                                         status: str) -> dict:
+        for arn in containerInstances:
+            self.drain(arn.rsplit("/", 1)[-1])
+        return {"containerInstances": self._described(containerInstances)}
+
+
+class AutoScaling:
+    """The hosts' group: ``terminate(id)`` ends one host (its desired capacity follows)."""
+
+    def __init__(self, terminate: Callable[[str], None]):
+        self.terminate = terminate
+
+    def set_instance_protection(self, AutoScalingGroupName: str, InstanceIds: list[str],  # noqa: N803
+                                ProtectedFromScaleIn: bool) -> dict:  # noqa: N803
+        return {}
+
+    def terminate_instance_in_auto_scaling_group(self, InstanceId: str,  # noqa: N803
+                                                 ShouldDecrementDesiredCapacity: bool) -> dict:  # noqa: N803
+        self.terminate(InstanceId)
+        return {"Activity": {"StatusCode": "InProgress"}}
 
 
 class Elb:

@@ -339,9 +339,54 @@ class Controller:
                 state.concurrency = before
                 state.decisions = (state.decisions + [[stamp, skipped]])[-KEPT_DECISIONS:]
                 self.save(state)
+        if actions.keep_hosts is not None:
+            ended = self.end_idle_hosts(actions.keep_hosts)
+            if ended:
+                lines.append(ended)
+                state.decisions = (state.decisions + [[stamp, ended]])[-KEPT_DECISIONS:]
+                self.save(state)
         for line in lines:
             self.log(json.dumps({"cnsq_decision": line, "at": stamp}))
         return lines
+
+    def end_idle_hosts(self, keep: int) -> str | None:
+        """End the hosts beyond ``keep`` that run and expect no task, now: ECS's managed
+        scaling would end them only after its scale-in alarm's 15 one-minute datapoints, and a
+        million tiles' four hosts cost ~$0.50 in that wait. Each is drained first (no task is
+        placed on it after), checked again, released from scale-in protection and terminated
+        with the group's desired capacity lowered: the size ECS's scaling reaches on its own,
+        so the two do not pull against each other (its metric is 100 % with no task and no
+        host). A line for the log, or None when there was nothing to end."""
+        w, ecs = self.where, self.clients["ecs"]
+        arns = [a for page in ecs.get_paginator("list_container_instances").paginate(
+            cluster=w.cluster, status="ACTIVE") for a in page.get("containerInstanceArns", [])]
+        if len(arns) <= keep:
+            return None
+        instances = ecs.describe_container_instances(cluster=w.cluster, containerInstances=arns)[
+            "containerInstances"]
+
+        def empty(i: dict) -> bool:
+            return not i.get("runningTasksCount") and not i.get("pendingTasksCount")
+
+        idle = [i for i in instances if empty(i)][:max(0, len(instances) - keep)]
+        if not idle:
+            return None
+        drained = ecs.update_container_instances_state(
+            cluster=w.cluster, containerInstances=[i["containerInstanceArn"] for i in idle],
+            status="DRAINING")["containerInstances"]
+        # A task placed between the two reads keeps its host (it drains and comes back on
+        # the next minute's count).
+        ids = [i["ec2InstanceId"] for i in drained if empty(i) and i.get("ec2InstanceId")]
+        if not ids:
+            return None
+        group = self.clients["autoscaling"]
+        group.set_instance_protection(AutoScalingGroupName=w.group, InstanceIds=ids,
+                                      ProtectedFromScaleIn=False)
+        for instance in ids:
+            group.terminate_instance_in_auto_scaling_group(
+                InstanceId=instance, ShouldDecrementDesiredCapacity=True)
+        return (f"ended {len(ids)} idle host(s) ({', '.join(ids)}) now, not after ECS's "
+                "15-minute scale-in")
 
 
 def handler(event: dict, context: Any = None) -> dict:
@@ -349,5 +394,5 @@ def handler(event: dict, context: Any = None) -> dict:
     import boto3
 
     clients = {name: boto3.client(name) for name in (
-        "ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch")}
+        "ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch", "autoscaling")}
     return {"decisions": Controller(Where.from_environment(), clients).step()}

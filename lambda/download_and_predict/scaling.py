@@ -333,6 +333,9 @@ class Actions:
     receive: bool
     scenario: int
     lines: tuple[str, ...]
+    # Idle at the minimum: end the hosts beyond this many that run no task now, instead of
+    # leaving them to ECS's scale-in 15 minutes later (None: leave the group alone).
+    keep_hosts: int | None = None
 
 
 def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Actions]:
@@ -371,5 +374,7 @@ def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Action
     # With no task answering, the concurrency stays the one chosen for the tasks that last did:
     # remember their count, or the next job's first tasks would multiply it again.
     answering = seen.healthy_tasks or memory.healthy_before
+    at_rest = idle_for is not None and idle_for >= bounds.idle_seconds and tasks <= bounds.min_tasks
+    keep = -(-bounds.min_tasks // bounds.tasks_per_instance) if at_rest else None
     return (Memory(concurrency, answering, idle_since, decision.probe, steady, rate),
-            Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines)))
+            Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines), keep))

@@ -25,7 +25,7 @@ from support.aws_rules import (
     signed_client,
 )
 
-SERVICES = ("ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch")
+SERVICES = ("ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch", "autoscaling")
 
 
 def deploy_scaling(max_instances: int = 1) -> None:
@@ -181,6 +181,30 @@ def test_the_controller_runs_under_its_compiled_role(world):
     assert "model tasks 1 → 0: idle 15 min: down to the minimum, 0 model tasks" in w.controller.step()
     assert w.desired_tasks() == 0
     assert w.rules.refused == []
+
+
+def test_idle_at_the_minimum_the_controller_ends_hosts_without_tasks_at_once(world):
+    """ECS's managed scaling ends an emptied host after 15 minutes; the controller ends it the
+    minute the stack is idle at its minimum (drained, unprotected, terminated with the group's
+    desired capacity lowered), under its compiled role."""
+    w = world
+    group = w.admin("autoscaling")
+    group.set_desired_capacity(AutoScalingGroupName=w.where.group, DesiredCapacity=1)
+    [instance] = [i["InstanceId"] for i in group.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[w.where.group])["AutoScalingGroups"][0]["Instances"]]
+    w.admin("ecs").register_container_instance(
+        cluster=w.where.cluster, instanceIdentityDocument=json.dumps({"instanceId": instance}))
+    w.controller.step()  # no work: the idle clock starts
+    w.now += 15 * 60
+    lines = w.controller.step()
+    assert f"ended 1 idle host(s) ({instance}) now, not after ECS's 15-minute scale-in" in lines
+    assert w.group_desired() == 0
+    [found] = w.admin("ecs").describe_container_instances(
+        cluster=w.where.cluster, containerInstances=w.admin("ecs").list_container_instances(
+            cluster=w.where.cluster)["containerInstanceArns"])["containerInstances"]
+    assert found["status"] == "DRAINING"
+    assert w.rules.refused == []
+    assert w.controller.step() == []  # nothing left to end: no line, no call refused
 
 
 def test_the_state_stays_within_a_standard_parameter(world):
