@@ -40,6 +40,8 @@ from statistics import NormalDist
 
 from cnsq.ops.estimate import (
     CALL_CPU_SECONDS,
+    GPU_BATCH_SECONDS,
+    GPU_TILE_SECONDS,
     HEALTHY_SECONDS,
     HOST_BOOT_SECONDS,
     MODEL_START_SECONDS,
@@ -118,8 +120,8 @@ class World:
     call_overhead_s: float = 0.03
     call_cpu_s: float = CALL_CPU_SECONDS
     db_write_s: float = 0.03
-    gpu_fixed_s: float = 0.015
-    gpu_per_tile_s: float = 0.008
+    gpu_fixed_s: float = GPU_BATCH_SECONDS
+    gpu_per_tile_s: float = GPU_TILE_SECONDS
     gpu_max_batch: int = BATCHING["max_batch_size"]
     batch_timeout_s: float = BATCHING["batch_timeout_micros"] / 1e6
     model_failure_rate: float = 0.0
@@ -169,6 +171,8 @@ class Setup:
     # example config (the stack's own network, a secret token, scaling): the bill's one home.
     parts: Parts = Parts()
     spot: int = 0  # ecs.spot: the share of hosts launched as Spot, in per cent
+    # False: the controller before it ended idle hosts itself (ECS's 15-minute scale-in only).
+    end_idle_hosts: bool = True
 
 
 @dataclass
@@ -572,6 +576,8 @@ class _Sim:
 
     def container_instances(self) -> list[tuple[str, int, bool]]:
         """ECS's view of the hosts: the registered live ones, their tasks, whether draining."""
+        if not self.setup.end_idle_hosts:
+            return []
         return [(h.id, sum(not t.stopped for t in h.tasks), h.draining)
                 for h in self.live_hosts() if h.registered]
 

@@ -28,6 +28,14 @@ SCALE_IN_SECONDS = 15 * 60.0
 # Lambda allocates CPU in proportion to memory: at 1,769 MB a function has the equivalent of one
 # vCPU (Lambda's "Configure Lambda function memory"). Below it, the handler's CPU time stretches.
 VCPU_MB = 1769
+# One TF Serving batch on one GPU, request decoding included: 15 ms + 8 ms a tile, up to 64 tiles
+# (the batching file's max_batch_size): ~121 tiles/s in full batches. An assumption, chosen so the
+# original's example costs about what its maintainers report (simulation.World says more).
+GPU_BATCH_SECONDS = 0.015
+GPU_TILE_SECONDS = 0.008
+FULL_BATCH = 64
+# Idle at its minimum the controller ends the hosts without a task at its next minute.
+CONTROLLER_SECONDS = 60.0
 # The worker's CPU for a call of 10 tiles at one vCPU (`python scripts/bench.py lambda`: parsing
 # the downloads, base64, JSON, the write; 14–17 ms in three runs on the 2-core VM of docs/performance.md).
 CALL_CPU_SECONDS = 0.016
@@ -36,11 +44,13 @@ CALL_CPU_SECONDS = 0.016
 @dataclass(frozen=True)
 class PerTile:
     """``tiles_per_second``: one model task's rate (one GPU) with full TF Serving batches;
-    ``call_seconds``: one worker call (``batchSize`` tiles: downloads, the prediction, the write);
+    ``call_seconds``: what one worker call (``batchSize`` tiles) waits for — the downloads, the
+    model's queue and answer, the write — besides its own CPU (:data:`CALL_CPU_SECONDS`, added by
+    the memory's share of a vCPU); 1.2 s is the simulation's reference job's mean;
     ``tile_kb``: one image's size, as it comes through the NAT gateway."""
 
-    tiles_per_second: float = 110.0
-    call_seconds: float = 1.0
+    tiles_per_second: float = round(FULL_BATCH / (GPU_BATCH_SECONDS + GPU_TILE_SECONDS * FULL_BATCH))
+    call_seconds: float = 1.2
     tile_kb: float = 40.0
 
 
@@ -116,17 +126,18 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     name = worker or next((n for n, spec in lambdas.items() if spec.get("queueTrigger")),
                           next(iter(lambdas)))
     memory_gb = lambdas[name]["memory"] / 1024
+    call = per.call_seconds + CALL_CPU_SECONDS * VCPU_MB / min(lambdas[name]["memory"], VCPU_MB)
     calls = math.ceil(tiles / sqs["batchSize"])
     # SendMessageBatch (10 a request), a receive and a delete per call.
     stack = parts(values, egress)
     spot = ecs["spot"] / 100
     usage = run_usage(seconds, hosts * seconds * (1 - spot),
-                      calls * per.call_seconds * memory_gb, calls,
+                      calls * call * memory_gb, calls,
                       math.ceil(tiles / 10) + 2 * calls, tiles * per.tile_kb / 1e6, stack,
                       spot_instance_seconds=hosts * seconds * spot)
     database = values["rds"]["instanceType"]
     total = bill(usage, prices, ecs["instanceType"], database, lambdas[name]["architecture"])
-    idle_seconds = ecs["idleMinutes"] * 60 + SCALE_IN_SECONDS if scaling else 0
+    idle_seconds = ecs["idleMinutes"] * 60 + CONTROLLER_SECONDS if scaling else 0
     idle = bill(Usage(instance_seconds=hosts * idle_seconds * (1 - spot),
                       spot_instance_seconds=hosts * idle_seconds * spot), prices,
                 ecs["instanceType"], None)
@@ -137,15 +148,16 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
         egress, stack.public_ipv4, stack.storage_gb, stack.secrets, 0, 0,
         stack.controller_metrics)), prices, ecs["instanceType"], database)
     notes = [f"{hosts} host(s) × {ecs['tasksPerInstance']} model task(s), "
-             f"{per.tiles_per_second:g} tiles/s per task, {per.call_seconds:g} s per call of "
-             f"{sqs['batchSize']} tiles, {per.tile_kb:g} KB per tile"]
+             f"{per.tiles_per_second:g} tiles/s per task, {call:.2f} s per call of "
+             f"{sqs['batchSize']} tiles ({per.call_seconds:g} s waiting, the rest CPU at "
+             f"{lambdas[name]['memory']} MB), {per.tile_kb:g} KB per tile"]
     if spot:
         notes.append(f"{ecs['spot']} % of the host hours on Spot at {prices.spot_source}: "
                      "an expectation (Spot prices move), and an interruption costs a host's "
                      "restart (the simulation's Spot worlds)")
     if scaling:
         notes.append(f"after the work the hosts wait ecs.idleMinutes ({ecs['idleMinutes']}), "
-                     f"then ECS's {SCALE_IN_SECONDS / 60:.0f}-minute scale-in, before going to "
+                     f"then the controller's next minute ends those without a task, down to "
                      f"{ecs['minInstances']}: ${idle.total:,.2f} more")
     else:
         notes.append("a fixed size bills its hosts until the stack is deleted; counted here "
