@@ -25,7 +25,8 @@ def test_a_million_tiles_by_hand(project):
     expected = {
         "GPU hosts (g4dn.xlarge)": hours * 0.526,
         # calls × s × GB: the example's 128 MB on arm64, at arm64's price
-        "Lambda compute (arm64)": 100_000 * 1.5 * 0.125 * 0.0000133334,
+        # (a call: the 1.5 s it waits, plus 16 ms of CPU at 128/1769 of a vCPU)
+        "Lambda compute (arm64)": 100_000 * (1.5 + 0.016 * 1769 / 128) * 0.125 * 0.0000133334,
         "Lambda requests (arm64)": 100_000 * 0.0000002,
         "SQS requests": (100_000 + 2 * 100_000) * 0.0000004,  # batches of 10, receive, delete
         "NAT gateway hours": hours * 0.045,
@@ -45,8 +46,8 @@ def test_a_million_tiles_by_hand(project):
     assert got == pytest.approx(expected)
     assert result.bill.total == pytest.approx(sum(expected.values()))
     assert result.seconds == 10_360 and result.hosts == 1
-    # idleMinutes 2, then ECS's 15-minute scale-in, of one host
-    assert result.idle.total == pytest.approx(17 / 60 * 0.526)
+    # idleMinutes 2, then the controller's next minute ends the host
+    assert result.idle.total == pytest.approx(3 / 60 * 0.526)
 
 
 PRODUCTS = [
@@ -223,8 +224,8 @@ def test_spot_hosts_are_priced_at_the_expected_spot_price_and_said(project):
     assert cost["GPU hosts, Spot (g4dn.xlarge, expected)"] == pytest.approx(hours * 0.75 * 0.21)
     assert any("75 % of the host hours on Spot at the Spot prices shipped with cnsq" in n
                and "an expectation" in n for n in result.notes)
-    # the idle tail too: 17 minutes of one host, three quarters of it at Spot's price
-    assert result.idle.total == pytest.approx(17 / 60 * (0.25 * 0.526 + 0.75 * 0.21))
+    # the idle tail too: 3 minutes of one host, three quarters of it at Spot's price
+    assert result.idle.total == pytest.approx(3 / 60 * (0.25 * 0.526 + 0.75 * 0.21))
 
 
 def test_the_accounts_spot_history_is_the_expectation_when_it_can_be_read(project):
