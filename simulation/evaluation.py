@@ -261,14 +261,23 @@ def evaluate(setup: Setup, prices: Prices, worlds: Sequence[Case], seed: int = 1
         progress("the controller in every world")
         runs = [(replace(setup, fixed=None), case, prices, seed) for case in worlds]
         controllers = list(pool.map(_run, runs) if pool else map(_run, runs))
+        baseline = grids[worlds[0].name]
+        done = [k for k, r in baseline.items() if r.done]
+        if not done:
+            raise ValueError(f"no fixed setup of {worlds[0].name!r} wrote every tile: no "
+                             "user's setup")
+        user = min(done, key=lambda k: (baseline[k].score, k))
+        # A world's sweep may stop below the user's concurrency (no faster past saturation):
+        # the user's setup is run there all the same, unchanged.
+        missing = [case for case in worlds if user not in grids[case.name]]
+        extra = [(replace(setup, fixed=user[0], concurrency=user[1]), case, prices, seed)
+                 for case in missing]
+        for case, r in zip(missing, pool.map(_run, extra) if pool else map(_run, extra),
+                           strict=True):
+            grids[case.name][user] = r
     finally:
         if pool:
             pool.shutdown()
-    baseline = grids[worlds[0].name]
-    done = [k for k, r in baseline.items() if r.done]
-    if not done:
-        raise ValueError(f"no fixed setup of {worlds[0].name!r} wrote every tile: no user's setup")
-    user = min(done, key=lambda k: (baseline[k].score, k))
     return [judge(Judged(case, c, grids[case.name], user))
             for case, c in zip(worlds, controllers, strict=True)]
 

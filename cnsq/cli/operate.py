@@ -415,22 +415,25 @@ def _finite_option(ctx: click.Context, param: click.Parameter, value: float | No
 @click.argument("tiles", type=click.IntRange(1, 10**13))
 @config_options
 @click.option("--offline", is_flag=True, help="Use the prices shipped with cnsq; ask no API.")
-@click.option("--tiles-per-second", type=click.FloatRange(min=0.001, max=1e6), default=110.0,
-              show_default=True, callback=_finite_option,
-              help="One model task's (one GPU's) rate, measured or published.")
-@click.option("--call-seconds", type=click.FloatRange(min=0.001, max=900), default=1.0,
-              show_default=True, callback=_finite_option,
-              help="One worker call of sqs.batchSize tiles (downloads, prediction, write).")
-@click.option("--tile-kb", type=click.FloatRange(min=0.001, max=1e6), default=40.0,
-              show_default=True, callback=_finite_option, help="One image's size.")
+@click.option("--tiles-per-second", type=click.FloatRange(min=0.001, max=1e6), default=None,
+              callback=_finite_option,
+              help="One model task's (one GPU's) rate, measured or published [default: 121, "
+                   "the simulation's: full batches of 64 tiles].")
+@click.option("--call-seconds", type=click.FloatRange(min=0.001, max=900), default=None,
+              callback=_finite_option,
+              help="What one worker call of sqs.batchSize tiles waits for: downloads, the "
+                   "model, the write; its CPU is added by the memory's share of a vCPU "
+                   "[default: 1.2, the simulation's reference job].")
+@click.option("--tile-kb", type=click.FloatRange(min=0.001, max=1e6), default=None,
+              callback=_finite_option, help="One image's size [default: 40].")
 @click.option("--egress", type=click.Choice(["auto", "nat", "ipv6", "s3"]), default="auto",
               show_default=True,
               help="How the imagery leaves the stack's network: auto resolves TILE_ENDPOINT's "
                    "host (S3 in the region: the gateway endpoint; IPv6 with a dual-stack "
                    "network: the egress-only gateway; else the NAT, the only one billed per GB).")
 @json_option
-def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: float,
-             call_seconds: float, tile_kb: float, egress: str, as_json: bool) -> None:
+def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: float | None,
+             call_seconds: float | None, tile_kb: float | None, egress: str, as_json: bool) -> None:
     """The time and the cost of TILES tiles with this config, item by item.
 
     Prices are this region's from the AWS Price List API (pricing:GetProducts), or, offline or
@@ -466,8 +469,10 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
     prices, note = prices_for(session, region, values["ecs"]["instanceType"],
                               values["rds"]["instanceType"], want_spot=values["ecs"]["spot"] > 0)
     way, imagery = imagery_way(values, region, egress)
-    result = run_estimate(tiles, values, prices, PerTile(tiles_per_second, call_seconds, tile_kb),
-                          egress=way)
+    given = {"tiles_per_second": tiles_per_second, "call_seconds": call_seconds,
+             "tile_kb": tile_kb}
+    per = PerTile(**{k: v for k, v in given.items() if v is not None})
+    result = run_estimate(tiles, values, prices, per, egress=way)
     result.notes.insert(0, imagery)
     if as_json:
         _print_json({"tiles": tiles, "seconds": result.seconds, "hosts": result.hosts,

@@ -32,6 +32,9 @@ MIN_UNRESERVED = 100
 # Service Quotas codes of the EC2 on-demand vCPU quotas, by instance family letter.
 VCPU_QUOTAS = {"g": ("L-DB2E81BA", "Running On-Demand G and VT instances"),
                "p": ("L-417A185B", "Running On-Demand P instances")}
+# Spot hosts count against the Spot vCPU quotas instead (ecs.spot).
+SPOT_VCPU_QUOTAS = {"g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
+                    "p": ("L-7212CCBC", "All P Spot Instance Requests")}
 # The actions the deploying identity needs, beside the template (templates/ of the project).
 PERMISSIONS_FILE = "deployer-permissions.yml"
 DENIED = ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError")
@@ -360,20 +363,25 @@ def check_instance_type(config: Config, client, region: str) -> list[Finding]:
                                 f"{itype}: {gpus} GPU(s), offered in {len(offered)} zones"))
     family = itype[:1]
     if family in VCPU_QUOTAS:
-        code, name = VCPU_QUOTAS[family]
-        needed = info["VCpuInfo"]["DefaultVCpus"] * ecs["maxInstances"]
-        findings += _guard("quota", "ecs.maxInstances", "servicequotas:GetServiceQuota",
-                           lambda: _check_quota(client, code, name, needed, itype, ecs))
+        hosts = ecs["maxInstances"]
+        spot = -(-hosts * ecs["spot"] // 100)  # the group keeps 100 - spot % on demand
+        for quotas, count in ((VCPU_QUOTAS, hosts - spot), (SPOT_VCPU_QUOTAS, spot)):
+            if not count:
+                continue
+            code, name = quotas[family]
+            needed = info["VCpuInfo"]["DefaultVCpus"] * count
+            findings += _guard("quota", "ecs.maxInstances", "servicequotas:GetServiceQuota",
+                               partial(_check_quota, client, code, name, needed, itype, count))
     return findings
 
 
-def _check_quota(client, code: str, name: str, needed: int, itype: str, ecs: dict
+def _check_quota(client, code: str, name: str, needed: int, itype: str, hosts: int
                  ) -> list[Finding]:
     value = client("service-quotas").get_service_quota(ServiceCode="ec2", QuotaCode=code)[
         "Quota"]["Value"]
     if value < needed:
         return [Finding("quota", PROBLEM, "ecs.maxInstances",
-                        f"{ecs['maxInstances']} x {itype} need {needed} vCPUs; the account's quota "
+                        f"{hosts} x {itype} need {needed} vCPUs; the account's quota "
                         f"'{name}' is {value:.0f}: request an increase in Service Quotas "
                         f"({code}) or lower ecs.maxInstances")]
     return [Finding("quota", OK, "ecs.maxInstances", f"{needed} of {value:.0f} vCPUs ({name})")]

@@ -50,28 +50,26 @@ class Prices:
     date: str = ""
 
     def instance(self, instance_type: str) -> float:
-        try:
-            return self.instance_hour[instance_type]
-        except KeyError:
-            raise CnsqError(
-                f"No price for {instance_type} in {self.source}: run `cnsq estimate` with AWS "
-                f"credentials (pricing:GetProducts) or pass {option('instance_price')}") from None
+        return _look_up(self.instance_hour, instance_type, f"No price for {instance_type} in "
+                        f"{self.source}: run `cnsq estimate` with AWS credentials "
+                        f"(pricing:GetProducts) or pass {option('instance_price')}")
 
     def spot(self, instance_type: str) -> float:
-        try:
-            return self.spot_hour[instance_type]
-        except KeyError:
-            raise CnsqError(
-                f"No Spot price for {instance_type} in {self.spot_source or self.source}: run "
-                "with AWS credentials (ec2:DescribeSpotPriceHistory)") from None
+        return _look_up(self.spot_hour, instance_type, f"No Spot price for {instance_type} in "
+                        f"{self.spot_source or self.source}: run with AWS credentials "
+                        "(ec2:DescribeSpotPriceHistory)")
 
     def database(self, instance_class: str) -> float:
-        try:
-            return self.database_hour[instance_class]
-        except KeyError:
-            raise CnsqError(
-                f"No price for {instance_class} in {self.source}: run `cnsq estimate` with AWS "
-                f"credentials (pricing:GetProducts) or pass {option('database_price')}") from None
+        return _look_up(self.database_hour, instance_class, f"No price for {instance_class} in "
+                        f"{self.source}: run `cnsq estimate` with AWS credentials "
+                        f"(pricing:GetProducts) or pass {option('database_price')}")
+
+
+def _look_up(table: dict[str, float], key: str, missing: str) -> float:
+    """``table[key]``; :class:`CnsqError` saying ``missing`` when it has none."""
+    if key not in table:
+        raise CnsqError(missing)
+    return table[key]
 
 
 def shipped_prices() -> Prices:

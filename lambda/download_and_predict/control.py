@@ -362,26 +362,34 @@ class Controller:
             cluster=w.cluster, status="ACTIVE") for a in page.get("containerInstanceArns", [])]
         if len(arns) <= keep:
             return None
-        instances = ecs.describe_container_instances(cluster=w.cluster, containerInstances=arns)[
-            "containerInstances"]
+        # ECS takes at most 100 instances a DescribeContainerInstances, 10 an
+        # UpdateContainerInstancesState.
+        instances = [i for start in range(0, len(arns), 100)
+                     for i in ecs.describe_container_instances(
+                         cluster=w.cluster, containerInstances=arns[start:start + 100])[
+                         "containerInstances"]]
 
         def empty(i: dict) -> bool:
             return not i.get("runningTasksCount") and not i.get("pendingTasksCount")
 
-        idle = [i for i in instances if empty(i)][:max(0, len(instances) - keep)]
+        idle = [i["containerInstanceArn"] for i in instances if empty(i)][
+            :max(0, len(instances) - keep)]
         if not idle:
             return None
-        drained = ecs.update_container_instances_state(
-            cluster=w.cluster, containerInstances=[i["containerInstanceArn"] for i in idle],
-            status="DRAINING")["containerInstances"]
+        drained = [i for start in range(0, len(idle), 10)
+                   for i in ecs.update_container_instances_state(
+                       cluster=w.cluster, containerInstances=idle[start:start + 10],
+                       status="DRAINING")["containerInstances"]]
         # A task placed between the two reads keeps its host (it drains and comes back on
         # the next minute's count).
         ids = [i["ec2InstanceId"] for i in drained if empty(i) and i.get("ec2InstanceId")]
         if not ids:
             return None
         group = self.clients["autoscaling"]
-        group.set_instance_protection(AutoScalingGroupName=w.group, InstanceIds=ids,
-                                      ProtectedFromScaleIn=False)
+        for start in range(0, len(ids), 50):  # at most 50 instances a call
+            group.set_instance_protection(AutoScalingGroupName=w.group,
+                                          InstanceIds=ids[start:start + 50],
+                                          ProtectedFromScaleIn=False)
         for instance in ids:
             group.terminate_instance_in_auto_scaling_group(
                 InstanceId=instance, ShouldDecrementDesiredCapacity=True)

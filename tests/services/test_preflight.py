@@ -241,6 +241,25 @@ def test_a_vcpu_quota_below_max_instances_stubbed(project):
                                     "'Running On-Demand G and VT instances' is 8")
 
 
+def test_spot_hosts_are_checked_against_the_spot_vcpu_quota_stubbed(project):
+    """ecs.spot: 50 of 4 hosts: 2 on demand, 2 on Spot, each share against its own quota."""
+    quotas, stub = _stub("service-quotas")
+    stub.add_response("get_service_quota", {"Quota": {"Value": 64.0}},
+                      {"ServiceCode": "ec2", "QuotaCode": "L-DB2E81BA"})
+    stub.add_response("get_service_quota", {"Quota": {"Value": 4.0}},
+                      {"ServiceCode": "ec2", "QuotaCode": "L-3819A6DF"})
+    stub.activate()
+    edit("  ecs:\n", "  ecs:\n    spot: 50\n")
+    config = load_config(Path("config/config.yml"), "prod")  # 4 x g4dn.xlarge
+    findings = preflight.check_instance_type(config, _clients(**{"service-quotas": quotas}), "us-east-1")
+    lines = [f.line() for f in findings if f.check == "quota"]
+    assert lines == [
+        "ok: ecs.maxInstances: 8 of 64 vCPUs (Running On-Demand G and VT instances)",
+        "ecs.maxInstances: 2 x g4dn.xlarge need 8 vCPUs; the account's quota 'All G and VT Spot "
+        "Instance Requests' is 4: request an increase in Service Quotas (L-3819A6DF) or lower "
+        "ecs.maxInstances"]
+
+
 def test_reserved_concurrency_that_leaves_under_100_stubbed(project):
     lam, stub = _stub("lambda")
     stub.add_response("get_account_settings", {"AccountLimit": {

@@ -104,3 +104,16 @@ def test_a_controller_that_keeps_concurrency_and_tasks_fixed_fails_the_criteria(
     assert not as_controller.goals["time within 10 %"], as_controller.ratios()
     assert not as_controller.goals["beats the user's setup"]
     assert math.isclose(as_controller.ratios()["score_vs_user"], 1.0)
+
+
+def test_the_users_setup_is_run_in_a_world_whose_sweep_stopped_below_it():
+    """A world's sweep stops past saturation; the user's setup (from the baseline) may lie
+    beyond it and is run there all the same (bench tune failed with a KeyError)."""
+    worlds = [c for c in cases(tiles=60_000) if c.name in ("baseline", "GPU ×0.5")]
+    setup = Setup(max_instances=1, reserved=30)
+    grids: dict = {}
+    first = evaluate(setup, PRICES, worlds, grids=grids)
+    user = first[0].user
+    del grids["GPU ×0.5"][user]
+    again = evaluate(setup, PRICES, worlds, grids=grids)
+    assert user in grids["GPU ×0.5"] and again[1].user_result is grids["GPU ×0.5"][user]

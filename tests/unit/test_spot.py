@@ -48,6 +48,11 @@ def test_spot_true_is_a_mixed_instances_group_of_same_gpu_types(tmp_path):
     types = [o["InstanceType"] for o in policy["LaunchTemplate"]["Overrides"]]
     assert types == ["g4dn.xlarge", "g5.xlarge", "g6.xlarge"]  # one GPU each
     assert "ECS_ENABLE_SPOT_INSTANCE_DRAINING=true" in user_data(data)
+    # A draining task is deregistered within the two-minute notice (the default is 300 s).
+    targets = next(r["Properties"] for r in data["Resources"].values()
+                   if r["Type"] == "AWS::ElasticLoadBalancingV2::TargetGroup")
+    assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in targets[
+        "TargetGroupAttributes"]
     assert lint(path) == []
 
 
