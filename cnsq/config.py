@@ -120,6 +120,14 @@ SCHEMA: dict[str, Any] = {
     # (free) instead of the NAT gateway ($0.045/GB). Unset: on for the network the stack creates,
     # off for a given one (set true once its subnets have IPv6 blocks and a ::/0 route).
     "ipv6": ("bool", None),
+    # Imagery the worker reads itself instead of an XYZ endpoint: a COG's URL (https:// or
+    # s3://) or a list read as a mosaic, the bands, their stretch, the model's tile size.
+    "imagery": {
+        "cog": ("any", None),
+        "bands": ("any", None),
+        "rescale": ("any", None),
+        "tileSize": ("any", 256),
+    },
     "ecs": {
         "availabilityZone": ("str", None),
         "maxInstances": ("int", 1),
@@ -521,6 +529,8 @@ class _Validator:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
                 return value.lower() in ("true", "yes")
             raise ConfigError(f"{self.where(key)}: expected true or false, got {value!r}")
+        if kind == "any":  # checked as a whole by its section's own check
+            return value
         if kind == "percent":
             if isinstance(value, bool):
                 return 100 if value else 0
@@ -666,8 +676,25 @@ def _check_values(values: dict, where, guessed: set[str]) -> list[str]:
                 )
     _check_gpus(ecs, where, warnings, guessed)
     _check_spot(ecs, where)
+    _check_imagery(values, where)
     _check_scaling(values, where)
     return warnings
+
+
+def _check_imagery(values: dict, where) -> None:
+    """``imagery:`` as the worker will read it (its own check), normalised for the template."""
+    from download_and_predict.cog import Cog
+    from download_and_predict.errors import SettingsError
+
+    raw = {k: v for k, v in values["imagery"].items() if v is not None}
+    if not raw.get("cog"):
+        values["imagery"] = {}
+        return
+    try:
+        values["imagery"] = Cog.from_values(raw, "imagery").as_values()
+    except SettingsError as exc:
+        key, _, rest = str(exc).partition(": ")
+        raise ConfigError(f"{where(key)}: {rest}") from None
 
 
 # Single-GPU sizes whose same size in another of these families has the same GPU count and

@@ -251,3 +251,22 @@ def write_tiles(tiles: Iterable[mercantile.Tile], out: IO[str]) -> int:
         out.write(tile_id(tile) + "\n")
         count += 1
     return count
+
+
+def cover_bounds(bounds: Iterable[tuple[float, float, float, float]], zoom: int
+                 ) -> Iterator[mercantile.Tile]:
+    """The tiles at ``zoom`` over each (west, south, east, north) box in longitude and latitude
+    (an imagery's footprint: its files' bounds), each once, north to south and west to east.
+
+    Raises:
+        TileError: a zoom outside 0..MAX_ZOOM, a box that is not one.
+    """
+    if not 0 <= zoom <= MAX_ZOOM:
+        raise TileError(f"zoom must be within 0..{MAX_ZOOM}, got {zoom}")
+    found: set[mercantile.Tile] = set()
+    for west, south, east, north in bounds:
+        if not (west <= east and south <= north):
+            raise TileError(f"bounds {west}, {south}, {east}, {north} are not a box")
+        found.update(mercantile.tiles(west, max(-MAX_LAT, south), east, min(MAX_LAT, north),
+                                      [zoom]))
+    yield from sorted(found, key=lambda t: (t.y, t.x))

@@ -274,25 +274,39 @@ def _say_rows(report, where, wrote: str) -> None:
 
 
 @main.command("tiles")
-@click.argument("aoi", metavar="AOI.geojson", type=click.Path(path_type=Path))
+@click.argument("aoi", metavar="[AOI.geojson]", type=click.Path(path_type=Path), required=False)
 @click.option("--zoom", "-z", type=click.IntRange(0, MAX_ZOOM), required=True,
               help="Tile zoom level.")
+@click.option("--imagery", "imagery", multiple=True, metavar="COG",
+              help="List the tiles over this COG's footprint (its bounds) instead of an AOI; "
+                   "repeat for several (https:// or s3://).")
 @click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
-def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
-    """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file.
+def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], output: str) -> None:
+    """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file, or the
+    footprint of COG imagery.
 
     Accepts a FeatureCollection, a Feature or a bare geometry; writes x-y-z lines without
-    duplicates, ready for `cnsq push`.
+    duplicates, ready for `cnsq push`. With --imagery, the tiles over each COG's bounds
+    (reprojected to longitude and latitude).
 
     \b
-    Example:
+    Examples:
       cnsq tiles area.geojson --zoom 17 -o tiles.txt
+      cnsq tiles --imagery https://example.com/scene.tif --zoom 16 -o tiles.txt
     """
     from cnsq.files import atomic_write, writable_target
-    from cnsq.tiles import iter_cover, load_geojson, write_tiles
+    from cnsq.tiles import cover_bounds, iter_cover, load_geojson, write_tiles
 
+    if (aoi is None) == (not imagery):
+        raise click.UsageError("give an AOI.geojson or --imagery, not both")
+    if imagery:
+        from cnsq.imagery import footprint
+
+        found = cover_bounds(footprint(imagery), zoom)
+    else:
+        assert aoi is not None
+        found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written
     target = writable_target(output, aoi) if output != "-" else None
-    found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written
     if target is None:
         count = write_tiles(found, sys.stdout)
     else:
@@ -300,3 +314,37 @@ def tiles_cmd(aoi: Path, zoom: int, output: str) -> None:
             count = write_tiles(found, handle)
     click.echo(f"{count:,} tiles at zoom {zoom}" + ("" if output == "-" else f" written to {output}")
                + ".", err=True)
+
+
+@main.command("imagery")
+@click.argument("tile", metavar="X-Y-Z")
+@click.option("--imagery", "imagery", multiple=True, metavar="COG",
+              help="A COG to read (https:// or s3://); repeat for a mosaic, the first valid "
+                   "pixel in this order [default: the config's imagery].")
+@click.option("--bands", default=None, metavar="1,2,3", help="Band numbers to read, in order.")
+@click.option("--rescale", default=None, metavar="MIN,MAX",
+              help="The values mapped to 0-255 (data that are not 8-bit need it).")
+@click.option("--tile-size", type=click.Choice(["256", "512"]), default=None,
+              help="The model's image size [default: the config's, else 256].")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="The PNG to write.")
+@config_options
+def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], bands: str | None,
+                rescale: str | None, tile_size: str | None, out: Path) -> None:
+    """Write the image the worker would send the model for TILE: what to look at to check the
+    bands and the stretch before a run.
+
+    \b
+    Examples:
+      cnsq imagery 8853-6071-14 --imagery https://example.com/scene.tif --out tile.png
+      cnsq imagery 8853-6071-14 --imagery s3://bucket/scene.tif --bands 4,3,2 --rescale 0,3000 --out tile.png
+      cnsq imagery 8853-6071-14 --out tile.png   # the config's imagery:
+    """
+    from cnsq.imagery import write_tile_image
+
+    values = None if imagery else settings.load().values
+    wrote = write_tile_image(tile, out, imagery, bands, rescale, tile_size, values)
+    click.echo(f"Wrote {out} ({wrote:,} bytes)." if wrote else
+               f"No imagery for tile {tile}: nothing written.", err=True)
+    if not wrote:
+        sys.exit(1)

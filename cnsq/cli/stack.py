@@ -178,7 +178,8 @@ def package_cmd(settings: Settings, upload: bool) -> None:
         source = source if source.is_absolute() else config.project_dir / source
         source = lambda_source(source, paths.build / config.stack_name)
         built = package.build(name, source, paths.build / config.stack_name / "lambdas",
-                              spec["runtime"], spec["architecture"], package.SubprocessPip())
+                              spec["runtime"], spec["architecture"], package.SubprocessPip(),
+                              package.extra_requirements(config.values))
         click.echo(f"{name}: {built.path} sha256={built.sha256}")
 
 

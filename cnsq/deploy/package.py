@@ -116,6 +116,17 @@ def write_zip(sources: list[Path], target: Path) -> None:
             archive.writestr(info, entries[name].read_bytes())
 
 
+# What the worker needs to read COG imagery itself (`imagery.cog` in the config): rio-tiler and,
+# through it, rasterio, whose manylinux wheels carry GDAL.
+RASTER_REQUIREMENTS = ("rio-tiler>=7",)
+
+
+def extra_requirements(values: dict) -> tuple[str, ...]:
+    """The requirement lines a config adds to the Lambda package: the raster libraries only
+    when it reads COG imagery (they are most of the package's size)."""
+    return RASTER_REQUIREMENTS if (values.get("imagery") or {}).get("cog") else ()
+
+
 def _requirements_key(requirements: Path, runtime: str, architecture: str) -> str:
     digest = hashlib.sha256(requirements.read_bytes())
     digest.update(f"|{runtime}|{architecture}".encode())
@@ -129,11 +140,13 @@ def build(
     runtime: str,
     architecture: str,
     pip: PipRunner,
+    extra: tuple[str, ...] = (),
 ) -> Package:
     """Build the zip for the Lambda ``name`` from ``source`` (a folder or an existing .zip).
 
-    Dependencies from ``source/requirements.txt`` are installed once per (requirements, runtime,
-    architecture) into ``build_dir/deps-<hash>`` and reused: pip is the slow part.
+    Dependencies from ``source/requirements.txt`` (and the ``extra`` requirement lines: the
+    raster libraries when the config reads COG imagery) are installed once per (requirements,
+    runtime, architecture) into ``build_dir/deps-<hash>`` and reused: pip is the slow part.
 
     Raises:
         PackageError: the source does not exist or pip failed.
@@ -148,6 +161,14 @@ def build(
         )
     roots = [source]
     requirements = source / "requirements.txt"
+    if extra:
+        # The folder's requirements and the extra lines, in a file of their own: its hash
+        # names the dependencies' folder, so the two sets never share one.
+        lines = requirements.read_text() if requirements.is_file() else ""
+        combined = build_dir / f"requirements-{name}.txt"
+        combined.parent.mkdir(parents=True, exist_ok=True)
+        combined.write_text(lines.rstrip("\n") + "\n" + "\n".join(extra) + "\n")
+        requirements = combined
     if requirements.is_file() and requirements.read_text().strip():
         deps = build_dir / f"deps-{_requirements_key(requirements, runtime, architecture)}"
         marker = deps.with_suffix(".complete")  # outside deps/, so it is not zipped

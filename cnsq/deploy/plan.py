@@ -71,6 +71,7 @@ def package_lambdas(
         built = package.build(
             name, source, paths.build / config.stack_name / "lambdas",
             spec["runtime"], spec["architecture"], pip,
+            package.extra_requirements(config.values),
         )
         key = built.key(config.stack_name)
         if stacks.object_exists(config.bucket, key):

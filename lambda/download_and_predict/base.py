@@ -184,6 +184,8 @@ class DownloadAndPredict:
         Raises:
             StepFailed: after bounded retries on connection errors, timeouts, 429 and 5xx.
         """
+        if self.settings.imagery is not None:
+            return self.read_cog(tile)
         url = self.url_for(tile)
         response = self._with_retries(
             lambda: self.http.get(url, read_timeout=self.settings.tile_timeout,
@@ -195,6 +197,25 @@ class DownloadAndPredict:
         if response.status_code != 200:
             raise StepFailed("tile_http", f"tile {tile.id}: HTTP {response.status_code}")
         return response.content
+
+    def read_cog(self, tile: Tile) -> bytes | None:
+        """The tile read from the COG imagery (``IMAGERY``), or None where it has no valid
+        pixel (the MISSING_TILES policy decides, as for a 404).
+
+        Raises:
+            StepFailed: an unreadable COG, a server answering an error or too slowly.
+        """
+        from .cog import read_tile
+
+        assert self.settings.imagery is not None
+        deadline = self.request_deadline()
+        timeout = self.settings.tile_timeout if deadline is None else max(
+            1.0, min(self.settings.tile_timeout, deadline - time.monotonic()))
+        try:
+            return read_tile(self.settings.imagery, tile.x, tile.y, tile.z, timeout)
+        except Exception as exc:  # noqa: BLE001 - rasterio's and GDAL's errors: this tile only
+            raise StepFailed("tile_read", f"tile {tile.id}: {type(exc).__name__}: "
+                                          f"{str(exc)[:300]}") from None
 
     def download_deadline(self, deadline: float | None) -> float:
         """When the invocation's downloads must be done (time.monotonic()): TILE_DEADLINE, or

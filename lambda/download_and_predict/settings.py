@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cog import Cog
 from .errors import SettingsError
 from .http import ca_bundle_from_env, proxies_from_env
 from .tiles import check_tile_endpoint
@@ -54,24 +55,31 @@ class Settings:
     # an embedded-metric log line for the controller. None: no such line.
     metrics_namespace: str | None = None
     function_name: str = ""  # AWS_LAMBDA_FUNCTION_NAME, set by Lambda
+    # COG imagery read by the worker itself (IMAGERY, JSON): replaces the XYZ endpoint.
+    imagery: Cog | None = None
 
-    REQUIRED = ("TILE_ENDPOINT", "PREDICTION_ENDPOINT")
+    REQUIRED = ("PREDICTION_ENDPOINT",)
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Settings:
         """Raises ValueError naming every missing or malformed variable."""
         missing = [name for name in cls.REQUIRED if not env.get(name)]
+        if not env.get("TILE_ENDPOINT") and not env.get("IMAGERY"):
+            missing.insert(0, "TILE_ENDPOINT (or IMAGERY)")
         if not any(env.get(k) for k in ("DATABASE_URL", "DATABASE_INSTANCE", "DATABASE_SECRET_ARN")):
             missing.append("DATABASE_URL or DATABASE_INSTANCE")
         if missing:
             raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
-        check_tile_endpoint(env["TILE_ENDPOINT"])
+        imagery = Cog.from_json(env["IMAGERY"]) if env.get("IMAGERY") else None
+        if imagery is None:
+            check_tile_endpoint(env["TILE_ENDPOINT"])
         mode = env.get("MISSING_TILES", "skip")
         if mode not in ("skip", "fail"):
             raise SettingsError(f"MISSING_TILES must be 'skip' or 'fail', got {mode!r}")
         try:
             return cls(
-                tile_endpoint=env["TILE_ENDPOINT"],
+                tile_endpoint=env.get("TILE_ENDPOINT", ""),
+                imagery=imagery,
                 prediction_endpoint=env["PREDICTION_ENDPOINT"],
                 **database_fields(env),
                 tile_token=env.get("TILE_ACCESS_TOKEN") or None,

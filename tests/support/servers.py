@@ -606,3 +606,53 @@ def wait_for(check, timeout: float = 30.0, what: str = "service") -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not start within {timeout}s")
+
+
+class RangeServer(_Server):
+    """GET and HEAD of files by name (``/name.tif``), honouring ``Range: bytes=a-b`` with 206 as
+    S3 and CDNs do; every request is recorded (method, path, range) for counting reads."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.requests: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def _answer(self, head: bool) -> None:
+            server: RangeServer = self.server.owner
+            name = self.path.split("?", 1)[0].lstrip("/")
+            wanted = self.headers.get("Range", "")
+            with server._lock:
+                server.requests.append((self.command, name, wanted))
+            body = server.files.get(name)
+            if body is None:
+                return self.send(404, b"no such file", "text/plain")
+            status, start, end = 200, 0, len(body) - 1
+            match = re.match(r"^bytes=(\d*)-(\d*)$", wanted)
+            if match:
+                first, last = match.groups()
+                if first:
+                    start, end = int(first), min(int(last) if last else len(body) - 1,
+                                                 len(body) - 1)
+                else:  # the last N bytes
+                    start = max(0, len(body) - int(last))
+                if start >= len(body):
+                    return self.send(416, b"", "text/plain")
+                status = 206
+            part = body[start:end + 1]
+            self.send_response(status)
+            self.send_header("Content-Type", "image/tiff")
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(len(part)))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            self.end_headers()
+            if not head:
+                self.wfile.write(part)
+
+        def do_GET(self) -> None:
+            self._answer(head=False)
+
+        def do_HEAD(self) -> None:
+            self._answer(head=True)
