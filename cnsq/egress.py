@@ -129,8 +129,18 @@ def tile_endpoint(values: dict) -> str | None:
 
 
 def for_config(values: dict, region: str, resolve: Resolver = families) -> tuple[str, Path] | None:
-    """The imagery host of the config and its path; None without a TILE_ENDPOINT."""
-    endpoint = tile_endpoint(values)
+    """The imagery host of the config (its first COG's, else TILE_ENDPOINT's) and its path;
+    None without either. An s3:// COG is taken to be in the stack's region (its bucket's region
+    is the deployer's to choose)."""
+    cogs = (values.get("imagery") or {}).get("cog") or []
+    if cogs:
+        parts = urlsplit(cogs[0])
+        if parts.scheme == "s3":
+            host = f"{parts.netloc}.s3.{region}.amazonaws.com"
+            return host, path(host, region, dual_stack(values), set())
+        endpoint: str | None = cogs[0]
+    else:
+        endpoint = tile_endpoint(values)
     host = host_of(endpoint) if endpoint else ""
     if not host:
         return None

@@ -939,12 +939,80 @@ def bench_cost(db: Database, args) -> list[Result]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# cog: one worker reading tiles from a COG over HTTP range requests on 127.0.0.1, against the same
+# tiles pre-rendered as PNGs served by `cnsq tileserver`
+
+
+def bench_cog(db: Database, args) -> list[Result]:
+    import mercantile
+    import numpy as np
+    from rasterio.warp import transform_bounds
+
+    from cnsq.local import tileserver
+    from download_and_predict.cog import Cog, read_tile
+    from support.cogs import A_ORIGIN, RESOLUTION, UTM_33N, cog_bytes, gradient
+    from support.servers import RangeServer
+
+    size = 2048  # a 20 km scene at 10 m, zoom 14's resolution
+    # Noise on the gradient, as imagery has: the file does not deflate to a few kilobytes that
+    # the first read would fetch whole (12 MB of pixels).
+    noisy = gradient(size) + np.random.default_rng(5).integers(0, 16, (3, size, size), "uint8")
+    scene = RangeServer({"scene.tif": cog_bytes(noisy, A_ORIGIN)})
+    source = Cog((f"{scene.url}/scene.tif",))
+    # Pre-rendered through another URL: GDAL caches by URL, and the timed reads start cold.
+    renderer = Cog((f"{scene.url}/scene.tif?render",))
+    west, south, east, north = transform_bounds(
+        UTM_33N, "EPSG:4326", A_ORIGIN[0], A_ORIGIN[1] - size * RESOLUTION,
+        A_ORIGIN[0] + size * RESOLUTION, A_ORIGIN[1])
+    inner = mercantile.tiles(west + 0.02, south + 0.02, east - 0.02, north - 0.02, [14])
+    tiles = list(inner)
+    rounds = 3
+    per_round = max(5, min(args.repeat, len(tiles) // (rounds + 1)))
+    folder = work_dir("cog") / "tiles"
+    for tile in tiles[:per_round * (rounds + 1)]:
+        path = folder / str(tile.z) / str(tile.x) / f"{tile.y}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = read_tile(renderer, *tile)
+        assert image is not None, tile
+        path.write_bytes(image)
+    pngs = tileserver.start(folder, port=0)
+    session = requests.Session()
+    cog_times, png_times, requests_per_tile = [], [], []
+    read_tile(source, *tiles[0])  # the header, once
+    for r in range(1, rounds + 1):
+        batch = tiles[r * per_round:(r + 1) * per_round]
+        before = len(scene.requests)
+        started = time.perf_counter()
+        for tile in batch:
+            read_tile(source, *tile)
+        cog_times.append((time.perf_counter() - started) / len(batch))
+        requests_per_tile.append((len(scene.requests) - before) / len(batch))
+        started = time.perf_counter()
+        for tile in batch:
+            assert session.get(pngs.template.format(z=tile.z, x=tile.x, y=tile.y)).ok
+        png_times.append((time.perf_counter() - started) / len(batch))
+    pngs.close()
+    scene.close()
+    cog_s, png_s = statistics.median(cog_times), statistics.median(png_times)
+    print(f"# cog: {len(tiles)} zoom-14 tiles in a {size}-pixel UTM scene; rounds of {per_round} "
+          f"new tiles (not read before): {[round(1 / s, 1) for s in cog_times]} tiles/s from "
+          f"the COG, {[round(1 / s, 1) for s in png_times]} from the PNGs; range requests per "
+          f"tile {requests_per_tile}", flush=True)
+    return [
+        Result("cog: tiles/s per worker", 1 / cog_s, "tiles/s", "cnsq tileserver's PNGs",
+               1 / png_s, ">= 0.5 (at most 2x the time)", better="higher"),
+        Result("cog: range requests per tile", statistics.median(requests_per_tile), "requests",
+               "one block read", 1.0, "about 1"),
+    ]
+
+
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
                                    "push": bench_push, "convert-geojson": bench_convert,
                                    "serve": bench_serve, "pipeline": bench_pipeline,
                                    "view": bench_view, "tune": bench_tune,
                                    "export": bench_export, "lambda": bench_lambda,
-                                   "cost": bench_cost}
+                                   "cost": bench_cost, "cog": bench_cog}
 
 
 def main() -> int:

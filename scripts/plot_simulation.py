@@ -35,7 +35,9 @@ def main() -> int:
 
     prices = shipped_prices()
     auto = simulate(Setup(max_instances=args.hosts), args.tiles, prices)
-    fixed = simulate(Setup(max_instances=args.hosts, fixed=1, concurrency=5), args.tiles, prices)
+    # The original's example: one host, concurrency 5, its worker at 512 MB on x86.
+    fixed = simulate(Setup(max_instances=args.hosts, fixed=1, concurrency=5, lambda_memory_mb=512,
+                           lambda_architecture="x86_64"), args.tiles, prices)
     minutes = [s.t / 60 for s in auto.samples]
     with_tail = (auto.bill.total + auto.tail.total) / auto.written * 1e6
     figure, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True)

@@ -137,6 +137,7 @@ def _environment(template_dir: Path) -> jinja2.Environment:
     env.filters["md5"] = _md5
     env.filters["tojson"] = _tojson
     env.tests["secret"] = lambda v: isinstance(v, Secret)
+    env.tests["s3_url"] = lambda v: isinstance(v, str) and v.startswith("s3://")
     return env
 
 

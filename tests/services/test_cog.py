@@ -244,6 +244,12 @@ def test_the_configs_imagery_reaches_the_worker_and_its_package(tmp_path):
     assert Cog.from_json(env["IMAGERY"]) == Cog(
         ("https://example.com/a.tif", "s3://bucket/b.tif"), (3, 2, 1), ((0.0, 3000.0),), 256)
     assert lint(path) == []
+    # The worker may read the S3 COG (GDAL's range requests are GetObject), nothing else of S3.
+    statements = data["Resources"]["LambdaProcessingRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]["Statement"]
+    reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
+    assert reads == [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [
+        {"Fn::Sub": "arn:${AWS::Partition}:s3:::bucket/b.tif"}]}]
     assert extra_requirements(config.values) == RASTER_REQUIREMENTS
     plain, _ = _example(tmp_path / "plain", "")
     assert extra_requirements(plain.values) == ()  # XYZ imagery: no raster libraries

@@ -58,3 +58,13 @@ def test_dual_stack_as_the_template_decides_it():
     assert egress.dual_stack({"vpc": "vpc-1", "ipv6": None}) is False
     assert egress.dual_stack({"vpc": "vpc-1", "ipv6": True}) is True
     assert egress.dual_stack({"vpc": None, "ipv6": False}) is False
+
+
+def test_cog_imagery_is_judged_by_its_first_cogs_host():
+    values = {"vpc": None, "ipv6": None, "lambdas": {},
+              "imagery": {"cog": ["s3://my-imagery/a.tif", "https://other.example/b.tif"]}}
+    host, way = egress.for_config(values, "eu-west-1", lambda host: set())
+    assert host == "my-imagery.s3.eu-west-1.amazonaws.com" and way.way == "s3"
+    values["imagery"]["cog"] = ["https://cdn.example/a.tif"]
+    host, way = egress.for_config(values, "eu-west-1", lambda host: {V4, V6})
+    assert host == "cdn.example" and way.way == "ipv6"
