@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from cnsq.ops.pricing import Prices
-from simulation import Outcome, Setup, World, simulate
+from simulation import SPOT_PESSIMISTIC, Outcome, Setup, World, simulate
 
 STEP = 5  # the grid's concurrency step
 PAST_SATURATION = 4  # steps without a faster drain before a host count's sweep ends
@@ -57,6 +57,7 @@ class Case:
     tuned_on: bool = False
     gap_s: float = DAY_GAP_S
     note: str = ""
+    spot: int = 0  # the share of Spot hosts every setup runs with in this world (ecs.spot)
 
 
 def _scaled(world: World, **factors: float) -> World:
@@ -65,9 +66,8 @@ def _scaled(world: World, **factors: float) -> World:
 
 
 def cases(base: World | None = None, tiles: int = 1_000_000) -> list[Case]:
-    """The baseline and the eight other worlds of issue 37 (Spot interruptions come with issue
-    38). ``base``: the baseline's figures (the simulation's own by default); ``tiles``: the
-    one-job worlds' size.
+    """The baseline and the nine other worlds of issues 37 and 38. ``base``: the baseline's
+    figures (the simulation's own by default); ``tiles``: the one-job worlds' size.
 
     ``tuned_on`` marks the worlds that shaped the controller, three at most: the baseline (its
     thresholds, its start of 10 calls per GPU, its 2 idle minutes), a GPU twice as fast (where an
@@ -92,6 +92,9 @@ def cases(base: World | None = None, tiles: int = 1_000_000) -> list[Case]:
              note="a heavier handler's init"),
         Case("model fails 2 %", replace(base, model_failure_rate=0.02), one,
              note="2 % of prediction requests answered 500 (the handler retries)"),
+        Case("Spot, pessimistic", replace(base, spot_interruptions_per_hour=SPOT_PESSIMISTIC),
+             one, spot=100, note="every host on Spot, each reclaimed at 0.5 an hour (the Spot "
+             "Instance Advisor's worst bucket is 0.0003): the controller and every fixed setup"),
         Case("day of three jobs", base, DAY_JOBS, tuned_on=True,
              note="200,000, 1,000,000 and 50,000 tiles, each pushed two hours after the one "
              "before it drained"),
@@ -209,6 +212,7 @@ def judge(judged: Judged) -> Judged:
 
 def _run(args: tuple[Setup, Case, Prices, int]) -> Result:
     setup, case, prices, seed = args
+    setup = replace(setup, spot=case.spot) if case.spot else setup
     return result(simulate(setup, case.jobs, prices, case.world, seed, gap_s=case.gap_s))
 
 

@@ -117,3 +117,13 @@ def test_the_users_setup_is_run_in_a_world_whose_sweep_stopped_below_it():
     del grids["GPU ×0.5"][user]
     again = evaluate(setup, PRICES, worlds, grids=grids)
     assert user in grids["GPU ×0.5"] and again[1].user_result is grids["GPU ×0.5"][user]
+
+
+def test_the_spot_world_runs_every_setup_on_spot_and_loses_nothing():
+    worlds = [c for c in cases(tiles=60_000) if c.name in ("baseline", "Spot, pessimistic")]
+    assert worlds[1].spot == 100 and not worlds[1].tuned_on
+    base, spot = evaluate(Setup(max_instances=1, reserved=30), PRICES, worlds)
+    assert spot.controller.done and spot.user_result.done
+    # Spot's expected price ($0.21 against $0.53 an hour): the same job costs less.
+    assert spot.controller.dollars < 0.8 * base.controller.dollars
+    assert spot.user_result.dollars < 0.8 * base.user_result.dollars
