@@ -836,7 +836,11 @@ def bench_tune(db: Database, args) -> list[Result]:
                   + (f"cheapest always-on as fast: {on[0][0]}×{on[0][1]} ${on[1].dollars:.2f}, "
                      f"jobs " + ", ".join(f"{m:.1f}" for m in on[1].job_minutes) + " min"
                      if on else "no always-on fixed stack is as fast on each job"))
-    print(f"# missed: {verdict['failed'] or 'none'}", flush=True)
+    missed = list(verdict["failed"])  # type: ignore[call-overload]
+    if not verdict["beats_user_goal"]:
+        missed.append(("held-out worlds", f"beats the user's setup in {verdict['beats_user']} "
+                                          f"of {verdict['held_out']} (goal: 6 of 8)"))
+    print(f"# missed: {missed or 'none'}", flush=True)
     heavy = simulate(Setup(max_instances=1, warm_instances=1, concurrency=40, lambda_timeout=60,
                            visibility_timeout=360), 20_000, prices,
                      World(gpu_fixed_s=0.05, gpu_per_tile_s=0.2))

@@ -92,7 +92,7 @@ def cases(base: World | None = None, tiles: int = 1_000_000) -> list[Case]:
              note="a heavier handler's init"),
         Case("model fails 2 %", replace(base, model_failure_rate=0.02), one,
              note="2 % of prediction requests answered 500 (the handler retries)"),
-        Case("Spot, pessimistic", replace(base, spot_interruptions_per_hour=SPOT_PESSIMISTIC),
+        Case("Spot at 0.5/h", replace(base, spot_interruptions_per_hour=SPOT_PESSIMISTIC),
              one, spot=100, note="every host on Spot, each reclaimed at 0.5 an hour (the Spot "
              "Instance Advisor's worst bucket is 0.0003): the controller and every fixed setup"),
         Case("day of three jobs", base, DAY_JOBS, tuned_on=True,

@@ -120,7 +120,7 @@ def test_the_users_setup_is_run_in_a_world_whose_sweep_stopped_below_it():
 
 
 def test_the_spot_world_runs_every_setup_on_spot_and_loses_nothing():
-    worlds = [c for c in cases(tiles=60_000) if c.name in ("baseline", "Spot, pessimistic")]
+    worlds = [c for c in cases(tiles=60_000) if c.name in ("baseline", "Spot at 0.5/h")]
     assert worlds[1].spot == 100 and not worlds[1].tuned_on
     base, spot = evaluate(Setup(max_instances=1, reserved=30), PRICES, worlds)
     assert spot.controller.done and spot.user_result.done
