@@ -111,6 +111,18 @@ class _Created:
     def has_cfn_attr(cls, attr: str) -> bool:
         return False
 
+    @staticmethod
+    def _create(ec2: Any, properties: dict) -> str:
+        """Make the resource with moto's EC2 backend; its id."""
+        raise NotImplementedError
+
+    @classmethod
+    def create_from_cloudformation_json(  # type: ignore[misc]
+            cls, resource_name: str, cloudformation_json: Any, account_id: str,
+            region_name: str, **kwargs: Any) -> _Created:
+        return cls(cls._create(ec2_backends[account_id][region_name],
+                               cloudformation_json["Properties"]))
+
 
 class VpcCidrBlock(_Created, CloudFormationModel):
     __module__ = "moto.ec2.cnsq_tests"
@@ -119,15 +131,11 @@ class VpcCidrBlock(_Created, CloudFormationModel):
     def cloudformation_type() -> str:
         return "AWS::EC2::VPCCidrBlock"
 
-    @classmethod
-    def create_from_cloudformation_json(  # type: ignore[misc,override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str,
-            region_name: str, **kwargs: Any) -> VpcCidrBlock:
-        properties = cloudformation_json["Properties"]
-        association = ec2_backends[account_id][region_name].associate_vpc_cidr_block(
+    @staticmethod
+    def _create(ec2: Any, properties: dict) -> str:
+        return ec2.associate_vpc_cidr_block(
             properties["VpcId"], properties.get("CidrBlock"),
-            bool(properties.get("AmazonProvidedIpv6CidrBlock")))
-        return cls(association["association_id"])
+            bool(properties.get("AmazonProvidedIpv6CidrBlock")))["association_id"]
 
 
 class EgressOnlyInternetGateway(_Created, CloudFormationModel):
@@ -137,13 +145,9 @@ class EgressOnlyInternetGateway(_Created, CloudFormationModel):
     def cloudformation_type() -> str:
         return "AWS::EC2::EgressOnlyInternetGateway"
 
-    @classmethod
-    def create_from_cloudformation_json(  # type: ignore[misc,override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str,
-            region_name: str, **kwargs: Any) -> EgressOnlyInternetGateway:
-        gateway = ec2_backends[account_id][region_name].create_egress_only_internet_gateway(
-            cloudformation_json["Properties"]["VpcId"])
-        return cls(gateway.id)
+    @staticmethod
+    def _create(ec2: Any, properties: dict) -> str:
+        return ec2.create_egress_only_internet_gateway(properties["VpcId"]).id
 
 
 def install() -> None:
