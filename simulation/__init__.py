@@ -19,10 +19,12 @@ What is simulated, each part with the figure it runs on (:class:`World`, cited t
   launches hosts for tasks waiting for a place (each minute), and terminates a host left without a
   task for 15 minutes (its scale-in alarm); the controller also lowers the group's size when it
   scales the tasks down to the minimum.
-- **The controller** (``fixed=None``): every minute, the functions the stack's controller runs
-  (:mod:`download_and_predict.scaling`) over the signals CloudWatch would give.
+- **The controller** (``fixed=None``): the stack's controller itself
+  (:class:`download_and_predict.control.Controller`, its own loop), invoked as each job is pushed
+  (`cnsq push` does) and every minute, over simulated AWS clients (:mod:`simulation.aws`).
+- **Spot**: hosts reclaimed at ``spot_interruptions_per_hour`` after a two-minute notice.
 
-Not simulated: account limits (EC2 vCPU quotas, Lambda's account concurrency), Spot, failures of
+Not simulated: account limits (EC2 vCPU quotas, Lambda's account concurrency), failures of
 hosts, cross-zone latency, the database's own limits (writes are a fixed time), SQS's
 at-least-once duplicates, and Lambda environments expiring while idle.
 """
@@ -34,7 +36,7 @@ import json
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -50,7 +52,7 @@ from cnsq.ops.estimate import (
 )
 from cnsq.ops.pricing import Bill, Parts, Prices, Usage, bill, run_usage
 from cnsq.stack.model_batching import BATCHING
-from download_and_predict.control import GPU_METRIC, RECORD_METRICS, Controller, Where
+from download_and_predict.control import BUDGET, GPU_METRIC, RECORD_METRICS, Controller, Where
 from simulation.aws import AutoScaling, CloudWatch, Ecs, Elb, Mapping, Metrics, Sqs, Ssm
 
 NAMESPACE = "CNSQ"  # the agent's and the handler's metrics (the template's GpuNamespace)
@@ -173,6 +175,8 @@ class Setup:
     spot: int = 0  # ecs.spot: the share of hosts launched as Spot, in per cent
     # False: the controller before it ended idle hosts itself (ECS's 15-minute scale-in only).
     end_idle_hosts: bool = True
+    # False: the controller before `cnsq push` invoked it (its first step on the schedule's minute).
+    push_kicks: bool = True
 
 
 @dataclass
@@ -329,6 +333,8 @@ class _Sim:
         self._normal = NormalDist()
         self.interruptions = 0
         self.launched = 0
+        # `cnsq push` invoking the controller as it sends (set by :meth:`controller`).
+        self.kick: Callable[[int], object] | None = None
 
     # -- SQS ---------------------------------------------------------------------------------
     def push(self, job: int = 0):
@@ -343,6 +349,8 @@ class _Sim:
         self.unpushed -= tiles
         self.job_pushed[job] = self.env.now
         self.pushed = True
+        if self.kick is not None:
+            self.kick(tiles)
 
     def _push_later(self, job: int):
         yield self.env.timeout(self.gap_s)
@@ -614,7 +622,10 @@ class _Sim:
 
     def controller(self):
         """The stack's controller itself (download_and_predict.control.Controller), every
-        minute, against simulated AWS clients with AWS's semantics (simulation.aws)."""
+        minute and as each job is pushed, against simulated AWS clients with AWS's semantics
+        (simulation.aws), run by its own loop (:meth:`Controller.run`)."""
+        import simpy
+
         s, w = self.setup, self.world
         clock = lambda: self.env.now  # noqa: E731
         where = Where(
@@ -635,11 +646,25 @@ class _Sim:
         controller = Controller(where, clients, clock=clock,
                                 log=lambda line: self.decisions.append(
                                     (self.env.now, json.loads(line)["cnsq_decision"])))
+        # The function's ReservedConcurrentExecutions is 1: an invocation while one runs waits
+        # (Lambda retries a throttled asynchronous event).
+        turn = simpy.Resource(self.env, capacity=1)
+
+        def invoke(pushed: int = 0):
+            with turn.request() as mine:
+                yield mine
+                for wait in controller.run(BUDGET, pushed=pushed):
+                    yield self.env.timeout(wait)
+                if controller.actions is not None:
+                    self.scenario = controller.actions.scenario
+
+        if s.push_kicks:
+            self.kick = lambda tiles: self.env.process(invoke(tiles))
+            if self.pushed:  # the first job was pushed as the stack came up
+                self.kick(self.jobs[0])
         while True:
-            yield self.env.timeout(60)
-            controller.step()
-            if controller.actions is not None:
-                self.scenario = controller.actions.scenario
+            yield self.env.timeout(60)  # EventBridge's schedule, at the worst phase
+            self.env.process(invoke())
 
     def observer(self):
         """Every 10 s: GPU use while there is work; every minute a sample for the plot."""

@@ -96,6 +96,13 @@ class Deployed:
         return self.queue_url
 
     @property
+    def controller_function(self) -> str | None:
+        """The controller's function name (None: the stack has none, a fixed size)."""
+        return self._output_or_resource(
+            logical_ids.CONTROLLER_FUNCTION,
+            logical_ids.controller_function(self.config.values["stackNoDash"]))
+
+    @property
     def model_endpoint(self) -> str | None:
         """``…/v1/models/NAME`` on the internal load balancer (reachable inside the VPC)."""
         return self.outputs.get(logical_ids.MODEL_ENDPOINT)

@@ -16,6 +16,7 @@ DEAD_LETTER_URL = "deadLetterQueueURL"
 MODEL_ENDPOINT = "modelEndpoint"
 ECS_CLUSTER = "ecsCluster"
 DOCKER_LOG_GROUP = "dockerLogGroup"
+CONTROLLER_FUNCTION = "controllerFunctionName"  # stacks with ecs.minInstances only
 
 
 def tile_queue(stack_no_dash: str) -> str:
@@ -32,6 +33,10 @@ def load_balancer(stack_no_dash: str) -> str:
 
 def autoscaling_group(stack_no_dash: str) -> str:
     return f"{stack_no_dash}ECSAutoScalingGroup"
+
+
+def controller_function(stack_no_dash: str) -> str:
+    return f"{stack_no_dash}ControllerFunction"
 
 
 def controller_state(stack_name: str) -> str:

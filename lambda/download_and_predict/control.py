@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +36,17 @@ WINDOW = 180  # seconds of metrics read each minute (CloudWatch reports a minute
 # Minutes after a change of the concurrency before the window holds only minutes after it: the
 # minute of the change and the next are reported by the third (a minute late, as above).
 SETTLE = 3
+# While work waits for a model that is starting, each invocation looks at the target group every
+# RECHECK seconds until BUDGET seconds have passed (the function's timeout is 50 s): a task turns
+# healthy after 3 checks 30 s apart (the template's target group), at any second of the minute,
+# and receiving resumes within RECHECK of it instead of at the next minute. Looking costs a
+# 256 MB function's time (~$0.01 an hour of waiting), against a GPU host's ~$0.53.
+RECHECK = 10.0
+BUDGET = 40.0
+# `cnsq push` invokes the controller as it sends (it need not wait for the schedule's minute) and
+# says how many tiles it is sending: SQS's approximate counts trail the queue by about a minute
+# (the SQS developer guide), so for that long the count pushed is the better reading.
+PUSHED_FRESH = 90.0
 KEPT_DECISIONS = 30
 # A standard SSM parameter's value holds at most 4 KB (SSM's PutParameter reference: "Standard
 # parameters have a value limit of 4 KB"); the state is kept within it, counted in UTF-8 bytes.
@@ -107,7 +118,7 @@ class State:
     healthy_before: int = 0
     idle_since: float | None = None
     probe: dict | None = None
-    steady: int = 0  # minutes since the concurrency last changed
+    changed_at: float | None = None  # when the concurrency last changed (epoch seconds)
     rate: float | None = None  # tiles per second per task under full load, last measured
     decisions: list[list] = field(default_factory=list)  # [ISO time, line]
 
@@ -134,11 +145,13 @@ class State:
                 and isinstance(d[0], str) and isinstance(d[1], str)
                 ] if isinstance(decisions, list) else []
         idle_since = _finite(raw.get("idle_since"))
+        changed_at = _finite(raw.get("changed_at"))
         rate = _finite(raw.get("rate"))
         return cls(concurrency=_count(raw.get("concurrency"), 1),
                    healthy_before=_count(raw.get("healthy_before")) or 0,
                    idle_since=idle_since if idle_since is None or idle_since >= 0 else None,
-                   probe=probe, steady=_count(raw.get("steady")) or 0,
+                   probe=probe,
+                   changed_at=changed_at if changed_at is None or changed_at >= 0 else None,
                    rate=rate if rate is not None and rate > 0 else None,
                    decisions=kept[-KEPT_DECISIONS:])
 
@@ -166,6 +179,7 @@ class Controller:
         Lambda; the simulation keeps them)."""
         self.where, self.clients, self.clock, self.log = where, clients, clock, log
         self.actions: Actions | None = None  # the last step's, for whoever runs the loop
+        self.lines: list[str] = []  # the decisions of the last run()
 
     # -- reading -----------------------------------------------------------------------------
     def load(self) -> State:
@@ -272,9 +286,25 @@ class Controller:
                        records_failed=records_failed), rate
 
     # -- deciding and applying ---------------------------------------------------------------
-    def step(self) -> list[str]:
+    def run(self, budget: float = BUDGET, pushed: int = 0) -> Iterator[float]:
+        """One invocation: a step, then, while work waits for a model that is starting
+        (:attr:`Actions.recheck`), a look at the target group every :data:`RECHECK` seconds
+        and a step as soon as a task answers, within ``budget`` seconds. Yields the seconds to
+        wait before each look: the caller sleeps (Lambda) or lets simulated time pass (the
+        simulation), so the loop is the same. ``pushed``: tiles `cnsq push` says it sent just
+        now (SQS's counts lag); the decisions made go to :attr:`lines`."""
+        start = self.clock()
+        self.lines = self.step(pushed)
+        while self.actions is not None and self.actions.recheck and \
+                self.clock() + RECHECK - start <= budget:
+            yield RECHECK
+            if self.healthy_targets() > 0:
+                self.lines += self.step(pushed if self.clock() - start < PUSHED_FRESH else 0)
+
+    def step(self, pushed: int = 0) -> list[str]:
         """Read, decide, record the decision, apply it; the decisions made, as lines (also
-        logged and kept).
+        logged and kept). ``pushed``: tiles just sent by `cnsq push`, a floor for the backlog
+        while SQS's approximate counts have yet to show them.
 
         The state is saved *before* anything is applied: a save that fails leaves nothing applied
         that the next minute would take for a deploy's change and revert, and the idle clock
@@ -290,6 +320,7 @@ class Controller:
             self.log(json.dumps({"cnsq_decision": line, "at": stamp}))
             return [line]
         visible, in_flight = counts
+        visible = max(visible, pushed - in_flight)
         healthy = self.healthy_targets()
         signals, _ = self.signals(now, visible, in_flight, healthy)
         desired = self.desired_tasks()
@@ -299,12 +330,12 @@ class Controller:
         memory = Memory(concurrency=state.concurrency, healthy_before=state.healthy_before,
                         idle_since=state.idle_since,
                         probe=Probe(**state.probe) if state.probe else None,
-                        steady=state.steady, rate=state.rate)
+                        changed_at=state.changed_at, rate=state.rate)
         # The mapping's least maximum concurrency is 2 (Lambda's ScalingConfig).
         bounds = Bounds(low=2, high=w.max_concurrency, min_tasks=w.min_tasks,
                         max_tasks=w.max_tasks, tasks_per_instance=w.tasks_per_instance,
                         idle_seconds=w.idle_seconds, horizon_seconds=w.horizon_seconds,
-                        settle=SETTLE)
+                        settle_seconds=SETTLE * 60)
         memory, actions = step(memory, Observed(now, signals, healthy, desired, applied, receiving),
                                bounds)
         self.actions = actions
@@ -315,7 +346,7 @@ class Controller:
         state.healthy_before = memory.healthy_before
         state.idle_since = memory.idle_since
         state.probe = asdict(memory.probe) if memory.probe else None
-        state.steady = memory.steady
+        state.changed_at = memory.changed_at
         state.rate = memory.rate
         state.decisions = (state.decisions + [[stamp, line] for line in lines])[-KEPT_DECISIONS:]
         self.save(state)
@@ -397,10 +428,26 @@ class Controller:
                 "15-minute scale-in")
 
 
+def pushed_tiles(event: Any, now: float) -> int:
+    """The tiles a `cnsq push` invocation says it sent (``{"cnsq": "pushed", "tiles": N, "at":
+    epoch seconds}``), if said within :data:`PUSHED_FRESH` seconds: an event retried later (a
+    throttled asynchronous invocation is retried for hours) says nothing. 0 for the schedule's
+    events and anything else."""
+    if not isinstance(event, dict) or event.get("cnsq") != "pushed":
+        return 0
+    tiles, at = _count(event.get("tiles")), _finite(event.get("at"))
+    if tiles is None or at is None or not 0 <= now - at <= PUSHED_FRESH:
+        return 0
+    return tiles
+
+
 def handler(event: dict, context: Any = None) -> dict:
-    """The scheduled entry point (EventBridge, every minute)."""
+    """The entry point: EventBridge's schedule every minute, and `cnsq push` as it sends."""
     import boto3
 
     clients = {name: boto3.client(name) for name in (
         "ssm", "sqs", "elbv2", "ecs", "lambda", "cloudwatch", "autoscaling")}
-    return {"decisions": Controller(Where.from_environment(), clients).step()}
+    controller = Controller(Where.from_environment(), clients)
+    for wait in controller.run(pushed=pushed_tiles(event, time.time())):
+        time.sleep(wait)
+    return {"decisions": controller.lines}

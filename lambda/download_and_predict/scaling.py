@@ -28,6 +28,9 @@ THRESHOLDS = {
     "gpu_busy": 90.0,
     "gpu_aim": 97.0,  # what a raise aims at: concurrency × gpu_aim / busy
 }
+# EventBridge's one-minute schedule may invoke a few seconds early or late; a step that ends the
+# settling interval this much early still counts (its window then holds a few seconds more).
+SETTLE_SLACK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,9 @@ class Bounds:
     event source mapping's least, to the reserved concurrency); the model tasks' range and
     grouping, how long an idle stack keeps them, and ``horizon_seconds``, how long a new host
     takes to help (see :func:`backlog_per_task`). One machine has one model server: one task.
-    ``settle``: intervals after a change of the concurrency before its signals describe it (the
-    stack reads CloudWatch, whose minutes arrive late; one machine reads its own, at once)."""
+    ``settle_seconds``: how long after a change of the concurrency its signals describe it (the
+    stack reads CloudWatch, whose minutes arrive late; one machine reads its own, at once):
+    counted in seconds, not steps, as a step may come between the minutes (:attr:`Actions.recheck`)."""
 
     low: int = 1
     high: int = 1000
@@ -294,7 +298,7 @@ class Bounds:
     tasks_per_instance: int = 1
     idle_seconds: float = 0.0
     horizon_seconds: float = 0.0
-    settle: int = 0
+    settle_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,9 @@ class Memory:
     healthy_before: int = 0  # model tasks answering at the last step that had any
     idle_since: float | None = None  # when the queue emptied, with nothing in flight
     probe: Probe | None = None
-    steady: int = 0  # steps since the one that last changed the concurrency
+    # When the concurrency last changed or receiving resumed (None: not yet seen; a new
+    # controller counts from its first step, as its window may hold a part of a minute).
+    changed_at: float | None = None
     # Tiles per second per task measured under full load (a backlog of a minute's work or more):
     # a later job is sized by it before its own calls are measured.
     rate: float | None = None
@@ -336,6 +342,9 @@ class Actions:
     # Idle at the minimum: end the hosts beyond this many that run no task now, instead of
     # leaving them to ECS's scale-in 15 minutes later (None: leave the group alone).
     keep_hosts: int | None = None
+    # Work waits for a model asked for and not yet answering: look again before the next
+    # interval, so that receiving resumes as the first task turns healthy, not up to a minute on.
+    recheck: bool = False
 
 
 def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Actions]:
@@ -361,20 +370,25 @@ def step(memory: Memory, seen: Observed, bounds: Bounds) -> tuple[Memory, Action
     if memory.concurrency and seen.applied != memory.concurrency:
         lines.append(f"re-applied concurrency {memory.concurrency} (a deploy set {seen.applied})")
     followed = follow_tasks(current, memory.healthy_before, seen.healthy_tasks, Limits())
-    # Steps since the concurrency last changed or receiving resumed, this one counted (a new
-    # controller counts from its first step: its window may hold a part of a minute).
-    steady = 0 if followed != current else memory.steady + 1
+    changed_at = memory.changed_at if memory.changed_at is not None else seen.now
+    if followed != current:
+        changed_at = seen.now
+    # A step a few seconds early (a schedule's jitter) still counts as the interval it ends.
+    settled = seen.now - changed_at >= bounds.settle_seconds - SETTLE_SLACK_SECONDS
     decision = decide(s, followed, Limits(low=bounds.low, high=bounds.high), memory.probe,
-                      settled=steady >= bounds.settle)
+                      settled=settled or bounds.settle_seconds <= 0)
     concurrency = max(bounds.low, min(bounds.high, decision.concurrency))
     if decision.concurrency != followed or decision.receive != seen.receiving:
         lines.append(decision.line(followed, seen.receiving))
     resumed = decision.receive and not seen.receiving
-    steady = 0 if concurrency != followed or resumed else steady
+    if concurrency != followed or resumed:
+        changed_at = seen.now
     # With no task answering, the concurrency stays the one chosen for the tasks that last did:
     # remember their count, or the next job's first tasks would multiply it again.
     answering = seen.healthy_tasks or memory.healthy_before
     at_rest = idle_for is not None and idle_for >= bounds.idle_seconds and tasks <= bounds.min_tasks
     keep = -(-bounds.min_tasks // bounds.tasks_per_instance) if at_rest else None
-    return (Memory(concurrency, answering, idle_since, decision.probe, steady, rate),
-            Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines), keep))
+    waiting = work > 0 and tasks > 0 and seen.healthy_tasks == 0 and not decision.receive
+    return (Memory(concurrency, answering, idle_since, decision.probe, changed_at, rate),
+            Actions(tasks, concurrency, decision.receive, decision.scenario, tuple(lines), keep,
+                    recheck=waiting))

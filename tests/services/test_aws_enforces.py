@@ -183,6 +183,55 @@ def test_the_controller_runs_under_its_compiled_role(world):
     assert w.rules.refused == []
 
 
+def test_a_push_starts_the_controller_at_once_and_it_resumes_as_a_model_answers(
+        project, moto_url, monkeypatch, tmp_path):
+    """`cnsq push` invokes the controller asynchronously as the queue takes its first tiles,
+    saying how many (AWS answers 202: the event is queued). That invocation, under the
+    controller's compiled role, starts the model tasks at once, then looks at the target group
+    every RECHECK seconds and resumes receiving as a target turns healthy, within its budget."""
+    from download_and_predict.control import BUDGET, RECHECK, pushed_tiles
+
+    deploy_scaling()
+    w = World(moto_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", w.rules.url)
+    tiles = tmp_path / "tiles.txt"
+    tiles.write_text("".join(f"{x}-1-5\n" for x in range(25)))
+    result = CliRunner().invoke(main, ["push", str(tiles)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    [(function, event)] = w.rules.events
+    assert function == "cnsq-dev-controller"
+    assert event["cnsq"] == "pushed" and event["tiles"] == 25
+    w.now = event["at"] + 2
+    assert pushed_tiles(event, w.now) == 25
+    assert pushed_tiles(event, w.now + 600) == 0  # a throttled event retried later says nothing
+    assert pushed_tiles({"source": "aws.events"}, w.now) == 0  # the schedule's
+
+    with iam_enforced(moto_url):
+        run = w.controller.run(pushed=pushed_tiles(event, w.now))
+        assert next(run) == RECHECK
+        assert w.controller.lines == ["model tasks 0 → 1: 25 tiles waiting: 1 model tasks (up to 1)"]
+        assert w.desired_tasks() == 1 and w.mapping()["State"] == "Disabled"
+        w.now += RECHECK
+        assert next(run) == RECHECK  # no target healthy yet: another look
+        w.healthy_target()
+        w.now += RECHECK
+        assert list(run) == []  # the look found it: a step, and the invocation ends
+        assert w.controller.lines[-1] == "resumed receiving at concurrency 10: a model answers"
+        assert w.mapping()["State"] == "Enabled"
+        # With no model coming, an invocation looks until its budget, then ends.
+        w.admin("lambda").update_event_source_mapping(UUID=w.where.mapping_id, Enabled=False)
+        w.admin("elbv2").deregister_targets(TargetGroupArn=w.where.target_group, Targets=[
+            {"Id": t["Target"]["Id"], "Port": 8501} for t in w.admin("elbv2").describe_target_health(
+                TargetGroupArn=w.where.target_group)["TargetHealthDescriptions"]])
+        looks = 0
+        for wait in w.controller.run():
+            looks += 1
+            w.now += wait
+        assert looks == BUDGET // RECHECK
+        assert w.rules.refused == []
+    w.close()
+
+
 def test_idle_at_the_minimum_the_controller_ends_hosts_without_tasks_at_once(world):
     """ECS's managed scaling ends an emptied host after 15 minutes; the controller ends it the
     minute the stack is idle at its minimum (drained, unprotected, terminated with the group's

@@ -21,7 +21,7 @@ import http.client
 import json
 import threading
 import uuid
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import requests
@@ -143,7 +143,10 @@ class AwsRules(_Server):
       ValidationException, "Standard tier parameters support a maximum parameter value of 4096
       characters");
     - Lambda ``UpdateEventSourceMapping``: ``ResourceInUseException`` while the mapping's UUID is
-      in :attr:`busy_mappings` (a deploy updating it at the same moment).
+      in :attr:`busy_mappings` (a deploy updating it at the same moment);
+    - Lambda ``Invoke`` with ``X-Amz-Invocation-Type: Event``: 202 and an empty body, the event
+      queued (Lambda's Invoke reference), kept in :attr:`events` as (function, payload); moto
+      would try to run the function in Docker.
     """
 
     SSM_LIMIT = 4096
@@ -152,6 +155,7 @@ class AwsRules(_Server):
         self.moto = urlsplit(moto_url)
         self.busy_mappings: set[str] = set()
         self.refused: list[str] = []
+        self.events: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
         super().__init__(self._Handler)
 
@@ -186,6 +190,15 @@ class AwsRules(_Server):
                                               "x-amzn-ErrorType": "ResourceInUseException"}, {
                         "Type": "User", "Message": f"The resource you requested is currently in "
                                                    f"use: event source mapping {mapping}"})
+            if (self.command == "POST" and self.path.endswith("/invocations")
+                    and self.headers.get("X-Amz-Invocation-Type") == "Event"):
+                function = unquote(self.path.split("/functions/", 1)[1].split("/")[0])
+                with server.lock:
+                    server.events.append((function, json.loads(body or b"{}")))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             connection = http.client.HTTPConnection(server.moto.hostname, server.moto.port,
                                                     timeout=60)
             try:

@@ -238,7 +238,7 @@ def test_the_next_jobs_tasks_do_not_multiply_the_concurrency_of_the_last():
     from download_and_predict.scaling import Bounds, Memory, Observed, step
 
     bounds = Bounds(low=2, high=200, min_tasks=0, max_tasks=4, idle_seconds=0)
-    memory = Memory(concurrency=29, healthy_before=4, steady=5)
+    memory = Memory(concurrency=29, healthy_before=4, changed_at=-300.0)
     idle = signals(backlog=0, in_flight=0, calls=0, healthy=False)
     memory, _ = step(memory, Observed(0.0, idle, 0, 0, 29, False), bounds)
     again = signals(backlog=1_000_000, in_flight=0, calls=0)
@@ -248,23 +248,60 @@ def test_the_next_jobs_tasks_do_not_multiply_the_concurrency_of_the_last():
 
 def test_a_raise_waits_until_the_signals_describe_the_last_change():
     """CloudWatch's minutes come a minute late: the minute after a raise still describes the
-    concurrency before it. With ``settle`` 3 nothing is raised again, and no probe judged,
-    until three steps after a change; a lowering is made at once."""
+    concurrency before it. With ``settle_seconds`` 180 nothing is raised again, and no probe
+    judged, until three minutes after a change; a lowering is made at once."""
     from download_and_predict.scaling import Bounds, Memory, Observed, step
 
-    bounds = Bounds(low=2, high=200, max_tasks=1, settle=3)
+    bounds = Bounds(low=2, high=200, max_tasks=1, settle_seconds=180)
     idle_gpu = signals(busy_percent=40.0)
-    memory, actions = step(Memory(concurrency=20, healthy_before=1, steady=3),
+    memory, actions = step(Memory(concurrency=20, healthy_before=1, changed_at=-180.0),
                            Observed(0.0, idle_gpu, 1, 1, 20, True), bounds)
-    assert actions.concurrency == 30 and memory.steady == 0
+    assert actions.concurrency == 30 and memory.changed_at == 0.0
     for minute in (1, 2):
         memory, actions = step(memory, Observed(60.0 * minute, idle_gpu, 1, 1, 30, True), bounds)
-        assert actions.concurrency == 30 and memory.steady == minute
-    memory, actions = step(memory, Observed(180.0, idle_gpu, 1, 1, 30, True), bounds)
+        assert actions.concurrency == 30 and memory.changed_at == 0.0
+    # EventBridge's schedule a few seconds early still ends the third minute.
+    memory, actions = step(memory, Observed(175.0, idle_gpu, 1, 1, 30, True), bounds)
     assert actions.concurrency == 45
     failing = signals(p95_seconds=110.0, model_errors=10, busy_percent=100.0)
     _, actions = step(memory, Observed(240.0, failing, 1, 1, 45, True), bounds)
     assert actions.concurrency == 22  # at once, though the raise was a minute ago
+
+
+def test_a_resume_between_the_minutes_settles_by_the_clock_not_by_steps():
+    """Receiving resumed 30 s into a minute (a look between the minutes): the third scheduled
+    step after it still has 30 s before the resume in its window, so it waits one more."""
+    from download_and_predict.scaling import Bounds, Memory, Observed, step
+
+    bounds = Bounds(low=2, high=200, max_tasks=1, settle_seconds=180)
+    waiting = signals(healthy=False)
+    memory, actions = step(Memory(concurrency=20, healthy_before=1, changed_at=-600.0),
+                           Observed(0.0, waiting, 0, 1, 20, False), bounds)
+    assert not actions.receive and actions.recheck
+    first = signals(calls=0, busy_percent=None, p95_seconds=None)
+    memory, actions = step(memory, Observed(30.0, first, 1, 1, 20, False), bounds)
+    assert actions.receive and not actions.recheck and memory.changed_at == 30.0
+    for now in (60.0, 120.0, 180.0):
+        memory, actions = step(memory, Observed(now, signals(busy_percent=40.0), 1, 1, 20, True),
+                               bounds)
+        assert actions.concurrency == 20, now
+    _, actions = step(memory, Observed(240.0, signals(busy_percent=40.0), 1, 1, 20, True), bounds)
+    assert actions.concurrency == 30
+
+
+def test_the_step_asks_for_a_second_look_only_while_work_waits_for_a_starting_model():
+    from download_and_predict.scaling import Bounds, Memory, Observed, step
+
+    bounds = Bounds(low=2, high=200, min_tasks=0, max_tasks=4, settle_seconds=180)
+    waiting = signals(backlog=5000, in_flight=0, calls=0, healthy=False)
+    _, actions = step(Memory(), Observed(0.0, waiting, 0, 0, 10, False), bounds)
+    assert actions.tasks == 4 and not actions.receive and actions.recheck
+    nothing = signals(backlog=0, in_flight=0, calls=0, healthy=False)
+    _, actions = step(Memory(), Observed(0.0, nothing, 0, 0, 10, False), bounds)
+    assert actions.tasks == 0 and not actions.recheck
+    answering = signals(backlog=5000, in_flight=0, calls=0)
+    _, actions = step(Memory(), Observed(0.0, answering, 1, 4, 10, False), bounds)
+    assert actions.receive and not actions.recheck
 
 
 def test_a_probe_survives_the_minutes_it_waits_for_its_signals():

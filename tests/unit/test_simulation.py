@@ -75,10 +75,23 @@ def test_no_tile_is_lost_while_the_hosts_boot_and_would_be_without_the_pause():
     paused = simulate(setup, 5_000, PRICES)
     assert paused.dead_letter == 0 and paused.written == 5_000
     assert paused.decisions[0] == (
-        60.0, "model tasks 0 → 1: 5000 tiles waiting: 1 model tasks (up to 1)")
+        0.0, "model tasks 0 → 1: 5000 tiles waiting: 1 model tasks (up to 1)")  # push kicked it
     assert paused.samples[0].receiving is False
     unpaused = simulate(Setup(**{**setup.__dict__, "pause_without_model": False}), 5_000, PRICES)
     assert unpaused.dead_letter > 0  # the simulation can fail: the 503s of the boot reach the DLQ
+
+
+def test_a_push_starts_the_hosts_before_sqs_counts_show_its_tiles():
+    """`cnsq push` invokes the controller as it sends: its first step comes at once, not on
+    the schedule's minute, and launches hosts on the count pushed, as SQS's approximate counts
+    (a minute behind) still read an empty queue."""
+    kicked = simulate(Setup(max_instances=1), 5_000, PRICES)
+    scheduled = simulate(Setup(max_instances=1, push_kicks=False), 5_000, PRICES)
+    assert kicked.decisions[0] == (0.0, "model tasks 0 → 1: 5000 tiles waiting: 1 model tasks (up to 1)")
+    assert scheduled.decisions[0][0] == 60.0
+    assert kicked.written == scheduled.written == 5_000
+    assert kicked.drained_at is not None and scheduled.drained_at is not None
+    assert kicked.drained_at <= scheduled.drained_at - 50
 
 
 def test_the_bill_is_the_usage_at_the_shipped_prices():
