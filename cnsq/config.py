@@ -121,11 +121,14 @@ SCHEMA: dict[str, Any] = {
     # off for a given one (set true once its subnets have IPv6 blocks and a ::/0 route).
     "ipv6": ("bool", None),
     # Imagery the worker reads itself instead of an XYZ endpoint: a COG's URL (https:// or
-    # s3://) or a list read as a mosaic, the bands, their stretch, the model's tile size.
+    # s3://) or a list read as a mosaic, or a STAC source (an API's search or a static
+    # catalog); the bands, their rescale or percentile stretch, the model's tile size.
     "imagery": {
         "cog": ("any", None),
+        "stac": ("any", None),
         "bands": ("any", None),
         "rescale": ("any", None),
+        "stretch": ("any", None),
         "tileSize": ("any", 256),
     },
     "ecs": {
@@ -683,15 +686,15 @@ def _check_values(values: dict, where, guessed: set[str]) -> list[str]:
 
 def _check_imagery(values: dict, where) -> None:
     """``imagery:`` as the worker will read it (its own check), normalised for the template."""
-    from download_and_predict.cog import Cog
+    from download_and_predict.cog import Imagery
     from download_and_predict.errors import SettingsError
 
     raw = {k: v for k, v in values["imagery"].items() if v is not None}
-    if not raw.get("cog"):
+    if not raw.get("cog") and raw.get("stac") is None:
         values["imagery"] = {}
         return
     try:
-        values["imagery"] = Cog.from_values(raw, "imagery").as_values()
+        values["imagery"] = Imagery.from_values(raw, "imagery").as_values()
     except SettingsError as exc:
         key, _, rest = str(exc).partition(": ")
         raise ConfigError(f"{where(key)}: {rest}") from None

@@ -129,10 +129,13 @@ def tile_endpoint(values: dict) -> str | None:
 
 
 def for_config(values: dict, region: str, resolve: Resolver = families) -> tuple[str, Path] | None:
-    """The imagery host of the config (its first COG's, else TILE_ENDPOINT's) and its path;
-    None without either. An s3:// COG is taken to be in the stack's region (its bucket's region
-    is the deployer's to choose)."""
-    cogs = (values.get("imagery") or {}).get("cog") or []
+    """The imagery host of the config (its first COG's, a STAC source's API or catalog, else
+    TILE_ENDPOINT's) and its path; None without any. An s3:// COG is taken to be in the stack's
+    region (its bucket's region is the deployer's to choose). A STAC source's assets may live
+    on other hosts than its API: the API's host stands for them."""
+    imagery = values.get("imagery") or {}
+    stac = imagery.get("stac") or {}
+    cogs = imagery.get("cog") or ([stac.get("api") or stac.get("catalog")] if stac else [])
     if cogs:
         parts = urlsplit(cogs[0])
         if parts.scheme == "s3":

@@ -1,48 +1,95 @@
-"""COG imagery from the command line: the source from options or the config's ``imagery:``, its
-footprint for `cnsq tiles --imagery`, and one tile's image for `cnsq imagery`. The reading is
-the worker's own (:mod:`download_and_predict.cog`): what is written is what the model is sent.
+"""COG and STAC imagery from the command line: the source from options or the config's
+``imagery:``, its footprint for `cnsq tiles --imagery`, and one tile's image for `cnsq imagery`.
+The reading is the worker's own (:mod:`download_and_predict.cog`, :mod:`download_and_predict.stac`):
+what is written is what the model is sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import mercantile
+
 from cnsq.errors import CnsqError, option
-from download_and_predict.cog import Cog, geographic_bounds, read_tile
+from download_and_predict.cog import Imagery, geographic_bounds, read_tile
 from download_and_predict.errors import SettingsError
+from download_and_predict.stac import Fetch, Item, catalog_items, chosen, fetcher, intersects
 from download_and_predict.tiles import parse_tile_id
 
 INSTALL = "pip install 'cnsq[cog]' (rio-tiler, whose rasterio wheels carry GDAL)"
+COG_SUFFIXES = (".tif", ".tiff")
+DOCUMENT_TIMEOUT = 30.0  # seconds for each STAC document, from the command line
+
+
+def kind_of(url: str) -> str:
+    """``cog`` (a .tif/.tiff, or anything in s3://), ``catalog`` (a .json: a static STAC
+    catalog) or ``api`` (any other URL: a STAC API's root)."""
+    path = url.split("?", 1)[0].lower()
+    if url.startswith("s3://") or path.endswith(COG_SUFFIXES):
+        return "cog"
+    return "catalog" if path.endswith(".json") else "api"
 
 
 def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = None,
-           tile_size: str | None = None, values: dict | None = None) -> Cog:
-    """The COG source: ``urls`` with the options, else the config's ``imagery`` (``values``).
+           tile_size: str | None = None, values: dict | None = None, *,
+           assets: str | None = None, collections: Sequence[str] = (),
+           datetime: str | None = None, stretch: str | None = None) -> Imagery:
+    """The imagery: ``urls`` (COGs, or one STAC catalog or API) with the options, else the
+    config's ``imagery`` (``values``).
 
     Raises:
-        CnsqError: no source, or a bad band list, range or size (naming the option or key).
+        CnsqError: no source, a mix of kinds, or a bad band list, range or size (naming the
+            option or key).
     """
-    raw: dict = dict((values or {}).get("imagery") or {}) if not urls else {"cog": list(urls)}
+    raw: dict = dict((values or {}).get("imagery") or {})
+    if urls:
+        kinds = {kind_of(u) for u in urls}
+        if kinds == {"cog"}:
+            raw = {"cog": list(urls)}
+        elif len(urls) == 1:
+            raw = {"stac": {kinds.pop(): urls[0]}}
+        else:
+            raise CnsqError(f"{option('imagery')}: COGs (.tif) may be repeated for a mosaic; a "
+                            "STAC catalog (.json) or API is given once, alone")
     # The config's key, or the command's option, in what an error says.
     named = {"imagery.cog": option("imagery"), "imagery.bands": option("bands"),
-             "imagery.rescale": option("rescale"), "imagery.tileSize": option("tile_size")}
-    if not raw.get("cog"):
-        raise CnsqError(f"no imagery: pass {option('imagery')}, or set imagery.cog in the config")
+             "imagery.rescale": option("rescale"), "imagery.tileSize": option("tile_size"),
+             "imagery.stretch": option("stretch"), "imagery.stac.assets": option("assets"),
+             "imagery.stac.datetime": option("datetime")}
+    if not raw.get("cog") and not raw.get("stac"):
+        raise CnsqError(f"no imagery: pass {option('imagery')}, or set imagery.cog or "
+                        "imagery.stac in the config")
     try:
+        if raw.get("stac"):
+            stac = raw["stac"] = dict(raw["stac"])
+            if assets is not None:
+                stac["assets"] = [a.strip() for a in assets.split(",") if a.strip()]
+            if collections:
+                stac["collections"] = list(collections)
+            if datetime is not None:
+                stac["datetime"] = datetime
         if bands is not None:
             raw["bands"] = [b.strip() for b in bands.split(",")]
         if rescale is not None:
-            low, _, high = rescale.partition(",")
-            raw["rescale"] = [float(low), float(high)]
+            raw["rescale"] = _pair(rescale, "rescale")
+        if stretch is not None:
+            raw["stretch"] = _pair(stretch, "stretch")
         if tile_size is not None:
             raw["tileSize"] = int(tile_size)
-        return Cog.from_values(raw, "imagery")
+        return Imagery.from_values(raw, "imagery")
     except SettingsError as exc:
         key, _, rest = str(exc).partition(": ")
         raise CnsqError(f"{named.get(key, key) if urls else key}: {rest}") from None
+
+
+def _pair(text: str, name: str) -> list[float]:
+    low, _, high = text.partition(",")
+    try:
+        return [float(low), float(high)]
     except ValueError:
-        raise CnsqError(f"{option('rescale')}: expected MIN,MAX, got {rescale!r}") from None
+        said = "MIN,MAX" if name == "rescale" else "LOW,HIGH"
+        raise CnsqError(f"{option(name)}: expected {said}, got {text!r}") from None
 
 
 def _raster_libraries() -> None:
@@ -52,31 +99,65 @@ def _raster_libraries() -> None:
         raise CnsqError(f"reading COG imagery needs rio-tiler: {INSTALL}") from None
 
 
-def footprint(urls: Sequence[str]) -> list[tuple[float, float, float, float]]:
-    """Each COG's bounds in longitude and latitude.
+def _fetch() -> Fetch:
+    from download_and_predict.http import Http
+
+    return fetcher(Http(pool_size=4), DOCUMENT_TIMEOUT)
+
+
+def footprint(imagery: Imagery, fetch: Fetch | None = None
+              ) -> list[tuple[tuple[float, float, float, float], Item | None]]:
+    """Where the imagery is: each COG's bounds in longitude and latitude, or each item of a
+    static STAC catalog that the source chooses (its bbox, and the item for its polygon).
 
     Raises:
-        CnsqError: a COG that cannot be opened (naming it).
+        CnsqError: a COG or catalog that cannot be read (naming it); a STAC API, whose
+            footprint is its whole collection.
     """
-    _raster_libraries()
-    cog = source(urls)
-    found: list[tuple[float, float, float, float]] = []
-    for url in cog.urls:
+    if imagery.stac is not None:
+        stac = imagery.stac
+        if stac.api:
+            raise CnsqError(f"{stac.api} is a STAC API: its footprint is its whole collection; "
+                            "list the tiles of an area with `cnsq tiles AOI.geojson`, or give "
+                            "a static catalog (a .json)")
         try:
-            found += geographic_bounds(Cog((url,)))
+            items = catalog_items(stac, fetch or _fetch())
+        except Exception as exc:  # noqa: BLE001 - the fetch's and the catalog's, with the URL
+            raise CnsqError(f"{stac.catalog}: cannot read the catalog ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
+        return [(i.bbox, i) for i in items if chosen(stac, i, i.properties.get("collection"))]
+    _raster_libraries()
+    found: list[tuple[tuple[float, float, float, float], Item | None]] = []
+    for url in imagery.urls:
+        try:
+            found += [(b, None) for b in geographic_bounds(Imagery((url,)))]
         except Exception as exc:  # noqa: BLE001 - rasterio's errors, said with the URL
             raise CnsqError(f"{url}: cannot read its bounds ({type(exc).__name__}: "
                             f"{str(exc)[:200]})") from None
-    return list(found)
+    return found
 
 
-def write_tile_image(tile: str, out: Path, urls: Sequence[str], bands: str | None,
-                     rescale: str | None, tile_size: str | None, values: dict | None) -> int:
+def cover(places: Sequence[tuple[tuple[float, float, float, float], Item | None]], zoom: int
+          ) -> Iterator[mercantile.Tile]:
+    """The tiles at ``zoom`` over a footprint: over each box, and for a STAC item only those
+    its polygon meets; each once, north to south and west to east."""
+    from cnsq.tiles import cover_bounds
+
+    kept: set[mercantile.Tile] = set()
+    for box, item in places:
+        for tile in cover_bounds([box], zoom):
+            b = mercantile.bounds(tile)
+            if item is None or intersects(item, (b.west, b.south, b.east, b.north)):
+                kept.add(tile)
+    yield from sorted(kept, key=lambda t: (t.y, t.x))
+
+
+def write_tile_image(tile: str, out: Path, imagery: Imagery, fetch: Fetch | None = None) -> int:
     """Write the PNG the worker would send the model for ``tile`` (x-y-z) to ``out``; the
     bytes written, 0 when the imagery has no valid pixel there (nothing written).
 
     Raises:
-        CnsqError: a bad tile, source or file, or an unreadable COG.
+        CnsqError: a bad tile or file, or an unreadable COG or STAC document.
     """
     from cnsq.files import atomic_write
 
@@ -84,11 +165,10 @@ def write_tile_image(tile: str, out: Path, urls: Sequence[str], bands: str | Non
         x, y, z = parse_tile_id(tile)
     except ValueError as exc:
         raise CnsqError(f"tile {tile!r}: {exc}") from None
-    cog = source(urls, bands, rescale, tile_size, values)
     _raster_libraries()
     try:
-        image = read_tile(cog, x, y, z)
-    except Exception as exc:  # noqa: BLE001 - rasterio's errors and the stretch's
+        image = read_tile(imagery, x, y, z, fetch=fetch or (_fetch() if imagery.stac else None))
+    except Exception as exc:  # noqa: BLE001 - rasterio's errors, the stretch's, STAC's
         raise CnsqError(f"tile {tile}: {type(exc).__name__}: {str(exc)[:300]}") from None
     if image is None:
         return 0

@@ -954,7 +954,7 @@ def bench_cog(db: Database, args) -> list[Result]:
     from rasterio.warp import transform_bounds
 
     from cnsq.local import tileserver
-    from download_and_predict.cog import Cog, read_tile
+    from download_and_predict.cog import Imagery, read_tile
     from support.cogs import A_ORIGIN, RESOLUTION, UTM_33N, cog_bytes, gradient
     from support.servers import RangeServer
 
@@ -963,9 +963,9 @@ def bench_cog(db: Database, args) -> list[Result]:
     # the first read would fetch whole (12 MB of pixels).
     noisy = gradient(size) + np.random.default_rng(5).integers(0, 16, (3, size, size), "uint8")
     scene = RangeServer({"scene.tif": cog_bytes(noisy, A_ORIGIN)})
-    source = Cog((f"{scene.url}/scene.tif",))
+    source = Imagery((f"{scene.url}/scene.tif",))
     # Pre-rendered through another URL: GDAL caches by URL, and the timed reads start cold.
-    renderer = Cog((f"{scene.url}/scene.tif?render",))
+    renderer = Imagery((f"{scene.url}/scene.tif?render",))
     west, south, east, north = transform_bounds(
         UTM_33N, "EPSG:4326", A_ORIGIN[0], A_ORIGIN[1] - size * RESOLUTION,
         A_ORIGIN[0] + size * RESOLUTION, A_ORIGIN[1])

@@ -273,36 +273,55 @@ def _say_rows(report, where, wrote: str) -> None:
         sys.exit(1)
 
 
+def stac_options(command):
+    """The options that choose a STAC source's items and assets (for --imagery)."""
+    command = click.option("--datetime", "datetime_", default=None, metavar="START/END",
+                           help="STAC: items of this date or interval (RFC 3339, '..' open).")(command)
+    command = click.option("--collection", "collections", multiple=True, metavar="NAME",
+                           help="STAC: items of this collection (repeat for several).")(command)
+    return click.option("--assets", default=None, metavar="KEY,KEY",
+                        help="STAC: the assets stacked into the image, in band order "
+                             "[default: visual].")(command)
+
+
+IMAGERY_HELP = ("A COG (a .tif, https:// or s3://; repeat for a mosaic, the first valid pixel "
+                "in this order), a static STAC catalog (a .json) or a STAC API's root URL")
+
+
 @main.command("tiles")
 @click.argument("aoi", metavar="[AOI.geojson]", type=click.Path(path_type=Path), required=False)
 @click.option("--zoom", "-z", type=click.IntRange(0, MAX_ZOOM), required=True,
               help="Tile zoom level.")
-@click.option("--imagery", "imagery", multiple=True, metavar="COG",
-              help="List the tiles over this COG's footprint (its bounds) instead of an AOI; "
-                   "repeat for several (https:// or s3://).")
+@click.option("--imagery", "imagery", multiple=True, metavar="SOURCE",
+              help=IMAGERY_HELP + ": list the tiles over its footprint instead of an AOI.")
+@stac_options
 @click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
-def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], output: str) -> None:
+def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str | None,
+              collections: tuple[str, ...], datetime_: str | None, output: str) -> None:
     """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file, or the
-    footprint of COG imagery.
+    footprint of COG or STAC imagery.
 
     Accepts a FeatureCollection, a Feature or a bare geometry; writes x-y-z lines without
     duplicates, ready for `cnsq push`. With --imagery, the tiles over each COG's bounds
-    (reprojected to longitude and latitude).
+    (reprojected to longitude and latitude), or over the polygons of a static STAC catalog's
+    items that --collection and --datetime choose.
 
     \b
     Examples:
       cnsq tiles area.geojson --zoom 17 -o tiles.txt
       cnsq tiles --imagery https://example.com/scene.tif --zoom 16 -o tiles.txt
+      cnsq tiles --imagery https://example.com/stac/catalog.json --datetime 2024-06-01/2024-08-31 --zoom 16
     """
     from cnsq.files import atomic_write, writable_target
-    from cnsq.tiles import cover_bounds, iter_cover, load_geojson, write_tiles
+    from cnsq.tiles import iter_cover, load_geojson, write_tiles
 
     if (aoi is None) == (not imagery):
         raise click.UsageError("give an AOI.geojson or --imagery, not both")
     if imagery:
-        from cnsq.imagery import footprint
+        from cnsq.imagery import cover, footprint, source
 
-        found = cover_bounds(footprint(imagery), zoom)
+        found = cover(footprint(source(imagery, assets=assets, collections=collections,
+                                       datetime=datetime_)), zoom)
     else:
         assert aoi is not None
         found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written
@@ -318,32 +337,42 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], output: str
 
 @main.command("imagery")
 @click.argument("tile", metavar="X-Y-Z")
-@click.option("--imagery", "imagery", multiple=True, metavar="COG",
-              help="A COG to read (https:// or s3://); repeat for a mosaic, the first valid "
-                   "pixel in this order [default: the config's imagery].")
-@click.option("--bands", default=None, metavar="1,2,3", help="Band numbers to read, in order.")
+@click.option("--imagery", "imagery", multiple=True, metavar="SOURCE",
+              help=IMAGERY_HELP + " [default: the config's imagery].")
+@stac_options
+@click.option("--bands", default=None, metavar="1,2,3",
+              help="Band numbers to read, in order (of a STAC item's stacked assets).")
 @click.option("--rescale", default=None, metavar="MIN,MAX",
-              help="The values mapped to 0-255 (data that are not 8-bit need it).")
+              help="The values mapped to 0-255 (data that are not 8-bit need it, or --stretch).")
+@click.option("--stretch", default=None, metavar="LOW,HIGH",
+              help="Instead of --rescale: each COG's LOW and HIGH percentiles mapped to 0-255.")
 @click.option("--tile-size", type=click.Choice(["256", "512"]), default=None,
               help="The model's image size [default: the config's, else 256].")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="The PNG to write.")
 @config_options
-def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], bands: str | None,
-                rescale: str | None, tile_size: str | None, out: Path) -> None:
+def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets: str | None,
+                collections: tuple[str, ...], datetime_: str | None, bands: str | None,
+                rescale: str | None, stretch: str | None, tile_size: str | None,
+                out: Path) -> None:
     """Write the image the worker would send the model for TILE: what to look at to check the
-    bands and the stretch before a run.
+    bands and the stretch before a run. Exit 1 when the imagery has no valid pixel there.
 
     \b
     Examples:
       cnsq imagery 8853-6071-14 --imagery https://example.com/scene.tif --out tile.png
       cnsq imagery 8853-6071-14 --imagery s3://bucket/scene.tif --bands 4,3,2 --rescale 0,3000 --out tile.png
+      cnsq imagery 8853-6071-14 --imagery https://earth-search.aws.element84.com/v1 \\
+          --collection sentinel-2-l2a --datetime 2024-07-01/2024-07-31 \\
+          --assets red,green,blue --stretch 2,98 --out tile.png
       cnsq imagery 8853-6071-14 --out tile.png   # the config's imagery:
     """
-    from cnsq.imagery import write_tile_image
+    from cnsq.imagery import source, write_tile_image
 
     values = None if imagery else settings.load().values
-    wrote = write_tile_image(tile, out, imagery, bands, rescale, tile_size, values)
+    chosen = source(imagery, bands, rescale, tile_size, values, assets=assets,
+                    collections=collections, datetime=datetime_, stretch=stretch)
+    wrote = write_tile_image(tile, out, chosen)
     click.echo(f"Wrote {out} ({wrote:,} bytes)." if wrote else
                f"No imagery for tile {tile}: nothing written.", err=True)
     if not wrote:

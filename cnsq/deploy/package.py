@@ -116,15 +116,16 @@ def write_zip(sources: list[Path], target: Path) -> None:
             archive.writestr(info, entries[name].read_bytes())
 
 
-# What the worker needs to read COG imagery itself (`imagery.cog` in the config): rio-tiler and,
-# through it, rasterio, whose manylinux wheels carry GDAL.
+# What the worker needs to read COG imagery itself (`imagery.cog` or `imagery.stac` in the
+# config): rio-tiler and, through it, rasterio, whose manylinux wheels carry GDAL.
 RASTER_REQUIREMENTS = ("rio-tiler>=7",)
 
 
 def extra_requirements(values: dict) -> tuple[str, ...]:
     """The requirement lines a config adds to the Lambda package: the raster libraries only
-    when it reads COG imagery (they are most of the package's size)."""
-    return RASTER_REQUIREMENTS if (values.get("imagery") or {}).get("cog") else ()
+    when it reads COG or STAC imagery (they are most of the package's size)."""
+    imagery = values.get("imagery") or {}
+    return RASTER_REQUIREMENTS if imagery.get("cog") or imagery.get("stac") else ()
 
 
 def _requirements_key(requirements: Path, runtime: str, architecture: str) -> str:

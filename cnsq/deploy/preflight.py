@@ -253,7 +253,9 @@ def check_egress(config: Config, client, region: str,
     per = PerTile().tile_kb
     cost = egress.per_million(per, shipped_prices().nat_gb, way.way)
     said = f"{way.why} (${cost:.2f} per million tiles of {per:g} KB)"
-    key = "imagery.cog" if (values.get("imagery") or {}).get("cog") else "TILE_ENDPOINT"
+    imagery = values.get("imagery") or {}
+    key = "imagery.cog" if imagery.get("cog") else "imagery.stac" if imagery.get("stac") \
+        else "TILE_ENDPOINT"
     findings = [Finding("egress", OK if way.way != egress.EGRESS_NAT else WARNING, key, said)]
     vpc, subnets = values["vpc"], values["subnets"]
     if not vpc:

@@ -199,20 +199,23 @@ class DownloadAndPredict:
         return response.content
 
     def read_cog(self, tile: Tile) -> bytes | None:
-        """The tile read from the COG imagery (``IMAGERY``), or None where it has no valid
-        pixel (the MISSING_TILES policy decides, as for a 404).
+        """The tile read from the COG or STAC imagery (``IMAGERY``), or None where it has no
+        valid pixel (the MISSING_TILES policy decides, as for a 404).
 
         Raises:
             StepFailed: an unreadable COG, a server answering an error or too slowly.
         """
         from .cog import read_tile
+        from .stac import fetcher
 
         assert self.settings.imagery is not None
         deadline = self.request_deadline()
         timeout = self.settings.tile_timeout if deadline is None else max(
             1.0, min(self.settings.tile_timeout, deadline - time.monotonic()))
+        # A STAC source's documents through the worker's own HTTP: the same deadline and bound.
+        fetch = fetcher(self.http, self.settings.tile_timeout, deadline)
         try:
-            return read_tile(self.settings.imagery, tile.x, tile.y, tile.z, timeout)
+            return read_tile(self.settings.imagery, tile.x, tile.y, tile.z, timeout, fetch)
         except Exception as exc:  # noqa: BLE001 - rasterio's and GDAL's errors: this tile only
             raise StepFailed("tile_read", f"tile {tile.id}: {type(exc).__name__}: "
                                           f"{str(exc)[:300]}") from None

@@ -3,8 +3,10 @@ through rio-tiler over rasterio and GDAL (what TiTiler uses), reprojected from t
 the Web Mercator tile in the read. No tile server in between.
 
 The worker's environment carries the source as JSON (``IMAGERY``, written by the template from
-the config's ``imagery:``): :meth:`Cog.from_json` checks it at cold start. rio-tiler is imported
-only when a tile is read, so the package builds without the raster libraries for XYZ imagery.
+the config's ``imagery:``): :meth:`Imagery.from_json` checks it at cold start. A STAC source's
+items over each tile are found by :mod:`download_and_predict.stac`, then read like a list of
+COGs. rio-tiler is imported only when a tile is read, so the package builds without the raster
+libraries for XYZ imagery.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import SettingsError
+from .stac import Fetch, Stac, items_for
 
 # GDAL's configuration options that make a COG read over HTTP cheap (GDAL's "Configuration
 # options" and its /vsicurl/ documentation):
@@ -42,19 +44,25 @@ TILE_SIZES = (256, 512)
 
 
 @dataclass(frozen=True)
-class Cog:
-    """``urls``: https:// or s3:// COGs, the first valid pixel of them in this order;
-    ``bands``: 1-based band indexes (None: all); ``rescale``: each band's (min, max) to 0–255,
-    one pair for every band or one per band (None: the data are 8-bit already);
-    ``tile_size``: the model's image, 256 or 512 pixels."""
+class Imagery:
+    """What the worker reads: ``urls``, https:// or s3:// COGs, the first valid pixel of them
+    in this order, or ``stac``, a STAC source whose items over each tile are that list
+    (:mod:`download_and_predict.stac`); ``bands``: 1-based band indexes of each COG, or of a
+    STAC item's assets stacked in order (None: all); ``rescale``: each band's (min, max) to
+    0–255, one pair for every band or one per band; ``stretch``: instead, the (low, high)
+    percentiles of each COG's own values (read once from its smallest overview) to 0–255, so
+    scenes of different brightness meet at their seams (None for both: the data are 8-bit
+    already); ``tile_size``: the model's image, 256 or 512 pixels."""
 
-    urls: tuple[str, ...]
+    urls: tuple[str, ...] = ()
     bands: tuple[int, ...] | None = None
     rescale: tuple[tuple[float, float], ...] | None = None
     tile_size: int = 256
+    stac: Stac | None = None
+    stretch: tuple[float, float] | None = None
 
     @classmethod
-    def from_json(cls, text: str) -> Cog:
+    def from_json(cls, text: str) -> Imagery:
         """The source the environment's ``IMAGERY`` holds.
 
         Raises:
@@ -69,13 +77,21 @@ class Cog:
         return cls.from_values(raw, "IMAGERY")
 
     @classmethod
-    def from_values(cls, raw: dict, where: str = "imagery") -> Cog:
-        """From a mapping (``cog``, ``bands``, ``rescale``, ``tileSize``), checked; ``where``
-        prefixes each error (a config key or the environment variable)."""
+    def from_values(cls, raw: dict, where: str = "imagery") -> Imagery:
+        """From a mapping (``cog`` or ``stac``, ``bands``, ``rescale`` or ``stretch``,
+        ``tileSize``), checked; ``where`` prefixes each error (a config key or the environment
+        variable)."""
         urls = raw.get("cog")
-        urls = [urls] if isinstance(urls, str) else urls
-        if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-            raise SettingsError(f"{where}.cog: expected a COG's URL or a list of them")
+        stac = None
+        if raw.get("stac") is not None:
+            if urls:
+                raise SettingsError(f"{where}: give cog or stac, not both")
+            stac = Stac.from_values(raw["stac"], f"{where}.stac")
+            urls = []
+        else:
+            urls = [urls] if isinstance(urls, str) else urls
+            if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise SettingsError(f"{where}.cog: expected a COG's URL or a list of them")
         for url in urls:
             if not url.startswith(("https://", "http://", "s3://")):
                 raise SettingsError(f"{where}.cog: {url!r} is not an https:// or s3:// URL")
@@ -89,17 +105,28 @@ class Cog:
         rescale = raw.get("rescale")
         if rescale is not None:
             rescale = _ranges(rescale, f"{where}.rescale", len(bands) if bands else None)
+        stretch = raw.get("stretch")
+        if stretch is not None:
+            if rescale is not None:
+                raise SettingsError(f"{where}: give rescale or stretch, not both")
+            [stretch] = _ranges(stretch, f"{where}.stretch", None)
+            if not 0 <= stretch[0] < stretch[1] <= 100:
+                raise SettingsError(f"{where}.stretch: expected [low, high] percentiles "
+                                    f"within 0–100, got {raw['stretch']!r}")
         size = raw.get("tileSize", 256)
         if not _integer(size) or int(size) not in TILE_SIZES:
             raise SettingsError(f"{where}.tileSize: expected 256 or 512, got {size!r}")
-        return cls(tuple(urls), bands, rescale, int(size))
+        return cls(tuple(urls), bands, rescale, int(size), stac, stretch)
 
     def as_values(self) -> dict:
-        values: dict = {"cog": list(self.urls), "tileSize": self.tile_size}
+        values: dict = {"stac": self.stac.as_values()} if self.stac else {"cog": list(self.urls)}
+        values["tileSize"] = self.tile_size
         if self.bands:
             values["bands"] = list(self.bands)
         if self.rescale:
             values["rescale"] = [list(r) for r in self.rescale]
+        if self.stretch:
+            values["stretch"] = list(self.stretch)
         return values
 
     def to_json(self) -> str:
@@ -130,41 +157,106 @@ def _ranges(value: object, where: str, bands: int | None) -> tuple[tuple[float, 
     return (pair(value),)
 
 
-def read_tile(cog: Cog, x: int, y: int, z: int, timeout: float = 10.0) -> bytes | None:
-    """The PNG image of tile ``x``-``y``-``z`` the model is sent (8-bit, ``cog.tile_size``
-    pixels, no alpha band); None where no COG has a valid pixel of it (outside the imagery, or
-    all nodata: the MISSING_TILES policy decides).
+def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
+              fetch: Fetch | None = None) -> bytes | None:
+    """The PNG image of tile ``x``-``y``-``z`` the model is sent (8-bit, ``imagery.tile_size``
+    pixels, no alpha band); None where no COG has a valid pixel of it (outside the imagery, no
+    STAC item over it, or all nodata: the MISSING_TILES policy decides).
 
-    ``timeout`` bounds each HTTP request GDAL makes (connect and transfer).
+    ``timeout`` bounds each HTTP request GDAL makes (connect and transfer); ``fetch`` reads
+    a STAC source's documents (:func:`download_and_predict.stac.fetcher`).
 
     Raises:
-        ValueError: data that are not 8-bit and no ``rescale`` was given.
+        ValueError: data that are not 8-bit and no ``rescale`` or ``stretch`` was given; a
+            STAC document that is not one.
         rasterio's and rio-tiler's errors: an unreadable file, a URL that answers an error.
+        The fetch's errors: a STAC API or catalog that does not answer.
     """
     from rasterio import Env
     from rio_tiler.errors import EmptyMosaicError, TileOutsideBounds
-    from rio_tiler.io import Reader
+    from rio_tiler.models import ImageData
     from rio_tiler.mosaic import mosaic_reader
 
-    def one(url: str, x: int, y: int, z: int):
-        with Reader(url, dataset=_opened(url)) as source:
-            return source.tile(x, y, z, tilesize=cog.tile_size,
-                               indexes=list(cog.bands) if cog.bands else None)
+    if imagery.stac is not None:
+        if fetch is None:
+            raise ValueError("a STAC source is read with a fetch (stac.fetcher)")
+        sources = [item.hrefs for item in items_for(imagery.stac, _lonlat(x, y, z), fetch)]
+    else:
+        sources = [(url,) for url in imagery.urls]
+    if not sources:
+        return None
+    bands = list(imagery.bands) if imagery.bands else None
+
+    def one(hrefs: tuple[str, ...], x: int, y: int, z: int) -> ImageData:
+        if len(hrefs) == 1:
+            return _read(hrefs[0], x, y, z, imagery, bands)
+        # A STAC item's assets, each a COG, stacked in the order named; bands index the stack.
+        image = ImageData.create_from_list([_read(h, x, y, z, imagery, None) for h in hrefs])
+        if bands:
+            if max(bands) > image.count:
+                raise ValueError(f"imagery.bands: band {max(bands)} of {image.count}")
+            image = ImageData(image.array[[b - 1 for b in bands]], bounds=image.bounds,
+                              crs=image.crs)
+        return image
 
     seconds = str(max(1, math.ceil(timeout)))
     with Env(**GDAL_OPTIONS, GDAL_HTTP_TIMEOUT=seconds, GDAL_HTTP_CONNECTTIMEOUT=seconds):
         try:
-            image, _ = mosaic_reader(list(cog.urls), one, x, y, z, threads=0)
+            image, _ = mosaic_reader(sources, one, x, y, z, threads=0)
         except (EmptyMosaicError, TileOutsideBounds):
             return None
     if not image.mask.any():
         return None
-    if cog.rescale:
-        ranges = cog.rescale * image.count if len(cog.rescale) == 1 else cog.rescale
+    if imagery.rescale:
+        ranges = imagery.rescale * image.count if len(imagery.rescale) == 1 else imagery.rescale
         image = image.rescale(in_range=ranges)
     elif str(image.data.dtype) != "uint8":
-        raise ValueError(f"the imagery is {image.data.dtype}, not 8-bit: give imagery.rescale")
+        raise ValueError(f"the imagery is {image.data.dtype}, not 8-bit: give imagery.rescale "
+                         "or imagery.stretch")
     return image.render(img_format="PNG", add_mask=False)
+
+
+def _lonlat(x: int, y: int, z: int) -> tuple[float, float, float, float]:
+    """The tile's bounds in longitude and latitude (west, south, east, north)."""
+    n = 2.0 ** z
+
+    def lat(row: float) -> float:
+        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * row / n))))
+
+    return x / n * 360.0 - 180.0, lat(y + 1), (x + 1) / n * 360.0 - 180.0, lat(y)
+
+
+def _read(href: str, x: int, y: int, z: int, imagery: Imagery, bands: list[int] | None):
+    """One COG's part of the tile, stretched to 8-bit by its own percentiles when asked."""
+    from rio_tiler.io import Reader
+
+    with Reader(href, dataset=_opened(href)) as source:
+        image = source.tile(x, y, z, tilesize=imagery.tile_size, indexes=bands)
+    if imagery.stretch:
+        image = image.rescale(in_range=_percentiles(href, bands, imagery.stretch))
+    return image
+
+
+# Each COG's stretch, read once a process from its smallest overview.
+_STRETCHES: dict[tuple, list[tuple[float, float]]] = {}
+
+
+def _percentiles(href: str, bands: list[int] | None, stretch: tuple[float, float]
+                 ) -> list[tuple[float, float]]:
+    from rio_tiler.io import Reader
+
+    key = (href, tuple(bands or ()), stretch)
+    if key not in _STRETCHES:
+        low, high = stretch
+        with Reader(href, dataset=_opened(href)) as source:
+            stats = source.statistics(indexes=bands, max_size=256, percentiles=[low, high])
+        ranges = []
+        for band in stats.values():
+            values = band.model_dump()
+            lo, hi = values[f"percentile_{int(low)}"], values[f"percentile_{int(high)}"]
+            ranges.append((lo, hi if hi > lo else lo + 1))
+        _STRETCHES[key] = ranges
+    return _STRETCHES[key]
 
 
 # Each thread keeps its COGs open (a rasterio dataset is not shared between threads): a warm
@@ -187,14 +279,15 @@ def _opened(url: str):
     return dataset
 
 
-def geographic_bounds(cog: Cog) -> Sequence[tuple[float, float, float, float]]:
+def geographic_bounds(imagery: Imagery) -> list[tuple[float, float, float, float]]:
     """Each COG's bounds in longitude and latitude (west, south, east, north)."""
     from rasterio import Env
     from rio_tiler.io import Reader
 
     found = []
     with Env(**GDAL_OPTIONS):
-        for url in cog.urls:
+        for url in imagery.urls:
             with Reader(url) as source:
-                found.append(tuple(source.get_geographic_bounds("EPSG:4326")))
+                w, s, e, n = source.get_geographic_bounds("EPSG:4326")
+                found.append((float(w), float(s), float(e), float(n)))
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cog import Cog
+from .cog import Imagery
 from .errors import SettingsError
 from .http import ca_bundle_from_env, proxies_from_env
 from .tiles import check_tile_endpoint
@@ -55,8 +55,8 @@ class Settings:
     # an embedded-metric log line for the controller. None: no such line.
     metrics_namespace: str | None = None
     function_name: str = ""  # AWS_LAMBDA_FUNCTION_NAME, set by Lambda
-    # COG imagery read by the worker itself (IMAGERY, JSON): replaces the XYZ endpoint.
-    imagery: Cog | None = None
+    # COG or STAC imagery read by the worker itself (IMAGERY, JSON): replaces the XYZ endpoint.
+    imagery: Imagery | None = None
 
     REQUIRED = ("PREDICTION_ENDPOINT",)
 
@@ -70,7 +70,7 @@ class Settings:
             missing.append("DATABASE_URL or DATABASE_INSTANCE")
         if missing:
             raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
-        imagery = Cog.from_json(env["IMAGERY"]) if env.get("IMAGERY") else None
+        imagery = Imagery.from_json(env["IMAGERY"]) if env.get("IMAGERY") else None
         if imagery is None:
             check_tile_endpoint(env["TILE_ENDPOINT"])
         mode = env.get("MISSING_TILES", "skip")

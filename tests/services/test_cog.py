@@ -5,7 +5,6 @@ onto the tile's Web Mercator grid, nearest neighbour both ways."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import mercantile
@@ -16,8 +15,19 @@ from click.testing import CliRunner
 pytest.importorskip("rio_tiler")
 
 from cnsq.cli import main  # noqa: E402
-from download_and_predict.cog import Cog, read_tile  # noqa: E402
-from support.cogs import A_ORIGIN, B_ORIGIN, RESOLUTION, SIZE, UTM_33N, scene_a, scene_b  # noqa: E402
+from download_and_predict.cog import Imagery, read_tile  # noqa: E402
+from support.cogs import (  # noqa: E402
+    A_ORIGIN,
+    B_ORIGIN,
+    RESOLUTION,
+    SIZE,
+    UTM_33N,
+    decoded,
+    lonlat,
+    oracle,
+    scene_a,
+    scene_b,
+)
 from support.servers import RangeServer  # noqa: E402
 
 
@@ -31,38 +41,10 @@ def scenes():
     server.close()
 
 
-def lonlat(origin: tuple[float, float], col: float, row: float) -> tuple[float, float]:
-    from rasterio.warp import transform
-
-    xs, ys = transform(UTM_33N, "EPSG:4326", [origin[0] + col * RESOLUTION],
-                       [origin[1] - row * RESOLUTION])
-    return xs[0], ys[0]
-
-
-def oracle(data: np.ndarray, origin: tuple[float, float], tile: mercantile.Tile,
-           size: int = 256) -> np.ndarray:
-    """The scene's pixels reprojected onto the tile's grid (0: no data)."""
-    from rasterio.transform import from_bounds, from_origin
-    from rasterio.warp import Resampling, reproject
-
-    bounds = mercantile.xy_bounds(tile)
-    out = np.zeros((data.shape[0], size, size), dtype="uint8")
-    reproject(data, out, src_transform=from_origin(*origin, RESOLUTION, RESOLUTION),
-              src_crs=UTM_33N, src_nodata=0, dst_transform=from_bounds(*bounds, size, size),
-              dst_crs="EPSG:3857", dst_nodata=0, resampling=Resampling.nearest)
-    return out
-
-
-def decoded(png: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).transpose(2, 0, 1)
-
-
 def test_a_tile_is_the_scene_reprojected_to_web_mercator(scenes):
     # A zoom-14 tile in the middle of scene A's north-west quarter (all valid data there).
     tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
-    got = decoded(read_tile(Cog((scenes["url_a"],)), *tile))
+    got = decoded(read_tile(Imagery((scenes["url_a"],)), *tile))
     want = oracle(scenes["a"], A_ORIGIN, tile)
     valid = want.all(axis=0)
     assert valid.mean() > 0.99  # the tile lies within the quarter
@@ -73,7 +55,7 @@ def test_a_tile_is_the_scene_reprojected_to_web_mercator(scenes):
 def test_a_lower_zoom_reads_an_overview_with_few_range_requests(scenes):
     """At zoom 12 a tile spans about 4 of the scene's pixels a tile pixel: the COG's overview
     answers. Once the header is cached, another tile costs a few block reads."""
-    cog = Cog((scenes["url_a"],))
+    cog = Imagery((scenes["url_a"],))
     first = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 12)
     got = decoded(read_tile(cog, *first))
     want = oracle(scenes["a"], A_ORIGIN, first)
@@ -90,7 +72,7 @@ def test_a_lower_zoom_reads_an_overview_with_few_range_requests(scenes):
 def test_the_mosaic_takes_each_pixel_from_the_first_scene_that_has_it(scenes):
     # A tile over scene A's nodata south-east quarter, which scene B covers.
     tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
-    got = decoded(read_tile(Cog((scenes["url_a"], scenes["url_b"])), *tile))
+    got = decoded(read_tile(Imagery((scenes["url_a"], scenes["url_b"])), *tile))
     from_a = oracle(scenes["a"], A_ORIGIN, tile)
     from_b = oracle(scenes["b"], B_ORIGIN, tile)
     a_valid, b_valid = from_a.all(axis=0), from_b.all(axis=0)
@@ -101,15 +83,15 @@ def test_the_mosaic_takes_each_pixel_from_the_first_scene_that_has_it(scenes):
     if a_valid.any():
         assert np.abs(got.astype(int) - from_a.astype(int))[:, a_valid].mean() < 2.0
     # The other order: B first wherever it has data.
-    got_b_first = decoded(read_tile(Cog((scenes["url_b"], scenes["url_a"])), *tile))
+    got_b_first = decoded(read_tile(Imagery((scenes["url_b"], scenes["url_a"])), *tile))
     assert np.abs(got_b_first.astype(int) - from_b.astype(int))[:, b_valid].mean() < 2.0
 
 
 def test_a_tile_outside_the_imagery_is_missing_not_an_error(scenes):
     far = mercantile.tile(-70.0, -30.0, 14)
-    assert read_tile(Cog((scenes["url_a"],)), *far) is None
+    assert read_tile(Imagery((scenes["url_a"],)), *far) is None
     nodata_only = mercantile.tile(*lonlat(A_ORIGIN, SIZE * 0.9, SIZE * 0.9), 15)
-    assert read_tile(Cog((scenes["url_a"],)), *nodata_only) is None  # all nodata there
+    assert read_tile(Imagery((scenes["url_a"],)), *nodata_only) is None  # all nodata there
 
 
 def test_the_footprint_tiles_are_mercantiles_over_the_reprojected_bounds(scenes, tmp_path):
@@ -134,7 +116,7 @@ def test_cnsq_imagery_writes_what_the_worker_sends(scenes, tmp_path):
     result = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
                                        scenes["url_a"], "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert out.read_bytes() == read_tile(Cog((scenes["url_a"],)), *tile)
+    assert out.read_bytes() == read_tile(Imagery((scenes["url_a"],)), *tile)
     # Bands chosen and stretched: band 3 alone, 0..255 → 0..255 (the same values).
     one = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
                                     scenes["url_a"], "--bands", "3", "--rescale", "0,255",
@@ -177,7 +159,7 @@ def test_a_bad_imagery_setting_is_refused_at_cold_start(raw, says):
     from download_and_predict.errors import SettingsError
 
     with pytest.raises(SettingsError) as error:
-        Cog.from_json(json.dumps(raw))
+        Imagery.from_json(json.dumps(raw))
     assert says in str(error.value)
 
 
@@ -198,13 +180,13 @@ def test_the_worker_reads_cog_imagery_and_writes_predictions(scenes, postgres_ur
     inside = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
     outside = mercantile.tile(-70.0, -30.0, 14)
     try:
-        app = build({"IMAGERY": Cog((scenes["url_a"], scenes["url_b"])).to_json(),
+        app = build({"IMAGERY": Imagery((scenes["url_a"], scenes["url_b"])).to_json(),
                      "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_URL": url})
         event = {"Records": [
             {"messageId": "in", "body": json.dumps({"x": inside.x, "y": inside.y, "z": 14})},
             {"messageId": "out", "body": json.dumps({"x": outside.x, "y": outside.y, "z": 14})}]}
         assert app.run(event) == {"batchItemFailures": []}
-        broken = build({"IMAGERY": Cog((scenes["url_a"].replace("a.tif", "gone.tif"),)).to_json(),
+        broken = build({"IMAGERY": Imagery((scenes["url_a"].replace("a.tif", "gone.tif"),)).to_json(),
                         "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_URL": url})
         failed = broken.run({"Records": [{"messageId": "gone", "body": json.dumps(
             {"x": inside.x, "y": inside.y, "z": 14})}]})
@@ -241,7 +223,7 @@ def test_the_configs_imagery_reaches_the_worker_and_its_package(tmp_path):
     path, data = compile_template(config, repo / "templates", tmp_path / "out", code)
     env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"][
         "Variables"]
-    assert Cog.from_json(env["IMAGERY"]) == Cog(
+    assert Imagery.from_json(env["IMAGERY"]) == Imagery(
         ("https://example.com/a.tif", "s3://bucket/b.tif"), (3, 2, 1), ((0.0, 3000.0),), 256)
     assert lint(path) == []
     # The worker may read the S3 COG (GDAL's range requests are GetObject), nothing else of S3.

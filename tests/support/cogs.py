@@ -3,6 +3,9 @@ internal overviews, a nodata area, and two that overlap (for the mosaic)."""
 
 from __future__ import annotations
 
+import io
+
+import mercantile
 import numpy as np
 
 UTM_33N = "EPSG:32633"
@@ -57,3 +60,31 @@ def scene_b() -> tuple[np.ndarray, bytes]:
     """Another gradient (other values), overlapping A's south-east quarter and beyond."""
     data = gradient(offset=700)
     return data, cog_bytes(data, B_ORIGIN)
+
+
+def lonlat(origin: tuple[float, float], col: float, row: float) -> tuple[float, float]:
+    from rasterio.warp import transform
+
+    xs, ys = transform(UTM_33N, "EPSG:4326", [origin[0] + col * RESOLUTION],
+                       [origin[1] - row * RESOLUTION])
+    return xs[0], ys[0]
+
+
+def oracle(data: np.ndarray, origin: tuple[float, float], tile: mercantile.Tile,
+           size: int = 256) -> np.ndarray:
+    """The scene's pixels reprojected onto the tile's grid (0: no data)."""
+    from rasterio.transform import from_bounds, from_origin
+    from rasterio.warp import Resampling, reproject
+
+    bounds = mercantile.xy_bounds(tile)
+    out = np.zeros((data.shape[0], size, size), dtype="uint8")
+    reproject(data, out, src_transform=from_origin(*origin, RESOLUTION, RESOLUTION),
+              src_crs=UTM_33N, src_nodata=0, dst_transform=from_bounds(*bounds, size, size),
+              dst_crs="EPSG:3857", dst_nodata=0, resampling=Resampling.nearest)
+    return out
+
+
+def decoded(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).transpose(2, 0, 1)

@@ -1,0 +1,379 @@
+"""STAC imagery read by the worker itself (download_and_predict/stac.py over cog.py): a static
+catalog written with pystac and a STAC API's search, both served on 127.0.0.1 with the COGs
+(UTM scenes written with rio-cogeo, served with Range as S3 does). The oracle is the scenes'
+pixels reprojected with rasterio.warp (test_cog's), the footprint's mercantile's tiles over the
+items' reprojected bounds, polygons met as shapely says."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import mercantile
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("rio_tiler")
+pystac = pytest.importorskip("pystac")
+
+from test_cog import decoded, lonlat, oracle  # noqa: E402
+
+from cnsq.cli import main  # noqa: E402
+from download_and_predict.cog import Imagery, read_tile  # noqa: E402
+from download_and_predict.errors import SettingsError  # noqa: E402
+from download_and_predict.http import Http  # noqa: E402
+from download_and_predict.stac import Item, Stac, fetcher, intersects  # noqa: E402
+from support.cogs import (  # noqa: E402
+    A_ORIGIN,
+    B_ORIGIN,
+    RESOLUTION,
+    SIZE,
+    UTM_33N,
+    cog_bytes,
+    scene_a,
+    scene_b,
+)
+from support.servers import RangeServer, _Quiet, _Server  # noqa: E402
+
+
+def footprint(origin: tuple[float, float]) -> list[tuple[float, float]]:
+    """A scene's corners in longitude and latitude (a UTM square: a slightly turned one)."""
+    from rasterio.warp import transform
+
+    x0, y0 = origin
+    side = SIZE * RESOLUTION
+    xs, ys = transform(UTM_33N, "EPSG:4326", [x0, x0 + side, x0 + side, x0, x0],
+                       [y0, y0, y0 - side, y0 - side, y0])
+    return list(zip(xs, ys, strict=True))
+
+
+def stac_item(name: str, origin, when: str, cloud: float, assets: dict[str, str]):
+    from datetime import datetime
+
+    ring = footprint(origin)
+    xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+    item = pystac.Item(id=name, geometry={"type": "Polygon", "coordinates": [ring]},
+                       bbox=[min(xs), min(ys), max(xs), max(ys)],
+                       datetime=datetime.fromisoformat(when), properties={"eo:cloud_cover": cloud},
+                       collection="scenes")
+    for key, href in assets.items():
+        item.add_asset(key, pystac.Asset(href=href, media_type=pystac.MediaType.COG))
+    return item
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Scenes A (June, 30 % cloud) and B (July, 5 %): a 3-band ``visual`` COG each and, for A,
+    its bands as single-band ``red``/``green``/``blue`` COGs; a static catalog of both written
+    with pystac (self-contained: relative hrefs) and a STAC API over the same items, all on
+    127.0.0.1."""
+    a, a_bytes = scene_a()
+    b, b_bytes = scene_b()
+    root = tmp_path_factory.mktemp("stac")
+    (root / "a.tif").write_bytes(a_bytes)
+    (root / "b.tif").write_bytes(b_bytes)
+    for i, band in enumerate(("red", "green", "blue")):
+        (root / f"a-{band}.tif").write_bytes(cog_bytes(a[i:i + 1], A_ORIGIN))
+    catalog = pystac.Catalog(id="scenes", description="two scenes near Rome")
+    item_a = stac_item("a", A_ORIGIN, "2024-06-01T10:00:00+00:00", 30.0, {
+        "visual": str(root / "a.tif"),
+        **{k: str(root / f"a-{k}.tif") for k in ("red", "green", "blue")}})
+    item_b = stac_item("b", B_ORIGIN, "2024-07-01T10:00:00+00:00", 5.0,
+                       {"visual": str(root / "b.tif")})
+    catalog.add_items([item_a, item_b])
+    catalog.normalize_hrefs(str(root))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert json.loads(files["a/a.json"])["assets"]["visual"]["href"] == "../a.tif"  # relative
+    server = RangeServer(files)
+    api = StacApi([json.loads(files["a/a.json"]), json.loads(files["b/b.json"])], server.url)
+    yield {"a": a, "b": b, "url": server.url, "catalog": f"{server.url}/catalog.json",
+           "api": api.url, "api_server": api, "server": server}
+    server.close()
+    api.close()
+
+
+class StacApi(_Server):
+    """A STAC API's item search (``POST /search``): collections and bbox applied, ``limit``
+    items a page, a ``next`` link (POST, with the body and a token) while more remain; every
+    body asked is kept. Like many APIs it ignores ``sortby`` and ``query``: the worker applies
+    both itself."""
+
+    def __init__(self, items: list[dict], assets_root: str):
+        self.items = []
+        for item in items:  # hrefs made absolute, as an API's are
+            item = json.loads(json.dumps(item))
+            for asset in item["assets"].values():
+                asset["href"] = f"{assets_root}/{asset['href'].rsplit('/', 1)[-1]}"
+            self.items.append(item)
+        self.bodies: list[dict] = []
+        self.lock = threading.Lock()
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def do_POST(self) -> None:
+            api: StacApi = self.server.owner
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with api.lock:
+                api.bodies.append(body)
+            if self.path != "/search":
+                return self.send(404, b"{}")
+            w, s, e, n = body.get("bbox", [-180, -90, 180, 90])
+            found = [i for i in api.items
+                     if (not body.get("collections") or i["collection"] in body["collections"])
+                     and not (i["bbox"][0] > e or i["bbox"][2] < w or i["bbox"][1] > n
+                              or i["bbox"][3] < s)]
+            start, limit = int(body.get("token", 0)), int(body.get("limit", 10))
+            page = {"type": "FeatureCollection", "features": found[start:start + limit],
+                    "links": []}
+            if start + limit < len(found):
+                page["links"].append({"rel": "next", "href": f"{api.url}/search",
+                                      "method": "POST", "merge": True,
+                                      "body": {"token": start + limit}})
+            self.send(200, json.dumps(page).encode(), "application/geo+json")
+
+
+def fetch():
+    return fetcher(Http(pool_size=2), 10.0)
+
+
+def overlap_tile() -> mercantile.Tile:
+    """A zoom-14 tile over scene A's nodata south-east quarter, which scene B covers."""
+    return mercantile.tile(*lonlat(A_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
+
+
+def test_a_static_catalogs_items_are_mosaicked_in_the_users_order(served):
+    # A zoom-15 tile where both scenes have data (A's north-east quarter, inside B).
+    both = mercantile.tile(*lonlat(A_ORIGIN, SIZE * 0.76, SIZE * 0.4), 15)
+    from_a, from_b = oracle(served["a"], A_ORIGIN, both), oracle(served["b"], B_ORIGIN, both)
+    assert (from_a.all(axis=0) & from_b.all(axis=0)).mean() > 0.99
+    assert np.abs(from_a.astype(int) - from_b.astype(int)).mean() > 5  # the scenes differ
+    clear_first = Imagery(stac=Stac(catalog=served["catalog"], sortby=("eo:cloud_cover",)))
+    got = decoded(read_tile(clear_first, *both, fetch=fetch()))
+    assert np.abs(got.astype(int) - from_b.astype(int)).mean() < 2.0  # B (5 %) wins
+    oldest_first = Imagery(stac=Stac(catalog=served["catalog"], sortby=("datetime",)))
+    got = decoded(read_tile(oldest_first, *both, fetch=fetch()))
+    assert np.abs(got.astype(int) - from_a.astype(int)).mean() < 2.0  # A (June) wins
+    # Over A's nodata quarter, B fills whatever the order.
+    tile = overlap_tile()
+    from_a, from_b = oracle(served["a"], A_ORIGIN, tile), oracle(served["b"], B_ORIGIN, tile)
+    b_only = ~from_a.all(axis=0) & from_b.all(axis=0)
+    assert b_only.mean() > 0.3
+    got = decoded(read_tile(oldest_first, *tile, fetch=fetch()))
+    assert np.abs(got.astype(int) - from_b.astype(int))[:, b_only].mean() < 2.0
+
+
+def test_a_property_filter_and_a_datetime_choose_the_items(served):
+    inside_a_only = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    clear = Imagery(stac=Stac(catalog=served["catalog"],
+                              query=(("eo:cloud_cover", "lt", 10),)))
+    assert read_tile(clear, *inside_a_only, fetch=fetch()) is None  # only B passes: missing
+    june = Imagery(stac=Stac(catalog=served["catalog"], datetime="2024-06-01/2024-06-30"))
+    assert read_tile(june, *inside_a_only, fetch=fetch()) is not None
+    july = Imagery(stac=Stac(catalog=served["catalog"], datetime="2024-07-01"))
+    assert read_tile(july, *inside_a_only, fetch=fetch()) is None
+    other = Imagery(stac=Stac(catalog=served["catalog"], collections=("elsewhere",)))
+    assert read_tile(other, *overlap_tile(), fetch=fetch()) is None
+
+
+def test_a_stac_api_search_gives_what_the_static_catalog_gives(served):
+    """The API is asked with the tile's bbox, the collection and the order; its pages (one item
+    each here) are followed; the image is the catalog's, byte for byte."""
+    tile = overlap_tile()
+    api = Imagery(stac=Stac(api=served["api"], collections=("scenes",),
+                            sortby=("eo:cloud_cover",), max_items=5))
+    api_server = served["api_server"]
+    api_server.bodies.clear()
+    page_one = read_tile(api, *tile, fetch=fetcher(Http(pool_size=2), 10.0))
+    static = read_tile(Imagery(stac=Stac(catalog=served["catalog"], sortby=("eo:cloud_cover",))),
+                       *tile, fetch=fetch())
+    assert page_one == static
+    first = api_server.bodies[0]
+    w, s, e, n = mercantile.bounds(tile)
+    assert first["collections"] == ["scenes"] and np.allclose(first["bbox"], [w, s, e, n])
+    assert first["sortby"] == [{"field": "properties.eo:cloud_cover", "direction": "asc"}]
+    # Pages of one: the next link is followed with its token.
+    small = Imagery(stac=Stac(api=served["api"], sortby=("eo:cloud_cover",), max_items=5))
+    api_server.bodies.clear()
+    import download_and_predict.stac as stac_module
+
+    items = stac_module.search(Stac(api=served["api"], max_items=1), tuple(mercantile.bounds(tile)),
+                               fetch())
+    assert [i.id for i in items] == ["a"]  # max_items 1: one page, one item
+    assert small.stac is not None
+    both = stac_module.search(small.stac, tuple(mercantile.bounds(tile)), fetch())
+    assert sorted(i.id for i in both) == ["a", "b"]
+
+
+def test_assets_are_stacked_in_the_order_named(served):
+    """Scene A's bands as three single-band COGs (red, green, blue): stacked, they are the
+    three-band visual; named blue, green, red, the bands come reversed."""
+    tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    visual = decoded(read_tile(Imagery(stac=Stac(catalog=served["catalog"])), *tile,
+                               fetch=fetch()))
+    stacked = Imagery(stac=Stac(catalog=served["catalog"], assets=("red", "green", "blue")))
+    assert np.array_equal(decoded(read_tile(stacked, *tile, fetch=fetch())), visual)
+    reversed_ = Imagery(stac=Stac(catalog=served["catalog"], assets=("blue", "green", "red")))
+    assert np.array_equal(decoded(read_tile(reversed_, *tile, fetch=fetch())), visual[::-1])
+    # Over B's area A's band assets are not there: B has no such assets, so it is not read.
+    b_only = mercantile.tile(*lonlat(B_ORIGIN, SIZE * 0.9, SIZE * 0.9), 14)
+    assert read_tile(stacked, *b_only, fetch=fetch()) is None
+
+
+def test_a_percentile_stretch_makes_16_bit_data_8_bit(tmp_path):
+    data = (np.arange(SIZE * SIZE, dtype="uint32").reshape(1, SIZE, SIZE) % 4000 + 100
+            ).astype("uint16")
+    server = RangeServer({"deep.tif": cog_bytes(data, A_ORIGIN, nodata=None)})
+    try:
+        tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 2, SIZE / 2), 14)
+        with pytest.raises(ValueError, match="not 8-bit: give imagery.rescale or imagery.stretch"):
+            read_tile(Imagery((f"{server.url}/deep.tif",)), *tile)
+        image = decoded(read_tile(Imagery((f"{server.url}/deep.tif",), stretch=(2.0, 98.0)),
+                                  *tile))
+        assert image.min() == 0 and image.max() == 255  # the tails clipped
+        assert 0.01 < (image == 255).mean() < 0.2 and 0.01 < (image == 0).mean() < 0.2
+    finally:
+        server.close()
+
+
+def test_the_footprint_tiles_are_mercantiles_over_the_items_polygons(served, tmp_path):
+    """`cnsq tiles --imagery catalog.json`: the tiles over each item's reprojected bounds that
+    its polygon meets (shapely's judgement), each once."""
+    from shapely.geometry import Polygon, box
+
+    expected = set()
+    for origin in (A_ORIGIN, B_ORIGIN):
+        ring = footprint(origin)
+        polygon = Polygon(ring)
+        west, south, east, north = polygon.bounds
+        for t in mercantile.tiles(west, south, east, north, [14]):
+            if polygon.intersects(box(*mercantile.bounds(t))):
+                expected.add(f"{t.x}-{t.y}-{t.z}")
+    out = tmp_path / "tiles.txt"
+    result = CliRunner().invoke(main, ["tiles", "--imagery", served["catalog"], "--zoom", "14",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    listed = out.read_text().split()
+    assert len(listed) == len(set(listed)) and set(listed) == expected
+    june = CliRunner().invoke(main, ["tiles", "--imagery", served["catalog"], "--zoom", "14",
+                                     "--datetime", "2024-06-01/2024-06-30"])
+    assert june.exit_code == 0 and len(june.stdout.split()) < len(listed)
+    api = CliRunner().invoke(main, ["tiles", "--imagery", served["api"], "--zoom", "14"])
+    assert api.exit_code == 1 and "is a STAC API: its footprint is its whole collection" in api.output
+
+
+def test_polygon_and_box_meet_as_shapely_says():
+    from shapely.geometry import Polygon, box
+
+    diamond = [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)]
+    item = Item("d", (-1.0, -1.0, 1.0, 1.0), tuple(diamond), {}, ("x",))
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        w, s = rng.uniform(-1.5, 1.2, 2)
+        e, n = w + rng.uniform(0.01, 0.8), s + rng.uniform(0.01, 0.8)
+        assert intersects(item, (w, s, e, n)) == Polygon(diamond).intersects(box(w, s, e, n)), \
+            (w, s, e, n)
+
+
+def test_cnsq_imagery_reads_a_stac_catalog_as_the_worker_does(served, tmp_path):
+    tile = overlap_tile()
+    out = tmp_path / "tile.png"
+    result = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
+                                       served["catalog"], "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == read_tile(Imagery(stac=Stac(catalog=served["catalog"])), *tile,
+                                         fetch=fetch())
+    gone = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
+                                     f"{served['url']}/nothing.json", "--out", str(out)])
+    assert gone.exit_code == 1 and "HTTP 404" in gone.output and "Traceback" not in gone.output
+    mixed = CliRunner().invoke(main, ["imagery", "1-1-1", "--imagery", served["catalog"],
+                                      "--imagery", f"{served['url']}/a.tif", "--out", str(out)])
+    assert mixed.exit_code == 1 and "given once, alone" in mixed.output
+
+
+@pytest.mark.parametrize("raw, says", [
+    ({"stac": {}}, "IMAGERY.stac: give one of api"),
+    ({"stac": {"api": "https://x", "catalog": "https://y/c.json"}}, "give one of api"),
+    ({"stac": {"api": "ftp://x"}}, "IMAGERY.stac.api: 'ftp://x' is not an https:// URL"),
+    ({"stac": {"api": "https://x", "colections": ["s2"]}}, "IMAGERY.stac.colections: unknown key"),
+    ({"stac": {"api": "https://x", "query": {"eo:cloud_cover": {"less": 3}}}},
+     "IMAGERY.stac.query.eo:cloud_cover.less: unknown operator"),
+    ({"stac": {"api": "https://x", "datetime": "last June"}}, "IMAGERY.stac.datetime:"),
+    ({"stac": {"api": "https://x", "assets": []}}, "IMAGERY.stac.assets: name at least one"),
+    ({"stac": {"api": "https://x", "maxItems": 0}}, "IMAGERY.stac.maxItems: expected 1 to 100"),
+    ({"stac": {"api": "https://x"}, "cog": "https://x/a.tif"}, "give cog or stac, not both"),
+    ({"cog": "https://x/a.tif", "stretch": [2, 98], "rescale": [0, 1]}, "rescale or stretch"),
+    ({"cog": "https://x/a.tif", "stretch": [2, 101]}, "IMAGERY.stretch: expected [low, high]"),
+])
+def test_a_bad_stac_setting_is_refused_at_cold_start(raw, says):
+    with pytest.raises(SettingsError) as error:
+        Imagery.from_json(json.dumps(raw))
+    assert says in str(error.value)
+
+
+def test_the_worker_reads_stac_imagery_and_writes_predictions(served, postgres_url):
+    """The handler with a STAC catalog in IMAGERY: a tile over the scenes is predicted and
+    written, one where no item is skipped (MISSING_TILES=skip); an API that answers 500 fails
+    its record alone."""
+    import psycopg2
+
+    from cnsq.results.store import open_store
+    from download_and_predict.handler import build
+    from support.servers import ModelServer, fresh_database
+
+    url = fresh_database(postgres_url)
+    store = open_store(url)
+    store.migrate()
+    store.close()
+    model = ModelServer()
+    inside, outside = overlap_tile(), mercantile.tile(-70.0, -30.0, 14)
+    source = Imagery(stac=Stac(catalog=served["catalog"], sortby=("eo:cloud_cover",)))
+    try:
+        app = build({"IMAGERY": source.to_json(), "PREDICTION_ENDPOINT": model.endpoint,
+                     "DATABASE_URL": url})
+        event = {"Records": [
+            {"messageId": "in", "body": json.dumps({"x": inside.x, "y": inside.y, "z": 14})},
+            {"messageId": "out", "body": json.dumps({"x": outside.x, "y": outside.y, "z": 14})}]}
+        assert app.run(event) == {"batchItemFailures": []}
+        broken = Imagery(stac=Stac(api=f"{served['url']}/no-api"))
+        failing = build({"IMAGERY": broken.to_json(), "PREDICTION_ENDPOINT": model.endpoint,
+                         "DATABASE_URL": url})
+        failed = failing.run({"Records": [{"messageId": "x", "body": json.dumps(
+            {"x": inside.x, "y": inside.y, "z": 14})}]})
+        assert failed == {"batchItemFailures": [{"itemIdentifier": "x"}]}
+    finally:
+        model.close()
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT tile FROM results")
+        assert [row[0] for row in cur.fetchall()] == [f"{inside.x}-{inside.y}-14"]
+
+
+def test_the_configs_stac_source_reaches_the_worker_and_its_package(tmp_path):
+    from test_cog import _example
+
+    from cnsq.config import ConfigError
+    from cnsq.deploy.package import RASTER_REQUIREMENTS, extra_requirements
+    from cnsq.deploy.template import CodeLocation, compile_template, lint
+
+    config, repo = _example(tmp_path, (
+        "  imagery:\n    stac:\n      api: https://earth-search.aws.element84.com/v1\n"
+        "      collections: [sentinel-2-l2a]\n      datetime: 2024-06-01/2024-08-31\n"
+        "      query: {eo:cloud_cover: {lt: 20}}\n      sortby: [eo:cloud_cover]\n"
+        "      assets: [red, green, blue]\n    stretch: [2, 98]\n"))
+    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
+    path, data = compile_template(config, repo / "templates", tmp_path / "out", code)
+    env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"][
+        "Variables"]
+    assert Imagery.from_json(env["IMAGERY"]) == Imagery(stac=Stac(
+        api="https://earth-search.aws.element84.com/v1", collections=("sentinel-2-l2a",),
+        datetime="2024-06-01/2024-08-31", query=(("eo:cloud_cover", "lt", 20),),
+        sortby=("eo:cloud_cover",), assets=("red", "green", "blue")), stretch=(2.0, 98.0))
+    assert lint(path) == []
+    assert extra_requirements(config.values) == RASTER_REQUIREMENTS
+    with pytest.raises(ConfigError) as error:
+        _example(tmp_path / "bad", "  imagery:\n    stac:\n      api: https://x\n"
+                                   "      maxItems: 500\n")
+    assert "config.yml:" in str(error.value)
+    assert "imagery.stac.maxItems: expected 1 to 100, got 500" in str(error.value)
