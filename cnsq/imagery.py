@@ -99,7 +99,7 @@ def _raster_libraries() -> None:
         raise CnsqError(f"reading COG imagery needs rio-tiler: {INSTALL}") from None
 
 
-def _fetch() -> Fetch:
+def stac_fetch() -> Fetch:
     from download_and_predict.http import Http
 
     return fetcher(Http(pool_size=4), DOCUMENT_TIMEOUT)
@@ -121,7 +121,7 @@ def footprint(imagery: Imagery, fetch: Fetch | None = None
                             "list the tiles of an area with `cnsq tiles AOI.geojson`, or give "
                             "a static catalog (a .json)")
         try:
-            items = catalog_items(stac, fetch or _fetch())
+            items = catalog_items(stac, fetch or stac_fetch())
         except Exception as exc:  # noqa: BLE001 - the fetch's and the catalog's, with the URL
             raise CnsqError(f"{stac.catalog}: cannot read the catalog ({type(exc).__name__}: "
                             f"{str(exc)[:200]})") from None
@@ -152,6 +152,27 @@ def cover(places: Sequence[tuple[tuple[float, float, float, float], Item | None]
     yield from sorted(kept, key=lambda t: (t.y, t.x))
 
 
+def source_name(imagery: Imagery) -> str:
+    """What the imagery is, in a line: its COGs, or its STAC API or catalog."""
+    if imagery.stac is not None:
+        return f"STAC {imagery.stac.api or imagery.stac.catalog}"
+    return ", ".join(imagery.urls)
+
+
+def read_image(imagery: Imagery, x: int, y: int, z: int, fetch: Fetch | None = None
+               ) -> bytes | None:
+    """The PNG the worker sends the model for tile ``x``-``y``-``z`` (None: no valid pixel).
+
+    Raises:
+        CnsqError: no raster libraries; an unreadable COG or STAC document (naming the tile).
+    """
+    _raster_libraries()
+    try:
+        return read_tile(imagery, x, y, z, fetch=fetch or (stac_fetch() if imagery.stac else None))
+    except Exception as exc:  # noqa: BLE001 - rasterio's errors, the stretch's, STAC's
+        raise CnsqError(f"tile {x}-{y}-{z}: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
 def write_tile_image(tile: str, out: Path, imagery: Imagery, fetch: Fetch | None = None) -> int:
     """Write the PNG the worker would send the model for ``tile`` (x-y-z) to ``out``; the
     bytes written, 0 when the imagery has no valid pixel there (nothing written).
@@ -165,11 +186,7 @@ def write_tile_image(tile: str, out: Path, imagery: Imagery, fetch: Fetch | None
         x, y, z = parse_tile_id(tile)
     except ValueError as exc:
         raise CnsqError(f"tile {tile!r}: {exc}") from None
-    _raster_libraries()
-    try:
-        image = read_tile(imagery, x, y, z, fetch=fetch or (_fetch() if imagery.stac else None))
-    except Exception as exc:  # noqa: BLE001 - rasterio's errors, the stretch's, STAC's
-        raise CnsqError(f"tile {tile}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    image = read_image(imagery, x, y, z, fetch)
     if image is None:
         return 0
     with atomic_write(out, "wb") as handle:

@@ -31,6 +31,10 @@ from cnsq.cli.app import (
               help="The imagery: a URL template (…/{z}/{x}/{y}.jpg?access_token={token}, the "
                    "token from TILE_ACCESS_TOKEN), or a folder of z/x/y images or an MBTiles "
                    "file [default: TILE_ENDPOINT, else the config's].")
+@click.option("--imagery", "imagery_sources", multiple=True, metavar="SOURCE",
+              help="Instead of --tile-endpoint: COG or STAC imagery, read here as the worker "
+                   "reads it (a .tif, repeatable; a STAC catalog's .json; a STAC API's root) "
+                   "[default: the config's imagery: when it has one].")
 @click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, default=-1,
               show_default=True, help="Index of the class score to colour and threshold by "
                                       "(-1: the last).")
@@ -43,8 +47,8 @@ from cnsq.cli.app import (
               help="Open the page in the default browser.")
 @config_options
 def view(settings: Settings, results: str | None, database_url: str | None,
-         tile_endpoint: str | None, thresh_ind: int, thresh: float, port: int,
-         open_browser: bool) -> None:
+         tile_endpoint: str | None, imagery_sources: tuple[str, ...], thresh_ind: int,
+         thresh: float, port: int, open_browser: bool) -> None:
     """Look at the predictions on a map, over the imagery they came from.
 
     RESULTS is a results CSV (tile,output, as run and download write it), a SQLite results
@@ -61,6 +65,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
       cnsq view cnsq-demo/results.csv --tile-endpoint cnsq-demo/tiles --open
       TILE_ACCESS_TOKEN=… cnsq view results.csv \\
         --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.jpg?access_token={token}'
+      cnsq view results.csv --imagery https://example.com/scene.tif
       cnsq view --config config/config.yml --thresh_ind 1 --thresh 0.9
     """
     from cnsq.view import prepare, results_csv
@@ -76,10 +81,19 @@ def view(settings: Settings, results: str | None, database_url: str | None,
             tile_endpoint = "tiles"
         click.echo(f"Viewing results.csv{' over tiles/' if tile_endpoint == 'tiles' else ''} "
                    "(found here).", err=True)
-    if tile_endpoint is None and settings.config.exists():
-        tile_endpoint, config_token = settings.deployed().tile_endpoint
-        token = token or config_token
-    imagery = open_imagery(tile_endpoint, token)
+    from cnsq.imagery import source as imagery_source
+
+    raster = None
+    if imagery_sources:
+        raster = imagery_source(imagery_sources)
+    elif tile_endpoint is None and settings.config.exists():
+        values = settings.load().values
+        if (values.get("imagery") or {}).get("cog") or (values.get("imagery") or {}).get("stac"):
+            raster = imagery_source((), values=values)
+        else:
+            tile_endpoint, config_token = settings.deployed().tile_endpoint
+            token = token or config_token
+    imagery = open_imagery(tile_endpoint, token, raster)
     running = bind(port)
     workdir = Path(tempfile.mkdtemp(prefix="cnsq-view-"))
     viewed = None

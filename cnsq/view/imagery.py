@@ -1,5 +1,6 @@
 """Where ``cnsq view`` gets its base layer: a tile endpoint (the Lambda's URL template, its token
-filled in here, on the server) or a local folder of ``z/x/y`` images or MBTiles file.
+filled in here, on the server), a local folder of ``z/x/y`` images or MBTiles file, or COG or
+STAC imagery read here as the worker reads it (``imagery:``).
 
 The page only ever asks ``/imagery/{z}/{x}/{y}`` of the local server: the token never reaches
 the browser, its history, its cache or a screenshot of its network panel.
@@ -116,8 +117,35 @@ class LocalImagery:
         return Image(data, kind)
 
 
-def open_imagery(endpoint: str | None, token: str | None) -> RemoteImagery | LocalImagery | None:
-    """The base layer for ``--tile-endpoint``: a URL template, or a folder or MBTiles file."""
+class RasterImagery:
+    """Tiles read from COGs or a STAC source by the worker's own code
+    (:func:`download_and_predict.cog.read_tile`): the image the model was sent, under its
+    prediction."""
+
+    def __init__(self, imagery, fetch=None):
+        from cnsq.imagery import source_name, stac_fetch
+
+        self.imagery = imagery
+        self.fetch = fetch or (stac_fetch() if imagery.stac is not None else None)
+        self.name = source_name(imagery)
+        self.zooms = (0, 22)
+
+    def get(self, z: int, x: int, y: int) -> Image | None:
+        from cnsq.imagery import read_image
+
+        try:
+            data = read_image(self.imagery, x, y, z, self.fetch)
+        except CnsqError as exc:
+            raise ImageryError(str(exc)) from None
+        return None if data is None else Image(data, "image/png")
+
+
+def open_imagery(endpoint: str | None, token: str | None, raster=None
+                 ) -> RemoteImagery | LocalImagery | RasterImagery | None:
+    """The base layer: ``raster`` (an :class:`~download_and_predict.cog.Imagery`), else for
+    ``--tile-endpoint`` a URL template, or a folder or MBTiles file."""
+    if raster is not None:
+        return RasterImagery(raster)
     if not endpoint:
         return None
     if "://" in endpoint:

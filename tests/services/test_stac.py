@@ -377,3 +377,34 @@ def test_the_configs_stac_source_reaches_the_worker_and_its_package(tmp_path):
                                    "      maxItems: 500\n")
     assert "config.yml:" in str(error.value)
     assert "imagery.stac.maxItems: expected 1 to 100, got 500" in str(error.value)
+
+
+def test_cnsq_view_shows_cog_and_stac_imagery_under_the_predictions(served, tmp_path):
+    """The view's base layer read as the worker reads it: /imagery/{z}/{x}/{y} answers the
+    worker's PNG for a tile over the scenes (from a STAC catalog and from a COG), 404 outside."""
+    import requests
+
+    from cnsq.imagery import source
+    from cnsq.view import prepare
+    from cnsq.view.imagery import open_imagery
+    from cnsq.view.server import start
+
+    tile = overlap_tile()
+    results = tmp_path / "results.csv"
+    results.write_text(f'tile,output\n{tile.x}-{tile.y}-{tile.z},"[0.2, 0.8]"\n')
+    for given in ([served["catalog"]], [f"{served['url']}/a.tif", f"{served['url']}/b.tif"]):
+        imagery = source(given)
+        viewed, _ = prepare(results, "results.csv", tmp_path, 1, 0.5,
+                            open_imagery(None, None, imagery), None)
+        running = start(viewed, 0)
+        try:
+            answer = requests.get(f"{running.url}imagery/{tile.z}/{tile.x}/{tile.y}", timeout=10)
+            assert answer.status_code == 200 and answer.headers["Content-Type"] == "image/png"
+            assert answer.content == read_tile(imagery, *tile, fetch=fetch())
+            far = mercantile.tile(-70.0, -30.0, 14)
+            assert requests.get(f"{running.url}imagery/14/{far.x}/{far.y}",
+                                timeout=10).status_code == 404
+            summary = requests.get(f"{running.url}api/summary", timeout=5).json()
+            assert summary["imagery"]["name"].startswith(("STAC http", "http"))
+        finally:
+            running.close()
