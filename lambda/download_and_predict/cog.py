@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .errors import SettingsError
 from .stac import Fetch, Stac, items_for
@@ -41,6 +44,19 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_HTTP_RETRY_DELAY": "0.2",
 }
 TILE_SIZES = (256, 512)
+
+
+def s3_options(env: Mapping[str, str]) -> dict[str, str]:
+    """GDAL's settings for an S3 endpoint other than AWS's, from the one boto3 takes
+    (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``): an s3:// COG is read where the rest
+    of the AWS calls go (a MinIO, an emulator), path-style. None set: GDAL's defaults (AWS, the
+    function's credentials and region from the environment Lambda gives it)."""
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return {}
+    parts = urlsplit(endpoint)
+    return {"AWS_S3_ENDPOINT": parts.netloc, "AWS_VIRTUAL_HOSTING": "FALSE",
+            "AWS_HTTPS": "YES" if parts.scheme == "https" else "NO"}
 
 
 @dataclass(frozen=True)
@@ -200,7 +216,8 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
         return image
 
     seconds = str(max(1, math.ceil(timeout)))
-    with Env(**GDAL_OPTIONS, GDAL_HTTP_TIMEOUT=seconds, GDAL_HTTP_CONNECTTIMEOUT=seconds):
+    with Env(**GDAL_OPTIONS, **s3_options(os.environ), GDAL_HTTP_TIMEOUT=seconds,
+             GDAL_HTTP_CONNECTTIMEOUT=seconds):
         try:
             image, _ = mosaic_reader(sources, one, x, y, z, threads=0)
         except (EmptyMosaicError, TileOutsideBounds):
@@ -285,7 +302,7 @@ def geographic_bounds(imagery: Imagery) -> list[tuple[float, float, float, float
     from rio_tiler.io import Reader
 
     found = []
-    with Env(**GDAL_OPTIONS):
+    with Env(**GDAL_OPTIONS, **s3_options(os.environ)):
         for url in imagery.urls:
             with Reader(url) as source:
                 w, s, e, n = source.get_geographic_bounds("EPSG:4326")

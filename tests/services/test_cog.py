@@ -244,3 +244,20 @@ def test_a_bad_imagery_key_is_a_config_error_with_its_line(tmp_path):
         _example(tmp_path, "  imagery:\n    cog: https://example.com/a.tif\n    tileSize: 300\n")
     assert "config.yml:" in str(error.value)
     assert "imagery.tileSize: expected 256 or 512, got 300" in str(error.value)
+
+
+def test_an_s3_cog_is_read_from_moto_as_from_an_https_server(scenes, aws):
+    """An s3:// COG through GDAL's S3 reader, at the endpoint boto3 is pointed at
+    (AWS_ENDPOINT_URL: moto's server here), signed with the environment's credentials: the same
+    image as the same file over HTTPS, and a missing key fails as a read error."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="imagery")
+    s3.put_object(Bucket="imagery", Key="scenes/a.tif",
+                  Body=scenes["server"].files["a.tif"])
+    tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    from_s3 = read_tile(Imagery(("s3://imagery/scenes/a.tif",)), *tile)
+    assert from_s3 is not None and from_s3 == read_tile(Imagery((scenes["url_a"],)), *tile)
+    with pytest.raises(Exception, match="does not exist"):
+        read_tile(Imagery(("s3://imagery/scenes/gone.tif",)), *tile)
