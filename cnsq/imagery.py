@@ -92,7 +92,7 @@ def _pair(text: str, name: str) -> list[float]:
         raise CnsqError(f"{option(name)}: expected {said}, got {text!r}") from None
 
 
-def _raster_libraries() -> None:
+def raster_libraries() -> None:
     try:
         import rio_tiler  # noqa: F401
     except ImportError:
@@ -126,7 +126,7 @@ def footprint(imagery: Imagery, fetch: Fetch | None = None
             raise CnsqError(f"{stac.catalog}: cannot read the catalog ({type(exc).__name__}: "
                             f"{str(exc)[:200]})") from None
         return [(i.bbox, i) for i in items if chosen(stac, i, i.properties.get("collection"))]
-    _raster_libraries()
+    raster_libraries()
     found: list[tuple[tuple[float, float, float, float], Item | None]] = []
     for url in imagery.urls:
         try:
@@ -166,7 +166,7 @@ def read_image(imagery: Imagery, x: int, y: int, z: int, fetch: Fetch | None = N
     Raises:
         CnsqError: no raster libraries; an unreadable COG or STAC document (naming the tile).
     """
-    _raster_libraries()
+    raster_libraries()
     try:
         return read_tile(imagery, x, y, z, fetch=fetch or (stac_fetch() if imagery.stac else None))
     except Exception as exc:  # noqa: BLE001 - rasterio's errors, the stretch's, STAC's

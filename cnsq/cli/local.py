@@ -298,20 +298,30 @@ def run_cmd(tiles: Path, tile_endpoint: str, model_path: Path, out: Path, databa
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               default=Path("cnsq-demo"), show_default=True, help="Where the demo writes.")
 @click.option("--concurrency", "-n", default=8, show_default=True, help="Batches at once.")
-def demo(directory: Path, concurrency: int) -> None:
+@click.option("--imagery", type=click.Choice(["xyz", "cog"]), default="xyz", show_default=True,
+              help="xyz: tiles served by cnsq tileserver; cog: the same picture as one COG in "
+                   "a UTM projection, read by the worker itself with range requests (needs "
+                   "the [cog] extra: rio-tiler).")
+def demo(directory: Path, concurrency: int, imagery: str) -> None:
     """Run the whole pipeline on this machine with synthetic imagery whose answer is known.
 
-    Draws lakes into land texture on 80 XYZ tiles, serves them, runs the Lambda's handler
-    against a water classifier served with TF Serving's API, stores results in SQLite, and
-    writes results.csv, water.geojson and preview.png, then scores the prediction.
+    Draws lakes into land texture on 80 XYZ tiles, serves them (or, with --imagery cog, the
+    same picture as one UTM COG), runs the Lambda's handler against a water classifier served
+    with TF Serving's API, stores results in SQLite, and writes results.csv, water.geojson and
+    preview.png, then scores the prediction.
 
     \b
-    Example:
+    Examples:
       cnsq demo --dir ./cnsq-demo
+      cnsq demo --dir ./cnsq-demo-cog --imagery cog
     """
     from cnsq.local.demo import run_demo
 
-    result = run_demo(directory, concurrency=concurrency)
+    if imagery == "cog":
+        from cnsq.imagery import raster_libraries
+
+        raster_libraries()
+    result = run_demo(directory, concurrency=concurrency, imagery=imagery)
     click.echo(f"Wrote {directory}/results.csv, {directory}/water.geojson and "
                f"{directory}/preview.png.")
     click.echo(f"Demo: {result.tiles} tiles processed in {result.seconds:.1f}s "

@@ -102,6 +102,49 @@ def make_overviews(root: Path, zoom: int, levels: int = 3) -> None:
             tile.resize((TILE, TILE), Image.Resampling.BOX).save(target)
 
 
+def make_cog(root: Path, target: Path, origin: mercantile.Tile, columns: int, rows: int) -> str:
+    """The demo's imagery as one Cloud-Optimized GeoTIFF in the UTM zone of its centre, as
+    imagery is published: the tiles under ``root`` mosaicked, reprojected from Web Mercator
+    (bilinear) at the ground resolution of their zoom, written with GDAL's COG driver
+    (256-pixel blocks, deflate, overviews). 0 is nodata (no valid pixel is 0). Returns the CRS.
+    """
+    import rasterio
+    import rasterio.shutil
+    from PIL import Image
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_bounds
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    mosaic = np.zeros((3, rows * TILE, columns * TILE), dtype=np.uint8)
+    for row in range(rows):
+        for col in range(columns):
+            path = root / str(origin.z) / str(origin.x + col) / f"{origin.y + row}.png"
+            pixels = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+            mosaic[:, row * TILE:(row + 1) * TILE, col * TILE:(col + 1) * TILE] = np.maximum(
+                pixels, 1)
+    west, _, _, north = mercantile.xy_bounds(origin)
+    last = mercantile.xy_bounds(mercantile.Tile(origin.x + columns - 1, origin.y + rows - 1,
+                                                origin.z))
+    east, south = last.right, last.bottom
+    source = from_bounds(west, south, east, north, columns * TILE, rows * TILE)
+    centre = mercantile.lnglat((west + east) / 2, (south + north) / 2)
+    crs = f"EPSG:{32600 + int((centre.lng + 180) // 6) + 1 + (0 if centre.lat >= 0 else 100)}"
+    transform, width, height = calculate_default_transform(
+        "EPSG:3857", crs, columns * TILE, rows * TILE, west, south, east, north)
+    data = np.zeros((3, height, width), dtype=np.uint8)
+    reproject(mosaic, data, src_transform=source, src_crs="EPSG:3857", src_nodata=0,
+              dst_transform=transform, dst_crs=crs, dst_nodata=0, resampling=Resampling.bilinear)
+    profile = {"driver": "GTiff", "dtype": "uint8", "count": 3, "height": height,
+               "width": width, "crs": crs, "transform": transform, "nodata": 0}
+    with MemoryFile() as memory:
+        with memory.open(**profile) as dataset:
+            dataset.write(data)
+        with memory.open() as dataset:
+            rasterio.shutil.copy(dataset, target, driver="COG", BLOCKSIZE=256,
+                                 COMPRESS="DEFLATE", OVERVIEWS="AUTO")
+    return crs
+
+
 def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predicted: set[str],
             target: Path, scale: int = 128) -> None:
     """A mosaic of the tiles with the predicted water tiles outlined."""
@@ -123,7 +166,10 @@ def preview(root: Path, origin: mercantile.Tile, columns: int, rows: int, predic
 
 
 def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.70,
-             lat: float = 40.42, zoom: int = 15, concurrency: int = 8) -> DemoResult:
+             lat: float = 40.42, zoom: int = 15, concurrency: int = 8,
+             imagery: str = "xyz") -> DemoResult:
+    """``imagery``: ``xyz`` (tiles served by ``cnsq tileserver``) or ``cog`` (the same picture
+    as one UTM COG, served with range requests, read by the worker itself)."""
     directory.mkdir(parents=True, exist_ok=True)
     origin = mercantile.tile(lon, lat, zoom)
     shares = make_imagery(directory / "tiles", origin, columns, rows)
@@ -133,10 +179,18 @@ def run_demo(directory: Path, columns: int = 10, rows: int = 8, lon: float = -3.
     model = water_classifier(directory / "water.onnx", water_share=WATER_SHARE)
     database = directory / "results.db"
     database.unlink(missing_ok=True)  # each demo starts from an empty results table
-    server = tileserver.start(directory / "tiles", port=0)
+    source = None
+    if imagery == "cog":
+        from download_and_predict.cog import Imagery
+
+        make_cog(directory / "tiles", directory / "imagery.tif", origin, columns, rows)
+        server = tileserver.serve_file(directory / "imagery.tif")
+        source = Imagery((f"{server.url}/imagery.tif",)).to_json()
+    else:
+        server = tileserver.start(directory / "tiles", port=0)
     try:
         report = run(directory / "tiles.txt", server.template, model, directory / "results.csv",
-                     f"sqlite:///{database}", concurrency=concurrency)
+                     f"sqlite:///{database}", concurrency=concurrency, imagery=source)
     finally:
         server.close()
     if report.interrupted:

@@ -237,11 +237,12 @@ AUTO_MOST = 64  # the most calls at once --concurrency auto goes to
 def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, database_url: str,
         concurrency: int | None = 16, batch_size: int = 10, max_batch: int = 32,
         progress: Callable[[RunReport], None] | None = None,
-        decisions: Callable[[str], None] | None = None) -> RunReport:
+        decisions: Callable[[str], None] | None = None, imagery: str | None = None) -> RunReport:
     """Start a model server, run the tiles through the handler, write the results CSV.
 
     ``concurrency`` None: decided as the run goes (:class:`AutoConcurrency`); each change is
-    told to ``decisions``."""
+    told to ``decisions``. ``imagery``: COG or STAC imagery for the worker to read itself (its
+    ``IMAGERY`` JSON), instead of ``tile_endpoint``."""
 
     own = Path(sqlite_path(database_url)) if database_url.startswith("sqlite:") else None
     new_file = own is not None and not own.exists()
@@ -251,7 +252,8 @@ def run(tiles: Path, tile_endpoint: str, model: Path, out_csv: Path | None, data
         store.migrate()
         # The environment first, as on Lambda: proxies, CA bundle, RETRIES, TILE_TIMEOUT, …
         most = concurrency or AUTO_MOST
-        app = build({**os.environ, "TILE_ENDPOINT": tile_endpoint, "PREDICTION_ENDPOINT": server.endpoint,
+        where = {"IMAGERY": imagery} if imagery else {"TILE_ENDPOINT": tile_endpoint}
+        app = build({**os.environ, **where, "PREDICTION_ENDPOINT": server.endpoint,
                      "DATABASE_URL": database_url, "MAX_INSTANCES": str(max_batch),
                      # The download threads are shared by the batches in flight: room for all.
                      "DOWNLOAD_WORKERS": str(most * batch_size)})

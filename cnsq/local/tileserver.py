@@ -124,3 +124,62 @@ def start(source: Path, port: int = 8000, host: str = "127.0.0.1") -> TileServer
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     return TileServer(httpd)
+
+
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def serve_file(path: Path, port: int = 0, host: str = "127.0.0.1") -> TileServer:
+    """``GET /{name}`` of one file, honouring ``Range: bytes=a-b`` with 206 as S3 and CDNs do:
+    a COG read by range requests, as the worker reads one on AWS (``cnsq demo --imagery cog``).
+    Its URL is ``{server.url}/{path.name}``."""
+    name, size = path.name, path.stat().st_size
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _answer(self, body: bool) -> None:
+            if self.path.split("?", 1)[0].lstrip("/") != name:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, end, status = 0, size - 1, 200
+            wanted = RANGE.match(self.headers.get("Range", ""))
+            if wanted:
+                first, last = wanted.groups()
+                if first:
+                    start, end = int(first), min(int(last) if last else size - 1, size - 1)
+                else:  # the last N bytes
+                    start = max(0, size - int(last or 0))
+                if start >= size:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                status = 206
+            self.send_response(status)
+            self.send_header("Content-Type", "image/tiff")
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(end - start + 1))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if body:
+                with path.open("rb") as handle:
+                    handle.seek(start)
+                    self.wfile.write(handle.read(end - start + 1))
+
+        def do_GET(self) -> None:
+            self._answer(True)
+
+        def do_HEAD(self) -> None:
+            self._answer(False)
+
+    httpd = _Server((host, port), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return TileServer(httpd)

@@ -316,6 +316,25 @@ def test_demo_finds_the_lakes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo" / "tiles").iterdir()) == ["12", "13", "14", "15"]
 
 
+def test_demo_on_a_utm_cog_finds_the_lakes(tmp_path):
+    """`cnsq demo --imagery cog`: the same picture as one COG in a UTM projection (with
+    overviews), read by the worker itself through range requests; the lakes are found as well."""
+    pytest.importorskip("rio_tiler")
+    import rasterio
+
+    result = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo"), "--imagery", "cog"])
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "demo" / "imagery.tif") as cog:
+        assert cog.crs.to_epsg() == 32630  # Madrid's UTM zone
+        assert cog.overviews(1) and cog.block_shapes[0] == (256, 256)
+        assert cog.nodata == 0
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("Demo:")][0]
+    assert "80 tiles processed" in line
+    precision = float(line.split("precision ")[1].split(",")[0])
+    recall = float(line.split("recall ")[1].rstrip("."))
+    assert precision >= 0.9 and recall >= 0.9
+
+
 def test_run_says_how_to_view_its_results_without_the_token_written_in_the_url(
         tmp_path, model_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
