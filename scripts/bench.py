@@ -948,6 +948,31 @@ def bench_cost(db: Database, args) -> list[Result]:
 # tiles pre-rendered as PNGs served by `cnsq tileserver`
 
 
+_COG_CHILD = """
+import json, os, resource, sys, time
+sys.path[:0] = [os.environ["LAMBDA_DIR"]]
+start = time.process_time()
+from download_and_predict.handler import build
+import boto3
+worker = time.process_time() - start
+import rasterio, rio_tiler.io, rio_tiler.mosaic
+raster = time.process_time() - start - worker
+from download_and_predict.cog import Imagery, read_tile
+tiles = json.loads(os.environ["TILES"])
+source = Imagery((os.environ["COG"],))
+half = len(tiles) // 2
+for tile in tiles[:half]:  # warm: the header, the first blocks
+    read_tile(source, *tile)
+cpu = time.process_time()
+for tile in tiles[half:]:
+    read_tile(source, *tile)
+cpu = (time.process_time() - cpu) / (len(tiles) - half)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"worker_cpu": worker, "raster_cpu": raster, "cpu_per_tile": cpu,
+                  "peak_mb": peak}))
+"""
+
+
 def bench_cog(db: Database, args) -> list[Result]:
     import mercantile
     import numpy as np
@@ -997,7 +1022,20 @@ def bench_cog(db: Database, args) -> list[Result]:
             assert session.get(pngs.template.format(z=tile.z, x=tile.x, y=tile.y)).ok
         png_times.append((time.perf_counter() - started) / len(batch))
     pngs.close()
+    # A cold worker of its own: the raster libraries' imports (a cold start's extra CPU) and
+    # the memory and CPU a call of 10 tiles read from the COG takes.
+    env = {**os.environ, "LAMBDA_DIR": str(REPO / "lambda"), "COG": source.urls[0],
+           "TILES": json.dumps([list(t) for t in tiles[:per_round * 2]])}
+    child = json.loads(subprocess.run([sys.executable, "-c", _COG_CHILD], env=env,
+                                      capture_output=True, text=True, check=True
+                                      ).stdout.strip().splitlines()[-1])
     scene.close()
+    rows, (choice, _, gb_s) = lambda_memory(child["cpu_per_tile"] * 10, 0.0, child["peak_mb"])
+    print(f"# cog: a cold worker: its own imports {child['worker_cpu']:.2f} s of CPU, the raster "
+          f"libraries' {child['raster_cpu']:.2f} s more; {child['cpu_per_tile'] * 1000:.0f} ms "
+          f"of CPU a tile read from the COG; peak RSS {child['peak_mb']:.0f} MB: a call of 10 "
+          f"tiles is cheapest at {choice} MB ({gb_s:.3f} GB-s of CPU alone; the memory at least "
+          f"twice the peak)", flush=True)
     cog_s, png_s = statistics.median(cog_times), statistics.median(png_times)
     print(f"# cog: {len(tiles)} zoom-14 tiles in a {size}-pixel UTM scene; rounds of {per_round} "
           f"new tiles (not read before): {[round(1 / s, 1) for s in cog_times]} tiles/s from "

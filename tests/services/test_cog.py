@@ -28,6 +28,7 @@ from support.cogs import (  # noqa: E402
     scene_a,
     scene_b,
 )
+from support.projects import example_config  # noqa: E402
 from support.servers import RangeServer  # noqa: E402
 
 
@@ -198,25 +199,11 @@ def test_the_worker_reads_cog_imagery_and_writes_predictions(scenes, postgres_ur
         assert [row[0] for row in cur.fetchall()] == [f"{inside.x}-{inside.y}-14"]
 
 
-def _example(tmp_path, imagery: str):
-    from pathlib import Path
-
-    from cnsq.config import load_config
-
-    repo = Path(__file__).resolve().parents[2]
-    text = (repo / "config" / "config.example.yml").read_text().replace(
-        "  ecs:\n", imagery + "\n  ecs:\n", 1)
-    (tmp_path / "config").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config" / "config.yml").write_text(text)
-    (tmp_path / "config" / ".env").write_text("RDS_USERNAME=admin\nTILE_ACCESS_TOKEN=t\n")
-    return load_config(tmp_path / "config" / "config.yml", environ={}), repo
-
-
 def test_the_configs_imagery_reaches_the_worker_and_its_package(tmp_path):
     from cnsq.deploy.package import RASTER_REQUIREMENTS, extra_requirements
     from cnsq.deploy.template import CodeLocation, compile_template, lint
 
-    config, repo = _example(tmp_path, "  imagery:\n    cog: [https://example.com/a.tif, "
+    config, repo = example_config(tmp_path, "  imagery:\n    cog: [https://example.com/a.tif, "
                                       "s3://bucket/b.tif]\n    bands: [3, 2, 1]\n"
                                       "    rescale: [0, 3000]\n")
     code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
@@ -233,7 +220,7 @@ def test_the_configs_imagery_reaches_the_worker_and_its_package(tmp_path):
     assert reads == [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [
         {"Fn::Sub": "arn:${AWS::Partition}:s3:::bucket/b.tif"}]}]
     assert extra_requirements(config.values) == RASTER_REQUIREMENTS
-    plain, _ = _example(tmp_path / "plain", "")
+    plain, _ = example_config(tmp_path / "plain", "")
     assert extra_requirements(plain.values) == ()  # XYZ imagery: no raster libraries
 
 
@@ -241,7 +228,7 @@ def test_a_bad_imagery_key_is_a_config_error_with_its_line(tmp_path):
     from cnsq.config import ConfigError
 
     with pytest.raises(ConfigError) as error:
-        _example(tmp_path, "  imagery:\n    cog: https://example.com/a.tif\n    tileSize: 300\n")
+        example_config(tmp_path, "  imagery:\n    cog: https://example.com/a.tif\n    tileSize: 300\n")
     assert "config.yml:" in str(error.value)
     assert "imagery.tileSize: expected 256 or 512, got 300" in str(error.value)
 

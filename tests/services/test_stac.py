@@ -351,13 +351,12 @@ def test_the_worker_reads_stac_imagery_and_writes_predictions(served, postgres_u
 
 
 def test_the_configs_stac_source_reaches_the_worker_and_its_package(tmp_path):
-    from test_cog import _example
-
     from cnsq.config import ConfigError
     from cnsq.deploy.package import RASTER_REQUIREMENTS, extra_requirements
     from cnsq.deploy.template import CodeLocation, compile_template, lint
+    from support.projects import example_config
 
-    config, repo = _example(tmp_path, (
+    config, repo = example_config(tmp_path, (
         "  imagery:\n    stac:\n      api: https://earth-search.aws.element84.com/v1\n"
         "      collections: [sentinel-2-l2a]\n      datetime: 2024-06-01/2024-08-31\n"
         "      query: {eo:cloud_cover: {lt: 20}}\n      sortby: [eo:cloud_cover]\n"
@@ -373,7 +372,7 @@ def test_the_configs_stac_source_reaches_the_worker_and_its_package(tmp_path):
     assert lint(path) == []
     assert extra_requirements(config.values) == RASTER_REQUIREMENTS
     with pytest.raises(ConfigError) as error:
-        _example(tmp_path / "bad", "  imagery:\n    stac:\n      api: https://x\n"
+        example_config(tmp_path / "bad", "  imagery:\n    stac:\n      api: https://x\n"
                                    "      maxItems: 500\n")
     assert "config.yml:" in str(error.value)
     assert "imagery.stac.maxItems: expected 1 to 100, got 500" in str(error.value)

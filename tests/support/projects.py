@@ -32,3 +32,18 @@ def make_project(root: Path, bucket: str = "cnsq-artifacts", vpc: str | None = "
     shutil.copytree(REPO / "lambda", root / "lambda",
                     ignore=shutil.ignore_patterns("__pycache__", "requirements.txt"))
     return root / "config" / "config.yml"
+
+
+def example_config(tmp_path, imagery: str):
+    """The example config with ``imagery`` (YAML lines) before its ecs section, loaded."""
+    from pathlib import Path
+
+    from cnsq.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "config" / "config.example.yml").read_text().replace(
+        "  ecs:\n", imagery + "\n  ecs:\n", 1)
+    (tmp_path / "config").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config" / "config.yml").write_text(text)
+    (tmp_path / "config" / ".env").write_text("RDS_USERNAME=admin\nTILE_ACCESS_TOKEN=t\n")
+    return load_config(tmp_path / "config" / "config.yml", environ={}), repo

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_upgrade import original_template
 
 from cnsq.config import load_config
 from cnsq.deploy import adopt
 from cnsq.deploy.template import load_cfn_yaml, render
+from support.original import original_template
 from support.projects import REPO, make_project
 from support.replacement import name_properties, replaced
 
