@@ -44,6 +44,10 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_HTTP_RETRY_DELAY": "0.2",
 }
 TILE_SIZES = (256, 512)
+# zlib's fastest level for the PNG the model is sent: on the benchmark's 256-pixel tiles 4.5 ms
+# of CPU where GDAL's default (6) takes 15.8 ms, for 17 % more bytes (95 KB against 81 KB). The
+# CPU was half of a tile's read; the bytes cross the load balancer once.
+PNG_ZLEVEL = 1
 
 
 def s3_options(env: Mapping[str, str]) -> dict[str, str]:
@@ -230,7 +234,7 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
     elif str(image.data.dtype) != "uint8":
         raise ValueError(f"the imagery is {image.data.dtype}, not 8-bit: give imagery.rescale "
                          "or imagery.stretch")
-    return image.render(img_format="PNG", add_mask=False)
+    return image.render(img_format="PNG", add_mask=False, ZLEVEL=PNG_ZLEVEL)
 
 
 def _lonlat(x: int, y: int, z: int) -> tuple[float, float, float, float]:
