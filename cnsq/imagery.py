@@ -14,7 +14,15 @@ import mercantile
 from cnsq.errors import CnsqError, option
 from download_and_predict.cog import Imagery, geographic_bounds, read_tile
 from download_and_predict.errors import SettingsError
-from download_and_predict.stac import Fetch, Item, catalog_items, chosen, fetcher, intersects
+from download_and_predict.stac import (
+    Fetch,
+    Item,
+    catalog_items,
+    chosen,
+    fetcher,
+    intersects,
+    search,
+)
 from download_and_predict.tiles import parse_tile_id
 
 INSTALL = "pip install 'cnsq[cog]' (rio-tiler, whose rasterio wheels carry GDAL)"
@@ -105,26 +113,35 @@ def stac_fetch() -> Fetch:
     return fetcher(Http(pool_size=4), DOCUMENT_TIMEOUT)
 
 
-def footprint(imagery: Imagery, fetch: Fetch | None = None
+MAX_FOOTPRINT_ITEMS = 10_000  # a STAC API's items read for one footprint
+
+
+def footprint(imagery: Imagery, fetch: Fetch | None = None,
+              within: tuple[float, float, float, float] | None = None
               ) -> list[tuple[tuple[float, float, float, float], Item | None]]:
     """Where the imagery is: each COG's bounds in longitude and latitude, or each item of a
-    static STAC catalog that the source chooses (its bbox, and the item for its polygon).
+    STAC source that it chooses (its bbox, and the item for its polygon): a static catalog's
+    all, a STAC API's over ``within`` (an area's bounds; at most :data:`MAX_FOOTPRINT_ITEMS`).
 
     Raises:
-        CnsqError: a COG or catalog that cannot be read (naming it); a STAC API, whose
-            footprint is its whole collection.
+        CnsqError: a COG, catalog or API that cannot be read (naming it); a STAC API without
+            an area, whose footprint is its whole collection.
     """
     if imagery.stac is not None:
         stac = imagery.stac
-        if stac.api:
+        if stac.api and within is None:
             raise CnsqError(f"{stac.api} is a STAC API: its footprint is its whole collection; "
-                            "list the tiles of an area with `cnsq tiles AOI.geojson`, or give "
-                            "a static catalog (a .json)")
+                            "give an area as well (`cnsq tiles AOI.geojson --imagery …`: the "
+                            "area's tiles the items cover), or a static catalog (a .json)")
         try:
-            items = catalog_items(stac, fetch or stac_fetch())
+            if stac.api:
+                assert within is not None
+                items = search(stac, within, fetch or stac_fetch(), MAX_FOOTPRINT_ITEMS)
+            else:
+                items = catalog_items(stac, fetch or stac_fetch())
         except Exception as exc:  # noqa: BLE001 - the fetch's and the catalog's, with the URL
-            raise CnsqError(f"{stac.catalog}: cannot read the catalog ({type(exc).__name__}: "
-                            f"{str(exc)[:200]})") from None
+            raise CnsqError(f"{stac.api or stac.catalog}: cannot read the items "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
         return [(i.bbox, i) for i in items if chosen(stac, i, i.properties.get("collection"))]
     raster_libraries()
     found: list[tuple[tuple[float, float, float, float], Item | None]] = []

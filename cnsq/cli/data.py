@@ -304,24 +304,37 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
     Accepts a FeatureCollection, a Feature or a bare geometry; writes x-y-z lines without
     duplicates, ready for `cnsq push`. With --imagery, the tiles over each COG's bounds
     (reprojected to longitude and latitude), or over the polygons of a static STAC catalog's
-    items that --collection and --datetime choose.
+    items that --collection and --datetime choose; with both, the area's tiles the imagery
+    covers (a STAC API's items are searched over the area: it needs one).
 
     \b
     Examples:
       cnsq tiles area.geojson --zoom 17 -o tiles.txt
       cnsq tiles --imagery https://example.com/scene.tif --zoom 16 -o tiles.txt
       cnsq tiles --imagery https://example.com/stac/catalog.json --datetime 2024-06-01/2024-08-31 --zoom 16
+      cnsq tiles area.geojson --imagery https://earth-search.aws.element84.com/v1 \\
+          --collection sentinel-2-l2a --datetime 2024-07-01/2024-07-31 --zoom 14
     """
     from cnsq.files import atomic_write, writable_target
     from cnsq.tiles import iter_cover, load_geojson, write_tiles
 
-    if (aoi is None) == (not imagery):
-        raise click.UsageError("give an AOI.geojson or --imagery, not both")
+    if aoi is None and not imagery:
+        raise click.UsageError("give an AOI.geojson, --imagery, or both")
     if imagery:
+        import mercantile
+
         from cnsq.imagery import cover, footprint, source
 
-        found = cover(footprint(source(imagery, assets=assets, collections=collections,
-                                       datetime=datetime_)), zoom)
+        chosen = source(imagery, assets=assets, collections=collections, datetime=datetime_)
+        area = set(iter_cover(load_geojson(aoi), zoom)) if aoi is not None else None
+        within = None
+        if area:
+            corners = [mercantile.bounds(t) for t in area]
+            within = (min(b.west for b in corners), min(b.south for b in corners),
+                      max(b.east for b in corners), max(b.north for b in corners))
+        found = cover(footprint(chosen, within=within), zoom)
+        if area is not None:
+            found = (t for t in found if t in area)
     else:
         assert aoi is not None
         found = iter_cover(load_geojson(aoi), zoom)  # checked here; the tiles stream as written

@@ -26,6 +26,7 @@ from .errors import SettingsError
 Fetch = Callable[[str, dict | None], Any]
 MAX_DOCUMENTS = 5000  # a static catalog larger than this wants a STAC API
 MAX_DOCUMENT_BYTES = 8 * 2**20
+PAGE_LIMIT = 250  # items a search page asks for (APIs cap it; earth-search at 10,000)
 OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
 Bounds = tuple[float, float, float, float]
 
@@ -353,11 +354,13 @@ def items_for(stac: Stac, bounds: Bounds, fetch: Fetch) -> list[Item]:
     return ordered(stac, search(stac, bounds, fetch))
 
 
-def search(stac: Stac, bounds: Bounds, fetch: Fetch) -> list[Item]:
+def search(stac: Stac, bounds: Bounds, fetch: Fetch, most: int | None = None) -> list[Item]:
     """A STAC API's items over ``bounds`` (``POST /search``, its ``next`` links followed up to
-    ``max_items``), filtered again here (an API without the query extension ignores it)."""
+    ``most`` items, by default ``max_items``), filtered again here (an API without the query
+    extension ignores it)."""
     assert stac.api is not None
-    body: dict = {"bbox": list(bounds), "limit": stac.max_items}
+    most = stac.max_items if most is None else most
+    body: dict = {"bbox": list(bounds), "limit": min(most, PAGE_LIMIT)}
     if stac.collections:
         body["collections"] = list(stac.collections)
     if stac.datetime:
@@ -371,7 +374,7 @@ def search(stac: Stac, bounds: Bounds, fetch: Fetch) -> list[Item]:
     url = f"{stac.api}/search"
     payload: dict | None = body
     found: list[Item] = []
-    for _ in range(stac.max_items):  # pages: each holds at least one item, or the search ends
+    for _ in range(most):  # pages: each holds at least one item, or the search ends
         page = fetch(url, payload)
         features = page.get("features") if isinstance(page, dict) else None
         if not isinstance(features, list):
@@ -382,14 +385,14 @@ def search(stac: Stac, bounds: Bounds, fetch: Fetch) -> list[Item]:
                     stac, item, item.properties.get("collection")):
                 found.append(item)
         following = next(iter(_links(page, ("next",))), None)
-        if following is None or not features or len(found) >= stac.max_items:
+        if following is None or not features or len(found) >= most:
             break
         url = urljoin(url, following["href"])
         payload = following.get("body") if following.get("method", "GET").upper() == "POST" \
             else None
         if payload is not None and following.get("merge"):
             payload = {**body, **payload}
-    return found
+    return found[:most]
 
 
 def json_document(text: bytes | str, url: str) -> Any:

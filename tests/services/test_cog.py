@@ -106,9 +106,22 @@ def test_the_footprint_tiles_are_mercantiles_over_the_reprojected_bounds(scenes,
                                        "-o", str(tmp_path / "tiles.txt")])
     assert result.exit_code == 0, result.output
     assert set((tmp_path / "tiles.txt").read_text().split()) == expected
-    both = CliRunner().invoke(main, ["tiles", "area.geojson", "--imagery", scenes["url_a"],
+    # With an area as well: the area's tiles the COG covers.
+    area = tmp_path / "area.geojson"
+    area.write_text(json.dumps({"type": "Polygon", "coordinates": [[
+        [west - 0.05, south - 0.05], [(west + east) / 2, south - 0.05],
+        [(west + east) / 2, (south + north) / 2], [west - 0.05, (south + north) / 2],
+        [west - 0.05, south - 0.05]]]}))
+    from cnsq.tiles import iter_cover, load_geojson
+
+    inside = {f"{t.x}-{t.y}-{t.z}" for t in iter_cover(load_geojson(area), 13)} & expected
+    assert 0 < len(inside) < len(expected)
+    both = CliRunner().invoke(main, ["tiles", str(area), "--imagery", scenes["url_a"],
                                      "--zoom", "13"])
-    assert both.exit_code == 2 and "an AOI.geojson or --imagery, not both" in both.output
+    assert both.exit_code == 0, both.output
+    assert set(both.stdout.split()) == inside
+    neither = CliRunner().invoke(main, ["tiles", "--zoom", "13"])
+    assert neither.exit_code == 2 and "give an AOI.geojson, --imagery, or both" in neither.output
 
 
 def test_cnsq_imagery_writes_what_the_worker_sends(scenes, tmp_path):

@@ -262,6 +262,21 @@ def test_the_footprint_tiles_are_mercantiles_over_the_items_polygons(served, tmp
     assert june.exit_code == 0 and len(june.stdout.split()) < len(listed)
     api = CliRunner().invoke(main, ["tiles", "--imagery", served["api"], "--zoom", "14"])
     assert api.exit_code == 1 and "is a STAC API: its footprint is its whole collection" in api.output
+    # A STAC API with an area: the area's tiles its items (searched over the area) cover.
+    ring = footprint(A_ORIGIN)
+    west, south = min(p[0] for p in ring), min(p[1] for p in ring)
+    east, north = max(p[0] for p in ring), max(p[1] for p in ring)
+    area = tmp_path / "area.geojson"
+    area.write_text(json.dumps({"type": "Polygon", "coordinates": [[
+        [west, south], [east, south], [east, north], [west, north], [west, south]]]}))
+    from cnsq.tiles import iter_cover, load_geojson
+
+    in_area = {f"{t.x}-{t.y}-{t.z}" for t in iter_cover(load_geojson(area), 14)}
+    searched = CliRunner().invoke(main, ["tiles", str(area), "--imagery", served["api"],
+                                         "--collection", "scenes", "--zoom", "14"])
+    assert searched.exit_code == 0, searched.output
+    assert set(searched.stdout.split()) == in_area & expected
+    assert served["api_server"].bodies[-1]["collections"] == ["scenes"]
 
 
 def test_polygon_and_box_meet_as_shapely_says():
