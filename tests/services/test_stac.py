@@ -422,3 +422,66 @@ def test_cnsq_view_shows_cog_and_stac_imagery_under_the_predictions(served, tmp_
             assert summary["imagery"]["name"].startswith(("STAC http", "http"))
         finally:
             running.close()
+
+
+def test_hostile_catalogs_end_with_an_error_or_are_read_once(tmp_path):
+    """A catalog whose child links back to it is read once per document; a document over the
+    size bound is refused before it is held; one that is not JSON is named."""
+    from download_and_predict.errors import HttpTooLarge
+    from download_and_predict.stac import MAX_DOCUMENT_BYTES, catalog_items
+
+    loop = {"type": "Catalog", "id": "loop", "links": [
+        {"rel": "child", "href": "./child.json"}, {"rel": "self", "href": "./catalog.json"}]}
+    child = {"type": "Catalog", "id": "child", "links": [
+        {"rel": "child", "href": "./catalog.json"}, {"rel": "item", "href": "./nothing.json"},
+        {"rel": "parent", "href": "./catalog.json"}]}
+    server = RangeServer({"catalog.json": json.dumps(loop).encode(),
+                          "child.json": json.dumps(child).encode(),
+                          "huge.json": b"[" + b"0," * (MAX_DOCUMENT_BYTES // 2) + b"0]",
+                          "text.json": b"<html>not a catalog</html>"})
+    try:
+        stac = Stac(catalog=f"{server.url}/catalog.json")
+        with pytest.raises(ValueError, match="HTTP 404"):  # the missing item, asked once
+            catalog_items(stac, fetch())
+        asked = [path for _, path, _ in server.requests]
+        assert asked.count("catalog.json") == 1 and asked.count("child.json") == 1
+        with pytest.raises(HttpTooLarge):
+            catalog_items(Stac(catalog=f"{server.url}/huge.json"), fetch())
+        with pytest.raises(ValueError, match="text.json: not JSON"):
+            catalog_items(Stac(catalog=f"{server.url}/text.json"), fetch())
+    finally:
+        server.close()
+
+
+class Stalling(_Server):
+    """Accepts, reads the request, and answers nothing for a minute."""
+
+    def __init__(self):
+        super().__init__(self._Handler)
+
+    class _Handler(_Quiet):
+        def do_GET(self) -> None:
+            import time
+
+            time.sleep(60)
+
+
+def test_a_stalling_catalog_fails_its_record_by_the_tile_timeout(postgres_url):
+    import time
+
+    from download_and_predict.handler import build
+    from support.servers import ModelServer, fresh_database
+
+    stalling, model = Stalling(), ModelServer()
+    try:
+        app = build({"IMAGERY": Imagery(stac=Stac(catalog=f"{stalling.url}/catalog.json")).to_json(),
+                     "PREDICTION_ENDPOINT": model.endpoint, "DATABASE_URL": fresh_database(postgres_url),
+                     "TILE_TIMEOUT": "1", "RETRIES": "1"})
+        started = time.monotonic()
+        failed = app.run({"Records": [{"messageId": "s", "body": json.dumps(
+            {"x": 8760, "y": 6087, "z": 14})}]})
+        assert failed == {"batchItemFailures": [{"itemIdentifier": "s"}]}
+        assert time.monotonic() - started < 10
+    finally:
+        stalling.close()
+        model.close()
