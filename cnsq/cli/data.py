@@ -293,7 +293,8 @@ IMAGERY_HELP = ("A COG (a .tif, https:// or s3://; repeat for a mosaic, the firs
 @click.option("--zoom", "-z", type=click.IntRange(0, MAX_ZOOM), required=True,
               help="Tile zoom level.")
 @click.option("--imagery", "imagery", multiple=True, metavar="SOURCE",
-              help=IMAGERY_HELP + ": list the tiles over its footprint instead of an AOI.")
+              help=IMAGERY_HELP + ": list the tiles over its footprint (with an AOI: the "
+                                  "AOI's tiles it covers).")
 @stac_options
 @click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
 def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str | None,

@@ -87,6 +87,27 @@ def test_moto_queue_that_does_not_exist(aws, tmp_path, monkeypatch):
     assert "Sent" not in result.output
 
 
+def test_a_refused_controller_start_is_said_and_the_push_goes_on(aws, tmp_path, monkeypatch):
+    """The controller's invocation refused (here: no such function, as moto answers): the push
+    says so, names the schedule that will start it, and sends every tile."""
+    import boto3
+
+    from cnsq.ops.push import controller_kick, run_push
+
+    monkeypatch.chdir(tmp_path)
+    tile_file(tmp_path / "tiles.txt", 20)
+    queue = boto3.client("sqs").create_queue(QueueName="tiles")["QueueUrl"]
+    said: list[str] = []
+    kick = controller_kick(boto3.client("lambda"), "cnsq-dev-controller", said.append)
+    report = run_push("tiles.txt", queue, boto3.client("sqs"), concurrency=4, strict=False,
+                      resume=False, restart=False, failed_file=None, state_dir=tmp_path / ".cnsq",
+                      tty=False, say=said.append, show=said.append, kick=kick)
+    assert report.sent == 20
+    notes = [line for line in said if line.startswith("note:")]
+    assert notes == ["note: could not start the controller cnsq-dev-controller now "
+                     "(ResourceNotFoundException); it starts on its one-minute schedule"], said
+
+
 @pytest.fixture
 def sqs_env(monkeypatch, tmp_path):
     def make(**faults) -> SqsServer:
