@@ -15,6 +15,7 @@ import json
 import math
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -193,9 +194,15 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
         The fetch's errors: a STAC API or catalog that does not answer.
     """
     from rasterio import Env
+    from rasterio.errors import NotGeoreferencedWarning
     from rio_tiler.errors import EmptyMosaicError, TileOutsideBounds
     from rio_tiler.models import ImageData
     from rio_tiler.mosaic import mosaic_reader
+
+    # The PNG is written without a geotransform on purpose (the model wants pixels): rasterio's
+    # NotGeoreferencedWarning is no news. Filtered for the process (warnings.catch_warnings is
+    # not thread-safe, and the worker reads tiles in threads).
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
     if imagery.stac is not None:
         if fetch is None:
