@@ -175,6 +175,8 @@ def _remembering(connection_class: type) -> type:
             super().connect()
             self.opened_socket = self.sock
 
+    # Its messages name the connection as urllib3's do ("HTTPConnection(host=…, port=…)").
+    Remembering.__name__ = Remembering.__qualname__ = connection_class.__name__
     return Remembering
 
 
