@@ -207,7 +207,7 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
     if imagery.stac is not None:
         if fetch is None:
             raise ValueError("a STAC source is read with a fetch (stac.fetcher)")
-        sources = [item.hrefs for item in items_for(imagery.stac, _lonlat(x, y, z), fetch)]
+        sources = [item.hrefs for item in items_for(imagery.stac, x, y, z, fetch)]
     else:
         sources = [(url,) for url in imagery.urls]
     if not sources:
@@ -242,16 +242,6 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
         raise ValueError(f"the imagery is {image.data.dtype}, not 8-bit: give imagery.rescale "
                          "or imagery.stretch")
     return image.render(img_format="PNG", add_mask=False, ZLEVEL=PNG_ZLEVEL)
-
-
-def _lonlat(x: int, y: int, z: int) -> tuple[float, float, float, float]:
-    """The tile's bounds in longitude and latitude (west, south, east, north)."""
-    n = 2.0 ** z
-
-    def lat(row: float) -> float:
-        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * row / n))))
-
-    return x / n * 360.0 - 180.0, lat(y + 1), (x + 1) / n * 360.0 - 180.0, lat(y)
 
 
 def _read(href: str, x: int, y: int, z: int, imagery: Imagery, bands: list[int] | None):

@@ -2,11 +2,12 @@
 catalog, in the order the user chose, each with the hrefs of the assets the model's image is
 made of (read by :mod:`download_and_predict.cog` as a mosaic, first valid pixel first).
 
-A STAC API is asked once per tile (``POST {api}/search``: collections, the tile's bbox, the
-datetime, the ``query`` extension's property filter, ``sortby``); a static catalog is read once
-per process (its children and items followed from ``catalog.json``) and filtered here with the
-same rules, so both give the same items for the same imagery. Every document is fetched with a
-deadline and a size bound (the caller's ``fetch``).
+A STAC API is asked once for a block of 64 tiles (``POST {api}/search``: collections, the
+block's bbox, the datetime, the ``query`` extension's property filter, ``sortby``; see
+:data:`SEARCH_LEVELS`); a static catalog is read once per process (its children and items
+followed from ``catalog.json``) and filtered here with the same rules, so both give the same
+items for the same imagery. Every document is fetched with a deadline and a size bound (the
+caller's ``fetch``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 from .errors import SettingsError
+from .tiles import lonlat_bounds
 
 # fetch(url, payload) → the JSON document (GET without a payload, POST with one).
 Fetch = Callable[[str, dict | None], Any]
@@ -340,9 +343,23 @@ _CATALOGS: dict[tuple[str, tuple[str, ...]], list[Item]] = {}
 _CATALOG_LOCK = threading.Lock()
 
 
-def items_for(stac: Stac, bounds: Bounds, fetch: Fetch) -> list[Item]:
-    """The items whose footprint meets ``bounds`` (longitude/latitude), chosen and ordered as
-    the source says, at most ``max_items``."""
+# A STAC API is asked once for a tile's ancestor SEARCH_LEVELS zooms up (64 tiles), for up to
+# SEARCH_MOST items; the tiles under it are answered from that search while it holds every item
+# there (fewer than SEARCH_MOST came back), else each asks for its own. Tiles pushed in
+# `cnsq tiles`' order arrive as neighbours: a call's ten tiles mostly share an ancestor.
+SEARCH_LEVELS = 3
+SEARCH_MOST = 100
+SEARCHES_KEPT = 512
+_SEARCHES: OrderedDict[tuple[str, int, int, int], tuple[list[Item], bool]] = OrderedDict()
+_SEARCH_LOCK = threading.Lock()
+
+
+def items_for(stac: Stac, x: int, y: int, z: int, fetch: Fetch,
+              ancestor_most: int = SEARCH_MOST) -> list[Item]:
+    """The items whose footprint meets tile ``x``-``y``-``z``, chosen and ordered as the source
+    says, at most ``max_items``. ``ancestor_most``: the items one search for the tile's
+    ancestor may bring (:data:`SEARCH_MOST`)."""
+    bounds = lonlat_bounds(x, y, z)
     if stac.catalog:
         key = (stac.catalog, stac.assets)
         with _CATALOG_LOCK:
@@ -351,7 +368,24 @@ def items_for(stac: Stac, bounds: Bounds, fetch: Fetch) -> list[Item]:
                 every = _CATALOGS[key] = catalog_items(stac, fetch)
         return ordered(stac, [i for i in every if intersects(i, bounds)
                               and chosen(stac, i, i.properties.get("collection"))])
-    return ordered(stac, search(stac, bounds, fetch))
+    level = max(0, z - SEARCH_LEVELS)
+    ax, ay = x >> (z - level), y >> (z - level)
+    block = (json.dumps(stac.as_values(), sort_keys=True), ax, ay, level)
+    with _SEARCH_LOCK:
+        found = _SEARCHES.get(block)
+        if found is not None:
+            _SEARCHES.move_to_end(block)
+    if found is None:
+        items = search(stac, lonlat_bounds(ax, ay, level), fetch, ancestor_most)
+        found = (items, len(items) < ancestor_most)
+        with _SEARCH_LOCK:
+            _SEARCHES[block] = found
+            while len(_SEARCHES) > SEARCHES_KEPT:
+                _SEARCHES.popitem(last=False)
+    items, whole = found
+    if not whole:  # the ancestor holds more items than one search brought: the tile's own
+        return ordered(stac, search(stac, bounds, fetch))
+    return ordered(stac, [i for i in items if intersects(i, bounds)])
 
 
 def search(stac: Stac, bounds: Bounds, fetch: Fetch, most: int | None = None) -> list[Item]:

@@ -4,6 +4,7 @@ an id, the imagery URL template, and what counts as an image. cnsq imports it (i
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, NamedTuple
 
@@ -107,6 +108,16 @@ def checked_tile(x: int, y: int, z: int) -> Tile:
         if not 0 <= value <= limit:
             raise ValueError(f"{key}={value} is outside 0..{limit} at z={z}")
     return Tile(x, y, z)
+
+
+def lonlat_bounds(x: int, y: int, z: int) -> tuple[float, float, float, float]:
+    """Tile ``x``-``y``-``z``'s bounds in longitude and latitude (west, south, east, north)."""
+    n = 2.0 ** z
+
+    def lat(row: float) -> float:
+        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * row / n))))
+
+    return x / n * 360.0 - 180.0, lat(y + 1), (x + 1) / n * 360.0 - 180.0, lat(y)
 
 
 def imagery_url(template: str, tile: Tile, token: str | None) -> str:

@@ -97,7 +97,7 @@ def served(tmp_path_factory):
 
 class StacApi(_Server):
     """A STAC API's item search (``POST /search``): collections and bbox applied, ``limit``
-    items a page, a ``next`` link (POST, with the body and a token) while more remain; every
+    items a page (at most :attr:`page_size`), a ``next`` link (POST, with the body and a token) while more remain; every
     body asked is kept. Like many APIs it ignores ``sortby`` and ``query``: the worker applies
     both itself."""
 
@@ -109,6 +109,7 @@ class StacApi(_Server):
                 asset["href"] = f"{assets_root}/{asset['href'].rsplit('/', 1)[-1]}"
             self.items.append(item)
         self.bodies: list[dict] = []
+        self.page_size = 1  # the most items a page holds, whatever the limit asked
         self.lock = threading.Lock()
         super().__init__(self._Handler)
 
@@ -125,7 +126,8 @@ class StacApi(_Server):
                      if (not body.get("collections") or i["collection"] in body["collections"])
                      and not (i["bbox"][0] > e or i["bbox"][2] < w or i["bbox"][1] > n
                               or i["bbox"][3] < s)]
-            start, limit = int(body.get("token", 0)), int(body.get("limit", 10))
+            start = int(body.get("token", 0))
+            limit = min(int(body.get("limit", 10)), api.page_size)
             page = {"type": "FeatureCollection", "features": found[start:start + limit],
                     "links": []}
             if start + limit < len(found):
@@ -179,32 +181,35 @@ def test_a_property_filter_and_a_datetime_choose_the_items(served):
 
 
 def test_a_stac_api_search_gives_what_the_static_catalog_gives(served):
-    """The API is asked with the tile's bbox, the collection and the order; its pages (one item
-    each here) are followed; the image is the catalog's, byte for byte."""
+    """The API is asked for the tile's block of 64 (its ancestor three zooms up) with the
+    collection and the order; its pages (one item each: the server caps them, as APIs do) are
+    followed; the image is the catalog's, byte for byte; the block's other tiles ask nothing
+    more; a block whose search was cut short has each tile ask for its own."""
+    from download_and_predict.stac import items_for
+
     tile = overlap_tile()
     api = Imagery(stac=Stac(api=served["api"], collections=("scenes",),
                             sortby=("eo:cloud_cover",), max_items=5))
-    api_server = served["api_server"]
-    api_server.bodies.clear()
-    page_one = read_tile(api, *tile, fetch=fetcher(Http(pool_size=2), 10.0))
+    bodies = served["api_server"].bodies
+    bodies.clear()
+    got = read_tile(api, *tile, fetch=fetch())
     static = read_tile(Imagery(stac=Stac(catalog=served["catalog"], sortby=("eo:cloud_cover",))),
                        *tile, fetch=fetch())
-    assert page_one == static
-    first = api_server.bodies[0]
-    w, s, e, n = mercantile.bounds(tile)
-    assert first["collections"] == ["scenes"] and np.allclose(first["bbox"], [w, s, e, n])
+    assert got == static
+    first = bodies[0]
+    block = mercantile.parent(tile, zoom=tile.z - 3)
+    assert np.allclose(first["bbox"], list(mercantile.bounds(block)))
+    assert first["collections"] == ["scenes"]
     assert first["sortby"] == [{"field": "properties.eo:cloud_cover", "direction": "asc"}]
-    # Pages of one: the next link is followed with its token.
-    small = Imagery(stac=Stac(api=served["api"], sortby=("eo:cloud_cover",), max_items=5))
-    api_server.bodies.clear()
-    import download_and_predict.stac as stac_module
-
-    items = stac_module.search(Stac(api=served["api"], max_items=1), tuple(mercantile.bounds(tile)),
-                               fetch())
-    assert [i.id for i in items] == ["a"]  # max_items 1: one page, one item
-    assert small.stac is not None
-    both = stac_module.search(small.stac, tuple(mercantile.bounds(tile)), fetch())
-    assert sorted(i.id for i in both) == ["a", "b"]
+    assert [b.get("token") for b in bodies] == [None, 1]  # two pages of one
+    sibling = mercantile.Tile(tile.x ^ 1, tile.y, tile.z)
+    read_tile(api, *sibling, fetch=fetch())
+    assert len(bodies) == 2  # the block's search answered it
+    bodies.clear()
+    cut = items_for(Stac(api=served["api"], max_items=4), *tile, fetch(), ancestor_most=1)
+    assert sorted(i.id for i in cut) == ["a", "b"]
+    assert np.allclose(bodies[0]["bbox"], list(mercantile.bounds(block)))
+    assert np.allclose(bodies[-1]["bbox"], list(mercantile.bounds(tile)))  # the tile's own
 
 
 def test_assets_are_stacked_in_the_order_named(served):
