@@ -684,6 +684,13 @@ def _check_values(values: dict, where, guessed: set[str]) -> list[str]:
     return warnings
 
 
+def raster_imagery(values: dict) -> bool:
+    """Whether the config's worker reads COG or STAC imagery itself (``imagery.cog`` or
+    ``imagery.stac``), not an XYZ endpoint: the raster libraries go into its package."""
+    imagery = values.get("imagery") or {}
+    return bool(imagery.get("cog") or imagery.get("stac"))
+
+
 def _check_imagery(values: dict, where) -> None:
     """``imagery:`` as the worker will read it (its own check), normalised for the template."""
     from download_and_predict.cog import Imagery

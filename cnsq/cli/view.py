@@ -81,6 +81,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
             tile_endpoint = "tiles"
         click.echo(f"Viewing results.csv{' over tiles/' if tile_endpoint == 'tiles' else ''} "
                    "(found here).", err=True)
+    from cnsq.config import raster_imagery
     from cnsq.imagery import source as imagery_source
 
     raster = None
@@ -88,7 +89,7 @@ def view(settings: Settings, results: str | None, database_url: str | None,
         raster = imagery_source(imagery_sources)
     elif tile_endpoint is None and settings.config.exists():
         values = settings.load().values
-        if (values.get("imagery") or {}).get("cog") or (values.get("imagery") or {}).get("stac"):
+        if raster_imagery(values):
             raster = imagery_source((), values=values)
         else:
             tile_endpoint, config_token = settings.deployed().tile_endpoint

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cnsq.config import raster_imagery
 from cnsq.errors import PackageError
 from cnsq.files import atomic_write
 
@@ -124,8 +125,7 @@ RASTER_REQUIREMENTS = ("rio-tiler>=7",)
 def extra_requirements(values: dict) -> tuple[str, ...]:
     """The requirement lines a config adds to the Lambda package: the raster libraries only
     when it reads COG or STAC imagery (they are most of the package's size)."""
-    imagery = values.get("imagery") or {}
-    return RASTER_REQUIREMENTS if imagery.get("cog") or imagery.get("stac") else ()
+    return RASTER_REQUIREMENTS if raster_imagery(values) else ()
 
 
 def _requirements_key(requirements: Path, runtime: str, architecture: str) -> str:
