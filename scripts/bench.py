@@ -1007,8 +1007,14 @@ def bench_cog(db: Database, args) -> list[Result]:
         path.write_bytes(image)
     pngs = tileserver.start(folder, port=0)
     session = requests.Session()
-    cog_times, png_times, requests_per_tile = [], [], []
+    # The tile server the worker's own reads replace (TiTiler's way): each tile rendered on
+    # request from the same COG by the same code, fetched over HTTP. Its own URL: GDAL's cache
+    # is per URL, so its reads start cold too.
+    served = Imagery((f"{scene.url}/scene.tif?served",))
+    renderer_server = _rendering_server(served)
+    cog_times, png_times, served_times, requests_per_tile = [], [], [], []
     read_tile(source, *tiles[0])  # the header, once
+    assert session.get(f"{renderer_server.url}/{tiles[0].z}/{tiles[0].x}/{tiles[0].y}.png").ok
     for r in range(1, rounds + 1):
         batch = tiles[r * per_round:(r + 1) * per_round]
         before = len(scene.requests)
@@ -1021,7 +1027,12 @@ def bench_cog(db: Database, args) -> list[Result]:
         for tile in batch:
             assert session.get(pngs.template.format(z=tile.z, x=tile.x, y=tile.y)).ok
         png_times.append((time.perf_counter() - started) / len(batch))
+        started = time.perf_counter()
+        for tile in batch:
+            assert session.get(f"{renderer_server.url}/{tile.z}/{tile.x}/{tile.y}.png").ok
+        served_times.append((time.perf_counter() - started) / len(batch))
     pngs.close()
+    renderer_server.close()
     # A cold worker of its own: the raster libraries' imports (a cold start's extra CPU) and
     # the memory and CPU a call of 10 tiles read from the COG takes.
     env = {**os.environ, "LAMBDA_DIR": str(REPO / "lambda"), "COG": source.urls[0],
@@ -1037,6 +1048,9 @@ def bench_cog(db: Database, args) -> list[Result]:
           f"tiles is cheapest at {choice} MB ({gb_s:.3f} GB-s of CPU alone; the memory at least "
           f"twice the peak)", flush=True)
     cog_s, png_s = statistics.median(cog_times), statistics.median(png_times)
+    served_s = statistics.median(served_times)
+    print(f"# cog: the same new tiles rendered on request by a tile server on 127.0.0.1 (the "
+          f"same code): {[round(1 / s, 1) for s in served_times]} tiles/s", flush=True)
     print(f"# cog: {len(tiles)} zoom-14 tiles in a {size}-pixel UTM scene; rounds of {per_round} "
           f"new tiles (not read before): {[round(1 / s, 1) for s in cog_times]} tiles/s from "
           f"the COG, {[round(1 / s, 1) for s in png_times]} from the PNGs; range requests per "
@@ -1046,7 +1060,49 @@ def bench_cog(db: Database, args) -> list[Result]:
                1 / png_s, ">= 0.5 (at most 2x the time)", better="higher"),
         Result("cog: range requests per tile", statistics.median(requests_per_tile), "requests",
                "one block read", 1.0, "about 1"),
+        Result("cog: tiles/s per worker", 1 / cog_s, "tiles/s",
+               "a tile server rendering each tile on request", 1 / served_s,
+               "information (the server it replaces)", better="higher"),
     ]
+
+
+def _rendering_server(imagery):
+    """A tile server on 127.0.0.1 that renders ``GET /{z}/{x}/{y}.png`` from ``imagery`` on
+    request, as TiTiler does (the worker's own reading code): 404 where it has no pixel."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from download_and_predict.cog import read_tile
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            z, x, y = (int(v) for v in self.path.split(".")[0].strip("/").split("/"))
+            body = read_tile(imagery, x, y, z)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        @property
+        def url(self) -> str:
+            return f"http://127.0.0.1:{self.server_address[1]}"
+
+        def close(self) -> None:
+            self.shutdown()
+            self.server_close()
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
 
 
 BENCHMARKS: dict[str, Callable] = {"handler": bench_handler, "download": bench_download,
