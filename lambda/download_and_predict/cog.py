@@ -249,10 +249,28 @@ def _read(href: str, x: int, y: int, z: int, imagery: Imagery, bands: list[int] 
     from rio_tiler.io import Reader
 
     with Reader(href, dataset=_opened(href)) as source:
-        image = source.tile(x, y, z, tilesize=imagery.tile_size, indexes=bands)
+        image = source.tile(x, y, z, tilesize=imagery.tile_size, indexes=bands,
+                            vrt_options=warp_options(source.dataset, source.tms.rasterio_crs))
     if imagery.stretch:
         image = image.rescale(in_range=_percentiles(href, bands, imagery.stretch))
     return image
+
+
+def warp_options(dataset, tile_crs) -> dict | None:
+    """The WarpedVRT options for reading ``dataset`` (with a nodata value, in another CRS than
+    the tiles') into a tile: the same pixels and mask as rio-tiler's default, a third of the time.
+
+    Why: rio-tiler gives the warped dataset the source's nodata and reads it masked, and GDAL's
+    mask of a nodata band is the band read again — over HTTP each tile warped its blocks four
+    times (15 ms a tile in ``bench.py cog``, 5 ms this way). rio-tiler then masks the pixels
+    equal to nodata itself, so the warped dataset needs no nodata: only its untouched pixels
+    must start at the nodata value (``INIT_DEST``), as they would with one. None: rio-tiler's
+    way (no nodata: an alpha band masks; the same CRS: no warp at all; a NaN nodata: GDAL's
+    INIT_DEST takes numbers only, and starts the pixels at 0)."""
+    nodata = dataset.nodata
+    if nodata is None or math.isnan(nodata) or dataset.crs == tile_crs:
+        return None
+    return {"nodata": None, "init_dest_nodata": False, "INIT_DEST": repr(float(nodata))}
 
 
 # Each COG's stretch, read once a process from its smallest overview.

@@ -22,7 +22,9 @@ from support.cogs import (  # noqa: E402
     RESOLUTION,
     SIZE,
     UTM_33N,
+    cog_bytes,
     decoded,
+    gradient,
     lonlat,
     oracle,
     scene_a,
@@ -93,6 +95,49 @@ def test_a_tile_outside_the_imagery_is_missing_not_an_error(scenes):
     assert read_tile(Imagery((scenes["url_a"],)), *far) is None
     nodata_only = mercantile.tile(*lonlat(A_ORIGIN, SIZE * 0.9, SIZE * 0.9), 15)
     assert read_tile(Imagery((scenes["url_a"],)), *nodata_only) is None  # all nodata there
+
+
+@pytest.mark.parametrize("nodata, dtype", [(0, "uint8"), (255, "uint8"),
+                                           (-9999.0, "float32"), (float("nan"), "float32")])
+def test_the_faster_warp_reads_what_rio_tilers_default_does(nodata, dtype):
+    """The worker's warp options (cog.warp_options: no nodata on the warped dataset, its empty
+    pixels started at the nodata value) give the pixels and the mask rio-tiler's default read
+    gives, for every nodata a COG may have: over the scene's edges, its nodata quarter, and at
+    zooms that read overviews. A nodata other than 0 without INIT_DEST left the area outside
+    the scene 0 and valid."""
+    from rasterio import Env
+    from rasterio.warp import transform_bounds
+    from rio_tiler.errors import TileOutsideBounds
+    from rio_tiler.io import Reader
+
+    from download_and_predict.cog import GDAL_OPTIONS, _read
+
+    data = gradient().astype(dtype)
+    data[:, SIZE // 2:, SIZE // 2:] = nodata
+    server = RangeServer({"s.tif": cog_bytes(data, A_ORIGIN, nodata=nodata)})
+    url = f"{server.url}/s.tif"
+    west, south, east, north = transform_bounds(
+        UTM_33N, "EPSG:4326", A_ORIGIN[0], A_ORIGIN[1] - SIZE * RESOLUTION,
+        A_ORIGIN[0] + SIZE * RESOLUTION, A_ORIGIN[1])
+    tiles = list(mercantile.tiles(west, south, east, north, [11, 12, 13]))
+    tiles += [mercantile.tile(*lonlat(A_ORIGIN, SIZE * f, SIZE * f), 15)
+              for f in (0.0, 0.49, 0.51, 0.75, 1.0)]
+    compared = 0
+    try:
+        with Env(**GDAL_OPTIONS):  # as the worker reads: no directory listing on open
+            for tile in tiles:
+                try:
+                    with Reader(url) as plain:
+                        want = plain.tile(*tile)
+                except TileOutsideBounds:
+                    continue
+                got = _read(url, *tile, Imagery((url,)), None)
+                assert (got.array.mask == want.array.mask).all(), tile
+                assert np.array_equal(got.array.data, want.array.data, equal_nan=True), tile
+                compared += 1
+    finally:
+        server.close()
+    assert compared >= 20
 
 
 def test_the_footprint_tiles_are_mercantiles_over_the_reprojected_bounds(scenes, tmp_path):
