@@ -122,7 +122,8 @@ SCHEMA: dict[str, Any] = {
     "ipv6": ("bool", None),
     # Imagery the worker reads itself instead of an XYZ endpoint: a COG's URL (https:// or
     # s3://) or a list read as a mosaic, or a STAC source (an API's search or a static
-    # catalog); the bands, their rescale or percentile stretch, the model's tile size.
+    # catalog); the bands, their rescale or percentile stretch, the model's tile size and the
+    # image's encoding (png, or jpeg: a tenth of the bytes, lossy).
     "imagery": {
         "cog": ("any", None),
         "stac": ("any", None),
@@ -130,6 +131,7 @@ SCHEMA: dict[str, Any] = {
         "rescale": ("any", None),
         "stretch": ("any", None),
         "tileSize": ("any", 256),
+        "format": ("any", "png"),
     },
     "ecs": {
         "availabilityZone": ("str", None),

@@ -42,7 +42,8 @@ def kind_of(url: str) -> str:
 def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = None,
            tile_size: str | None = None, values: dict | None = None, *,
            assets: str | None = None, collections: Sequence[str] = (),
-           datetime: str | None = None, stretch: str | None = None) -> Imagery:
+           datetime: str | None = None, stretch: str | None = None,
+           image_format: str | None = None) -> Imagery:
     """The imagery: ``urls`` (COGs, or one STAC catalog or API) with the options, else the
     config's ``imagery`` (``values``).
 
@@ -64,7 +65,7 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
     named = {"imagery.cog": option("imagery"), "imagery.bands": option("bands"),
              "imagery.rescale": option("rescale"), "imagery.tileSize": option("tile_size"),
              "imagery.stretch": option("stretch"), "imagery.stac.assets": option("assets"),
-             "imagery.stac.datetime": option("datetime")}
+             "imagery.stac.datetime": option("datetime"), "imagery.format": option("format")}
     if not raw.get("cog") and not raw.get("stac"):
         raise CnsqError(f"no imagery: pass {option('imagery')}, or set imagery.cog or "
                         "imagery.stac in the config")
@@ -85,6 +86,8 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
             raw["stretch"] = _pair(stretch, "stretch")
         if tile_size is not None:
             raw["tileSize"] = int(tile_size)
+        if image_format is not None:
+            raw["format"] = image_format
         return Imagery.from_values(raw, "imagery")
     except SettingsError as exc:
         key, _, rest = str(exc).partition(": ")
@@ -178,7 +181,7 @@ def source_name(imagery: Imagery) -> str:
 
 def read_image(imagery: Imagery, x: int, y: int, z: int, fetch: Fetch | None = None
                ) -> bytes | None:
-    """The PNG the worker sends the model for tile ``x``-``y``-``z`` (None: no valid pixel).
+    """The image the worker sends the model for tile ``x``-``y``-``z`` (None: no valid pixel).
 
     Raises:
         CnsqError: no raster libraries; an unreadable COG or STAC document (naming the tile).
@@ -191,7 +194,7 @@ def read_image(imagery: Imagery, x: int, y: int, z: int, fetch: Fetch | None = N
 
 
 def write_tile_image(tile: str, out: Path, imagery: Imagery, fetch: Fetch | None = None) -> int:
-    """Write the PNG the worker would send the model for ``tile`` (x-y-z) to ``out``; the
+    """Write the image the worker would send the model for ``tile`` (x-y-z) to ``out``; the
     bytes written, 0 when the imagery has no valid pixel there (nothing written).
 
     Raises:

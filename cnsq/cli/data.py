@@ -362,13 +362,16 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
               help="Instead of --rescale: each COG's LOW and HIGH percentiles mapped to 0-255.")
 @click.option("--tile-size", type=click.Choice(["256", "512"]), default=None,
               help="The model's image size [default: the config's, else 256].")
+@click.option("--format", "image_format", type=click.Choice(["png", "jpeg"]), default=None,
+              help="The image's encoding: png (lossless) or jpeg (quality 90, a tenth of the "
+                   "bytes) [default: the config's, else png].")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
-              help="The PNG to write.")
+              help="The image to write (PNG or JPEG, as --format says).")
 @config_options
 def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets: str | None,
                 collections: tuple[str, ...], datetime_: str | None, bands: str | None,
                 rescale: str | None, stretch: str | None, tile_size: str | None,
-                out: Path) -> None:
+                image_format: str | None, out: Path) -> None:
     """Write the image the worker would send the model for TILE: what to look at to check the
     bands and the stretch before a run. Exit 1 when the imagery has no valid pixel there.
 
@@ -379,13 +382,15 @@ def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets:
       cnsq imagery 8853-6071-14 --imagery https://earth-search.aws.element84.com/v1 \\
           --collection sentinel-2-l2a --datetime 2024-07-01/2024-07-31 \\
           --assets red,green,blue --stretch 2,98 --out tile.png
+      cnsq imagery 8853-6071-14 --imagery https://example.com/scene.tif --format jpeg --out tile.jpg
       cnsq imagery 8853-6071-14 --out tile.png   # the config's imagery:
     """
     from cnsq.imagery import source, write_tile_image
 
     values = None if imagery else settings.load().values
     chosen = source(imagery, bands, rescale, tile_size, values, assets=assets,
-                    collections=collections, datetime=datetime_, stretch=stretch)
+                    collections=collections, datetime=datetime_, stretch=stretch,
+                    image_format=image_format)
     wrote = write_tile_image(tile, out, chosen)
     click.echo(f"Wrote {out} ({wrote:,} bytes)." if wrote else
                f"No imagery for tile {tile}: nothing written.", err=True)

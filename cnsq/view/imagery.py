@@ -137,7 +137,7 @@ class RasterImagery:
             data = read_image(self.imagery, x, y, z, self.fetch)
         except CnsqError as exc:
             raise ImageryError(str(exc)) from None
-        return None if data is None else Image(data, "image/png")
+        return None if data is None else Image(data, raster_type(data) or "image/png")
 
 
 def open_imagery(endpoint: str | None, token: str | None, raster=None

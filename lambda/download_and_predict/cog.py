@@ -49,6 +49,14 @@ TILE_SIZES = (256, 512)
 # of CPU where GDAL's default (6) takes 15.8 ms, for 17 % more bytes (95 KB against 81 KB). The
 # CPU was half of a tile's read; the bytes cross the load balancer once.
 PNG_ZLEVEL = 1
+# The image the model is sent (``imagery.format``): GDAL's driver and its creation options.
+# PNG by default (lossless); JPEG at quality 90 for a model trained on JPEG tiles, as most XYZ
+# imagery is served: a tenth of the bytes to send and for the server to parse and decode.
+FORMATS: dict[str, tuple[str, dict[str, int]]] = {
+    "png": ("PNG", {"ZLEVEL": PNG_ZLEVEL}),
+    "jpeg": ("JPEG", {"QUALITY": 90}),
+}
+JPEG_BANDS = (1, 3)  # grey or RGB: what a model's JPEG decoder reads
 
 
 def s3_options(env: Mapping[str, str]) -> dict[str, str]:
@@ -73,7 +81,8 @@ class Imagery:
     0–255, one pair for every band or one per band; ``stretch``: instead, the (low, high)
     percentiles of each COG's own values (read once from its smallest overview) to 0–255, so
     scenes of different brightness meet at their seams (None for both: the data are 8-bit
-    already); ``tile_size``: the model's image, 256 or 512 pixels."""
+    already); ``tile_size``: the model's image, 256 or 512 pixels; ``format``: its encoding,
+    ``png`` or ``jpeg`` (:data:`FORMATS`)."""
 
     urls: tuple[str, ...] = ()
     bands: tuple[int, ...] | None = None
@@ -81,6 +90,7 @@ class Imagery:
     tile_size: int = 256
     stac: Stac | None = None
     stretch: tuple[float, float] | None = None
+    format: str = "png"
 
     @classmethod
     def from_json(cls, text: str) -> Imagery:
@@ -100,7 +110,7 @@ class Imagery:
     @classmethod
     def from_values(cls, raw: dict, where: str = "imagery") -> Imagery:
         """From a mapping (``cog`` or ``stac``, ``bands``, ``rescale`` or ``stretch``,
-        ``tileSize``), checked; ``where`` prefixes each error (a config key or the environment
+        ``tileSize``, ``format``), checked; ``where`` prefixes each error (a config key or the environment
         variable)."""
         urls = raw.get("cog")
         stac = None
@@ -137,7 +147,13 @@ class Imagery:
         size = raw.get("tileSize", 256)
         if not _integer(size) or int(size) not in TILE_SIZES:
             raise SettingsError(f"{where}.tileSize: expected 256 or 512, got {size!r}")
-        return cls(tuple(urls), bands, rescale, int(size), stac, stretch)
+        encoding = raw.get("format", "png")
+        if encoding not in FORMATS:
+            raise SettingsError(f"{where}.format: expected png or jpeg, got {encoding!r}")
+        if encoding == "jpeg" and bands and len(bands) not in JPEG_BANDS:
+            raise SettingsError(f"{where}.format: a JPEG has 1 or 3 bands, {where}.bands names "
+                                f"{len(bands)}")
+        return cls(tuple(urls), bands, rescale, int(size), stac, stretch, encoding)
 
     def as_values(self) -> dict:
         values: dict = {"stac": self.stac.as_values()} if self.stac else {"cog": list(self.urls)}
@@ -148,6 +164,8 @@ class Imagery:
             values["rescale"] = [list(r) for r in self.rescale]
         if self.stretch:
             values["stretch"] = list(self.stretch)
+        if self.format != "png":
+            values["format"] = self.format
         return values
 
     def to_json(self) -> str:
@@ -180,16 +198,17 @@ def _ranges(value: object, where: str, bands: int | None) -> tuple[tuple[float, 
 
 def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
               fetch: Fetch | None = None) -> bytes | None:
-    """The PNG image of tile ``x``-``y``-``z`` the model is sent (8-bit, ``imagery.tile_size``
-    pixels, no alpha band); None where no COG has a valid pixel of it (outside the imagery, no
-    STAC item over it, or all nodata: the MISSING_TILES policy decides).
+    """The image of tile ``x``-``y``-``z`` the model is sent (8-bit, ``imagery.tile_size``
+    pixels, no alpha band, encoded as ``imagery.format``); None where no COG has a valid pixel
+    of it (outside the imagery, no STAC item over it, or all nodata: the MISSING_TILES policy
+    decides).
 
     ``timeout`` bounds each HTTP request GDAL makes (connect and transfer); ``fetch`` reads
     a STAC source's documents (:func:`download_and_predict.stac.fetcher`).
 
     Raises:
         ValueError: data that are not 8-bit and no ``rescale`` or ``stretch`` was given; a
-            STAC document that is not one.
+            JPEG asked of other than 1 or 3 bands; a STAC document that is not one.
         rasterio's and rio-tiler's errors: an unreadable file, a URL that answers an error.
         The fetch's errors: a STAC API or catalog that does not answer.
     """
@@ -241,7 +260,11 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
     elif str(image.data.dtype) != "uint8":
         raise ValueError(f"the imagery is {image.data.dtype}, not 8-bit: give imagery.rescale "
                          "or imagery.stretch")
-    return image.render(img_format="PNG", add_mask=False, ZLEVEL=PNG_ZLEVEL)
+    driver, options = FORMATS[imagery.format]
+    if driver == "JPEG" and image.count not in JPEG_BANDS:
+        raise ValueError(f"imagery.format: a JPEG has 1 or 3 bands, the imagery {image.count}: "
+                         "choose them with imagery.bands")
+    return image.render(add_mask=False, img_format=driver, colormap=None, **options)
 
 
 def _read(href: str, x: int, y: int, z: int, imagery: Imagery, bands: list[int] | None):

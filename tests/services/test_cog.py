@@ -55,6 +55,23 @@ def test_a_tile_is_the_scene_reprojected_to_web_mercator(scenes):
     assert difference.mean() < 2.0, difference.mean()
 
 
+def test_a_jpeg_tile_is_the_same_picture_in_a_fraction_of_the_bytes(scenes):
+    """imagery.format jpeg: the model gets a JPEG (quality 90) of the same pixels, a few levels
+    off, in far fewer bytes than the PNG; a JPEG of two bands is refused at the read."""
+    tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    jpeg = read_tile(Imagery((scenes["url_a"],), format="jpeg"), *tile)
+    png = read_tile(Imagery((scenes["url_a"],)), *tile)
+    assert jpeg is not None and png is not None
+    assert jpeg.startswith(b"\xff\xd8\xff") and png.startswith(b"\x89PNG")
+    assert len(jpeg) < len(png) / 3
+    want = oracle(scenes["a"], A_ORIGIN, tile)
+    valid = want.all(axis=0)
+    difference = np.abs(decoded(jpeg).astype(int) - want.astype(int))[:, valid]
+    assert difference.mean() < 3.0, difference.mean()
+    with pytest.raises(ValueError, match="a JPEG has 1 or 3 bands, the imagery 2"):
+        read_tile(Imagery((scenes["url_a"],), bands=(1, 2), format="jpeg"), *tile)
+
+
 def test_a_lower_zoom_reads_an_overview_with_few_range_requests(scenes):
     """At zoom 12 a tile spans about 4 of the scene's pixels a tile pixel: the COG's overview
     answers. Once the header is cached, another tile costs a few block reads."""
@@ -184,6 +201,11 @@ def test_cnsq_imagery_writes_what_the_worker_sends(scenes, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "b3.png").mode == "L"
+    jpeg = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
+                                     scenes["url_a"], "--format", "jpeg",
+                                     "--out", str(tmp_path / "tile.jpg")])
+    assert jpeg.exit_code == 0, jpeg.output
+    assert Image.open(tmp_path / "tile.jpg").format == "JPEG"
     far = mercantile.tile(-70.0, -30.0, 14)
     missing = CliRunner().invoke(main, ["imagery", f"{far.x}-{far.y}-{far.z}", "--imagery",
                                         scenes["url_a"], "--out", str(tmp_path / "no.png")])
@@ -213,6 +235,9 @@ def test_cnsq_imagery_writes_what_the_worker_sends(scenes, tmp_path):
     ({"cog": "https://x/a.tif", "bands": [1, 2], "rescale": [[0, 1], [0, 1], [0, 1]]},
      "3 ranges for 2 bands"),
     ({"cog": "https://x/a.tif", "tileSize": 300}, "IMAGERY.tileSize: expected 256 or 512"),
+    ({"cog": "https://x/a.tif", "format": "webp"}, "IMAGERY.format: expected png or jpeg"),
+    ({"cog": "https://x/a.tif", "format": "jpeg", "bands": [1, 2]},
+     "IMAGERY.format: a JPEG has 1 or 3 bands, IMAGERY.bands names 2"),
 ])
 def test_a_bad_imagery_setting_is_refused_at_cold_start(raw, says):
     from download_and_predict.errors import SettingsError
