@@ -132,6 +132,8 @@ SCHEMA: dict[str, Any] = {
         "stretch": ("any", None),
         "tileSize": ("any", 256),
         "format": ("any", "png"),
+        # s3:// reads billed to this account (requester-pays buckets, such as USGS's Landsat).
+        "requesterPays": ("bool", False),
     },
     "ecs": {
         "availabilityZone": ("str", None),

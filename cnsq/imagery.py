@@ -43,7 +43,7 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
            tile_size: str | None = None, values: dict | None = None, *,
            assets: str | None = None, collections: Sequence[str] = (),
            datetime: str | None = None, stretch: str | None = None,
-           image_format: str | None = None) -> Imagery:
+           image_format: str | None = None, requester_pays: bool = False) -> Imagery:
     """The imagery: ``urls`` (COGs, or one STAC catalog or API) with the options, else the
     config's ``imagery`` (``values``).
 
@@ -88,6 +88,8 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
             raw["tileSize"] = int(tile_size)
         if image_format is not None:
             raw["format"] = image_format
+        if requester_pays:
+            raw["requesterPays"] = True
         return Imagery.from_values(raw, "imagery")
     except SettingsError as exc:
         key, _, rest = str(exc).partition(": ")

@@ -365,13 +365,16 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
 @click.option("--format", "image_format", type=click.Choice(["png", "jpeg"]), default=None,
               help="The image's encoding: png (lossless) or jpeg (quality 90, a tenth of the "
                    "bytes) [default: the config's, else png].")
+@click.option("--requester-pays", is_flag=True, default=False,
+              help="s3:// reads billed to you, as a requester-pays bucket (USGS's Landsat) "
+                   "demands [default: the config's imagery.requesterPays].")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="The image to write (PNG or JPEG, as --format says).")
 @config_options
 def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets: str | None,
                 collections: tuple[str, ...], datetime_: str | None, bands: str | None,
                 rescale: str | None, stretch: str | None, tile_size: str | None,
-                image_format: str | None, out: Path) -> None:
+                image_format: str | None, requester_pays: bool, out: Path) -> None:
     """Write the image the worker would send the model for TILE: what to look at to check the
     bands and the stretch before a run. Exit 1 when the imagery has no valid pixel there.
 
@@ -390,7 +393,7 @@ def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets:
     values = None if imagery else settings.load().values
     chosen = source(imagery, bands, rescale, tile_size, values, assets=assets,
                     collections=collections, datetime=datetime_, stretch=stretch,
-                    image_format=image_format)
+                    image_format=image_format, requester_pays=requester_pays)
     wrote = write_tile_image(tile, out, chosen)
     click.echo(f"Wrote {out} ({wrote:,} bytes)." if wrote else
                f"No imagery for tile {tile}: nothing written.", err=True)

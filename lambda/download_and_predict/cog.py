@@ -82,7 +82,8 @@ class Imagery:
     percentiles of each COG's own values (read once from its smallest overview) to 0–255, so
     scenes of different brightness meet at their seams (None for both: the data are 8-bit
     already); ``tile_size``: the model's image, 256 or 512 pixels; ``format``: its encoding,
-    ``png`` or ``jpeg`` (:data:`FORMATS`)."""
+    ``png`` or ``jpeg`` (:data:`FORMATS`); ``requester_pays``: s3:// reads are billed to this
+    account, as requester-pays buckets (USGS's Landsat) demand."""
 
     urls: tuple[str, ...] = ()
     bands: tuple[int, ...] | None = None
@@ -91,6 +92,7 @@ class Imagery:
     stac: Stac | None = None
     stretch: tuple[float, float] | None = None
     format: str = "png"
+    requester_pays: bool = False
 
     @classmethod
     def from_json(cls, text: str) -> Imagery:
@@ -110,8 +112,8 @@ class Imagery:
     @classmethod
     def from_values(cls, raw: dict, where: str = "imagery") -> Imagery:
         """From a mapping (``cog`` or ``stac``, ``bands``, ``rescale`` or ``stretch``,
-        ``tileSize``, ``format``), checked; ``where`` prefixes each error (a config key or the environment
-        variable)."""
+        ``tileSize``, ``format``, ``requesterPays``), checked; ``where`` prefixes each error (a
+        config key or the environment variable)."""
         urls = raw.get("cog")
         stac = None
         if raw.get("stac") is not None:
@@ -153,7 +155,10 @@ class Imagery:
         if encoding == "jpeg" and bands and len(bands) not in JPEG_BANDS:
             raise SettingsError(f"{where}.format: a JPEG has 1 or 3 bands, {where}.bands names "
                                 f"{len(bands)}")
-        return cls(tuple(urls), bands, rescale, int(size), stac, stretch, encoding)
+        pays = raw.get("requesterPays", False)
+        if not isinstance(pays, bool):
+            raise SettingsError(f"{where}.requesterPays: expected true or false, got {pays!r}")
+        return cls(tuple(urls), bands, rescale, int(size), stac, stretch, encoding, pays)
 
     def as_values(self) -> dict:
         values: dict = {"stac": self.stac.as_values()} if self.stac else {"cog": list(self.urls)}
@@ -166,6 +171,8 @@ class Imagery:
             values["stretch"] = list(self.stretch)
         if self.format != "png":
             values["format"] = self.format
+        if self.requester_pays:
+            values["requesterPays"] = True
         return values
 
     def to_json(self) -> str:
@@ -212,7 +219,6 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
         rasterio's and rio-tiler's errors: an unreadable file, a URL that answers an error.
         The fetch's errors: a STAC API or catalog that does not answer.
     """
-    from rasterio import Env
     from rasterio.errors import NotGeoreferencedWarning
     from rio_tiler.errors import EmptyMosaicError, TileOutsideBounds
     from rio_tiler.models import ImageData
@@ -226,7 +232,11 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
     if imagery.stac is not None:
         if fetch is None:
             raise ValueError("a STAC source is read with a fetch (stac.fetcher)")
-        sources = [item.hrefs for item in items_for(imagery.stac, x, y, z, fetch)]
+        items = items_for(imagery.stac, x, y, z, fetch)
+        for item in items:
+            for href in item.hrefs:
+                imagery.stac.check_href(href, item.id)
+        sources = [item.hrefs for item in items]
     else:
         sources = [(url,) for url in imagery.urls]
     if not sources:
@@ -245,9 +255,7 @@ def read_tile(imagery: Imagery, x: int, y: int, z: int, timeout: float = 10.0,
                               crs=image.crs)
         return image
 
-    seconds = str(max(1, math.ceil(timeout)))
-    with Env(**GDAL_OPTIONS, **s3_options(os.environ), GDAL_HTTP_TIMEOUT=seconds,
-             GDAL_HTTP_CONNECTTIMEOUT=seconds):
+    with gdal_env(imagery, timeout):
         try:
             image, _ = mosaic_reader(sources, one, x, y, z, threads=0)
         except (EmptyMosaicError, TileOutsideBounds):
@@ -338,13 +346,28 @@ def _opened(url: str):
     return dataset
 
 
+def gdal_env(imagery: Imagery, timeout: float | None = None):
+    """GDAL's settings for reading ``imagery``: :data:`GDAL_OPTIONS`, the S3 endpoint boto3 would
+    use, who pays for a requester-pays bucket, and ``timeout`` for each HTTP request (connect and
+    transfer; None: GDAL's own)."""
+    from rasterio import Env
+
+    options: dict[str, str | int] = {**GDAL_OPTIONS, **s3_options(os.environ)}
+    if imagery.requester_pays:
+        # A requester-pays bucket answers 403 to a read that does not say who pays.
+        options["AWS_REQUEST_PAYER"] = "requester"
+    if timeout is not None:
+        seconds = str(max(1, math.ceil(timeout)))
+        options.update(GDAL_HTTP_TIMEOUT=seconds, GDAL_HTTP_CONNECTTIMEOUT=seconds)
+    return Env(**options)
+
+
 def geographic_bounds(imagery: Imagery) -> list[tuple[float, float, float, float]]:
     """Each COG's bounds in longitude and latitude (west, south, east, north)."""
-    from rasterio import Env
     from rio_tiler.io import Reader
 
     found = []
-    with Env(**GDAL_OPTIONS, **s3_options(os.environ)):
+    with gdal_env(imagery):
         for url in imagery.urls:
             with Reader(url) as source:
                 w, s, e, n = source.get_geographic_bounds("EPSG:4326")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -29,6 +30,9 @@ from .tiles import lonlat_bounds
 Fetch = Callable[[str, dict | None], Any]
 MAX_DOCUMENTS = 5000  # a static catalog larger than this wants a STAC API
 MAX_DOCUMENT_BYTES = 8 * 2**20
+# S3's bucket naming rules (its user guide): 3-63 characters, lowercase letters, digits, dots and
+# hyphens, beginning and ending with a letter or digit.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 PAGE_LIMIT = 250  # items a search page asks for (APIs cap it; earth-search at 10,000)
 OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
 Bounds = tuple[float, float, float, float]
@@ -41,7 +45,9 @@ class Stac:
     ``start/end`` interval, ``..`` open) and ``query`` (``{property: {operator: value}}``, the
     query extension's operators) choose the items; ``sortby``: properties, ``-`` before a name
     for descending, the mosaic's order (its first item's valid pixels win); ``assets``: the
-    asset keys stacked into the image, in band order; ``max_items``: the mosaic's depth."""
+    asset keys stacked into the image, in band order; ``max_items``: the mosaic's depth;
+    ``s3_buckets``: the S3 buckets the items' s3:// assets may be read from (the stack grants
+    its worker GetObject in them; an asset elsewhere fails its tile, naming the bucket)."""
 
     api: str | None = None
     catalog: str | None = None
@@ -51,6 +57,7 @@ class Stac:
     sortby: tuple[str, ...] = ()
     assets: tuple[str, ...] = ("visual",)
     max_items: int = 10
+    s3_buckets: tuple[str, ...] = ()
 
     @classmethod
     def from_values(cls, raw: object, where: str = "imagery.stac") -> Stac:
@@ -62,7 +69,7 @@ class Stac:
         if not isinstance(raw, dict):
             raise SettingsError(f"{where}: expected a mapping with api or catalog")
         known = {"api", "catalog", "collections", "datetime", "query", "sortby", "assets",
-                 "maxItems"}
+                 "maxItems", "s3Buckets"}
         for key in raw:
             if key not in known:
                 raise SettingsError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -91,8 +98,13 @@ class Stac:
         depth = raw.get("maxItems", 10)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 100:
             raise SettingsError(f"{where}.maxItems: expected 1 to 100, got {depth!r}")
+        buckets = _strings(raw.get("s3Buckets", []), f"{where}.s3Buckets")
+        for bucket in buckets:
+            if not BUCKET_NAME.fullmatch(bucket):
+                raise SettingsError(f"{where}.s3Buckets: {bucket!r} is not an S3 bucket's name "
+                                    "(3-63 lowercase letters, digits, dots and hyphens)")
         return cls(api.rstrip("/") if api else None, catalog or None, collections, when, query,
-                   sortby, assets, depth)
+                   sortby, assets, depth, buckets)
 
     def as_values(self) -> dict:
         values: dict = {"api": self.api} if self.api else {"catalog": self.catalog}
@@ -109,7 +121,24 @@ class Stac:
             values["sortby"] = list(self.sortby)
         values["assets"] = list(self.assets)
         values["maxItems"] = self.max_items
+        if self.s3_buckets:
+            values["s3Buckets"] = list(self.s3_buckets)
         return values
+
+    def check_href(self, href: str, item: str) -> None:
+        """Refuse an s3:// asset outside :attr:`s3_buckets`: the worker's role may not read it,
+        and S3's answer (403) would not say why.
+
+        Raises:
+            ValueError: naming the item, the asset and the key to set.
+        """
+        if not href.startswith("s3://"):
+            return
+        bucket = href[5:].split("/", 1)[0]
+        if bucket not in self.s3_buckets:
+            raise ValueError(f"STAC item {item!r}: its asset {href} is in S3 bucket {bucket!r}, "
+                             "not in imagery.stac.s3Buckets (the buckets the stack lets its "
+                             "worker read): add it there and deploy")
 
 
 @dataclass(frozen=True)

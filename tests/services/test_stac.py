@@ -326,6 +326,10 @@ def test_cnsq_imagery_reads_a_stac_catalog_as_the_worker_does(served, tmp_path):
     ({"stac": {"api": "https://x"}, "cog": "https://x/a.tif"}, "give cog or stac, not both"),
     ({"cog": "https://x/a.tif", "stretch": [2, 98], "rescale": [0, 1]}, "rescale or stretch"),
     ({"cog": "https://x/a.tif", "stretch": [2, 101]}, "IMAGERY.stretch: expected [low, high]"),
+    ({"stac": {"api": "https://x", "s3Buckets": ["My_Bucket"]}},
+     "IMAGERY.stac.s3Buckets: 'My_Bucket' is not an S3 bucket's name"),
+    ({"cog": "https://x/a.tif", "requesterPays": "yes"},
+     "IMAGERY.requesterPays: expected true or false"),
 ])
 def test_a_bad_stac_setting_is_refused_at_cold_start(raw, says):
     with pytest.raises(SettingsError) as error:
@@ -490,3 +494,124 @@ def test_a_stalling_catalog_fails_its_record_by_the_tile_timeout(postgres_url):
     finally:
         stalling.close()
         model.close()
+
+
+def _s3_catalog(server_files: dict[str, bytes], hrefs: dict[str, tuple[tuple[float, float], str]]
+                ) -> None:
+    """A static catalog (``catalog.json``) of items named by ``hrefs``: each one's origin and
+    its ``visual`` asset's href, written into ``server_files``."""
+    catalog = {"type": "Catalog", "stac_version": "1.0.0", "id": "s3", "description": "s3",
+               "links": [{"rel": "item", "href": f"{name}.json"} for name in hrefs]}
+    server_files["catalog.json"] = json.dumps(catalog).encode()
+    for name, (origin, href) in hrefs.items():
+        item = stac_item(name, origin, "2024-06-01T10:00:00+00:00", 1.0, {"visual": href})
+        server_files[f"{name}.json"] = json.dumps(item.to_dict(include_self_link=False)).encode()
+
+
+def test_s3_assets_are_read_under_the_workers_compiled_role(served, aws, moto_url, tmp_path,
+                                                            monkeypatch):
+    """imagery.stac.s3Buckets: an item's s3:// asset in a bucket named there is read with exactly
+    the worker's compiled role (its GetObject statements, against moto with IAM checks on). An
+    asset in another bucket fails its tile before any request, naming the bucket and the key to
+    set, where the role's 403 would say nothing of why."""
+    import boto3
+
+    from cnsq.deploy.template import CodeLocation, compile_template
+    from support.aws_rules import iam_enforced, user_with, widened
+    from support.projects import example_config
+
+    s3 = boto3.client("s3")
+    for bucket in ("imagery", "elsewhere"):
+        s3.create_bucket(Bucket=bucket)
+    files = served["server"].files
+    # Keys no other test reads: GDAL caches blocks by URL for the process.
+    s3.put_object(Bucket="imagery", Key="granted/a.tif", Body=files["a.tif"])
+    s3.put_object(Bucket="elsewhere", Key="refused/b.tif", Body=files["b.tif"])
+    documents: dict[str, bytes] = {}
+    _s3_catalog(documents, {"a": (A_ORIGIN, "s3://imagery/granted/a.tif"),
+                            "b": (B_ORIGIN, "s3://elsewhere/refused/b.tif")})
+    catalog = RangeServer(documents)
+    config, repo = example_config(tmp_path, (
+        f"  imagery:\n    stac:\n      catalog: {catalog.url}/catalog.json\n"
+        "      s3Buckets: [imagery]\n"))
+    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
+    _, data = compile_template(config, repo / "templates", tmp_path / "out", code)
+    statements = data["Resources"]["LambdaProcessingRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]["Statement"]
+    reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
+    assert reads == [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [
+        {"Fn::Sub": "arn:${AWS::Partition}:s3:::imagery/*"}]}]
+    role = [widened({**s, "Resource": [r["Fn::Sub"].replace("${AWS::Partition}", "aws")
+                                       for r in s["Resource"]]}) for s in reads]
+    keys = user_with(role)
+    source = Imagery.from_values(config.values["imagery"])
+    inside_a = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    only_b = mercantile.tile(*lonlat(B_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
+    want = read_tile(Imagery((f"{served['url']}/a.tif",)), *inside_a)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+    try:
+        with iam_enforced(moto_url):
+            assert read_tile(source, *inside_a, fetch=fetch()) == want
+            with pytest.raises(ValueError) as refused:
+                read_tile(source, *only_b, fetch=fetch())
+            assert ("its asset s3://elsewhere/refused/b.tif is in S3 bucket 'elsewhere', not in "
+                    "imagery.stac.s3Buckets") in str(refused.value)
+            # What the check spares the user: the role itself may not read that bucket.
+            with pytest.raises(Exception, match="403|Access"):
+                read_tile(Imagery(("s3://elsewhere/refused/b.tif",)), *only_b)
+    finally:
+        catalog.close()
+
+
+def test_a_requester_pays_bucket_is_read_only_when_the_config_says_who_pays(served, tmp_path,
+                                                                           monkeypatch):
+    """imagery.requesterPays: GDAL's reads carry ``x-amz-request-payer: requester``. A
+    requester-pays bucket refuses a read without it (S3's rule; moto does not model it: a fake S3
+    endpoint on 127.0.0.1 does, path-style, as the worker's S3 settings address it)."""
+    # Two keys: GDAL remembers a URL's failure for the process.
+    bucket = RangeServer({f"usgs-landsat/scene/{name}.tif": served["server"].files["a.tif"]
+                          for name in ("a", "unpaid")},
+                         required={"x-amz-request-payer": "requester"})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", bucket.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    tile = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    try:
+        with pytest.raises(Exception, match="403|Access"):
+            read_tile(Imagery(("s3://usgs-landsat/scene/unpaid.tif",)), *tile)
+        paid = Imagery.from_values({"cog": "s3://usgs-landsat/scene/a.tif", "requesterPays": True})
+        assert read_tile(paid, *tile) == read_tile(Imagery((f"{served['url']}/a.tif",)), *tile)
+        out = tmp_path / "a.png"
+        result = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
+                                           "s3://usgs-landsat/scene/a.tif", "--requester-pays",
+                                           "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    finally:
+        bucket.close()
+
+
+def test_the_configs_s3_buckets_and_requester_pays_reach_the_worker(tmp_path):
+    from cnsq.config import ConfigError
+    from cnsq.deploy.template import CodeLocation, compile_template, lint
+    from support.projects import example_config
+
+    config, repo = example_config(tmp_path, (
+        "  imagery:\n    stac:\n      api: https://earth-search.aws.element84.com/v1\n"
+        "      collections: [landsat-c2-l2]\n      assets: [red, green, blue]\n"
+        "      s3Buckets: [usgs-landsat]\n    requesterPays: true\n    rescale: [7000, 20000]\n"))
+    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
+    path, data = compile_template(config, repo / "templates", tmp_path / "out", code)
+    env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"][
+        "Variables"]
+    read = Imagery.from_json(env["IMAGERY"])
+    assert read.stac is not None and read.stac.s3_buckets == ("usgs-landsat",)
+    assert read.requester_pays is True
+    assert lint(path) == []
+    with pytest.raises(ConfigError) as error:
+        example_config(tmp_path / "bad", "  imagery:\n    stac:\n      api: https://x\n"
+                                         "      s3Buckets: [s3://usgs-landsat]\n")
+    assert "config.yml:" in str(error.value)
+    assert "imagery.stac.s3Buckets: 's3://usgs-landsat' is not an S3 bucket's name" in str(
+        error.value)

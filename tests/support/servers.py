@@ -610,10 +610,15 @@ def wait_for(check, timeout: float = 30.0, what: str = "service") -> None:
 
 class RangeServer(_Server):
     """GET and HEAD of files by name (``/name.tif``), honouring ``Range: bytes=a-b`` with 206 as
-    S3 and CDNs do; every request is recorded (method, path, range) for counting reads."""
+    S3 and CDNs do; every request is recorded (method, path, range) for counting reads.
 
-    def __init__(self, files: dict[str, bytes]):
+    ``required``: headers a request must carry, else 403 with S3's AccessDenied (a requester-pays
+    bucket's rule: a request without ``x-amz-request-payer: requester`` is refused; moto does
+    not model it). Served path-style (``/bucket/key``), it stands in for S3's endpoint."""
+
+    def __init__(self, files: dict[str, bytes], required: dict[str, str] | None = None):
         self.files = files
+        self.required = {k.lower(): v for k, v in (required or {}).items()}
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         super().__init__(self._Handler)
@@ -625,6 +630,9 @@ class RangeServer(_Server):
             wanted = self.headers.get("Range", "")
             with server._lock:
                 server.requests.append((self.command, name, wanted))
+            if any(self.headers.get(k) != v for k, v in server.required.items()):
+                return self.send(403, b"<Error><Code>AccessDenied</Code><Message>Access Denied"
+                                      b"</Message></Error>", "application/xml")
             body = server.files.get(name)
             if body is None:
                 return self.send(404, b"no such file", "text/plain")
