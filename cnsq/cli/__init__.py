@@ -4,7 +4,9 @@ each command a small function that parses options and delegates."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 # pyarrow's default allocator (mimalloc) keeps the pages it frees for reuse, so an export's
 # peak memory is higher with it than with jemalloc, which is as fast (docs/performance.md) and
@@ -14,8 +16,29 @@ import sys
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL",
                       "jemalloc" if sys.platform == "linux" else "system")
 
-from cnsq.cli import data, local, operate, stack, view  # noqa: E402,F401 - registers the commands
-from cnsq.cli.app import _model_url, _predict_url, _queue_region, main  # noqa: E402
+
+def _interrupted(*_: object) -> None:
+    """Ctrl-C before a command runs (its handlers not yet in place): one line and 130, as every
+    command says it, never Python's traceback and its death by the signal. Nothing is written
+    yet, so nothing is left to close: the process ends at once (an exception raised inside an
+    import could be caught or re-raised as another on its way out)."""
+    sys.stderr.write("\nInterrupted.\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+# The commands' modules take a few tenths of a second to import, more on a busy machine: Ctrl-C
+# meanwhile ends the program as above, and Python's own handler is back once they are in.
+_early = (threading.current_thread() is threading.main_thread()
+          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+if _early:
+    signal.signal(signal.SIGINT, _interrupted)
+try:
+    from cnsq.cli import data, local, operate, stack, view  # noqa: E402,F401 - registers the commands
+    from cnsq.cli.app import _model_url, _predict_url, _queue_region, main  # noqa: E402
+finally:
+    if _early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 __all__ = ["main", "run", "_model_url", "_predict_url", "_queue_region"]
 
@@ -34,7 +57,11 @@ def run() -> None:
     import gc
 
     atexit.register(gc.freeze)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # while click parses, before the command's own handling
+        sys.stderr.write("\nInterrupted.\n")
+        raise SystemExit(130) from None
 
 # One line each in `cnsq --help` (click cuts a docstring's first sentence to fit the terminal).
 SHORT_HELP = {
