@@ -65,7 +65,8 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
     named = {"imagery.cog": option("imagery"), "imagery.bands": option("bands"),
              "imagery.rescale": option("rescale"), "imagery.tileSize": option("tile_size"),
              "imagery.stretch": option("stretch"), "imagery.stac.assets": option("assets"),
-             "imagery.stac.datetime": option("datetime"), "imagery.format": option("format")}
+             "imagery.stac.datetime": option("datetime"), "imagery.format": option("image_format"),
+             "imagery.requesterPays": option("requester_pays")}
     if not raw.get("cog") and not raw.get("stac"):
         raise CnsqError(f"no imagery: pass {option('imagery')}, or set imagery.cog or "
                         "imagery.stac in the config")
@@ -93,7 +94,11 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
         return Imagery.from_values(raw, "imagery")
     except SettingsError as exc:
         key, _, rest = str(exc).partition(": ")
-        raise CnsqError(f"{named.get(key, key) if urls else key}: {rest}") from None
+        if not urls:
+            raise CnsqError(f"{key}: {rest}") from None
+        for name in sorted(named, key=len, reverse=True):  # keys the message names too
+            rest = rest.replace(name, named[name])
+        raise CnsqError(f"{named.get(key, key)}: {rest}") from None
 
 
 def _pair(text: str, name: str) -> list[float]:

@@ -206,6 +206,11 @@ def test_cnsq_imagery_writes_what_the_worker_sends(scenes, tmp_path):
                                      "--out", str(tmp_path / "tile.jpg")])
     assert jpeg.exit_code == 0, jpeg.output
     assert Image.open(tmp_path / "tile.jpg").format == "JPEG"
+    two = CliRunner().invoke(main, ["imagery", f"{tile.x}-{tile.y}-{tile.z}", "--imagery",
+                                    scenes["url_a"], "--format", "jpeg", "--bands", "1,2",
+                                    "--out", str(tmp_path / "two.jpg")])
+    assert two.exit_code == 1
+    assert "--format: a JPEG has 1 or 3 bands, --bands names 2" in two.output, two.output
     far = mercantile.tile(-70.0, -30.0, 14)
     missing = CliRunner().invoke(main, ["imagery", f"{far.x}-{far.y}-{far.z}", "--imagery",
                                         scenes["url_a"], "--out", str(tmp_path / "no.png")])
