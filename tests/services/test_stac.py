@@ -137,6 +137,22 @@ class StacApi(_Server):
             self.send(200, json.dumps(page).encode(), "application/geo+json")
 
 
+def compiled(tmp_path, imagery: str):
+    """The example config with ``imagery`` (YAML lines), compiled: the config, the template's
+    path, the worker's environment and its role's statements."""
+    from cnsq.deploy.template import CodeLocation, compile_template
+    from support.projects import example_config
+
+    config, repo = example_config(tmp_path, imagery)
+    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
+    path, data = compile_template(config, repo / "templates", tmp_path / "out", code)
+    resources = data["Resources"]
+    env = resources["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"]["Variables"]
+    statements = resources["LambdaProcessingRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]["Statement"]
+    return config, path, env, statements
+
+
 def fetch():
     return fetcher(Http(pool_size=2), 10.0)
 
@@ -377,18 +393,14 @@ def test_the_worker_reads_stac_imagery_and_writes_predictions(served, postgres_u
 def test_the_configs_stac_source_reaches_the_worker_and_its_package(tmp_path):
     from cnsq.config import ConfigError
     from cnsq.deploy.package import RASTER_REQUIREMENTS, extra_requirements
-    from cnsq.deploy.template import CodeLocation, compile_template, lint
+    from cnsq.deploy.template import lint
     from support.projects import example_config
 
-    config, repo = example_config(tmp_path, (
+    config, path, env, _ = compiled(tmp_path, (
         "  imagery:\n    stac:\n      api: https://earth-search.aws.element84.com/v1\n"
         "      collections: [sentinel-2-l2a]\n      datetime: 2024-06-01/2024-08-31\n"
         "      query: {eo:cloud_cover: {lt: 20}}\n      sortby: [eo:cloud_cover]\n"
         "      assets: [red, green, blue]\n    stretch: [2, 98]\n"))
-    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
-    path, data = compile_template(config, repo / "templates", tmp_path / "out", code)
-    env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"][
-        "Variables"]
     assert Imagery.from_json(env["IMAGERY"]) == Imagery(stac=Stac(
         api="https://earth-search.aws.element84.com/v1", collections=("sentinel-2-l2a",),
         datetime="2024-06-01/2024-08-31", query=(("eo:cloud_cover", "lt", 20),),
@@ -516,9 +528,7 @@ def test_s3_assets_are_read_under_the_workers_compiled_role(served, aws, moto_ur
     set, where the role's 403 would say nothing of why."""
     import boto3
 
-    from cnsq.deploy.template import CodeLocation, compile_template
     from support.aws_rules import iam_enforced, user_with, widened
-    from support.projects import example_config
 
     s3 = boto3.client("s3")
     for bucket in ("imagery", "elsewhere"):
@@ -531,13 +541,9 @@ def test_s3_assets_are_read_under_the_workers_compiled_role(served, aws, moto_ur
     _s3_catalog(documents, {"a": (A_ORIGIN, "s3://imagery/granted/a.tif"),
                             "b": (B_ORIGIN, "s3://elsewhere/refused/b.tif")})
     catalog = RangeServer(documents)
-    config, repo = example_config(tmp_path, (
+    config, _, _, statements = compiled(tmp_path, (
         f"  imagery:\n    stac:\n      catalog: {catalog.url}/catalog.json\n"
         "      s3Buckets: [imagery]\n"))
-    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
-    _, data = compile_template(config, repo / "templates", tmp_path / "out", code)
-    statements = data["Resources"]["LambdaProcessingRole"]["Properties"]["Policies"][0][
-        "PolicyDocument"]["Statement"]
     reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
     assert reads == [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [
         {"Fn::Sub": "arn:${AWS::Partition}:s3:::imagery/*"}]}]
@@ -594,17 +600,13 @@ def test_a_requester_pays_bucket_is_read_only_when_the_config_says_who_pays(serv
 
 def test_the_configs_s3_buckets_and_requester_pays_reach_the_worker(tmp_path):
     from cnsq.config import ConfigError
-    from cnsq.deploy.template import CodeLocation, compile_template, lint
+    from cnsq.deploy.template import lint
     from support.projects import example_config
 
-    config, repo = example_config(tmp_path, (
+    _, path, env, _ = compiled(tmp_path, (
         "  imagery:\n    stac:\n      api: https://earth-search.aws.element84.com/v1\n"
         "      collections: [landsat-c2-l2]\n      assets: [red, green, blue]\n"
         "      s3Buckets: [usgs-landsat]\n    requesterPays: true\n    rescale: [7000, 20000]\n"))
-    code = {"DownloadAndPredict": CodeLocation("your-bucket", "cnsq-dev/lambdas/abc.zip")}
-    path, data = compile_template(config, repo / "templates", tmp_path / "out", code)
-    env = data["Resources"]["DownloadAndPredictLambdaFunction"]["Properties"]["Environment"][
-        "Variables"]
     read = Imagery.from_json(env["IMAGERY"])
     assert read.stac is not None and read.stac.s3_buckets == ("usgs-landsat",)
     assert read.requester_pays is True
