@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from cnsq import egress
+from cnsq.config import raster_imagery
 from cnsq.egress import EGRESS_NAT
 from cnsq.ops.pricing import Bill, Parts, Prices, Usage, bill, run_usage
 
@@ -39,6 +40,10 @@ CONTROLLER_SECONDS = 60.0
 # The worker's CPU for a call of 10 tiles at one vCPU (`python scripts/bench.py lambda`: parsing
 # the downloads, base64, JSON, the write; 14–17 ms in three runs on the 2-core VM of docs/performance.md).
 CALL_CPU_SECONDS = 0.016
+# A tile the worker reads from COG or STAC imagery itself (imagery.cog, imagery.stac): a block's
+# inflate, the reprojection and the PNG, at one vCPU (`python scripts/bench.py cog`, 11 ms on
+# the 2-core VM of docs/performance.md, 2026-12-07).
+RASTER_TILE_CPU_SECONDS = 0.011
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,9 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
     name = worker or next((n for n, spec in lambdas.items() if spec.get("queueTrigger")),
                           next(iter(lambdas)))
     memory_gb = lambdas[name]["memory"] / 1024
-    call = per.call_seconds + CALL_CPU_SECONDS * VCPU_MB / min(lambdas[name]["memory"], VCPU_MB)
+    raster = raster_imagery(values)
+    cpu = CALL_CPU_SECONDS + (sqs["batchSize"] * RASTER_TILE_CPU_SECONDS if raster else 0.0)
+    call = per.call_seconds + cpu * VCPU_MB / min(lambdas[name]["memory"], VCPU_MB)
     calls = math.ceil(tiles / sqs["batchSize"])
     # SendMessageBatch (10 a request), a receive and a delete per call.
     stack = parts(values, egress)
@@ -151,6 +158,10 @@ def estimate(tiles: int, values: dict, prices: Prices, per: PerTile = PerTile(),
              f"{per.tiles_per_second:g} tiles/s per task, {call:.2f} s per call of "
              f"{sqs['batchSize']} tiles ({per.call_seconds:g} s waiting, the rest CPU at "
              f"{lambdas[name]['memory']} MB), {per.tile_kb:g} KB per tile"]
+    if raster:
+        notes.append(f"COG/STAC imagery: the worker reads each tile itself, "
+                     f"{RASTER_TILE_CPU_SECONDS * 1000:g} ms of CPU a tile at one vCPU "
+                     "(scripts/bench.py cog) in each call's CPU; give it 1,024 MB (README)")
     if spot:
         notes.append(f"{ecs['spot']} % of the host hours on Spot at {prices.spot_source}: "
                      "an expectation (Spot prices move), and an interruption costs a host's "

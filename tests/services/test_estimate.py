@@ -50,6 +50,27 @@ def test_a_million_tiles_by_hand(project):
     assert result.idle.total == pytest.approx(3 / 60 * 0.526)
 
 
+def test_a_worker_that_reads_cog_imagery_pays_its_cpu(project):
+    """imagery.cog or imagery.stac: the worker reads, reprojects and encodes each tile itself, 11
+    ms of CPU a tile at one vCPU (bench.py cog); the estimate counted a call's CPU as for XYZ
+    tiles, which it only downloads."""
+    from pathlib import Path
+
+    path = Path("config/config.yml")
+    text = path.read_text()
+    path.write_text(text.replace("  ecs:\n", "  imagery:\n    cog: https://example.com/a.tif\n"
+                                              "  ecs:\n", 1))
+    values = load_config(path).values
+    result = estimate(1_000_000, values, shipped_prices(), PerTile(100.0, 1.5, 50.0))
+    got = {item.name: item.cost for item in result.bill.items}
+    # a call: the 1.5 s it waits, plus 16 ms of the handler's CPU and 10 tiles × 11 ms of
+    # reading, at 128/1769 of a vCPU (the example's memory)
+    cpu = 0.016 + 10 * 0.011
+    assert got["Lambda compute (arm64)"] == pytest.approx(
+        100_000 * (1.5 + cpu * 1769 / 128) * 0.125 * 0.0000133334)
+    assert any("reads each tile itself" in note for note in result.notes)
+
+
 PRODUCTS = [
     ("AmazonEC2", {"instanceType": "g4dn.xlarge", "regionCode": "eu-west-1",
                    "operatingSystem": "Linux", "tenancy": "Shared", "preInstalledSw": "NA",
