@@ -284,6 +284,14 @@ def stac_options(command):
                              "[default: visual].")(command)
 
 
+def requester_pays_option(command):
+    """``--requester-pays``, for the commands that read imagery from S3."""
+    return click.option("--requester-pays", is_flag=True, default=False,
+                        help="s3:// reads billed to you, as a requester-pays bucket (USGS's "
+                             "Landsat) demands (the config's imagery.requesterPays, for a "
+                             "source given here).")(command)
+
+
 IMAGERY_HELP = ("A COG (a .tif, https:// or s3://; repeat for a mosaic, the first valid pixel "
                 "in this order), a static STAC catalog (a .json) or a STAC API's root URL")
 
@@ -296,9 +304,11 @@ IMAGERY_HELP = ("A COG (a .tif, https:// or s3://; repeat for a mosaic, the firs
               help=IMAGERY_HELP + ": list the tiles over its footprint (with an AOI: the "
                                   "AOI's tiles it covers).")
 @stac_options
+@requester_pays_option
 @click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
 def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str | None,
-              collections: tuple[str, ...], datetime_: str | None, output: str) -> None:
+              collections: tuple[str, ...], datetime_: str | None, requester_pays: bool,
+              output: str) -> None:
     """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file, or the
     footprint of COG or STAC imagery.
 
@@ -326,7 +336,8 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
 
         from cnsq.imagery import cover, footprint, source
 
-        chosen = source(imagery, assets=assets, collections=collections, datetime=datetime_)
+        chosen = source(imagery, assets=assets, collections=collections, datetime=datetime_,
+                        requester_pays=requester_pays)
         area = set(iter_cover(load_geojson(aoi), zoom)) if aoi is not None else None
         within = None
         if area:
@@ -365,9 +376,7 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
 @click.option("--format", "image_format", type=click.Choice(["png", "jpeg"]), default=None,
               help="The image's encoding: png (lossless) or jpeg (quality 90, a tenth of the "
                    "bytes) [default: the config's, else png].")
-@click.option("--requester-pays", is_flag=True, default=False,
-              help="s3:// reads billed to you, as a requester-pays bucket (USGS's Landsat) "
-                   "demands [default: the config's imagery.requesterPays].")
+@requester_pays_option
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="The image to write (PNG or JPEG, as --format says).")
 @config_options

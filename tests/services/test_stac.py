@@ -594,6 +594,15 @@ def test_a_requester_pays_bucket_is_read_only_when_the_config_says_who_pays(serv
                                            "s3://usgs-landsat/scene/a.tif", "--requester-pays",
                                            "--out", str(out)])
         assert result.exit_code == 0, result.output
+        # The footprint too: cnsq tiles reads the COG's header from the bucket.
+        listed = CliRunner().invoke(main, ["tiles", "--imagery", "s3://usgs-landsat/scene/a.tif",
+                                           "--requester-pays", "--zoom", "11"])
+        assert listed.exit_code == 0, listed.output
+        above = mercantile.parent(tile, zoom=11)
+        assert f"{above.x}-{above.y}-11" in listed.stdout.split()
+        refused = CliRunner().invoke(main, ["tiles", "--imagery",
+                                            "s3://usgs-landsat/scene/unpaid.tif", "--zoom", "11"])
+        assert refused.exit_code == 1 and "403" in refused.output, refused.output
     finally:
         bucket.close()
 
