@@ -6,6 +6,7 @@ what is written is what the model is sent.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
            tile_size: str | None = None, values: dict | None = None, *,
            assets: str | None = None, collections: Sequence[str] = (),
            datetime: str | None = None, stretch: str | None = None,
-           image_format: str | None = None, requester_pays: bool = False) -> Imagery:
+           image_format: str | None = None, requester_pays: bool = False,
+           alternate: str | None = None) -> Imagery:
     """The imagery: ``urls`` (COGs, or one STAC catalog or API) with the options, else the
     config's ``imagery`` (``values``).
 
@@ -66,7 +68,8 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
              "imagery.rescale": option("rescale"), "imagery.tileSize": option("tile_size"),
              "imagery.stretch": option("stretch"), "imagery.stac.assets": option("assets"),
              "imagery.stac.datetime": option("datetime"), "imagery.format": option("image_format"),
-             "imagery.requesterPays": option("requester_pays")}
+             "imagery.requesterPays": option("requester_pays"),
+             "imagery.stac.alternate": option("alternate")}
     if not raw.get("cog") and not raw.get("stac"):
         raise CnsqError(f"no imagery: pass {option('imagery')}, or set imagery.cog or "
                         "imagery.stac in the config")
@@ -79,6 +82,8 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
                 stac["collections"] = list(collections)
             if datetime is not None:
                 stac["datetime"] = datetime
+            if alternate is not None:
+                stac["alternate"] = alternate
         if bands is not None:
             raw["bands"] = [b.strip() for b in bands.split(",")]
         if rescale is not None:
@@ -91,7 +96,7 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
             raw["format"] = image_format
         if requester_pays:
             raw["requesterPays"] = True
-        return Imagery.from_values(raw, "imagery")
+        chosen = Imagery.from_values(raw, "imagery")
     except SettingsError as exc:
         key, _, rest = str(exc).partition(": ")
         if not urls:
@@ -99,6 +104,12 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
         for name in sorted(named, key=len, reverse=True):  # keys the message names too
             rest = rest.replace(name, named[name])
         raise CnsqError(f"{named.get(key, key)}: {rest}") from None
+    if urls and chosen.stac is not None:
+        # Read here with the user's credentials: the buckets the stack's role may read
+        # (imagery.stac.s3Buckets) do not bound a catalog given on the command line.
+        chosen = dataclasses.replace(chosen, stac=dataclasses.replace(chosen.stac,
+                                                                      s3_buckets=None))
+    return chosen
 
 
 def _pair(text: str, name: str) -> list[float]:

@@ -279,6 +279,9 @@ def stac_options(command):
                            help="STAC: items of this date or interval (RFC 3339, '..' open).")(command)
     command = click.option("--collection", "collections", multiple=True, metavar="NAME",
                            help="STAC: items of this collection (repeat for several).")(command)
+    command = click.option("--alternate", default=None, metavar="NAME",
+                           help="STAC: read each asset from its alternate of this name (such "
+                                "as s3: USGS's Landsat items) when it has one.")(command)
     return click.option("--assets", default=None, metavar="KEY,KEY",
                         help="STAC: the assets stacked into the image, in band order "
                              "[default: visual].")(command)
@@ -307,8 +310,8 @@ IMAGERY_HELP = ("A COG (a .tif, https:// or s3://; repeat for a mosaic, the firs
 @requester_pays_option
 @click.option("--output", "-o", default="-", help="Where to write x-y-z lines [default: stdout].")
 def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str | None,
-              collections: tuple[str, ...], datetime_: str | None, requester_pays: bool,
-              output: str) -> None:
+              alternate: str | None, collections: tuple[str, ...], datetime_: str | None,
+              requester_pays: bool, output: str) -> None:
     """List the XYZ tiles covering the polygons (or lines, points) of a GeoJSON file, or the
     footprint of COG or STAC imagery.
 
@@ -337,7 +340,7 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
         from cnsq.imagery import cover, footprint, source
 
         chosen = source(imagery, assets=assets, collections=collections, datetime=datetime_,
-                        requester_pays=requester_pays)
+                        requester_pays=requester_pays, alternate=alternate)
         area = set(iter_cover(load_geojson(aoi), zoom)) if aoi is not None else None
         within = None
         if area:
@@ -381,7 +384,8 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
               help="The image to write (PNG or JPEG, as --format says).")
 @config_options
 def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets: str | None,
-                collections: tuple[str, ...], datetime_: str | None, bands: str | None,
+                alternate: str | None, collections: tuple[str, ...], datetime_: str | None,
+                bands: str | None,
                 rescale: str | None, stretch: str | None, tile_size: str | None,
                 image_format: str | None, requester_pays: bool, out: Path) -> None:
     """Write the image the worker would send the model for TILE: what to look at to check the
@@ -402,7 +406,8 @@ def imagery_cmd(settings: Settings, tile: str, imagery: tuple[str, ...], assets:
     values = None if imagery else settings.load().values
     chosen = source(imagery, bands, rescale, tile_size, values, assets=assets,
                     collections=collections, datetime=datetime_, stretch=stretch,
-                    image_format=image_format, requester_pays=requester_pays)
+                    image_format=image_format, requester_pays=requester_pays,
+                    alternate=alternate)
     wrote = write_tile_image(tile, out, chosen)
     click.echo(f"Wrote {out} ({wrote:,} bytes)." if wrote else
                f"No imagery for tile {tile}: nothing written.", err=True)

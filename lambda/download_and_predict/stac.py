@@ -47,7 +47,11 @@ class Stac:
     for descending, the mosaic's order (its first item's valid pixels win); ``assets``: the
     asset keys stacked into the image, in band order; ``max_items``: the mosaic's depth;
     ``s3_buckets``: the S3 buckets the items' s3:// assets may be read from (the stack grants
-    its worker GetObject in them; an asset elsewhere fails its tile, naming the bucket)."""
+    its worker GetObject in them; an asset elsewhere fails its tile, naming the bucket);
+    ``alternate``: read each asset from its alternate of this name (STAC's alternate-assets
+    extension: ``assets.KEY.alternate.NAME.href``, the same file elsewhere) when it has one —
+    USGS's Landsat items point ``href`` at a server that wants a login and give the file in S3
+    as ``alternate.s3``."""
 
     api: str | None = None
     catalog: str | None = None
@@ -57,7 +61,10 @@ class Stac:
     sortby: tuple[str, ...] = ()
     assets: tuple[str, ...] = ("visual",)
     max_items: int = 10
-    s3_buckets: tuple[str, ...] = ()
+    # None: any bucket (a source given on cnsq's command line is read with the user's own
+    # credentials, not the stack's role).
+    s3_buckets: tuple[str, ...] | None = ()
+    alternate: str | None = None
 
     @classmethod
     def from_values(cls, raw: object, where: str = "imagery.stac") -> Stac:
@@ -69,7 +76,7 @@ class Stac:
         if not isinstance(raw, dict):
             raise SettingsError(f"{where}: expected a mapping with api or catalog")
         known = {"api", "catalog", "collections", "datetime", "query", "sortby", "assets",
-                 "maxItems", "s3Buckets"}
+                 "maxItems", "s3Buckets", "alternate"}
         for key in raw:
             if key not in known:
                 raise SettingsError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -103,8 +110,12 @@ class Stac:
             if not BUCKET_NAME.fullmatch(bucket):
                 raise SettingsError(f"{where}.s3Buckets: {bucket!r} is not an S3 bucket's name "
                                     "(3-63 lowercase letters, digits, dots and hyphens)")
+        alternate = raw.get("alternate")
+        if alternate is not None and (not isinstance(alternate, str) or not alternate.strip()):
+            raise SettingsError(f"{where}.alternate: expected the name of an asset's alternate "
+                                f"(such as s3), got {alternate!r}")
         return cls(api.rstrip("/") if api else None, catalog or None, collections, when, query,
-                   sortby, assets, depth, buckets)
+                   sortby, assets, depth, buckets, alternate.strip() if alternate else None)
 
     def as_values(self) -> dict:
         values: dict = {"api": self.api} if self.api else {"catalog": self.catalog}
@@ -123,6 +134,8 @@ class Stac:
         values["maxItems"] = self.max_items
         if self.s3_buckets:
             values["s3Buckets"] = list(self.s3_buckets)
+        if self.alternate:
+            values["alternate"] = self.alternate
         return values
 
     def check_href(self, href: str, item: str) -> None:
@@ -132,7 +145,7 @@ class Stac:
         Raises:
             ValueError: naming the item, the asset and the key to set.
         """
-        if not href.startswith("s3://"):
+        if not href.startswith("s3://") or self.s3_buckets is None:
             return
         bucket = href[5:].split("/", 1)[0]
         if bucket not in self.s3_buckets:
@@ -300,9 +313,11 @@ def _cross(a, b, c, d) -> bool:
 
 # -- reading documents ----------------------------------------------------------------------
 
-def item_from(document: dict, base: str, assets: Sequence[str]) -> Item | None:
+def item_from(document: dict, base: str, assets: Sequence[str],
+              alternate: str | None = None) -> Item | None:
     """The item a STAC Item document describes (relative hrefs resolved against ``base``, its
-    own URL), or None when it lacks a bbox, or one of ``assets``."""
+    own URL), or None when it lacks a bbox, or one of ``assets``. ``alternate``: an asset's
+    alternate of this name is read instead of its href, when it has one."""
     if not isinstance(document, dict) or document.get("type") != "Feature":
         return None
     bbox = document.get("bbox")
@@ -316,6 +331,11 @@ def item_from(document: dict, base: str, assets: Sequence[str]) -> Item | None:
     for key in assets:
         asset = found.get(key) if isinstance(found, dict) else None
         href = asset.get("href") if isinstance(asset, dict) else None
+        if alternate and isinstance(asset, dict):
+            others = asset.get("alternate")
+            other = others.get(alternate) if isinstance(others, dict) else None
+            if isinstance(other, dict) and isinstance(other.get("href"), str):
+                href = other["href"]
         if not isinstance(href, str):
             return None
         hrefs.append(urljoin(base, href))
@@ -351,7 +371,7 @@ def catalog_items(stac: Stac, fetch: Fetch) -> list[Item]:
         if not isinstance(document, dict):
             continue
         if document.get("type") == "Feature":
-            item = item_from(document, url, stac.assets)
+            item = item_from(document, url, stac.assets, stac.alternate)
             if item is not None:
                 items.append(item)
             continue
@@ -366,9 +386,9 @@ def catalog_items(stac: Stac, fetch: Fetch) -> list[Item]:
     return items
 
 
-# A static catalog's items with the assets asked, read once a process (a warm worker reads no
-# catalog again).
-_CATALOGS: dict[tuple[str, tuple[str, ...]], list[Item]] = {}
+# A static catalog's items with the assets (and their alternate) asked, read once a process (a
+# warm worker reads no catalog again).
+_CATALOGS: dict[tuple[str, tuple[str, ...], str | None], list[Item]] = {}
 _CATALOG_LOCK = threading.Lock()
 
 
@@ -390,7 +410,7 @@ def items_for(stac: Stac, x: int, y: int, z: int, fetch: Fetch,
     ancestor may bring (:data:`SEARCH_MOST`)."""
     bounds = lonlat_bounds(x, y, z)
     if stac.catalog:
-        key = (stac.catalog, stac.assets)
+        key = (stac.catalog, stac.assets, stac.alternate)
         with _CATALOG_LOCK:
             every = _CATALOGS.get(key)
             if every is None:
@@ -443,7 +463,7 @@ def search(stac: Stac, bounds: Bounds, fetch: Fetch, most: int | None = None) ->
         if not isinstance(features, list):
             raise ValueError(f"{stac.api}/search answered no feature collection")
         for feature in features:
-            item = item_from(feature, url, stac.assets)
+            item = item_from(feature, url, stac.assets, stac.alternate)
             if item is not None and intersects(item, bounds) and chosen(
                     stac, item, item.properties.get("collection")):
                 found.append(item)

@@ -346,6 +346,8 @@ def test_cnsq_imagery_reads_a_stac_catalog_as_the_worker_does(served, tmp_path):
      "IMAGERY.stac.s3Buckets: 'My_Bucket' is not an S3 bucket's name"),
     ({"cog": "https://x/a.tif", "requesterPays": "yes"},
      "IMAGERY.requesterPays: expected true or false"),
+    ({"stac": {"api": "https://x", "alternate": ["s3"]}},
+     "IMAGERY.stac.alternate: expected the name of an asset's alternate (such as s3)"),
 ])
 def test_a_bad_stac_setting_is_refused_at_cold_start(raw, says):
     with pytest.raises(SettingsError) as error:
@@ -568,6 +570,70 @@ def test_s3_assets_are_read_under_the_workers_compiled_role(served, aws, moto_ur
                 read_tile(Imagery(("s3://elsewhere/refused/b.tif",)), *only_b)
     finally:
         catalog.close()
+
+
+def test_an_assets_alternate_is_read_when_the_config_names_it(served, aws, moto_url, tmp_path,
+                                                             monkeypatch):
+    """imagery.stac.alternate (STAC's alternate-assets extension): USGS's Landsat items point
+    their assets at a web page's server that refuses a program (``href``) and give the same file
+    in S3 (``alternate.s3.href``). Named, the alternate is read, under the worker's compiled role
+    with moto's IAM checks on; an asset without that alternate is read from its href; unnamed,
+    the href is read (and refused)."""
+    import boto3
+
+    from support.aws_rules import iam_enforced, user_with, widened
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="usgs-landsat")
+    files = served["server"].files
+    s3.put_object(Bucket="usgs-landsat", Key="alternate/a.tif", Body=files["a.tif"])
+    # The web server: every read refused, as a login page's server answers a program.
+    web = RangeServer({"data/a.tif": files["a.tif"]}, required={"authorization": "a login"})
+    item_a = stac_item("a", A_ORIGIN, "2024-06-01T10:00:00+00:00", 1.0,
+                       {"visual": f"{web.url}/data/a.tif"})
+    item_a.assets["visual"].extra_fields["alternate"] = {
+        "s3": {"href": "s3://usgs-landsat/alternate/a.tif"}}
+    item_b = stac_item("b", B_ORIGIN, "2024-06-01T10:00:00+00:00", 1.0,
+                       {"visual": f"{served['url']}/b.tif"})
+    documents = {"catalog.json": json.dumps({
+        "type": "Catalog", "stac_version": "1.0.0", "id": "landsat", "description": "landsat",
+        "links": [{"rel": "item", "href": "a.json"}, {"rel": "item", "href": "b.json"}]}).encode()}
+    for item in (item_a, item_b):
+        documents[f"{item.id}.json"] = json.dumps(item.to_dict(include_self_link=False)).encode()
+    catalog = RangeServer(documents)
+    config, _, _, statements = compiled(tmp_path, (
+        f"  imagery:\n    stac:\n      catalog: {catalog.url}/catalog.json\n"
+        "      alternate: s3\n      s3Buckets: [usgs-landsat]\n"))
+    source = Imagery.from_values(config.values["imagery"])
+    assert source.stac is not None and source.stac.alternate == "s3"
+    reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
+    role = [widened({**s, "Resource": [r["Fn::Sub"].replace("${AWS::Partition}", "aws")
+                                       for r in s["Resource"]]}) for s in reads]
+    keys = user_with(role)
+    inside_a = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    only_b = mercantile.tile(*lonlat(B_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
+    want_a = read_tile(Imagery((f"{served['url']}/a.tif",)), *inside_a)
+    want_b = read_tile(Imagery((f"{served['url']}/b.tif",)), *only_b)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+    try:
+        with iam_enforced(moto_url):
+            assert read_tile(source, *inside_a, fetch=fetch()) == want_a
+            assert read_tile(source, *only_b, fetch=fetch()) == want_b
+            assert not web.requests  # the alternate only
+            out = tmp_path / "a.png"
+            result = CliRunner().invoke(main, [
+                "imagery", f"{inside_a.x}-{inside_a.y}-14", "--imagery",
+                f"{catalog.url}/catalog.json", "--alternate", "s3", "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            assert out.read_bytes() == want_a
+            unnamed = Imagery.from_values({"stac": {"catalog": f"{catalog.url}/catalog.json"}})
+            with pytest.raises(Exception, match="403|Access"):
+                read_tile(unnamed, *inside_a, fetch=fetch())
+            assert web.requests
+    finally:
+        catalog.close()
+        web.close()
 
 
 def test_a_requester_pays_bucket_is_read_only_when_the_config_says_who_pays(served, tmp_path,
