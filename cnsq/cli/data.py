@@ -287,6 +287,19 @@ def stac_options(command):
                              "[default: visual].")(command)
 
 
+def raster_options(command):
+    """The options that make the 8-bit image of COG or STAC imagery: bands and their scaling."""
+    command = click.option("--stretch", default=None, metavar="LOW,HIGH",
+                           help="Instead of --rescale: each COG's LOW and HIGH percentiles "
+                                "mapped to 0-255.")(command)
+    command = click.option("--rescale", default=None, metavar="MIN,MAX",
+                           help="The values mapped to 0-255 (data that are not 8-bit need it, "
+                                "or --stretch).")(command)
+    return click.option("--bands", default=None, metavar="1,2,3",
+                        help="Band numbers to read, in order (of a STAC item's stacked "
+                             "assets).")(command)
+
+
 def requester_pays_option(command):
     """``--requester-pays``, for the commands that read imagery from S3."""
     return click.option("--requester-pays", is_flag=True, default=False,
@@ -368,12 +381,7 @@ def tiles_cmd(aoi: Path | None, zoom: int, imagery: tuple[str, ...], assets: str
 @click.option("--imagery", "imagery", multiple=True, metavar="SOURCE",
               help=IMAGERY_HELP + " [default: the config's imagery].")
 @stac_options
-@click.option("--bands", default=None, metavar="1,2,3",
-              help="Band numbers to read, in order (of a STAC item's stacked assets).")
-@click.option("--rescale", default=None, metavar="MIN,MAX",
-              help="The values mapped to 0-255 (data that are not 8-bit need it, or --stretch).")
-@click.option("--stretch", default=None, metavar="LOW,HIGH",
-              help="Instead of --rescale: each COG's LOW and HIGH percentiles mapped to 0-255.")
+@raster_options
 @click.option("--tile-size", type=click.Choice(["256", "512"]), default=None,
               help="The model's image size [default: the config's, else 256].")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpeg"]), default=None,

@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from cnsq.cli.app import (
     config_options,
     main,
 )
+from cnsq.cli.data import raster_options, requester_pays_option, stac_options
 
 
 @main.command()
@@ -35,6 +37,9 @@ from cnsq.cli.app import (
               help="Instead of --tile-endpoint: COG or STAC imagery, read here as the worker "
                    "reads it (a .tif, repeatable; a STAC catalog's .json; a STAC API's root) "
                    "[default: the config's imagery: when it has one].")
+@stac_options
+@raster_options
+@requester_pays_option
 @click.option("--thresh_ind", "--thresh-ind", "thresh_ind", type=int, default=-1,
               show_default=True, help="Index of the class score to colour and threshold by "
                                       "(-1: the last).")
@@ -47,8 +52,10 @@ from cnsq.cli.app import (
               help="Open the page in the default browser.")
 @config_options
 def view(settings: Settings, results: str | None, database_url: str | None,
-         tile_endpoint: str | None, imagery_sources: tuple[str, ...], thresh_ind: int,
-         thresh: float, port: int, open_browser: bool) -> None:
+         tile_endpoint: str | None, imagery_sources: tuple[str, ...], assets: str | None,
+         alternate: str | None, collections: tuple[str, ...], datetime_: str | None,
+         bands: str | None, rescale: str | None, stretch: str | None, requester_pays: bool,
+         thresh_ind: int, thresh: float, port: int, open_browser: bool) -> None:
     """Look at the predictions on a map, over the imagery they came from.
 
     RESULTS is a results CSV (tile,output, as run and download write it), a SQLite results
@@ -66,6 +73,9 @@ def view(settings: Settings, results: str | None, database_url: str | None,
       TILE_ACCESS_TOKEN=… cnsq view results.csv \\
         --tile-endpoint 'https://tiles.example.com/{z}/{x}/{y}.jpg?access_token={token}'
       cnsq view results.csv --imagery https://example.com/scene.tif
+      cnsq view results.csv --imagery https://earth-search.aws.element84.com/v1 \\
+        --collection sentinel-2-l2a --datetime 2024-07-01/2024-07-31 \\
+        --assets red,green,blue --stretch 2,98
       cnsq view --config config/config.yml --thresh_ind 1 --thresh 0.9
     """
     from cnsq.view import prepare, results_csv
@@ -84,16 +94,28 @@ def view(settings: Settings, results: str | None, database_url: str | None,
     from cnsq.config import raster_imagery
     from cnsq.imagery import source as imagery_source
 
+    # COG or STAC imagery chosen and scaled as `cnsq imagery` takes it.
+    chosen = partial(imagery_source, bands=bands, rescale=rescale, assets=assets,
+                     alternate=alternate, collections=collections, datetime=datetime_,
+                     stretch=stretch, requester_pays=requester_pays)
     raster = None
+    values = None
     if imagery_sources:
-        raster = imagery_source(imagery_sources)
+        raster = chosen(imagery_sources)
     elif tile_endpoint is None and settings.config.exists():
         values = settings.load().values
         if raster_imagery(values):
-            raster = imagery_source((), values=values)
-        else:
-            tile_endpoint, config_token = settings.deployed().tile_endpoint
-            token = token or config_token
+            raster = chosen((), values=values)
+    unused = [flag for flag, value in (
+        ("--assets", assets), ("--alternate", alternate), ("--collection", collections),
+        ("--datetime", datetime_), ("--bands", bands), ("--rescale", rescale),
+        ("--stretch", stretch), ("--requester-pays", requester_pays)) if value]
+    if raster is None and unused:
+        raise click.UsageError(f"{unused[0]}: applies to COG or STAC imagery (--imagery, or the "
+                               "config's imagery:), not to XYZ tiles")
+    if raster is None and values is not None:  # the config's XYZ imagery, as deployed
+        tile_endpoint, config_token = settings.deployed().tile_endpoint
+        token = token or config_token
     imagery = open_imagery(tile_endpoint, token, raster)
     running = bind(port)
     workdir = Path(tempfile.mkdtemp(prefix="cnsq-view-"))

@@ -447,6 +447,62 @@ def test_cnsq_view_shows_cog_and_stac_imagery_under_the_predictions(served, tmp_
             running.close()
 
 
+def test_cnsq_view_takes_the_options_that_choose_stac_imagery(served, tmp_path):
+    """`cnsq view --imagery API` takes what `cnsq imagery` takes to choose the items, assets and
+    stretch (--collection, --datetime, --assets, --bands, --stretch, ...): its base layer is the
+    image `cnsq imagery` writes with the same options, not the API's every collection's
+    ``visual``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from cnsq.imagery import source
+
+    inside_a = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
+    results = tmp_path / "results.csv"
+    results.write_text(f'tile,output\n{inside_a.x}-{inside_a.y}-14,"[0.2, 0.8]"\n')
+    options = ["--collection", "scenes", "--datetime", "2024-06-01/2024-06-30",
+               "--assets", "red,green,blue", "--bands", "3,2,1", "--stretch", "2,98"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    view = subprocess.Popen([sys.executable, "-m", "cnsq.cli", "view", str(results), "--imagery",
+                             served["api"], *options, "--port", "0"], cwd=tmp_path,
+                            env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = view.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), view.stderr.read()
+        shown = requests.get(f"{url}imagery/14/{inside_a.x}/{inside_a.y}", timeout=20)
+        assert shown.status_code == 200, shown.text
+    finally:
+        view.send_signal(signal.SIGINT)
+        view.communicate(timeout=20)
+    chosen = source([served["api"]], "3,2,1", assets="red,green,blue", collections=["scenes"],
+                    datetime="2024-06-01/2024-06-30", stretch="2,98")
+    assert shown.content == read_tile(chosen, *inside_a, fetch=fetch())
+    assert shown.content != read_tile(source([served["api"]]), *inside_a, fetch=fetch())
+    out = tmp_path / "tile.png"
+    written = CliRunner().invoke(main, ["imagery", f"{inside_a.x}-{inside_a.y}-14", "--imagery",
+                                        served["api"], *options, "--out", str(out)])
+    assert written.exit_code == 0, written.output
+    assert out.read_bytes() == shown.content
+
+
+def test_cnsq_view_refuses_imagery_options_it_would_not_use(tmp_path):
+    """--stretch (or --assets, ...) over XYZ imagery would be ignored: refused, naming it."""
+    results = tmp_path / "results.csv"
+    results.write_text('tile,output\n1-2-3,"[0.2, 0.8]"\n')
+    (tmp_path / "tiles").mkdir()
+    result = CliRunner().invoke(main, ["view", str(results), "--tile-endpoint",
+                                       str(tmp_path / "tiles"), "--stretch", "2,98",
+                                       "--port", "0"])
+    assert result.exit_code == 2, result.output
+    assert ("--stretch: applies to COG or STAC imagery (--imagery, or the config's imagery:), "
+            "not to XYZ tiles") in result.output
+
+
 def test_hostile_catalogs_end_with_an_error_or_are_read_once(tmp_path):
     """A catalog whose child links back to it is read once per document; a document over the
     size bound is refused before it is held; one that is not JSON is named."""
