@@ -67,12 +67,18 @@ def source(urls: Sequence[str], bands: str | None = None, rescale: str | None = 
     named = {"imagery.cog": option("imagery"), "imagery.bands": option("bands"),
              "imagery.rescale": option("rescale"), "imagery.tileSize": option("tile_size"),
              "imagery.stretch": option("stretch"), "imagery.stac.assets": option("assets"),
-             "imagery.stac.datetime": option("datetime"), "imagery.format": option("image_format"),
+             "imagery.stac.datetime": option("datetime_"), "imagery.format": option("image_format"),
              "imagery.requesterPays": option("requester_pays"),
              "imagery.stac.alternate": option("alternate")}
     if not raw.get("cog") and not raw.get("stac"):
         raise CnsqError(f"no imagery: pass {option('imagery')}, or set imagery.cog or "
                         "imagery.stac in the config")
+    if not raw.get("stac"):
+        for name, value in (("assets", assets), ("collections", collections),
+                            ("datetime_", datetime), ("alternate", alternate)):
+            if value:
+                raise CnsqError(f"{option(name)}: applies to a STAC source (a catalog or API), "
+                                "not to COGs")
     try:
         if raw.get("stac"):
             stac = raw["stac"] = dict(raw["stac"])

@@ -503,6 +503,23 @@ def test_cnsq_view_refuses_imagery_options_it_would_not_use(tmp_path):
             "not to XYZ tiles") in result.output
 
 
+@pytest.mark.parametrize("flag", [["--collection", "s2"], ["--datetime", "2024-06-01"],
+                                  ["--assets", "red"], ["--alternate", "s3"]])
+def test_a_stac_option_given_for_cogs_is_refused_not_ignored(flag, tmp_path):
+    result = CliRunner().invoke(main, ["imagery", "1-1-2", "--imagery", "https://x/a.tif", *flag,
+                                       "--out", str(tmp_path / "a.png")])
+    assert result.exit_code == 1, result.output
+    assert f"{flag[0]}: applies to a STAC source (a catalog or API), not to COGs" in result.output
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_bad_datetime_is_named_by_its_flag(tmp_path):
+    result = CliRunner().invoke(main, ["imagery", "1-1-2", "--imagery", "https://x/catalog.json",
+                                       "--datetime", "last June", "--out", str(tmp_path / "a.png")])
+    assert result.exit_code == 1, result.output
+    assert "Error: --datetime: 'last June' is not an RFC 3339 date or time" in result.output
+
+
 def test_hostile_catalogs_end_with_an_error_or_are_read_once(tmp_path):
     """A catalog whose child links back to it is read once per document; a document over the
     size bound is refused before it is held; one that is not JSON is named."""
