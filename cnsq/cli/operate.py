@@ -431,6 +431,13 @@ def _finite_option(ctx: click.Context, param: click.Parameter, value: float | No
                    "[default: 1.2, the simulation's reference job].")
 @click.option("--tile-kb", type=click.FloatRange(min=0.001, max=1e6), default=None,
               callback=_finite_option, help="One image's size [default: 40].")
+@click.option("--instance-price", type=click.FloatRange(min=0, max=1e4), default=None,
+              callback=_finite_option, metavar="USD",
+              help="The GPU hosts' price an hour, for an instance type without a listed price "
+                   "(or your discount) [default: the Price List's, else the shipped one].")
+@click.option("--database-price", type=click.FloatRange(min=0, max=1e4), default=None,
+              callback=_finite_option, metavar="USD",
+              help="The database's price an hour, likewise.")
 @click.option("--egress", type=click.Choice(["auto", "nat", "ipv6", "s3"]), default="auto",
               show_default=True,
               help="How the imagery leaves the stack's network: auto resolves TILE_ENDPOINT's "
@@ -438,7 +445,8 @@ def _finite_option(ctx: click.Context, param: click.Parameter, value: float | No
                    "network: the egress-only gateway; else the NAT, the only one billed per GB).")
 @json_option
 def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: float | None,
-             call_seconds: float | None, tile_kb: float | None, egress: str, as_json: bool) -> None:
+             call_seconds: float | None, tile_kb: float | None, instance_price: float | None,
+             database_price: float | None, egress: str, as_json: bool) -> None:
     """The time and the cost of TILES tiles with this config, item by item.
 
     Prices are this region's from the AWS Price List API (pricing:GetProducts), or, offline or
@@ -451,10 +459,11 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
       cnsq estimate 1000000 --config config/config.yml
       cnsq estimate 250000 --config config/config.yml --tiles-per-second 60 --offline
       cnsq estimate 1000000 --egress nat   # as if the imagery answered over IPv4 only
+      cnsq estimate 1000000 --instance-price 2.24   # an instance type without a listed price
     """
     from cnsq.ops.estimate import PerTile, imagery_way
     from cnsq.ops.estimate import estimate as run_estimate
-    from cnsq.ops.pricing import prices_for
+    from cnsq.ops.pricing import prices_for, with_given
 
     if settings.config.exists():
         config = settings.load()
@@ -473,12 +482,14 @@ def estimate(settings: Settings, tiles: int, offline: bool, tiles_per_second: fl
         or "us-east-1"
     prices, note = prices_for(session, region, values["ecs"]["instanceType"],
                               values["rds"]["instanceType"], want_spot=values["ecs"]["spot"] > 0)
+    prices, given_notes = with_given(prices, values["ecs"]["instanceType"], instance_price,
+                                     values["rds"]["instanceType"], database_price)
     way, imagery = imagery_way(values, region, egress)
     given = {"tiles_per_second": tiles_per_second, "call_seconds": call_seconds,
              "tile_kb": tile_kb}
     per = PerTile(**{k: v for k, v in given.items() if v is not None})
     result = run_estimate(tiles, values, prices, per, egress=way)
-    result.notes.insert(0, imagery)
+    result.notes[:0] = [imagery, *given_notes]
     if as_json:
         _print_json({"tiles": tiles, "seconds": result.seconds, "hosts": result.hosts,
                      "egress": way,

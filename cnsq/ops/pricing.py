@@ -392,6 +392,24 @@ def account_spot(ec2: Any, instance_type: str, now: float) -> float | None:
     return sum(price for _, price in latest.values()) / len(latest)
 
 
+def with_given(prices: Prices, instance_type: str, instance_price: float | None,
+               database_class: str | None, database_price: float | None
+               ) -> tuple[Prices, list[str]]:
+    """``prices`` with the hourly prices the user gave for the GPU hosts' instance type and the
+    database's class (a type the Price List or the shipped prices lack, or a discount the
+    account has), and a note for each price given."""
+    notes = []
+    if instance_price is not None:
+        prices = replace(prices, instance_hour={**prices.instance_hour,
+                                                instance_type: instance_price})
+        notes.append(f"GPU hosts: {instance_type} at ${instance_price:g} an hour, as given")
+    if database_price is not None and database_class:
+        prices = replace(prices, database_hour={**prices.database_hour,
+                                                database_class: database_price})
+        notes.append(f"database: {database_class} at ${database_price:g} an hour, as given")
+    return prices, notes
+
+
 def prices_for(session: Any | None, region: str, instance_type: str,
                database_class: str | None, want_spot: bool = False
                ) -> tuple[Prices, str | None]:

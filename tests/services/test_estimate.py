@@ -178,6 +178,19 @@ def test_an_instance_type_without_a_shipped_price_is_a_clear_error(project):
     result = CliRunner().invoke(main, ["estimate", "1000", "--offline"])
     assert result.exit_code == 1
     assert "No price for g6e.2xlarge in the prices shipped with cnsq" in result.output
+    # The way out it names is an option the command has (it named one it did not have).
+    assert result.output.rstrip().endswith("or pass --instance-price"), result.output
+    given = CliRunner().invoke(main, ["estimate", "1000", "--offline", "--instance-price", "2.24",
+                                      "--database-price", "0.5", "--json"])
+    assert given.exit_code == 0, given.output
+    answer = json.loads(given.stdout)
+    gpu = [i for i in answer["items"] if "g6e.2xlarge" in i["name"]]
+    assert gpu and all(i["price"] == 2.24 for i in gpu), answer["items"]
+    database = [i for i in answer["items"] if i["unit"] == "h" and "atabase" in i["name"]]
+    assert database and all(i["price"] == 0.5 for i in database), answer["items"]
+    assert "GPU hosts: g6e.2xlarge at $2.24 an hour, as given" in answer["notes"]
+    bad = CliRunner().invoke(main, ["estimate", "1000", "--instance-price", "nan"])
+    assert bad.exit_code == 2 and "--instance-price" in bad.output
 
 
 @pytest.mark.parametrize("hostile, why", [
