@@ -107,3 +107,28 @@ def test_the_cli_words_a_library_error_with_the_commands_own_flags():
     assert error.worded(flags_of(command)) == (
         "--thresh_ind 3, --database-url, --no-warmup, RESULTS, instance_price")
     assert CnsqError("a {brace} and {option:x", 2).worded(flags_of(command)) == "a {brace} and {option:x"
+
+
+def test_every_parameter_a_message_names_is_one_a_command_has():
+    """A message naming ``option("x")`` shows the command's flag for ``x``; a name no command has
+    is printed bare (`estimate` once said "or pass instance_price", an option it did not have;
+    `imagery` said "datetime:" for --datetime, whose parameter is ``datetime_``)."""
+    import re
+    from pathlib import Path
+
+    import click
+
+    context = click.Context(main)
+    names = set()
+    for name in main.list_commands(context):
+        command = main.get_command(context, name)
+        for param in command.params if command else []:
+            names.add(param.name)
+            if isinstance(param, click.Option) and param.secondary_opts:
+                names.add(f"no_{param.name}")
+    root = Path(__file__).resolve().parents[2] / "cnsq"
+    named = {(match.group(1), path.relative_to(root.parent).as_posix())
+             for path in root.rglob("*.py")
+             for match in re.finditer(r"""option\(["'](\w+)["']\)""", path.read_text())}
+    assert named and {name for name, _ in named} & names
+    assert sorted((name, where) for name, where in named if name not in names) == []
