@@ -765,3 +765,19 @@ def test_the_configs_s3_buckets_and_requester_pays_reach_the_worker(tmp_path):
     assert "config.yml:" in str(error.value)
     assert "imagery.stac.s3Buckets: 's3://usgs-landsat' is not an S3 bucket's name" in str(
         error.value)
+
+
+def test_an_alternate_without_a_usable_href_falls_back_to_the_assets_own():
+    from download_and_predict.stac import item_from
+
+    document = {"type": "Feature", "id": "x", "bbox": [0, 0, 1, 1], "assets": {
+        "visual": {"href": "a.tif", "alternate": {"s3": {"href": 5}, "web": "b.tif"}},
+        "red": {"href": "r.tif", "alternate": {"s3": {"href": "s3://bucket/r.tif"}}}}}
+    base = "https://example.com/items/x.json"
+    for alternate in ("s3", "web", "absent"):
+        item = item_from(document, base, ["visual"], alternate)
+        assert item is not None and item.hrefs == ("https://example.com/items/a.tif",)
+    item = item_from(document, base, ["visual", "red"], "s3")
+    assert item is not None and item.hrefs == ("https://example.com/items/a.tif",
+                                               "s3://bucket/r.tif")
+    assert item_from(document, base, ["red"], None).hrefs == ("https://example.com/items/r.tif",)
