@@ -157,6 +157,17 @@ def fetch():
     return fetcher(Http(pool_size=2), 10.0)
 
 
+def as_the_worker(reads: list[dict], monkeypatch) -> None:
+    """Credentials of a moto user holding exactly the worker's compiled S3 read statements
+    (``reads``), put in the environment GDAL's S3 reads take them from."""
+    from support.aws_rules import user_with, widened
+
+    keys = user_with([widened({**s, "Resource": [
+        r["Fn::Sub"].replace("${AWS::Partition}", "aws") for r in s["Resource"]]}) for s in reads])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+
+
 def overlap_tile() -> mercantile.Tile:
     """A zoom-14 tile over scene A's nodata south-east quarter, which scene B covers."""
     return mercantile.tile(*lonlat(A_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
@@ -603,7 +614,7 @@ def test_s3_assets_are_read_under_the_workers_compiled_role(served, aws, moto_ur
     set, where the role's 403 would say nothing of why."""
     import boto3
 
-    from support.aws_rules import iam_enforced, user_with, widened
+    from support.aws_rules import iam_enforced
 
     s3 = boto3.client("s3")
     for bucket in ("imagery", "elsewhere"):
@@ -622,15 +633,11 @@ def test_s3_assets_are_read_under_the_workers_compiled_role(served, aws, moto_ur
     reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
     assert reads == [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [
         {"Fn::Sub": "arn:${AWS::Partition}:s3:::imagery/*"}]}]
-    role = [widened({**s, "Resource": [r["Fn::Sub"].replace("${AWS::Partition}", "aws")
-                                       for r in s["Resource"]]}) for s in reads]
-    keys = user_with(role)
     source = Imagery.from_values(config.values["imagery"])
     inside_a = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
     only_b = mercantile.tile(*lonlat(B_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
     want = read_tile(Imagery((f"{served['url']}/a.tif",)), *inside_a)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+    as_the_worker(reads, monkeypatch)
     try:
         with iam_enforced(moto_url):
             assert read_tile(source, *inside_a, fetch=fetch()) == want
@@ -654,7 +661,7 @@ def test_an_assets_alternate_is_read_when_the_config_names_it(served, aws, moto_
     the href is read (and refused)."""
     import boto3
 
-    from support.aws_rules import iam_enforced, user_with, widened
+    from support.aws_rules import iam_enforced
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="usgs-landsat")
@@ -680,15 +687,11 @@ def test_an_assets_alternate_is_read_when_the_config_names_it(served, aws, moto_
     source = Imagery.from_values(config.values["imagery"])
     assert source.stac is not None and source.stac.alternate == "s3"
     reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
-    role = [widened({**s, "Resource": [r["Fn::Sub"].replace("${AWS::Partition}", "aws")
-                                       for r in s["Resource"]]}) for s in reads]
-    keys = user_with(role)
     inside_a = mercantile.tile(*lonlat(A_ORIGIN, SIZE / 4, SIZE / 4), 14)
     only_b = mercantile.tile(*lonlat(B_ORIGIN, SIZE * 0.75, SIZE * 0.75), 14)
     want_a = read_tile(Imagery((f"{served['url']}/a.tif",)), *inside_a)
     want_b = read_tile(Imagery((f"{served['url']}/b.tif",)), *only_b)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["aws_secret_access_key"])
+    as_the_worker(reads, monkeypatch)
     try:
         with iam_enforced(moto_url):
             assert read_tile(source, *inside_a, fetch=fetch()) == want_a
