@@ -16,6 +16,7 @@ import boto3
 import botocore.client
 import botocore.config
 import botocore.exceptions
+import botocore.session
 
 from cnsq import __version__
 from cnsq.errors import AwsError, AwsUnreachable, option
@@ -27,6 +28,34 @@ RETRIES = botocore.config.Config(
     retries={"mode": "adaptive", "max_attempts": 10},
     user_agent_extra=f"cnsq/{__version__}",
 )
+
+
+# One botocore data loader for the process. A boto3 session otherwise parses each service's
+# model again (EC2's is megabytes of JSON) for its first client, and the endpoints with it: a
+# command that makes several sessions, or a process that runs many commands (tests, `cnsq view`)
+# paid that every time. The loader caches what it parsed; the models are read-only data.
+_loader: Any = None
+_loader_lock = threading.Lock()
+
+
+def _botocore_session() -> botocore.session.Session:
+    """A new botocore session that uses the process's shared data loader."""
+    global _loader
+    session = botocore.session.get_session()
+    with _loader_lock:
+        if _loader is None:
+            _loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _loader)
+    return session
+
+
+def _dedupe_search_paths() -> None:
+    """boto3 adds its own data folder to the loader's search paths for every session made on
+    it: keep each folder once."""
+    with _loader_lock:
+        if _loader is not None:
+            _loader.search_paths[:] = list(dict.fromkeys(_loader.search_paths))
 
 
 @dataclass
@@ -65,7 +94,12 @@ class Aws:
     def session(self) -> boto3.Session:
         if self._session is None:
             try:
-                self._session = boto3.Session(profile_name=self.profile, region_name=self.region)
+                core = _botocore_session()
+                session = boto3.Session(botocore_session=core, profile_name=self.profile,
+                                        region_name=self.region)
+                _dedupe_search_paths()
+                core.get_scoped_config()  # a missing profile fails here, as before
+                self._session = session
             except botocore.exceptions.ProfileNotFound:
                 raise AwsError(
                     f"AWS profile '{self.profile}' is not in your AWS config "
