@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from cnsq.config import Config, Secret
+from cnsq.config import Config, SafeYamlLoader, Secret
 from cnsq.deploy import adopt
 from cnsq.errors import TemplateError
 from cnsq.stack import logical_ids, model_batching
@@ -33,8 +33,9 @@ _FN_TAGS = (
 )
 
 
-class CfnLoader(yaml.SafeLoader):
-    """A SafeLoader that turns CloudFormation short forms into their long forms."""
+class CfnLoader(SafeYamlLoader):  # type: ignore[valid-type,misc]
+    """A safe loader (libyaml's parser where PyYAML has it: a deploy parses the template
+    several times) that turns CloudFormation short forms into their long forms."""
 
 
 def _construct(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
