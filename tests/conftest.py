@@ -49,6 +49,9 @@ def aws(moto_url, monkeypatch):
     """A clean moto account, with the process environment pointing boto3 at it."""
     # Resetting waits for what moto still does for the test before (a load test's last calls).
     requests.post(f"{moto_url}/moto-api/reset", timeout=60).raise_for_status()
+    # The same ids in every test (moto's own seeding): the same config compiles to the same
+    # template, whose lint the process has already done (cnsq.deploy.template.lint).
+    requests.post(f"{moto_url}/moto-api/seed?a=42", timeout=10).raise_for_status()
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)

@@ -329,17 +329,47 @@ def config_key(path: list[Any] | None, lambdas: list[str]) -> str | None:
     return None
 
 
+# cfn-lint's answers by what decides them: the template's text, the regions, its settings files
+# (~/.cfnlintrc and ./.cfnlintrc, which it reads itself) and its version. A lint takes about a
+# second of CPU; a process that lints the same template again (the test suite, a command that
+# validates and then deploys) is answered from here. A few entries: templates are large.
+_LINTED: dict[str, list[tuple[str, int, str, tuple | None]]] = {}
+_LINTED_MAX = 16
+
+
+def _lint_key(text: str, regions: list[str]) -> str:
+    from cfnlint.version import __version__ as cfn_lint_version
+
+    digest = hashlib.sha256()
+    for part in (text, "\0".join(regions), cfn_lint_version):
+        digest.update(part.encode() + b"\0\0")
+    for folder in (Path.home(), Path.cwd()):
+        for name in (".cfnlintrc", ".cfnlintrc.yaml", ".cfnlintrc.yml"):
+            try:
+                digest.update(str(folder / name).encode() + (folder / name).read_bytes())
+            except OSError:  # no such file (the usual case), or unreadable: cfn-lint skips it
+                pass
+    return digest.hexdigest()
+
+
 def lint(path: Path, regions: list[str] | None = None,
          lambdas: list[str] | None = None) -> list[Finding]:
     """Run cfn-lint on a compiled template; findings sorted by line, each with the config key
     that sets what it is about when there is one (``lambdas``: the config's Lambda names)."""
     from cfnlint.api import ManualArgs, lint_file  # imported late: it takes a second to load
 
-    args = ManualArgs(regions=regions or ["us-east-1"])
+    regions = regions or ["us-east-1"]
+    key = _lint_key(path.read_text(encoding="utf-8"), regions)
+    if key not in _LINTED:
+        matches = [(match.rule.id, match.linenumber, match.message,
+                    tuple(getattr(match, "path", None) or ()) or None)
+                   for match in lint_file(path, config=ManualArgs(regions=regions))]
+        while len(_LINTED) >= _LINTED_MAX:
+            _LINTED.pop(next(iter(_LINTED)))
+        _LINTED[key] = matches
     findings = []
-    for match in lint_file(path, config=args):
-        rule_id = match.rule.id
+    for rule_id, line, message, where in _LINTED[key]:
         severity = {"E": "error", "W": "warning"}.get(rule_id[:1], "informational")
-        key = config_key(getattr(match, "path", None), lambdas or [])
-        findings.append(Finding(severity, rule_id, match.linenumber, match.message, key))
+        findings.append(Finding(severity, rule_id, line, message,
+                                config_key(list(where) if where else None, lambdas or [])))
     return sorted(findings, key=lambda f: (f.line, f.rule))

@@ -195,6 +195,23 @@ def test_lint_reports_errors_with_lines(config, tmp_path):
     assert errors and all(f.line > 0 for f in errors)
 
 
+def test_a_template_linted_again_is_answered_from_what_decides_its_findings(
+        config, tmp_path, monkeypatch):
+    """cfn-lint's answer for the same text is kept for the process; its settings file in the
+    working folder (which cfn-lint reads itself) is part of what the answer is kept by."""
+    from cnsq.deploy import template
+
+    folder = _broken_templates(tmp_path, "Type: AWS::SQS::Queue", "Type: AWS::SQS::Queu")
+    path, _ = compile_template(config, folder, tmp_path / "out", CODE)
+    monkeypatch.chdir(tmp_path)
+    first = lint(path)
+    kept = len(template._LINTED)
+    assert lint(path) == first and len(template._LINTED) == kept  # no second run
+    assert not [f for f in first if f.severity == "informational"]
+    (tmp_path / ".cfnlintrc").write_text("include_checks: [I]\n")
+    assert [f for f in lint(path) if f.severity == "informational"]
+
+
 def test_gpu_metrics_are_published_by_the_cloudwatch_agent(compiled):
     _, data = compiled
     user_data = data["Resources"]["cnsqdevLaunchTemplate"]["Properties"]["LaunchTemplateData"][
