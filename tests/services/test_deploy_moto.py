@@ -11,7 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cnsq.cli import main
-from support.accounts import client
+from support.accounts import client, key_pair
 from support.projects import SECRETS
 
 
@@ -226,7 +226,7 @@ def test_a_stack_that_creates_its_own_private_network(aws, tmp_path, monkeypatch
     from support.projects import make_project
 
     client("s3").create_bucket(Bucket="cnsq-artifacts")
-    client("ec2").create_key_pair(KeyName="cnsq-key")
+    key_pair("cnsq-key")
     make_project(tmp_path / "proj", vpc=None)
     monkeypatch.chdir(tmp_path / "proj")
     result = cnsq("deploy")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cnsq.cli import main
 from cnsq.deploy.template import load_cfn_yaml
-from support.accounts import client
+from support.accounts import client, key_pair
 from support.original import original_template
 from support.replacement import replaced
 
@@ -30,7 +30,7 @@ def test_a_kes_deployed_stack_updates_in_place(project):
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("download_and_predict/__init__.py", "")
     client("s3").put_object(Bucket="cnsq-artifacts", Key="kes/package.zip", Body=buffer.getvalue())
-    client("ec2").create_key_pair(KeyName="kes-key")
+    key_pair("kes-key")
     cloudformation = client("cloudformation")
     original = original_template(vpc, subnets, "cnsq-artifacts", "kes/package.zip")
     cloudformation.create_stack(
