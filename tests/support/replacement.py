@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cfnlint.schema import PROVIDER_SCHEMA_MANAGER
-
 
 @dataclass(frozen=True)
 class Replacement:
@@ -31,6 +29,8 @@ class Replacement:
 
 def create_only(resource_type: str, region: str = "us-east-1") -> list[tuple[str, ...]]:
     """The create-only property paths of a resource type, from its provider schema."""
+    from cfnlint.schema import PROVIDER_SCHEMA_MANAGER  # a second to import: when first used
+
     schema = PROVIDER_SCHEMA_MANAGER.get_resource_schema(region, resource_type).schema
     return [tuple(p.split("/")[2:]) for p in schema.get("createOnlyProperties", [])
             if p.startswith("/properties/")]
