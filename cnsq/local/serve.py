@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -351,6 +352,7 @@ def start(model_path: Path, port: int = 8501, name: str = "model", max_batch: in
     full batches of a blank image through the decoder and the model before the port opens (see
     :meth:`Batcher.warm_up`).
     """
+    die_with_parent()
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
     threads = 0 if batch_threads <= 1 else max(1, cores() // batch_threads)
@@ -413,13 +415,28 @@ class Process(_Addresses):
             self.popen.kill()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+# Set by spawn() for the server it starts: the process id it must die with.
+PARENT_ENV = "CNSQ_SERVE_PARENT"
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def die_with_parent(environ: Mapping[str, str] = os.environ) -> None:
+    """In a server spawn() started: ask Linux to send SIGTERM when the process that started it
+    dies (even killed with SIGKILL), so that no orphan keeps the port.
+
+    The server asks for itself once it runs, not in a function run between fork and exec
+    (``preexec_fn``): Python runs its at-fork hooks around such a function, and a Ctrl-C that
+    landed in one (logging's, which releases its lock) was lost with the lock still held: the
+    demo hung. If the parent died before the request, the server stops at once.
+    """
+    expected = environ.get(PARENT_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(expected):
+        raise SystemExit(1)  # the parent is already gone: nothing would stop this server
 
 
 def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
@@ -449,8 +466,8 @@ def spawn(model_path: Path, name: str = "model", max_batch: int = 32,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         # Its own session: a Ctrl-C at the terminal reaches cnsq, which finishes the calls in
         # flight and then stops the server, instead of the server dying under them. And it
-        # dies with its parent, even one killed with SIGKILL: no orphan keeps the port.
-        start_new_session=True, preexec_fn=_die_with_parent)
+        # dies with its parent, even one killed with SIGKILL (die_with_parent).
+        start_new_session=True, env={**os.environ, PARENT_ENV: str(os.getpid())})
     handle = Process(popen, port, name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -532,6 +532,42 @@ def test_interrupting_run_keeps_what_was_done_and_leaves_no_server(tmp_path, mod
     assert servers == []
 
 
+def test_a_spawned_model_server_dies_with_its_parent_even_killed(tmp_path, model_path):
+    """The server asks Linux for its parent's death signal itself, once it runs (a Ctrl-C that
+    landed in the fork's hooks was lost and hung the demo when the child asked before exec)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\n"
+         "from cnsq.local.serve import spawn\n"
+         "server = spawn(Path(sys.argv[1]), warmup=False)\n"
+         "print(server.popen.pid, flush=True)\n"
+         "time.sleep(120)\n", str(model_path)],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: the parent stops nothing itself
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{server}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text(
+        ).split(")")[1][:3], "the model server outlived its killed parent"
+
+
+def test_the_server_stops_at_once_when_its_parent_is_gone_before_it_asks(tmp_path):
+    """Its own process: the request for the parent's death signal is the process's."""
+    ask = ("import os, sys\n"
+           "from cnsq.local.serve import PARENT_ENV, die_with_parent\n"
+           "die_with_parent({})\n"  # not spawned by cnsq: nothing asked
+           "die_with_parent({PARENT_ENV: sys.argv[1]})\n"
+           "print('serving')\n")
+    alive = subprocess.run([sys.executable, "-c", ask, str(os.getpid())], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=30)
+    gone = subprocess.run([sys.executable, "-c", ask, str(os.getpid() + 1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert alive.returncode == 0 and alive.stdout == "serving\n", alive.stderr
+    assert gone.returncode == 1 and gone.stdout == "", gone.stderr
+
+
 def test_run_ends_when_its_work_ends_with_slow_tiles(tmp_path, model_path):
     """A tile server trickling a byte a second: run printed its summary and never exited (the
     download threads kept reading). Each slow tile now costs its own record only."""
