@@ -17,6 +17,7 @@ import click
 
 from cnsq import __version__
 from cnsq.errors import CnsqError
+from cnsq.interrupt import raise_when_safe
 from download_and_predict.errors import HandlerError
 
 
@@ -213,8 +214,11 @@ _signalled: list[int] = []  # the signals this command received
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    _signalled.append(signum)
-    raise KeyboardInterrupt
+    try:
+        raise_when_safe(signum, frame)  # not inside logging or an import: a moment later
+    except KeyboardInterrupt:
+        _signalled.append(signum)
+        raise
 
 
 def flags_of(command: click.Command | None) -> Callable[[str], str]:
