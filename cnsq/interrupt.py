@@ -36,9 +36,9 @@ def safe_to_raise(frame: FrameType | None) -> bool:
 _deferred: dict[int, int] = {}  # signal → how many times it was put off
 
 
-def raise_when_safe(signum: int, frame: FrameType | None) -> bool:
+def raise_when_safe(signum: int, frame: FrameType | None) -> None:
     """Raise KeyboardInterrupt if ``frame`` allows it; else send ``signum`` to this process
-    again a moment later (its handler runs again then) and return False."""
+    again a moment later (its handler runs again then)."""
     tries = _deferred.get(signum, 0)
     if safe_to_raise(frame) or tries >= _RETRIES:
         _deferred.pop(signum, None)
@@ -47,7 +47,6 @@ def raise_when_safe(signum: int, frame: FrameType | None) -> bool:
     timer = threading.Timer(_RETRY_SECONDS, os.kill, (os.getpid(), signum))
     timer.daemon = True
     timer.start()
-    return False
 
 
 class Stop:
